@@ -1,0 +1,65 @@
+/* Client side of a medlink connection: a ZeroMQ DEALER socket carrying a
+ * TLS 1.3 session (mutually authenticated) carrying length-prefixed
+ * Envelope records, on a libuv loop.
+ *
+ * The channel connects, handshakes, sends Hello, and is "up" once the broker
+ * answers Welcome. It sends Heartbeats while idle, and when the broker stays
+ * silent past the heartbeat timeout (or the TLS session fails) it throws
+ * away the socket and TLS session and reconnects with a fresh DEALER and a
+ * fresh random routing id after a back-off. Reliability is not the
+ * channel's job: callers keep their own outbox and resend after on_up.
+ * Loop thread only. */
+#ifndef ML_CHANNEL_H
+#define ML_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "ml_env.h"
+#include "ml_tls.h"
+
+typedef struct ml_channel ml_channel_t;
+
+typedef struct {
+    const char *endpoint;   /* e.g. "tcp://127.0.0.1:7400" */
+    ml_tls_ctx_t *tls;      /* client context (borrowed; outlives the channel) */
+    const char *node_id;    /* our node id; must match our certificate CN */
+    const char *software;   /* sent in Hello, e.g. "medlink-agent/0.1.0" */
+    uint32_t heartbeat_ms;  /* idle heartbeat interval (default 2000) */
+    uint32_t timeout_ms;    /* silence before reconnect (default 3 x heartbeat) */
+    uint32_t reconnect_ms;  /* first back-off, doubles up to 8x (default 200) */
+    size_t max_record;      /* max record size (default ML_FRAME_DEFAULT_MAX) */
+    size_t max_buffered;    /* max plaintext queued while TLS is busy (default 64 MiB) */
+
+    /* A routed or control envelope arrived (borrowed for the call). Not
+     * called for Welcome and Heartbeat, which the channel handles. */
+    void (*on_envelope)(ml_channel_t *ch, ml_envelope_t *env, void *arg);
+    /* The channel came up (Welcome received) or went down. */
+    void (*on_state)(ml_channel_t *ch, int up, const char *reason, void *arg);
+    void *arg;
+} ml_channel_config_t;
+
+/* Creates the channel and starts connecting. zctx is a ZeroMQ context the
+ * caller owns. The config strings are copied. Returns 0, ML_ENOMEM or
+ * ML_EINVAL. */
+int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg,
+                   ml_channel_t **out);
+/* Closes the socket and timers; safe on NULL and twice; clears *self_p.
+ * Handles are freed in their close callbacks, so run the loop once more. */
+void ml_channel_destroy(ml_channel_t **self_p);
+
+/* Queues env for the broker. Returns 0, ML_ECLOSED when not up, ML_ETOOBIG
+ * over max_record, ML_EFULL when the send buffer is over max_buffered
+ * (back-pressure: retry after on_writable), or ML_ENOMEM. */
+int ml_channel_send(ml_channel_t *ch, const ml_envelope_t *env);
+/* Sends a serialised envelope as is (same return codes). */
+int ml_channel_send_raw(ml_channel_t *ch, const uint8_t *data, size_t len);
+int ml_channel_is_up(const ml_channel_t *ch);
+/* The Welcome the broker sent for the current session, or NULL. */
+const Medlink__V1__Welcome *ml_channel_welcome(const ml_channel_t *ch);
+/* Drops the current connection and reconnects (tests, SIGHUP). */
+void ml_channel_reset(ml_channel_t *ch, const char *reason);
+
+#endif

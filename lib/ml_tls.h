@@ -1,0 +1,73 @@
+/* One TLS 1.3 session over memory BIOs, so that the TLS byte stream can ride
+ * on ZeroMQ frames (libzmq has no TLS of its own). The caller moves bytes:
+ * what arrives from the peer goes in with ml_tls_session_feed, what must go
+ * to the peer comes out with ml_tls_session_take_out. Nothing here blocks or
+ * touches a socket; SSL_ERROR_WANT_* simply means "more bytes later".
+ *
+ * Both sides authenticate: the peer chain must verify against the configured
+ * CA (and CRL when one is configured), and the peer's identity is the
+ * subject CN of its leaf certificate. Single-threaded per session; a context
+ * may be shared by sessions on the same thread. */
+#ifndef ML_TLS_H
+#define ML_TLS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ml_tls_ctx ml_tls_ctx_t;
+typedef struct ml_tls_session ml_tls_session_t;
+
+typedef struct {
+    const char *ca_file;   /* PEM CA bundle that peers must chain to */
+    const char *cert_file; /* PEM certificate (chain) of this node */
+    const char *key_file;  /* PEM private key of this node */
+    const char *crl_file;  /* optional PEM CRL; NULL or "" for none */
+    int is_server;         /* 1 for the broker, 0 for clients */
+} ml_tls_config_t;
+
+/* Builds a TLS 1.3-only context with mandatory peer verification. On error
+ * returns ML_ETLS or ML_ECONFIG and writes a sentence naming the file and
+ * the OpenSSL reason into err. */
+int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, size_t errlen);
+void ml_tls_ctx_destroy(ml_tls_ctx_t **self_p);
+/* The CN of this context's own certificate (borrowed). */
+const char *ml_tls_ctx_own_id(const ml_tls_ctx_t *ctx);
+
+/* Creates a session. For a client, server_name may be NULL. Returns NULL on
+ * allocation failure. */
+ml_tls_session_t *ml_tls_session_new(ml_tls_ctx_t *ctx);
+void ml_tls_session_destroy(ml_tls_session_t **self_p);
+
+/* Feeds ciphertext received from the peer and advances the handshake.
+ * Returns 0, or ML_ETLS when the handshake or a record fails (the reason is
+ * in ml_tls_session_error; the session is dead), or ML_ECLOSED when the peer
+ * sent close_notify. */
+int ml_tls_session_feed(ml_tls_session_t *s, const uint8_t *data, size_t len);
+/* Starts (client) or continues the handshake without new input. Returns 1
+ * when established, 0 while in progress, ML_ETLS on failure. */
+int ml_tls_session_handshake(ml_tls_session_t *s);
+int ml_tls_session_established(const ml_tls_session_t *s);
+
+/* Encrypts plaintext for the peer. Only after the handshake. Returns 0,
+ * ML_EAGAIN before establishment, or ML_ETLS. */
+int ml_tls_session_write(ml_tls_session_t *s, const uint8_t *data, size_t len);
+/* Decrypts buffered plaintext into buf. Returns bytes (>0), 0 when nothing
+ * is available now, ML_ECLOSED on close_notify, ML_ETLS on failure. Keep
+ * calling until it returns 0: OpenSSL may hold plaintext that no new input
+ * will announce. */
+int ml_tls_session_read(ml_tls_session_t *s, uint8_t *buf, size_t cap);
+
+/* Ciphertext waiting to go to the peer. */
+size_t ml_tls_session_pending_out(const ml_tls_session_t *s);
+/* Moves up to cap bytes of ciphertext into buf; returns the count (>= 0). */
+size_t ml_tls_session_take_out(ml_tls_session_t *s, uint8_t *buf, size_t cap);
+/* Sends close_notify (its bytes then appear in pending_out). */
+void ml_tls_session_close(ml_tls_session_t *s);
+
+/* After the handshake: the peer certificate's subject CN (borrowed), or
+ * NULL. */
+const char *ml_tls_session_peer_id(const ml_tls_session_t *s);
+/* The last failure as a sentence (borrowed, never NULL). */
+const char *ml_tls_session_error(const ml_tls_session_t *s);
+
+#endif
