@@ -29,4 +29,13 @@ int ml_ini_sections(const ml_ini_t *ini, const char *prefix,
                               void *arg),
                     void *arg);
 
+/* Calls cb for every key in section, in file order (a repeated key is
+ * passed each time). Stops early if cb returns non-zero and returns that
+ * value; else 0. */
+int ml_ini_keys(const ml_ini_t *ini, const char *section,
+                int (*cb)(const char *key, const char *value, void *arg), void *arg);
+
+/* The folder of the loaded file (for resolving relative paths), borrowed. */
+const char *ml_ini_dir(const ml_ini_t *ini);
+
 #endif
