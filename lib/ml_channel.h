@@ -32,6 +32,7 @@ typedef struct {
     uint32_t reconnect_ms;  /* first back-off, doubles up to 8x (default 200) */
     size_t max_record;      /* max record size (default ML_FRAME_DEFAULT_MAX) */
     size_t max_buffered;    /* max plaintext queued while TLS is busy (default 64 MiB) */
+    int deliveries;         /* 1: ask the broker for deliveries (agents) */
 
     /* A routed or control envelope arrived (borrowed for the call). Not
      * called for Welcome and Heartbeat, which the channel handles. */
