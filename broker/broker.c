@@ -1,0 +1,1153 @@
+/* medlinkd's core: sessions, identity, ACL, routing, delivery, admin.
+ *
+ * Every ZeroMQ message on the ROUTER socket is [routing id][TLS bytes]. The
+ * routing id keys a session; an unknown id starts a TLS handshake. Once TLS
+ * is up, the peer's identity is its certificate's CN, which must name a
+ * registered node; the first record must be that node's Hello, answered by
+ * Welcome. After that each record is one Envelope:
+ *
+ *   routed kinds (REFERRAL, ...): checked (from == identity, content valid,
+ *   recipient registered, ACL allows the route), then handed to the store;
+ *   the sender gets Accepted only from the store's commit callback, i.e.
+ *   when the message is durable. It then joins the recipient's queue.
+ *   ACK: the recipient stored a delivery; the store marks it delivered.
+ *   HEARTBEAT: answered with a Heartbeat. ADMIN_REQUEST: OPS nodes only.
+ *
+ * Delivery: each node has an in-memory queue of index entries (queue.h) and
+ * at most delivery_window messages in flight to its one delivering session
+ * (the newest session whose Hello asked for deliveries). Envelopes are read
+ * back from the store at delivery time. When that session ends, or an ack
+ * does not come within ack_timeout_ms, in-flight messages go back to the head
+ * of the queue and are sent again; recipients drop duplicates by id.
+ *
+ * A session that breaks the protocol is closed and kept as a tombstone
+ * until it expires, so the rest of a garbage stream on the same routing id
+ * is dropped quietly instead of starting handshake after handshake. */
+#include "broker.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zmq.h>
+
+#include "ml_common.h"
+#include "ml_env.h"
+#include "ml_frame.h"
+#include "ml_tls.h"
+#include "ml_zloop.h"
+#include "queue.h"
+#include "store.h"
+
+#define S_RECV_BUDGET 512
+#define S_FRAME_MAX (256 * 1024)
+#define S_FLUSH_THRESHOLD (64 * 1024)
+#define S_BUCKETS 4096
+#define S_RID_MAX 255
+#define S_STORE_BACKLOG_MAX 200000
+
+enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
+
+typedef struct ml_session ml_session_t;
+typedef struct ml_put ml_put_t;
+
+typedef struct {
+    ml_qitem_t item;
+    int64_t sent_at;
+} ml_inflight_t;
+
+typedef struct {
+    const ml_node_t *node;
+    ml_queue_t queue;
+    ml_inflight_t *inflight;
+    size_t n_inflight;
+    size_t cap_inflight;
+    ml_session_t *deliver;
+    int online;
+    int64_t last_seen;
+    uint64_t delivered;
+} ml_nodestate_t;
+
+struct ml_session {
+    uint8_t rid[S_RID_MAX];
+    size_t rid_len;
+    uint32_t hash;
+    ml_session_t *hnext;
+    ml_session_t *prev;
+    ml_session_t *next;
+    ml_session_t *dirty_next;
+    int dirty;
+    int state;
+    int deliveries;
+    uint64_t serial;
+    ml_tls_session_t *tls;
+    ml_frame_reader_t *reader;
+    char *peer_id;
+    ml_nodestate_t *ns;
+    int64_t created;
+    int64_t last_rx;
+    int64_t expire_at;
+    uint8_t *out;
+    size_t out_len;
+    size_t out_cap;
+    ml_put_t *puts;
+    char peer_hex[24];
+};
+
+/* A store put in progress; the session may go away before it completes. */
+struct ml_put {
+    ml_broker_t *b;
+    ml_session_t *session;
+    ml_put_t *prev;
+    ml_put_t *next;
+    ml_nodestate_t *recipient;
+    int priority;
+    uint32_t size;
+    char id[ML_ULID_LEN + 1];
+};
+
+struct ml_broker {
+    uv_loop_t *loop;
+    ml_broker_config_t *cfg;
+    ml_tls_ctx_t *tls;
+    ml_store_t *store;
+    void *zctx;
+    void *router;
+    ml_zwatch_t *watch;
+    char endpoint[256];
+
+    ml_session_t *buckets[S_BUCKETS];
+    ml_session_t *sessions; /* all sessions, including tombstones */
+    ml_session_t *dirty;
+    size_t n_live;
+    uint64_t next_serial;
+
+    ml_nodestate_t *nodes;
+    size_t n_nodes;
+
+    uv_timer_t housekeeping;
+    uv_check_t flush_check;
+    int open_handles;
+    uint64_t puts_pending;
+
+    int64_t started_at;
+    uint64_t accepted_total;
+    uint64_t delivered_total;
+    uint64_t refused_total;
+    uint8_t *rxbuf;
+};
+
+static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
+static void s_pump(ml_broker_t *b, ml_nodestate_t *ns);
+
+/* ------------------------------------------------------------------ */
+/* Session table                                                       */
+
+static uint32_t s_hash(const uint8_t *p, size_t n)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static ml_session_t *s_find(ml_broker_t *b, const uint8_t *rid, size_t len)
+{
+    uint32_t h = s_hash(rid, len);
+    for (ml_session_t *s = b->buckets[h % S_BUCKETS]; s; s = s->hnext) {
+        if (s->hash == h && s->rid_len == len && memcmp(s->rid, rid, len) == 0)
+            return s;
+    }
+    return NULL;
+}
+
+static ml_session_t *s_session_new(ml_broker_t *b, const uint8_t *rid, size_t len)
+{
+    ml_session_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->tls = ml_tls_session_new(b->tls);
+    s->reader = ml_frame_reader_new((size_t)b->cfg->max_record);
+    if (!s->tls || !s->reader) {
+        ml_tls_session_destroy(&s->tls);
+        ml_frame_reader_destroy(&s->reader);
+        free(s);
+        return NULL;
+    }
+    memcpy(s->rid, rid, len);
+    s->rid_len = len;
+    s->hash = s_hash(rid, len);
+    s->serial = ++b->next_serial;
+    s->created = s->last_rx = ml_mono_ms();
+    /* A short printable tag for logs: the first bytes of the routing id. */
+    for (size_t i = 0; i < len && i < 8; i++)
+        snprintf(s->peer_hex + 2 * i, 3, "%02x", rid[i]);
+    uint32_t bkt = s->hash % S_BUCKETS;
+    s->hnext = b->buckets[bkt];
+    b->buckets[bkt] = s;
+    s->next = b->sessions;
+    if (b->sessions)
+        b->sessions->prev = s;
+    b->sessions = s;
+    b->n_live++;
+    return s;
+}
+
+static void s_session_free(ml_broker_t *b, ml_session_t *s)
+{
+    ml_session_t **pp = &b->buckets[s->hash % S_BUCKETS];
+    while (*pp && *pp != s)
+        pp = &(*pp)->hnext;
+    if (*pp)
+        *pp = s->hnext;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        b->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    if (s->dirty) {
+        ml_session_t **dp = &b->dirty;
+        while (*dp && *dp != s)
+            dp = &(*dp)->dirty_next;
+        if (*dp)
+            *dp = s->dirty_next;
+    }
+    ml_tls_session_destroy(&s->tls);
+    ml_frame_reader_destroy(&s->reader);
+    free(s->peer_id);
+    free(s->out);
+    free(s);
+}
+
+static const char *s_who(const ml_session_t *s)
+{
+    return s->peer_id ? s->peer_id : "(unauthenticated)";
+}
+
+/* ------------------------------------------------------------------ */
+/* Output                                                              */
+
+static void s_mark_dirty(ml_broker_t *b, ml_session_t *s)
+{
+    if (!s->dirty) {
+        s->dirty = 1;
+        s->dirty_next = b->dirty;
+        b->dirty = s;
+    }
+}
+
+static int s_send_cipher(ml_broker_t *b, ml_session_t *s)
+{
+    uint8_t buf[S_FRAME_MAX];
+    while (s->tls && ml_tls_session_pending_out(s->tls) > 0) {
+        size_t n = ml_tls_session_take_out(s->tls, buf, sizeof buf);
+        if (n == 0)
+            break;
+        if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE) < 0 ||
+            zmq_send(b->router, buf, n, 0) < 0) {
+            /* EHOSTUNREACH: ROUTER_MANDATORY says the peer is gone. */
+            return ML_ECLOSED;
+        }
+    }
+    return 0;
+}
+
+/* Pushes buffered plaintext through TLS and out. */
+static void s_flush(ml_broker_t *b, ml_session_t *s)
+{
+    if (s->state == S_CLOSED || !s->tls)
+        return;
+    if (s->out_len > 0 && ml_tls_session_established(s->tls)) {
+        if (ml_tls_session_write(s->tls, s->out, s->out_len) != 0) {
+            s_session_close(b, s, ml_tls_session_error(s->tls));
+            return;
+        }
+        s->out_len = 0;
+    }
+    if (s_send_cipher(b, s) != 0)
+        s_session_close(b, s, "peer unreachable");
+}
+
+static int s_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
+{
+    if (s->state == S_CLOSED)
+        return ML_ECLOSED;
+    size_t need = s->out_len + ML_FRAME_HEADER + len;
+    if (need > s->out_cap) {
+        size_t cap = s->out_cap ? s->out_cap : 16 * 1024;
+        while (cap < need)
+            cap *= 2;
+        uint8_t *p = realloc(s->out, cap);
+        if (!p)
+            return ML_ENOMEM;
+        s->out = p;
+        s->out_cap = cap;
+    }
+    ml_frame_write_header(s->out + s->out_len, len);
+    memcpy(s->out + s->out_len + ML_FRAME_HEADER, rec, len);
+    s->out_len += ML_FRAME_HEADER + len;
+    if (s->out_len >= S_FLUSH_THRESHOLD)
+        s_flush(b, s);
+    else
+        s_mark_dirty(b, s);
+    return 0;
+}
+
+/* Sends a control envelope from the broker to the session's peer. */
+static int s_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
+{
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    env->id = id;
+    env->from = b->cfg->broker_id;
+    env->to = s->peer_id ? s->peer_id : "";
+    env->created_at = ml_now_ms();
+    env->kind = ml_env_kind_of_payload(env->payload_case);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = ml_env_pack(env, &buf, &len);
+    if (rc == 0)
+        rc = s_append(b, s, buf, len);
+    free(buf);
+    return rc;
+}
+
+static void s_send_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                        const char *reason)
+{
+    Medlink__V1__Nack nack = MEDLINK__V1__NACK__INIT;
+    nack.message_id = (char *)(msg_id ? msg_id : "");
+    nack.code = code;
+    nack.reason = (char *)reason;
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_NACK;
+    env.nack = &nack;
+    s_reply(b, s, &env);
+}
+
+static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup)
+{
+    Medlink__V1__Accepted acc = MEDLINK__V1__ACCEPTED__INIT;
+    acc.message_id = (char *)msg_id;
+    acc.duplicate = dup ? 1 : 0;
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED;
+    env.accepted = &acc;
+    s_reply(b, s, &env);
+}
+
+static void s_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                     const char *reason)
+{
+    b->refused_total++;
+    ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s", msg_id ? msg_id : "-",
+           s_who(s), reason);
+    s_send_nack(b, s, msg_id, code, reason);
+}
+
+/* ------------------------------------------------------------------ */
+/* Delivery                                                            */
+
+static ml_nodestate_t *s_nodestate(ml_broker_t *b, const char *id)
+{
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        if (strcmp(b->nodes[i].node->id, id) == 0)
+            return &b->nodes[i];
+    }
+    return NULL;
+}
+
+/* Puts every in-flight message of ns back at the head of its queue, in the
+ * original order, so the next delivering session gets them first. */
+static void s_requeue_inflight(ml_nodestate_t *ns)
+{
+    for (size_t i = ns->n_inflight; i > 0; i--)
+        ml_queue_push_front(&ns->queue, &ns->inflight[i - 1].item);
+    ns->n_inflight = 0;
+}
+
+static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
+{
+    ml_session_t *s = ns->deliver;
+    if (!s || s->state != S_READY)
+        return;
+    size_t window = (size_t)b->cfg->delivery_window;
+    while (ns->n_inflight < window) {
+        ml_qitem_t it;
+        if (!ml_queue_pop(&ns->queue, &it))
+            break;
+        uint8_t *blob = NULL;
+        size_t len = 0;
+        int rc = ml_store_fetch(b->store, it.seq, &blob, &len);
+        if (rc != 0) {
+            /* The index says queued but the row cannot be read: leave it
+             * queued and try again on the next pump rather than lose it. */
+            ml_log(ML_LOG_ERROR, "delivery", "cannot read message %s (seq %lld) for %s: %s",
+                   it.id, (long long)it.seq, ns->node->id, ml_strerror(rc));
+            ml_queue_push_front(&ns->queue, &it);
+            break;
+        }
+        if (ns->n_inflight == ns->cap_inflight) {
+            size_t cap = ns->cap_inflight ? ns->cap_inflight * 2 : 64;
+            ml_inflight_t *p = realloc(ns->inflight, cap * sizeof *p);
+            if (!p) {
+                free(blob);
+                ml_queue_push_front(&ns->queue, &it);
+                break;
+            }
+            ns->inflight = p;
+            ns->cap_inflight = cap;
+        }
+        ns->inflight[ns->n_inflight].item = it;
+        ns->inflight[ns->n_inflight].sent_at = ml_mono_ms();
+        ns->n_inflight++;
+        rc = s_append(b, s, blob, len);
+        free(blob);
+        if (rc != 0 || ns->deliver != s)
+            break; /* the session closed under us; its close requeued */
+    }
+}
+
+static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
+{
+    ml_nodestate_t *ns = s->ns;
+    for (size_t i = 0; i < ns->n_inflight; i++) {
+        if (strcmp(ns->inflight[i].item.id, msg_id) != 0)
+            continue;
+        ml_store_mark_delivered(b->store, ns->inflight[i].item.seq);
+        memmove(&ns->inflight[i], &ns->inflight[i + 1],
+                (ns->n_inflight - i - 1) * sizeof ns->inflight[0]);
+        ns->n_inflight--;
+        ns->delivered++;
+        b->delivered_total++;
+        s_pump(b, ns);
+        return;
+    }
+    /* An ack for something not in flight: a late ack after a resend. */
+    ml_log(ML_LOG_DEBUG, "delivery", "ack for %s from %s not in flight (already acked)", msg_id,
+           s_who(s));
+}
+
+/* ------------------------------------------------------------------ */
+/* Routing                                                             */
+
+static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
+{
+    ml_put_t *p = arg;
+    ml_broker_t *b = p->b;
+    ml_session_t *s = p->session;
+    b->puts_pending--;
+    if (s) {
+        if (p->prev)
+            p->prev->next = p->next;
+        else
+            s->puts = p->next;
+        if (p->next)
+            p->next->prev = p->prev;
+    }
+    if (rc == 0) {
+        if (!duplicate) {
+            b->accepted_total++;
+            ml_qitem_t it;
+            memset(&it, 0, sizeof it);
+            it.seq = seq;
+            it.accepted_at = ml_now_ms();
+            it.size = p->size;
+            it.priority = (uint8_t)p->priority;
+            memcpy(it.id, p->id, sizeof it.id);
+            if (ml_queue_push(&p->recipient->queue, &it) != 0)
+                ml_log(ML_LOG_ERROR, "router", "out of memory queueing %s; it stays in the store "
+                       "and is delivered after restart", p->id);
+            s_pump(b, p->recipient);
+        }
+        if (s && s->state == S_READY)
+            s_send_accepted(b, s, p->id, duplicate);
+    } else if (s && s->state == S_READY) {
+        if (rc == ML_EFULL)
+            s_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
+                     "store full: the broker cannot accept new messages until space is freed");
+        else
+            s_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
+                     "store error: the message was not stored, retry later");
+    }
+    free(p);
+}
+
+static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
+                    size_t len)
+{
+    char err[512];
+    const char *id = env->id;
+    int kind_was_set = env->kind != MEDLINK__V1__KIND__KIND_UNSPECIFIED;
+    if (strcmp(env->from, s->peer_id) != 0) {
+        snprintf(err, sizeof err, "from '%s' differs from the authenticated node '%s'", env->from,
+                 s->peer_id);
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
+        return;
+    }
+    if (ml_env_validate(env, err, sizeof err) != 0) {
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
+        return;
+    }
+    ml_nodestate_t *rs = s_nodestate(b, env->to);
+    if (!rs) {
+        snprintf(err, sizeof err, "unknown recipient node '%s'", env->to);
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_UNKNOWN_NODE, err);
+        return;
+    }
+    int from_role = s->ns->node->role, to_role = rs->node->role;
+    if (!ml_acl_allows(b->cfg, from_role, env->kind, to_role)) {
+        snprintf(err, sizeof err, "forbidden route: role %s may not send %s to role %s (%s)",
+                 ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role),
+                 env->to);
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
+        return;
+    }
+    if (b->puts_pending >= S_STORE_BACKLOG_MAX) {
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED,
+                 "broker busy: store backlog full, retry later");
+        return;
+    }
+    uint8_t *packed = NULL;
+    if (!kind_was_set) {
+        /* Store what recipients should see: the envelope with its kind. */
+        size_t plen = 0;
+        if (ml_env_pack(env, &packed, &plen) != 0) {
+            s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "out of memory");
+            return;
+        }
+        rec = packed;
+        len = plen;
+    }
+    ml_put_t *p = calloc(1, sizeof *p);
+    if (!p) {
+        free(packed);
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "out of memory");
+        return;
+    }
+    p->b = b;
+    p->session = s;
+    p->recipient = rs;
+    p->priority = env->priority;
+    p->size = (uint32_t)len;
+    snprintf(p->id, sizeof p->id, "%s", id);
+    ml_store_msg_t m = {
+        .id = id,
+        .case_id = env->case_id,
+        .sender = env->from,
+        .recipient = env->to,
+        .kind = env->kind,
+        .priority = env->priority,
+        .created_at = env->created_at,
+        .deadline = env->deadline,
+        .envelope = rec,
+        .envelope_len = len,
+    };
+    int rc = ml_store_put(b->store, &m, s_put_done, p);
+    free(packed);
+    if (rc != 0) {
+        free(p);
+        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "store unavailable, retry later");
+        return;
+    }
+    b->puts_pending++;
+    p->next = s->puts;
+    if (s->puts)
+        s->puts->prev = p;
+    s->puts = p;
+}
+
+/* ------------------------------------------------------------------ */
+/* Admin                                                               */
+
+static void s_admin_status(ml_broker_t *b, ml_session_t *s)
+{
+    Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    size_t n_sess = 0;
+    for (ml_session_t *x = b->sessions; x; x = x->next)
+        if (x->state == S_READY)
+            n_sess++;
+    Medlink__V1__SessionInfo *si = calloc(n_sess ? n_sess : 1, sizeof *si);
+    Medlink__V1__SessionInfo **sip = calloc(n_sess ? n_sess : 1, sizeof *sip);
+    Medlink__V1__NodeStatus *ni = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *ni);
+    Medlink__V1__NodeStatus **nip = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *nip);
+    if (!si || !sip || !ni || !nip)
+        goto out;
+    int64_t mono = ml_mono_ms(), now = ml_now_ms();
+    size_t k = 0;
+    for (ml_session_t *x = b->sessions; x; x = x->next) {
+        if (x->state != S_READY)
+            continue;
+        medlink__v1__session_info__init(&si[k]);
+        si[k].node_id = x->peer_id;
+        si[k].peer = x->peer_hex;
+        si[k].connected_at = now - (mono - x->created);
+        si[k].last_seen = now - (mono - x->last_rx);
+        si[k].in_flight = x->ns->deliver == x ? x->ns->n_inflight : 0;
+        sip[k] = &si[k];
+        k++;
+    }
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        ml_nodestate_t *ns = &b->nodes[i];
+        medlink__v1__node_status__init(&ni[i]);
+        ni[i].node_id = ns->node->id;
+        ni[i].role = (char *)ml_role_name(ns->node->role);
+        ni[i].community = ns->node->community ? ns->node->community : "";
+        ni[i].display_name = ns->node->display_name ? ns->node->display_name : "";
+        ni[i].online = ns->online > 0;
+        ni[i].last_seen = ns->last_seen;
+        ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
+        int64_t oldest = ml_queue_oldest(&ns->queue);
+        for (size_t j = 0; j < ns->n_inflight; j++) {
+            int64_t t = ns->inflight[j].item.accepted_at;
+            if (oldest == 0 || t < oldest)
+                oldest = t;
+        }
+        ni[i].oldest_queued_at = oldest;
+        ni[i].in_flight = ns->n_inflight;
+        ni[i].delivered = ns->delivered;
+        nip[i] = &ni[i];
+    }
+    st.broker = b->cfg->broker_id;
+    st.started_at = b->started_at;
+    st.now = now;
+    st.sessions = n_sess;
+    st.accepted_total = b->accepted_total;
+    st.delivered_total = b->delivered_total;
+    st.refused_total = b->refused_total;
+    st.n_session = n_sess;
+    st.session = sip;
+    st.n_node = b->n_nodes;
+    st.node = nip;
+    reply.broker_status = &st;
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
+    env.admin_reply = &reply;
+    s_reply(b, s, &env);
+out:
+    free(si);
+    free(sip);
+    free(ni);
+    free(nip);
+}
+
+static void s_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
+{
+    if (s->ns->node->role != ML_ROLE_OPS) {
+        char err[256];
+        snprintf(err, sizeof err, "admin requests need an OPS node; %s has role %s", s->peer_id,
+                 ml_role_name(s->ns->node->role));
+        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
+        return;
+    }
+    ml_log(ML_LOG_INFO, "admin", "%s asked for status", s->peer_id);
+    switch (env->admin_request->op) {
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
+        s_admin_status(b, s);
+        break;
+    default: {
+        Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+        reply.status = 1;
+        reply.error = "unknown admin operation";
+        ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
+        out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
+        out.admin_reply = &reply;
+        s_reply(b, s, &out);
+    }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Session input                                                       */
+
+static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
+{
+    if (env->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_HELLO) {
+        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_NOT_HELLO,
+                 "the first message of a session must be Hello");
+        s_session_close(b, s, "no Hello");
+        return;
+    }
+    if (strcmp(env->hello->node_id, s->peer_id) != 0) {
+        char err[512];
+        snprintf(err, sizeof err, "Hello names node '%s' but the certificate names '%s'",
+                 env->hello->node_id, s->peer_id);
+        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
+        s_session_close(b, s, "Hello identity mismatch");
+        return;
+    }
+    ml_nodestate_t *ns = s->ns;
+    s->state = S_READY;
+    s->deliveries = env->hello->deliveries;
+    ns->online++;
+    ns->last_seen = ml_now_ms();
+    if (s->deliveries) {
+        /* The newest delivering session wins: an agent that reconnected
+         * has a fresh routing id and the old session is a dead link. */
+        if (ns->deliver && ns->deliver != s)
+            s_session_close(b, ns->deliver, "superseded by a newer session of the same node");
+        ns->deliver = s;
+    }
+    ml_log(ML_LOG_INFO, "session", "%s session %s up (%s, deliveries %s)", s->peer_id,
+           s->peer_hex, env->hello->software, s->deliveries ? "on" : "off");
+    Medlink__V1__Welcome w = MEDLINK__V1__WELCOME__INIT;
+    w.node_id = s->peer_id;
+    w.role = (char *)ml_role_name(ns->node->role);
+    w.community = ns->node->community ? ns->node->community : "";
+    w.heartbeat_ms = (uint32_t)b->cfg->heartbeat_ms;
+    w.max_record = (uint32_t)b->cfg->max_record;
+    w.broker = b->cfg->broker_id;
+    ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
+    out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_WELCOME;
+    out.welcome = &w;
+    s_reply(b, s, &out);
+    if (s->deliveries)
+        s_pump(b, ns);
+}
+
+static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
+{
+    ml_envelope_t *env = NULL;
+    if (ml_env_unpack(rec, len, &env) != 0) {
+        char err[128];
+        snprintf(err, sizeof err, "malformed envelope (%zu bytes could not be decoded)", len);
+        s_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
+        if (s->state != S_READY)
+            s_session_close(b, s, "malformed first record");
+        return;
+    }
+    if (s->state == S_AWAIT_HELLO) {
+        s_hello(b, s, env);
+        goto out;
+    }
+    s->ns->last_seen = ml_now_ms();
+    switch (env->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT: {
+        Medlink__V1__Heartbeat hb = MEDLINK__V1__HEARTBEAT__INIT;
+        hb.sent_at = ml_now_ms();
+        ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
+        out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT;
+        out.heartbeat = &hb;
+        s_reply(b, s, &out);
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ACK:
+        s_on_ack(b, s, env->ack->message_id);
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REQUEST:
+        s_admin(b, s, env);
+        break;
+    default:
+        if (ml_env_kind_is_routed(ml_env_kind_of_payload(env->payload_case))) {
+            s_route(b, s, env, rec, len);
+        } else {
+            char err[128];
+            snprintf(err, sizeof err, "unexpected message kind %s from a client",
+                     ml_kind_name(ml_env_kind_of_payload(env->payload_case)));
+            s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
+        }
+    }
+out:
+    ml_env_free(&env);
+}
+
+static void s_established(ml_broker_t *b, ml_session_t *s)
+{
+    const char *cn = ml_tls_session_peer_id(s->tls);
+    s->peer_id = strdup(cn ? cn : "");
+    s->ns = cn ? s_nodestate(b, cn) : NULL;
+    if (!s->ns) {
+        char err[512];
+        snprintf(err, sizeof err, "certificate names unregistered node '%s'", cn ? cn : "");
+        ml_log(ML_LOG_WARN, "session", "refused session %s: %s", s->peer_hex, err);
+        b->refused_total++;
+        s_send_nack(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_UNKNOWN_NODE, err);
+        s_flush(b, s);
+        s_session_close(b, s, NULL);
+        return;
+    }
+    s->state = S_AWAIT_HELLO;
+}
+
+static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t len)
+{
+    s->last_rx = ml_mono_ms();
+    if (ml_tls_session_feed(s->tls, data, len) != 0) {
+        if (s->state == S_HANDSHAKE) {
+            ml_log(ML_LOG_WARN, "session", "refused session %s: TLS handshake failed: %s",
+                   s->peer_hex, ml_tls_session_error(s->tls));
+            b->refused_total++;
+            /* Let the alert reach the peer so it can log a reason too. */
+            s_send_cipher(b, s);
+            s_session_close(b, s, NULL);
+        } else {
+            s_session_close(b, s, ml_tls_session_error(s->tls));
+        }
+        return;
+    }
+    if (s->state == S_HANDSHAKE) {
+        int rc = ml_tls_session_handshake(s->tls);
+        if (rc < 0) {
+            ml_log(ML_LOG_WARN, "session", "refused session %s: TLS handshake failed: %s",
+                   s->peer_hex, ml_tls_session_error(s->tls));
+            b->refused_total++;
+            s_send_cipher(b, s);
+            s_session_close(b, s, NULL);
+            return;
+        }
+        if (rc == 0) {
+            s_mark_dirty(b, s);
+            return;
+        }
+        s_established(b, s);
+        if (s->state == S_CLOSED)
+            return;
+    }
+    uint64_t serial = s->serial;
+    for (;;) {
+        int n = ml_tls_session_read(s->tls, b->rxbuf, 64 * 1024);
+        if (n == 0)
+            break;
+        if (n < 0) {
+            s_session_close(b, s,
+                            n == ML_ECLOSED ? "peer closed the session"
+                                            : ml_tls_session_error(s->tls));
+            return;
+        }
+        int rc = ml_frame_reader_feed(s->reader, b->rxbuf, (size_t)n);
+        const uint8_t *rec;
+        size_t rlen;
+        while (rc == 0 && (rc = ml_frame_reader_next(s->reader, &rec, &rlen)) == 1) {
+            s_record(b, s, rec, rlen);
+            if (s->state == S_CLOSED || s->serial != serial)
+                return;
+            rc = 0;
+        }
+        if (rc < 0) {
+            char err[160];
+            snprintf(err, sizeof err, "record over the %ld-byte limit", b->cfg->max_record);
+            s_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
+            s_flush(b, s);
+            s_session_close(b, s, err);
+            return;
+        }
+    }
+    s_mark_dirty(b, s);
+}
+
+static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
+{
+    ml_broker_t *b = arg;
+    for (int i = 0; i < S_RECV_BUDGET; i++) {
+        zmq_msg_t rid, data;
+        zmq_msg_init(&rid);
+        if (zmq_msg_recv(&rid, zsock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&rid);
+            return;
+        }
+        if (!zmq_msg_more(&rid)) {
+            zmq_msg_close(&rid);
+            continue;
+        }
+        zmq_msg_init(&data);
+        zmq_msg_recv(&data, zsock, 0);
+        int extra = zmq_msg_more(&data);
+        while (extra) {
+            /* Our peers send one frame per message; drop anything else. */
+            zmq_msg_t junk;
+            zmq_msg_init(&junk);
+            zmq_msg_recv(&junk, zsock, 0);
+            extra = zmq_msg_more(&junk);
+            zmq_msg_close(&junk);
+        }
+        size_t rlen = zmq_msg_size(&rid);
+        if (rlen == 0 || rlen > S_RID_MAX)
+            goto next;
+        ml_session_t *s = s_find(b, zmq_msg_data(&rid), rlen);
+        if (!s) {
+            if (b->n_live >= (size_t)b->cfg->max_sessions) {
+                ml_log(ML_LOG_WARN, "session", "refused new connection: max_sessions (%ld) "
+                       "reached", b->cfg->max_sessions);
+                b->refused_total++;
+                goto next;
+            }
+            s = s_session_new(b, zmq_msg_data(&rid), rlen);
+            if (!s)
+                goto next;
+        }
+        if (s->state != S_CLOSED)
+            s_input(b, s, zmq_msg_data(&data), zmq_msg_size(&data));
+    next:
+        zmq_msg_close(&rid);
+        zmq_msg_close(&data);
+    }
+}
+
+/* Closes a session: TLS gone, deliveries requeued, pending puts detached,
+ * the entry kept as a tombstone until it expires. reason NULL = already
+ * logged. */
+static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason)
+{
+    if (s->state == S_CLOSED)
+        return;
+    if (reason)
+        ml_log(s->state == S_READY ? ML_LOG_INFO : ML_LOG_WARN, "session",
+               "%s session %s closed: %s", s_who(s), s->peer_hex, reason);
+    if (s->state == S_READY) {
+        ml_nodestate_t *ns = s->ns;
+        ns->online--;
+        if (ns->deliver == s) {
+            ns->deliver = NULL;
+            s_requeue_inflight(ns);
+        }
+    }
+    for (ml_put_t *p = s->puts; p; p = p->next)
+        p->session = NULL;
+    s->puts = NULL;
+    s->state = S_CLOSED;
+    s->serial = ++b->next_serial;
+    ml_tls_session_destroy(&s->tls);
+    ml_frame_reader_destroy(&s->reader);
+    free(s->out);
+    s->out = NULL;
+    s->out_len = s->out_cap = 0;
+    s->expire_at = ml_mono_ms() + b->cfg->session_timeout_ms;
+    b->n_live--;
+}
+
+/* ------------------------------------------------------------------ */
+/* Timers                                                              */
+
+static void s_flush_cb(uv_check_t *h)
+{
+    ml_broker_t *b = h->data;
+    while (b->dirty) {
+        ml_session_t *s = b->dirty;
+        b->dirty = s->dirty_next;
+        s->dirty = 0;
+        s->dirty_next = NULL;
+        s_flush(b, s);
+    }
+}
+
+static void s_housekeeping_cb(uv_timer_t *t)
+{
+    ml_broker_t *b = t->data;
+    int64_t now = ml_mono_ms();
+    ml_session_t *next;
+    for (ml_session_t *s = b->sessions; s; s = next) {
+        next = s->next;
+        switch (s->state) {
+        case S_HANDSHAKE:
+        case S_AWAIT_HELLO:
+            if (now - s->created > b->cfg->handshake_timeout_ms) {
+                b->refused_total++;
+                ml_log(ML_LOG_WARN, "session", "refused session %s: no %s within the %ld ms "
+                       "handshake deadline", s->peer_hex,
+                       s->state == S_HANDSHAKE ? "TLS handshake" : "Hello",
+                       b->cfg->handshake_timeout_ms);
+                s_session_close(b, s, NULL);
+            }
+            break;
+        case S_READY:
+            if (now - s->last_rx > b->cfg->session_timeout_ms)
+                s_session_close(b, s, "silent past session_timeout_ms");
+            break;
+        case S_CLOSED:
+            if (now >= s->expire_at)
+                s_session_free(b, s);
+            break;
+        }
+    }
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        ml_nodestate_t *ns = &b->nodes[i];
+        if (ns->n_inflight > 0 && now - ns->inflight[0].sent_at > b->cfg->ack_timeout_ms) {
+            ml_log(ML_LOG_WARN, "delivery", "%s: no ack within %ld ms for %zu message(s); "
+                   "resending", ns->node->id, b->cfg->ack_timeout_ms, ns->n_inflight);
+            s_requeue_inflight(ns);
+            s_pump(b, ns);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Lifecycle                                                           */
+
+static void s_load_pending(void *arg, const ml_store_row_t *row)
+{
+    ml_broker_t *b = arg;
+    ml_nodestate_t *ns = s_nodestate(b, row->recipient);
+    if (!ns) {
+        ml_log(ML_LOG_WARN, "store", "queued message %s is for %s, which is no longer in the "
+               "node registry; it stays in the store", row->id, row->recipient);
+        return;
+    }
+    ml_qitem_t it;
+    memset(&it, 0, sizeof it);
+    it.seq = row->seq;
+    it.accepted_at = row->accepted_at;
+    it.size = (uint32_t)row->envelope_len;
+    it.priority = (uint8_t)row->priority;
+    snprintf(it.id, sizeof it.id, "%s", row->id);
+    ml_queue_push(&ns->queue, &it);
+}
+
+int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out, char *err,
+                  size_t errlen)
+{
+    int rc = ML_ENOMEM;
+    ml_broker_t *b = calloc(1, sizeof *b);
+    if (!b) {
+        snprintf(err, errlen, "out of memory");
+        return ML_ENOMEM;
+    }
+    b->loop = loop;
+    b->cfg = *cfg_p;
+    *cfg_p = NULL;
+    b->started_at = ml_now_ms();
+    b->rxbuf = malloc(64 * 1024);
+    b->n_nodes = b->cfg->n_nodes;
+    b->nodes = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *b->nodes);
+    if (!b->rxbuf || !b->nodes) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        b->nodes[i].node = &b->cfg->nodes[i];
+        ml_queue_init(&b->nodes[i].queue);
+    }
+
+    ml_tls_config_t tc = {.ca_file = b->cfg->ca,
+                          .cert_file = b->cfg->cert,
+                          .key_file = b->cfg->key,
+                          .crl_file = b->cfg->crl,
+                          .is_server = 1};
+    rc = ml_tls_ctx_new(&tc, &b->tls, err, errlen);
+    if (rc != 0)
+        goto fail;
+
+    char path[4096];
+    if (ml_mkdirs(b->cfg->data_dir) != 0) {
+        snprintf(err, errlen, "cannot create data_dir %s: %s", b->cfg->data_dir,
+                 strerror(errno));
+        rc = ML_EIO;
+        goto fail;
+    }
+    snprintf(path, sizeof path, "%s/broker.db", b->cfg->data_dir);
+    rc = ml_store_open(loop, path, NULL, &b->store, err, errlen);
+    if (rc != 0)
+        goto fail;
+    rc = ml_store_scan_pending(b->store, s_load_pending, b);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot read pending messages from %s", path);
+        goto fail;
+    }
+    size_t queued = 0;
+    for (size_t i = 0; i < b->n_nodes; i++)
+        queued += ml_queue_len(&b->nodes[i].queue);
+
+    rc = ML_EIO;
+    b->zctx = zmq_ctx_new();
+    b->router = b->zctx ? zmq_socket(b->zctx, ZMQ_ROUTER) : NULL;
+    if (!b->router) {
+        snprintf(err, errlen, "cannot create ZeroMQ socket: %s", zmq_strerror(zmq_errno()));
+        goto fail;
+    }
+    int one = 1, zero = 0, linger = 0;
+    int64_t maxmsg = S_FRAME_MAX * 4;
+    zmq_setsockopt(b->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(b->router, ZMQ_SNDHWM, &zero, sizeof zero);
+    zmq_setsockopt(b->router, ZMQ_RCVHWM, &zero, sizeof zero);
+    zmq_setsockopt(b->router, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(b->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    if (zmq_bind(b->router, b->cfg->listen) != 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", b->cfg->listen,
+                 zmq_strerror(zmq_errno()));
+        goto fail;
+    }
+    size_t eplen = sizeof b->endpoint;
+    zmq_getsockopt(b->router, ZMQ_LAST_ENDPOINT, b->endpoint, &eplen);
+    if (ml_zwatch_new(loop, b->router, s_router_cb, b, &b->watch) != 0) {
+        snprintf(err, errlen, "cannot watch the ZeroMQ socket");
+        goto fail;
+    }
+    uv_timer_init(loop, &b->housekeeping);
+    uv_check_init(loop, &b->flush_check);
+    b->housekeeping.data = b->flush_check.data = b;
+    b->open_handles = 2;
+    uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
+    uv_check_start(&b->flush_check, s_flush_cb);
+    ml_log(ML_LOG_INFO, "broker", "%s listening on %s; %zu nodes registered; %zu message(s) "
+           "queued from the store", b->cfg->broker_id, b->endpoint, b->n_nodes, queued);
+    *out = b;
+    return 0;
+fail:
+    {
+        ml_broker_t *tmp = b;
+        ml_broker_destroy(&tmp);
+    }
+    return rc;
+}
+
+static void s_close_cb(uv_handle_t *h)
+{
+    ml_broker_t *b = h->data;
+    if (--b->open_handles == 0)
+        free(b);
+}
+
+void ml_broker_destroy(ml_broker_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    ml_broker_t *b = *self_p;
+    *self_p = NULL;
+    /* Say goodbye to live sessions, then drop everything. */
+    for (ml_session_t *s = b->sessions; s; s = s->next) {
+        if (s->state != S_CLOSED && s->tls && ml_tls_session_established(s->tls)) {
+            s_flush(b, s);
+            if (s->tls) {
+                ml_tls_session_close(s->tls);
+                s_send_cipher(b, s);
+            }
+        }
+    }
+    while (b->sessions) {
+        ml_session_t *s = b->sessions;
+        s_session_close(b, s, NULL);
+        s_session_free(b, s);
+    }
+    ml_zwatch_destroy(&b->watch);
+    if (b->router)
+        zmq_close(b->router);
+    if (b->zctx)
+        zmq_ctx_term(b->zctx);
+    /* Commits whatever is still queued for the store. */
+    ml_store_close(&b->store);
+    ml_tls_ctx_destroy(&b->tls);
+    for (size_t i = 0; b->nodes && i < b->n_nodes; i++) {
+        ml_queue_close(&b->nodes[i].queue);
+        free(b->nodes[i].inflight);
+    }
+    free(b->nodes);
+    free(b->rxbuf);
+    ml_broker_config_destroy(&b->cfg);
+    if (b->open_handles) {
+        uv_timer_stop(&b->housekeeping);
+        uv_check_stop(&b->flush_check);
+        uv_close((uv_handle_t *)&b->housekeeping, s_close_cb);
+        uv_close((uv_handle_t *)&b->flush_check, s_close_cb);
+    } else {
+        free(b);
+    }
+}
+
+const char *ml_broker_endpoint(const ml_broker_t *b)
+{
+    return b->endpoint;
+}

@@ -1,0 +1,29 @@
+/* medlinkd's core: the ROUTER socket, one TLS session per routing id,
+ * identity and ACL checks, the per-node delivery queues, acknowledgements,
+ * and the admin view. The durable part lives in store.h; this module decides
+ * what to store, when to answer Accepted, and what to deliver to whom.
+ * Loop thread only. */
+#ifndef ML_BROKER_H
+#define ML_BROKER_H
+
+#include <uv.h>
+
+#include "config.h"
+
+typedef struct ml_broker ml_broker_t;
+
+/* Starts a broker on loop: opens the store under cfg->data_dir, loads the
+ * pending queues, binds cfg->listen. Takes ownership of *cfg_p (clears it).
+ * Returns 0, or ML_ECONFIG / ML_ETLS / ML_ESTORE / ML_EIO with err saying
+ * what failed. */
+int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out, char *err,
+                  size_t errlen);
+/* Flushes sessions (close_notify), commits the store, closes the socket and
+ * every handle; the caller then runs the loop until it ends. Clears *self_p;
+ * safe on NULL. */
+void ml_broker_destroy(ml_broker_t **self_p);
+
+/* The endpoint actually bound (resolves "tcp://127.0.0.1:0"), borrowed. */
+const char *ml_broker_endpoint(const ml_broker_t *b);
+
+#endif

@@ -1,0 +1,101 @@
+/* Per-node delivery queues: three ring buffers of index entries. */
+#include "queue.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static int s_grow(ml_ring_t *r)
+{
+    size_t cap = r->cap ? r->cap * 2 : 64;
+    ml_qitem_t *p = malloc(cap * sizeof *p);
+    if (!p)
+        return ML_ENOMEM;
+    for (size_t i = 0; i < r->len; i++)
+        p[i] = r->items[(r->head + i) % r->cap];
+    free(r->items);
+    r->items = p;
+    r->cap = cap;
+    r->head = 0;
+    return 0;
+}
+
+void ml_queue_init(ml_queue_t *q)
+{
+    memset(q, 0, sizeof *q);
+}
+
+void ml_queue_close(ml_queue_t *q)
+{
+    for (int i = 0; i < ML_PRIORITY_COUNT; i++)
+        free(q->ring[i].items);
+    memset(q, 0, sizeof *q);
+}
+
+static ml_ring_t *s_ring(ml_queue_t *q, int priority)
+{
+    if (priority < 0)
+        priority = 0;
+    if (priority >= ML_PRIORITY_COUNT)
+        priority = ML_PRIORITY_COUNT - 1;
+    return &q->ring[priority];
+}
+
+int ml_queue_push(ml_queue_t *q, const ml_qitem_t *it)
+{
+    ml_ring_t *r = s_ring(q, it->priority);
+    if (r->len == r->cap && s_grow(r) != 0)
+        return ML_ENOMEM;
+    r->items[(r->head + r->len) % r->cap] = *it;
+    r->len++;
+    q->bytes += it->size;
+    return 0;
+}
+
+int ml_queue_push_front(ml_queue_t *q, const ml_qitem_t *it)
+{
+    ml_ring_t *r = s_ring(q, it->priority);
+    if (r->len == r->cap && s_grow(r) != 0)
+        return ML_ENOMEM;
+    r->head = (r->head + r->cap - 1) % r->cap;
+    r->items[r->head] = *it;
+    r->len++;
+    q->bytes += it->size;
+    return 0;
+}
+
+int ml_queue_pop(ml_queue_t *q, ml_qitem_t *out)
+{
+    for (int p = ML_PRIORITY_COUNT - 1; p >= 0; p--) {
+        ml_ring_t *r = &q->ring[p];
+        if (r->len == 0)
+            continue;
+        *out = r->items[r->head];
+        r->head = (r->head + 1) % r->cap;
+        r->len--;
+        q->bytes -= out->size;
+        return 1;
+    }
+    return 0;
+}
+
+size_t ml_queue_len(const ml_queue_t *q)
+{
+    size_t n = 0;
+    for (int p = 0; p < ML_PRIORITY_COUNT; p++)
+        n += q->ring[p].len;
+    return n;
+}
+
+int64_t ml_queue_oldest(const ml_queue_t *q)
+{
+    int64_t oldest = 0;
+    for (int p = 0; p < ML_PRIORITY_COUNT; p++) {
+        const ml_ring_t *r = &q->ring[p];
+        if (r->len == 0)
+            continue;
+        int64_t t = r->items[r->head].accepted_at;
+        if (oldest == 0 || t < oldest)
+            oldest = t;
+    }
+    return oldest;
+}

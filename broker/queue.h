@@ -1,0 +1,52 @@
+/* Per-node delivery queues held in the broker's memory: for each priority a
+ * FIFO (ring buffer) of small index entries (seq, message id, size,
+ * accepted time). Envelopes themselves stay in the store and are fetched at
+ * delivery time, so 100,000 queued messages cost ~5 MB here, not their
+ * payloads. Order: EMERGENCY before URGENT before ROUTINE; within a
+ * priority, store sequence order, which is the order the broker accepted
+ * them (and so each sender's order). Loop thread only. */
+#ifndef ML_BROKER_QUEUE_H
+#define ML_BROKER_QUEUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ml_common.h"
+
+#define ML_PRIORITY_COUNT 3
+
+typedef struct {
+    int64_t seq;
+    int64_t accepted_at;
+    uint32_t size;
+    uint8_t priority;
+    char id[ML_ULID_LEN + 1];
+} ml_qitem_t;
+
+typedef struct {
+    ml_qitem_t *items;
+    size_t cap;
+    size_t head;
+    size_t len;
+} ml_ring_t;
+
+typedef struct {
+    ml_ring_t ring[ML_PRIORITY_COUNT];
+    uint64_t bytes;
+} ml_queue_t;
+
+void ml_queue_init(ml_queue_t *q);
+void ml_queue_close(ml_queue_t *q);
+/* Appends at the tail of the item's priority. O(1) amortised. Returns 0 or
+ * ML_ENOMEM. */
+int ml_queue_push(ml_queue_t *q, const ml_qitem_t *it);
+/* Puts an item back at the head of its priority (after a failed delivery);
+ * callers requeue in descending seq so the head stays in seq order. */
+int ml_queue_push_front(ml_queue_t *q, const ml_qitem_t *it);
+/* Takes the next item to deliver. Returns 1 and fills *out, or 0 if empty. */
+int ml_queue_pop(ml_queue_t *q, ml_qitem_t *out);
+size_t ml_queue_len(const ml_queue_t *q);
+/* Accepted time of the oldest queued item (0 if empty). O(priorities). */
+int64_t ml_queue_oldest(const ml_queue_t *q);
+
+#endif
