@@ -25,7 +25,7 @@ void ml_frame_reader_destroy(ml_frame_reader_t **self_p);
  * then unusable: the caller must drop the peer). O(len) amortised. */
 int ml_frame_reader_feed(ml_frame_reader_t *self, const uint8_t *data, size_t len);
 
-/* Takes the next complete record. Returns 1 and sets *rec/*len (borrowed,
+/* Takes the next complete record. Returns 1 and sets *rec and *len (borrowed,
  * valid until the next feed/next call), 0 if more bytes are needed, or
  * ML_ETOOBIG as above. */
 int ml_frame_reader_next(ml_frame_reader_t *self, const uint8_t **rec, size_t *len);
