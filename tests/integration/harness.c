@@ -1,0 +1,395 @@
+/* Integration-test harness: real processes, real certificates, real
+ * SQLite files, all on 127.0.0.1 in a temp folder. */
+#include "harness.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <criterion/criterion.h>
+
+void h_sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static long s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
+const char *h_bin(const char *name, char *out, size_t len)
+{
+    const char *b = getenv("ML_BUILD_DIR");
+    const char *sub = strcmp(name, "medlinkd") == 0        ? "broker"
+                      : strcmp(name, "medlink-agent") == 0 ? "clients/agent"
+                      : strcmp(name, "medlinkctl") == 0    ? "clients/ctl"
+                                                           : "tests/bench";
+    snprintf(out, len, "%s/%s/%s", b ? b : ".", sub, name);
+    return out;
+}
+
+static int s_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int s_sh(const char *fmt, ...)
+{
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int st = system(cmd);
+    return st == -1 ? -1 : WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static int s_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof a) == 0, "bind: %s", strerror(errno));
+    socklen_t l = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static void s_write(const char *path, const char *content)
+{
+    FILE *f = fopen(path, "w");
+    cr_assert(f, "cannot write %s", path);
+    fputs(content, f);
+    fclose(f);
+}
+
+void h_world_init(h_world_t *w, const char *extra)
+{
+    memset(w, 0, sizeof *w);
+    const char *base = getenv("TMPDIR");
+    snprintf(w->dir, sizeof w->dir, "%s/mlit.XXXXXX", base && *base ? base : "/tmp");
+    cr_assert(mkdtemp(w->dir), "mkdtemp");
+    snprintf(w->pki, sizeof w->pki, "%s/pki", w->dir);
+    const char *src = getenv("ML_SOURCE_DIR");
+    int rc = s_sh("'%s/deploy/pki.sh' --dir '%s' %s %s %s %s %s >'%s/pki.log' 2>&1",
+                  src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS,
+                  w->dir);
+    cr_assert_eq(rc, 0, "pki.sh failed, see %s/pki.log", w->dir);
+    w->port = s_free_port();
+    snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
+    char path[700], buf[8192];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
+    snprintf(buf, sizeof buf,
+             "[broker]\n"
+             "id = %s\n"
+             "listen = %s\n"
+             "data_dir = data/broker\n"
+             "ca = pki/ca.crt\n"
+             "cert = pki/%s.crt\n"
+             "key = pki/%s.key\n"
+             "log_level = info\n"
+             "heartbeat_ms = 1000\n"
+             "session_timeout_ms = 5000\n"
+             "handshake_timeout_ms = 3000\n"
+             "%s\n"
+             "[node %s]\nrole = COUNTY_HOSPITAL\ncommunity = zhaozhou\nname = Zhaozhou County "
+             "People's Hospital\n\n"
+             "[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = zhaozhou\nname = Xinzhan Township "
+             "Health Centre\n\n"
+             "[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = zhaozhou\nname = Fengle Township "
+             "Health Centre\n\n"
+             "[node %s]\nrole = OPS\ncommunity = zhaozhou\nname = Community IT desk\n\n"
+             "[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL CITY_HOSPITAL\n"
+             "REFERRAL_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL\n\n"
+             "[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n",
+             H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY,
+             H_XINZHAN, H_FENGLE, H_OPS);
+    s_write(path, buf);
+}
+
+static pid_t s_spawn(const char *log, char *const argv[])
+{
+    pid_t pid = fork();
+    cr_assert(pid >= 0, "fork");
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int s_port_open(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+void h_broker_start(h_world_t *w)
+{
+    char bin[600], cfg[700], log[700];
+    h_bin("medlinkd", bin, sizeof bin);
+    snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
+    snprintf(log, sizeof log, "%s/broker.log", w->dir);
+    char *argv[] = {bin, "--config", cfg, NULL};
+    w->broker = s_spawn(log, argv);
+    w->broker_starts++;
+    long deadline = s_now_ms() + 15000;
+    while (s_now_ms() < deadline) {
+        int st;
+        if (waitpid(w->broker, &st, WNOHANG) == w->broker) {
+            w->broker = 0;
+            cr_assert_fail("medlinkd exited at start-up, see %s", log);
+        }
+        if (s_port_open(w->port))
+            return;
+        h_sleep_ms(20);
+    }
+    cr_assert_fail("medlinkd did not listen within 15 s, see %s", log);
+}
+
+static int s_stop(pid_t *pid, int sig)
+{
+    if (*pid <= 0)
+        return 0;
+    kill(*pid, sig);
+    int st = 0;
+    long deadline = s_now_ms() + 20000;
+    while (waitpid(*pid, &st, WNOHANG) == 0) {
+        if (s_now_ms() > deadline) {
+            kill(*pid, SIGKILL);
+            waitpid(*pid, &st, 0);
+            *pid = 0;
+            return -1;
+        }
+        h_sleep_ms(10);
+    }
+    *pid = 0;
+    return st;
+}
+
+void h_broker_stop(h_world_t *w)
+{
+    int st = s_stop(&w->broker, SIGTERM);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "medlinkd did not exit cleanly (status %d)",
+              st);
+}
+
+void h_broker_kill(h_world_t *w)
+{
+    s_stop(&w->broker, SIGKILL);
+}
+
+static int s_agent_index(h_world_t *w, const char *node)
+{
+    for (int i = 0; i < w->n_agents; i++)
+        if (strcmp(w->agent_ids[i], node) == 0)
+            return i;
+    return -1;
+}
+
+int h_agent_start(h_world_t *w, const char *node)
+{
+    char bin[600], cfg[700], log[700], buf[4096];
+    h_bin("medlink-agent", bin, sizeof bin);
+    snprintf(cfg, sizeof cfg, "%s/agent-%s.ini", w->dir, node);
+    snprintf(log, sizeof log, "%s/agent-%s.log", w->dir, node);
+    snprintf(buf, sizeof buf,
+             "[agent]\nnode_id = %s\nbroker = %s\nca = pki/ca.crt\ncert = pki/%s.crt\n"
+             "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
+             "heartbeat_ms = 1000\nscan_ms = 100\n",
+             node, w->endpoint, node, node, node, node);
+    s_write(cfg, buf);
+    int i = s_agent_index(w, node);
+    if (i < 0) {
+        i = w->n_agents++;
+        snprintf(w->agent_ids[i], sizeof w->agent_ids[i], "%s", node);
+    }
+    char *argv[] = {bin, "--config", cfg, NULL};
+    w->agents[i] = s_spawn(log, argv);
+    /* The agent makes its spool folders at start-up; wait for them. */
+    char out[700];
+    h_spool(w, node, "outbox", out, sizeof out);
+    long deadline = s_now_ms() + 10000;
+    struct stat st;
+    while (stat(out, &st) != 0 && s_now_ms() < deadline)
+        h_sleep_ms(20);
+    cr_assert(stat(out, &st) == 0, "agent %s did not create %s, see %s", node, out, log);
+    return i;
+}
+
+void h_agent_stop(h_world_t *w, const char *node)
+{
+    int i = s_agent_index(w, node);
+    if (i < 0)
+        return;
+    int st = s_stop(&w->agents[i], SIGTERM);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent %s did not exit cleanly (%d)", node,
+              st);
+}
+
+void h_agent_kill(h_world_t *w, const char *node)
+{
+    int i = s_agent_index(w, node);
+    if (i >= 0)
+        s_stop(&w->agents[i], SIGKILL);
+}
+
+void h_world_fini(h_world_t *w)
+{
+    for (int i = 0; i < w->n_agents; i++)
+        s_stop(&w->agents[i], SIGKILL);
+    s_stop(&w->broker, SIGKILL);
+}
+
+void h_spool(const h_world_t *w, const char *node, const char *sub, char *out, size_t len)
+{
+    snprintf(out, len, "%s/spool/%s/%s", w->dir, node, sub);
+}
+
+void h_drop(const h_world_t *w, const char *node, const char *name, const char *content)
+{
+    char dir[700], tmp[900], dst[900];
+    h_spool(w, node, "outbox", dir, sizeof dir);
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
+    snprintf(dst, sizeof dst, "%s/%s", dir, name);
+    s_write(tmp, content);
+    cr_assert(rename(tmp, dst) == 0, "rename into outbox: %s", strerror(errno));
+}
+
+int h_count(const h_world_t *w, const char *node, const char *sub)
+{
+    char dir[700];
+    h_spool(w, node, sub, dir, sizeof dir);
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name);
+        if (e->d_name[0] != '.' && l > 5 && strcmp(e->d_name + l - 5, ".json") == 0)
+            n++;
+    }
+    closedir(d);
+    return n;
+}
+
+int h_wait_count(const h_world_t *w, const char *node, const char *sub, int n, int timeout_ms)
+{
+    long deadline = s_now_ms() + timeout_ms;
+    int c = h_count(w, node, sub);
+    while (c < n && s_now_ms() < deadline) {
+        h_sleep_ms(50);
+        c = h_count(w, node, sub);
+    }
+    return c;
+}
+
+char *h_slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    size_t r = fread(b, 1, (size_t)n, f);
+    b[r] = '\0';
+    fclose(f);
+    return b;
+}
+
+char *h_run(int *status, const char *fmt, ...)
+{
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "popen");
+    size_t cap = 4096, len = 0;
+    char *out = malloc(cap);
+    size_t n;
+    while ((n = fread(out + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (cap - len < 1024) {
+            cap *= 2;
+            out = realloc(out, cap);
+        }
+    }
+    out[len] = '\0';
+    int st = pclose(p);
+    *status = WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+    return out;
+}
+
+void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len)
+{
+    snprintf(out, len, "%s/ctl-%s.ini", w->dir, node);
+    char buf[2048];
+    snprintf(buf, sizeof buf,
+             "[ctl]\nnode_id = %s\nbroker = %s\nca = pki/ca.crt\ncert = pki/%s.crt\n"
+             "key = pki/%s.key\n",
+             node, w->endpoint, node, node);
+    s_write(out, buf);
+}
+
+char *h_referral_json(const char *to, const char *patient, const char *priority)
+{
+    char *buf = malloc(2048);
+    snprintf(buf, 2048,
+             "{\n"
+             "  \"to\": \"%s\",\n"
+             "  \"priority\": \"%s\",\n"
+             "  \"referral\": {\n"
+             "    \"patient\": {\"healthCardId\": \"130102198001011234\", \"name\": \"%s\",\n"
+             "                \"sex\": \"SEX_MALE\", \"birthDate\": \"1980-01-01\"},\n"
+             "    \"referringDoctor\": {\"name\": \"Dr. Li Wei\"},\n"
+             "    \"familyDoctorTeam\": \"Xinzhan team 2\",\n"
+             "    \"reason\": \"Chest pain on exertion for 3 days\",\n"
+             "    \"diagnosis\": [{\"icd10\": \"I20.0\", \"text\": \"Unstable angina\"}],\n"
+             "    \"priorityReception\": true\n"
+             "  }\n"
+             "}\n",
+             to, priority ? priority : "PRIORITY_ROUTINE", patient);
+    return buf;
+}
+
+int h_log_contains(const h_world_t *w, const char *log, const char *needle)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/%s", w->dir, log);
+    char *s = h_slurp(path);
+    if (!s)
+        return 0;
+    int n = 0;
+    for (char *p = s; (p = strstr(p, needle)); p++)
+        n++;
+    free(s);
+    return n;
+}

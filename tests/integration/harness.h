@@ -1,0 +1,73 @@
+/* Integration-test harness: a whole medlink community on 127.0.0.1 in a
+ * temp folder. It makes a PKI with deploy/pki.sh, writes broker and agent
+ * configs, starts the real medlinkd and medlink-agent binaries as child
+ * processes (logs in the temp folder), and offers the checks a person would
+ * make: files in spool folders, rows in the real SQLite files. Processes are
+ * ended only by the PIDs this harness started. */
+#ifndef ML_HARNESS_H
+#define ML_HARNESS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#define H_BROKER "medlinkd.test"
+#define H_COUNTY "county.zhaozhou.hospital"
+#define H_XINZHAN "township.xinzhan.clinic"
+#define H_FENGLE "township.fengle.clinic"
+#define H_OPS "ops.zhaozhou.admin"
+
+typedef struct {
+    char dir[512];      /* temp folder of this community */
+    char pki[600];
+    int port;
+    char endpoint[64];
+    pid_t broker;
+    pid_t agents[8];
+    char agent_ids[8][64];
+    int n_agents;
+    int broker_starts;
+} h_world_t;
+
+/* Makes the folder, PKI (CA + broker, county, two clinics, ops) and the
+ * broker config. Aborts the test on failure. extra_broker_ini is appended
+ * to the [broker] section (may be NULL). */
+void h_world_init(h_world_t *w, const char *extra_broker_ini);
+/* Kills (SIGKILL) whatever is still running; keeps the folder for logs. */
+void h_world_fini(h_world_t *w);
+
+/* Starts medlinkd and waits until it listens. */
+void h_broker_start(h_world_t *w);
+/* SIGTERM and wait; asserts exit status 0. */
+void h_broker_stop(h_world_t *w);
+void h_broker_kill(h_world_t *w);
+
+/* Writes an agent config for node and starts it; returns its index. */
+int h_agent_start(h_world_t *w, const char *node);
+void h_agent_stop(h_world_t *w, const char *node);
+void h_agent_kill(h_world_t *w, const char *node);
+
+/* Spool folder of node's agent: dir/spool/<node>/<sub> into out. */
+void h_spool(const h_world_t *w, const char *node, const char *sub, char *out, size_t len);
+/* Writes content to <spool>/outbox/<name> atomically (temp + rename), the
+ * way a hospital system is told to. */
+void h_drop(const h_world_t *w, const char *node, const char *name, const char *content);
+/* Counts *.json files in a spool sub folder. */
+int h_count(const h_world_t *w, const char *node, const char *sub);
+/* Waits up to timeout_ms until h_count(...) >= n; returns the last count. */
+int h_wait_count(const h_world_t *w, const char *node, const char *sub, int n, int timeout_ms);
+/* Reads a whole file into a malloc'd string (NULL if missing). */
+char *h_slurp(const char *path);
+/* Runs a command with stdout captured into a malloc'd string; returns the
+ * exit status in *status. */
+char *h_run(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Path of a built binary (medlinkd, medlink-agent, medlinkctl). */
+const char *h_bin(const char *name, char *out, size_t len);
+/* Writes a medlinkctl config for node (cert of that node) to out path. */
+void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len);
+/* A referral JSON (Envelope form) to `to`, with a given patient name. */
+char *h_referral_json(const char *to, const char *patient, const char *priority);
+/* Sum of matches of needle in a log file of the world (broker.log, agent-<node>.log). */
+int h_log_contains(const h_world_t *w, const char *log, const char *needle);
+void h_sleep_ms(int ms);
+
+#endif
