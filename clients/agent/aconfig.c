@@ -1,0 +1,109 @@
+/* Loading of the agent's INI configuration ([agent] section). Every error
+ * names the file and the key, because the person reading it is an operator
+ * at a clinic with the file open in an editor. */
+#include "aconfig.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ml_common.h"
+#include "ml_ini.h"
+
+#define S_SECTION "agent"
+
+/* Copies a required string key into *out; relative paths (when is_path) are
+ * joined to the config file's folder. */
+static int s_get_str(const ml_ini_t *ini, const char *path, const char *key, int required,
+                     int is_path, const char *def, char **out, char *err, size_t errlen)
+{
+    const char *v = ml_ini_get(ini, S_SECTION, key, def);
+    if (!v || !*v) {
+        if (!required) {
+            *out = NULL;
+            return 0;
+        }
+        snprintf(err, errlen, "%s: [%s] %s is required", path, S_SECTION, key);
+        return ML_ECONFIG;
+    }
+    if (is_path && v[0] != '/') {
+        const char *dir = ml_ini_dir(ini);
+        size_t n = strlen(dir) + strlen(v) + 2;
+        *out = malloc(n);
+        if (*out)
+            snprintf(*out, n, "%s/%s", dir, v);
+    } else {
+        *out = strdup(v);
+    }
+    if (!*out) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        return ML_ENOMEM;
+    }
+    return 0;
+}
+
+int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errlen)
+{
+    int rc;
+    ml_ini_t *ini = NULL;
+    long v;
+
+    memset(cfg, 0, sizeof *cfg);
+    rc = ml_ini_load(path, &ini, err, errlen);
+    if (rc < 0)
+        goto out;
+
+    if ((rc = s_get_str(ini, path, "node_id", 1, 0, NULL, &cfg->node_id, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "broker", 1, 0, NULL, &cfg->broker, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "ca", 1, 1, NULL, &cfg->ca, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "cert", 1, 1, NULL, &cfg->cert, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "key", 1, 1, NULL, &cfg->key, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "data_dir", 1, 1, NULL, &cfg->data_dir, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "spool_dir", 1, 1, NULL, &cfg->spool_dir, err, errlen)) < 0)
+        goto out;
+
+    const char *level = ml_ini_get(ini, S_SECTION, "log_level", "info");
+    if (ml_log_parse_level(level, &cfg->log_level) < 0) {
+        snprintf(err, errlen, "%s: [%s] log_level = \"%s\": expected debug, info, warn or error",
+                 path, S_SECTION, level);
+        rc = ML_ECONFIG;
+        goto out;
+    }
+    rc = ml_ini_get_long(ini, S_SECTION, "heartbeat_ms", 2000, 100, 600000, &v, err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->heartbeat_ms = (uint32_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "scan_ms", 200, 10, 3600000, &v, err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->scan_ms = (uint32_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "max_record", 4194304, 4096, 256L * 1024 * 1024, &v, err,
+                         errlen);
+    if (rc < 0)
+        goto out;
+    cfg->max_record = (size_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "send_window", 1000, 1, 1000000, &v, err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->send_window = (uint32_t)v;
+    rc = 0;
+out:
+    if (rc < 0)
+        ml_aconfig_clear(cfg);
+    ml_ini_destroy(&ini);
+    return rc;
+}
+
+void ml_aconfig_clear(ml_aconfig_t *cfg)
+{
+    if (!cfg)
+        return;
+    free(cfg->node_id);
+    free(cfg->broker);
+    free(cfg->ca);
+    free(cfg->cert);
+    free(cfg->key);
+    free(cfg->data_dir);
+    free(cfg->spool_dir);
+    memset(cfg, 0, sizeof *cfg);
+}

@@ -1,0 +1,33 @@
+/* The agent's configuration: the [agent] section of an INI file, with
+ * defaults, range checks and relative paths resolved against the folder of
+ * the file, so that an agent can be started from any working directory. */
+#ifndef ML_ACONFIG_H
+#define ML_ACONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    char *node_id;   /* our node id (the CN of our certificate) */
+    char *broker;    /* ZeroMQ endpoint, e.g. "tcp://127.0.0.1:7400" */
+    char *ca;        /* PEM CA bundle */
+    char *cert;      /* PEM certificate of this node */
+    char *key;       /* PEM private key of this node */
+    char *data_dir;  /* holds agent.db */
+    char *spool_dir; /* holds outbox/, pending/, sent/, rejected/, inbox/ */
+    int log_level;   /* ML_LOG_* */
+    uint32_t heartbeat_ms;
+    uint32_t scan_ms;     /* period of the outbox/ scan */
+    size_t max_record;    /* max record size on the wire */
+    uint32_t send_window; /* unacknowledged sends in flight */
+} ml_aconfig_t;
+
+/* Loads the [agent] section of path into cfg (zeroed first). Required keys:
+ * node_id, broker, ca, cert, key, data_dir, spool_dir. Returns 0, or
+ * ML_ECONFIG / ML_ENOMEM with a sentence in err naming the file and key.
+ * On failure cfg holds nothing to free. */
+int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errlen);
+/* Frees the strings of cfg; safe on a zeroed or already cleared cfg. */
+void ml_aconfig_clear(ml_aconfig_t *cfg);
+
+#endif

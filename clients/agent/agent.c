@@ -1,0 +1,727 @@
+/* The agent's event-driven core. Everything happens on one libuv loop:
+ * the channel reports envelopes and state changes, a timer (and an
+ * fs-event watcher on outbox/) drives the outbox scan, and a uv_check
+ * handle runs once per loop iteration to commit what that iteration
+ * collected (broker answers, deliveries) in one transaction each, so that a
+ * burst of a thousand deliveries costs one fsync, not a thousand. */
+#include "agent.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <zmq.h>
+
+#include "astore.h"
+#include "ml_channel.h"
+#include "ml_common.h"
+#include "ml_tls.h"
+#include "spool.h"
+
+#define S_LOG "agent"
+#define S_SOFTWARE "medlink-agent/0.1.0"
+/* Files taken per scan: bounds the time one scan holds the loop. */
+#define S_SCAN_BATCH 500
+#define S_RETRY_MIN_MS 1000
+#define S_RETRY_MAX_MS 60000
+/* Delay before trying again when the channel pushes back (ML_EFULL). */
+#define S_BLOCKED_MS 20
+
+/* Ids of messages sent and not yet answered: open addressing with
+ * tombstones, O(1) expected per operation. */
+#define S_TOMB ((char *)&s_tomb)
+static char s_tomb;
+typedef struct {
+    char **slot;
+    size_t cap;   /* power of two */
+    size_t count; /* live ids */
+    size_t used;  /* live ids + tombstones */
+} s_idset_t;
+
+/* An answer from the broker waiting for the iteration's transaction. */
+typedef struct {
+    char *id;
+    int accepted;
+    char *reason;
+} s_answer_t;
+
+/* A delivery waiting for the iteration's transaction. */
+typedef struct {
+    char *id;
+    char *case_id;
+    char *sender;
+    int kind;
+    uint8_t *blob;
+    size_t len;
+} s_rx_t;
+
+struct ml_agent {
+    uv_loop_t *loop;
+    char *node_id;
+    char *outbox_dir;
+    uint32_t scan_ms;
+    uint32_t window;
+
+    void *zctx;
+    ml_tls_ctx_t *tls;
+    ml_astore_t *store;
+    ml_spool_t *spool;
+    ml_channel_t *ch;
+
+    uv_timer_t scan_timer;
+    uv_timer_t pump_timer;
+    uv_check_t check;
+    uv_fs_event_t fs_event;
+    int handles_open;
+    int fs_event_on;
+
+    int up;
+    int stopping;
+    int scan_due;
+    int pump_due;
+    int64_t cursor; /* highest outbox seq sent in this session */
+    uint32_t backoff_ms;
+    s_idset_t inflight;
+
+    s_answer_t *answers;
+    size_t n_answers, cap_answers;
+    s_rx_t *rx;
+    size_t n_rx, cap_rx;
+};
+
+static uint64_t s_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    while (*s)
+        h = (h ^ (uint8_t)*s++) * 1099511628211ULL;
+    return h;
+}
+
+static void s_idset_clear(s_idset_t *set)
+{
+    for (size_t i = 0; i < set->cap; i++) {
+        if (set->slot[i] && set->slot[i] != S_TOMB)
+            free(set->slot[i]);
+    }
+    free(set->slot);
+    memset(set, 0, sizeof *set);
+}
+
+/* Index of id, or of the slot where it would go (-1 if not present when
+ * for_insert is 0). */
+static long s_idset_find(const s_idset_t *set, const char *id, int for_insert)
+{
+    if (set->cap == 0)
+        return -1;
+    size_t mask = set->cap - 1;
+    long tomb = -1;
+    for (size_t i = s_hash(id) & mask, n = 0; n < set->cap; i = (i + 1) & mask, n++) {
+        char *s = set->slot[i];
+        if (!s)
+            return for_insert ? (tomb >= 0 ? tomb : (long)i) : -1;
+        if (s == S_TOMB) {
+            if (tomb < 0)
+                tomb = (long)i;
+        } else if (strcmp(s, id) == 0) {
+            return (long)i;
+        }
+    }
+    return for_insert ? tomb : -1;
+}
+
+static int s_idset_grow(s_idset_t *set)
+{
+    size_t cap = set->cap ? set->cap : 64;
+    while (set->count * 2 + 2 > cap / 2)
+        cap *= 2;
+    s_idset_t n = {calloc(cap, sizeof(char *)), cap, 0, 0};
+    if (!n.slot)
+        return ML_ENOMEM;
+    for (size_t i = 0; i < set->cap; i++) {
+        char *s = set->slot[i];
+        if (!s || s == S_TOMB)
+            continue;
+        long j = s_idset_find(&n, s, 1);
+        n.slot[j] = s;
+        n.count++;
+        n.used++;
+    }
+    free(set->slot);
+    *set = n;
+    return 0;
+}
+
+static int s_idset_has(const s_idset_t *set, const char *id)
+{
+    return s_idset_find(set, id, 0) >= 0;
+}
+
+static int s_idset_add(s_idset_t *set, const char *id)
+{
+    if ((set->used + 1) * 2 > set->cap && s_idset_grow(set) < 0)
+        return ML_ENOMEM;
+    long i = s_idset_find(set, id, 1);
+    if (set->slot[i] && set->slot[i] != S_TOMB)
+        return 0;
+    char *c = strdup(id);
+    if (!c)
+        return ML_ENOMEM;
+    if (!set->slot[i])
+        set->used++;
+    set->slot[i] = c;
+    set->count++;
+    return 0;
+}
+
+/* Returns 1 when id was there. */
+static int s_idset_del(s_idset_t *set, const char *id)
+{
+    long i = s_idset_find(set, id, 0);
+    if (i < 0)
+        return 0;
+    free(set->slot[i]);
+    set->slot[i] = S_TOMB;
+    set->count--;
+    return 1;
+}
+
+static int s_is_transient(int code)
+{
+    return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
+           code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
+           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED;
+}
+
+static const char *s_nack_name(int code)
+{
+    const ProtobufCEnumValue *v =
+        protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, code);
+    return v ? v->name : "NACK_UNKNOWN";
+}
+
+static void s_schedule_pump(ml_agent_t *a, uint64_t delay_ms);
+
+/* ---- answers and deliveries, flushed once per loop iteration ---- */
+
+static void s_push_answer(ml_agent_t *a, const char *id, int accepted, const char *reason)
+{
+    if (a->n_answers == a->cap_answers) {
+        size_t cap = a->cap_answers ? a->cap_answers * 2 : 64;
+        s_answer_t *n = realloc(a->answers, cap * sizeof *n);
+        if (!n)
+            goto nomem;
+        a->answers = n;
+        a->cap_answers = cap;
+    }
+    s_answer_t *ans = &a->answers[a->n_answers];
+    ans->id = strdup(id);
+    ans->reason = reason ? strdup(reason) : NULL;
+    ans->accepted = accepted;
+    if (!ans->id || (reason && !ans->reason)) {
+        free(ans->id);
+        free(ans->reason);
+        goto nomem;
+    }
+    a->n_answers++;
+    return;
+nomem:
+    /* The row stays pending and is sent again after the next reconnect;
+     * the broker then answers again. */
+    ml_log(ML_LOG_ERROR, S_LOG, "out of memory recording the answer for %s", id);
+}
+
+static void s_flush_answers(ml_agent_t *a)
+{
+    if (a->n_answers == 0)
+        return;
+    ml_spool_result_t *res = calloc(a->n_answers, sizeof *res);
+    if (res) {
+        for (size_t i = 0; i < a->n_answers; i++) {
+            res[i].message_id = a->answers[i].id;
+            res[i].accepted = a->answers[i].accepted;
+            res[i].reason = a->answers[i].reason;
+        }
+        /* On failure the rows stay pending: they are resent after a retry
+         * delay and the broker answers again (as duplicates). */
+        if (ml_spool_settle(a->spool, res, a->n_answers) < 0) {
+            a->backoff_ms = a->backoff_ms ? a->backoff_ms : S_RETRY_MIN_MS;
+            s_schedule_pump(a, a->backoff_ms);
+        }
+        free(res);
+    }
+    for (size_t i = 0; i < a->n_answers; i++) {
+        free(a->answers[i].id);
+        free(a->answers[i].reason);
+    }
+    a->n_answers = 0;
+}
+
+static void s_rx_clear(s_rx_t *r)
+{
+    free(r->id);
+    free(r->case_id);
+    free(r->sender);
+    free(r->blob);
+}
+
+static void s_push_rx(ml_agent_t *a, const ml_envelope_t *env)
+{
+    if (!env->id || !*env->id) {
+        ml_log(ML_LOG_WARN, S_LOG, "dropped a delivered %s without a message id",
+               ml_kind_name(env->kind));
+        return;
+    }
+    if (a->n_rx == a->cap_rx) {
+        size_t cap = a->cap_rx ? a->cap_rx * 2 : 64;
+        s_rx_t *n = realloc(a->rx, cap * sizeof *n);
+        if (!n)
+            goto nomem;
+        a->rx = n;
+        a->cap_rx = cap;
+    }
+    s_rx_t *r = &a->rx[a->n_rx];
+    memset(r, 0, sizeof *r);
+    r->id = strdup(env->id);
+    r->case_id = strdup(env->case_id ? env->case_id : "");
+    r->sender = strdup(env->from ? env->from : "");
+    r->kind = env->kind;
+    if (!r->id || !r->case_id || !r->sender || ml_env_pack(env, &r->blob, &r->len) < 0) {
+        s_rx_clear(r);
+        goto nomem;
+    }
+    a->n_rx++;
+    return;
+nomem:
+    /* Not stored, so not acked: the broker delivers it again. */
+    ml_log(ML_LOG_ERROR, S_LOG, "out of memory receiving %s; it will be delivered again", env->id);
+}
+
+static void s_send_ack(ml_agent_t *a, const char *message_id)
+{
+    const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
+    char id[ML_ULID_LEN + 1];
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
+    ml_ulid_new(id);
+    ack.message_id = (char *)message_id;
+    env.id = id;
+    env.from = a->node_id;
+    env.to = w && w->broker ? w->broker : "";
+    env.kind = MEDLINK__V1__KIND__KIND_ACK;
+    env.created_at = ml_now_ms();
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACK;
+    env.ack = &ack;
+    int rc = ml_channel_send(a->ch, &env);
+    if (rc < 0)
+        /* Stored already; the broker resends and we ack the duplicate. */
+        ml_log(ML_LOG_DEBUG, S_LOG, "ack for %s not sent (%s); broker will redeliver", message_id,
+               ml_strerror(rc));
+}
+
+static void s_flush_rx(ml_agent_t *a)
+{
+    if (a->n_rx == 0)
+        return;
+    ml_spool_msg_t *m = calloc(a->n_rx, sizeof *m);
+    if (m) {
+        for (size_t i = 0; i < a->n_rx; i++) {
+            m[i].id = a->rx[i].id;
+            m[i].case_id = a->rx[i].case_id;
+            m[i].sender = a->rx[i].sender;
+            m[i].kind = a->rx[i].kind;
+            m[i].envelope = a->rx[i].blob;
+            m[i].envelope_len = a->rx[i].len;
+        }
+        /* Ack only what is durably stored, duplicates included (the broker
+         * needs the Ack to stop resending). */
+        if (ml_spool_receive(a->spool, m, a->n_rx) == 0 && ml_channel_is_up(a->ch)) {
+            for (size_t i = 0; i < a->n_rx; i++)
+                s_send_ack(a, a->rx[i].id);
+        }
+        free(m);
+    }
+    for (size_t i = 0; i < a->n_rx; i++)
+        s_rx_clear(&a->rx[i]);
+    a->n_rx = 0;
+}
+
+/* ---- sending ---- */
+
+typedef struct {
+    ml_agent_t *a;
+    int stop;
+    size_t rows;
+} s_pump_t;
+
+static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
+{
+    s_pump_t *p = arg;
+    ml_agent_t *a = p->a;
+    p->rows++;
+    if (s_idset_has(&a->inflight, row->id)) {
+        a->cursor = row->seq;
+        return 0;
+    }
+    int rc = ml_channel_send_raw(a->ch, row->envelope, row->envelope_len);
+    if (rc == ML_ETOOBIG) {
+        /* The broker's limit (Welcome.max_record) is below ours: this
+         * message can never go, so it is refused here with the reason. */
+        char why[256];
+        snprintf(why, sizeof why,
+                 "NACK_TOO_LARGE: message is %zu bytes, over the limit of the "
+                 "connection",
+                 row->envelope_len);
+        s_push_answer(a, row->id, 0, why);
+        a->cursor = row->seq;
+        return 0;
+    }
+    if (rc == ML_EFULL) {
+        s_schedule_pump(a, S_BLOCKED_MS);
+        p->stop = 1;
+        return 1;
+    }
+    if (rc < 0) {
+        /* Closed or out of memory: the next on_state(up) starts over. */
+        p->stop = 1;
+        return 1;
+    }
+    if (s_idset_add(&a->inflight, row->id) < 0) {
+        p->stop = 1;
+        return 1;
+    }
+    a->cursor = row->seq;
+    return 0;
+}
+
+/* Sends pending rows after the cursor until send_window are in flight.
+ * O(window) rows read per call. */
+static void s_pump(ml_agent_t *a)
+{
+    a->pump_due = 0;
+    if (!a->up || a->stopping)
+        return;
+    while (a->inflight.count < a->window) {
+        s_pump_t p = {a, 0, 0};
+        int64_t limit = (int64_t)(a->window - a->inflight.count);
+        int rc = ml_astore_outbox_pending(a->store, a->cursor, limit, s_send_row_cb, &p);
+        if (rc < 0) {
+            ml_log(ML_LOG_ERROR, S_LOG, "cannot read the outbox: %s", ml_astore_errmsg(a->store));
+            s_schedule_pump(a, S_RETRY_MIN_MS);
+            return;
+        }
+        if (p.stop || p.rows == 0)
+            return;
+    }
+}
+
+static void s_pump_timer_cb(uv_timer_t *t)
+{
+    ml_agent_t *a = t->data;
+    /* Start from the first pending row again: rows refused for now
+     * (transient Nack) are behind the cursor. Rows in flight are skipped. */
+    a->cursor = 0;
+    s_pump(a);
+}
+
+static void s_schedule_pump(ml_agent_t *a, uint64_t delay_ms)
+{
+    if (a->stopping)
+        return;
+    /* Keep an earlier wake-up if one is already set. */
+    if (uv_is_active((uv_handle_t *)&a->pump_timer) &&
+        uv_timer_get_due_in(&a->pump_timer) <= delay_ms)
+        return;
+    uv_timer_start(&a->pump_timer, s_pump_timer_cb, delay_ms, 0);
+}
+
+/* ---- channel callbacks ---- */
+
+static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
+{
+    if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED) {
+        const char *id = env->accepted->message_id;
+        if (!id || !*id)
+            return;
+        s_idset_del(&a->inflight, id);
+        s_push_answer(a, id, 1, NULL);
+        a->backoff_ms = 0;
+        a->pump_due = 1;
+        return;
+    }
+    const Medlink__V1__Nack *n = env->nack;
+    const char *id = n->message_id ? n->message_id : "";
+    const char *code = s_nack_name(n->code);
+    if (!*id || !s_idset_del(&a->inflight, id)) {
+        /* Not about one of our messages in flight (e.g. a Nack for a
+         * control record): nothing to settle. */
+        ml_log(ML_LOG_WARN, S_LOG, "broker refused %s: %s: %s", *id ? id : "a record", code,
+               n->reason ? n->reason : "");
+        if (!*id)
+            return;
+    }
+    if (s_is_transient(n->code)) {
+        a->backoff_ms = a->backoff_ms ? a->backoff_ms * 2 : S_RETRY_MIN_MS;
+        if (a->backoff_ms > S_RETRY_MAX_MS)
+            a->backoff_ms = S_RETRY_MAX_MS;
+        ml_log(ML_LOG_WARN, S_LOG, "message %s refused for now (%s: %s); retrying in %u ms", id,
+               code, n->reason ? n->reason : "", a->backoff_ms);
+        s_schedule_pump(a, a->backoff_ms);
+        return;
+    }
+    char why[1024];
+    snprintf(why, sizeof why, "%s: %s", code, n->reason && *n->reason ? n->reason : "refused");
+    s_push_answer(a, id, 0, why);
+    a->pump_due = 1;
+}
+
+static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
+{
+    ml_agent_t *a = arg;
+    switch (env->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED:
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_NACK:
+        s_on_answer(a, env);
+        return;
+    default:
+        break;
+    }
+    if (ml_env_kind_is_routed(env->kind)) {
+        s_push_rx(a, env);
+        return;
+    }
+    ml_log(ML_LOG_DEBUG, S_LOG, "ignored a %s record from the broker", ml_kind_name(env->kind));
+}
+
+static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
+{
+    ml_agent_t *a = arg;
+    /* Whatever was in flight is sent again on the next session: the broker
+     * drops duplicates by id and answers them again. */
+    s_idset_clear(&a->inflight);
+    a->cursor = 0;
+    a->up = up;
+    if (up) {
+        const Medlink__V1__Welcome *w = ml_channel_welcome(ch);
+        int64_t pending = 0;
+        ml_astore_outbox_count(a->store, ML_OUTBOX_PENDING, &pending);
+        ml_log(ML_LOG_INFO, S_LOG,
+               "connected to broker %s as %s (role %s); %lld message(s) to send",
+               w && w->broker ? w->broker : "?", a->node_id, w && w->role ? w->role : "?",
+               (long long)pending);
+        s_pump(a);
+    } else {
+        ml_log(ML_LOG_WARN, S_LOG, "disconnected from broker: %s", reason ? reason : "unknown");
+    }
+}
+
+/* ---- loop handles ---- */
+
+static void s_scan(ml_agent_t *a)
+{
+    ml_spool_scan_stats_t st;
+    a->scan_due = 0;
+    if (a->stopping)
+        return;
+    if (ml_spool_scan(a->spool, S_SCAN_BATCH, &st) == 0 && st.queued > 0)
+        a->pump_due = 1;
+    /* A full batch means more files are waiting: come back next iteration. */
+    if (st.queued + st.rejected >= S_SCAN_BATCH)
+        a->scan_due = 1;
+}
+
+static void s_scan_timer_cb(uv_timer_t *t)
+{
+    ml_agent_t *a = t->data;
+    s_scan(a);
+    if (a->pump_due)
+        s_pump(a);
+}
+
+static void s_fs_event_cb(uv_fs_event_t *h, const char *name, int events, int status)
+{
+    ml_agent_t *a = h->data;
+    /* Scan in the check phase: a burst of renames gives one scan. */
+    if (status == 0 && name && name[0] != '.')
+        a->scan_due = 1;
+}
+
+static void s_check_cb(uv_check_t *h)
+{
+    ml_agent_t *a = h->data;
+    s_flush_answers(a);
+    s_flush_rx(a);
+    if (a->scan_due)
+        s_scan(a);
+    if (a->pump_due)
+        s_pump(a);
+}
+
+static void s_close_cb(uv_handle_t *h)
+{
+    ml_agent_t *a = h->data;
+    a->handles_open--;
+}
+
+static void s_close(ml_agent_t *a, uv_handle_t *h)
+{
+    if (!uv_is_closing(h)) {
+        h->data = a;
+        uv_close(h, s_close_cb);
+    }
+}
+
+void ml_agent_stop(ml_agent_t *a)
+{
+    if (!a || a->stopping)
+        return;
+    ml_log(ML_LOG_INFO, S_LOG, "stopping");
+    a->stopping = 1;
+    uv_timer_stop(&a->scan_timer);
+    uv_timer_stop(&a->pump_timer);
+    if (a->fs_event_on)
+        uv_fs_event_stop(&a->fs_event);
+    /* Commit what this iteration collected; deliveries are acked while the
+     * channel still exists. */
+    s_flush_answers(a);
+    s_flush_rx(a);
+    ml_channel_destroy(&a->ch);
+    a->up = 0;
+    if (a->handles_open > 0) {
+        s_close(a, (uv_handle_t *)&a->scan_timer);
+        s_close(a, (uv_handle_t *)&a->pump_timer);
+        s_close(a, (uv_handle_t *)&a->check);
+        if (a->fs_event_on)
+            s_close(a, (uv_handle_t *)&a->fs_event);
+    }
+}
+
+void ml_agent_destroy(ml_agent_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    ml_agent_t *a = *self_p;
+    /* Handles not yet closed would point into freed memory. */
+    if (a->handles_open > 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "ml_agent_destroy before the loop closed its handles");
+        abort();
+    }
+    ml_channel_destroy(&a->ch);
+    for (size_t i = 0; i < a->n_answers; i++) {
+        free(a->answers[i].id);
+        free(a->answers[i].reason);
+    }
+    free(a->answers);
+    for (size_t i = 0; i < a->n_rx; i++)
+        s_rx_clear(&a->rx[i]);
+    free(a->rx);
+    s_idset_clear(&a->inflight);
+    ml_spool_destroy(&a->spool);
+    ml_astore_destroy(&a->store);
+    ml_tls_ctx_destroy(&a->tls);
+    if (a->zctx)
+        zmq_ctx_term(a->zctx);
+    free(a->node_id);
+    free(a->outbox_dir);
+    free(a);
+    *self_p = NULL;
+}
+
+int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, char *err,
+                 size_t errlen)
+{
+    int rc = ML_ENOMEM;
+    char path[4096];
+    ml_agent_t *a = calloc(1, sizeof *a);
+    if (!a) {
+        snprintf(err, errlen, "out of memory");
+        return ML_ENOMEM;
+    }
+    a->loop = loop;
+    a->scan_ms = cfg->scan_ms;
+    a->window = cfg->send_window;
+    a->node_id = strdup(cfg->node_id);
+    if (!a->node_id)
+        goto nomem;
+    snprintf(path, sizeof path, "%s/outbox", cfg->spool_dir);
+    if (!(a->outbox_dir = strdup(path)))
+        goto nomem;
+
+    if (ml_mkdirs(cfg->data_dir) < 0) {
+        snprintf(err, errlen, "cannot create data_dir %s: %s", cfg->data_dir, strerror(errno));
+        rc = ML_EIO;
+        goto out;
+    }
+    snprintf(path, sizeof path, "%s/agent.db", cfg->data_dir);
+    if ((rc = ml_astore_open(path, &a->store, err, errlen)) < 0)
+        goto out;
+    ml_spool_config_t scfg = {cfg->spool_dir, cfg->node_id, cfg->max_record, a->store};
+    if ((rc = ml_spool_new(&scfg, &a->spool, err, errlen)) < 0)
+        goto out;
+    if ((rc = ml_spool_recover(a->spool)) < 0) {
+        snprintf(err, errlen, "cannot recover the spool: %s", ml_astore_errmsg(a->store));
+        goto out;
+    }
+
+    ml_tls_config_t tcfg = {cfg->ca, cfg->cert, cfg->key, NULL, 0};
+    if ((rc = ml_tls_ctx_new(&tcfg, &a->tls, err, errlen)) < 0)
+        goto out;
+    const char *cn = ml_tls_ctx_own_id(a->tls);
+    if (cn && strcmp(cn, cfg->node_id) != 0) {
+        snprintf(err, errlen, "certificate %s is for %s, but node_id is %s", cfg->cert, cn,
+                 cfg->node_id);
+        rc = ML_ECONFIG;
+        goto out;
+    }
+
+    if (!(a->zctx = zmq_ctx_new()))
+        goto nomem;
+    /* Sockets default to linger 0, so shutdown never waits on a broker
+     * that is gone: unsent records are resent by the next run anyway. */
+    zmq_ctx_set(a->zctx, ZMQ_BLOCKY, 0);
+
+    ml_channel_config_t ccfg = {0};
+    ccfg.endpoint = cfg->broker;
+    ccfg.tls = a->tls;
+    ccfg.node_id = cfg->node_id;
+    ccfg.software = S_SOFTWARE;
+    ccfg.heartbeat_ms = cfg->heartbeat_ms;
+    ccfg.max_record = cfg->max_record;
+    ccfg.deliveries = 1;
+    ccfg.on_envelope = s_on_envelope;
+    ccfg.on_state = s_on_state;
+    ccfg.arg = a;
+    if ((rc = ml_channel_new(loop, a->zctx, &ccfg, &a->ch)) < 0) {
+        snprintf(err, errlen, "cannot start the channel to %s: %s", cfg->broker, ml_strerror(rc));
+        goto out;
+    }
+    /* The loop handles come last so that every failure above can free
+     * the agent at once, with no close callbacks to wait for. */
+    uv_timer_init(loop, &a->scan_timer);
+    uv_timer_init(loop, &a->pump_timer);
+    uv_check_init(loop, &a->check);
+    a->scan_timer.data = a->pump_timer.data = a->check.data = a;
+    a->handles_open = 3;
+    if (uv_fs_event_init(loop, &a->fs_event) == 0) {
+        a->fs_event.data = a;
+        a->handles_open++;
+        a->fs_event_on = 1;
+        if (uv_fs_event_start(&a->fs_event, s_fs_event_cb, a->outbox_dir, 0) != 0)
+            /* Not fatal: the periodic scan still finds every file. */
+            ml_log(ML_LOG_WARN, S_LOG, "cannot watch %s; scanning every %u ms only", a->outbox_dir,
+                   a->scan_ms);
+    }
+    uv_check_start(&a->check, s_check_cb);
+    uv_timer_start(&a->scan_timer, s_scan_timer_cb, 0, a->scan_ms);
+
+    ml_log(ML_LOG_INFO, S_LOG, "%s started: node %s, broker %s, spool %s", S_SOFTWARE, cfg->node_id,
+           cfg->broker, cfg->spool_dir);
+    *out = a;
+    return 0;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    rc = ML_ENOMEM;
+out:
+    ml_agent_destroy(&a);
+    return rc;
+}

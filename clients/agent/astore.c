@@ -1,0 +1,393 @@
+/* SQLite implementation of the agent's outbox and inbox. Statements are
+ * prepared once at open; every SQLITE_* result is turned into an ML_E* code
+ * here, and sqlite3_errmsg is kept available for the caller's log line. */
+#include "astore.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "ml_common.h"
+
+enum {
+    S_BEGIN,
+    S_COMMIT,
+    S_ROLLBACK,
+    S_OUT_ADD,
+    S_OUT_SETTLE,
+    S_OUT_GET,
+    S_OUT_BY_FILE,
+    S_OUT_PENDING,
+    S_OUT_COUNT,
+    S_OUT_COUNT_ALL,
+    S_IN_ADD,
+    S_IN_SPOOLED,
+    S_IN_UNSPOOLED,
+    S_IN_GET,
+    S_IN_COUNT,
+    S_NSTMT
+};
+
+#define S_OUT_COLS                                                                                 \
+    "seq, id, file_name, envelope, state, coalesce(reason, ''), created_at, updated_at"
+#define S_IN_COLS "id, received_at, case_id, sender, kind, envelope, spooled"
+
+static const char *const s_sql[S_NSTMT] = {
+    [S_BEGIN] = "BEGIN IMMEDIATE",
+    [S_COMMIT] = "COMMIT",
+    [S_ROLLBACK] = "ROLLBACK",
+    [S_OUT_ADD] = "INSERT INTO outbox (id, file_name, envelope, state, created_at, updated_at) "
+                  "VALUES (?1, ?2, ?3, 0, ?4, ?4)",
+    [S_OUT_SETTLE] = "UPDATE outbox SET state = ?2, reason = ?3, updated_at = ?4 "
+                     "WHERE id = ?1 AND state = 0",
+    [S_OUT_GET] = "SELECT " S_OUT_COLS " FROM outbox WHERE id = ?1",
+    [S_OUT_BY_FILE] = "SELECT " S_OUT_COLS " FROM outbox WHERE file_name = ?1 "
+                      "ORDER BY seq DESC LIMIT 1",
+    [S_OUT_PENDING] = "SELECT " S_OUT_COLS " FROM outbox WHERE state = 0 AND seq > ?1 "
+                      "ORDER BY seq LIMIT ?2",
+    [S_OUT_COUNT] = "SELECT count(*) FROM outbox WHERE state = ?1",
+    [S_OUT_COUNT_ALL] = "SELECT count(*) FROM outbox",
+    [S_IN_ADD] = "INSERT OR IGNORE INTO inbox (id, received_at, case_id, sender, kind, envelope, "
+                 "spooled) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+    [S_IN_SPOOLED] = "UPDATE inbox SET spooled = 1 WHERE id = ?1",
+    [S_IN_UNSPOOLED] = "SELECT " S_IN_COLS " FROM inbox WHERE spooled = 0 ORDER BY received_at",
+    [S_IN_GET] = "SELECT " S_IN_COLS " FROM inbox WHERE id = ?1",
+    [S_IN_COUNT] = "SELECT count(*) FROM inbox",
+};
+
+/* The schema. The pending index keeps the send scan O(log N + window) even
+ * with years of settled rows in the table. */
+static const char s_schema[] =
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " id TEXT UNIQUE NOT NULL,"
+    " file_name TEXT,"
+    " envelope BLOB NOT NULL,"
+    " state INTEGER NOT NULL DEFAULT 0,"
+    " reason TEXT,"
+    " created_at INTEGER NOT NULL,"
+    " updated_at INTEGER NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state, seq);"
+    "CREATE INDEX IF NOT EXISTS outbox_file ON outbox(file_name);"
+    "CREATE TABLE IF NOT EXISTS inbox ("
+    " id TEXT PRIMARY KEY,"
+    " received_at INTEGER NOT NULL,"
+    " case_id TEXT,"
+    " sender TEXT,"
+    " kind INTEGER,"
+    " envelope BLOB NOT NULL,"
+    " spooled INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX IF NOT EXISTS inbox_unspooled ON inbox(spooled) WHERE spooled = 0;";
+
+struct ml_astore {
+    sqlite3 *db;
+    sqlite3_stmt *stmt[S_NSTMT];
+    int in_tx;
+};
+
+const char *ml_astore_errmsg(const ml_astore_t *st)
+{
+    return st && st->db ? sqlite3_errmsg(st->db) : "no database";
+}
+
+int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen)
+{
+    int rc = ML_ESTORE;
+    char *msg = NULL;
+    ml_astore_t *st = calloc(1, sizeof *st);
+    if (!st) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        return ML_ENOMEM;
+    }
+    if (sqlite3_open_v2(path, &st->db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: cannot open database: %s", path, ml_astore_errmsg(st));
+        goto out;
+    }
+    /* WAL keeps readers off the writer's back; synchronous=FULL makes every
+     * commit durable before we Ack or move a file, which is the whole point
+     * of the store. busy_timeout covers an operator's sqlite3 shell. */
+    if (sqlite3_exec(st->db,
+                     "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                     "PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+                     NULL, NULL, &msg) != SQLITE_OK ||
+        sqlite3_exec(st->db, s_schema, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: cannot set up database: %s", path,
+                 msg ? msg : ml_astore_errmsg(st));
+        goto out;
+    }
+    for (int i = 0; i < S_NSTMT; i++) {
+        if (sqlite3_prepare_v3(st->db, s_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &st->stmt[i],
+                               NULL) != SQLITE_OK) {
+            snprintf(err, errlen, "%s: cannot prepare statement: %s", path, ml_astore_errmsg(st));
+            goto out;
+        }
+    }
+    *out = st;
+    st = NULL;
+    rc = 0;
+out:
+    sqlite3_free(msg);
+    ml_astore_destroy(&st);
+    return rc;
+}
+
+void ml_astore_destroy(ml_astore_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    ml_astore_t *st = *self_p;
+    if (st->in_tx)
+        ml_astore_rollback(st);
+    for (int i = 0; i < S_NSTMT; i++)
+        sqlite3_finalize(st->stmt[i]);
+    sqlite3_close(st->db);
+    free(st);
+    *self_p = NULL;
+}
+
+/* Runs a statement that returns no rows; resets it for reuse. */
+static int s_exec(ml_astore_t *st, sqlite3_stmt *s)
+{
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc == SQLITE_DONE ? 0 : ML_ESTORE;
+}
+
+int ml_astore_begin(ml_astore_t *st)
+{
+    if (st->in_tx)
+        return ML_EINVAL;
+    int rc = s_exec(st, st->stmt[S_BEGIN]);
+    if (rc == 0)
+        st->in_tx = 1;
+    return rc;
+}
+
+int ml_astore_commit(ml_astore_t *st)
+{
+    if (!st->in_tx)
+        return ML_EINVAL;
+    int rc = s_exec(st, st->stmt[S_COMMIT]);
+    if (rc < 0) {
+        /* A failed COMMIT may leave the transaction open (e.g. SQLITE_BUSY);
+         * roll back so the caller's view ("nothing was stored") is true. */
+        if (!sqlite3_get_autocommit(st->db))
+            s_exec(st, st->stmt[S_ROLLBACK]);
+    }
+    st->in_tx = 0;
+    return rc;
+}
+
+void ml_astore_rollback(ml_astore_t *st)
+{
+    if (!sqlite3_get_autocommit(st->db))
+        s_exec(st, st->stmt[S_ROLLBACK]);
+    st->in_tx = 0;
+}
+
+int ml_astore_outbox_add(ml_astore_t *st, const char *id, const char *file_name,
+                         const uint8_t *envelope, size_t len, int64_t now_ms)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_ADD];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, file_name, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(s, 3, envelope, len, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 4, now_ms);
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    if (rc == SQLITE_DONE)
+        return 0;
+    if (rc == SQLITE_CONSTRAINT)
+        return ML_EDUP;
+    return ML_ESTORE;
+}
+
+int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const char *reason,
+                            int64_t now_ms)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_SETTLE];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 2, state);
+    if (reason)
+        sqlite3_bind_text(s, 3, reason, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(s, 3);
+    sqlite3_bind_int64(s, 4, now_ms);
+    if (s_exec(st, s) < 0)
+        return ML_ESTORE;
+    if (sqlite3_changes(st->db) > 0)
+        return 1;
+    /* Nothing changed: either settled already or unknown. */
+    int64_t exists = 0;
+    sqlite3_stmt *g = st->stmt[S_OUT_GET];
+    sqlite3_bind_text(g, 1, id, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(g);
+    if (rc == SQLITE_ROW)
+        exists = 1;
+    sqlite3_reset(g);
+    sqlite3_clear_bindings(g);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return ML_ESTORE;
+    return exists ? 0 : ML_ENOTFOUND;
+}
+
+static void s_outbox_row(sqlite3_stmt *s, ml_outbox_row_t *r)
+{
+    r->seq = sqlite3_column_int64(s, 0);
+    r->id = (const char *)sqlite3_column_text(s, 1);
+    r->file_name = (const char *)sqlite3_column_text(s, 2);
+    if (!r->file_name)
+        r->file_name = "";
+    r->envelope = sqlite3_column_blob(s, 3);
+    r->envelope_len = (size_t)sqlite3_column_bytes(s, 3);
+    r->state = sqlite3_column_int(s, 4);
+    r->reason = (const char *)sqlite3_column_text(s, 5);
+    if (!r->reason)
+        r->reason = "";
+    r->created_at = sqlite3_column_int64(s, 6);
+    r->updated_at = sqlite3_column_int64(s, 7);
+}
+
+/* Steps an outbox query, calling cb per row. Returns ML_ENOTFOUND when
+ * want_one and no row came. */
+static int s_outbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_outbox_row_cb cb,
+                         void *arg)
+{
+    int rc = 0, n = 0, step;
+    while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+        ml_outbox_row_t r;
+        s_outbox_row(s, &r);
+        n++;
+        rc = cb(&r, arg);
+        if (rc != 0)
+            break;
+    }
+    if (rc == 0 && step != SQLITE_DONE && step != SQLITE_ROW)
+        rc = ML_ESTORE;
+    else if (rc == 0 && want_one && n == 0)
+        rc = ML_ENOTFOUND;
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    (void)st;
+    return rc;
+}
+
+int ml_astore_outbox_get(ml_astore_t *st, const char *id, ml_outbox_row_cb cb, void *arg)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_GET];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    return s_outbox_walk(st, s, 1, cb, arg);
+}
+
+int ml_astore_outbox_by_file(ml_astore_t *st, const char *name, ml_outbox_row_cb cb, void *arg)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_BY_FILE];
+    sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+    return s_outbox_walk(st, s, 1, cb, arg);
+}
+
+int ml_astore_outbox_pending(ml_astore_t *st, int64_t after_seq, int64_t limit, ml_outbox_row_cb cb,
+                             void *arg)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_PENDING];
+    sqlite3_bind_int64(s, 1, after_seq);
+    sqlite3_bind_int64(s, 2, limit);
+    return s_outbox_walk(st, s, 0, cb, arg);
+}
+
+static int s_count(ml_astore_t *st, sqlite3_stmt *s, int64_t *n)
+{
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW)
+        *n = sqlite3_column_int64(s, 0);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    (void)st;
+    return rc == SQLITE_ROW ? 0 : ML_ESTORE;
+}
+
+int ml_astore_outbox_count(ml_astore_t *st, int state, int64_t *n)
+{
+    if (state < 0)
+        return s_count(st, st->stmt[S_OUT_COUNT_ALL], n);
+    sqlite3_bind_int(st->stmt[S_OUT_COUNT], 1, state);
+    return s_count(st, st->stmt[S_OUT_COUNT], n);
+}
+
+int ml_astore_inbox_add(ml_astore_t *st, const char *id, int64_t received_at, const char *case_id,
+                        const char *sender, int kind, const uint8_t *envelope, size_t len)
+{
+    sqlite3_stmt *s = st->stmt[S_IN_ADD];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 2, received_at);
+    sqlite3_bind_text(s, 3, case_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 4, sender, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 5, kind);
+    sqlite3_bind_blob64(s, 6, envelope, len, SQLITE_STATIC);
+    if (s_exec(st, s) < 0)
+        return ML_ESTORE;
+    return sqlite3_changes(st->db) > 0 ? 1 : 0;
+}
+
+int ml_astore_inbox_set_spooled(ml_astore_t *st, const char *id)
+{
+    sqlite3_stmt *s = st->stmt[S_IN_SPOOLED];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    if (s_exec(st, s) < 0)
+        return ML_ESTORE;
+    return sqlite3_changes(st->db) > 0 ? 0 : ML_ENOTFOUND;
+}
+
+static int s_inbox_walk(sqlite3_stmt *s, int want_one, ml_inbox_row_cb cb, void *arg)
+{
+    int rc = 0, n = 0, step;
+    while ((step = sqlite3_step(s)) == SQLITE_ROW) {
+        ml_inbox_row_t r;
+        r.id = (const char *)sqlite3_column_text(s, 0);
+        r.received_at = sqlite3_column_int64(s, 1);
+        r.case_id = (const char *)sqlite3_column_text(s, 2);
+        r.sender = (const char *)sqlite3_column_text(s, 3);
+        r.kind = sqlite3_column_int(s, 4);
+        r.envelope = sqlite3_column_blob(s, 5);
+        r.envelope_len = (size_t)sqlite3_column_bytes(s, 5);
+        r.spooled = sqlite3_column_int(s, 6);
+        if (!r.case_id)
+            r.case_id = "";
+        if (!r.sender)
+            r.sender = "";
+        n++;
+        rc = cb(&r, arg);
+        if (rc != 0)
+            break;
+    }
+    if (rc == 0 && step != SQLITE_DONE && step != SQLITE_ROW)
+        rc = ML_ESTORE;
+    else if (rc == 0 && want_one && n == 0)
+        rc = ML_ENOTFOUND;
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc;
+}
+
+int ml_astore_inbox_unspooled(ml_astore_t *st, ml_inbox_row_cb cb, void *arg)
+{
+    return s_inbox_walk(st->stmt[S_IN_UNSPOOLED], 0, cb, arg);
+}
+
+int ml_astore_inbox_get(ml_astore_t *st, const char *id, ml_inbox_row_cb cb, void *arg)
+{
+    sqlite3_stmt *s = st->stmt[S_IN_GET];
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    return s_inbox_walk(s, 1, cb, arg);
+}
+
+int ml_astore_inbox_count(ml_astore_t *st, int64_t *n)
+{
+    return s_count(st, st->stmt[S_IN_COUNT], n);
+}

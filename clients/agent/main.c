@@ -1,0 +1,108 @@
+/* medlink-agent: command line, configuration, signals and the loop. All the
+ * work is in agent.c; this file only starts it and stops it cleanly on
+ * SIGINT or SIGTERM (stop scanning, commit what is waiting, close the
+ * channel and handles, let the loop run dry, exit 0). */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "aconfig.h"
+#include "agent.h"
+#include "ml_common.h"
+
+#ifndef ML_VERSION
+#define ML_VERSION "0.1.0"
+#endif
+
+typedef struct {
+    ml_agent_t *agent;
+    uv_signal_t sigint;
+    uv_signal_t sigterm;
+} s_main_t;
+
+static void s_usage(FILE *f)
+{
+    fprintf(f, "usage: medlink-agent --config FILE\n"
+               "       medlink-agent --version | --help\n"
+               "\n"
+               "Store-and-forward agent of a medlink node. Reads the [agent] section of FILE\n"
+               "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, heartbeat_ms,\n"
+               "scan_ms, max_record, send_window). Drop NAME.json into spool_dir/outbox/ to\n"
+               "send; delivered messages appear as spool_dir/inbox/<message id>.json.\n");
+}
+
+static void s_signal_cb(uv_signal_t *h, int signum)
+{
+    s_main_t *m = h->data;
+    ml_log(ML_LOG_INFO, "agent", "%s received; shutting down",
+           signum == SIGINT ? "SIGINT" : "SIGTERM");
+    ml_agent_stop(m->agent);
+    uv_close((uv_handle_t *)&m->sigint, NULL);
+    uv_close((uv_handle_t *)&m->sigterm, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+                                         {"version", no_argument, NULL, 'V'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    const char *config = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config = optarg;
+            break;
+        case 'V':
+            printf("medlink-agent %s\n", ML_VERSION);
+            return 0;
+        case 'h':
+            s_usage(stdout);
+            return 0;
+        default:
+            s_usage(stderr);
+            return 2;
+        }
+    }
+    if (!config || optind != argc) {
+        s_usage(stderr);
+        return 2;
+    }
+
+    char err[1024];
+    ml_aconfig_t cfg;
+    if (ml_aconfig_load(config, &cfg, err, sizeof err) < 0) {
+        fprintf(stderr, "medlink-agent: %s\n", err);
+        return 1;
+    }
+    ml_log_set_level(cfg.log_level);
+    /* A broken pipe is an error to report, never a reason to die. */
+    signal(SIGPIPE, SIG_IGN);
+
+    int rc = 1;
+    uv_loop_t loop;
+    s_main_t m = {0};
+    uv_loop_init(&loop);
+    if (ml_agent_new(&loop, &cfg, &m.agent, err, sizeof err) < 0) {
+        ml_log(ML_LOG_ERROR, "agent", "%s", err);
+        goto out;
+    }
+    uv_signal_init(&loop, &m.sigint);
+    uv_signal_init(&loop, &m.sigterm);
+    m.sigint.data = m.sigterm.data = &m;
+    uv_signal_start(&m.sigint, s_signal_cb, SIGINT);
+    uv_signal_start(&m.sigterm, s_signal_cb, SIGTERM);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    ml_agent_destroy(&m.agent);
+    ml_log(ML_LOG_INFO, "agent", "stopped");
+    rc = 0;
+out:
+    uv_loop_close(&loop);
+    ml_aconfig_clear(&cfg);
+    return rc;
+}

@@ -1,0 +1,943 @@
+/* Spool folder integration: turns files dropped by the hospital system into
+ * outbox rows, moves them along as the broker answers, and writes delivered
+ * messages into inbox/. Every rename stays inside spool_dir (one file
+ * system, so renames are atomic) and the folders are fsync'd after each
+ * batch of renames so that a crash cannot undo a move the store relies on. */
+#include "spool.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ml_common.h"
+#include "ml_json.h"
+
+#define S_LOG "spool"
+#define S_PATH_MAX 4096
+#define S_ERR_MAX 1024
+
+enum { S_OUTBOX, S_PENDING, S_SENT, S_REJECTED, S_INBOX, S_NFOLDERS };
+static const char *const s_folder[S_NFOLDERS] = {"outbox", "pending", "sent", "rejected", "inbox"};
+
+struct ml_spool {
+    char *dir;
+    char *node_id;
+    size_t max_record;
+    ml_astore_t *store;
+    /* pending/ may hold files whose rows never committed (a failed commit);
+     * the next scan stores them first. */
+    int need_reconcile;
+    /* Inbox rows may be stored but not yet written to inbox/. */
+    int need_respool;
+};
+
+/* One file on its way into the outbox table. */
+typedef struct {
+    char *name;   /* the name in the source folder */
+    char *target; /* the name in pending/ */
+    char id[128];
+    char *summary; /* "REFERRAL to X, case C" for the log line */
+    uint8_t *blob;
+    size_t len;
+} s_item_t;
+
+/* A copy of an outbox row that outlives the statement. */
+typedef struct {
+    char *id;
+    char *file_name;
+    uint8_t *env;
+    size_t len;
+    int state;
+    char *reason;
+} s_row_t;
+
+static int s_path(const ml_spool_t *sp, int folder, const char *name, char *out, size_t len)
+{
+    int n = name ? snprintf(out, len, "%s/%s/%s", sp->dir, s_folder[folder], name)
+                 : snprintf(out, len, "%s/%s", sp->dir, s_folder[folder]);
+    return (n < 0 || (size_t)n >= len) ? ML_EINVAL : 0;
+}
+
+static void s_fsync_dir(const ml_spool_t *sp, int folder)
+{
+    char p[S_PATH_MAX];
+    if (s_path(sp, folder, NULL, p, sizeof p) < 0)
+        return;
+    int fd = open(p, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (fsync(fd) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "fsync %s: %s", p, strerror(errno));
+    close(fd);
+}
+
+static int s_exists(const ml_spool_t *sp, int folder, const char *name)
+{
+    char p[S_PATH_MAX];
+    struct stat st;
+    if (s_path(sp, folder, name, p, sizeof p) < 0)
+        return 1;
+    return lstat(p, &st) == 0;
+}
+
+static int s_rename(const ml_spool_t *sp, int from, const char *name, int to, const char *to_name)
+{
+    char a[S_PATH_MAX], b[S_PATH_MAX];
+    if (s_path(sp, from, name, a, sizeof a) < 0 || s_path(sp, to, to_name, b, sizeof b) < 0)
+        return ML_EINVAL;
+    return rename(a, b) == 0 ? 0 : ML_EIO;
+}
+
+/* Files the hospital system means for us: *.json, not hidden, not a
+ * temporary name (the usual "write NAME.tmp, then rename" pattern). */
+static int s_wanted(const char *name)
+{
+    size_t n = strlen(name);
+    if (name[0] == '.' || n <= 5)
+        return 0;
+    if (n > 4 && strcmp(name + n - 4, ".tmp") == 0)
+        return 0;
+    return strcmp(name + n - 5, ".json") == 0;
+}
+
+static int s_cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void s_free_names(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+/* Lists the wanted regular files of a folder in name order, at most max.
+ * O(N log N) in the folder size. */
+static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, size_t *count)
+{
+    char p[S_PATH_MAX];
+    int rc = ML_EIO;
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    DIR *d = NULL;
+
+    *out = NULL;
+    *count = 0;
+    if (s_path(sp, folder, NULL, p, sizeof p) < 0)
+        return ML_EINVAL;
+    d = opendir(p);
+    if (!d)
+        goto out;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (!s_wanted(de->d_name))
+            continue;
+        if (de->d_type != DT_REG && de->d_type != DT_UNKNOWN)
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            char **nn = realloc(names, ncap * sizeof *nn);
+            if (!nn) {
+                rc = ML_ENOMEM;
+                goto out;
+            }
+            names = nn;
+            cap = ncap;
+        }
+        if (!(names[n] = strdup(de->d_name))) {
+            rc = ML_ENOMEM;
+            goto out;
+        }
+        n++;
+    }
+    if (n > 0)
+        qsort(names, n, sizeof *names, s_cmp_str);
+    if (n > max) {
+        for (size_t i = max; i < n; i++)
+            free(names[i]);
+        n = max;
+    }
+    *out = names;
+    *count = n;
+    names = NULL;
+    n = 0;
+    rc = 0;
+out:
+    s_free_names(names, n);
+    if (d)
+        closedir(d);
+    return rc;
+}
+
+int ml_spool_set_str(char **field, const char *value)
+{
+    char *v = strdup(value ? value : "");
+    if (!v)
+        return ML_ENOMEM;
+    if (*field && *field != protobuf_c_empty_string)
+        free(*field);
+    *field = v;
+    return 0;
+}
+
+int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errlen)
+{
+    char id[ML_ULID_LEN + 1];
+    if (!e->id || !*e->id) {
+        ml_ulid_new(id);
+        if (ml_spool_set_str(&e->id, id) < 0)
+            goto nomem;
+    }
+    if (!e->from || !*e->from) {
+        if (ml_spool_set_str(&e->from, node_id) < 0)
+            goto nomem;
+    } else if (strcmp(e->from, node_id) != 0) {
+        snprintf(err, errlen, "from %s is not this node %s", e->from, node_id);
+        return ML_EINVAL;
+    }
+    if (e->created_at == 0)
+        e->created_at = ml_now_ms();
+    if (!e->case_id || !*e->case_id) {
+        if (ml_spool_set_str(&e->case_id, e->id) < 0)
+            goto nomem;
+    }
+    int rc = ml_env_validate(e, err, errlen);
+    if (rc < 0)
+        return rc;
+    if (!ml_env_kind_is_routed(e->kind)) {
+        snprintf(err, errlen, "kind %s is not a message a node can send", ml_kind_name(e->kind));
+        return ML_EINVAL;
+    }
+    return 0;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    return ML_ENOMEM;
+}
+
+int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len)
+{
+    char safe[256];
+    size_t n = strlen(id);
+    if (n == 0 || n >= sizeof safe - 6)
+        return ML_EINVAL;
+    /* Ids from a correct broker are ULIDs; anything else is made harmless
+     * so a hostile id can never name a path outside inbox/. */
+    for (size_t i = 0; i < n; i++) {
+        char c = id[i];
+        int ok = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                 c == '-' || c == '_';
+        safe[i] = ok ? c : '_';
+    }
+    memcpy(safe + n, ".json", 6);
+    return s_path(sp, S_INBOX, safe, out, len);
+}
+
+/* Renders a stored envelope as pretty JSON with a final newline. */
+static int s_render(const uint8_t *blob, size_t len, char **out, size_t *out_len)
+{
+    ml_envelope_t *e = NULL;
+    char *json = NULL;
+    char err[S_ERR_MAX];
+    int rc = ml_env_unpack(blob, len, &e);
+    if (rc < 0)
+        goto out;
+    rc = ml_json_encode(&e->base, ML_JSON_PRETTY, &json, err, sizeof err);
+    if (rc < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot render message as JSON: %s", err);
+        goto out;
+    }
+    size_t n = strlen(json);
+    char *j2 = realloc(json, n + 2);
+    if (!j2) {
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    json = j2;
+    if (n == 0 || json[n - 1] != '\n')
+        json[n++] = '\n';
+    json[n] = '\0';
+    *out = json;
+    *out_len = n;
+    json = NULL;
+    rc = 0;
+out:
+    free(json);
+    ml_env_free(&e);
+    return rc;
+}
+
+static int s_write_rendered(const ml_spool_t *sp, int folder, const char *name, const uint8_t *blob,
+                            size_t len)
+{
+    char p[S_PATH_MAX];
+    char *json = NULL;
+    size_t jlen = 0;
+    int rc = s_path(sp, folder, name, p, sizeof p);
+    if (rc < 0)
+        return rc;
+    rc = s_render(blob, len, &json, &jlen);
+    if (rc < 0)
+        return rc;
+    rc = ml_write_file_atomic(p, json, jlen);
+    free(json);
+    return rc;
+}
+
+/* A name for a file arriving in pending/ (check_db) or rejected/ that no
+ * other file or outbox row uses: the name itself, or NAME with id (or a
+ * fresh ULID) put before ".json". */
+static int s_found_cb(const ml_outbox_row_t *r, void *arg)
+{
+    return 1;
+}
+
+static int s_taken(ml_spool_t *sp, const char *name, int check_db)
+{
+    if (s_exists(sp, S_PENDING, name) || s_exists(sp, S_SENT, name) ||
+        s_exists(sp, S_REJECTED, name))
+        return 1;
+    if (!check_db)
+        return 0;
+    /* A store error counts as taken: the suffixed name is always safe. */
+    return ml_astore_outbox_by_file(sp->store, name, s_found_cb, NULL) != ML_ENOTFOUND;
+}
+
+static char *s_unique(ml_spool_t *sp, const char *name, const char *id, int check_db)
+{
+    if (!s_taken(sp, name, check_db))
+        return strdup(name);
+    size_t n = strlen(name);
+    size_t stem = n > 5 && strcmp(name + n - 5, ".json") == 0 ? n - 5 : n;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        char fresh[ML_ULID_LEN + 1];
+        const char *tag = id;
+        if (attempt > 0 || !tag || !*tag) {
+            ml_ulid_new(fresh);
+            tag = fresh;
+        }
+        size_t cap = n + strlen(tag) + 8;
+        char *c = malloc(cap);
+        if (!c)
+            return NULL;
+        snprintf(c, cap, "%.*s.%s.json", (int)stem, name, tag);
+        if (!s_taken(sp, c, check_db))
+            return c;
+        free(c);
+    }
+    return NULL;
+}
+
+/* Moves folder/name to rejected/ with a NAME.error holding reason. The
+ * .error is written first so that whoever watches rejected/ for *.json
+ * always finds the reason next to the file. */
+static int s_reject(ml_spool_t *sp, int folder, const char *name, const char *id,
+                    const char *reason)
+{
+    int rc = ML_ENOMEM;
+    char p[S_PATH_MAX];
+    char *target = s_unique(sp, name, id, 0);
+    char *ename = NULL;
+    if (!target)
+        goto out;
+    size_t cap = strlen(target) + 8;
+    if (!(ename = malloc(cap)))
+        goto out;
+    snprintf(ename, cap, "%s.error", target);
+    char text[S_ERR_MAX + 16];
+    int tn = snprintf(text, sizeof text, "%s\n", reason);
+    if ((rc = s_path(sp, S_REJECTED, ename, p, sizeof p)) < 0)
+        goto out;
+    if ((rc = ml_write_file_atomic(p, text, (size_t)tn)) < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot write %s: %s", p, strerror(errno));
+        goto out;
+    }
+    if ((rc = s_rename(sp, folder, name, S_REJECTED, target)) < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot move %s/%s to rejected/: %s", s_folder[folder], name,
+               strerror(errno));
+        goto out;
+    }
+    ml_log(ML_LOG_WARN, S_LOG, "%s/%s rejected: %s", s_folder[folder], name, reason);
+    rc = 0;
+out:
+    free(target);
+    free(ename);
+    return rc;
+}
+
+static void s_item_clear(s_item_t *it)
+{
+    free(it->name);
+    free(it->target);
+    free(it->summary);
+    free(it->blob);
+    memset(it, 0, sizeof *it);
+}
+
+/* Reads, decodes, fills in and validates folder/name. Returns 0 with the
+ * item filled, or ML_EINVAL with a reason in err (reject the file), or
+ * ML_ENOMEM. */
+static int s_prepare(ml_spool_t *sp, int folder, const char *name, s_item_t *it, char *err,
+                     size_t errlen)
+{
+    char p[S_PATH_MAX];
+    char *text = NULL;
+    size_t len = 0;
+    ml_envelope_t *e = NULL;
+    int rc = s_path(sp, folder, name, p, sizeof p);
+    if (rc < 0) {
+        snprintf(err, errlen, "file name is too long");
+        return ML_EINVAL;
+    }
+    rc = ml_read_file(p, 2 * sp->max_record, &text, &len);
+    if (rc == ML_ETOOBIG) {
+        snprintf(err, errlen, "file is larger than %zu bytes (2 x max_record)", 2 * sp->max_record);
+        rc = ML_EINVAL;
+        goto out;
+    } else if (rc < 0) {
+        snprintf(err, errlen, "cannot read file: %s", rc == ML_EIO ? strerror(errno) : "no memory");
+        rc = rc == ML_ENOMEM ? rc : ML_EINVAL;
+        goto out;
+    }
+    char derr[S_ERR_MAX - 32];
+    ProtobufCMessage *m = NULL;
+    rc = ml_json_decode(&medlink__v1__envelope__descriptor, text, len, &m, derr, sizeof derr);
+    if (rc < 0) {
+        snprintf(err, errlen, "not a valid message: %s", derr);
+        rc = ML_EINVAL;
+        goto out;
+    }
+    e = (ml_envelope_t *)m;
+    if ((rc = ml_spool_fill(e, sp->node_id, err, errlen)) < 0)
+        goto out;
+    if ((rc = ml_env_pack(e, &it->blob, &it->len)) < 0) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    if (it->len > sp->max_record) {
+        snprintf(err, errlen, "message is %zu bytes, over max_record (%zu)", it->len,
+                 sp->max_record);
+        rc = ML_EINVAL;
+        goto out;
+    }
+    snprintf(it->id, sizeof it->id, "%s", e->id);
+    size_t scap = strlen(e->to) + strlen(e->case_id) + 64;
+    it->summary = malloc(scap);
+    it->name = strdup(name);
+    if (!it->summary || !it->name) {
+        snprintf(err, errlen, "out of memory");
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    snprintf(it->summary, scap, "%s %s to %s, case %s", ml_priority_name(e->priority),
+             ml_kind_name(e->kind), e->to, e->case_id);
+    rc = 0;
+out:
+    if (rc < 0)
+        s_item_clear(it);
+    free(text);
+    ml_env_free(&e);
+    return rc;
+}
+
+/* Stores the files names[] of folder (S_OUTBOX: move them into pending/;
+ * S_PENDING: they are already there) in one transaction. */
+static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
+                    ml_spool_scan_stats_t *stats)
+{
+    int rc = 0;
+    s_item_t *items = calloc(n ? n : 1, sizeof *items);
+    size_t k = 0;
+    int moved = 0;
+    char err[S_ERR_MAX];
+
+    if (!items)
+        return ML_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        s_item_t *it = &items[k];
+        rc = s_prepare(sp, folder, names[i], it, err, sizeof err);
+        if (rc == ML_EINVAL) {
+            if (s_reject(sp, folder, names[i], NULL, err) == 0 && stats)
+                stats->rejected++;
+            moved = 1;
+            continue;
+        } else if (rc < 0) {
+            goto out;
+        }
+        if (folder == S_PENDING) {
+            it->target = strdup(it->name);
+        } else {
+            it->target = s_unique(sp, it->name, it->id, 1);
+            if (it->target && s_rename(sp, folder, it->name, S_PENDING, it->target) < 0) {
+                /* Leave it in outbox/; the next scan tries again. */
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot move outbox/%s to pending/: %s", it->name,
+                       strerror(errno));
+                s_item_clear(it);
+                continue;
+            }
+            moved = 1;
+        }
+        if (!it->target) {
+            s_item_clear(it);
+            rc = ML_ENOMEM;
+            goto out;
+        }
+        k++;
+    }
+    if (moved) {
+        s_fsync_dir(sp, S_PENDING);
+        s_fsync_dir(sp, S_REJECTED);
+        if (folder != S_PENDING)
+            s_fsync_dir(sp, folder);
+    }
+    if (k == 0) {
+        rc = 0;
+        goto out;
+    }
+
+    /* From here on the files are in pending/: if the commit fails they are
+     * stored by the next scan (need_reconcile), never lost. */
+    int64_t now = ml_now_ms();
+    if ((rc = ml_astore_begin(sp->store)) < 0)
+        goto store_failed;
+    for (size_t i = 0; i < k; i++) {
+        rc = ml_astore_outbox_add(sp->store, items[i].id, items[i].target, items[i].blob,
+                                  items[i].len, now);
+        if (rc == ML_EDUP) {
+            items[i].len = 0; /* rejected below, after the commit */
+            continue;
+        }
+        if (rc < 0) {
+            ml_astore_rollback(sp->store);
+            goto store_failed;
+        }
+    }
+    if ((rc = ml_astore_commit(sp->store)) < 0)
+        goto store_failed;
+
+    int dups = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (items[i].len == 0) {
+            char why[S_ERR_MAX];
+            snprintf(why, sizeof why, "message id %s was already used by an earlier message",
+                     items[i].id);
+            if (s_reject(sp, S_PENDING, items[i].target, items[i].id, why) == 0 && stats)
+                stats->rejected++;
+            dups = 1;
+            continue;
+        }
+        if (stats)
+            stats->queued++;
+        ml_log(ML_LOG_INFO, S_LOG, "%s/%s queued as message %s (%s)", s_folder[folder],
+               items[i].name, items[i].id, items[i].summary);
+    }
+    if (dups) {
+        s_fsync_dir(sp, S_PENDING);
+        s_fsync_dir(sp, S_REJECTED);
+    }
+    rc = 0;
+    goto out;
+
+store_failed:
+    ml_log(ML_LOG_ERROR, S_LOG, "cannot store %zu outbox file(s): %s; will retry", k,
+           ml_astore_errmsg(sp->store));
+    sp->need_reconcile = 1;
+    rc = ML_ESTORE;
+out:
+    for (size_t i = 0; i < k; i++)
+        s_item_clear(&items[i]);
+    free(items);
+    return rc;
+}
+
+static void s_row_clear(s_row_t *r)
+{
+    free(r->id);
+    free(r->file_name);
+    free(r->env);
+    free(r->reason);
+    memset(r, 0, sizeof *r);
+}
+
+static int s_copy_row_cb(const ml_outbox_row_t *r, void *arg)
+{
+    s_row_t *c = arg;
+    c->id = strdup(r->id);
+    c->file_name = strdup(r->file_name);
+    c->reason = strdup(r->reason);
+    c->env = malloc(r->envelope_len ? r->envelope_len : 1);
+    c->len = r->envelope_len;
+    c->state = r->state;
+    if (!c->id || !c->file_name || !c->reason || !c->env) {
+        s_row_clear(c);
+        return ML_ENOMEM;
+    }
+    if (r->envelope_len)
+        memcpy(c->env, r->envelope, r->envelope_len);
+    return 1;
+}
+
+/* Moves pending/NAME of a settled row to where it belongs. When the file is
+ * gone (a crash after the move, or someone removed it) the stored envelope
+ * is written out instead, so sent/ and rejected/ stay complete. */
+static void s_finish(ml_spool_t *sp, const s_row_t *r)
+{
+    if (!*r->file_name)
+        return;
+    if (r->state == ML_OUTBOX_ACCEPTED) {
+        if (s_rename(sp, S_PENDING, r->file_name, S_SENT, r->file_name) < 0) {
+            if (errno != ENOENT)
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot move pending/%s to sent/: %s", r->file_name,
+                       strerror(errno));
+            else if (!s_exists(sp, S_SENT, r->file_name) &&
+                     s_write_rendered(sp, S_SENT, r->file_name, r->env, r->len) < 0)
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot write sent/%s", r->file_name);
+        }
+        ml_log(ML_LOG_INFO, S_LOG, "%s (message %s) accepted by the broker", r->file_name, r->id);
+    } else if (r->state == ML_OUTBOX_REJECTED) {
+        const char *why = *r->reason ? r->reason : "refused by the broker";
+        if (s_exists(sp, S_PENDING, r->file_name)) {
+            s_reject(sp, S_PENDING, r->file_name, r->id, why);
+        } else {
+            /* Recreate the file from the store, then reject it as usual. */
+            if (s_write_rendered(sp, S_PENDING, r->file_name, r->env, r->len) == 0)
+                s_reject(sp, S_PENDING, r->file_name, r->id, why);
+            else
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot write rejected/%s", r->file_name);
+        }
+    }
+}
+
+int ml_spool_settle(ml_spool_t *sp, const ml_spool_result_t *res, size_t n)
+{
+    int rc;
+    char *changed = calloc(n ? n : 1, 1);
+    if (!changed)
+        return ML_ENOMEM;
+    int64_t now = ml_now_ms();
+    if ((rc = ml_astore_begin(sp->store)) < 0)
+        goto failed;
+    for (size_t i = 0; i < n; i++) {
+        rc = ml_astore_outbox_settle(sp->store, res[i].message_id,
+                                     res[i].accepted ? ML_OUTBOX_ACCEPTED : ML_OUTBOX_REJECTED,
+                                     res[i].accepted ? NULL : res[i].reason, now);
+        if (rc == ML_ENOTFOUND) {
+            ml_log(ML_LOG_WARN, S_LOG, "broker answered for unknown message %s", res[i].message_id);
+        } else if (rc < 0) {
+            ml_astore_rollback(sp->store);
+            goto failed;
+        } else {
+            changed[i] = (char)rc;
+        }
+    }
+    if ((rc = ml_astore_commit(sp->store)) < 0)
+        goto failed;
+    int any = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!changed[i])
+            continue;
+        s_row_t r = {0};
+        if (ml_astore_outbox_get(sp->store, res[i].message_id, s_copy_row_cb, &r) == 1) {
+            s_finish(sp, &r);
+            any = 1;
+        }
+        s_row_clear(&r);
+    }
+    if (any) {
+        s_fsync_dir(sp, S_PENDING);
+        s_fsync_dir(sp, S_SENT);
+        s_fsync_dir(sp, S_REJECTED);
+    }
+    free(changed);
+    return 0;
+failed:
+    ml_log(ML_LOG_ERROR, S_LOG, "cannot record %zu broker answer(s): %s", n,
+           ml_astore_errmsg(sp->store));
+    free(changed);
+    return ML_ESTORE;
+}
+
+/* Makes pending/ agree with the store: settled rows leave pending/, files
+ * without a row are stored. */
+static int s_reconcile(ml_spool_t *sp)
+{
+    char **names = NULL;
+    size_t n = 0, k = 0;
+    int rc = s_list(sp, S_PENDING, (size_t)-1, &names, &n);
+    if (rc < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot list pending/: %s", strerror(errno));
+        return rc;
+    }
+    int moved = 0;
+    for (size_t i = 0; i < n; i++) {
+        s_row_t r = {0};
+        rc = ml_astore_outbox_by_file(sp->store, names[i], s_copy_row_cb, &r);
+        if (rc == ML_ENOTFOUND) {
+            /* Keep it for s_ingest, compacting the array in place. */
+            names[k++] = names[i];
+            continue;
+        }
+        if (rc == 1 && r.state != ML_OUTBOX_PENDING) {
+            s_finish(sp, &r);
+            moved = 1;
+        }
+        s_row_clear(&r);
+        free(names[i]);
+        if (rc < 0) {
+            for (size_t j = i + 1; j < n; j++)
+                free(names[j]);
+            n = k;
+            goto out;
+        }
+    }
+    n = k;
+    if (moved) {
+        s_fsync_dir(sp, S_PENDING);
+        s_fsync_dir(sp, S_SENT);
+        s_fsync_dir(sp, S_REJECTED);
+    }
+    sp->need_reconcile = 0;
+    rc = k ? s_ingest(sp, S_PENDING, names, k, NULL) : 0;
+out:
+    s_free_names(names, n);
+    return rc < 0 ? rc : 0;
+}
+
+static int s_spool_one(ml_spool_t *sp, const char *id, const uint8_t *blob, size_t len)
+{
+    char p[S_PATH_MAX];
+    char *json = NULL;
+    size_t jlen = 0;
+    int rc = ml_spool_inbox_path(sp, id, p, sizeof p);
+    if (rc < 0)
+        return rc;
+    if ((rc = s_render(blob, len, &json, &jlen)) < 0)
+        return rc;
+    rc = ml_write_file_atomic(p, json, jlen);
+    if (rc < 0)
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot write %s: %s", p, strerror(errno));
+    free(json);
+    return rc;
+}
+
+/* Marks ids spooled in one transaction. */
+static int s_mark_spooled(ml_spool_t *sp, char **ids, size_t n)
+{
+    if (n == 0)
+        return 0;
+    int rc = ml_astore_begin(sp->store);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (ids[i])
+            rc = ml_astore_inbox_set_spooled(sp->store, ids[i]);
+    }
+    if (rc == 0)
+        rc = ml_astore_commit(sp->store);
+    else
+        ml_astore_rollback(sp->store);
+    if (rc < 0) {
+        /* The files are written; rewriting them later is harmless. */
+        sp->need_respool = 1;
+        ml_log(ML_LOG_WARN, S_LOG, "cannot mark %zu inbox row(s) spooled: %s", n,
+               ml_astore_errmsg(sp->store));
+    }
+    return rc;
+}
+
+int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
+{
+    int rc;
+    char **done = NULL;
+    size_t nd = 0;
+    if (n == 0)
+        return 0;
+    int64_t now = ml_now_ms();
+    if ((rc = ml_astore_begin(sp->store)) < 0)
+        goto failed;
+    for (size_t i = 0; i < n; i++) {
+        ml_spool_msg_t *m = &msgs[i];
+        rc = ml_astore_inbox_add(sp->store, m->id, now, m->case_id, m->sender, m->kind, m->envelope,
+                                 m->envelope_len);
+        if (rc < 0) {
+            ml_astore_rollback(sp->store);
+            goto failed;
+        }
+        m->inserted = rc;
+    }
+    if ((rc = ml_astore_commit(sp->store)) < 0)
+        goto failed;
+
+    done = calloc(n, sizeof *done);
+    for (size_t i = 0; i < n; i++) {
+        ml_spool_msg_t *m = &msgs[i];
+        if (!m->inserted) {
+            ml_log(ML_LOG_INFO, S_LOG, "received %s again (duplicate; acknowledged again)", m->id);
+            continue;
+        }
+        ml_log(ML_LOG_INFO, S_LOG, "received %s %s from %s, case %s", m->id, ml_kind_name(m->kind),
+               m->sender, m->case_id);
+        if (s_spool_one(sp, m->id, m->envelope, m->envelope_len) < 0) {
+            sp->need_respool = 1;
+            continue;
+        }
+        if (done)
+            done[nd++] = (char *)m->id;
+    }
+    /* A missing mark only means the file is written again at start-up. */
+    if (done)
+        s_mark_spooled(sp, done, nd);
+    else
+        sp->need_respool = 1;
+    free(done);
+    return 0;
+failed:
+    ml_log(ML_LOG_ERROR, S_LOG, "cannot store %zu delivered message(s): %s", n,
+           ml_astore_errmsg(sp->store));
+    return ML_ESTORE;
+}
+
+typedef struct {
+    char **ids;
+    uint8_t **blobs;
+    size_t *lens;
+    size_t n, cap;
+} s_unspooled_t;
+
+static int s_collect_cb(const ml_inbox_row_t *r, void *arg)
+{
+    s_unspooled_t *u = arg;
+    if (u->n == u->cap) {
+        size_t cap = u->cap ? u->cap * 2 : 16;
+        char **ids = realloc(u->ids, cap * sizeof *ids);
+        if (ids)
+            u->ids = ids;
+        uint8_t **blobs = realloc(u->blobs, cap * sizeof *blobs);
+        if (blobs)
+            u->blobs = blobs;
+        size_t *lens = realloc(u->lens, cap * sizeof *lens);
+        if (lens)
+            u->lens = lens;
+        if (!ids || !blobs || !lens)
+            return ML_ENOMEM;
+        u->cap = cap;
+    }
+    u->ids[u->n] = strdup(r->id);
+    u->blobs[u->n] = malloc(r->envelope_len ? r->envelope_len : 1);
+    u->lens[u->n] = r->envelope_len;
+    if (!u->ids[u->n] || !u->blobs[u->n]) {
+        free(u->ids[u->n]);
+        free(u->blobs[u->n]);
+        return ML_ENOMEM;
+    }
+    memcpy(u->blobs[u->n], r->envelope, r->envelope_len);
+    u->n++;
+    return 0;
+}
+
+/* Writes inbox files for rows stored but not spooled (a crash or a write
+ * error between the commit and the file). The rows are copied out first:
+ * updating rows while a SELECT walks them is not something to rely on. */
+static int s_respool(ml_spool_t *sp)
+{
+    s_unspooled_t u = {0};
+    int rc = ml_astore_inbox_unspooled(sp->store, s_collect_cb, &u);
+    if (rc < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot read unspooled inbox rows: %s",
+               ml_astore_errmsg(sp->store));
+        goto out;
+    }
+    sp->need_respool = 0;
+    size_t nd = 0;
+    for (size_t i = 0; i < u.n; i++) {
+        if (s_spool_one(sp, u.ids[i], u.blobs[i], u.lens[i]) < 0) {
+            sp->need_respool = 1;
+            continue;
+        }
+        ml_log(ML_LOG_INFO, S_LOG, "re-spooled inbox message %s", u.ids[i]);
+        char *t = u.ids[nd];
+        u.ids[nd++] = u.ids[i];
+        u.ids[i] = t;
+    }
+    s_mark_spooled(sp, u.ids, nd);
+    rc = 0;
+out:
+    for (size_t i = 0; i < u.n; i++) {
+        free(u.ids[i]);
+        free(u.blobs[i]);
+    }
+    free(u.ids);
+    free(u.blobs);
+    free(u.lens);
+    return rc;
+}
+
+int ml_spool_recover(ml_spool_t *sp)
+{
+    int rc = s_reconcile(sp);
+    int rc2 = s_respool(sp);
+    return rc < 0 ? rc : rc2;
+}
+
+int ml_spool_scan(ml_spool_t *sp, size_t max_files, ml_spool_scan_stats_t *stats)
+{
+    char **names = NULL;
+    size_t n = 0;
+    int rc;
+    if (stats)
+        memset(stats, 0, sizeof *stats);
+    if (sp->need_reconcile && (rc = s_reconcile(sp)) < 0)
+        return rc;
+    if (sp->need_respool)
+        s_respool(sp);
+    rc = s_list(sp, S_OUTBOX, max_files, &names, &n);
+    if (rc < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot list outbox/: %s", strerror(errno));
+        return rc;
+    }
+    rc = n ? s_ingest(sp, S_OUTBOX, names, n, stats) : 0;
+    s_free_names(names, n);
+    return rc;
+}
+
+int ml_spool_new(const ml_spool_config_t *cfg, ml_spool_t **out, char *err, size_t errlen)
+{
+    int rc = ML_ENOMEM;
+    ml_spool_t *sp = calloc(1, sizeof *sp);
+    if (!sp)
+        goto nomem;
+    sp->dir = strdup(cfg->dir);
+    sp->node_id = strdup(cfg->node_id);
+    if (!sp->dir || !sp->node_id)
+        goto nomem;
+    sp->max_record = cfg->max_record;
+    sp->store = cfg->store;
+    for (int i = 0; i < S_NFOLDERS; i++) {
+        char p[S_PATH_MAX];
+        if (s_path(sp, i, NULL, p, sizeof p) < 0 || ml_mkdirs(p) < 0) {
+            snprintf(err, errlen, "cannot create spool folder %s: %s", p, strerror(errno));
+            rc = ML_EIO;
+            goto out;
+        }
+    }
+    *out = sp;
+    return 0;
+nomem:
+    snprintf(err, errlen, "out of memory");
+out:
+    ml_spool_destroy(&sp);
+    return rc;
+}
+
+void ml_spool_destroy(ml_spool_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    free((*self_p)->dir);
+    free((*self_p)->node_id);
+    free(*self_p);
+    *self_p = NULL;
+}

@@ -1,0 +1,114 @@
+/* The spool folder: how the local hospital system talks to the agent
+ * through plain files, and how the agent records what became of them.
+ *
+ *   spool_dir/outbox/    the hospital system drops NAME.json here (write
+ *                        elsewhere or as .NAME / NAME.tmp, then rename in;
+ *                        names starting with '.' or ending in .tmp, and
+ *                        names not ending in .json, are ignored)
+ *   spool_dir/pending/   taken by the agent, stored in its outbox table,
+ *                        waiting for the broker's answer
+ *   spool_dir/sent/      accepted (durably stored) by the broker
+ *   spool_dir/rejected/  refused; NAME.error next to it says why
+ *   spool_dir/inbox/     messages delivered to this node, one
+ *                        <message id>.json each, written atomically
+ *
+ * A file name already used by an earlier message gets the message id put
+ * in before ".json" so that no answer can ever be confused with another.
+ *
+ * Crash safety: a file is renamed into pending/ before its row commits, and
+ * rows are settled before the file leaves pending/, so ml_spool_recover can
+ * always finish the work from what it finds in pending/ and the store. This
+ * module never touches the network; the agent feeds it the broker's answers
+ * and deliveries. Loop thread only. */
+#ifndef ML_SPOOL_H
+#define ML_SPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "astore.h"
+#include "ml_env.h"
+
+typedef struct ml_spool ml_spool_t;
+
+typedef struct {
+    const char *dir;     /* spool_dir */
+    const char *node_id; /* this node; the "from" of everything we send */
+    size_t max_record;   /* wire limit; files may be up to twice this */
+    ml_astore_t *store;  /* borrowed; outlives the spool */
+} ml_spool_config_t;
+
+/* Counts from one scan. */
+typedef struct {
+    size_t queued;   /* files stored in the outbox table, now in pending/ */
+    size_t rejected; /* files moved to rejected/ */
+} ml_spool_scan_stats_t;
+
+/* The broker's answer to one of our messages. */
+typedef struct {
+    const char *message_id;
+    int accepted;       /* 1: Accepted; 0: permanent Nack */
+    const char *reason; /* for a Nack: "NACK_FORBIDDEN: route ..." */
+} ml_spool_result_t;
+
+/* One delivered message. id, case_id, sender and envelope are borrowed;
+ * inserted is set by ml_spool_receive. */
+typedef struct {
+    const char *id;
+    const char *case_id;
+    const char *sender;
+    int kind;
+    const uint8_t *envelope;
+    size_t envelope_len;
+    int inserted; /* out: 1 when new, 0 when a duplicate */
+} ml_spool_msg_t;
+
+/* Creates the spool and its five folders. Returns 0, ML_EIO or ML_ENOMEM
+ * with a sentence in err. */
+int ml_spool_new(const ml_spool_config_t *cfg, ml_spool_t **out, char *err, size_t errlen);
+/* Frees the spool; safe on NULL and twice; clears *self_p. */
+void ml_spool_destroy(ml_spool_t **self_p);
+
+/* Start-up recovery: finishes moves of pending/ files whose rows were
+ * settled, stores pending/ files that have no row (crash before commit), and
+ * writes inbox files for rows not yet spooled. Returns 0 or ML_ESTORE. */
+int ml_spool_recover(ml_spool_t *sp);
+
+/* Takes up to max_files files from outbox/ (in name order), validates them,
+ * moves the good ones into pending/ and stores them in one transaction,
+ * and moves the bad ones to rejected/ with a .error. Each outcome is
+ * logged. Returns 0 (stats filled when non-NULL) or ML_ESTORE / ML_EIO when
+ * the batch could not be stored (its files then stay in pending/ and are
+ * stored by the next scan). O(files) file reads plus one fsync'd commit. */
+int ml_spool_scan(ml_spool_t *sp, size_t max_files, ml_spool_scan_stats_t *stats);
+
+/* Applies a batch of broker answers: one transaction that settles the rows
+ * still pending, then moves pending/NAME to sent/ or rejected/ (writing
+ * NAME.error). Answers for unknown or already settled ids are ignored.
+ * Returns 0 or ML_ESTORE (nothing settled; the messages stay pending). */
+int ml_spool_settle(ml_spool_t *sp, const ml_spool_result_t *res, size_t n);
+
+/* Stores a batch of deliveries: INSERT OR IGNORE by id in one transaction,
+ * then writes inbox/<id>.json for each new one and marks it spooled. On 0
+ * every message is durably stored (new or duplicate) and may be acked.
+ * Returns 0 or ML_ESTORE (nothing may be acked). A failed file write is
+ * logged and retried by the next scan; the message is safe in the store. */
+int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n);
+
+/* Fills what the hospital system may leave out of an outgoing envelope: id
+ * (a fresh ULID), from (node_id), created_at (now) and case_id (the id);
+ * then validates it with ml_env_validate. A "from" naming another node is
+ * refused. Strings set here are malloc'd, so e must be a heap message (from
+ * ml_json_decode or built with malloc). Returns 0 or ML_EINVAL with a
+ * sentence in err. */
+int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errlen);
+
+/* Replaces a string field of a heap protobuf-c message (freeing the old
+ * value unless it is the shared empty default). Returns 0 or ML_ENOMEM. */
+int ml_spool_set_str(char **field, const char *value);
+
+/* Path of the inbox file for a message id (ids that are not ULIDs have
+ * unsafe characters replaced). Returns 0 or ML_EINVAL if it does not fit. */
+int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len);
+
+#endif
