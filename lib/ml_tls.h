@@ -32,9 +32,20 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
 void ml_tls_ctx_destroy(ml_tls_ctx_t **self_p);
 /* The CN of this context's own certificate (borrowed). */
 const char *ml_tls_ctx_own_id(const ml_tls_ctx_t *ctx);
+/* Replaces the CRL that peers are checked against (crl_file NULL or "" turns
+ * CRL checking off). The CA certificates loaded by ml_tls_ctx_new are kept.
+ * Applies to sessions created afterwards; existing sessions keep the store
+ * they started with. The CRL must be signed by one of the CAs and not be
+ * past its next update. On error the previous CRL stays in force, and
+ * ML_ECONFIG (file unreadable) or ML_ETLS (unparsable, wrong issuer,
+ * expired) comes back with a sentence naming the file in err. Meant for
+ * SIGHUP; loop thread only. */
+int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, size_t errlen);
 
-/* Creates a session. For a client, server_name may be NULL. Returns NULL on
- * allocation failure. */
+/* Creates a session (server or client, as the context says). The server's
+ * identity is checked by its certificate chain and CN (see
+ * ml_tls_session_peer_id), not by a host name. Returns NULL on allocation
+ * failure. */
 ml_tls_session_t *ml_tls_session_new(ml_tls_ctx_t *ctx);
 void ml_tls_session_destroy(ml_tls_session_t **self_p);
 
