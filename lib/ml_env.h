@@ -34,6 +34,9 @@ int ml_env_validate(ml_envelope_t *e, char *err, size_t errlen);
 
 /* Short names: "REFERRAL", "ROUTINE", ... (static strings). */
 const char *ml_kind_name(int kind);
+/* Parses a kind name, short ("REFERRAL") or full ("KIND_REFERRAL"),
+ * case-insensitive. Returns 0 or ML_EINVAL (also for "UNSPECIFIED"). */
+int ml_kind_parse(const char *s, int *kind);
 const char *ml_priority_name(int priority);
 /* Parses "ROUTINE"/"URGENT"/"EMERGENCY" (case-insensitive). */
 int ml_priority_parse(const char *s, int *priority);
