@@ -289,7 +289,7 @@ static int s_write_rendered(const ml_spool_t *sp, int folder, const char *name, 
     return rc;
 }
 
-/* A name for a file arriving in pending/ (check_db) or rejected/ that no
+/* A name for a file arriving in pending/ (for_pending) or rejected/ that no
  * other file or outbox row uses: the name itself, or NAME with id (or a
  * fresh ULID) put before ".json". */
 static int s_found_cb(const ml_outbox_row_t *r, void *arg)
@@ -297,20 +297,24 @@ static int s_found_cb(const ml_outbox_row_t *r, void *arg)
     return 1;
 }
 
-static int s_taken(ml_spool_t *sp, const char *name, int check_db)
+/* Whether name is in use: for a file going to pending/ (for_pending) in
+ * pending/, sent/, rejected/ or any outbox row; for one going to rejected/
+ * in rejected/ only. */
+static int s_taken(ml_spool_t *sp, const char *name, int for_pending)
 {
-    if (s_exists(sp, S_PENDING, name) || s_exists(sp, S_SENT, name) ||
-        s_exists(sp, S_REJECTED, name))
+    if (s_exists(sp, S_REJECTED, name))
         return 1;
-    if (!check_db)
+    if (!for_pending)
         return 0;
+    if (s_exists(sp, S_PENDING, name) || s_exists(sp, S_SENT, name))
+        return 1;
     /* A store error counts as taken: the suffixed name is always safe. */
     return ml_astore_outbox_by_file(sp->store, name, s_found_cb, NULL) != ML_ENOTFOUND;
 }
 
-static char *s_unique(ml_spool_t *sp, const char *name, const char *id, int check_db)
+static char *s_unique(ml_spool_t *sp, const char *name, const char *id, int for_pending)
 {
-    if (!s_taken(sp, name, check_db))
+    if (!s_taken(sp, name, for_pending))
         return strdup(name);
     size_t n = strlen(name);
     size_t stem = n > 5 && strcmp(name + n - 5, ".json") == 0 ? n - 5 : n;
@@ -326,7 +330,7 @@ static char *s_unique(ml_spool_t *sp, const char *name, const char *id, int chec
         if (!c)
             return NULL;
         snprintf(c, cap, "%.*s.%s.json", (int)stem, name, tag);
-        if (!s_taken(sp, c, check_db))
+        if (!s_taken(sp, c, for_pending))
             return c;
         free(c);
     }
