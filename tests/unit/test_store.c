@@ -1,0 +1,779 @@
+/* Tests of the durable store (broker/store.c): group commit and callback
+ * order, duplicates, reload after reopen, fetch, the max_bytes quota, a
+ * disk that fills up and empties again (a fault-injecting SQLite VFS), and a
+ * process killed in the middle of committing, after which everything it had
+ * reported stored must still be there. Each test runs its own uv loop in its
+ * own temp folder. */
+#include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <criterion/criterion.h>
+#include <sqlite3.h>
+#include <uv.h>
+
+#include "ml_common.h"
+#include "store.h"
+#include "support.h"
+
+/* ---- helpers ---------------------------------------------------------- */
+
+typedef struct put_log put_log_t;
+
+/* One put's outcome, filled by its callback. */
+typedef struct {
+    put_log_t *log;
+    int index;
+    int called;
+    int rc;
+    int64_t seq;
+    int duplicate;
+    char id[ML_ULID_LEN + 1];
+} put_rec_t;
+
+struct put_log {
+    int ncalls;
+    int *order; /* order[k] = index of the k-th callback */
+    int cap;
+};
+
+static void put_cb(void *arg, int rc, int64_t seq, int duplicate)
+{
+    put_rec_t *p = arg;
+    p->called++;
+    p->rc = rc;
+    p->seq = seq;
+    p->duplicate = duplicate;
+    if (p->log->ncalls < p->log->cap)
+        p->log->order[p->log->ncalls] = p->index;
+    p->log->ncalls++;
+}
+
+/* A recognisable envelope for message i: len bytes derived from i. */
+static void make_envelope(uint8_t *buf, size_t len, int i)
+{
+    for (size_t k = 0; k < len; k++)
+        buf[k] = (uint8_t)(i * 31 + k * 7 + (k >> 8));
+}
+
+static ml_store_msg_t make_msg(const char *id, int priority, const uint8_t *env, size_t len)
+{
+    return (ml_store_msg_t){.id = id,
+                            .case_id = "case-1",
+                            .sender = "clinic-a",
+                            .recipient = "hospital-b",
+                            .kind = 1,
+                            .priority = priority,
+                            .created_at = ml_now_ms(),
+                            .deadline = 0,
+                            .envelope = env,
+                            .envelope_len = len};
+}
+
+static void db_path(char *out, size_t len)
+{
+    char dir[512];
+    ml_test_tmpdir(dir, sizeof dir);
+    snprintf(out, len, "%s/store.db", dir);
+}
+
+static ml_store_t *open_store(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts)
+{
+    ml_store_t *st = NULL;
+    char err[256];
+    int rc = ml_store_open(loop, path, opts, &st, err, sizeof err);
+    cr_assert_eq(rc, 0, "ml_store_open: %s (%s)", ml_strerror(rc), err);
+    cr_assert_not_null(st);
+    return st;
+}
+
+/* Closes the store and lets the loop free it, then closes the loop: any
+ * handle left behind would make uv_loop_close fail. */
+static void close_all(uv_loop_t *loop, ml_store_t **st)
+{
+    ml_store_close(st);
+    cr_assert_null(*st);
+    ml_store_close(st); /* safe twice */
+    uv_run(loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_loop_close(loop), 0, "a handle outlived ml_store_close");
+}
+
+/* Collects the pending rows of a scan (ids copied). */
+typedef struct {
+    int n, cap;
+    int64_t *seq;
+    int *priority;
+    size_t *len;
+    char (*id)[ML_ULID_LEN + 1];
+} scan_t;
+
+static void scan_cb(void *arg, const ml_store_row_t *row)
+{
+    scan_t *s = arg;
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 64;
+        s->seq = realloc(s->seq, s->cap * sizeof *s->seq);
+        s->priority = realloc(s->priority, s->cap * sizeof *s->priority);
+        s->len = realloc(s->len, s->cap * sizeof *s->len);
+        s->id = realloc(s->id, s->cap * sizeof *s->id);
+        cr_assert(s->seq && s->priority && s->len && s->id);
+    }
+    s->seq[s->n] = row->seq;
+    s->priority[s->n] = row->priority;
+    s->len[s->n] = row->envelope_len;
+    snprintf(s->id[s->n], sizeof s->id[s->n], "%s", row->id);
+    s->n++;
+}
+
+static void scan_free(scan_t *s)
+{
+    free(s->seq);
+    free(s->priority);
+    free(s->len);
+    free(s->id);
+    memset(s, 0, sizeof *s);
+}
+
+static int scan_has_seq(const scan_t *s, int64_t seq)
+{
+    for (int i = 0; i < s->n; i++)
+        if (s->seq[i] == seq)
+            return 1;
+    return 0;
+}
+
+/* Puts n messages (envelope_len bytes each, priority from prio(i) or 0)
+ * and runs the loop until every callback has run. */
+static void put_many(uv_loop_t *loop, ml_store_t *st, put_rec_t *recs, put_log_t *log, int n,
+                     size_t envelope_len, int (*prio)(int))
+{
+    uint8_t *env = malloc(envelope_len ? envelope_len : 1);
+    cr_assert_not_null(env);
+    for (int i = 0; i < n; i++) {
+        recs[i] = (put_rec_t){.log = log, .index = i};
+        ml_ulid_new(recs[i].id);
+        make_envelope(env, envelope_len, i);
+        ml_store_msg_t m = make_msg(recs[i].id, prio ? prio(i) : 0, env, envelope_len);
+        cr_assert_eq(ml_store_put(st, &m, put_cb, &recs[i]), 0);
+    }
+    free(env);
+    /* The store keeps the loop alive exactly while puts are in flight. */
+    uv_run(loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(recs[i].called, 1, "callback %d called %d times", i, recs[i].called);
+}
+
+/* ---- tests ------------------------------------------------------------ */
+
+Test(store, group_commit_in_order)
+{
+    enum { N = 1000 };
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+
+    static put_rec_t recs[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+    put_many(&loop, st, recs, &log, N, 200, NULL);
+
+    cr_assert_eq(log.ncalls, N);
+    for (int k = 0; k < N; k++) {
+        cr_assert_eq(order[k], k, "callback %d was for put %d", k, order[k]);
+        cr_assert_eq(recs[k].rc, 0, "put %d: %s", k, ml_strerror(recs[k].rc));
+        cr_assert_eq(recs[k].duplicate, 0);
+        if (k > 0)
+            cr_assert_gt(recs[k].seq, recs[k - 1].seq);
+    }
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_eq(stats.puts, N);
+    cr_assert_eq(stats.duplicates, 0);
+    cr_assert_eq(stats.failures, 0);
+    cr_assert_eq(stats.queue_len, 0);
+    cr_assert_geq(stats.transactions, 1);
+    cr_assert_lt(stats.transactions, N, "no grouping: %llu transactions for %d puts",
+                 (unsigned long long)stats.transactions, N);
+    close_all(&loop, &st);
+}
+
+Test(store, batch_max_bounds_groups)
+{
+    enum { N = 100 };
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_opts_t opts = {.batch_max = 10};
+    ml_store_t *st = open_store(&loop, path, &opts);
+    static put_rec_t recs[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+    put_many(&loop, st, recs, &log, N, 16, NULL);
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_eq(stats.puts, N);
+    cr_assert_geq(stats.transactions, N / 10);
+    close_all(&loop, &st);
+}
+
+Test(store, duplicate_id)
+{
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+
+    put_rec_t recs[4];
+    int order[4];
+    put_log_t log = {.order = order, .cap = 4};
+    char id[ML_ULID_LEN + 1], other[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    ml_ulid_new(other);
+    uint8_t env[] = {1, 2, 3};
+    /* Same id twice, queued back to back (usually one group, where the
+     * second insert must see the first, uncommitted one), another id between
+     * them, then the id again in a later transaction. */
+    const char *ids[] = {id, other, id};
+    for (int i = 0; i < 3; i++) {
+        recs[i] = (put_rec_t){.log = &log, .index = i};
+        ml_store_msg_t m = make_msg(ids[i], 0, env, sizeof env);
+        cr_assert_eq(ml_store_put(st, &m, put_cb, &recs[i]), 0);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    recs[3] = (put_rec_t){.log = &log, .index = 3};
+    ml_store_msg_t m = make_msg(id, 5, env, sizeof env);
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &recs[3]), 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(recs[i].called, 1);
+        cr_assert_eq(recs[i].rc, 0);
+    }
+    cr_assert_eq(recs[0].duplicate, 0);
+    cr_assert_eq(recs[1].duplicate, 0);
+    cr_assert_eq(recs[2].duplicate, 1);
+    cr_assert_eq(recs[3].duplicate, 1);
+    cr_assert_eq(recs[2].seq, recs[0].seq);
+    cr_assert_eq(recs[3].seq, recs[0].seq);
+    cr_assert_neq(recs[1].seq, recs[0].seq);
+
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_eq(stats.puts, 2);
+    cr_assert_eq(stats.duplicates, 2);
+
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_assert_eq(s.n, 2, "a duplicate made a row");
+    scan_free(&s);
+    close_all(&loop, &st);
+}
+
+static int prio_of(int i)
+{
+    return i % 3; /* 0, 1, 2, 0, 1, 2, ... */
+}
+
+Test(store, reopen_scan_order_and_delivery)
+{
+    enum { N = 300 };
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    static put_rec_t recs[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+    put_many(&loop, st, recs, &log, N, 64, prio_of);
+    /* Settle a few: delivered and dead messages leave the pending list. */
+    cr_assert_eq(ml_store_mark_delivered(st, recs[0].seq), 0);
+    cr_assert_eq(ml_store_mark_delivered(st, recs[5].seq), 0);
+    cr_assert_eq(ml_store_mark_dead(st, recs[7].seq, "deadline passed"), 0);
+    /* A mark for a message that does not exist changes nothing. */
+    cr_assert_eq(ml_store_mark_delivered(st, 999999), 0);
+    /* Closing commits the marks still queued. */
+    close_all(&loop, &st);
+
+    uv_loop_init(&loop);
+    st = open_store(&loop, path, NULL);
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_assert_eq(s.n, N - 3);
+    cr_assert(!scan_has_seq(&s, recs[0].seq));
+    cr_assert(!scan_has_seq(&s, recs[5].seq));
+    cr_assert(!scan_has_seq(&s, recs[7].seq));
+    for (int k = 1; k < s.n; k++) {
+        int ordered = s.priority[k - 1] > s.priority[k] ||
+                      (s.priority[k - 1] == s.priority[k] && s.seq[k - 1] < s.seq[k]);
+        cr_assert(ordered, "row %d (prio %d seq %lld) after (prio %d seq %lld)", k, s.priority[k],
+                  (long long)s.seq[k], s.priority[k - 1], (long long)s.seq[k - 1]);
+        cr_assert_eq(s.len[k], 64);
+    }
+    cr_assert_eq(s.priority[0], 2);
+    cr_assert_eq(s.priority[s.n - 1], 0);
+
+    /* The ids survived; a put of one of them after the reopen is a
+     * duplicate, with the original seq. */
+    put_rec_t again = {.log = &log};
+    log.ncalls = 0;
+    uint8_t env[4] = {0};
+    ml_store_msg_t m = make_msg(recs[42].id, 0, env, sizeof env);
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &again), 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(again.rc, 0);
+    cr_assert_eq(again.duplicate, 1);
+    cr_assert_eq(again.seq, recs[42].seq);
+
+    /* A delivered message no longer pending is still readable. */
+    uint8_t *blob = NULL;
+    size_t len = 0;
+    cr_assert_eq(ml_store_fetch(st, recs[0].seq, &blob, &len), 0);
+    free(blob);
+    scan_free(&s);
+    close_all(&loop, &st);
+}
+
+Test(store, fetch_exact_bytes)
+{
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+
+    /* Sizes around SQLite's page and overflow boundaries, and empty. */
+    static const size_t sizes[] = {0, 1, 1000, 4096, 4097, 70000};
+    enum { K = sizeof sizes / sizeof sizes[0] };
+    put_rec_t recs[K];
+    int order[K];
+    put_log_t log = {.order = order, .cap = K};
+    for (int i = 0; i < K; i++) {
+        uint8_t *env = malloc(sizes[i] + 1);
+        make_envelope(env, sizes[i], i);
+        recs[i] = (put_rec_t){.log = &log, .index = i};
+        ml_ulid_new(recs[i].id);
+        ml_store_msg_t m = make_msg(recs[i].id, 0, env, sizes[i]);
+        if (sizes[i] == 0)
+            m.envelope = NULL; /* allowed when empty */
+        cr_assert_eq(ml_store_put(st, &m, put_cb, &recs[i]), 0);
+        free(env); /* the store copied it */
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < K; i++) {
+        cr_assert_eq(recs[i].rc, 0);
+        uint8_t *blob = NULL;
+        size_t len = 99;
+        cr_assert_eq(ml_store_fetch(st, recs[i].seq, &blob, &len), 0);
+        cr_assert_not_null(blob);
+        cr_assert_eq(len, sizes[i]);
+        uint8_t *want = malloc(sizes[i] + 1);
+        make_envelope(want, sizes[i], i);
+        cr_assert(memcmp(blob, want, len) == 0, "envelope %d differs", i);
+        free(want);
+        free(blob);
+    }
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_assert_eq(s.n, K);
+    for (int i = 0; i < K; i++)
+        cr_assert_eq(s.len[i], sizes[i]);
+    scan_free(&s);
+    close_all(&loop, &st);
+}
+
+Test(store, fetch_unknown)
+{
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    uint8_t *blob = (uint8_t *)"untouched";
+    size_t len = 7;
+    cr_assert_eq(ml_store_fetch(st, 12345, &blob, &len), ML_ENOTFOUND);
+    cr_assert_str_eq((char *)blob, "untouched");
+    cr_assert_eq(len, 7);
+    close_all(&loop, &st);
+}
+
+Test(store, max_bytes_quota)
+{
+    enum { N = 200 };
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_opts_t opts = {.max_bytes = 256 * 1024};
+    ml_store_t *st = open_store(&loop, path, &opts);
+
+    /* 200 x 4 KiB is about three times the quota. */
+    static put_rec_t recs[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+    put_many(&loop, st, recs, &log, N, 4096, NULL);
+    int ok = 0;
+    for (int i = 0; i < N; i++) {
+        if (recs[i].rc == 0) {
+            /* The file only grows, so the refusals are a suffix. */
+            cr_assert_eq(ok, i, "put %d stored after an earlier refusal", i);
+            ok++;
+        } else {
+            cr_assert_eq(recs[i].rc, ML_EFULL, "put %d: %s", i, ml_strerror(recs[i].rc));
+            cr_assert_eq(recs[i].seq, 0);
+        }
+    }
+    cr_assert_gt(ok, 10);
+    cr_assert_lt(ok, N);
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_eq(stats.puts, (uint64_t)ok);
+    cr_assert_eq(stats.failures, (uint64_t)(N - ok));
+
+    /* Full, yet deliveries still settle. */
+    cr_assert_eq(ml_store_mark_delivered(st, recs[0].seq), 0);
+    cr_assert_eq(ml_store_mark_dead(st, recs[1].seq, "expired"), 0);
+    put_rec_t more = {.log = &log};
+    uint8_t env[4096] = {0};
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    ml_store_msg_t m = make_msg(id, 0, env, sizeof env);
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &more), 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(more.rc, ML_EFULL);
+
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_assert_eq(s.n, ok - 2);
+    cr_assert(!scan_has_seq(&s, recs[0].seq));
+    cr_assert(!scan_has_seq(&s, recs[1].seq));
+    scan_free(&s);
+    close_all(&loop, &st);
+}
+
+/* ---- a disk that fills up: a fault-injecting VFS ------------------------
+ * Registered as the default VFS of this test's process (criterion runs each
+ * test in its own), it forwards everything to the real one but fails every
+ * write with SQLITE_FULL while s_disk_full is set, which is what the unix
+ * VFS reports for ENOSPC. */
+
+typedef struct {
+    sqlite3_file base;
+    sqlite3_file *real;
+} ff_file_t;
+
+static sqlite3_vfs *s_real_vfs;
+static sqlite3_vfs s_ff_vfs;
+static atomic_int s_disk_full;
+
+#define FF_REAL(f) (((ff_file_t *)(f))->real)
+#define FF_CALL(f, m, ...) FF_REAL(f)->pMethods->m(FF_REAL(f), __VA_ARGS__)
+
+static int ff_close(sqlite3_file *f)
+{
+    return FF_REAL(f)->pMethods->xClose(FF_REAL(f));
+}
+static int ff_read(sqlite3_file *f, void *buf, int n, sqlite3_int64 off)
+{
+    return FF_CALL(f, xRead, buf, n, off);
+}
+static int ff_write(sqlite3_file *f, const void *buf, int n, sqlite3_int64 off)
+{
+    if (atomic_load(&s_disk_full))
+        return SQLITE_FULL;
+    return FF_CALL(f, xWrite, buf, n, off);
+}
+static int ff_truncate(sqlite3_file *f, sqlite3_int64 size)
+{
+    return FF_CALL(f, xTruncate, size);
+}
+static int ff_sync(sqlite3_file *f, int flags)
+{
+    return FF_CALL(f, xSync, flags);
+}
+static int ff_file_size(sqlite3_file *f, sqlite3_int64 *size)
+{
+    return FF_CALL(f, xFileSize, size);
+}
+static int ff_lock(sqlite3_file *f, int lock)
+{
+    return FF_CALL(f, xLock, lock);
+}
+static int ff_unlock(sqlite3_file *f, int lock)
+{
+    return FF_CALL(f, xUnlock, lock);
+}
+static int ff_check_reserved(sqlite3_file *f, int *out)
+{
+    return FF_CALL(f, xCheckReservedLock, out);
+}
+static int ff_file_control(sqlite3_file *f, int op, void *arg)
+{
+    return FF_CALL(f, xFileControl, op, arg);
+}
+static int ff_sector_size(sqlite3_file *f)
+{
+    return FF_REAL(f)->pMethods->xSectorSize(FF_REAL(f));
+}
+static int ff_device_chars(sqlite3_file *f)
+{
+    return FF_REAL(f)->pMethods->xDeviceCharacteristics(FF_REAL(f));
+}
+static int ff_shm_map(sqlite3_file *f, int pg, int pgsz, int extend, void volatile **pp)
+{
+    return FF_CALL(f, xShmMap, pg, pgsz, extend, pp);
+}
+static int ff_shm_lock(sqlite3_file *f, int offset, int n, int flags)
+{
+    return FF_CALL(f, xShmLock, offset, n, flags);
+}
+static void ff_shm_barrier(sqlite3_file *f)
+{
+    FF_REAL(f)->pMethods->xShmBarrier(FF_REAL(f));
+}
+static int ff_shm_unmap(sqlite3_file *f, int del)
+{
+    return FF_CALL(f, xShmUnmap, del);
+}
+static int ff_fetch(sqlite3_file *f, sqlite3_int64 off, int n, void **pp)
+{
+    return FF_CALL(f, xFetch, off, n, pp);
+}
+static int ff_unfetch(sqlite3_file *f, sqlite3_int64 off, void *p)
+{
+    return FF_CALL(f, xUnfetch, off, p);
+}
+
+static const sqlite3_io_methods s_ff_io = {
+    .iVersion = 3,
+    .xClose = ff_close,
+    .xRead = ff_read,
+    .xWrite = ff_write,
+    .xTruncate = ff_truncate,
+    .xSync = ff_sync,
+    .xFileSize = ff_file_size,
+    .xLock = ff_lock,
+    .xUnlock = ff_unlock,
+    .xCheckReservedLock = ff_check_reserved,
+    .xFileControl = ff_file_control,
+    .xSectorSize = ff_sector_size,
+    .xDeviceCharacteristics = ff_device_chars,
+    .xShmMap = ff_shm_map,
+    .xShmLock = ff_shm_lock,
+    .xShmBarrier = ff_shm_barrier,
+    .xShmUnmap = ff_shm_unmap,
+    .xFetch = ff_fetch,
+    .xUnfetch = ff_unfetch,
+};
+
+static int ff_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags,
+                   int *out_flags)
+{
+    ff_file_t *f = (ff_file_t *)file;
+    f->real = (sqlite3_file *)(f + 1);
+    int rc = s_real_vfs->xOpen(s_real_vfs, name, f->real, flags, out_flags);
+    /* SQLite calls xClose only when pMethods is set, so it mirrors the
+     * real file's. */
+    f->base.pMethods = f->real->pMethods ? &s_ff_io : NULL;
+    return rc;
+}
+
+static void ff_install(void)
+{
+    s_real_vfs = sqlite3_vfs_find(NULL);
+    cr_assert_not_null(s_real_vfs);
+    cr_assert_geq(s_real_vfs->iVersion, 3);
+    s_ff_vfs = *s_real_vfs;
+    s_ff_vfs.zName = "ml-test-full";
+    s_ff_vfs.szOsFile = (int)sizeof(ff_file_t) + s_real_vfs->szOsFile;
+    s_ff_vfs.xOpen = ff_open;
+    s_ff_vfs.pNext = NULL;
+    cr_assert_eq(sqlite3_vfs_register(&s_ff_vfs, 1), SQLITE_OK);
+}
+
+Test(store, disk_full_then_room)
+{
+    enum { N = 50 };
+    ff_install();
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    static put_rec_t a[N], b[N], c[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+
+    put_many(&loop, st, a, &log, N, 512, NULL);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(a[i].rc, 0);
+
+    /* The disk fills up: every put fails with ML_EFULL, and a delivery
+     * queued alongside is lost (to be delivered again) without harm. */
+    atomic_store(&s_disk_full, 1);
+    cr_assert_eq(ml_store_mark_delivered(st, a[0].seq), 0);
+    log.ncalls = 0;
+    put_many(&loop, st, b, &log, N, 512, NULL);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(b[i].rc, ML_EFULL, "put %d: %s", i, ml_strerror(b[i].rc));
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_geq(stats.failures, N);
+
+    /* Space comes back: the same store goes on without a restart. */
+    atomic_store(&s_disk_full, 0);
+    log.ncalls = 0;
+    put_many(&loop, st, c, &log, N, 512, NULL);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(c[i].rc, 0, "put %d after the disk emptied: %s", i, ml_strerror(c[i].rc));
+    cr_assert_eq(ml_store_mark_delivered(st, a[1].seq), 0);
+    close_all(&loop, &st);
+
+    uv_loop_init(&loop);
+    st = open_store(&loop, path, NULL);
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_assert_eq(s.n, 2 * N - 1, "%d pending", s.n);
+    for (int i = 0; i < N; i++) {
+        cr_assert(i == 1 || scan_has_seq(&s, a[i].seq));
+        cr_assert(scan_has_seq(&s, c[i].seq));
+    }
+    for (int k = 0; k < s.n; k++)
+        for (int i = 0; i < N; i++)
+            cr_assert_str_neq(s.id[k], b[i].id, "a refused put was stored");
+    scan_free(&s);
+    close_all(&loop, &st);
+}
+
+/* ---- crash: what was acknowledged survives SIGKILL --------------------- */
+
+typedef struct {
+    int fd;
+    char id[ML_ULID_LEN + 1];
+} crash_put_t;
+
+static void crash_put_cb(void *arg, int rc, int64_t seq, int duplicate)
+{
+    crash_put_t *p = arg;
+    if (rc != 0)
+        _exit(3);
+    char line[ML_ULID_LEN + 2];
+    memcpy(line, p->id, ML_ULID_LEN);
+    line[ML_ULID_LEN] = '\n';
+    /* One write per ack, under PIPE_BUF: atomic, so the parent never sees
+     * half an id. The ack leaves only once the callback has said stored. */
+    if (write(p->fd, line, sizeof line - 1) != (ssize_t)sizeof line - 1)
+        _exit(4);
+}
+
+/* Puts n messages and acknowledges each on fd as its callback reports it
+ * stored; never returns (the parent kills it). */
+static void crash_child(const char *path, int fd, int n)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = NULL;
+    /* Small groups: many transactions, so the kill is likely to land inside
+     * a commit rather than after the last one. */
+    ml_store_opts_t opts = {.batch_max = 50};
+    if (ml_store_open(&loop, path, &opts, &st, NULL, 0) != 0)
+        _exit(2);
+    crash_put_t *puts = calloc(n, sizeof *puts);
+    uint8_t env[1024];
+    for (int i = 0; i < n; i++) {
+        puts[i].fd = fd;
+        ml_ulid_new(puts[i].id);
+        make_envelope(env, sizeof env, i);
+        ml_store_msg_t m = make_msg(puts[i].id, 0, env, sizeof env);
+        if (ml_store_put(st, &m, crash_put_cb, &puts[i]) != 0)
+            _exit(5);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    /* Everything committed before the kill came: wait for it anyway, so
+     * the child always dies the same way. */
+    for (;;)
+        pause();
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+Test(store, acknowledged_puts_survive_sigkill)
+{
+    enum { N = 20000, KILL_AFTER = 1777 };
+    enum { LINE = ML_ULID_LEN + 1 };
+    char path[600];
+    db_path(path, sizeof path);
+    int pfd[2];
+    cr_assert_eq(pipe(pfd), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        close(pfd[0]);
+        crash_child(path, pfd[1], N);
+    }
+    close(pfd[1]);
+
+    /* Read acks; after KILL_AFTER of them, kill the child while it is still
+     * committing (from outside, as a crash would: the child gets no say),
+     * then read whatever it acknowledged before dying until EOF. */
+    size_t cap = (size_t)N * LINE + 1, used = 0;
+    char *buf = malloc(cap);
+    int killed = 0;
+    for (;;) {
+        ssize_t got = read(pfd[0], buf + used, cap - 1 - used);
+        if (got < 0 && errno == EINTR)
+            continue;
+        cr_assert_geq(got, 0);
+        if (got == 0)
+            break;
+        used += (size_t)got;
+        if (!killed && used / LINE >= KILL_AFTER) {
+            cr_assert_eq(kill(pid, SIGKILL), 0);
+            killed = 1;
+        }
+    }
+    close(pfd[0]);
+    int status = 0;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL,
+              "child did not die by SIGKILL (status %#x)", status);
+    cr_assert_eq(used % LINE, 0);
+    int acked = (int)(used / LINE);
+    cr_assert_geq(acked, KILL_AFTER);
+
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    scan_t s = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &s), 0);
+    cr_log_info("%d of %d puts acknowledged before the kill, %d rows after it", acked, N, s.n);
+    cr_assert_geq(s.n, acked);
+    cr_assert_leq(s.n, N);
+    qsort(s.id, s.n, sizeof s.id[0], cmp_id);
+    for (int i = 0; i < acked; i++) {
+        char id[ML_ULID_LEN + 1];
+        memcpy(id, buf + (size_t)i * LINE, ML_ULID_LEN);
+        id[ML_ULID_LEN] = '\0';
+        cr_assert_not_null(bsearch(id, s.id, s.n, sizeof s.id[0], cmp_id),
+                           "acknowledged %s (#%d) lost", id, i);
+    }
+    /* And the rows are whole: every envelope reads back complete. */
+    for (int k = 0; k < s.n; k++)
+        cr_assert_eq(s.len[k], 1024);
+    free(buf);
+    scan_free(&s);
+    close_all(&loop, &st);
+}
