@@ -45,7 +45,10 @@
 #define S_FLUSH_THRESHOLD (64 * 1024)
 #define S_BUCKETS 4096
 #define S_RID_MAX 255
-#define S_STORE_BACKLOG_MAX 200000
+/* Puts waiting for the store hold a copy of their envelope: bound them so
+ * a burst cannot grow the broker past its memory budget. */
+#define S_STORE_BACKLOG_MAX 16384
+#define S_STORE_BACKLOG_BYTES (32u * 1024 * 1024)
 
 enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
 
@@ -130,6 +133,7 @@ struct ml_broker {
     uv_check_t flush_check;
     int open_handles;
     uint64_t puts_pending;
+    uint64_t puts_pending_bytes;
 
     int64_t started_at;
     uint64_t accepted_total;
@@ -441,6 +445,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     ml_broker_t *b = p->b;
     ml_session_t *s = p->session;
     b->puts_pending--;
+    b->puts_pending_bytes -= p->size;
     if (s) {
         if (p->prev)
             p->prev->next = p->next;
@@ -507,7 +512,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
         return;
     }
-    if (b->puts_pending >= S_STORE_BACKLOG_MAX) {
+    if (b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES) {
         s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED,
                  "broker busy: store backlog full, retry later");
         return;
@@ -555,6 +560,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         return;
     }
     b->puts_pending++;
+    b->puts_pending_bytes += p->size;
     p->next = s->puts;
     if (s->puts)
         s->puts->prev = p;

@@ -67,7 +67,9 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
                   ml_store_t **out, char *err, size_t errlen);
 /* Commits everything still queued, stops the thread, closes both
  * connections. Callbacks for requests still in flight are not called.
- * Loop thread; clears *self_p; safe on NULL. */
+ * The uv_async handle is closed with uv_close, so the caller must run the
+ * loop once more before uv_loop_close. Loop thread; clears *self_p; safe
+ * on NULL. */
 void ml_store_close(ml_store_t **self_p);
 
 /* Queues an insert (the data is copied). cb is called later on the loop
