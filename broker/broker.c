@@ -102,6 +102,7 @@ struct ml_session {
 struct ml_put {
     ml_broker_t *b;
     ml_session_t *session;
+    ml_put_t **head; /* the list it is on: its session's, or orphans */
     ml_put_t *prev;
     ml_put_t *next;
     ml_nodestate_t *recipient;
@@ -134,6 +135,7 @@ struct ml_broker {
     int open_handles;
     uint64_t puts_pending;
     uint64_t puts_pending_bytes;
+    ml_put_t *orphans; /* puts whose session closed before the commit */
 
     int64_t started_at;
     uint64_t accepted_total;
@@ -446,14 +448,12 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     ml_session_t *s = p->session;
     b->puts_pending--;
     b->puts_pending_bytes -= p->size;
-    if (s) {
-        if (p->prev)
-            p->prev->next = p->next;
-        else
-            s->puts = p->next;
-        if (p->next)
-            p->next->prev = p->prev;
-    }
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        *p->head = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
     if (rc == 0) {
         if (!duplicate) {
             b->accepted_total++;
@@ -561,6 +561,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     }
     b->puts_pending++;
     b->puts_pending_bytes += p->size;
+    p->head = &s->puts;
     p->next = s->puts;
     if (s->puts)
         s->puts->prev = p;
@@ -912,9 +913,19 @@ static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason)
             s_requeue_inflight(ns);
         }
     }
-    for (ml_put_t *p = s->puts; p; p = p->next)
+    /* Their commits still complete (and queue the messages); only the
+     * answer to this session is no longer possible. */
+    while (s->puts) {
+        ml_put_t *p = s->puts;
+        s->puts = p->next;
         p->session = NULL;
-    s->puts = NULL;
+        p->head = &b->orphans;
+        p->prev = NULL;
+        p->next = b->orphans;
+        if (b->orphans)
+            b->orphans->prev = p;
+        b->orphans = p;
+    }
     s->state = S_CLOSED;
     s->serial = ++b->next_serial;
     ml_tls_session_destroy(&s->tls);
@@ -1133,8 +1144,15 @@ void ml_broker_destroy(ml_broker_t **self_p)
         zmq_close(b->router);
     if (b->zctx)
         zmq_ctx_term(b->zctx);
-    /* Commits whatever is still queued for the store. */
+    /* Commits whatever is still queued for the store (those callbacks are
+     * not called: the senders get no Accepted and will resend, which the
+     * unique id turns into a duplicate). */
     ml_store_close(&b->store);
+    while (b->orphans) {
+        ml_put_t *p = b->orphans;
+        b->orphans = p->next;
+        free(p);
+    }
     ml_tls_ctx_destroy(&b->tls);
     for (size_t i = 0; b->nodes && i < b->n_nodes; i++) {
         ml_queue_close(&b->nodes[i].queue);
