@@ -943,10 +943,13 @@ static int s_check_depth(const char *s, size_t len, char *err, size_t errlen)
             col = 0;
         }
         if (in_str) {
-            if (c == '\\')
-                i++, col++;
-            else if (c == '"')
+            if (c == '\\') {
+                /* Skip the escaped character, which may be a quote. */
+                i++;
+                col++;
+            } else if (c == '"') {
                 in_str = 0;
+            }
         } else if (c == '"') {
             in_str = 1;
         } else if (c == '{' || c == '[') {
