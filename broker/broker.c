@@ -58,12 +58,19 @@ typedef struct ml_put ml_put_t;
 typedef struct {
     ml_qitem_t item;
     int64_t sent_at;
+    int acked;
 } ml_inflight_t;
 
 typedef struct {
     const ml_node_t *node;
     ml_queue_t queue;
+    /* In-flight deliveries, in send order, in slots [if_head, if_head +
+     * if_len). Acks normally come in order, so an ack is O(1): it hits the
+     * head slot and the head advances. An out-of-order ack only flags its
+     * slot. n_inflight counts the unacked slots. */
     ml_inflight_t *inflight;
+    size_t if_head;
+    size_t if_len;
     size_t n_inflight;
     size_t cap_inflight;
     ml_session_t *deliver;
@@ -108,6 +115,7 @@ struct ml_put {
     ml_nodestate_t *recipient;
     int priority;
     uint32_t size;
+    uint8_t *blob; /* copy of the envelope when it may be delivered at once */
     char id[ML_ULID_LEN + 1];
 };
 
@@ -350,8 +358,8 @@ static void s_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int co
                      const char *reason)
 {
     b->refused_total++;
-    ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s", msg_id ? msg_id : "-",
-           s_who(s), reason);
+    ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s", msg_id ? msg_id : "-", s_who(s),
+           reason);
     s_send_nack(b, s, msg_id, code, reason);
 }
 
@@ -371,9 +379,40 @@ static ml_nodestate_t *s_nodestate(ml_broker_t *b, const char *id)
  * original order, so the next delivering session gets them first. */
 static void s_requeue_inflight(ml_nodestate_t *ns)
 {
-    for (size_t i = ns->n_inflight; i > 0; i--)
-        ml_queue_push_front(&ns->queue, &ns->inflight[i - 1].item);
-    ns->n_inflight = 0;
+    for (size_t i = ns->if_head + ns->if_len; i > ns->if_head; i--) {
+        if (!ns->inflight[i - 1].acked)
+            ml_queue_push_front(&ns->queue, &ns->inflight[i - 1].item);
+    }
+    ns->if_head = ns->if_len = ns->n_inflight = 0;
+}
+
+/* Appends a slot for a new delivery. Returns it, or NULL out of memory. */
+static ml_inflight_t *s_inflight_add(ml_nodestate_t *ns)
+{
+    if (ns->if_head + ns->if_len == ns->cap_inflight) {
+        if (ns->if_head > 0) {
+            memmove(ns->inflight, ns->inflight + ns->if_head, ns->if_len * sizeof *ns->inflight);
+            ns->if_head = 0;
+        } else {
+            size_t cap = ns->cap_inflight ? ns->cap_inflight * 2 : 64;
+            ml_inflight_t *p = realloc(ns->inflight, cap * sizeof *p);
+            if (!p)
+                return NULL;
+            ns->inflight = p;
+            ns->cap_inflight = cap;
+        }
+    }
+    ml_inflight_t *f = &ns->inflight[ns->if_head + ns->if_len];
+    ns->if_len++;
+    ns->n_inflight++;
+    f->acked = 0;
+    return f;
+}
+
+/* The oldest unacked delivery, or NULL. */
+static ml_inflight_t *s_inflight_oldest(ml_nodestate_t *ns)
+{
+    return ns->if_len > 0 ? &ns->inflight[ns->if_head] : NULL;
 }
 
 static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
@@ -392,25 +431,19 @@ static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
         if (rc != 0) {
             /* The index says queued but the row cannot be read: leave it
              * queued and try again on the next pump rather than lose it. */
-            ml_log(ML_LOG_ERROR, "delivery", "cannot read message %s (seq %lld) for %s: %s",
-                   it.id, (long long)it.seq, ns->node->id, ml_strerror(rc));
+            ml_log(ML_LOG_ERROR, "delivery", "cannot read message %s (seq %lld) for %s: %s", it.id,
+                   (long long)it.seq, ns->node->id, ml_strerror(rc));
             ml_queue_push_front(&ns->queue, &it);
             break;
         }
-        if (ns->n_inflight == ns->cap_inflight) {
-            size_t cap = ns->cap_inflight ? ns->cap_inflight * 2 : 64;
-            ml_inflight_t *p = realloc(ns->inflight, cap * sizeof *p);
-            if (!p) {
-                free(blob);
-                ml_queue_push_front(&ns->queue, &it);
-                break;
-            }
-            ns->inflight = p;
-            ns->cap_inflight = cap;
+        ml_inflight_t *f = s_inflight_add(ns);
+        if (!f) {
+            free(blob);
+            ml_queue_push_front(&ns->queue, &it);
+            break;
         }
-        ns->inflight[ns->n_inflight].item = it;
-        ns->inflight[ns->n_inflight].sent_at = ml_mono_ms();
-        ns->n_inflight++;
+        f->item = it;
+        f->sent_at = ml_mono_ms();
         rc = s_append(b, s, blob, len);
         free(blob);
         if (rc != 0 || ns->deliver != s)
@@ -421,13 +454,19 @@ static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
 static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
 {
     ml_nodestate_t *ns = s->ns;
-    for (size_t i = 0; i < ns->n_inflight; i++) {
-        if (strcmp(ns->inflight[i].item.id, msg_id) != 0)
+    for (size_t i = ns->if_head; i < ns->if_head + ns->if_len; i++) {
+        ml_inflight_t *f = &ns->inflight[i];
+        if (f->acked || strcmp(f->item.id, msg_id) != 0)
             continue;
-        ml_store_mark_delivered(b->store, ns->inflight[i].item.seq);
-        memmove(&ns->inflight[i], &ns->inflight[i + 1],
-                (ns->n_inflight - i - 1) * sizeof ns->inflight[0]);
+        ml_store_mark_delivered(b->store, f->item.seq);
+        f->acked = 1;
         ns->n_inflight--;
+        while (ns->if_len > 0 && ns->inflight[ns->if_head].acked) {
+            ns->if_head++;
+            ns->if_len--;
+        }
+        if (ns->if_len == 0)
+            ns->if_head = 0;
         ns->delivered++;
         b->delivered_total++;
         s_pump(b, ns);
@@ -464,11 +503,30 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             it.size = p->size;
             it.priority = (uint8_t)p->priority;
             memcpy(it.id, p->id, sizeof it.id);
+            ml_nodestate_t *ns = p->recipient;
+            ml_session_t *ds = ns->deliver;
+            /* Fast path: the recipient is connected, nothing is queued ahead
+             * of this message and the window has room, so deliver from the
+             * copy we hold instead of reading the row back. Same order as
+             * the queue would give. */
+            if (p->blob && ds && ds->state == S_READY && ml_queue_len(&ns->queue) == 0 &&
+                ns->n_inflight < (size_t)b->cfg->delivery_window) {
+                ml_inflight_t *f = s_inflight_add(ns);
+                if (f) {
+                    f->item = it;
+                    f->sent_at = ml_mono_ms();
+                    s_append(b, ds, p->blob, p->size);
+                    goto answered;
+                }
+            }
             if (ml_queue_push(&p->recipient->queue, &it) != 0)
-                ml_log(ML_LOG_ERROR, "router", "out of memory queueing %s; it stays in the store "
-                       "and is delivered after restart", p->id);
+                ml_log(ML_LOG_ERROR, "router",
+                       "out of memory queueing %s; it stays in the store "
+                       "and is delivered after restart",
+                       p->id);
             s_pump(b, p->recipient);
         }
+    answered:
         if (s && s->state == S_READY)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
@@ -479,6 +537,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             s_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
                      "store error: the message was not stored, retry later");
     }
+    free(p->blob);
     free(p);
 }
 
@@ -507,8 +566,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     int from_role = s->ns->node->role, to_role = rs->node->role;
     if (!ml_acl_allows(b->cfg, from_role, env->kind, to_role)) {
         snprintf(err, sizeof err, "forbidden route: role %s may not send %s to role %s (%s)",
-                 ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role),
-                 env->to);
+                 ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role), env->to);
         s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
         return;
     }
@@ -539,6 +597,14 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     p->recipient = rs;
     p->priority = env->priority;
     p->size = (uint32_t)len;
+    /* Keep a copy only when it can plausibly be delivered at once; a
+     * backlog is read back from the store instead, so memory stays flat. */
+    if (rs->deliver && ml_queue_len(&rs->queue) == 0 &&
+        rs->n_inflight < (size_t)b->cfg->delivery_window) {
+        p->blob = malloc(len ? len : 1);
+        if (p->blob)
+            memcpy(p->blob, rec, len);
+    }
     snprintf(p->id, sizeof p->id, "%s", id);
     ml_store_msg_t m = {
         .id = id,
@@ -555,6 +621,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     int rc = ml_store_put(b->store, &m, s_put_done, p);
     free(packed);
     if (rc != 0) {
+        free(p->blob);
         free(p);
         s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "store unavailable, retry later");
         return;
@@ -610,7 +677,9 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
         ni[i].last_seen = ns->last_seen;
         ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
         int64_t oldest = ml_queue_oldest(&ns->queue);
-        for (size_t j = 0; j < ns->n_inflight; j++) {
+        for (size_t j = ns->if_head; j < ns->if_head + ns->if_len; j++) {
+            if (ns->inflight[j].acked)
+                continue;
             int64_t t = ns->inflight[j].item.accepted_at;
             if (oldest == 0 || t < oldest)
                 oldest = t;
@@ -700,8 +769,8 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
             s_session_close(b, ns->deliver, "superseded by a newer session of the same node");
         ns->deliver = s;
     }
-    ml_log(ML_LOG_INFO, "session", "%s session %s up (%s, deliveries %s)", s->peer_id,
-           s->peer_hex, env->hello->software, s->deliveries ? "on" : "off");
+    ml_log(ML_LOG_INFO, "session", "%s session %s up (%s, deliveries %s)", s->peer_id, s->peer_hex,
+           env->hello->software, s->deliveries ? "on" : "off");
     Medlink__V1__Welcome w = MEDLINK__V1__WELCOME__INIT;
     w.node_id = s->peer_id;
     w.role = (char *)ml_role_name(ns->node->role);
@@ -821,9 +890,8 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
         if (n == 0)
             break;
         if (n < 0) {
-            s_session_close(b, s,
-                            n == ML_ECLOSED ? "peer closed the session"
-                                            : ml_tls_session_error(s->tls));
+            s_session_close(
+                b, s, n == ML_ECLOSED ? "peer closed the session" : ml_tls_session_error(s->tls));
             return;
         }
         int rc = ml_frame_reader_feed(s->reader, b->rxbuf, (size_t)n);
@@ -878,8 +946,10 @@ static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
         ml_session_t *s = s_find(b, zmq_msg_data(&rid), rlen);
         if (!s) {
             if (b->n_live >= (size_t)b->cfg->max_sessions) {
-                ml_log(ML_LOG_WARN, "session", "refused new connection: max_sessions (%ld) "
-                       "reached", b->cfg->max_sessions);
+                ml_log(ML_LOG_WARN, "session",
+                       "refused new connection: max_sessions (%ld) "
+                       "reached",
+                       b->cfg->max_sessions);
                 b->refused_total++;
                 goto next;
             }
@@ -964,9 +1034,10 @@ static void s_housekeeping_cb(uv_timer_t *t)
         case S_AWAIT_HELLO:
             if (now - s->created > b->cfg->handshake_timeout_ms) {
                 b->refused_total++;
-                ml_log(ML_LOG_WARN, "session", "refused session %s: no %s within the %ld ms "
-                       "handshake deadline", s->peer_hex,
-                       s->state == S_HANDSHAKE ? "TLS handshake" : "Hello",
+                ml_log(ML_LOG_WARN, "session",
+                       "refused session %s: no %s within the %ld ms "
+                       "handshake deadline",
+                       s->peer_hex, s->state == S_HANDSHAKE ? "TLS handshake" : "Hello",
                        b->cfg->handshake_timeout_ms);
                 s_session_close(b, s, NULL);
             }
@@ -983,9 +1054,12 @@ static void s_housekeeping_cb(uv_timer_t *t)
     }
     for (size_t i = 0; i < b->n_nodes; i++) {
         ml_nodestate_t *ns = &b->nodes[i];
-        if (ns->n_inflight > 0 && now - ns->inflight[0].sent_at > b->cfg->ack_timeout_ms) {
-            ml_log(ML_LOG_WARN, "delivery", "%s: no ack within %ld ms for %zu message(s); "
-                   "resending", ns->node->id, b->cfg->ack_timeout_ms, ns->n_inflight);
+        ml_inflight_t *oldest = s_inflight_oldest(ns);
+        if (oldest && now - oldest->sent_at > b->cfg->ack_timeout_ms) {
+            ml_log(ML_LOG_WARN, "delivery",
+                   "%s: no ack within %ld ms for %zu message(s); "
+                   "resending",
+                   ns->node->id, b->cfg->ack_timeout_ms, ns->n_inflight);
             s_requeue_inflight(ns);
             s_pump(b, ns);
         }
@@ -1000,8 +1074,10 @@ static void s_load_pending(void *arg, const ml_store_row_t *row)
     ml_broker_t *b = arg;
     ml_nodestate_t *ns = s_nodestate(b, row->recipient);
     if (!ns) {
-        ml_log(ML_LOG_WARN, "store", "queued message %s is for %s, which is no longer in the "
-               "node registry; it stays in the store", row->id, row->recipient);
+        ml_log(ML_LOG_WARN, "store",
+               "queued message %s is for %s, which is no longer in the "
+               "node registry; it stays in the store",
+               row->id, row->recipient);
         return;
     }
     ml_qitem_t it;
@@ -1050,8 +1126,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
 
     char path[4096];
     if (ml_mkdirs(b->cfg->data_dir) != 0) {
-        snprintf(err, errlen, "cannot create data_dir %s: %s", b->cfg->data_dir,
-                 strerror(errno));
+        snprintf(err, errlen, "cannot create data_dir %s: %s", b->cfg->data_dir, strerror(errno));
         rc = ML_EIO;
         goto fail;
     }
@@ -1083,8 +1158,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     zmq_setsockopt(b->router, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(b->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (zmq_bind(b->router, b->cfg->listen) != 0) {
-        snprintf(err, errlen, "cannot listen on %s: %s", b->cfg->listen,
-                 zmq_strerror(zmq_errno()));
+        snprintf(err, errlen, "cannot listen on %s: %s", b->cfg->listen, zmq_strerror(zmq_errno()));
         goto fail;
     }
     size_t eplen = sizeof b->endpoint;
@@ -1099,15 +1173,16 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     b->open_handles = 2;
     uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
     uv_check_start(&b->flush_check, s_flush_cb);
-    ml_log(ML_LOG_INFO, "broker", "%s listening on %s; %zu nodes registered; %zu message(s) "
-           "queued from the store", b->cfg->broker_id, b->endpoint, b->n_nodes, queued);
+    ml_log(ML_LOG_INFO, "broker",
+           "%s listening on %s; %zu nodes registered; %zu message(s) "
+           "queued from the store",
+           b->cfg->broker_id, b->endpoint, b->n_nodes, queued);
     *out = b;
     return 0;
-fail:
-    {
-        ml_broker_t *tmp = b;
-        ml_broker_destroy(&tmp);
-    }
+fail : {
+    ml_broker_t *tmp = b;
+    ml_broker_destroy(&tmp);
+}
     return rc;
 }
 
@@ -1151,6 +1226,7 @@ void ml_broker_destroy(ml_broker_t **self_p)
     while (b->orphans) {
         ml_put_t *p = b->orphans;
         b->orphans = p->next;
+        free(p->blob);
         free(p);
     }
     ml_tls_ctx_destroy(&b->tls);

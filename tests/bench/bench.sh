@@ -41,7 +41,8 @@ nodes=(medlinkd.bench county.bench.hospital)
 for i in $(seq 1 "$CLINICS"); do nodes+=("$(printf 'township.bench%02d.clinic' "$i")"); done
 "$ROOT/deploy/pki.sh" --dir "$W/pki" "${nodes[@]}" >/dev/null
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$((20000 + RANDOM % 20000))
+while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
 write_config() {
     {
         printf '[broker]\nid = medlinkd.bench\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s\n' "$PORT" "$1"
@@ -62,8 +63,10 @@ stop_broker() { kill -TERM "$BROKER_PID"; wait "$BROKER_PID" || true; BROKER_PID
 kv() { grep "^$1 " "$2" | awk '{print $2}'; }
 rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
 
-echo "== raw ZeroMQ ceiling ($SIZE-byte frames)"
-"$BENCH" raw --size "$SIZE" --count 1000000 | tee "$W/raw.txt"
+echo "== raw ZeroMQ ceiling ($SIZE-byte frames), best of 3 (a high ceiling keeps the ratio honest)"
+: >"$W/raw.all"
+for _ in 1 2 3; do "$BENCH" raw --size "$SIZE" --count 1000000 | tee -a "$W/raw.all"; done
+sort -k2 -n -r <(grep '^raw_frames_per_s' "$W/raw.all") | head -n 1 >"$W/raw.txt"
 
 echo "== durable end to end: $CLINICS clinics -> medlinkd -> 1 hospital, $COUNT x $SIZE B"
 write_config "$W/data1"
