@@ -866,9 +866,9 @@ int main(int argc, char **argv)
     int rc = s_connection(&o, f_broker, f_node, f_ca, f_cert, f_key);
     if (rc != 0)
         goto out;
-    /* Warnings and errors only, unless asked: the channel's progress lines
+    /* Errors only, unless asked: the channel's progress lines
      * would drown the answer. A refused session is logged as an error. */
-    ml_log_set_level(o.verbose ? ML_LOG_DEBUG : ML_LOG_WARN);
+    ml_log_set_level(o.verbose ? ML_LOG_DEBUG : ML_LOG_ERROR);
     signal(SIGPIPE, SIG_IGN);
     rc = s_run(&r);
 out:
