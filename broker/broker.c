@@ -261,8 +261,8 @@ static int s_send_cipher(ml_broker_t *b, ml_session_t *s)
         size_t n = ml_tls_session_take_out(s->tls, buf, sizeof buf);
         if (n == 0)
             break;
-        if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE) < 0 ||
-            zmq_send(b->router, buf, n, 0) < 0) {
+        if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+            zmq_send(b->router, buf, n, ZMQ_DONTWAIT) < 0) {
             /* EHOSTUNREACH: ROUTER_MANDATORY says the peer is gone. */
             return ML_ECLOSED;
         }

@@ -86,9 +86,11 @@ static int s_send_cipher(ml_channel_t *ch)
         size_t n = ml_tls_session_take_out(ch->tls, buf, sizeof buf);
         if (n == 0)
             break;
-        /* SNDHWM is 0 (unlimited) on our socket, so this does not fail
-         * with EAGAIN; memory is bounded by max_buffered above us. */
-        if (zmq_send(ch->sock, buf, n, 0) < 0) {
+        /* Never block the loop: SNDHWM is 0 (unlimited), so EAGAIN here
+         * means the DEALER has no connected peer at all (the broker went
+         * away and libzmq's own reconnect is off): the connection is lost.
+         * Memory is bounded by max_buffered above us. */
+        if (zmq_send(ch->sock, buf, n, ZMQ_DONTWAIT) < 0) {
             if (zmq_errno() == EINTR)
                 continue;
             return ML_EIO;
@@ -111,7 +113,7 @@ static void s_flush(ml_channel_t *ch)
         ch->out_len = 0;
     }
     if (s_send_cipher(ch) != 0)
-        s_teardown(ch, "zmq_send failed");
+        s_teardown(ch, "cannot send to the broker (no connection)");
 }
 
 static int s_append_record(ml_channel_t *ch, const uint8_t *data, size_t len)
