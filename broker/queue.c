@@ -26,8 +26,12 @@ void ml_queue_init(ml_queue_t *q)
 
 void ml_queue_close(ml_queue_t *q)
 {
-    for (int i = 0; i < ML_PRIORITY_COUNT; i++)
-        free(q->ring[i].items);
+    for (int i = 0; i < ML_PRIORITY_COUNT; i++) {
+        ml_ring_t *r = &q->ring[i];
+        for (size_t k = 0; k < r->len; k++)
+            free(r->items[(r->head + k) % r->cap].blob);
+        free(r->items);
+    }
     memset(q, 0, sizeof *q);
 }
 

@@ -18,6 +18,7 @@
 typedef struct {
     int64_t seq;
     int64_t accepted_at;
+    uint8_t *blob; /* owned copy of the envelope, or NULL: read it from the store */
     uint32_t size;
     uint8_t priority;
     char id[ML_ULID_LEN + 1];
@@ -36,6 +37,7 @@ typedef struct {
 } ml_queue_t;
 
 void ml_queue_init(ml_queue_t *q);
+/* Frees the rings and any blobs still held by items. */
 void ml_queue_close(ml_queue_t *q);
 /* Appends at the tail of the item's priority. O(1) amortised. Returns 0 or
  * ML_ENOMEM. */
