@@ -1000,6 +1000,15 @@ static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason)
     if (reason)
         ml_log(s->state == S_READY ? ML_LOG_INFO : ML_LOG_WARN, "session",
                "%s session %s closed: %s", s_who(s), s->peer_hex, reason);
+    if (s->tls && ml_tls_session_established(s->tls)) {
+        /* Tell the peer now (what is buffered, then close_notify) rather
+         * than let it find out at its heartbeat timeout. Best effort and
+         * without s_flush, which would come back here on a failure. */
+        if (s->out_len > 0)
+            ml_tls_session_write(s->tls, s->out, s->out_len);
+        ml_tls_session_close(s->tls);
+        s_send_cipher(b, s);
+    }
     if (s->state == S_READY) {
         ml_nodestate_t *ns = s->ns;
         ns->online--;
