@@ -106,7 +106,8 @@ INBOX_FILE=$(find "$RUN/spool/$COUNTY/inbox" -maxdepth 1 -name '*.json' | head -
 echo "$INBOX_FILE:"
 cat "$INBOX_FILE"
 wait_for 1 "$RUN/spool/$XINZHAN/sent" 10 || fail "clinic's file not moved to sent/"
-echo "clinic side: $(ls "$RUN/spool/$XINZHAN/sent") moved to sent/ (accepted by the broker)"
+echo "clinic side: sent/$(ls "$RUN/spool/$XINZHAN/sent") written (accepted by the broker):"
+grep -E '"(id|caseId)"' "$RUN/spool/$XINZHAN/sent/"*.json
 CASE_ID=$(grep -o '"caseId": *"[^"]*"' "$INBOX_FILE" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/')
 [ -n "$CASE_ID" ] || fail "no caseId in the delivered referral"
 

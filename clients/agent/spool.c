@@ -594,13 +594,19 @@ static void s_finish(ml_spool_t *sp, const s_row_t *r)
     if (!*r->file_name)
         return;
     if (r->state == ML_OUTBOX_ACCEPTED) {
-        if (s_rename(sp, S_PENDING, r->file_name, S_SENT, r->file_name) < 0) {
-            if (errno != ENOENT)
-                ml_log(ML_LOG_ERROR, S_LOG, "cannot move pending/%s to sent/: %s", r->file_name,
+        /* sent/NAME is the envelope as it was sent, with the id, caseId,
+         * from and createdAt the agent filled in: that is how the local
+         * system learns which case a referral it wrote became. */
+        char p[S_PATH_MAX];
+        if (s_write_rendered(sp, S_SENT, r->file_name, r->env, r->len) == 0) {
+            if (s_path(sp, S_PENDING, r->file_name, p, sizeof p) == 0 && unlink(p) != 0 &&
+                errno != ENOENT)
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot remove pending/%s: %s", r->file_name,
                        strerror(errno));
-            else if (!s_exists(sp, S_SENT, r->file_name) &&
-                     s_write_rendered(sp, S_SENT, r->file_name, r->env, r->len) < 0)
-                ml_log(ML_LOG_ERROR, S_LOG, "cannot write sent/%s", r->file_name);
+        } else if (s_rename(sp, S_PENDING, r->file_name, S_SENT, r->file_name) < 0 &&
+                   errno != ENOENT) {
+            ml_log(ML_LOG_ERROR, S_LOG, "cannot move pending/%s to sent/: %s", r->file_name,
+                   strerror(errno));
         }
         ml_log(ML_LOG_INFO, S_LOG, "%s (message %s) accepted by the broker", r->file_name, r->id);
     } else if (r->state == ML_OUTBOX_REJECTED) {
