@@ -347,10 +347,14 @@ static void s_close_mon(ml_channel_t *ch)
 /* Throws the connection away and schedules a reconnect. */
 static void s_teardown(ml_channel_t *ch, const char *reason)
 {
+    /* reason often points into the TLS session destroyed below: copy it. */
+    char why[256];
+    snprintf(why, sizeof why, "%s", reason ? reason : "unknown reason");
+    reason = why;
     int was_up = ch->state == S_UP;
     if (ch->state != S_DOWN || ch->sock)
         ml_log(was_up ? ML_LOG_WARN : ML_LOG_INFO, "channel", "%s: connection dropped: %s",
-               ch->node_id, reason ? reason : "unknown reason");
+               ch->node_id, reason);
     ch->conn_no++;
     ml_zwatch_destroy(&ch->watch);
     if (ch->sock) {

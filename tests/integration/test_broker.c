@@ -128,8 +128,12 @@ static void s_cli_close(cli_t *c)
 {
     ml_channel_destroy(&c->ch);
     uv_walk(&c->loop, s_walk_close, NULL);
-    uv_run(&c->loop, UV_RUN_DEFAULT);
-    uv_loop_close(&c->loop);
+    /* s_on_state calls uv_stop as the channel goes down, so run until the
+     * close callbacks have all been called. */
+    while (uv_run(&c->loop, UV_RUN_DEFAULT) != 0)
+        ;
+    int rc = uv_loop_close(&c->loop);
+    cr_assert_eq(rc, 0, "client loop still has handles: %s", uv_strerror(rc));
     ml_tls_ctx_destroy(&c->tls);
     zmq_ctx_term(c->zctx);
     for (int i = 0; i < c->n; i++)
