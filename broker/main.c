@@ -95,18 +95,21 @@ int main(int argc, char **argv)
 
     uv_loop_t loop;
     uv_loop_init(&loop);
-    if (ml_broker_new(&loop, &cfg, &s_broker, err, sizeof err) != 0) {
-        fprintf(stderr, "medlinkd: %s\n", err);
-        ml_broker_config_destroy(&cfg);
-        uv_run(&loop, UV_RUN_DEFAULT);
-        uv_loop_close(&loop);
-        return 1;
-    }
+    /* Signals first, so that a SIGTERM arriving during start-up (store
+     * open, queue scan) still ends in a clean shutdown. */
     uv_signal_t sigint, sigterm;
     uv_signal_init(&loop, &sigint);
     uv_signal_init(&loop, &sigterm);
     uv_signal_start(&sigint, s_stop_cb, SIGINT);
     uv_signal_start(&sigterm, s_stop_cb, SIGTERM);
+    if (ml_broker_new(&loop, &cfg, &s_broker, err, sizeof err) != 0) {
+        fprintf(stderr, "medlinkd: %s\n", err);
+        ml_broker_config_destroy(&cfg);
+        uv_walk(&loop, s_close_walk, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        uv_loop_close(&loop);
+        return 1;
+    }
     uv_run(&loop, UV_RUN_DEFAULT);
     ml_broker_destroy(&s_broker);
     uv_run(&loop, UV_RUN_DEFAULT);

@@ -88,15 +88,21 @@ int main(int argc, char **argv)
     uv_loop_t loop;
     s_main_t m = {0};
     uv_loop_init(&loop);
-    if (ml_agent_new(&loop, &cfg, &m.agent, err, sizeof err) < 0) {
-        ml_log(ML_LOG_ERROR, "agent", "%s", err);
-        goto out;
-    }
+    /* Signals first: a SIGTERM that arrives while the agent is still
+     * opening its store must stop it cleanly, not kill it (the signal is
+     * held by libuv and handled once the loop runs). */
     uv_signal_init(&loop, &m.sigint);
     uv_signal_init(&loop, &m.sigterm);
     m.sigint.data = m.sigterm.data = &m;
     uv_signal_start(&m.sigint, s_signal_cb, SIGINT);
     uv_signal_start(&m.sigterm, s_signal_cb, SIGTERM);
+    if (ml_agent_new(&loop, &cfg, &m.agent, err, sizeof err) < 0) {
+        ml_log(ML_LOG_ERROR, "agent", "%s", err);
+        uv_close((uv_handle_t *)&m.sigint, NULL);
+        uv_close((uv_handle_t *)&m.sigterm, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        goto out;
+    }
     uv_run(&loop, UV_RUN_DEFAULT);
     ml_agent_destroy(&m.agent);
     ml_log(ML_LOG_INFO, "agent", "stopped");
