@@ -190,9 +190,22 @@ static int s_stop(pid_t *pid, int sig)
     return st;
 }
 
+/* A sanitizer report in a daemon's log fails the test even when the
+ * daemon limped on (ASan+UBSan builds, deploy/test.sh --sanitize). */
+static void s_check_log(const h_world_t *w, const char *name)
+{
+    static const char *const bad[] = {"AddressSanitizer", "LeakSanitizer", "runtime error:",
+                                      "UndefinedBehaviorSanitizer"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        cr_assert_eq(h_log_contains(w, name, bad[i]), 0, "%s/%s reports %s", w->dir, name,
+                     bad[i]);
+}
+
 void h_broker_stop(h_world_t *w)
 {
+    s_check_log(w, "broker.log");
     int st = s_stop(&w->broker, SIGTERM);
+    s_check_log(w, "broker.log");
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "medlinkd did not exit cleanly (status %d)",
               st);
 }
@@ -246,6 +259,9 @@ void h_agent_stop(h_world_t *w, const char *node)
     if (i < 0)
         return;
     int st = s_stop(&w->agents[i], SIGTERM);
+    char log[128];
+    snprintf(log, sizeof log, "agent-%s.log", node);
+    s_check_log(w, log);
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent %s did not exit cleanly (%d)", node,
               st);
 }
