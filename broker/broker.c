@@ -60,6 +60,14 @@
 enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
 
 typedef struct ml_session ml_session_t;
+
+typedef struct {
+    char id[ML_ULID_LEN + 1];
+    uint8_t duplicate;
+} ml_accid_t;
+
+/* Most ids in one cumulative Accepted (~110 KB record). */
+#define S_ACC_MAX 4096
 typedef struct ml_put ml_put_t;
 
 typedef struct {
@@ -109,6 +117,10 @@ struct ml_session {
     size_t out_len;
     size_t out_cap;
     ml_put_t *puts;
+    /* Accepted answers not yet sent: one cumulative Accepted per flush. */
+    ml_accid_t *acc;
+    size_t n_acc;
+    size_t cap_acc;
     char peer_hex[24];
 };
 
@@ -251,6 +263,7 @@ static void s_session_free(ml_broker_t *b, ml_session_t *s)
     ml_frame_reader_destroy(&s->reader);
     free(s->peer_id);
     free(s->out);
+    free(s->acc);
     free(s);
 }
 
@@ -288,9 +301,15 @@ static int s_send_cipher(ml_broker_t *b, ml_session_t *s)
 }
 
 /* Pushes buffered plaintext through TLS and out. */
+static void s_emit_accepted(ml_broker_t *b, ml_session_t *s);
+
 static void s_flush(ml_broker_t *b, ml_session_t *s)
 {
     if (s->state == S_CLOSED || !s->tls)
+        return;
+    if (s->n_acc > 0)
+        s_emit_accepted(b, s);
+    if (s->state == S_CLOSED)
         return;
     if (s->out_len > 0 && ml_tls_session_established(s->tls)) {
         if (ml_tls_session_write(s->tls, s->out, s->out_len) != 0) {
@@ -360,15 +379,61 @@ static void s_send_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int
     s_reply(b, s, &env);
 }
 
-static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup)
+/* Sends one Accepted for every answer collected since the last one. */
+static void s_emit_accepted(ml_broker_t *b, ml_session_t *s)
 {
+    size_t n = s->n_acc;
+    if (n == 0 || s->state != S_READY)
+        return;
+    s->n_acc = 0; /* s_reply may flush, which comes back here */
+    char **ids = malloc(n * sizeof *ids);
+    char **dups = malloc(n * sizeof *dups);
+    if (!ids || !dups) {
+        /* The senders resend after their next reconnect; the store turns
+         * that into duplicates. */
+        free(ids);
+        free(dups);
+        return;
+    }
+    size_t nd = 0;
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = s->acc[i].id;
+        if (s->acc[i].duplicate)
+            dups[nd++] = s->acc[i].id;
+    }
     Medlink__V1__Accepted acc = MEDLINK__V1__ACCEPTED__INIT;
-    acc.message_id = (char *)msg_id;
-    acc.duplicate = dup ? 1 : 0;
+    acc.n_message_ids = n;
+    acc.message_ids = ids;
+    acc.n_duplicate_ids = nd;
+    acc.duplicate_ids = dups;
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED;
     env.accepted = &acc;
     s_reply(b, s, &env);
+    free(ids);
+    free(dups);
+}
+
+/* Collects an Accepted answer; it goes out with the session's next flush
+ * (end of this loop iteration), together with the others committed in the
+ * same group. O(1) amortised. */
+static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup)
+{
+    if (s->n_acc == s->cap_acc) {
+        size_t cap = s->cap_acc ? s->cap_acc * 2 : 64;
+        ml_accid_t *p = realloc(s->acc, cap * sizeof *p);
+        if (!p)
+            return; /* the sender resends; see s_emit_accepted */
+        s->acc = p;
+        s->cap_acc = cap;
+    }
+    snprintf(s->acc[s->n_acc].id, sizeof s->acc[0].id, "%s", msg_id);
+    s->acc[s->n_acc].duplicate = dup ? 1 : 0;
+    s->n_acc++;
+    if (s->n_acc >= S_ACC_MAX)
+        s_emit_accepted(b, s);
+    else
+        s_mark_dirty(b, s);
 }
 
 static void s_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
@@ -838,7 +903,8 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
         break;
     }
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ACK:
-        s_on_ack(b, s, env->ack->message_id);
+        for (size_t i = 0; i < env->ack->n_message_ids && s->state == S_READY; i++)
+            s_on_ack(b, s, env->ack->message_ids[i]);
         break;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REQUEST:
         s_admin(b, s, env);

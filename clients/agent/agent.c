@@ -297,14 +297,16 @@ nomem:
     ml_log(ML_LOG_ERROR, S_LOG, "out of memory receiving %s; it will be delivered again", env->id);
 }
 
-static void s_send_ack(ml_agent_t *a, const char *message_id)
+/* Acknowledges n stored deliveries with one cumulative Ack. */
+static void s_send_ack(ml_agent_t *a, char **message_ids, size_t n)
 {
     const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
     char id[ML_ULID_LEN + 1];
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
     ml_ulid_new(id);
-    ack.message_id = (char *)message_id;
+    ack.n_message_ids = n;
+    ack.message_ids = message_ids;
     env.id = id;
     env.from = a->node_id;
     env.to = w && w->broker ? w->broker : "";
@@ -315,8 +317,8 @@ static void s_send_ack(ml_agent_t *a, const char *message_id)
     int rc = ml_channel_send(a->ch, &env);
     if (rc < 0)
         /* Stored already; the broker resends and we ack the duplicate. */
-        ml_log(ML_LOG_DEBUG, S_LOG, "ack for %s not sent (%s); broker will redeliver", message_id,
-               ml_strerror(rc));
+        ml_log(ML_LOG_DEBUG, S_LOG, "ack for %zu message(s) not sent (%s); broker will redeliver",
+               n, ml_strerror(rc));
 }
 
 static void s_flush_rx(ml_agent_t *a)
@@ -336,8 +338,15 @@ static void s_flush_rx(ml_agent_t *a)
         /* Ack only what is durably stored, duplicates included (the broker
          * needs the Ack to stop resending). */
         if (ml_spool_receive(a->spool, m, a->n_rx) == 0 && ml_channel_is_up(a->ch)) {
-            for (size_t i = 0; i < a->n_rx; i++)
-                s_send_ack(a, a->rx[i].id);
+            char **ids = malloc(a->n_rx * sizeof *ids);
+            if (ids) {
+                for (size_t i = 0; i < a->n_rx; i++)
+                    ids[i] = a->rx[i].id;
+                /* One Ack per 4096 ids keeps the record well under max_record. */
+                for (size_t i = 0; i < a->n_rx; i += 4096)
+                    s_send_ack(a, ids + i, a->n_rx - i < 4096 ? a->n_rx - i : 4096);
+                free(ids);
+            }
         }
         free(m);
     }
@@ -440,11 +449,13 @@ static void s_schedule_pump(ml_agent_t *a, uint64_t delay_ms)
 static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
 {
     if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED) {
-        const char *id = env->accepted->message_id;
-        if (!id || !*id)
-            return;
-        s_idset_del(&a->inflight, id);
-        s_push_answer(a, id, 1, NULL);
+        for (size_t i = 0; i < env->accepted->n_message_ids; i++) {
+            const char *id = env->accepted->message_ids[i];
+            if (!id || !*id)
+                continue;
+            s_idset_del(&a->inflight, id);
+            s_push_answer(a, id, 1, NULL);
+        }
         a->backoff_ms = 0;
         a->pump_due = 1;
         return;

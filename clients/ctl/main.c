@@ -497,12 +497,21 @@ static int s_print_status(s_run_t *r, const Medlink__V1__AdminReply *rep)
     return S_EXIT_OK;
 }
 
+/* 1 if id is one of the n ids (cumulative acknowledgements). */
+static int s_lists(char **ids, size_t n, const char *id)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(ids[i], id) == 0)
+            return 1;
+    return 0;
+}
+
 static int s_print_accepted(s_run_t *r, const Medlink__V1__Accepted *acc)
 {
     if (r->o->json) {
         json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:b}", "result", "accepted", "messageId",
                               r->msg->id, "caseId", r->msg->case_id, "to", r->msg->to, "duplicate",
-                              acc->duplicate ? 1 : 0);
+                              s_lists(acc->duplicate_ids, acc->n_duplicate_ids, r->req_id));
         char *s = j ? json_dumps(j, JSON_INDENT(2)) : NULL;
         if (s)
             printf("%s\n", s);
@@ -510,7 +519,9 @@ static int s_print_accepted(s_run_t *r, const Medlink__V1__Accepted *acc)
         json_decref(j);
     } else {
         printf("accepted: message %s, case %s%s\n", r->msg->id, r->msg->case_id,
-               acc->duplicate ? " (already accepted before)" : "");
+               s_lists(acc->duplicate_ids, acc->n_duplicate_ids, r->req_id)
+                   ? " (already accepted before)"
+                   : "");
     }
     return S_EXIT_OK;
 }
@@ -590,7 +601,8 @@ static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
             s_finish(r, s_print_status(r, env->admin_reply));
         return;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED:
-        if (r->cmd != S_CMD_STATUS && strcmp(env->accepted->message_id, r->req_id) == 0)
+        if (r->cmd != S_CMD_STATUS &&
+            s_lists(env->accepted->message_ids, env->accepted->n_message_ids, r->req_id))
             s_finish(r, s_print_accepted(r, env->accepted));
         return;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_NACK:

@@ -125,12 +125,15 @@ typedef struct {
     long refused;
     long delivered;
     long dup_delivered;
-    uint64_t *lat;  /* ns, per delivered message */
-    uint8_t *seen;  /* per message index */
+    uint64_t *lat; /* ns, per delivered message */
+    uint8_t *seen; /* per message index */
     uint64_t t_start;
     uint64_t t_accepted;
     uint64_t t_delivered;
     uv_timer_t tick;
+    uv_check_t ack_check; /* the hospital acks once per loop iteration */
+    char **ack_ids;
+    size_t n_ack;
     char *pad;
     uint64_t *sent_at; /* per message index */
 } bench_t;
@@ -140,7 +143,7 @@ struct clinic {
     char id[64];
     ml_tls_ctx_t *tls;
     ml_channel_t *ch;
-    long next;     /* next index this clinic sends (strided) */
+    long next; /* next index this clinic sends (strided) */
     long inflight;
     long acked;
 };
@@ -208,8 +211,9 @@ static void s_clinic_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
     clinic_t *c = arg;
     bench_t *b = c->b;
     if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED) {
-        c->inflight--;
-        b->accepted++;
+        long n = (long)env->accepted->n_message_ids;
+        c->inflight -= n;
+        b->accepted += n;
         if (b->accepted + b->refused == b->count)
             b->t_accepted = s_ns();
     } else if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_NACK) {
@@ -252,20 +256,35 @@ static void s_hospital_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
             b->dup_delivered++;
         }
     }
+    /* Like the agent: collect, and acknowledge the whole batch at the end
+     * of this loop iteration (s_ack_cb). */
+    b->ack_ids = realloc(b->ack_ids, (b->n_ack + 1) * sizeof *b->ack_ids);
+    b->ack_ids[b->n_ack++] = strdup(env->id);
+    s_maybe_done(b);
+}
+
+static void s_ack_cb(uv_check_t *h)
+{
+    bench_t *b = h->data;
+    if (b->n_ack == 0 || !b->hospital || !ml_channel_is_up(b->hospital))
+        return;
     Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
-    ack.message_id = env->id;
+    ack.n_message_ids = b->n_ack;
+    ack.message_ids = b->ack_ids;
     char id[ML_ULID_LEN + 1];
     ml_ulid_new(id);
     ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
     e.id = id;
     e.kind = MEDLINK__V1__KIND__KIND_ACK;
     e.from = "county.bench.hospital";
-    e.to = (char *)ml_channel_welcome(ch)->broker;
+    e.to = (char *)ml_channel_welcome(b->hospital)->broker;
     e.created_at = ml_now_ms();
     e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACK;
     e.ack = &ack;
-    ml_channel_send(ch, &e);
-    s_maybe_done(b);
+    ml_channel_send(b->hospital, &e);
+    for (size_t i = 0; i < b->n_ack; i++)
+        free(b->ack_ids[i]);
+    b->n_ack = 0;
 }
 
 static int s_cmp_u64(const void *a, const void *b)
@@ -347,6 +366,9 @@ static int s_e2e(void)
                                   .arg = c};
         ml_channel_new(&b->loop, b->zctx, &cc, &c->ch);
     }
+    uv_check_init(&b->loop, &b->ack_check);
+    b->ack_check.data = b;
+    uv_check_start(&b->ack_check, s_ack_cb);
     uv_timer_init(&b->loop, &b->tick);
     b->tick.data = b;
     uv_timer_start(&b->tick, s_tick, 100, 100);
@@ -368,6 +390,7 @@ static int s_e2e(void)
         ml_channel_destroy(&b->clinics[i].ch);
     ml_channel_destroy(&b->hospital);
     uv_timer_stop(&b->tick);
+    uv_check_stop(&b->ack_check);
     uv_walk(&b->loop, s_walk_close, NULL);
     uv_run(&b->loop, UV_RUN_DEFAULT);
     for (int i = 0; i < b->n_clinics; i++)
@@ -379,6 +402,7 @@ static int s_e2e(void)
     free(b->seen);
     free(b->sent_at);
     free(b->pad);
+    free(b->ack_ids);
     free(b->clinics);
     return b->accepted == b->count ? 0 : 1;
 }

@@ -245,7 +245,8 @@ Test(broker, refusals_name_the_reason_and_the_broker_keeps_serving)
     s_referral(&r, H_XINZHAN, H_COUNTY, "Good Referral", 2);
     ml_envelope_t *ok = s_send_wait(&c, &r.env);
     cr_assert_eq(ok->payload_case, MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED);
-    cr_assert_str_eq(ok->accepted->message_id, r.id);
+    cr_assert_eq(ok->accepted->n_message_ids, 1);
+    cr_assert_str_eq(ok->accepted->message_ids[0], r.id);
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 10000), 1);
     cr_assert_eq(c.downs, 0, "refusals must not drop the session");
     cr_assert_geq(h_log_contains(&W, "broker.log", "refused message"), 5);
@@ -291,18 +292,20 @@ Test(broker, duplicate_id_accepted_twice_delivered_once)
     s_referral(&r, H_XINZHAN, H_COUNTY, "Sent Twice", 1);
     ml_envelope_t *a = s_send_wait(&c, &r.env);
     cr_assert_eq(a->payload_case, MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED);
-    cr_assert_eq(a->accepted->duplicate, 0);
+    cr_assert_eq(a->accepted->n_duplicate_ids, 0);
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 10000), 1);
     ml_envelope_t *b = s_send_wait(&c, &r.env);
     cr_assert_eq(b->payload_case, MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED);
-    cr_assert_eq(b->accepted->duplicate, 1, "the second copy must be reported as a duplicate");
+    cr_assert_eq(b->accepted->n_duplicate_ids, 1,
+                 "the second copy must be reported as a duplicate");
+    cr_assert_str_eq(b->accepted->duplicate_ids[0], r.id);
     /* Also after a broker restart: dedupe is by the stored id, not memory. */
     s_cli_close(&c);
     h_broker_stop(&W);
     h_broker_start(&W);
     s_cli_open(&c, H_XINZHAN, 0);
     ml_envelope_t *d = s_send_wait(&c, &r.env);
-    cr_assert_eq(d->accepted->duplicate, 1);
+    cr_assert_eq(d->accepted->n_duplicate_ids, 1);
     h_sleep_ms(1500);
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 1, "a duplicate reached the inbox");
     s_cli_close(&c);
