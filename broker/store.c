@@ -731,6 +731,11 @@ void ml_store_close(ml_store_t **self_p)
     uv_mutex_unlock(&st->mu);
     /* The thread commits everything still queued before it returns. */
     uv_thread_join(&st->thread);
+    ml_log(ML_LOG_INFO, S_COMPONENT,
+           "%s closed: %llu messages stored in %llu transactions (%llu duplicates, %llu failed)",
+           st->path, (unsigned long long)st->stats.puts,
+           (unsigned long long)st->stats.transactions, (unsigned long long)st->stats.duplicates,
+           (unsigned long long)st->stats.failures);
 
     s_release(st);
     uv_close((uv_handle_t *)&st->async, s_async_close_cb);
