@@ -14,6 +14,14 @@
  * cap their page cache, so the broker's memory does not grow with the number
  * of queued messages: envelopes stay on disk until fetched one at a time.
  *
+ * A third connection belongs to the checkpointer thread, which copies WAL
+ * frames into the database every 50 ms with PASSIVE checkpoints (they never
+ * block the writer). Checkpointing is ~20% of the write work; done on the
+ * store thread it sits on the path every Accepted waits for, done here it
+ * runs on the other core. Measured with per-thread CPU: the store thread's
+ * time per 200,000 messages fell from 2.0-2.8 s to 1.6-1.9 s and end-to-end
+ * throughput rose 10-30% (docs/performance.md).
+ *
  * The async handle keeps the loop alive only while puts are in flight, the
  * way libuv's own handles behave: uv_run(UV_RUN_DEFAULT) returns once every
  * callback has run. ml_store_close is synchronous for the database (it
@@ -82,6 +90,16 @@ struct ml_store {
     int64_t page_size;
     int mu_ok;
     int async_ok;
+
+    /* The checkpointer: its own connection and thread copy WAL frames into
+     * the database (PASSIVE checkpoints, which never block the writer), so
+     * that work stays off the store thread, the serial path every Accepted
+     * waits on. The writer keeps a high wal_autocheckpoint as a backstop in
+     * case the checkpointer falls behind. */
+    uv_thread_t ckpt_thread;
+    uv_cond_t ckpt_cv;
+    sqlite3 *ck;
+    int ckpt_ok;
 
     /* Guarded by mu. */
     ml_store_req_t *head, *tail;           /* waiting for the store thread */
@@ -246,7 +264,7 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
      * burst does not leave a huge file behind. */
     src = sqlite3_exec(
         st->wr,
-        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=10000;"
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=16384;"
         " PRAGMA journal_size_limit=67108864;",
         NULL, NULL, NULL);
     if (src != SQLITE_OK)
@@ -358,6 +376,8 @@ static void s_release(ml_store_t *st)
     if (sqlite3_close(st->rd) != SQLITE_OK)
         ml_log(ML_LOG_ERROR, S_COMPONENT, "closing the reader of %s: %s", st->path,
                sqlite3_errmsg(st->rd));
+    sqlite3_close(st->ck);
+    st->ck = NULL;
     if (sqlite3_close(st->wr) != SQLITE_OK)
         ml_log(ML_LOG_ERROR, S_COMPONENT, "closing %s: %s", st->path, sqlite3_errmsg(st->wr));
     st->rd = st->wr = NULL;
@@ -552,6 +572,28 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
     return failed;
 }
 
+/* Every S_CKPT_MS, copies committed WAL frames into the database. */
+#define S_CKPT_MS 50
+static void s_ckpt_main(void *arg)
+{
+    pthread_setname_np(pthread_self(), "ml-ckpt");
+    ml_store_t *st = arg;
+    uv_mutex_lock(&st->mu);
+    while (!st->stopping) {
+        uv_cond_timedwait(&st->ckpt_cv, &st->mu, (uint64_t)S_CKPT_MS * 1000000u);
+        if (st->stopping)
+            break;
+        uv_mutex_unlock(&st->mu);
+        int nlog = 0, nckpt = 0;
+        int src = sqlite3_wal_checkpoint_v2(st->ck, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog, &nckpt);
+        if (src != SQLITE_OK && src != SQLITE_BUSY)
+            ml_log(ML_LOG_WARN, S_COMPONENT, "checkpoint of %s: %s", st->path,
+                   sqlite3_errmsg(st->ck));
+        uv_mutex_lock(&st->mu);
+    }
+    uv_mutex_unlock(&st->mu);
+}
+
 static void s_thread_main(void *arg)
 {
     /* A name in top/perf: the store thread is the broker's other core. */
@@ -701,6 +743,18 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
         s_seterr(err, errlen, "%s: cannot start the store thread: %s", path, uv_strerror(uvrc));
         goto out;
     }
+    /* Without a checkpointer the writer's own autocheckpoint still keeps
+     * the WAL bounded, so a failure here is worth a warning only. */
+    if (sqlite3_open_v2(path, &st->ck, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) ==
+            SQLITE_OK &&
+        s_tune(st->ck) == SQLITE_OK && uv_cond_init(&st->ckpt_cv) == 0) {
+        if (uv_thread_create(&st->ckpt_thread, s_ckpt_main, st) == 0)
+            st->ckpt_ok = 1;
+        else
+            uv_cond_destroy(&st->ckpt_cv);
+    }
+    if (!st->ckpt_ok)
+        ml_log(ML_LOG_WARN, S_COMPONENT, "%s: no checkpoint thread; the writer checkpoints", path);
     rc = 0;
 out:
     if (rc != 0) {
@@ -728,14 +782,20 @@ void ml_store_close(ml_store_t **self_p)
     uv_mutex_lock(&st->mu);
     st->stopping = 1;
     uv_cond_signal(&st->cv);
+    if (st->ckpt_ok)
+        uv_cond_signal(&st->ckpt_cv);
     uv_mutex_unlock(&st->mu);
     /* The thread commits everything still queued before it returns. */
     uv_thread_join(&st->thread);
+    if (st->ckpt_ok) {
+        uv_thread_join(&st->ckpt_thread);
+        uv_cond_destroy(&st->ckpt_cv);
+        st->ckpt_ok = 0;
+    }
     ml_log(ML_LOG_INFO, S_COMPONENT,
            "%s closed: %llu messages stored in %llu transactions (%llu duplicates, %llu failed)",
-           st->path, (unsigned long long)st->stats.puts,
-           (unsigned long long)st->stats.transactions, (unsigned long long)st->stats.duplicates,
-           (unsigned long long)st->stats.failures);
+           st->path, (unsigned long long)st->stats.puts, (unsigned long long)st->stats.transactions,
+           (unsigned long long)st->stats.duplicates, (unsigned long long)st->stats.failures);
 
     s_release(st);
     uv_close((uv_handle_t *)&st->async, s_async_close_cb);
