@@ -293,8 +293,10 @@ static int s_send_cipher(ml_broker_t *b, ml_session_t *s)
             break;
         if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
             zmq_send(b->router, buf, n, ZMQ_DONTWAIT) < 0) {
-            /* EHOSTUNREACH: ROUTER_MANDATORY says the peer is gone. */
-            return ML_ECLOSED;
+            /* EHOSTUNREACH: ROUTER_MANDATORY says the peer is gone.
+             * EAGAIN: its queue reached SNDHWM, i.e. it is not reading
+             * what we send; a stream with a hole is useless, so close. */
+            return zmq_errno() == EAGAIN ? ML_EFULL : ML_ECLOSED;
         }
     }
     return 0;
@@ -318,7 +320,10 @@ static void s_flush(ml_broker_t *b, ml_session_t *s)
         }
         s->out_len = 0;
     }
-    if (s_send_cipher(b, s) != 0)
+    int rc = s_send_cipher(b, s);
+    if (rc == ML_EFULL)
+        s_session_close(b, s, "peer is not reading: its send queue is full");
+    else if (rc != 0)
         s_session_close(b, s, "peer unreachable");
 }
 
@@ -327,6 +332,14 @@ static int s_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t 
     if (s->state == S_CLOSED)
         return ML_ECLOSED;
     size_t need = s->out_len + ML_FRAME_HEADER + len;
+    if (s->out_len > 0 && need > (size_t)b->cfg->session_buffer) {
+        /* session_buffer bounds the plaintext waiting for TLS: push out what
+         * is there first (then it holds one record, <= max_record). */
+        s_flush(b, s);
+        if (s->state == S_CLOSED)
+            return ML_ECLOSED;
+        need = ML_FRAME_HEADER + len;
+    }
     if (need > s->out_cap) {
         size_t cap = s->out_cap ? s->out_cap : 16 * 1024;
         while (cap < need)
@@ -1253,7 +1266,13 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     int one = 1, zero = 0, linger = 0;
     int64_t maxmsg = S_FRAME_MAX * 4;
     zmq_setsockopt(b->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    zmq_setsockopt(b->router, ZMQ_SNDHWM, &zero, sizeof zero);
+    /* Per-peer outbound queue, in frames: room for a full delivery window
+     * of maximum-size records (cut into S_FRAME_MAX frames) plus replies.
+     * What we queue is bounded by the window and by what the peer sends; a
+     * peer that stops reading fills this and is dropped (s_flush). */
+    long frames_per_record = b->cfg->max_record / S_FRAME_MAX + 2;
+    int sndhwm = (int)(b->cfg->delivery_window * frames_per_record + 1024);
+    zmq_setsockopt(b->router, ZMQ_SNDHWM, &sndhwm, sizeof sndhwm);
     zmq_setsockopt(b->router, ZMQ_RCVHWM, &zero, sizeof zero);
     zmq_setsockopt(b->router, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(b->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
