@@ -164,19 +164,6 @@ static const char s_schema[] =
      * Case lookups will come with a cases table of their own. */
     "";
 
-static void s_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void s_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int s_prepare(sqlite3 *db, const char *sql, sqlite3_stmt **out)
 {
     /* PERSISTENT: these statements live as long as the store, which tells
@@ -299,10 +286,10 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     rc = 0;
 out:
     if (rc != 0 && why[0])
-        s_seterr(err, errlen, "%s: %s", st->path, why);
+        ml_seterr(err, errlen, "%s: %s", st->path, why);
     else if (rc != 0)
-        s_seterr(err, errlen, "cannot %s %s: %s", what, st->path,
-                 st->wr ? sqlite3_errmsg(st->wr) : sqlite3_errstr(src));
+        ml_seterr(err, errlen, "cannot %s %s: %s", what, st->path,
+                  st->wr ? sqlite3_errmsg(st->wr) : sqlite3_errstr(src));
     if (in_txn && !sqlite3_get_autocommit(st->wr))
         sqlite3_exec(st->wr, "ROLLBACK", NULL, NULL, NULL);
     sqlite3_finalize(mode);
@@ -342,8 +329,8 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (s_prepare(all[i].db, all[i].sql, all[i].stmt) != SQLITE_OK) {
-            s_seterr(err, errlen, "cannot prepare statements on %s: %s", st->path,
-                     sqlite3_errmsg(all[i].db));
+            ml_seterr(err, errlen, "cannot prepare statements on %s: %s", st->path,
+                      sqlite3_errmsg(all[i].db));
             return ML_ESTORE;
         }
     }
@@ -683,20 +670,20 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
                   char *err, size_t errlen)
 {
     int rc = ML_ESTORE;
-    s_seterr(err, errlen, "%s", "");
+    ml_seterr(err, errlen, "%s", "");
     if (!loop || !path || !out) {
-        s_seterr(err, errlen, "ml_store_open: missing argument");
+        ml_seterr(err, errlen, "ml_store_open: missing argument");
         return ML_EINVAL;
     }
     *out = NULL;
     if (!sqlite3_threadsafe()) {
-        s_seterr(err, errlen, "%s: SQLite was built without thread support", path);
+        ml_seterr(err, errlen, "%s: SQLite was built without thread support", path);
         return ML_ESTORE;
     }
     ml_store_t *st = calloc(1, sizeof *st);
     if (!st || !(st->path = strdup(path))) {
         free(st);
-        s_seterr(err, errlen, "%s: out of memory", path);
+        ml_seterr(err, errlen, "%s: out of memory", path);
         return ML_ENOMEM;
     }
     st->loop = loop;
@@ -712,8 +699,8 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     if (src == SQLITE_OK)
         src = s_tune(st->rd);
     if (src != SQLITE_OK) {
-        s_seterr(err, errlen, "cannot open %s for reading: %s", path,
-                 st->rd ? sqlite3_errmsg(st->rd) : sqlite3_errstr(src));
+        ml_seterr(err, errlen, "cannot open %s for reading: %s", path,
+                  st->rd ? sqlite3_errmsg(st->rd) : sqlite3_errstr(src));
         goto out;
     }
     if ((rc = s_prepare_all(st, err, errlen)) != 0)
@@ -721,18 +708,19 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
 
     rc = ML_ESTORE;
     if (uv_mutex_init(&st->mu) != 0) {
-        s_seterr(err, errlen, "%s: cannot create the store mutex", path);
+        ml_seterr(err, errlen, "%s: cannot create the store mutex", path);
         goto out;
     }
     if (uv_cond_init(&st->cv) != 0) {
         uv_mutex_destroy(&st->mu);
-        s_seterr(err, errlen, "%s: cannot create the store condition", path);
+        ml_seterr(err, errlen, "%s: cannot create the store condition", path);
         goto out;
     }
     st->mu_ok = 1;
     int uvrc = uv_async_init(loop, &st->async, s_async_cb);
     if (uvrc != 0) {
-        s_seterr(err, errlen, "%s: cannot create the store's wake-up: %s", path, uv_strerror(uvrc));
+        ml_seterr(err, errlen, "%s: cannot create the store's wake-up: %s", path,
+                  uv_strerror(uvrc));
         goto out;
     }
     st->async.data = st;
@@ -740,7 +728,7 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     /* Idle until a put is in flight (see the file comment). */
     uv_unref((uv_handle_t *)&st->async);
     if ((uvrc = uv_thread_create(&st->thread, s_thread_main, st)) != 0) {
-        s_seterr(err, errlen, "%s: cannot start the store thread: %s", path, uv_strerror(uvrc));
+        ml_seterr(err, errlen, "%s: cannot start the store thread: %s", path, uv_strerror(uvrc));
         goto out;
     }
     /* Without a checkpointer the writer's own autocheckpoint still keeps

@@ -18,25 +18,53 @@
 const char *ml_strerror(int rc)
 {
     switch (rc) {
-    case ML_OK: return "ok";
-    case ML_EINVAL: return "invalid argument or input";
-    case ML_ENOMEM: return "out of memory";
-    case ML_EIO: return "I/O error";
-    case ML_EPROTO: return "protocol error";
-    case ML_ETLS: return "TLS error";
-    case ML_EAGAIN: return "try again";
-    case ML_ETOOBIG: return "too large";
-    case ML_ETRUNC: return "truncated";
-    case ML_ENOTFOUND: return "not found";
-    case ML_EDUP: return "duplicate";
-    case ML_EFULL: return "full";
-    case ML_ECLOSED: return "closed";
-    case ML_EDENIED: return "denied";
-    case ML_ESTORE: return "store error";
-    case ML_ECONFIG: return "configuration error";
-    case ML_ETIMEDOUT: return "timed out";
-    default: return "unknown error";
+    case ML_OK:
+        return "ok";
+    case ML_EINVAL:
+        return "invalid argument or input";
+    case ML_ENOMEM:
+        return "out of memory";
+    case ML_EIO:
+        return "I/O error";
+    case ML_EPROTO:
+        return "protocol error";
+    case ML_ETLS:
+        return "TLS error";
+    case ML_EAGAIN:
+        return "try again";
+    case ML_ETOOBIG:
+        return "too large";
+    case ML_ETRUNC:
+        return "truncated";
+    case ML_ENOTFOUND:
+        return "not found";
+    case ML_EDUP:
+        return "duplicate";
+    case ML_EFULL:
+        return "full";
+    case ML_ECLOSED:
+        return "closed";
+    case ML_EDENIED:
+        return "denied";
+    case ML_ESTORE:
+        return "store error";
+    case ML_ECONFIG:
+        return "configuration error";
+    case ML_ETIMEDOUT:
+        return "timed out";
+    default:
+        return "unknown error";
     }
+}
+
+void ml_seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
 }
 
 static int s_log_level = ML_LOG_INFO;
@@ -221,14 +249,13 @@ int ml_write_file_atomic(const char *path, const void *data, size_t len)
         close(dfd);
     }
     return 0;
-out:
-    {
-        int saved = errno;
-        if (fd >= 0)
-            close(fd);
-        unlink(tmp);
-        errno = saved;
-    }
+out : {
+    int saved = errno;
+    if (fd >= 0)
+        close(fd);
+    unlink(tmp);
+    errno = saved;
+}
     return rc;
 }
 

@@ -31,6 +31,12 @@ enum {
 /* Returns a static, human-readable name for an ML_E* code. */
 const char *ml_strerror(int rc);
 
+/* Formats a message into a caller's error buffer (err may be NULL or
+ * errlen 0: then nothing is written). The common way modules say what went
+ * wrong beyond their return code. */
+void ml_seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* Logging. Lines go to stderr as
  *   2026-11-22T13:36:48.123Z level component: message
  * so that journald and log files read the same. Thread-safe (one write(2)

@@ -58,19 +58,6 @@ struct s_load {
     char msg[256];
 };
 
-static void s_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void s_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static void s_load_fail(struct s_load *st, int rc, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -254,36 +241,36 @@ int ml_ini_load(const char *path, ml_ini_t **out, char *err, size_t errlen)
     struct s_load st = {0};
     int rc = 0;
     if (!path || !out) {
-        s_err(err, errlen, "no configuration file given");
+        ml_seterr(err, errlen, "no configuration file given");
         return ML_ECONFIG;
     }
     st.section = "";
     st.fp = fopen(path, "r");
     if (!st.fp) {
-        s_err(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        ml_seterr(err, errlen, "cannot open %s: %s", path, strerror(errno));
         return ML_ECONFIG;
     }
     st.ini = calloc(1, sizeof *st.ini);
     if (!st.ini || !(st.ini->path = strdup(path)) || !(st.ini->dir = s_dir_of(path))) {
-        s_err(err, errlen, "%s: out of memory", path);
+        ml_seterr(err, errlen, "%s: out of memory", path);
         rc = ML_ENOMEM;
         goto out;
     }
     int bad_line = ini_parse_stream(s_reader, &st, s_handler, &st);
     if (st.rc) {
-        s_err(err, errlen, "%s:%d: %s", path, st.line, st.msg);
+        ml_seterr(err, errlen, "%s:%d: %s", path, st.line, st.msg);
         rc = st.rc == ML_ENOMEM ? ML_ENOMEM : ML_ECONFIG;
         goto out;
     }
     if (bad_line == -2) {
-        s_err(err, errlen, "%s: out of memory", path);
+        ml_seterr(err, errlen, "%s: out of memory", path);
         rc = ML_ENOMEM;
         goto out;
     }
     if (bad_line != 0) {
-        s_err(err, errlen,
-              "%s:%d: cannot parse this line (expected [section], key = value or a comment)", path,
-              bad_line);
+        ml_seterr(err, errlen,
+                  "%s:%d: cannot parse this line (expected [section], key = value or a comment)",
+                  path, bad_line);
         rc = ML_ECONFIG;
         goto out;
     }
@@ -346,13 +333,13 @@ int ml_ini_get_long(const ml_ini_t *ini, const char *section, const char *key, l
     errno = 0;
     long v = strtol(e->value, &end, 10);
     if (end == e->value || *end || isspace((unsigned char)e->value[0])) {
-        s_err(err, errlen, "%s:%d: [%s] %s = \"%s\" is not a whole number", ini->path, e->line,
-              section, key, e->value);
+        ml_seterr(err, errlen, "%s:%d: [%s] %s = \"%s\" is not a whole number", ini->path, e->line,
+                  section, key, e->value);
         return ML_ECONFIG;
     }
     if (errno == ERANGE || v < min || v > max) {
-        s_err(err, errlen, "%s:%d: [%s] %s = %s is out of range (%ld to %ld)", ini->path, e->line,
-              section, key, e->value, min, max);
+        ml_seterr(err, errlen, "%s:%d: [%s] %s = %s is out of range (%ld to %ld)", ini->path,
+                  e->line, section, key, e->value, min, max);
         return ML_ECONFIG;
     }
     *out = v;

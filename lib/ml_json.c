@@ -42,19 +42,6 @@ struct s_walk {
     size_t plen;
 };
 
-static void s_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void s_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Writes "path: message" (or just the message at the root) into the
  * caller's error buffer. Returns ML_EINVAL so callers can `return
  * s_fail(...)`. */
@@ -68,9 +55,9 @@ static int s_fail(struct s_walk *w, const char *fmt, ...)
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     if (w->plen > 0)
-        s_err(w->err, w->errlen, "%s: %s", w->path, msg);
+        ml_seterr(w->err, w->errlen, "%s: %s", w->path, msg);
     else
-        s_err(w->err, w->errlen, "%s", msg);
+        ml_seterr(w->err, w->errlen, "%s", msg);
     return ML_EINVAL;
 }
 
@@ -528,19 +515,19 @@ int ml_json_encode(const ProtobufCMessage *msg, int flags, char **out, char *err
     json_t *root = NULL;
     int rc;
     if (!msg || !msg->descriptor || !out) {
-        s_err(err, errlen, "no message to encode");
+        ml_seterr(err, errlen, "no message to encode");
         return ML_EINVAL;
     }
     rc = s_encode_message(&w, msg, flags, 1, &root);
     if (rc < 0) {
         if (rc == ML_ENOMEM)
-            s_err(err, errlen, "out of memory");
+            ml_seterr(err, errlen, "out of memory");
         goto out;
     }
     size_t dflags = (flags & ML_JSON_PRETTY) ? JSON_INDENT(2) : JSON_COMPACT;
     char *text = json_dumps(root, dflags);
     if (!text) {
-        s_err(err, errlen, "out of memory");
+        ml_seterr(err, errlen, "out of memory");
         rc = ML_ENOMEM;
         goto out;
     }
@@ -954,8 +941,8 @@ static int s_check_depth(const char *s, size_t len, char *err, size_t errlen)
             in_str = 1;
         } else if (c == '{' || c == '[') {
             if (++depth > ML_JSON_MAX_DEPTH) {
-                s_err(err, errlen, "line %zu, column %zu: nesting deeper than %d levels", line, col,
-                      ML_JSON_MAX_DEPTH);
+                ml_seterr(err, errlen, "line %zu, column %zu: nesting deeper than %d levels", line,
+                          col, ML_JSON_MAX_DEPTH);
                 return ML_EINVAL;
             }
         } else if (c == '}' || c == ']') {
@@ -974,7 +961,7 @@ int ml_json_decode(const ProtobufCMessageDescriptor *desc, const char *json, siz
     ProtobufCMessage *msg = NULL;
     int rc;
     if (!desc || (!json && len > 0) || !out) {
-        s_err(err, errlen, "bad arguments");
+        ml_seterr(err, errlen, "bad arguments");
         return ML_EINVAL;
     }
     if ((rc = s_check_depth(json, len, err, errlen)) < 0)
@@ -984,13 +971,13 @@ int ml_json_decode(const ProtobufCMessageDescriptor *desc, const char *json, siz
      * protobuf-c strings are C strings. */
     root = json_loadb(json ? json : "", len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
-        s_err(err, errlen, "malformed JSON at line %d, column %d: %s", jerr.line, jerr.column,
-              jerr.text);
+        ml_seterr(err, errlen, "malformed JSON at line %d, column %d: %s", jerr.line, jerr.column,
+                  jerr.text);
         return ML_EINVAL;
     }
     if (!json_is_object(root)) {
-        s_err(err, errlen, "expected a JSON object for %s, got %s", desc->name,
-              s_json_type_name(root));
+        ml_seterr(err, errlen, "expected a JSON object for %s, got %s", desc->name,
+                  s_json_type_name(root));
         rc = ML_EINVAL;
         goto out;
     }
@@ -1006,7 +993,7 @@ int ml_json_decode(const ProtobufCMessageDescriptor *desc, const char *json, siz
     msg = NULL;
 out:
     if (rc == ML_ENOMEM)
-        s_err(err, errlen, "out of memory");
+        ml_seterr(err, errlen, "out of memory");
     if (msg)
         protobuf_c_message_free_unpacked(msg, NULL);
     json_decref(root);

@@ -60,19 +60,6 @@ struct ml_tls_session {
     char err[512];
 };
 
-static void s_set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void s_set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Writes the reason of the oldest queued OpenSSL error (the root cause; the
  * later ones are usually "PEM lib" and the like) and empties the queue. */
 static void s_openssl_reason(char *buf, size_t len)
@@ -106,12 +93,12 @@ static int s_no_password_cb(char *buf, int size, int rwflag, void *arg)
 static int s_check_file(const char *path, const char *what, char *err, size_t errlen)
 {
     if (!path || !*path) {
-        s_set_err(err, errlen, "TLS configuration: no %s given", what);
+        ml_seterr(err, errlen, "TLS configuration: no %s given", what);
         return ML_ECONFIG;
     }
     FILE *f = fopen(path, "r");
     if (!f) {
-        s_set_err(err, errlen, "cannot read %s %s: %s", what, path, strerror(errno));
+        ml_seterr(err, errlen, "cannot read %s %s: %s", what, path, strerror(errno));
         return ML_ECONFIG;
     }
     fclose(f);
@@ -161,14 +148,14 @@ static int s_read_pem(const char *path, int want_crls, STACK_OF(X509) * *certs,
     bio = BIO_new_file(path, "r");
     if (!bio) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot open %s: %s", path, why);
+        ml_seterr(err, errlen, "cannot open %s: %s", path, why);
         rc = ML_ECONFIG;
         goto out;
     }
     infos = PEM_X509_INFO_read_bio(bio, NULL, s_no_password_cb, NULL);
     if (!infos) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot parse %s: %s", path, why);
+        ml_seterr(err, errlen, "cannot parse %s: %s", path, why);
         goto out;
     }
     if (want_crls)
@@ -177,7 +164,7 @@ static int s_read_pem(const char *path, int want_crls, STACK_OF(X509) * *certs,
         *certs = sk_X509_new_null();
     if (want_crls ? !*crls : !*certs) {
         rc = ML_ENOMEM;
-        s_set_err(err, errlen, "out of memory reading %s", path);
+        ml_seterr(err, errlen, "out of memory reading %s", path);
         goto out;
     }
     for (int i = 0; i < sk_X509_INFO_num(infos); i++) {
@@ -199,14 +186,14 @@ static int s_read_pem(const char *path, int want_crls, STACK_OF(X509) * *certs,
         }
     }
     if (want_crls ? sk_X509_CRL_num(*crls) == 0 : sk_X509_num(*certs) == 0) {
-        s_set_err(err, errlen, "%s contains no %s", path, want_crls ? "CRL" : "PEM certificate");
+        ml_seterr(err, errlen, "%s contains no %s", path, want_crls ? "CRL" : "PEM certificate");
         goto out;
     }
     rc = 0;
 out:
     if (rc < 0) {
         if (rc == ML_ENOMEM)
-            s_set_err(err, errlen, "out of memory reading %s", path);
+            ml_seterr(err, errlen, "out of memory reading %s", path);
         if (certs && *certs) {
             sk_X509_pop_free(*certs, X509_free);
             *certs = NULL;
@@ -239,17 +226,17 @@ static int s_check_crl(STACK_OF(X509) * cas, const char *ca_file, X509_CRL *crl,
     }
     ERR_clear_error();
     if (!signed_ok) {
-        s_set_err(err, errlen, "CRL file %s is not signed by a CA of %s", path, ca_file);
+        ml_seterr(err, errlen, "CRL file %s is not signed by a CA of %s", path, ca_file);
         return ML_ETLS;
     }
     const ASN1_TIME *next = X509_CRL_get0_nextUpdate(crl);
     if (next && X509_cmp_current_time(next) <= 0) {
-        s_set_err(err, errlen, "CRL file %s has expired (past its next update); issue a new one",
+        ml_seterr(err, errlen, "CRL file %s has expired (past its next update); issue a new one",
                   path);
         return ML_ETLS;
     }
     if (X509_cmp_current_time(X509_CRL_get0_lastUpdate(crl)) > 0) {
-        s_set_err(err, errlen, "CRL file %s is not valid yet (check the clock)", path);
+        ml_seterr(err, errlen, "CRL file %s is not valid yet (check the clock)", path);
         return ML_ETLS;
     }
     return 0;
@@ -266,12 +253,12 @@ static int s_build_store(STACK_OF(X509) * cas, const char *ca_file, const char *
 
     store = X509_STORE_new();
     if (!store) {
-        s_set_err(err, errlen, "out of memory building the TLS verification store");
+        ml_seterr(err, errlen, "out of memory building the TLS verification store");
         goto out;
     }
     for (int i = 0; i < sk_X509_num(cas); i++) {
         if (!X509_STORE_add_cert(store, sk_X509_value(cas, i))) {
-            s_set_err(err, errlen, "out of memory building the TLS verification store");
+            ml_seterr(err, errlen, "out of memory building the TLS verification store");
             goto out;
         }
     }
@@ -289,7 +276,7 @@ static int s_build_store(STACK_OF(X509) * cas, const char *ca_file, const char *
                 goto out;
             if (!X509_STORE_add_crl(store, crl)) {
                 rc = ML_ENOMEM;
-                s_set_err(err, errlen, "out of memory loading CRL file %s", crl_file);
+                ml_seterr(err, errlen, "out of memory loading CRL file %s", crl_file);
                 goto out;
             }
         }
@@ -316,14 +303,14 @@ static int s_load_key(const char *path, EVP_PKEY **out, char *err, size_t errlen
     BIO *bio = BIO_new_file(path, "r");
     if (!bio) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot open private key file %s: %s", path, why);
+        ml_seterr(err, errlen, "cannot open private key file %s: %s", path, why);
         return ML_ECONFIG;
     }
     *out = PEM_read_bio_PrivateKey(bio, NULL, s_no_password_cb, NULL);
     BIO_free(bio);
     if (!*out) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen,
+        ml_seterr(err, errlen,
                   "cannot load private key file %s: %s (expected an unencrypted PEM key)", path,
                   why);
         return ML_ETLS;
@@ -342,9 +329,9 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
 
     if (out)
         *out = NULL;
-    s_set_err(err, errlen, "no error");
+    ml_seterr(err, errlen, "no error");
     if (!cfg || !out) {
-        s_set_err(err, errlen, "TLS configuration missing");
+        ml_seterr(err, errlen, "TLS configuration missing");
         return ML_EINVAL;
     }
     if ((rc = s_check_file(cfg->ca_file, "CA file", err, errlen)) < 0 ||
@@ -356,14 +343,14 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     rc = ML_ENOMEM;
     ctx = calloc(1, sizeof *ctx);
     if (!ctx || !(ctx->ca_file = strdup(cfg->ca_file))) {
-        s_set_err(err, errlen, "out of memory creating the TLS context");
+        ml_seterr(err, errlen, "out of memory creating the TLS context");
         goto out;
     }
     ctx->is_server = cfg->is_server ? 1 : 0;
     ctx->ssl_ctx = SSL_CTX_new(ctx->is_server ? TLS_server_method() : TLS_client_method());
     if (!ctx->ssl_ctx) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot create the TLS context: %s", why);
+        ml_seterr(err, errlen, "cannot create the TLS context: %s", why);
         rc = ML_ETLS;
         goto out;
     }
@@ -371,7 +358,7 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     if (!SSL_CTX_set_min_proto_version(ctx->ssl_ctx, TLS1_3_VERSION) ||
         !SSL_CTX_set_max_proto_version(ctx->ssl_ctx, TLS1_3_VERSION)) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot restrict the TLS context to TLS 1.3: %s", why);
+        ml_seterr(err, errlen, "cannot restrict the TLS context to TLS 1.3: %s", why);
         goto out;
     }
 
@@ -382,7 +369,7 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     rc = ML_ETLS;
     if (SSL_CTX_use_certificate_chain_file(ctx->ssl_ctx, cfg->cert_file) != 1) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot load certificate file %s: %s", cfg->cert_file, why);
+        ml_seterr(err, errlen, "cannot load certificate file %s: %s", cfg->cert_file, why);
         goto out;
     }
     cert = SSL_CTX_get0_certificate(ctx->ssl_ctx);
@@ -392,18 +379,18 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     rc = ML_ETLS;
     if (X509_check_private_key(cert, key) != 1) {
         ERR_clear_error();
-        s_set_err(err, errlen, "private key file %s does not match certificate file %s",
+        ml_seterr(err, errlen, "private key file %s does not match certificate file %s",
                   cfg->key_file, cfg->cert_file);
         goto out;
     }
     if (SSL_CTX_use_PrivateKey(ctx->ssl_ctx, key) != 1 ||
         SSL_CTX_check_private_key(ctx->ssl_ctx) != 1) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot use private key file %s: %s", cfg->key_file, why);
+        ml_seterr(err, errlen, "cannot use private key file %s: %s", cfg->key_file, why);
         goto out;
     }
     if (s_subject_cn(cert, ctx->own_id, sizeof ctx->own_id) < 0) {
-        s_set_err(err, errlen, "certificate file %s has no usable subject CN (the node id)",
+        ml_seterr(err, errlen, "certificate file %s has no usable subject CN (the node id)",
                   cfg->cert_file);
         rc = ML_ECONFIG;
         goto out;
@@ -415,7 +402,7 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     rc = ML_ETLS;
     if (!SSL_CTX_set1_verify_cert_store(ctx->ssl_ctx, store)) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot install the TLS verification store: %s", why);
+        ml_seterr(err, errlen, "cannot install the TLS verification store: %s", why);
         goto out;
     }
     /* Mutual authentication is the point: a peer without a certificate is
@@ -436,7 +423,7 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
 
     *out = ctx;
     ctx = NULL;
-    s_set_err(err, errlen, "no error");
+    ml_seterr(err, errlen, "no error");
     rc = 0;
 out:
     X509_STORE_free(store);
@@ -469,13 +456,13 @@ int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, si
     X509_STORE *store = NULL;
     char why[256];
 
-    s_set_err(err, errlen, "no error");
+    ml_seterr(err, errlen, "no error");
     rc = s_build_store(ctx->cas, ctx->ca_file, crl_file, &store, err, errlen);
     if (rc < 0)
         goto out;
     if (!SSL_CTX_set1_verify_cert_store(ctx->ssl_ctx, store)) {
         s_openssl_reason(why, sizeof why);
-        s_set_err(err, errlen, "cannot install the CRL from %s: %s", crl_file, why);
+        ml_seterr(err, errlen, "cannot install the CRL from %s: %s", crl_file, why);
         rc = ML_ETLS;
         goto out;
     }
