@@ -57,12 +57,24 @@ int main(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "c:kl:vh", opts, NULL)) != -1) {
         switch (c) {
-        case 'c': config = optarg; break;
-        case 'k': check = 1; break;
-        case 'l': level = optarg; break;
-        case 'v': printf("medlinkd %s\n", ML_VERSION); return 0;
-        case 'h': s_usage(stdout); return 0;
-        default: s_usage(stderr); return 2;
+        case 'c':
+            config = optarg;
+            break;
+        case 'k':
+            check = 1;
+            break;
+        case 'l':
+            level = optarg;
+            break;
+        case 'v':
+            printf("medlinkd %s\n", ML_VERSION);
+            return 0;
+        case 'h':
+            s_usage(stdout);
+            return 0;
+        default:
+            s_usage(stderr);
+            return 2;
         }
     }
     if (!config) {

@@ -23,14 +23,14 @@ typedef struct ml_store ml_store_t;
 enum { ML_MSG_QUEUED = 0, ML_MSG_DELIVERED = 1, ML_MSG_DEAD = 2 };
 
 typedef struct {
-    const char *id;        /* ULID, unique across the store */
+    const char *id; /* ULID, unique across the store */
     const char *case_id;
     const char *sender;
     const char *recipient;
     int kind;
     int priority;
-    int64_t created_at;    /* sender's clock, Unix ms */
-    int64_t deadline;      /* Unix ms, 0 = none */
+    int64_t created_at;      /* sender's clock, Unix ms */
+    int64_t deadline;        /* Unix ms, 0 = none */
     const uint8_t *envelope; /* the serialised Envelope as received */
     size_t envelope_len;
 } ml_store_msg_t;
@@ -50,9 +50,9 @@ typedef struct {
 } ml_store_row_t;
 
 typedef struct {
-    int batch_max;          /* most requests per transaction (default 4096) */
-    int64_t max_bytes;      /* refuse puts with ML_EFULL once the database
-                               file exceeds this (0 = no limit) */
+    int batch_max;     /* most requests per transaction (default 4096) */
+    int64_t max_bytes; /* refuse puts with ML_EFULL once the database
+                          file exceeds this (0 = no limit) */
 } ml_store_opts_t;
 
 /* Called on the loop thread once the put is settled: rc 0 with the row's
@@ -63,8 +63,8 @@ typedef void (*ml_store_put_cb)(void *arg, int rc, int64_t seq, int duplicate);
 /* Opens (creating if needed) the database at path, applies the schema, and
  * starts the store thread. opts may be NULL. On error returns ML_ESTORE with
  * err naming the file and the SQLite reason. */
-int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts,
-                  ml_store_t **out, char *err, size_t errlen);
+int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts, ml_store_t **out,
+                  char *err, size_t errlen);
 /* Commits everything still queued, stops the thread, closes both
  * connections. Callbacks for requests still in flight are not called.
  * The uv_async handle is closed with uv_close, so the caller must run the
@@ -92,11 +92,11 @@ int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_r
 int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len);
 
 typedef struct {
-    uint64_t transactions;  /* committed write transactions */
-    uint64_t puts;          /* messages inserted */
+    uint64_t transactions; /* committed write transactions */
+    uint64_t puts;         /* messages inserted */
     uint64_t duplicates;
     uint64_t failures;
-    uint64_t queue_len;     /* requests waiting for the store thread */
+    uint64_t queue_len; /* requests waiting for the store thread */
 } ml_store_stats_t;
 void ml_store_stats(ml_store_t *st, ml_store_stats_t *out);
 

@@ -468,8 +468,7 @@ static void s_check_cb(uv_check_t *h)
         s_flush(ch);
 }
 
-int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg,
-                   ml_channel_t **out)
+int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, ml_channel_t **out)
 {
     if (!loop || !zctx || !cfg || !cfg->endpoint || !cfg->tls || !cfg->node_id)
         return ML_EINVAL;
@@ -491,7 +490,9 @@ int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg,
         ch->cfg.max_buffered = 64u * 1024 * 1024;
     ch->endpoint = s_strdup(cfg->endpoint);
     ch->node_id = s_strdup(cfg->node_id);
-    ch->software = s_strdup(cfg->software ? cfg->software : "libmedlink/" "0.1.0");
+    ch->software = s_strdup(cfg->software ? cfg->software
+                                          : "libmedlink/"
+                                            "0.1.0");
     ch->rxbuf = malloc(64 * 1024);
     if (!ch->endpoint || !ch->node_id || !ch->software || !ch->rxbuf) {
         free(ch->endpoint);

@@ -23,16 +23,16 @@
 typedef struct ml_channel ml_channel_t;
 
 typedef struct {
-    const char *endpoint;   /* e.g. "tcp://127.0.0.1:7400" */
-    ml_tls_ctx_t *tls;      /* client context (borrowed; outlives the channel) */
-    const char *node_id;    /* our node id; must match our certificate CN */
-    const char *software;   /* sent in Hello, e.g. "medlink-agent/0.1.0" */
-    uint32_t heartbeat_ms;  /* idle heartbeat interval (default 2000) */
-    uint32_t timeout_ms;    /* silence before reconnect (default 3 x heartbeat) */
-    uint32_t reconnect_ms;  /* first back-off, doubles up to 8x (default 200) */
-    size_t max_record;      /* max record size (default ML_FRAME_DEFAULT_MAX) */
-    size_t max_buffered;    /* max plaintext queued while TLS is busy (default 64 MiB) */
-    int deliveries;         /* 1: ask the broker for deliveries (agents) */
+    const char *endpoint;  /* e.g. "tcp://127.0.0.1:7400" */
+    ml_tls_ctx_t *tls;     /* client context (borrowed; outlives the channel) */
+    const char *node_id;   /* our node id; must match our certificate CN */
+    const char *software;  /* sent in Hello, e.g. "medlink-agent/0.1.0" */
+    uint32_t heartbeat_ms; /* idle heartbeat interval (default 2000) */
+    uint32_t timeout_ms;   /* silence before reconnect (default 3 x heartbeat) */
+    uint32_t reconnect_ms; /* first back-off, doubles up to 8x (default 200) */
+    size_t max_record;     /* max record size (default ML_FRAME_DEFAULT_MAX) */
+    size_t max_buffered;   /* max plaintext queued while TLS is busy (default 64 MiB) */
+    int deliveries;        /* 1: ask the broker for deliveries (agents) */
 
     /* A routed or control envelope arrived (borrowed for the call). Not
      * called for Welcome and Heartbeat, which the channel handles. */
@@ -45,8 +45,7 @@ typedef struct {
 /* Creates the channel and starts connecting. zctx is a ZeroMQ context the
  * caller owns. The config strings are copied. Returns 0, ML_ENOMEM or
  * ML_EINVAL. */
-int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg,
-                   ml_channel_t **out);
+int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, ml_channel_t **out);
 /* Closes the socket and timers; safe on NULL and twice; clears *self_p.
  * Handles are freed in their close callbacks, so run the loop once more. */
 void ml_channel_destroy(ml_channel_t **self_p);

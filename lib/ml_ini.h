@@ -13,12 +13,11 @@ int ml_ini_load(const char *path, ml_ini_t **out, char *err, size_t errlen);
 void ml_ini_destroy(ml_ini_t **self_p);
 
 /* The value of key in section, or def when absent (borrowed). */
-const char *ml_ini_get(const ml_ini_t *ini, const char *section, const char *key,
-                       const char *def);
+const char *ml_ini_get(const ml_ini_t *ini, const char *section, const char *key, const char *def);
 /* Integer value with range check. Returns 0 (with *out = def when absent) or
  * ML_ECONFIG with err naming section, key and value. */
-int ml_ini_get_long(const ml_ini_t *ini, const char *section, const char *key, long def,
-                    long min, long max, long *out, char *err, size_t errlen);
+int ml_ini_get_long(const ml_ini_t *ini, const char *section, const char *key, long def, long min,
+                    long max, long *out, char *err, size_t errlen);
 
 /* Calls cb once for each distinct section whose name starts with prefix
  * followed by a space, passing the rest of the name (e.g. prefix "node" and

@@ -11,8 +11,8 @@
 #include <protobuf-c/protobuf-c.h>
 
 enum {
-    ML_JSON_PRETTY = 1,         /* indent output */
-    ML_JSON_EMIT_DEFAULTS = 2,  /* also print fields at their default value */
+    ML_JSON_PRETTY = 1,        /* indent output */
+    ML_JSON_EMIT_DEFAULTS = 2, /* also print fields at their default value */
 };
 
 /* Renders msg as JSON into a malloc'd NUL-terminated string (*out, the

@@ -85,8 +85,7 @@ void h_world_init(h_world_t *w, const char *extra)
     snprintf(w->pki, sizeof w->pki, "%s/pki", w->dir);
     const char *src = getenv("ML_SOURCE_DIR");
     int rc = s_sh("'%s/deploy/pki.sh' --dir '%s' %s %s %s %s %s >'%s/pki.log' 2>&1",
-                  src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS,
-                  w->dir);
+                  src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS, w->dir);
     cr_assert_eq(rc, 0, "pki.sh failed, see %s/pki.log", w->dir);
     w->port = s_free_port();
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
@@ -115,8 +114,8 @@ void h_world_init(h_world_t *w, const char *extra)
              "[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL CITY_HOSPITAL\n"
              "REFERRAL_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL\n\n"
              "[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n",
-             H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY,
-             H_XINZHAN, H_FENGLE, H_OPS);
+             H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
+             H_FENGLE, H_OPS);
     s_write(path, buf);
 }
 
@@ -194,11 +193,10 @@ static int s_stop(pid_t *pid, int sig)
  * daemon limped on (ASan+UBSan builds, deploy/test.sh --sanitize). */
 static void s_check_log(const h_world_t *w, const char *name)
 {
-    static const char *const bad[] = {"AddressSanitizer", "LeakSanitizer", "runtime error:",
-                                      "UndefinedBehaviorSanitizer"};
+    static const char *const bad[] = {"AddressSanitizer", "LeakSanitizer",
+                                      "runtime error:", "UndefinedBehaviorSanitizer"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        cr_assert_eq(h_log_contains(w, name, bad[i]), 0, "%s/%s reports %s", w->dir, name,
-                     bad[i]);
+        cr_assert_eq(h_log_contains(w, name, bad[i]), 0, "%s/%s reports %s", w->dir, name, bad[i]);
 }
 
 void h_broker_stop(h_world_t *w)

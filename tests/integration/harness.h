@@ -17,7 +17,7 @@
 #define H_OPS "ops.zhaozhou.admin"
 
 typedef struct {
-    char dir[512];      /* temp folder of this community */
+    char dir[512]; /* temp folder of this community */
     char pki[600];
     int port;
     char endpoint[64];

@@ -115,9 +115,9 @@ Test(flow, referral_reaches_hospital_and_acceptance_comes_back)
     json_t *k = json_load_file(back, 0, &jerr);
     cr_assert(k);
     cr_assert_str_eq(json_string_value(json_object_get(k, "caseId")), case_id);
-    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(k, "referralUpdate"),
-                                                       "status")),
-                     "REFERRAL_ACCEPTED");
+    cr_assert_str_eq(
+        json_string_value(json_object_get(json_object_get(k, "referralUpdate"), "status")),
+        "REFERRAL_ACCEPTED");
     json_decref(j);
     json_decref(k);
     free(path);
@@ -127,8 +127,8 @@ Test(flow, referral_reaches_hospital_and_acceptance_comes_back)
     char cfg[800], bin[600];
     h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
     int st;
-    char *out = h_run(&st, "'%s' --config '%s' status --json", h_bin("medlinkctl", bin, sizeof bin),
-                      cfg);
+    char *out =
+        h_run(&st, "'%s' --config '%s' status --json", h_bin("medlinkctl", bin, sizeof bin), cfg);
     cr_assert_eq(st, 0, "medlinkctl status failed: %s", out);
     json_t *s = json_loads(out, 0, &jerr);
     cr_assert(s, "status --json is not JSON: %s", out);
