@@ -107,7 +107,7 @@ echo "$INBOX_FILE:"
 cat "$INBOX_FILE"
 wait_for 1 "$RUN/spool/$XINZHAN/sent" 10 || fail "clinic's file not moved to sent/"
 echo "clinic side: sent/$(ls "$RUN/spool/$XINZHAN/sent") written (accepted by the broker):"
-grep -E '"(id|caseId)"' "$RUN/spool/$XINZHAN/sent/"*.json
+grep -E '^  "(id|caseId)"' "$RUN/spool/$XINZHAN/sent/"*.json
 CASE_ID=$(grep -o '"caseId": *"[^"]*"' "$INBOX_FILE" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/')
 [ -n "$CASE_ID" ] || fail "no caseId in the delivered referral"
 

@@ -338,3 +338,92 @@ Test(flow, forbidden_route_is_nacked_into_rejected)
     h_agent_stop(&W, H_FENGLE);
     h_broker_stop(&W);
 }
+
+Test(flow, agent_queues_while_broker_is_down_and_sends_when_it_is_back)
+{
+    h_world_init(&W, NULL);
+    /* No broker yet: the agents start anyway and the clinic keeps taking
+     * files from its hospital system. */
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    for (int i = 0; i < 50; i++) {
+        char name[64], file[64];
+        snprintf(name, sizeof name, "Offline %02d", i);
+        snprintf(file, sizeof file, "off-%02d.json", i);
+        char *ref = h_referral_json(H_COUNTY, name, NULL);
+        h_drop(&W, H_XINZHAN, file, ref);
+        free(ref);
+    }
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "pending", 50, 20000), 50,
+                 "files were not taken into the agent's store while offline");
+    cr_assert_eq(h_count(&W, H_XINZHAN, "outbox"), 0);
+    cr_assert_eq(h_count(&W, H_XINZHAN, "sent"), 0);
+    h_broker_start(&W);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 50, 60000), 50);
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", 50, 20000), 50);
+    cr_assert_eq(s_inbox_unique_patients(H_COUNTY, 50), 50);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+Test(flow, medlinkctl_send_and_send_update)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    char clinic[800], county[800], bin[600];
+    h_ctl_config(&W, H_XINZHAN, clinic, sizeof clinic);
+    h_ctl_config(&W, H_COUNTY, county, sizeof county);
+    h_bin("medlinkctl", bin, sizeof bin);
+    int st;
+    /* A referral from flags, as a clinician's script would send it. */
+    char *out = h_run(&st,
+                      "'%s' --config '%s' --json send --to %s --priority URGENT "
+                      "--patient-name 'Li Xiuying' --health-card 130102194505056622 --sex female "
+                      "--reason 'Fall with hip pain' --icd10 'S72.0:Fracture of neck of femur' 2>&1",
+                      bin, clinic, H_COUNTY);
+    cr_assert_eq(st, 0, "medlinkctl send failed: %s", out);
+    json_error_t jerr;
+    json_t *j = json_loads(out, 0, &jerr);
+    cr_assert(j, "send --json is not JSON: %s", out);
+    const char *case_id = json_string_value(json_object_get(j, "caseId"));
+    cr_assert(case_id && *case_id, "no caseId in %s", out);
+    char case_copy[64];
+    snprintf(case_copy, sizeof case_copy, "%s", case_id);
+    json_decref(j);
+    free(out);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 20000), 1);
+
+    /* The hospital schedules it; the clinic's agent receives the update. */
+    out = h_run(&st,
+                "'%s' --config '%s' send-update --to %s --case %s --status SCHEDULED "
+                "--department Orthopaedics --scheduled-at 2026-11-23T09:30:00+08:00 2>&1",
+                bin, county, H_XINZHAN, case_copy);
+    cr_assert_eq(st, 0, "send-update failed: %s", out);
+    free(out);
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "inbox", 1, 20000), 1);
+
+    /* A referral from a file that the ACL forbids: exit 1 with the reason. */
+    char path[900];
+    snprintf(path, sizeof path, "%s/sideways.json", W.dir);
+    char *ref = h_referral_json(H_FENGLE, "Sideways Patient", NULL);
+    FILE *f = fopen(path, "w");
+    fputs(ref, f);
+    fclose(f);
+    free(ref);
+    out = h_run(&st, "'%s' --config '%s' send --to %s --file '%s' 2>&1", bin, clinic, H_FENGLE,
+                path);
+    cr_assert_eq(st, 1, "a forbidden route should exit 1: %s", out);
+    cr_assert(strstr(out, "NACK_FORBIDDEN"), "medlinkctl should say why: %s", out);
+    free(out);
+
+    /* Usage errors exit 2. */
+    out = h_run(&st, "'%s' --config '%s' send --to %s 2>&1", bin, clinic, H_COUNTY);
+    cr_assert_eq(st, 2, "missing referral content should be a usage error: %s", out);
+    free(out);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
