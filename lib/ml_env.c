@@ -203,10 +203,13 @@ static int s_is_digit(char c)
     return c >= '0' && c <= '9';
 }
 
-/* ICD-10 code: ^[A-Z][0-9]{2}(\.[0-9A-Z]{1,4})?$ ("J18", "I21.4"). */
+/* ICD-10 code: ^[A-Z][0-9][0-9A-Z](\.[0-9A-Za-z]{1,8})?$. The third
+ * character may be a letter (ICD-10-CM "C4A"), and the part after the dot
+ * is long enough for the extension codes of China's national clinical
+ * edition, which use a lower-case x ("I21.000x002"). */
 static int s_icd10_valid(const char *s)
 {
-    if (!s_is_upper(s[0]) || !s_is_digit(s[1]) || !s_is_digit(s[2]))
+    if (!s_is_upper(s[0]) || !s_is_digit(s[1]) || !(s_is_digit(s[2]) || s_is_upper(s[2])))
         return 0;
     if (s[3] == '\0')
         return 1;
@@ -214,9 +217,9 @@ static int s_icd10_valid(const char *s)
         return 0;
     size_t n = 0;
     for (const char *p = s + 4; *p; p++, n++)
-        if (!s_is_upper(*p) && !s_is_digit(*p))
+        if (!s_is_upper(*p) && !s_is_digit(*p) && *p != 'x')
             return 0;
-    return n >= 1 && n <= 4;
+    return n >= 1 && n <= 8;
 }
 
 static int s_validate_referral(const Medlink__V1__Referral *r, char *err, size_t errlen)
@@ -239,7 +242,7 @@ static int s_validate_referral(const Medlink__V1__Referral *r, char *err, size_t
         if (!s_icd10_valid(d->icd10))
             return s_fail(err, errlen,
                           "referral.diagnosis[%zu].icd10 \"%.32s\" is not an ICD-10 code "
-                          "(like J18 or I21.4)",
+                          "(like J18, I21.4 or I21.000x002)",
                           i, d->icd10);
     }
     return 0;

@@ -144,8 +144,10 @@ Test(env, referral_fields_required)
 
 Test(env, icd10_codes_checked)
 {
-    const char *good[] = {"A00", "J18", "J18.9", "S72.001A", "I21.4Z"};
-    const char *bad[] = {"j18", "J1", "J18.", "J18.12345", "18.9", "J18-9", "J18.9 ", "JJ8"};
+    const char *good[] = {"A00",    "J18",   "J18.9",       "S72.001A",
+                          "I21.4Z", "C4A.0", "I21.000x002", "J18.900x001"};
+    const char *bad[] = {"j18",   "J1",     "J18.", "J18.123456789", "18.9",
+                         "J18-9", "J18.9 ", "JJ8",  "J18.9y",        "J1A"};
     char err[256];
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         s_d1.icd10 = (char *)good[i];
