@@ -147,7 +147,7 @@ Test(env, icd10_codes_checked)
     const char *good[] = {"A00",    "J18",   "J18.9",       "S72.001A",
                           "I21.4Z", "C4A.0", "I21.000x002", "J18.900x001"};
     const char *bad[] = {"j18",   "J1",     "J18.", "J18.123456789", "18.9",
-                         "J18-9", "J18.9 ", "JJ8",  "J18.9y",        "J1A"};
+                         "J18-9", "J18.9 ", "JJ8",  "J18.9y",        "1AB"};
     char err[256];
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         s_d1.icd10 = (char *)good[i];
