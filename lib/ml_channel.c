@@ -40,6 +40,7 @@ struct ml_channel {
     ml_channel_config_t cfg;
     char *endpoint;
     char *node_id;
+    char *broker_id;
     char *software;
 
     void *sock;
@@ -286,8 +287,19 @@ static void s_sock_cb(ml_zwatch_t *w, void *zsock, void *arg)
                 s_teardown(ch, ml_tls_session_error(ch->tls));
                 return;
             }
-            if (rc == 1)
+            if (rc == 1) {
+                const char *peer = ml_tls_session_peer_id(ch->tls);
+                if (ch->broker_id && (!peer || strcmp(peer, ch->broker_id) != 0)) {
+                    char why[512];
+                    snprintf(why, sizeof why,
+                             "the server's certificate names '%s', not the expected broker '%s'",
+                             peer ? peer : "", ch->broker_id);
+                    ml_log(ML_LOG_ERROR, "channel", "%s: %s", ch->node_id, why);
+                    s_teardown(ch, why);
+                    return;
+                }
                 s_send_hello(ch);
+            }
             if (conn != ch->conn_no || !ch->tls)
                 return;
         }
@@ -490,6 +502,7 @@ int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, 
         ch->cfg.max_buffered = 64u * 1024 * 1024;
     ch->endpoint = s_strdup(cfg->endpoint);
     ch->node_id = s_strdup(cfg->node_id);
+    ch->broker_id = cfg->broker_id && *cfg->broker_id ? s_strdup(cfg->broker_id) : NULL;
     ch->software = s_strdup(cfg->software ? cfg->software
                                           : "libmedlink/"
                                             "0.1.0");
@@ -497,6 +510,7 @@ int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, 
     if (!ch->endpoint || !ch->node_id || !ch->software || !ch->rxbuf) {
         free(ch->endpoint);
         free(ch->node_id);
+        free(ch->broker_id);
         free(ch->software);
         free(ch->rxbuf);
         free(ch);
@@ -504,6 +518,7 @@ int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, 
     }
     ch->cfg.endpoint = ch->endpoint;
     ch->cfg.node_id = ch->node_id;
+    ch->cfg.broker_id = ch->broker_id;
     ch->cfg.software = ch->software;
     ch->backoff = ch->cfg.reconnect_ms;
     uv_timer_init(loop, &ch->hb_timer);
@@ -525,6 +540,7 @@ static void s_close_cb(uv_handle_t *h)
     if (--ch->open_handles == 0) {
         free(ch->endpoint);
         free(ch->node_id);
+        free(ch->broker_id);
         free(ch->software);
         free(ch->out);
         free(ch->rxbuf);

@@ -26,6 +26,9 @@ typedef struct {
     const char *endpoint;  /* e.g. "tcp://127.0.0.1:7400" */
     ml_tls_ctx_t *tls;     /* client context (borrowed; outlives the channel) */
     const char *node_id;   /* our node id; must match our certificate CN */
+    const char *broker_id; /* if set, the broker's certificate CN must equal it: any node
+                              of the community CA could otherwise pose as the broker
+                              (recommended; NULL accepts any CA-signed server) */
     const char *software;  /* sent in Hello, e.g. "medlink-agent/0.1.0" */
     uint32_t heartbeat_ms; /* idle heartbeat interval (default 2000) */
     uint32_t timeout_ms;   /* silence before reconnect (default 3 x heartbeat) */

@@ -55,6 +55,7 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
 
     if ((rc = s_get_str(ini, path, "node_id", 1, 0, NULL, &cfg->node_id, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "broker", 1, 0, NULL, &cfg->broker, err, errlen)) < 0 ||
+        (rc = s_get_str(ini, path, "broker_id", 0, 0, NULL, &cfg->broker_id, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "ca", 1, 1, NULL, &cfg->ca, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "cert", 1, 1, NULL, &cfg->cert, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "key", 1, 1, NULL, &cfg->key, err, errlen)) < 0 ||
@@ -100,6 +101,7 @@ void ml_aconfig_clear(ml_aconfig_t *cfg)
         return;
     free(cfg->node_id);
     free(cfg->broker);
+    free(cfg->broker_id);
     free(cfg->ca);
     free(cfg->cert);
     free(cfg->key);

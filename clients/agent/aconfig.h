@@ -10,6 +10,7 @@
 typedef struct {
     char *node_id;   /* our node id (the CN of our certificate) */
     char *broker;    /* ZeroMQ endpoint, e.g. "tcp://127.0.0.1:7400" */
+    char *broker_id; /* the broker's certificate CN, or NULL (not pinned) */
     char *ca;        /* PEM CA bundle */
     char *cert;      /* PEM certificate of this node */
     char *key;       /* PEM private key of this node */

@@ -695,6 +695,11 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     ccfg.endpoint = cfg->broker;
     ccfg.tls = a->tls;
     ccfg.node_id = cfg->node_id;
+    ccfg.broker_id = cfg->broker_id;
+    if (!cfg->broker_id)
+        ml_log(ML_LOG_WARN, S_LOG,
+               "broker_id is not set: any certificate of the community CA would be taken for "
+               "the broker; set broker_id in [agent]");
     ccfg.software = S_SOFTWARE;
     ccfg.heartbeat_ms = cfg->heartbeat_ms;
     ccfg.max_record = cfg->max_record;

@@ -45,6 +45,7 @@ enum { S_CMD_STATUS = 1, S_CMD_SEND, S_CMD_UPDATE };
 typedef struct {
     const char *config;
     char *broker, *node, *ca, *cert, *key; /* malloc'd after merging */
+    char *broker_id;                       /* expected broker CN, or NULL */
     int json;
     int timeout_s;
     int verbose;
@@ -77,6 +78,8 @@ static void s_usage(FILE *f)
                "connection (flags override the file):\n"
                "  --config FILE      INI file with [ctl] node_id, broker, ca, cert, key\n"
                "  --broker URL       e.g. tcp://127.0.0.1:7400\n"
+               "  --broker-id ID     the broker's certificate CN (recommended: refuses an\n"
+               "                     impostor holding another community certificate)\n"
                "  --node ID          our node id (default: the certificate's CN)\n"
                "  --ca FILE --cert FILE --key FILE\n"
                "  --timeout SECONDS  wait this long for the answer (default 10)\n"
@@ -132,7 +135,7 @@ static int s_merge(char **out, const char *flag, const ml_ini_t *ini, const char
 }
 
 static int s_connection(s_opts_t *o, const char *f_broker, const char *f_node, const char *f_ca,
-                        const char *f_cert, const char *f_key)
+                        const char *f_cert, const char *f_key, const char *f_broker_id)
 {
     ml_ini_t *ini = NULL;
     char err[1024];
@@ -140,6 +143,7 @@ static int s_connection(s_opts_t *o, const char *f_broker, const char *f_node, c
     if (o->config && ml_ini_load(o->config, &ini, err, sizeof err) < 0)
         return s_fail(S_EXIT_USAGE, "%s", err);
     if (s_merge(&o->broker, f_broker, ini, "broker", 0) < 0 ||
+        s_merge(&o->broker_id, f_broker_id, ini, "broker_id", 0) < 0 ||
         s_merge(&o->node, f_node, ini, "node_id", 0) < 0 ||
         s_merge(&o->ca, f_ca, ini, "ca", 1) < 0 || s_merge(&o->cert, f_cert, ini, "cert", 1) < 0 ||
         s_merge(&o->key, f_key, ini, "key", 1) < 0) {
@@ -655,6 +659,7 @@ static int s_run(s_run_t *r)
     cc.endpoint = o->broker;
     cc.tls = r->tls;
     cc.node_id = o->node;
+    cc.broker_id = o->broker_id;
     cc.software = "medlinkctl/" ML_VERSION;
     cc.deliveries = 0;
     cc.on_envelope = s_on_envelope;
@@ -697,10 +702,12 @@ int main(int argc, char **argv)
         O_SCHED,
         O_OUTCOME,
         O_NOTES,
-        O_VERSION
+        O_VERSION,
+        O_BROKER_ID
     };
     static const struct option opts[] = {{"config", required_argument, NULL, O_CONFIG},
                                          {"broker", required_argument, NULL, O_BROKER},
+                                         {"broker-id", required_argument, NULL, O_BROKER_ID},
                                          {"node", required_argument, NULL, O_NODE},
                                          {"ca", required_argument, NULL, O_CA},
                                          {"cert", required_argument, NULL, O_CERT},
@@ -731,6 +738,7 @@ int main(int argc, char **argv)
                                          {NULL, 0, NULL, 0}};
     s_opts_t o = {0};
     const char *f_broker = NULL, *f_node = NULL, *f_ca = NULL, *f_cert = NULL, *f_key = NULL;
+    const char *f_broker_id = NULL;
     int send_only = 0, update_only = 0, c;
     o.timeout_s = 10;
     while ((c = getopt_long(argc, argv, "vh", opts, NULL)) != -1) {
@@ -740,6 +748,9 @@ int main(int argc, char **argv)
             break;
         case O_BROKER:
             f_broker = optarg;
+            break;
+        case O_BROKER_ID:
+            f_broker_id = optarg;
             break;
         case O_NODE:
             f_node = optarg;
@@ -875,7 +886,7 @@ int main(int argc, char **argv)
     if (r.cmd == S_CMD_UPDATE && !o.file && (!o.to || !o.case_id || !o.status))
         return s_fail(S_EXIT_USAGE, "send-update needs --to NODE, --case ID and --status S");
 
-    int rc = s_connection(&o, f_broker, f_node, f_ca, f_cert, f_key);
+    int rc = s_connection(&o, f_broker, f_node, f_ca, f_cert, f_key, f_broker_id);
     if (rc != 0)
         goto out;
     /* Errors only, unless asked: the channel's progress lines
@@ -889,6 +900,7 @@ out:
         zmq_ctx_term(r.zctx);
     ml_tls_ctx_destroy(&r.tls);
     free(o.broker);
+    free(o.broker_id);
     free(o.node);
     free(o.ca);
     free(o.cert);

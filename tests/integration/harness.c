@@ -228,7 +228,8 @@ int h_agent_start(h_world_t *w, const char *node)
     snprintf(cfg, sizeof cfg, "%s/agent-%s.ini", w->dir, node);
     snprintf(log, sizeof log, "%s/agent-%s.log", w->dir, node);
     snprintf(buf, sizeof buf,
-             "[agent]\nnode_id = %s\nbroker = %s\nca = pki/ca.crt\ncert = pki/%s.crt\n"
+             "[agent]\nnode_id = %s\nbroker = %s\nbroker_id = " H_BROKER "\n"
+             "ca = pki/ca.crt\ncert = pki/%s.crt\n"
              "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
              "heartbeat_ms = 1000\nscan_ms = 100\n",
              node, w->endpoint, node, node, node, node);
@@ -367,7 +368,8 @@ void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len)
     snprintf(out, len, "%s/ctl-%s.ini", w->dir, node);
     char buf[2048];
     snprintf(buf, sizeof buf,
-             "[ctl]\nnode_id = %s\nbroker = %s\nca = pki/ca.crt\ncert = pki/%s.crt\n"
+             "[ctl]\nnode_id = %s\nbroker = %s\nbroker_id = " H_BROKER "\n"
+             "ca = pki/ca.crt\ncert = pki/%s.crt\n"
              "key = pki/%s.key\n",
              node, w->endpoint, node, node);
     s_write(out, buf);

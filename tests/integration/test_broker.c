@@ -91,7 +91,7 @@ static int s_has_n(cli_t *c, void *arg)
     return c->n >= *(int *)arg;
 }
 
-static void s_cli_open(cli_t *c, const char *node, size_t max_record)
+static void s_cli_start(cli_t *c, const char *node, size_t max_record, const char *broker_id)
 {
     memset(c, 0, sizeof *c);
     snprintf(c->node, sizeof c->node, "%s", node);
@@ -108,6 +108,7 @@ static void s_cli_open(cli_t *c, const char *node, size_t max_record)
     ml_channel_config_t cc = {.endpoint = W.endpoint,
                               .tls = c->tls,
                               .node_id = node,
+                              .broker_id = broker_id,
                               .software = "it_test_broker",
                               .heartbeat_ms = 1000,
                               .max_record = max_record,
@@ -115,6 +116,11 @@ static void s_cli_open(cli_t *c, const char *node, size_t max_record)
                               .on_state = s_on_state,
                               .arg = c};
     cr_assert_eq(ml_channel_new(&c->loop, c->zctx, &cc, &c->ch), 0);
+}
+
+static void s_cli_open(cli_t *c, const char *node, size_t max_record)
+{
+    s_cli_start(c, node, max_record, H_BROKER);
     cr_assert(s_run_until(c, s_is_up, NULL, 10000), "client %s did not come up", node);
 }
 
@@ -396,5 +402,22 @@ Test(broker, emergency_overtakes_and_order_is_kept_within_priority)
     }
     s_cli_close(&c);
     h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+Test(broker, client_refuses_a_server_that_is_not_the_expected_broker)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    /* The broker's certificate is genuine (same CA) but names medlinkd.test;
+     * a client pinned to another broker id must not start a session, as it
+     * would not with a clinic certificate posing as the broker. */
+    cli_t c;
+    s_cli_start(&c, H_XINZHAN, 0, "medlinkd.elsewhere");
+    cr_assert_not(s_run_until(&c, s_is_up, NULL, 3000), "session came up with the wrong broker");
+    s_cli_close(&c);
+    s_cli_open(&c, H_XINZHAN, 0);
+    cr_assert(c.up);
+    s_cli_close(&c);
     h_broker_stop(&W);
 }

@@ -379,11 +379,12 @@ Test(flow, medlinkctl_send_and_send_update)
     h_bin("medlinkctl", bin, sizeof bin);
     int st;
     /* A referral from flags, as a clinician's script would send it. */
-    char *out = h_run(&st,
-                      "'%s' --config '%s' --json send --to %s --priority URGENT "
-                      "--patient-name 'Li Xiuying' --health-card 130102194505056622 --sex female "
-                      "--reason 'Fall with hip pain' --icd10 'S72.0:Fracture of neck of femur' 2>&1",
-                      bin, clinic, H_COUNTY);
+    char *out =
+        h_run(&st,
+              "'%s' --config '%s' --json send --to %s --priority URGENT "
+              "--patient-name 'Li Xiuying' --health-card 130102194505056622 --sex female "
+              "--reason 'Fall with hip pain' --icd10 'S72.0:Fracture of neck of femur' 2>&1",
+              bin, clinic, H_COUNTY);
     cr_assert_eq(st, 0, "medlinkctl send failed: %s", out);
     json_error_t jerr;
     json_t *j = json_loads(out, 0, &jerr);
@@ -413,8 +414,8 @@ Test(flow, medlinkctl_send_and_send_update)
     fputs(ref, f);
     fclose(f);
     free(ref);
-    out = h_run(&st, "'%s' --config '%s' send --to %s --file '%s' 2>&1", bin, clinic, H_FENGLE,
-                path);
+    out =
+        h_run(&st, "'%s' --config '%s' send --to %s --file '%s' 2>&1", bin, clinic, H_FENGLE, path);
     cr_assert_eq(st, 1, "a forbidden route should exit 1: %s", out);
     cr_assert(strstr(out, "NACK_FORBIDDEN"), "medlinkctl should say why: %s", out);
     free(out);
