@@ -43,7 +43,7 @@
 #include "ml_common.h"
 
 #define S_COMPONENT "store"
-#define S_SCHEMA_VERSION 1
+#define S_SCHEMA_VERSION 2
 #define S_BATCH_MAX_DEFAULT 4096
 /* Page cache per connection, in KiB (negative cache_size means KiB). Two
  * connections, so at most ~16 MiB of cache whatever the queue length. */
@@ -52,7 +52,13 @@
  * statement fails with SQLITE_BUSY and is reported as ML_ESTORE. */
 #define S_BUSY_MS 5000
 
-enum { S_OP_PUT, S_OP_DELIVERED, S_OP_DEAD };
+enum { S_OP_PUT, S_OP_DELIVERED, S_OP_DEAD, S_OP_CASE, S_OP_REPLAY, S_OP_PURGE };
+
+/* Puts and case changes have results and callbacks; marks do not. */
+static int s_has_result(int op)
+{
+    return op == S_OP_PUT || op == S_OP_CASE;
+}
 
 /* One queued request. The strings and the envelope of a put, or the reason
  * of a mark_dead, live in the same allocation right after the struct, so a
@@ -76,6 +82,10 @@ typedef struct ml_store_req {
     const uint8_t *envelope; /* never NULL for a put, even when empty */
     size_t envelope_len;
     const char *reason;
+    int attempts;
+    /* Case changes (one allocation of their own, see s_ops_dup). */
+    ml_store_caseop_t *ops;
+    size_t n_ops;
 } ml_store_req_t;
 
 struct ml_store {
@@ -113,6 +123,8 @@ struct ml_store {
     sqlite3 *rd;
     sqlite3_stmt *scan;
     sqlite3_stmt *fetch;
+    sqlite3_stmt *rd_lookup;
+    sqlite3_stmt *rd_case;
 
     /* Store thread only (the opener uses them before the thread starts, the
      * closer after it has been joined). */
@@ -126,6 +138,16 @@ struct ml_store {
     sqlite3_stmt *delivered;
     sqlite3_stmt *dead;
     sqlite3_stmt *page_count;
+    sqlite3_stmt *case_insert;
+    sqlite3_stmt *case_update;
+    sqlite3_stmt *case_bump;
+    sqlite3_stmt *event_insert;
+    sqlite3_stmt *replay;
+    sqlite3_stmt *purge_body;
+    sqlite3_stmt *purge_msg;
+    sqlite3_stmt *sp_begin;
+    sqlite3_stmt *sp_rollback;
+    sqlite3_stmt *sp_release;
     int disk_full;  /* the last batch failed with SQLITE_FULL */
     int quota_full; /* the last put was refused for max_bytes */
 };
@@ -146,7 +168,8 @@ static const char s_schema[] =
     " delivered_at INTEGER,"
     " attempts INTEGER DEFAULT 0,"
     " dead_reason TEXT,"
-    " size INTEGER NOT NULL DEFAULT 0);"
+    " size INTEGER NOT NULL DEFAULT 0,"
+    " dead_at INTEGER);"
     /* Envelopes live apart from the metadata: settling a message (an UPDATE
      * of its state) then rewrites a row of a few dozen bytes instead of a
      * row carrying the whole envelope, which halves the bytes written per
@@ -159,10 +182,34 @@ static const char s_schema[] =
      * history. The order matches ml_store_scan_pending's. */
     "CREATE INDEX IF NOT EXISTS messages_pending ON messages(priority DESC, seq)"
     " WHERE state = 0;"
-    /* No index on case_id yet: nothing reads by case in this version, and
-     * maintaining it cost ~20% of the broker's CPU per message under load.
-     * Case lookups will come with a cases table of their own. */
+    /* No index on messages.case_id: maintaining it cost ~20% of the
+     * broker's CPU per message under load. Cases have a table of their own,
+     * and their timelines one more, indexed by case. */
+    "CREATE TABLE IF NOT EXISTS cases ("
+    " case_id TEXT PRIMARY KEY,"
+    " kind INTEGER, state INTEGER, priority INTEGER,"
+    " opener TEXT, target TEXT, service TEXT, linked TEXT, opening_id TEXT,"
+    " opened_at INTEGER, updated_at INTEGER, deadline_at INTEGER, deadline_state INTEGER,"
+    " escalations INTEGER, follow_ups INTEGER, closed INTEGER,"
+    " n_objects INTEGER, chunks_expected INTEGER, chunks INTEGER, dup_chunks INTEGER,"
+    " chunk_bytes INTEGER, version INTEGER) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS case_events ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " case_id TEXT NOT NULL, at INTEGER, node TEXT, event TEXT, from_state TEXT,"
+    " to_state TEXT, message_id TEXT, kind TEXT, detail TEXT);"
+    "CREATE INDEX IF NOT EXISTS case_events_case ON case_events(case_id, seq);"
+    "CREATE INDEX IF NOT EXISTS messages_dead ON messages(dead_at) WHERE state = 2;"
     "";
+
+/* Version 1 had no cases (the tables above are created by the schema
+ * itself) and no dead_at column. */
+static const char s_migrate_1[] = "ALTER TABLE messages ADD COLUMN dead_at INTEGER;";
+
+/* The columns of a case row, in the order s_bind_case binds them. */
+#define S_CASE_COLS                                                                                \
+    "case_id, kind, state, priority, opener, target, service, linked, opening_id, opened_at,"      \
+    " updated_at, deadline_at, deadline_state, escalations, follow_ups, closed, n_objects,"        \
+    " chunks_expected, chunks, dup_chunks, chunk_bytes, version"
 
 static int s_prepare(sqlite3 *db, const char *sql, sqlite3_stmt **out)
 {
@@ -268,6 +315,8 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
                  (long long)version, S_SCHEMA_VERSION);
         goto out;
     }
+    if (version == 1 && (src = sqlite3_exec(st->wr, s_migrate_1, NULL, NULL, NULL)) != SQLITE_OK)
+        goto out;
     if ((src = sqlite3_exec(st->wr, s_schema, NULL, NULL, NULL)) != SQLITE_OK)
         goto out;
     if (version < S_SCHEMA_VERSION) {
@@ -320,12 +369,41 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->delivered,
          "UPDATE messages SET state = 1, delivered_at = ?2 WHERE seq = ?1 AND state = 0"},
         {st->wr, &st->dead,
-         "UPDATE messages SET state = 2, dead_reason = ?2 WHERE seq = ?1 AND state = 0"},
+         "UPDATE messages SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
+         " WHERE seq = ?1 AND state = 0"},
         {st->wr, &st->page_count, "PRAGMA page_count"},
+        {st->wr, &st->case_insert,
+         "INSERT OR IGNORE INTO cases (" S_CASE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,"
+         " ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"},
+        {st->wr, &st->case_update,
+         "UPDATE cases SET kind = ?2, state = ?3, priority = ?4, opener = ?5, target = ?6,"
+         " service = ?7, linked = ?8, opening_id = ?9, opened_at = ?10, updated_at = ?11,"
+         " deadline_at = ?12, deadline_state = ?13, escalations = ?14, follow_ups = ?15,"
+         " closed = ?16, n_objects = ?17, chunks_expected = ?18, chunks = ?19,"
+         " dup_chunks = ?20, chunk_bytes = ?21, version = ?22"
+         " WHERE case_id = ?1 AND version = ?22 - 1"},
+        {st->wr, &st->case_bump,
+         "UPDATE cases SET version = ?2 WHERE case_id = ?1 AND version = ?2 - 1"},
+        {st->wr, &st->event_insert,
+         "INSERT INTO case_events (case_id, at, node, event, from_state, to_state, message_id,"
+         " kind, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"},
+        {st->wr, &st->replay,
+         "UPDATE messages SET state = 0, attempts = 0, deadline = 0, dead_reason = NULL,"
+         " dead_at = NULL WHERE seq = ?1 AND state = 2"},
+        {st->wr, &st->purge_body,
+         "DELETE FROM bodies WHERE seq = ?1 AND EXISTS"
+         " (SELECT 1 FROM messages WHERE seq = ?1 AND state = 2)"},
+        {st->wr, &st->purge_msg, "DELETE FROM messages WHERE seq = ?1 AND state = 2"},
+        {st->wr, &st->sp_begin, "SAVEPOINT ml_req"},
+        {st->wr, &st->sp_rollback, "ROLLBACK TO ml_req"},
+        {st->wr, &st->sp_release, "RELEASE ml_req"},
         {st->rd, &st->scan,
          "SELECT seq, id, case_id, sender, recipient, kind, priority, accepted_at,"
-         " size FROM messages WHERE state = 0 ORDER BY priority DESC, seq ASC"},
+         " size, deadline, attempts FROM messages WHERE state = 0"
+         " ORDER BY priority DESC, seq ASC"},
         {st->rd, &st->fetch, "SELECT envelope FROM bodies WHERE seq = ?1"},
+        {st->rd, &st->rd_lookup, "SELECT seq, state FROM messages WHERE id = ?1"},
+        {st->rd, &st->rd_case, "SELECT " S_CASE_COLS " FROM cases WHERE case_id = ?1"},
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         if (s_prepare(all[i].db, all[i].sql, all[i].stmt) != SQLITE_OK) {
@@ -337,11 +415,17 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
     return 0;
 }
 
+static void s_req_free(ml_store_req_t *r)
+{
+    free(r->ops);
+    free(r);
+}
+
 static void s_free_list(ml_store_req_t *r)
 {
     while (r) {
         ml_store_req_t *next = r->next;
-        free(r);
+        s_req_free(r);
         r = next;
     }
 }
@@ -350,9 +434,12 @@ static void s_free_list(ml_store_req_t *r)
  * connections, the queues, the mutex. Runs with no store thread alive. */
 static void s_release(ml_store_t *st)
 {
-    sqlite3_stmt **stmts[] = {&st->scan,      &st->fetch,  &st->begin,     &st->commit,
-                              &st->rollback,  &st->insert, &st->lookup,    &st->insert_body,
-                              &st->delivered, &st->dead,   &st->page_count};
+    sqlite3_stmt **stmts[] = {&st->scan,        &st->fetch,     &st->begin,        &st->commit,
+                              &st->rollback,    &st->insert,    &st->lookup,       &st->insert_body,
+                              &st->delivered,   &st->dead,      &st->page_count,   &st->case_insert,
+                              &st->case_update, &st->case_bump, &st->event_insert, &st->replay,
+                              &st->purge_body,  &st->purge_msg, &st->sp_begin,     &st->sp_rollback,
+                              &st->sp_release,  &st->rd_lookup, &st->rd_case};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
         sqlite3_finalize(*stmts[i]);
         *stmts[i] = NULL;
@@ -405,9 +492,148 @@ static int s_write_error(ml_store_t *st, int src)
     return ML_ESTORE;
 }
 
+static void s_bind_opt_text(sqlite3_stmt *s, int i, const char *v)
+{
+    sqlite3_bind_text(s, i, v ? v : "", -1, SQLITE_STATIC);
+}
+
+/* Binds a case row as ?1..?22 in S_CASE_COLS order. */
+static void s_bind_case(sqlite3_stmt *s, const ml_store_case_t *c)
+{
+    sqlite3_bind_text(s, 1, c->case_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 2, c->kind);
+    sqlite3_bind_int(s, 3, c->state);
+    sqlite3_bind_int(s, 4, c->priority);
+    s_bind_opt_text(s, 5, c->opener);
+    s_bind_opt_text(s, 6, c->target);
+    s_bind_opt_text(s, 7, c->service);
+    s_bind_opt_text(s, 8, c->linked);
+    s_bind_opt_text(s, 9, c->opening_id);
+    sqlite3_bind_int64(s, 10, c->opened_at);
+    sqlite3_bind_int64(s, 11, c->updated_at);
+    sqlite3_bind_int64(s, 12, c->deadline_at);
+    sqlite3_bind_int(s, 13, c->deadline_state);
+    sqlite3_bind_int(s, 14, c->escalations);
+    sqlite3_bind_int(s, 15, c->follow_ups);
+    sqlite3_bind_int(s, 16, c->closed);
+    sqlite3_bind_int64(s, 17, c->n_objects);
+    sqlite3_bind_int64(s, 18, c->chunks_expected);
+    sqlite3_bind_int64(s, 19, c->chunks);
+    sqlite3_bind_int64(s, 20, c->dup_chunks);
+    sqlite3_bind_int64(s, 21, (sqlite3_int64)c->chunk_bytes);
+    sqlite3_bind_int64(s, 22, c->version);
+}
+
+/* Reads a case row from the columns of S_CASE_COLS (strings point into
+ * the statement: valid until it steps again). */
+static void s_read_case(sqlite3_stmt *s, ml_store_case_t *c)
+{
+    memset(c, 0, sizeof *c);
+    c->case_id = (const char *)sqlite3_column_text(s, 0);
+    c->kind = sqlite3_column_int(s, 1);
+    c->state = sqlite3_column_int(s, 2);
+    c->priority = sqlite3_column_int(s, 3);
+    c->opener = (const char *)sqlite3_column_text(s, 4);
+    c->target = (const char *)sqlite3_column_text(s, 5);
+    c->service = (const char *)sqlite3_column_text(s, 6);
+    c->linked = (const char *)sqlite3_column_text(s, 7);
+    c->opening_id = (const char *)sqlite3_column_text(s, 8);
+    c->opened_at = sqlite3_column_int64(s, 9);
+    c->updated_at = sqlite3_column_int64(s, 10);
+    c->deadline_at = sqlite3_column_int64(s, 11);
+    c->deadline_state = sqlite3_column_int(s, 12);
+    c->escalations = sqlite3_column_int(s, 13);
+    c->follow_ups = sqlite3_column_int(s, 14);
+    c->closed = sqlite3_column_int(s, 15);
+    c->n_objects = (uint32_t)sqlite3_column_int64(s, 16);
+    c->chunks_expected = (uint32_t)sqlite3_column_int64(s, 17);
+    c->chunks = (uint32_t)sqlite3_column_int64(s, 18);
+    c->dup_chunks = (uint32_t)sqlite3_column_int64(s, 19);
+    c->chunk_bytes = (uint64_t)sqlite3_column_int64(s, 20);
+    c->version = sqlite3_column_int64(s, 21);
+}
+
+/* Applies one case change inside the open transaction. *denied is set when
+ * it cannot apply (the case exists already / has another version). Returns
+ * an SQLite result code; SQLITE_DONE when the transaction may go on. Store
+ * thread. */
+static int s_case_write(ml_store_t *st, const ml_store_caseop_t *op, int *denied)
+{
+    sqlite3_stmt *s = op->open ? st->case_insert : st->case_update;
+    s_bind_case(s, &op->row);
+    int src = s_run(s);
+    if (src != SQLITE_DONE)
+        return src;
+    if (sqlite3_changes(st->wr) != 1) {
+        ml_log(ML_LOG_WARN, S_COMPONENT,
+               "%s: case %s not %s (version %lld expected): the broker reloads it", st->path,
+               op->row.case_id, op->open ? "opened: it exists" : "updated",
+               (long long)op->row.version - 1);
+        *denied = 1;
+        return SQLITE_DONE;
+    }
+    for (size_t i = 0; i < op->n_events; i++) {
+        const ml_store_event_t *e = &op->events[i];
+        sqlite3_stmt *ev = st->event_insert;
+        sqlite3_bind_text(ev, 1, op->row.case_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(ev, 2, e->at);
+        s_bind_opt_text(ev, 3, e->node);
+        s_bind_opt_text(ev, 4, e->event);
+        s_bind_opt_text(ev, 5, e->from_state);
+        s_bind_opt_text(ev, 6, e->to_state);
+        s_bind_opt_text(ev, 7, e->message_id);
+        s_bind_opt_text(ev, 8, e->kind);
+        s_bind_opt_text(ev, 9, e->detail);
+        if ((src = s_run(ev)) != SQLITE_DONE)
+            return src;
+    }
+    return SQLITE_DONE;
+}
+
+/* Applies every case change of r under a savepoint, so that a change that
+ * cannot apply leaves none of the request's changes behind (r->rc =
+ * ML_EDENIED). *applied is 1 when they all applied. Store thread. */
+static int s_cases_apply(ml_store_t *st, ml_store_req_t *r, int *applied)
+{
+    int denied = 0;
+    *applied = 0;
+    int src = s_run(st->sp_begin);
+    for (size_t i = 0; src == SQLITE_DONE && !denied && i < r->n_ops; i++)
+        src = s_case_write(st, &r->ops[i], &denied);
+    if (src != SQLITE_DONE)
+        return src;
+    if (denied) {
+        r->rc = ML_EDENIED;
+        if ((src = s_run(st->sp_rollback)) != SQLITE_DONE)
+            return src;
+    } else {
+        *applied = 1;
+    }
+    return s_run(st->sp_release);
+}
+
+/* A duplicate message does not change its cases, but their versions move
+ * on as the broker expects (see ml_store_caseop_t). Store thread. */
+static int s_cases_bump(ml_store_t *st, ml_store_req_t *r)
+{
+    for (size_t i = 0; i < r->n_ops; i++) {
+        if (r->ops[i].open)
+            continue;
+        sqlite3_bind_text(st->case_bump, 1, r->ops[i].row.case_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st->case_bump, 2, r->ops[i].row.version);
+        int src = s_run(st->case_bump);
+        if (src != SQLITE_DONE)
+            return src;
+    }
+    return SQLITE_DONE;
+}
+
+static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now);
+
 /* Inserts one put inside the open transaction, or refuses it for the quota
- * (r->rc = ML_EFULL; not an error of the transaction). Returns an SQLite
- * result code: SQLITE_DONE when the transaction may go on. */
+ * (r->rc = ML_EFULL; not an error of the transaction) or for a case change
+ * that does not apply (r->rc = ML_EDENIED). Returns an SQLite result code:
+ * SQLITE_DONE when the transaction may go on. */
 static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
 {
     int src;
@@ -431,7 +657,34 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
         }
         st->quota_full = 0;
     }
+    if (r->n_ops == 0)
+        return s_insert_msg(st, r, now);
 
+    /* With case changes: a duplicate must be known before they apply. */
+    sqlite3_bind_text(st->lookup, 1, r->id, -1, SQLITE_STATIC);
+    src = sqlite3_step(st->lookup);
+    if (src == SQLITE_ROW) {
+        r->seq = sqlite3_column_int64(st->lookup, 0);
+        r->duplicate = 1;
+        r->rc = 0;
+    }
+    sqlite3_reset(st->lookup);
+    sqlite3_clear_bindings(st->lookup);
+    if (src == SQLITE_ROW)
+        return s_cases_bump(st, r);
+    if (src != SQLITE_DONE)
+        return src;
+    int applied = 0;
+    if ((src = s_cases_apply(st, r, &applied)) != SQLITE_DONE || !applied)
+        return src;
+    return s_insert_msg(st, r, now);
+}
+
+/* Inserts the message of a put (OR IGNORE: a duplicate id is reported,
+ * not an error). Store thread. */
+static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
+{
+    int src;
     sqlite3_stmt *s = st->insert;
     sqlite3_bind_text(s, 1, r->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 2, r->case_id, -1, SQLITE_STATIC);
@@ -480,13 +733,32 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
 
 static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
 {
-    sqlite3_stmt *s = r->op == S_OP_DELIVERED ? st->delivered : st->dead;
-    sqlite3_bind_int64(s, 1, r->seq);
-    if (r->op == S_OP_DELIVERED)
+    sqlite3_stmt *s;
+    switch (r->op) {
+    case S_OP_DELIVERED:
+        s = st->delivered;
+        sqlite3_bind_int64(s, 1, r->seq);
         sqlite3_bind_int64(s, 2, now);
-    else
+        return s_run(s);
+    case S_OP_DEAD:
+        s = st->dead;
+        sqlite3_bind_int64(s, 1, r->seq);
         sqlite3_bind_text(s, 2, r->reason, -1, SQLITE_STATIC);
-    return s_run(s);
+        sqlite3_bind_int(s, 3, r->attempts);
+        sqlite3_bind_int64(s, 4, now);
+        return s_run(s);
+    case S_OP_REPLAY:
+        sqlite3_bind_int64(st->replay, 1, r->seq);
+        return s_run(st->replay);
+    default: { /* S_OP_PURGE */
+        sqlite3_bind_int64(st->purge_body, 1, r->seq);
+        int src = s_run(st->purge_body);
+        if (src != SQLITE_DONE)
+            return src;
+        sqlite3_bind_int64(st->purge_msg, 1, r->seq);
+        return s_run(st->purge_msg);
+    }
+    }
 }
 
 /* Runs the batch as one write transaction. With with_puts = 0 the puts are
@@ -501,10 +773,14 @@ static int s_exec_batch(ml_store_t *st, ml_store_req_t *batch, int with_puts)
     if (src != SQLITE_DONE)
         goto out;
     for (ml_store_req_t *r = batch; r; r = r->next) {
-        if (r->op == S_OP_PUT)
+        if (r->op == S_OP_PUT) {
             src = with_puts ? s_insert(st, r, now) : SQLITE_DONE;
-        else
+        } else if (r->op == S_OP_CASE) {
+            int applied;
+            src = with_puts ? s_cases_apply(st, r, &applied) : SQLITE_DONE;
+        } else {
             src = s_mark(st, r, now);
+        }
         if (src != SQLITE_DONE)
             goto out;
     }
@@ -530,7 +806,7 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
 {
     int has_puts = 0, has_marks = 0;
     for (ml_store_req_t *r = batch; r; r = r->next) {
-        if (r->op == S_OP_PUT)
+        if (s_has_result(r->op))
             has_puts = 1;
         else
             has_marks = 1;
@@ -541,7 +817,7 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
         (*transactions)++;
     } else {
         for (ml_store_req_t *r = batch; r; r = r->next) {
-            if (r->op == S_OP_PUT) {
+            if (s_has_result(r->op)) {
                 r->rc = rc;
                 r->seq = 0;
                 r->duplicate = 0;
@@ -555,7 +831,7 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
     }
     uint64_t failed = 0;
     for (ml_store_req_t *r = batch; r; r = r->next)
-        failed += r->op == S_OP_PUT ? r->rc != 0 : mark_rc != 0;
+        failed += s_has_result(r->op) ? r->rc != 0 : mark_rc != 0;
     return failed;
 }
 
@@ -616,13 +892,13 @@ static void s_thread_main(void *arg)
         int notify = 0;
         for (ml_store_req_t *r = batch, *next; r; r = next) {
             next = r->next;
-            if (r->op != S_OP_PUT) {
-                free(r);
+            if (!s_has_result(r->op) || (r->op == S_OP_CASE && !r->cb)) {
+                s_req_free(r);
                 continue;
             }
-            if (r->rc == 0 && r->duplicate)
+            if (r->op == S_OP_PUT && r->rc == 0 && r->duplicate)
                 st->stats.duplicates++;
-            else if (r->rc == 0)
+            else if (r->op == S_OP_PUT && r->rc == 0)
                 st->stats.puts++;
             r->next = NULL;
             if (st->done_tail)
@@ -661,7 +937,7 @@ static void s_async_cb(uv_async_t *h)
             if (r->cb)
                 r->cb(r->arg, r->rc, r->rc == 0 ? r->seq : 0, r->duplicate);
         }
-        free(r);
+        s_req_free(r);
         r = next;
     }
 }
@@ -795,7 +1071,7 @@ static int s_enqueue(ml_store_t *st, ml_store_req_t *r)
     uv_mutex_lock(&st->mu);
     if (st->stopping) {
         uv_mutex_unlock(&st->mu);
-        free(r);
+        s_req_free(r);
         return ML_ECLOSED;
     }
     if (st->tail)
@@ -820,6 +1096,62 @@ static const char *s_copy_str(char **p, const char *s)
     char *d = memcpy(*p, s, n);
     *p += n;
     return d;
+}
+
+static size_t s_strsize(const char *s)
+{
+    return s ? strlen(s) + 1 : 0;
+}
+
+/* Deep-copies n case changes into one allocation: the array, then the
+ * events, then every string. Returns NULL out of memory. */
+static ml_store_caseop_t *s_ops_dup(const ml_store_caseop_t *ops, size_t n)
+{
+    size_t size = n * sizeof *ops, nev = 0;
+    for (size_t i = 0; i < n; i++) {
+        const ml_store_case_t *c = &ops[i].row;
+        const char *strs[] = {c->case_id, c->opener, c->target,
+                              c->service, c->linked, c->opening_id};
+        for (size_t k = 0; k < sizeof strs / sizeof strs[0]; k++)
+            size += s_strsize(strs[k]);
+        for (size_t j = 0; j < ops[i].n_events; j++) {
+            const ml_store_event_t *e = &ops[i].events[j];
+            size += s_strsize(e->node) + s_strsize(e->event) + s_strsize(e->from_state) +
+                    s_strsize(e->to_state) + s_strsize(e->message_id) + s_strsize(e->kind) +
+                    s_strsize(e->detail);
+        }
+        nev += ops[i].n_events;
+    }
+    size += nev * sizeof(ml_store_event_t);
+    ml_store_caseop_t *out = malloc(size);
+    if (!out)
+        return NULL;
+    ml_store_event_t *evs = (ml_store_event_t *)(out + n);
+    char *p = (char *)(evs + nev);
+    for (size_t i = 0; i < n; i++) {
+        out[i] = ops[i];
+        ml_store_case_t *c = &out[i].row;
+        c->case_id = s_copy_str(&p, c->case_id);
+        c->opener = s_copy_str(&p, c->opener);
+        c->target = s_copy_str(&p, c->target);
+        c->service = s_copy_str(&p, c->service);
+        c->linked = s_copy_str(&p, c->linked);
+        c->opening_id = s_copy_str(&p, c->opening_id);
+        out[i].events = evs;
+        for (size_t j = 0; j < ops[i].n_events; j++) {
+            ml_store_event_t *e = &evs[j];
+            *e = ops[i].events[j];
+            e->node = s_copy_str(&p, e->node);
+            e->event = s_copy_str(&p, e->event);
+            e->from_state = s_copy_str(&p, e->from_state);
+            e->to_state = s_copy_str(&p, e->to_state);
+            e->message_id = s_copy_str(&p, e->message_id);
+            e->kind = s_copy_str(&p, e->kind);
+            e->detail = s_copy_str(&p, e->detail);
+        }
+        evs += ops[i].n_events;
+    }
+    return out;
 }
 
 int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, void *arg)
@@ -854,9 +1186,40 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
     r->case_id = s_copy_str(&p, m->case_id);
     r->sender = s_copy_str(&p, m->sender);
     r->recipient = s_copy_str(&p, m->recipient);
+    if (m->n_ops > 0) {
+        if (!(r->ops = s_ops_dup(m->ops, m->n_ops))) {
+            free(r);
+            return ML_ENOMEM;
+        }
+        r->n_ops = m->n_ops;
+    }
 
     int rc = s_enqueue(st, r);
     if (rc == 0 && st->inflight++ == 0)
+        uv_ref((uv_handle_t *)&st->async);
+    return rc;
+}
+
+int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_ops,
+                        ml_store_put_cb cb, void *arg)
+{
+    if (!st || !ops || n_ops == 0)
+        return ML_EINVAL;
+    if (st->closed)
+        return ML_ECLOSED;
+    ml_store_req_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return ML_ENOMEM;
+    r->op = S_OP_CASE;
+    r->cb = cb;
+    r->arg = arg;
+    if (!(r->ops = s_ops_dup(ops, n_ops))) {
+        free(r);
+        return ML_ENOMEM;
+    }
+    r->n_ops = n_ops;
+    int rc = s_enqueue(st, r);
+    if (rc == 0 && cb && st->inflight++ == 0)
         uv_ref((uv_handle_t *)&st->async);
     return rc;
 }
@@ -882,9 +1245,30 @@ int ml_store_mark_delivered(ml_store_t *st, int64_t seq)
     return s_mark_req(st, S_OP_DELIVERED, seq, NULL);
 }
 
-int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason)
+int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int attempts)
 {
-    return s_mark_req(st, S_OP_DEAD, seq, reason);
+    if (!st)
+        return ML_EINVAL;
+    if (st->closed)
+        return ML_ECLOSED;
+    size_t size = sizeof(ml_store_req_t) + s_strsize(reason);
+    ml_store_req_t *r = malloc(size);
+    if (!r)
+        return ML_ENOMEM;
+    *r = (ml_store_req_t){.op = S_OP_DEAD, .seq = seq, .attempts = attempts};
+    char *p = (char *)(r + 1);
+    r->reason = s_copy_str(&p, reason);
+    return s_enqueue(st, r);
+}
+
+int ml_store_replay(ml_store_t *st, int64_t seq)
+{
+    return s_mark_req(st, S_OP_REPLAY, seq, NULL);
+}
+
+int ml_store_purge(ml_store_t *st, int64_t seq)
+{
+    return s_mark_req(st, S_OP_PURGE, seq, NULL);
 }
 
 int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_row_t *row),
@@ -911,6 +1295,8 @@ int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_r
             .priority = sqlite3_column_int(s, 6),
             .accepted_at = sqlite3_column_int64(s, 7),
             .envelope_len = (size_t)sqlite3_column_int64(s, 8),
+            .deadline = sqlite3_column_int64(s, 9),
+            .attempts = sqlite3_column_int(s, 10),
         };
         cb(arg, &row);
     }
@@ -973,4 +1359,222 @@ void ml_store_stats(ml_store_t *st, ml_store_stats_t *out)
     uv_mutex_lock(&st->mu);
     *out = st->stats;
     uv_mutex_unlock(&st->mu);
+}
+
+/* ---- synchronous reads ------------------------------------------------- */
+
+/* Steps a freshly prepared read statement to the end, calling row for each
+ * row; finalizes it. Returns 0 or ML_ESTORE (logged with what). */
+static int s_read_all(ml_store_t *st, sqlite3_stmt *s, const char *what,
+                      void (*row)(sqlite3_stmt *s, void *arg), void *arg)
+{
+    int src;
+    while ((src = sqlite3_step(s)) == SQLITE_ROW)
+        row(s, arg);
+    int rc = 0;
+    if (src != SQLITE_DONE) {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: %s: %s", st->path, what, sqlite3_errmsg(st->rd));
+        rc = ML_ESTORE;
+    }
+    sqlite3_finalize(s);
+    return rc;
+}
+
+static int s_prepare_rd(ml_store_t *st, const char *sql, sqlite3_stmt **out)
+{
+    if (sqlite3_prepare_v2(st->rd, sql, -1, out, NULL) != SQLITE_OK) {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: cannot prepare a query: %s", st->path,
+               sqlite3_errmsg(st->rd));
+        return ML_ESTORE;
+    }
+    return 0;
+}
+
+typedef struct {
+    ml_store_case_cb cb;
+    void *arg;
+} s_case_walk_t;
+
+static void s_case_row(sqlite3_stmt *s, void *arg)
+{
+    s_case_walk_t *w = arg;
+    ml_store_case_t c;
+    s_read_case(s, &c);
+    w->cb(w->arg, &c);
+}
+
+int ml_store_cases_open(ml_store_t *st, ml_store_case_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st, "SELECT " S_CASE_COLS " FROM cases WHERE closed = 0", &s) != 0)
+        return ML_ESTORE;
+    s_case_walk_t w = {cb, arg};
+    return s_read_all(st, s, "loading open cases", s_case_row, &w);
+}
+
+int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg)
+{
+    if (!st || !case_id || !cb)
+        return ML_EINVAL;
+    sqlite3_stmt *s = st->rd_case;
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    int src = sqlite3_step(s), rc = 0;
+    if (src == SQLITE_ROW) {
+        ml_store_case_t c;
+        s_read_case(s, &c);
+        cb(arg, &c);
+    } else if (src == SQLITE_DONE) {
+        rc = ML_ENOTFOUND;
+    } else {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: reading case %s: %s", st->path, case_id,
+               sqlite3_errmsg(st->rd));
+        rc = ML_ESTORE;
+    }
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc;
+}
+
+int ml_store_cases_query(ml_store_t *st, int kind, int state, int64_t overdue_at, int limit,
+                         ml_store_case_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st,
+                     "SELECT " S_CASE_COLS " FROM cases WHERE (?1 = 0 OR kind = ?1)"
+                     " AND (?2 < 0 OR state = ?2)"
+                     " AND (?3 = 0 OR (deadline_at > 0 AND deadline_at <= ?3))"
+                     " ORDER BY updated_at DESC, case_id LIMIT ?4",
+                     &s) != 0)
+        return ML_ESTORE;
+    sqlite3_bind_int(s, 1, kind);
+    sqlite3_bind_int(s, 2, state);
+    sqlite3_bind_int64(s, 3, overdue_at);
+    sqlite3_bind_int(s, 4, limit > 0 ? limit : -1);
+    s_case_walk_t w = {cb, arg};
+    return s_read_all(st, s, "listing cases", s_case_row, &w);
+}
+
+typedef struct {
+    ml_store_event_cb cb;
+    void *arg;
+} s_event_walk_t;
+
+static void s_event_row(sqlite3_stmt *s, void *arg)
+{
+    s_event_walk_t *w = arg;
+    ml_store_event_t e = {
+        .at = sqlite3_column_int64(s, 0),
+        .node = (const char *)sqlite3_column_text(s, 1),
+        .event = (const char *)sqlite3_column_text(s, 2),
+        .from_state = (const char *)sqlite3_column_text(s, 3),
+        .to_state = (const char *)sqlite3_column_text(s, 4),
+        .message_id = (const char *)sqlite3_column_text(s, 5),
+        .kind = (const char *)sqlite3_column_text(s, 6),
+        .detail = (const char *)sqlite3_column_text(s, 7),
+    };
+    w->cb(w->arg, &e);
+}
+
+int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !case_id || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st,
+                     "SELECT at, node, event, from_state, to_state, message_id, kind, detail"
+                     " FROM case_events WHERE case_id = ?1 ORDER BY seq",
+                     &s) != 0)
+        return ML_ESTORE;
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    s_event_walk_t w = {cb, arg};
+    return s_read_all(st, s, "reading a timeline", s_event_row, &w);
+}
+
+int ml_store_lookup(ml_store_t *st, const char *id, int64_t *seq, int *state)
+{
+    if (!st || !id)
+        return ML_EINVAL;
+    sqlite3_stmt *s = st->rd_lookup;
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    int src = sqlite3_step(s), rc = 0;
+    if (src == SQLITE_ROW) {
+        if (seq)
+            *seq = sqlite3_column_int64(s, 0);
+        if (state)
+            *state = sqlite3_column_int(s, 1);
+    } else if (src == SQLITE_DONE) {
+        rc = ML_ENOTFOUND;
+    } else {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: looking up message %s: %s", st->path, id,
+               sqlite3_errmsg(st->rd));
+        rc = ML_ESTORE;
+    }
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc;
+}
+
+#define S_DEAD_COLS                                                                                \
+    "seq, id, case_id, sender, recipient, kind, priority, accepted_at, dead_at, attempts, size,"   \
+    " dead_reason, deadline"
+
+typedef struct {
+    ml_store_dead_cb cb;
+    void *arg;
+    int n;
+} s_dead_walk_t;
+
+static void s_dead_row(sqlite3_stmt *s, void *arg)
+{
+    s_dead_walk_t *w = arg;
+    ml_store_dead_t d = {
+        .seq = sqlite3_column_int64(s, 0),
+        .id = (const char *)sqlite3_column_text(s, 1),
+        .case_id = (const char *)sqlite3_column_text(s, 2),
+        .sender = (const char *)sqlite3_column_text(s, 3),
+        .recipient = (const char *)sqlite3_column_text(s, 4),
+        .kind = sqlite3_column_int(s, 5),
+        .priority = sqlite3_column_int(s, 6),
+        .accepted_at = sqlite3_column_int64(s, 7),
+        .dead_at = sqlite3_column_int64(s, 8),
+        .attempts = sqlite3_column_int(s, 9),
+        .size = (size_t)sqlite3_column_int64(s, 10),
+        .reason = (const char *)sqlite3_column_text(s, 11),
+        .deadline = sqlite3_column_int64(s, 12),
+    };
+    w->n++;
+    w->cb(w->arg, &d);
+}
+
+int ml_store_dead_list(ml_store_t *st, int limit, ml_store_dead_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st,
+                     "SELECT " S_DEAD_COLS " FROM messages WHERE state = 2"
+                     " ORDER BY dead_at DESC, seq DESC LIMIT ?1",
+                     &s) != 0)
+        return ML_ESTORE;
+    sqlite3_bind_int(s, 1, limit > 0 ? limit : -1);
+    s_dead_walk_t w = {cb, arg, 0};
+    return s_read_all(st, s, "listing dead letters", s_dead_row, &w);
+}
+
+int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !id || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st, "SELECT " S_DEAD_COLS " FROM messages WHERE state = 2 AND id = ?1", &s) !=
+        0)
+        return ML_ESTORE;
+    sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+    s_dead_walk_t w = {cb, arg, 0};
+    int rc = s_read_all(st, s, "reading a dead letter", s_dead_row, &w);
+    return rc == 0 && w.n == 0 ? ML_ENOTFOUND : rc;
 }

@@ -22,6 +22,61 @@ typedef struct ml_store ml_store_t;
 /* Message states in the store. */
 enum { ML_MSG_QUEUED = 0, ML_MSG_DELIVERED = 1, ML_MSG_DEAD = 2 };
 
+/* A case as the broker keeps it: one row of the cases table. Strings are
+ * borrowed (copied by the calls that take one). */
+typedef struct {
+    const char *case_id;
+    int kind;     /* ML_CASE_* (cases.h) */
+    int state;    /* a value of the kind's status enum */
+    int priority; /* of the opening message */
+    const char *opener;
+    const char *target;
+    const char *service; /* "" or NULL when addressed to a node */
+    const char *linked;  /* the case this one came from or led to */
+    const char *opening_id;
+    int64_t opened_at;
+    int64_t updated_at;
+    int64_t deadline_at; /* 0 = no deadline running */
+    int deadline_state;
+    int escalations;
+    int follow_ups;
+    int closed;
+    uint32_t n_objects;
+    uint32_t chunks_expected;
+    uint32_t chunks;
+    uint32_t dup_chunks;
+    uint64_t chunk_bytes;
+    int64_t version; /* 1 when opened, +1 for every change */
+} ml_store_case_t;
+
+/* One timeline entry; strings borrowed, NULL reads as "". */
+typedef struct {
+    int64_t at;
+    const char *node;
+    const char *event;
+    const char *from_state;
+    const char *to_state;
+    const char *message_id;
+    const char *kind;
+    const char *detail;
+} ml_store_event_t;
+
+/* A change to one case, applied in the same transaction as the message it
+ * comes with (or alone, ml_store_case_apply). open = 1 inserts row (its
+ * version must be 1; an existing case_id fails the request with
+ * ML_EDENIED); otherwise row replaces the stored one only if the stored
+ * version is row.version - 1, else the request fails with ML_EDENIED: the
+ * broker's memory and the store disagree (after a failed batch), and the
+ * caller reloads the case. When the message turns out to be a duplicate the
+ * row and the events are not written, but the stored version still moves
+ * to row.version, so the caller's later changes keep applying. */
+typedef struct {
+    ml_store_case_t row;
+    int open;
+    const ml_store_event_t *events;
+    size_t n_events;
+} ml_store_caseop_t;
+
 typedef struct {
     const char *id; /* ULID, unique across the store */
     const char *case_id;
@@ -33,6 +88,8 @@ typedef struct {
     int64_t deadline;        /* Unix ms, 0 = none */
     const uint8_t *envelope; /* the serialised Envelope as received */
     size_t envelope_len;
+    const ml_store_caseop_t *ops; /* case changes that commit with it (copied) */
+    size_t n_ops;
 } ml_store_msg_t;
 
 /* A pending (queued, undelivered) message as listed at start-up. Strings
@@ -46,8 +103,27 @@ typedef struct {
     int kind;
     int priority;
     int64_t accepted_at;
+    int64_t deadline; /* Unix ms, 0 = none */
+    int attempts;
     size_t envelope_len;
 } ml_store_row_t;
+
+/* A dead letter as listed; strings borrowed for the callback. */
+typedef struct {
+    int64_t seq;
+    const char *id;
+    const char *case_id;
+    const char *sender;
+    const char *recipient;
+    int kind;
+    int priority;
+    int64_t accepted_at;
+    int64_t dead_at;
+    int attempts;
+    size_t size;
+    const char *reason;
+    int64_t deadline;
+} ml_store_dead_t;
 
 typedef struct {
     int batch_max;     /* most requests per transaction (default 4096) */
@@ -57,7 +133,8 @@ typedef struct {
 
 /* Called on the loop thread once the put is settled: rc 0 with the row's
  * seq (duplicate = 1 when a message with this id was already stored; seq is
- * then the earlier row's), or ML_EFULL (disk or quota full), or ML_ESTORE. */
+ * then the earlier row's), or ML_EFULL (disk or quota full), ML_EDENIED (a
+ * case change did not apply: see ml_store_caseop_t), or ML_ESTORE. */
 typedef void (*ml_store_put_cb)(void *arg, int rc, int64_t seq, int duplicate);
 
 /* Opens (creating if needed) the database at path, applies the schema, and
@@ -79,8 +156,46 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
  * transaction. No callback; a crash before that commit means the message is
  * delivered again, which the recipient's dedupe absorbs. */
 int ml_store_mark_delivered(ml_store_t *st, int64_t seq);
-/* Queues "seq is a dead letter" with a reason. */
-int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason);
+/* Queues "seq is a dead letter" with a reason and the number of delivery
+ * attempts made. */
+int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int attempts);
+/* Queues "dead letter seq is queued again": state back to queued, attempts
+ * and deadline cleared. Only a dead row changes. */
+int ml_store_replay(ml_store_t *st, int64_t seq);
+/* Queues the deletion of dead letter seq (only a dead row goes). */
+int ml_store_purge(ml_store_t *st, int64_t seq);
+/* Queues case changes without a message (a delivery recorded, a deadline
+ * missed). cb (may be NULL) gets rc 0 or ML_EDENIED / ML_EFULL /
+ * ML_ESTORE as for puts; seq and duplicate are 0. */
+int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_ops,
+                        ml_store_put_cb cb, void *arg);
+
+/* ---- synchronous reads on the loop thread (committed data only) ---- */
+
+typedef void (*ml_store_case_cb)(void *arg, const ml_store_case_t *row);
+typedef void (*ml_store_event_cb)(void *arg, const ml_store_event_t *ev);
+typedef void (*ml_store_dead_cb)(void *arg, const ml_store_dead_t *d);
+
+/* Calls cb for every case not in a final state. For start-up. Returns 0 or
+ * ML_ESTORE. */
+int ml_store_cases_open(ml_store_t *st, ml_store_case_cb cb, void *arg);
+/* Calls cb with case_id's row. Returns 0, ML_ENOTFOUND or ML_ESTORE. */
+int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg);
+/* Cases matching the filters, most recently updated first: kind 0 = any,
+ * state < 0 = any, overdue_at > 0 = only those with 0 < deadline_at <=
+ * overdue_at, at most limit. O(cases). Returns 0 or ML_ESTORE. */
+int ml_store_cases_query(ml_store_t *st, int kind, int state, int64_t overdue_at, int limit,
+                         ml_store_case_cb cb, void *arg);
+/* The timeline of case_id in order. Returns 0 or ML_ESTORE. */
+int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb cb, void *arg);
+/* The seq of the message with this id, and its state (ML_MSG_*). Returns 0,
+ * ML_ENOTFOUND or ML_ESTORE. O(log n). */
+int ml_store_lookup(ml_store_t *st, const char *id, int64_t *seq, int *state);
+/* Dead letters, newest first, at most limit. Returns 0 or ML_ESTORE. */
+int ml_store_dead_list(ml_store_t *st, int limit, ml_store_dead_cb cb, void *arg);
+/* The dead letter with this message id. Returns 0, ML_ENOTFOUND or
+ * ML_ESTORE. */
+int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void *arg);
 
 /* Calls cb for every queued message in (priority DESC, seq ASC) order.
  * Synchronous, loop thread, meant for start-up. Returns 0 or ML_ESTORE. */

@@ -298,7 +298,7 @@ Test(store, reopen_scan_order_and_delivery)
     /* Settle a few: delivered and dead messages leave the pending list. */
     cr_assert_eq(ml_store_mark_delivered(st, recs[0].seq), 0);
     cr_assert_eq(ml_store_mark_delivered(st, recs[5].seq), 0);
-    cr_assert_eq(ml_store_mark_dead(st, recs[7].seq, "deadline passed"), 0);
+    cr_assert_eq(ml_store_mark_dead(st, recs[7].seq, "deadline passed", 0), 0);
     /* A mark for a message that does not exist changes nothing. */
     cr_assert_eq(ml_store_mark_delivered(st, 999999), 0);
     /* Closing commits the marks still queued. */
@@ -441,7 +441,7 @@ Test(store, max_bytes_quota)
 
     /* Full, yet deliveries still settle. */
     cr_assert_eq(ml_store_mark_delivered(st, recs[0].seq), 0);
-    cr_assert_eq(ml_store_mark_dead(st, recs[1].seq, "expired"), 0);
+    cr_assert_eq(ml_store_mark_dead(st, recs[1].seq, "expired", 0), 0);
     put_rec_t more = {.log = &log};
     uint8_t env[4096] = {0};
     char id[ML_ULID_LEN + 1];
