@@ -1,0 +1,592 @@
+/* medlinkd's answers to medlinkctl: status (sessions, nodes, queues),
+ * cases (one with its timeline, or a filtered list), and the dead-letter
+ * queue (list, show, replay, purge). Only OPS nodes may ask. Reads come
+ * from memory and from the store's committed rows; replay and purge are
+ * queued to the store like every other write, in order with the
+ * deliveries that follow them. Replies carry no patient data: ops staff see
+ * where a case is and what failed, not who it is about. Loop thread only. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "broker_int.h"
+#include "cases.h"
+
+#define S_LIMIT_DEFAULT 100
+#define S_LIMIT_MAX 10000
+
+static void s_send(ml_broker_t *b, ml_session_t *s, Medlink__V1__AdminReply *reply)
+{
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
+    env.admin_reply = reply;
+    ml_bk_reply(b, s, &env);
+}
+
+static void s_error(ml_broker_t *b, ml_session_t *s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void s_error(ml_broker_t *b, ml_session_t *s, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.status = 1;
+    reply.error = msg;
+    s_send(b, s, &reply);
+}
+
+typedef struct {
+    uint64_t open, overdue;
+    int64_t now;
+} s_counts_t;
+
+static void s_count_one(ml_case_t *c, void *arg)
+{
+    s_counts_t *k = arg;
+    if (c->closed || c->gone)
+        return;
+    k->open++;
+    if (c->deadline_at && c->deadline_at <= k->now)
+        k->overdue++;
+}
+
+static void s_count_cases(ml_broker_t *b, uint64_t *open, uint64_t *overdue, int64_t now)
+{
+    s_counts_t k = {0, 0, now};
+    ml_casetab_each(&b->cases, s_count_one, &k);
+    *open = k.open;
+    *overdue = k.overdue;
+}
+
+static void s_admin_status(ml_broker_t *b, ml_session_t *s)
+{
+    Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    size_t n_sess = 0;
+    for (ml_session_t *x = b->sessions; x; x = x->next)
+        if (x->state == S_READY)
+            n_sess++;
+    Medlink__V1__SessionInfo *si = calloc(n_sess ? n_sess : 1, sizeof *si);
+    Medlink__V1__SessionInfo **sip = calloc(n_sess ? n_sess : 1, sizeof *sip);
+    Medlink__V1__NodeStatus *ni = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *ni);
+    Medlink__V1__NodeStatus **nip = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *nip);
+    if (!si || !sip || !ni || !nip)
+        goto out;
+    int64_t mono = ml_mono_ms(), now = ml_now_ms();
+    size_t k = 0;
+    for (ml_session_t *x = b->sessions; x; x = x->next) {
+        if (x->state != S_READY)
+            continue;
+        medlink__v1__session_info__init(&si[k]);
+        si[k].node_id = x->peer_id;
+        si[k].peer = x->peer_hex;
+        si[k].connected_at = now - (mono - x->created);
+        si[k].last_seen = now - (mono - x->last_rx);
+        si[k].in_flight = x->ns->deliver == x ? x->ns->n_inflight : 0;
+        sip[k] = &si[k];
+        k++;
+    }
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        ml_nodestate_t *ns = &b->nodes[i];
+        medlink__v1__node_status__init(&ni[i]);
+        ni[i].node_id = ns->node->id;
+        ni[i].role = (char *)ml_role_name(ns->node->role);
+        ni[i].community = ns->node->community ? ns->node->community : "";
+        ni[i].display_name = ns->node->display_name ? ns->node->display_name : "";
+        ni[i].online = ns->online > 0;
+        ni[i].last_seen = ns->last_seen;
+        ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
+        int64_t oldest = ml_queue_oldest(&ns->queue);
+        for (size_t j = ns->if_head; j < ns->if_head + ns->if_len; j++) {
+            if (ns->inflight[j].acked)
+                continue;
+            int64_t t = ns->inflight[j].item.accepted_at;
+            if (oldest == 0 || t < oldest)
+                oldest = t;
+        }
+        ni[i].oldest_queued_at = oldest;
+        ni[i].in_flight = ns->n_inflight;
+        ni[i].delivered = ns->delivered;
+        nip[i] = &ni[i];
+    }
+    st.broker = b->cfg->broker_id;
+    st.started_at = b->started_at;
+    st.now = now;
+    st.sessions = n_sess;
+    st.accepted_total = b->accepted_total;
+    st.delivered_total = b->delivered_total;
+    st.refused_total = b->refused_total;
+    s_count_cases(b, &st.open_cases, &st.overdue_cases, now);
+    int64_t dead = 0;
+    if (ml_store_dead_count(b->store, &dead) == 0)
+        st.dead_letters = (uint64_t)dead;
+    st.n_session = n_sess;
+    st.session = sip;
+    st.n_node = b->n_nodes;
+    st.node = nip;
+    reply.broker_status = &st;
+    s_send(b, s, &reply);
+out:
+    free(si);
+    free(sip);
+    free(ni);
+    free(nip);
+}
+
+/* ---- cases ------------------------------------------------------------ */
+
+static char *s_dup(const char *s)
+{
+    return strdup(s ? s : "");
+}
+
+/* A heap CaseInfo for a row (freed with s_case_info_free). */
+static Medlink__V1__CaseInfo *s_case_info(const ml_store_case_t *r, int64_t now)
+{
+    Medlink__V1__CaseInfo *ci = calloc(1, sizeof *ci);
+    if (!ci)
+        return NULL;
+    medlink__v1__case_info__init(ci);
+    ci->case_id = s_dup(r->case_id);
+    ci->kind = r->kind;
+    ci->state = s_dup(ml_case_state_name(r->kind, r->state));
+    ci->fhir_status = s_dup(ml_case_fhir_status(r->kind, r->state));
+    ci->opened_by = s_dup(r->opener);
+    ci->target = s_dup(r->target);
+    ci->service = s_dup(r->service);
+    ci->priority = s_dup(ml_priority_name(r->priority));
+    ci->opened_at = r->opened_at;
+    ci->updated_at = r->updated_at;
+    ci->deadline_at = r->deadline_at;
+    ci->deadline_state = s_dup(r->deadline_at ? ml_case_state_name(r->kind, r->deadline_state) : "");
+    ci->overdue = r->deadline_at > 0 && r->deadline_at <= now;
+    ci->escalations = (uint32_t)r->escalations;
+    ci->linked_case_id = s_dup(r->linked);
+    ci->closed = r->closed != 0;
+    ci->follow_ups = (uint32_t)r->follow_ups;
+    ci->chunks = r->chunks;
+    ci->chunk_bytes = r->chunk_bytes;
+    ci->duplicate_chunks = r->dup_chunks;
+    ci->objects = r->n_objects;
+    ci->chunks_expected = r->chunks_expected;
+    return ci;
+}
+
+static void s_case_info_free(Medlink__V1__CaseInfo *ci)
+{
+    if (!ci)
+        return;
+    char **strs[] = {&ci->case_id, &ci->state, &ci->fhir_status, &ci->opened_by, &ci->target,
+                     &ci->service, &ci->priority, &ci->deadline_state, &ci->linked_case_id};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        free(*strs[i]);
+    for (size_t i = 0; i < ci->n_timeline; i++) {
+        Medlink__V1__TimelineEntry *t = ci->timeline[i];
+        free(t->node);
+        free(t->event);
+        free(t->from_state);
+        free(t->to_state);
+        free(t->message_id);
+        free(t->kind);
+        free(t->detail);
+        free(t);
+    }
+    free(ci->timeline);
+    free(ci);
+}
+
+typedef struct {
+    Medlink__V1__CaseInfo **list;
+    size_t n, cap;
+    int64_t now;
+    int failed;
+} s_cases_t;
+
+static void s_case_cb(void *arg, const ml_store_case_t *r)
+{
+    s_cases_t *k = arg;
+    if (k->n == k->cap) {
+        size_t cap = k->cap ? k->cap * 2 : 16;
+        Medlink__V1__CaseInfo **p = realloc(k->list, cap * sizeof *p);
+        if (!p) {
+            k->failed = 1;
+            return;
+        }
+        k->list = p;
+        k->cap = cap;
+    }
+    Medlink__V1__CaseInfo *ci = s_case_info(r, k->now);
+    if (!ci) {
+        k->failed = 1;
+        return;
+    }
+    k->list[k->n++] = ci;
+}
+
+static void s_event_cb(void *arg, const ml_store_event_t *e)
+{
+    Medlink__V1__CaseInfo *ci = arg;
+    Medlink__V1__TimelineEntry **p =
+        realloc(ci->timeline, (ci->n_timeline + 1) * sizeof *ci->timeline);
+    Medlink__V1__TimelineEntry *t = calloc(1, sizeof *t);
+    if (p)
+        ci->timeline = p;
+    if (!p || !t) {
+        free(t);
+        return;
+    }
+    medlink__v1__timeline_entry__init(t);
+    t->at = e->at;
+    t->node = s_dup(e->node);
+    t->event = s_dup(e->event);
+    t->from_state = s_dup(e->from_state);
+    t->to_state = s_dup(e->to_state);
+    t->message_id = s_dup(e->message_id);
+    t->kind = s_dup(e->kind);
+    t->detail = s_dup(e->detail);
+    ci->timeline[ci->n_timeline++] = t;
+}
+
+static void s_case_show(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
+{
+    if (!rq->case_id || !*rq->case_id) {
+        s_error(b, s, "case show needs a case id");
+        return;
+    }
+    s_cases_t k = {.now = ml_now_ms()};
+    /* Memory first: it has the changes still being committed. */
+    ml_case_t *c = ml_casetab_find(&b->cases, rq->case_id);
+    if (c && !c->gone) {
+        ml_store_case_t row;
+        ml_bk_case_row(b, c, &row);
+        s_case_cb(&k, &row);
+    } else if (ml_store_case_get(b->store, rq->case_id, s_case_cb, &k) == ML_ENOTFOUND) {
+        s_error(b, s, "no case %s", rq->case_id);
+        return;
+    }
+    if (k.failed || k.n != 1) {
+        s_error(b, s, "cannot read case %s", rq->case_id);
+        goto out;
+    }
+    if (ml_store_case_events(b->store, rq->case_id, s_event_cb, k.list[0]) != 0) {
+        s_error(b, s, "cannot read the timeline of case %s", rq->case_id);
+        goto out;
+    }
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.case_info = k.list[0];
+    s_send(b, s, &reply);
+out:
+    for (size_t i = 0; i < k.n; i++)
+        s_case_info_free(k.list[i]);
+    free(k.list);
+}
+
+static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
+{
+    int kind = 0, state = -1;
+    if (rq->case_kind && *rq->case_kind && ml_case_kind_parse(rq->case_kind, &kind) != 0) {
+        s_error(b, s, "unknown case kind \"%s\" (expected referral, imaging or down_transfer)",
+                rq->case_kind);
+        return;
+    }
+    if (rq->state && *rq->state) {
+        int found = 0, fk = 0, fs = 0;
+        for (int k = ML_CASE_REFERRAL; k < ML_CASE_KIND_COUNT; k++) {
+            int v;
+            if ((kind == 0 || kind == k) && ml_case_state_parse(k, rq->state, &v) == 0) {
+                found++;
+                fk = k;
+                fs = v;
+            }
+        }
+        if (found == 0) {
+            s_error(b, s, "unknown state \"%s\"%s%s", rq->state, kind ? " for a " : "",
+                    kind ? ml_case_kind_name(kind) : "");
+            return;
+        }
+        if (found > 1) {
+            s_error(b, s,
+                    "state \"%s\" is a state of several case kinds: give the kind or the full "
+                    "name (e.g. REFERRAL_%s)",
+                    rq->state, rq->state);
+            return;
+        }
+        kind = fk;
+        state = fs;
+    }
+    int limit = rq->limit ? (int)rq->limit : S_LIMIT_DEFAULT;
+    if (limit > S_LIMIT_MAX)
+        limit = S_LIMIT_MAX;
+    s_cases_t k = {.now = ml_now_ms()};
+    int rc = ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit,
+                                  s_case_cb, &k);
+    if (rc != 0 || k.failed) {
+        s_error(b, s, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+    } else {
+        Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+        reply.n_cases = k.n;
+        reply.cases = k.list;
+        s_send(b, s, &reply);
+    }
+    for (size_t i = 0; i < k.n; i++)
+        s_case_info_free(k.list[i]);
+    free(k.list);
+}
+
+/* ---- dead letters ------------------------------------------------------ */
+
+typedef struct {
+    ml_store_dead_t d;
+    char *id, *case_id, *sender, *recipient, *reason;
+} s_dead_copy_t;
+
+typedef struct {
+    s_dead_copy_t *list;
+    size_t n, cap;
+    int failed;
+} s_deads_t;
+
+static void s_dead_cb(void *arg, const ml_store_dead_t *d)
+{
+    s_deads_t *k = arg;
+    if (k->n == k->cap) {
+        size_t cap = k->cap ? k->cap * 2 : 16;
+        s_dead_copy_t *p = realloc(k->list, cap * sizeof *p);
+        if (!p) {
+            k->failed = 1;
+            return;
+        }
+        k->list = p;
+        k->cap = cap;
+    }
+    s_dead_copy_t *x = &k->list[k->n++];
+    x->d = *d;
+    x->d.id = x->id = s_dup(d->id);
+    x->d.case_id = x->case_id = s_dup(d->case_id);
+    x->d.sender = x->sender = s_dup(d->sender);
+    x->d.recipient = x->recipient = s_dup(d->recipient);
+    x->d.reason = x->reason = s_dup(d->reason);
+}
+
+static void s_deads_free(s_deads_t *k)
+{
+    for (size_t i = 0; i < k->n; i++) {
+        free(k->list[i].id);
+        free(k->list[i].case_id);
+        free(k->list[i].sender);
+        free(k->list[i].recipient);
+        free(k->list[i].reason);
+    }
+    free(k->list);
+}
+
+static void s_dead_info(const ml_store_dead_t *d, Medlink__V1__DeadLetter *out)
+{
+    medlink__v1__dead_letter__init(out);
+    out->message_id = (char *)d->id;
+    out->case_id = (char *)d->case_id;
+    out->kind = (char *)ml_kind_name(d->kind);
+    out->from = (char *)d->sender;
+    out->to = (char *)d->recipient;
+    out->priority = (char *)ml_priority_name(d->priority);
+    out->reason = (char *)d->reason;
+    out->accepted_at = d->accepted_at;
+    out->dead_at = d->dead_at;
+    out->attempts = (uint32_t)d->attempts;
+    out->size = d->size;
+}
+
+static int s_limit(const Medlink__V1__AdminRequest *rq)
+{
+    int limit = rq->limit ? (int)rq->limit : S_LIMIT_DEFAULT;
+    return limit > S_LIMIT_MAX ? S_LIMIT_MAX : limit;
+}
+
+static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                       int with_envelope)
+{
+    s_deads_t k = {0};
+    int rc;
+    if (with_envelope) {
+        if (!rq->message_id || !*rq->message_id) {
+            s_error(b, s, "dlq show needs a message id");
+            return;
+        }
+        rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
+        if (rc == ML_ENOTFOUND) {
+            s_error(b, s, "no dead letter %s", rq->message_id);
+            return;
+        }
+    } else {
+        rc = ml_store_dead_list(b->store, s_limit(rq), s_dead_cb, &k);
+    }
+    Medlink__V1__DeadLetter *items = calloc(k.n ? k.n : 1, sizeof *items);
+    Medlink__V1__DeadLetter **ptrs = calloc(k.n ? k.n : 1, sizeof *ptrs);
+    uint8_t *blob = NULL;
+    size_t blen = 0;
+    if (rc != 0 || k.failed || !items || !ptrs) {
+        s_error(b, s, "cannot read the dead-letter queue: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        goto out;
+    }
+    for (size_t i = 0; i < k.n; i++) {
+        s_dead_info(&k.list[i].d, &items[i]);
+        ptrs[i] = &items[i];
+    }
+    if (with_envelope && k.n == 1 && ml_store_fetch(b->store, k.list[0].d.seq, &blob, &blen) == 0) {
+        items[0].envelope.data = blob;
+        items[0].envelope.len = blen;
+    }
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.n_dead_letter = k.n;
+    reply.dead_letter = ptrs;
+    s_send(b, s, &reply);
+out:
+    free(blob);
+    free(items);
+    free(ptrs);
+    s_deads_free(&k);
+}
+
+/* Replays or purges one dead letter (queued to the store in order).
+ * Returns 0, or an error sentence in err. */
+static int s_dlq_apply(ml_broker_t *b, ml_session_t *s, const ml_store_dead_t *d, int replay,
+                       char *err, size_t errlen)
+{
+    if (!replay) {
+        if (ml_store_purge(b->store, d->seq) != 0) {
+            snprintf(err, errlen, "cannot purge %s: the store is closing", d->id);
+            return ML_ESTORE;
+        }
+        ml_log(ML_LOG_INFO, "admin", "%s purged dead letter %s (%s for %s)", s->peer_id, d->id,
+               ml_kind_name(d->kind), d->recipient);
+        return 0;
+    }
+    ml_nodestate_t *ns = ml_bk_node(b, d->recipient);
+    if (!ns) {
+        snprintf(err, errlen,
+                 "cannot replay %s: its recipient %s is not in the node registry; register it "
+                 "first",
+                 d->id, d->recipient);
+        return ML_ENOTFOUND;
+    }
+    if (ml_store_replay(b->store, d->seq) != 0) {
+        snprintf(err, errlen, "cannot replay %s: the store is closing", d->id);
+        return ML_ESTORE;
+    }
+    ml_qitem_t it;
+    memset(&it, 0, sizeof it);
+    it.seq = d->seq;
+    it.accepted_at = ml_now_ms();
+    it.size = (uint32_t)d->size;
+    it.priority = (uint8_t)d->priority;
+    it.kind = (uint8_t)d->kind;
+    it.flags = strcmp(d->sender, b->cfg->broker_id) == 0 ? ML_QI_NOTICE : 0;
+    snprintf(it.id, sizeof it.id, "%s", d->id);
+    it.cs = ml_bk_case_for_row(b, d->case_id, d->kind);
+    if (it.cs) {
+        char detail[300];
+        snprintf(detail, sizeof detail, "%s %s replayed from the dead-letter queue by %s",
+                 ml_kind_name(d->kind), d->id, s->peer_id);
+        ml_bk_case_event(b, it.cs, s->peer_id, "replayed", d->id, d->kind, detail);
+    }
+    if (ml_queue_push(&ns->queue, &it) != 0) {
+        ml_bk_case_release(b, it.cs);
+        snprintf(err, errlen, "out of memory queueing %s; it is delivered after a restart", d->id);
+        return ML_ENOMEM;
+    }
+    ml_log(ML_LOG_INFO, "admin", "%s replayed dead letter %s (%s for %s)", s->peer_id, d->id,
+           ml_kind_name(d->kind), d->recipient);
+    ml_bk_pump(b, ns);
+    return 0;
+}
+
+static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                         int replay)
+{
+    s_deads_t k = {0};
+    int rc;
+    if (rq->all)
+        rc = ml_store_dead_list(b->store, -1, s_dead_cb, &k);
+    else if (rq->message_id && *rq->message_id)
+        rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
+    else {
+        s_error(b, s, "dlq %s needs a message id or --all", replay ? "replay" : "purge");
+        return;
+    }
+    if (rc == ML_ENOTFOUND) {
+        s_error(b, s, "no dead letter %s", rq->message_id);
+        return;
+    }
+    if (rc != 0 || k.failed) {
+        s_error(b, s, "cannot read the dead-letter queue: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        s_deads_free(&k);
+        return;
+    }
+    char err[512] = "";
+    uint32_t done = 0;
+    for (size_t i = 0; i < k.n; i++) {
+        if (s_dlq_apply(b, s, &k.list[i].d, replay, err, sizeof err) == 0)
+            done++;
+        else if (!rq->all)
+            break;
+    }
+    if (!rq->all && done == 0) {
+        s_error(b, s, "%s", err);
+    } else {
+        Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+        reply.affected = done;
+        if (err[0]) {
+            reply.error = err; /* --all: the last one that could not be done */
+        }
+        s_send(b, s, &reply);
+    }
+    s_deads_free(&k);
+}
+
+void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
+{
+    if (s->ns->node->role != ML_ROLE_OPS) {
+        char err[256];
+        snprintf(err, sizeof err, "admin requests need an OPS node; %s has role %s", s->peer_id,
+                 ml_role_name(s->ns->node->role));
+        ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
+        return;
+    }
+    const Medlink__V1__AdminRequest *rq = env->admin_request;
+    const ProtobufCEnumValue *op = protobuf_c_enum_descriptor_get_value(
+        &medlink__v1__admin_request__op__descriptor, rq->op);
+    ml_log(ML_LOG_INFO, "admin", "%s asked for %s%s%s", s->peer_id, op ? op->name : "?",
+           rq->case_id && *rq->case_id ? " " : "",
+           rq->case_id && *rq->case_id ? rq->case_id
+                                       : (rq->message_id && *rq->message_id ? rq->message_id : ""));
+    switch (rq->op) {
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
+        s_admin_status(b, s);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_CASE_SHOW:
+        s_case_show(b, s, rq);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_CASES:
+        s_cases(b, s, rq);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST:
+        s_dlq_list(b, s, rq, 0);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_SHOW:
+        s_dlq_list(b, s, rq, 1);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_REPLAY:
+        s_dlq_change(b, s, rq, 1);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_PURGE:
+        s_dlq_change(b, s, rq, 0);
+        break;
+    default:
+        s_error(b, s, "unknown admin operation %d", (int)rq->op);
+    }
+}

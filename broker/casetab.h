@@ -1,0 +1,65 @@
+/* The broker's in-memory table of cases: every case that is not final, and
+ * final cases that still have messages queued or changes being committed.
+ * The store holds every case; this table is what the loop thread checks a
+ * message against without reading the store. Chained hashing on the case
+ * id, grown by doubling, O(1) expected per operation. Loop thread only. */
+#ifndef ML_BROKER_CASETAB_H
+#define ML_BROKER_CASETAB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ml_common.h"
+
+typedef struct ml_case {
+    struct ml_case *hnext;
+    int64_t opened_at;
+    int64_t updated_at;
+    int64_t deadline_at; /* 0 = no deadline running */
+    int64_t version;     /* the store's version of the row (see store.h) */
+    uint64_t chunk_bytes;
+    uint32_t n_objects;
+    uint32_t chunks_expected;
+    uint32_t chunks;
+    uint32_t dup_chunks;
+    uint32_t refs;        /* queued messages and store requests pointing here */
+    uint32_t opener;      /* index into the broker's nodes */
+    uint32_t target;      /* index into the broker's nodes */
+    const char *service;  /* borrowed from the config, or NULL */
+    char *linked;         /* malloc'd case id, or NULL */
+    uint16_t escalations;
+    uint16_t follow_ups;
+    uint8_t kind;
+    uint8_t state;
+    uint8_t priority;
+    uint8_t deadline_state;
+    uint8_t fired;  /* the running deadline has been escalated */
+    uint8_t closed; /* in a final state */
+    uint8_t gone;   /* not in the store (its opening failed): drop when unreferenced */
+    char opening_id[ML_ULID_LEN + 1];
+    char id[]; /* NUL-terminated */
+} ml_case_t;
+
+typedef struct {
+    ml_case_t **buckets;
+    size_t n_buckets; /* power of two */
+    size_t count;
+} ml_casetab_t;
+
+void ml_casetab_init(ml_casetab_t *t);
+/* Frees every case and the buckets. */
+void ml_casetab_close(ml_casetab_t *t);
+/* A new zeroed case with this id (not in the table yet; free with
+ * ml_case_free). NULL out of memory. */
+ml_case_t *ml_case_new(const char *id);
+void ml_case_free(ml_case_t *c);
+ml_case_t *ml_casetab_find(const ml_casetab_t *t, const char *id);
+/* Adds c (its id must not be in the table). Returns 0 or ML_ENOMEM (c is
+ * then not added). */
+int ml_casetab_add(ml_casetab_t *t, ml_case_t *c);
+/* Takes c out of the table (does not free it). */
+void ml_casetab_remove(ml_casetab_t *t, ml_case_t *c);
+/* Calls cb for every case; cb may not add or remove cases. */
+void ml_casetab_each(const ml_casetab_t *t, void (*cb)(ml_case_t *c, void *arg), void *arg);
+
+#endif
