@@ -1,0 +1,262 @@
+/* Private to medlinkd's core: the structures broker.c (sessions, transport,
+ * delivery), flow.c (cases, deadlines, escalations, dead letters) and
+ * admin.c (medlinkctl's requests) share, and the functions they call in each
+ * other. Loop thread only, like everything in them. */
+#ifndef ML_BROKER_INT_H
+#define ML_BROKER_INT_H
+
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "broker.h"
+#include "casetab.h"
+#include "ml_common.h"
+#include "ml_env.h"
+#include "ml_tls.h"
+#include "ml_zloop.h"
+#include "queue.h"
+#include "store.h"
+
+#define S_RECV_BUDGET 512
+#define S_FRAME_MAX (256 * 1024)
+#define S_FLUSH_THRESHOLD (64 * 1024)
+#define S_BUCKETS 4096
+#define S_RID_MAX 255
+/* Puts waiting for the store hold a copy of their envelope: bound them so
+ * a burst cannot grow the broker past its memory budget. */
+#define S_STORE_BACKLOG_MAX 16384
+#define S_STORE_BACKLOG_BYTES (32u * 1024 * 1024)
+/* Envelopes for connected recipients are kept in memory up to this many
+ * bytes, so that steady traffic is delivered without reading each message
+ * back from SQLite (a read that costs ~10% of the broker's CPU, since every
+ * commit invalidates the reader's page cache). Backlogs beyond it, and
+ * everything for offline nodes, are read from the store at delivery time,
+ * which keeps memory flat however long a clinic stays offline. */
+#define S_CACHE_BYTES (8u * 1024 * 1024)
+
+enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
+
+typedef struct ml_session ml_session_t;
+
+typedef struct {
+    char id[ML_ULID_LEN + 1];
+    uint8_t duplicate;
+} ml_accid_t;
+
+/* Most ids in one cumulative Accepted (~110 KB record). */
+#define S_ACC_MAX 4096
+typedef struct ml_put ml_put_t;
+
+typedef struct {
+    ml_qitem_t item;
+    int64_t sent_at;
+    int acked;
+} ml_inflight_t;
+
+typedef struct {
+    const ml_node_t *node;
+    ml_queue_t queue;
+    /* In-flight deliveries, in send order, in slots [if_head, if_head +
+     * if_len). Acks normally come in order, so an ack is O(1): it hits the
+     * head slot and the head advances. An out-of-order ack only flags its
+     * slot. n_inflight counts the unacked slots. */
+    ml_inflight_t *inflight;
+    size_t if_head;
+    size_t if_len;
+    size_t n_inflight;
+    size_t cap_inflight;
+    ml_session_t *deliver;
+    int online;
+    int64_t last_seen;
+    uint64_t delivered;
+    uint32_t open_cases; /* open cases this node is the target of */
+} ml_nodestate_t;
+
+struct ml_session {
+    uint8_t rid[S_RID_MAX];
+    size_t rid_len;
+    uint32_t hash;
+    ml_session_t *hnext;
+    ml_session_t *prev;
+    ml_session_t *next;
+    ml_session_t *dirty_next;
+    int dirty;
+    int state;
+    int deliveries;
+    uint64_t serial;
+    ml_tls_session_t *tls;
+    ml_frame_reader_t *reader;
+    char *peer_id;
+    ml_nodestate_t *ns;
+    int64_t created;
+    int64_t last_rx;
+    int64_t expire_at;
+    uint8_t *out;
+    size_t out_len;
+    size_t out_cap;
+    ml_put_t *puts;
+    /* Accepted answers not yet sent: one cumulative Accepted per flush. */
+    ml_accid_t *acc;
+    size_t n_acc;
+    size_t cap_acc;
+    char peer_hex[24];
+};
+
+/* A store put in progress; the session may go away before it completes. */
+struct ml_put {
+    ml_broker_t *b;
+    ml_session_t *session;
+    ml_put_t **head; /* the list it is on: its session's, or orphans */
+    ml_put_t *prev;
+    ml_put_t *next;
+    ml_nodestate_t *recipient;
+    int priority;
+    int kind;
+    int64_t deadline;
+    uint32_t size;
+    uint8_t *blob; /* copy of the envelope when it may be delivered at once */
+    char id[ML_ULID_LEN + 1];
+    /* Case work (flow.c): the cases this put changes (counted references)
+     * and what to do once it is committed. */
+    ml_case_t *cs;
+    ml_case_t *linked;
+    int has_ops;
+    int action;      /* ML_BK_AFTER_* */
+    int chunk_bytes; /* an imaging chunk's data bytes (counters) */
+    int notice;      /* the broker's own message (ML_QI_NOTICE) */
+};
+
+struct ml_broker {
+    uv_loop_t *loop;
+    ml_broker_config_t *cfg;
+    ml_tls_ctx_t *tls;
+    ml_store_t *store;
+    void *zctx;
+    void *router;
+    ml_zwatch_t *watch;
+    char endpoint[256];
+
+    ml_session_t *buckets[S_BUCKETS];
+    ml_session_t *sessions; /* all sessions, including tombstones */
+    ml_session_t *dirty;
+    size_t n_live;
+    uint64_t next_serial;
+
+    ml_nodestate_t *nodes;
+    size_t n_nodes;
+
+    uv_timer_t housekeeping;
+    uv_check_t flush_check;
+    int open_handles;
+    uint64_t puts_pending;
+    uint64_t puts_pending_bytes;
+    ml_put_t *orphans;    /* puts whose session closed before the commit */
+    uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
+
+    ml_casetab_t cases;
+    uint32_t rr; /* round robin among a service's consumers */
+    uv_timer_t flow_timer;
+
+    int64_t started_at;
+    uint64_t accepted_total;
+    uint64_t delivered_total;
+    uint64_t refused_total;
+    uint64_t dead_total;
+    uint8_t *rxbuf;
+};
+
+
+/* ---- broker.c ---------------------------------------------------------- */
+
+/* Sends a control or admin envelope from the broker to the session's peer
+ * (id, from, to, created_at and kind are filled in). Returns 0 or ML_E*. */
+int ml_bk_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
+/* Logs a refusal and answers the peer with a Nack. */
+void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                  const char *reason);
+/* The state of a registered node, or NULL. O(nodes). */
+ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);
+/* Index of ns in b->nodes. */
+uint32_t ml_bk_node_index(const ml_broker_t *b, const ml_nodestate_t *ns);
+/* Delivers what ns's queue and window allow. */
+void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns);
+
+/* A message to store and then deliver: from a session (its sender gets
+ * Accepted once it is committed) or from the broker itself (session NULL). */
+typedef struct {
+    ml_session_t *session;
+    ml_nodestate_t *recipient;
+    const char *id;
+    const char *case_id;
+    const char *sender;
+    int kind;
+    int priority;
+    int64_t created_at;
+    int64_t deadline;
+    const uint8_t *rec; /* the serialised envelope as it will be delivered */
+    size_t len;
+    const ml_store_caseop_t *ops;
+    size_t n_ops;
+    ml_case_t *cs;     /* the case it belongs to (the put takes a reference) */
+    ml_case_t *linked; /* a second case it changes (idem) */
+    int action;        /* ML_BK_AFTER_* */
+    int chunk_bytes;
+    int notice; /* the broker's own message */
+} ml_bk_msg_t;
+
+/* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),
+ * ML_ENOMEM / ML_ECLOSED; the caller then refuses the message. */
+int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m);
+
+/* Sends the broker's own message env (a notification, an escalation, a
+ * forwarded referral) to recipient: fills id (when empty), from (when
+ * empty: the broker's id), created_at and kind, packs and submits it with
+ * the given case changes. Returns 0 or ML_E* (logged). */
+int ml_bk_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
+               const ml_store_caseop_t *ops, size_t n_ops);
+
+/* ---- flow.c ------------------------------------------------------------ */
+
+enum {
+    ML_BK_AFTER_NONE = 0,
+    ML_BK_AFTER_FORWARD = 1,    /* forward the case's referral to its (new) target */
+    ML_BK_AFTER_REREFERRED = 2, /* tell the down-transfer's hospital it went back up */
+};
+
+/* Loads the open cases from the store into b->cases (start-up). Returns 0
+ * or ML_ESTORE. */
+int ml_bk_flow_load(ml_broker_t *b);
+/* The case a pending message loaded at start-up belongs to (a reference is
+ * taken), or NULL. */
+ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind);
+/* Routes a clinical message of a session: the case checks, then
+ * ml_bk_submit, or a Nack naming what is wrong. */
+void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
+                      size_t len, int repack);
+/* A put with case work settled (rc as from the store). Releases the put's
+ * references. */
+void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate);
+/* The recipient acked item (delivery recorded in its case). */
+void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it);
+/* Makes item (taken from a queue or the in-flight window of ns) a dead
+ * letter with reason: stored as such, escalated, recorded in its case. The
+ * item's blob and case reference are released. */
+void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason);
+/* Drops a case reference (frees a final or gone case nobody needs). */
+void ml_bk_case_release(ml_broker_t *b, ml_case_t *c);
+/* Starts the deadline and expiry timer. */
+void ml_bk_flow_start(ml_broker_t *b);
+/* Records an event the broker makes by itself (a replay, a delivery) in
+ * c's timeline. */
+void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
+                      const char *message_id, int kind, const char *detail);
+/* The store row of c as it is in memory. */
+void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
+
+/* ---- admin.c ----------------------------------------------------------- */
+
+/* Answers an AdminRequest from an OPS session. */
+void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
+
+#endif
