@@ -1,0 +1,1015 @@
+/* The broker's case engine: what makes medlinkd more than a message pipe.
+ *
+ * Every clinical message belongs to a case. The message that opens a case
+ * (Referral, ImagingConsult, DownTransfer) creates it; every later message
+ * is checked against it before it is stored: the sender must have a part in
+ * the case, the change must be a legal step of the case's lifecycle
+ * (cases.h), and it must go to the other party. A refusal is a Nack that
+ * names the current and the attempted state; nothing is stored, so nothing
+ * is lost and the case is unchanged.
+ *
+ * The case table (casetab.h) is checked and changed on the loop thread when
+ * a message arrives, and the change is stored in the same transaction as
+ * the message (store.h, versioned). If that transaction fails, the case is
+ * read back from the store, which is the truth.
+ *
+ * The broker also makes changes of its own: a delivery acknowledged by the
+ * target moves a referral to DELIVERED and an imaging consult to ASSIGNED
+ * (and tells the opener); a deadline missed raises an Escalation to the ops
+ * nodes and the opener, and may redirect an unaccepted EMERGENCY referral to
+ * the community's fallback hospital; a message that cannot be delivered
+ * becomes a dead letter (stored, escalated, visible in `medlinkctl dlq`).
+ *
+ * Services: a message that opens a case may be addressed to a service
+ * ("imaging.ct"); the broker picks one of the nodes serving it (connected
+ * ones first, then the one with the fewest open cases, round robin among
+ * equals) when the message arrives, and every later message of the case
+ * goes to that node. Loop thread only. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "broker_int.h"
+#include "cases.h"
+
+#define S_NO_NODE UINT32_MAX
+
+#define K_(x) MEDLINK__V1__KIND__KIND_##x
+#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
+#define REF_(x) MEDLINK__V1__REFERRAL_STATUS__REFERRAL_##x
+#define IMG_(x) MEDLINK__V1__IMAGING_STATUS__IMAGING_##x
+#define DT_(x) MEDLINK__V1__DOWN_TRANSFER_STATUS__DOWN_TRANSFER_##x
+
+/* ------------------------------------------------------------------ */
+/* Cases in memory                                                     */
+
+static ml_nodestate_t *s_node_at(ml_broker_t *b, uint32_t idx)
+{
+    return idx < b->n_nodes ? &b->nodes[idx] : NULL;
+}
+
+static const char *s_node_name(ml_broker_t *b, uint32_t idx)
+{
+    ml_nodestate_t *ns = s_node_at(b, idx);
+    return ns ? ns->node->id : "";
+}
+
+static uint32_t s_node_idx(ml_broker_t *b, const char *id)
+{
+    ml_nodestate_t *ns = id && *id ? ml_bk_node(b, id) : NULL;
+    return ns ? ml_bk_node_index(b, ns) : S_NO_NODE;
+}
+
+/* The config's copy of a service name (borrowed for the broker's life). */
+static const char *s_service_name(ml_broker_t *b, const char *name)
+{
+    for (size_t i = 0; name && *name && i < b->cfg->n_nodes; i++)
+        for (size_t j = 0; j < b->cfg->nodes[i].n_services; j++)
+            if (strcmp(b->cfg->nodes[i].services[j], name) == 0)
+                return b->cfg->nodes[i].services[j];
+    return NULL;
+}
+
+/* Keeps each node's count of the open cases it is the target of, which is
+ * how a service picks its least busy consumer. */
+static void s_target_count(ml_broker_t *b, ml_case_t *c, int delta)
+{
+    ml_nodestate_t *ns = s_node_at(b, c->target);
+    if (!ns || c->closed || c->gone)
+        return;
+    if (delta < 0 && ns->open_cases > 0)
+        ns->open_cases--;
+    else if (delta > 0)
+        ns->open_cases++;
+}
+
+/* The row of the store for c as it is in memory. */
+static void s_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *r)
+{
+    memset(r, 0, sizeof *r);
+    r->case_id = c->id;
+    r->kind = c->kind;
+    r->state = c->state;
+    r->priority = c->priority;
+    r->opener = s_node_name(b, c->opener);
+    r->target = s_node_name(b, c->target);
+    r->service = c->service;
+    r->linked = c->linked;
+    r->opening_id = c->opening_id;
+    r->opened_at = c->opened_at;
+    r->updated_at = c->updated_at;
+    r->deadline_at = c->deadline_at;
+    r->deadline_state = c->deadline_state;
+    r->escalations = c->escalations;
+    r->follow_ups = c->follow_ups;
+    r->closed = c->closed;
+    r->n_objects = c->n_objects;
+    r->chunks_expected = c->chunks_expected;
+    r->chunks = c->chunks;
+    r->dup_chunks = c->dup_chunks;
+    r->chunk_bytes = c->chunk_bytes;
+    r->fired = c->fired;
+    r->version = c->version;
+}
+
+/* Copies a stored row into c (whose id is already the row's). */
+static void s_from_row(ml_broker_t *b, ml_case_t *c, const ml_store_case_t *r)
+{
+    c->kind = (uint8_t)r->kind;
+    c->state = (uint8_t)r->state;
+    c->priority = (uint8_t)r->priority;
+    c->opener = s_node_idx(b, r->opener);
+    c->target = s_node_idx(b, r->target);
+    c->service = s_service_name(b, r->service);
+    free(c->linked);
+    c->linked = r->linked && *r->linked ? strdup(r->linked) : NULL;
+    snprintf(c->opening_id, sizeof c->opening_id, "%s", r->opening_id ? r->opening_id : "");
+    c->opened_at = r->opened_at;
+    c->updated_at = r->updated_at;
+    c->deadline_at = r->deadline_at;
+    c->deadline_state = (uint8_t)r->deadline_state;
+    c->escalations = (uint16_t)r->escalations;
+    c->follow_ups = (uint16_t)r->follow_ups;
+    c->closed = (uint8_t)(r->closed != 0);
+    c->n_objects = r->n_objects;
+    c->chunks_expected = r->chunks_expected;
+    c->chunks = r->chunks;
+    c->dup_chunks = r->dup_chunks;
+    c->chunk_bytes = r->chunk_bytes;
+    c->fired = (uint8_t)(r->fired != 0);
+    c->version = r->version;
+}
+
+typedef struct {
+    ml_broker_t *b;
+    ml_case_t *c;
+    int rc;
+} s_load_t;
+
+static void s_load_one(void *arg, const ml_store_case_t *r)
+{
+    s_load_t *ld = arg;
+    ml_case_t *c = ml_case_new(r->case_id);
+    if (!c || ml_casetab_add(&ld->b->cases, c) != 0) {
+        ml_case_free(c);
+        ld->rc = ML_ENOMEM;
+        return;
+    }
+    s_from_row(ld->b, c, r);
+    s_target_count(ld->b, c, +1);
+    ld->c = c;
+}
+
+int ml_bk_flow_load(ml_broker_t *b)
+{
+    s_load_t ld = {b, NULL, 0};
+    int rc = ml_store_cases_open(b->store, s_load_one, &ld);
+    return rc ? rc : ld.rc;
+}
+
+/* Frees c once nothing needs it: a final case with no queued message and
+ * no change in flight leaves memory (the store keeps it). */
+static void s_maybe_evict(ml_broker_t *b, ml_case_t *c)
+{
+    if (c->refs > 0)
+        return;
+    if (c->gone) {
+        ml_case_free(c); /* already out of the table */
+    } else if (c->closed) {
+        ml_casetab_remove(&b->cases, c);
+        ml_case_free(c);
+    }
+}
+
+void ml_bk_case_release(ml_broker_t *b, ml_case_t *c)
+{
+    if (!c)
+        return;
+    if (c->refs > 0)
+        c->refs--;
+    s_maybe_evict(b, c);
+}
+
+/* The case with this id: from memory, else (a final case) read back from
+ * the store into memory. NULL when there is none. The caller takes a
+ * reference or calls s_maybe_evict when done. */
+static ml_case_t *s_lookup(ml_broker_t *b, const char *id)
+{
+    if (!id || !*id)
+        return NULL;
+    ml_case_t *c = ml_casetab_find(&b->cases, id);
+    if (c)
+        return c;
+    s_load_t ld = {b, NULL, 0};
+    if (ml_store_case_get(b->store, id, s_load_one, &ld) != 0)
+        return NULL;
+    return ld.c;
+}
+
+ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind)
+{
+    if (ml_case_kind_of_message(kind) == ML_CASE_NONE)
+        return NULL;
+    ml_case_t *c = s_lookup(b, case_id);
+    if (c)
+        c->refs++;
+    return c;
+}
+
+typedef struct {
+    ml_broker_t *b;
+    ml_case_t *c;
+} s_resync_t;
+
+static void s_resync_row(void *arg, const ml_store_case_t *r)
+{
+    s_resync_t *rs = arg;
+    s_from_row(rs->b, rs->c, r);
+}
+
+/* After a change failed to commit: the store is the truth. A case whose
+ * opening did not commit is not a case: it leaves the table now and memory
+ * once nothing points to it. */
+static void s_resync(ml_broker_t *b, ml_case_t *c)
+{
+    if (!c || c->gone)
+        return;
+    s_target_count(b, c, -1);
+    s_resync_t rs = {b, c};
+    int rc = ml_store_case_get(b->store, c->id, s_resync_row, &rs);
+    if (rc == ML_ENOTFOUND) {
+        ml_casetab_remove(&b->cases, c);
+        c->gone = 1;
+        return;
+    }
+    if (rc != 0)
+        ml_log(ML_LOG_ERROR, "cases", "case %s: cannot read it back from the store", c->id);
+    s_target_count(b, c, +1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading messages                                                    */
+
+static int s_party(ml_broker_t *b, const ml_case_t *c, const ml_nodestate_t *sender)
+{
+    uint32_t idx = ml_bk_node_index(b, sender);
+    if (idx == c->opener)
+        return ML_PARTY_OPENER;
+    if (idx == c->target)
+        return ML_PARTY_TARGET;
+    return ML_PARTY_OTHER;
+}
+
+/* The state a message asks its case to move to, or -1 for messages that
+ * do not change it (chunks, resend requests). */
+static int s_msg_state(const ml_envelope_t *e)
+{
+    switch (e->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE:
+        return (int)e->referral_update->status;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE:
+        return (int)e->imaging_update->status;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_REPORT:
+        return IMG_(REPORTED);
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE:
+        return (int)e->down_transfer_update->status;
+    default:
+        return -1;
+    }
+}
+
+static int s_nonempty(const char *s)
+{
+    return s && *s;
+}
+
+/* A line for the timeline: what the message says beyond its state. */
+static void s_detail(const ml_envelope_t *e, char *buf, size_t len)
+{
+    char t[32];
+    buf[0] = '\0';
+    switch (e->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE: {
+        const Medlink__V1__ReferralUpdate *u = e->referral_update;
+        if (s_nonempty(u->redirect_to))
+            snprintf(buf, len, "redirected to %s%s%s", u->redirect_to,
+                     s_nonempty(u->reason) ? ": " : "", s_nonempty(u->reason) ? u->reason : "");
+        else if (u->scheduled_at)
+            snprintf(buf, len, "appointment %s%s%s", ml_time_format(u->scheduled_at, t, sizeof t),
+                     s_nonempty(u->department) ? ", " : "",
+                     s_nonempty(u->department) ? u->department : "");
+        else if (s_nonempty(u->reason))
+            snprintf(buf, len, "%s", u->reason);
+        else if (s_nonempty(u->outcome_summary))
+            snprintf(buf, len, "outcome: %s", u->outcome_summary);
+        else if (s_nonempty(u->notes))
+            snprintf(buf, len, "%s", u->notes);
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE: {
+        const Medlink__V1__ImagingUpdate *u = e->imaging_update;
+        if (u->status == IMG_(STUDY_RECEIVED))
+            snprintf(buf, len, "%u object(s), %llu bytes verified", u->objects_received,
+                     (unsigned long long)u->bytes_received);
+        else if (s_nonempty(u->reason))
+            snprintf(buf, len, "%s", u->reason);
+        else if (s_nonempty(u->notes))
+            snprintf(buf, len, "%s", u->notes);
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_REPORT: {
+        const Medlink__V1__ImagingReport *r = e->imaging_report;
+        snprintf(buf, len, "%sreport signed by %s", r->critical_finding ? "CRITICAL " : "",
+                 r->reader && s_nonempty(r->reader->name) ? r->reader->name : "the reader");
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE: {
+        const Medlink__V1__DownTransferUpdate *u = e->down_transfer_update;
+        if (u->status == DT_(FOLLOW_UP))
+            snprintf(buf, len, "follow-up %u%s%s", u->follow_up_number,
+                     s_nonempty(u->notes) ? ": " : "", s_nonempty(u->notes) ? u->notes : "");
+        else if (s_nonempty(u->reason))
+            snprintf(buf, len, "%s", u->reason);
+        else if (s_nonempty(u->notes))
+            snprintf(buf, len, "%s", u->notes);
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_RESEND: {
+        const Medlink__V1__ImagingResend *r = e->imaging_resend;
+        snprintf(buf, len, "object %u: %zu chunk(s) asked for again%s%s", r->object_index,
+                 r->n_chunk_index, s_nonempty(r->reason) ? ": " : "",
+                 s_nonempty(r->reason) ? r->reason : "");
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* Is a message with this id already stored, or on its way to the store?
+ * Asked only when a message would be refused: an agent that resends after
+ * a reconnect must get Accepted (as a duplicate), not a refusal for a step
+ * its first copy already made. */
+static int s_known_id(ml_broker_t *b, ml_session_t *s, const char *id)
+{
+    if (ml_store_lookup(b->store, id, NULL, NULL) == 0)
+        return 1;
+    ml_put_t *lists[] = {b->orphans, s ? s->puts : NULL};
+    for (size_t i = 0; i < 2; i++)
+        for (ml_put_t *p = lists[i]; p; p = p->next)
+            if (strcmp(p->id, id) == 0)
+                return 1;
+    return 0;
+}
+
+static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const char *id, int rc)
+{
+    if (rc == ML_EAGAIN)
+        ml_bk_refuse(b, s, id, NACK_(RATE_LIMITED), "broker busy: store backlog full, retry later");
+    else
+        ml_bk_refuse(b, s, id, NACK_(STORE), "store unavailable, retry later");
+}
+
+/* Hands a resent message to the store without case changes; the store
+ * finds the earlier copy and the sender gets Accepted (duplicate). */
+static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
+                               const uint8_t *rec, size_t len, ml_nodestate_t *recipient)
+{
+    ml_bk_msg_t m = {
+        .session = s,
+        .recipient = recipient ? recipient : s->ns,
+        .id = env->id,
+        .case_id = env->case_id,
+        .sender = env->from,
+        .kind = env->kind,
+        .priority = env->priority,
+        .created_at = env->created_at,
+        .deadline = env->deadline,
+        .rec = rec,
+        .len = len,
+    };
+    int rc = ml_bk_submit(b, &m);
+    if (rc != 0)
+        s_refuse_submit(b, s, env->id, rc);
+}
+
+/* ------------------------------------------------------------------ */
+/* Deadlines                                                           */
+
+static int s_met(const ml_case_t *c, int state)
+{
+    return ml_case_terminal(c->kind, state) ||
+           ml_case_rank(c->kind, state) >= ml_case_rank(c->kind, c->deadline_state);
+}
+
+/* Applies the deadline rules to a case that moved from old (0 = it was
+ * just opened) to its current state. */
+static void s_deadline_step(ml_broker_t *b, ml_case_t *c, int old, int64_t now)
+{
+    if (c->deadline_at && s_met(c, c->state)) {
+        c->deadline_at = 0;
+        c->fired = 0;
+    }
+    const ml_deadline_rule_t *r = ml_broker_config_deadline(b->cfg, c->kind, c->priority);
+    if (!r->set || c->deadline_at || c->closed)
+        return;
+    int starts = r->after_state ? (c->state == r->after_state && old != c->state) : old == 0;
+    if (!starts)
+        return;
+    c->deadline_state = (uint8_t)r->target_state;
+    if (s_met(c, c->state))
+        return;
+    c->deadline_at = now + r->ms;
+    c->fired = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Escalations and notices                                             */
+
+static int s_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
+{
+    if (b->cfg->n_escalate_to == 0)
+        return ns->node->role == ML_ROLE_OPS;
+    for (size_t i = 0; i < b->cfg->n_escalate_to; i++)
+        if (strcmp(b->cfg->escalate_to[i], ns->node->id) == 0)
+            return 1;
+    return 0;
+}
+
+/* Sends an Escalation to the ops nodes and to also_to (when not one of
+ * them), carrying ops (the case change that goes with it) on the first.
+ * Without any recipient the change is stored alone. */
+static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *detail,
+                       const char *expected, const char *message_id, const char *redirected_to,
+                       ml_nodestate_t *also_to, const ml_store_caseop_t *ops, size_t n_ops)
+{
+    Medlink__V1__Escalation esc = MEDLINK__V1__ESCALATION__INIT;
+    esc.reason = reason;
+    esc.case_id = c ? c->id : (char *)"";
+    esc.case_kind = c ? c->kind : 0;
+    esc.state = c ? (char *)ml_case_state_name(c->kind, c->state) : (char *)"";
+    esc.expected_state = (char *)(expected ? expected : "");
+    esc.deadline_at = c ? c->deadline_at : 0;
+    esc.target = c ? (char *)s_node_name(b, c->target) : (char *)"";
+    esc.redirected_to = (char *)(redirected_to ? redirected_to : "");
+    esc.message_id = (char *)(message_id ? message_id : "");
+    esc.detail = (char *)(detail ? detail : "");
+    int sent = 0;
+    for (size_t i = 0; i <= b->n_nodes; i++) {
+        ml_nodestate_t *ns = i < b->n_nodes ? &b->nodes[i] : also_to;
+        if (!ns || (i < b->n_nodes && !s_is_ops(b, ns)) || (i == b->n_nodes && s_is_ops(b, ns)))
+            continue;
+        ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION;
+        env.escalation = &esc;
+        env.case_id = c ? c->id : (char *)(message_id ? message_id : "");
+        env.priority = c && c->priority == MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY
+                           ? MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY
+                           : MEDLINK__V1__PRIORITY__PRIORITY_URGENT;
+        if (ml_bk_emit(b, &env, ns, NULL, sent ? NULL : ops, sent ? 0 : n_ops) == 0)
+            sent++;
+    }
+    if (!sent && n_ops > 0)
+        ml_store_case_apply(b->store, ops, n_ops, NULL, NULL);
+    ml_log(ML_LOG_WARN, "escalation", "case %s: %s (told %d node(s))", c ? c->id : "-",
+           detail ? detail : "", sent);
+}
+
+/* Forwards the referral that opened c to c's current target (after a
+ * redirect): the same content and sender, a new message id. */
+static void s_forward_opening(ml_broker_t *b, ml_case_t *c)
+{
+    int64_t seq = 0;
+    uint8_t *blob = NULL;
+    size_t len = 0;
+    ml_envelope_t *env = NULL;
+    ml_nodestate_t *to = s_node_at(b, c->target);
+    int rc = ML_ENOTFOUND;
+    if (!to || ml_store_lookup(b->store, c->opening_id, &seq, NULL) != 0 ||
+        (rc = ml_store_fetch(b->store, seq, &blob, &len)) != 0 ||
+        (rc = ml_env_unpack(blob, len, &env)) != 0) {
+        ml_log(ML_LOG_ERROR, "cases", "case %s: cannot forward its opening message %s to %s: %s",
+               c->id, c->opening_id, to ? to->node->id : "(unknown node)", ml_strerror(rc));
+        goto out;
+    }
+    /* A shallow copy with a new id: ml_bk_emit writes to, created_at and
+     * kind into the copy, and env keeps the strings it owns. */
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    ml_envelope_t copy = *env;
+    copy.id = id;
+    if (ml_bk_emit(b, &copy, to, c, NULL, 0) == 0)
+        ml_log(ML_LOG_INFO, "cases", "case %s: referral forwarded to %s as %s", c->id,
+               to->node->id, id);
+out:
+    ml_env_free(&env);
+    free(blob);
+}
+
+/* ------------------------------------------------------------------ */
+/* Routing clinical messages                                           */
+
+/* Picks the node that gets a new case addressed to a service. Returns
+ * NULL when no node serving it may receive kind from from_role. */
+static ml_nodestate_t *s_pick_consumer(ml_broker_t *b, const char *service, int from_role,
+                                       int kind)
+{
+    ml_nodestate_t *best = NULL;
+    int best_online = 0;
+    uint32_t best_load = 0;
+    size_t n = b->n_nodes;
+    /* Start the walk at a rotating offset so that equals take turns. */
+    uint32_t start = b->rr++;
+    for (size_t k = 0; k < n; k++) {
+        ml_nodestate_t *ns = &b->nodes[(start + k) % n];
+        if (!ml_node_serves(ns->node, service) ||
+            !ml_acl_allows(b->cfg, from_role, kind, ns->node->role))
+            continue;
+        int online = ns->deliver != NULL;
+        if (!best || online > best_online ||
+            (online == best_online && ns->open_cases < best_load)) {
+            best = ns;
+            best_online = online;
+            best_load = ns->open_cases;
+        }
+    }
+    return best;
+}
+
+static int s_acl_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env,
+                        const ml_nodestate_t *to)
+{
+    int from_role = s->ns->node->role, to_role = to->node->role;
+    if (ml_acl_allows(b->cfg, from_role, env->kind, to_role))
+        return 0;
+    char err[512];
+    snprintf(err, sizeof err, "forbidden route: role %s may not send %s to role %s (%s)",
+             ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role),
+             to->node->id);
+    ml_bk_refuse(b, s, env->id, NACK_(FORBIDDEN), err);
+    return 1;
+}
+
+/* Packs env again when the stored form must differ from what the sender
+ * sent (kind filled in, priority raised). *rec and *len then point into
+ * *owned, which the caller frees. */
+static int s_repack(ml_envelope_t *env, const uint8_t **rec, size_t *len, uint8_t **owned)
+{
+    size_t plen = 0;
+    if (ml_env_pack(env, owned, &plen) != 0)
+        return ML_ENOMEM;
+    *rec = *owned;
+    *len = plen;
+    return 0;
+}
+
+static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
+                         size_t len, int repack)
+{
+    char err[512];
+    int64_t now = ml_now_ms();
+    int ck = ml_case_kind_of_message(env->kind);
+    ml_nodestate_t *sender = s->ns;
+
+    ml_case_t *exist = s_lookup(b, env->case_id);
+    if (exist) {
+        if (strcmp(exist->opening_id, env->id) == 0) {
+            /* The opening message sent again (its Accepted was lost). */
+            s_submit_duplicate(b, s, env, rec, len, s_node_at(b, exist->target));
+        } else {
+            snprintf(err, sizeof err,
+                     "case_id %s is already in use by another case; a new case needs a new "
+                     "case_id",
+                     env->case_id);
+            ml_bk_refuse(b, s, env->id, NACK_(INVALID), err);
+        }
+        s_maybe_evict(b, exist);
+        return;
+    }
+
+    const char *service = s_service_name(b, env->to);
+    ml_nodestate_t *rs;
+    if (service) {
+        rs = s_pick_consumer(b, service, sender->node->role, env->kind);
+        if (!rs) {
+            snprintf(err, sizeof err,
+                     "forbidden route: no node serving %s may receive %s from role %s", service,
+                     ml_kind_name(env->kind), ml_role_name(sender->node->role));
+            ml_bk_refuse(b, s, env->id, NACK_(FORBIDDEN), err);
+            return;
+        }
+    } else {
+        rs = ml_bk_node(b, env->to);
+        if (!rs) {
+            snprintf(err, sizeof err, "unknown recipient node '%s'", env->to);
+            ml_bk_refuse(b, s, env->id, NACK_(UNKNOWN_NODE), err);
+            return;
+        }
+        if (s_acl_refuse(b, s, env, rs))
+            return;
+    }
+    if (rs == sender) {
+        ml_bk_refuse(b, s, env->id, NACK_(INVALID), "a node cannot open a case with itself");
+        return;
+    }
+
+    /* A referral back up from a rehab down-transfer closes that case. */
+    ml_case_t *lc = NULL;
+    if (env->kind == K_(REFERRAL) && s_nonempty(env->referral->linked_case_id)) {
+        const char *lid = env->referral->linked_case_id;
+        lc = s_lookup(b, lid);
+        int code = 0;
+        if (!lc) {
+            code = NACK_(UNKNOWN_CASE);
+            snprintf(err, sizeof err, "referral.linked_case_id %s names no case", lid);
+        } else if (lc->kind != ML_CASE_DOWN_TRANSFER) {
+            code = NACK_(INVALID);
+            snprintf(err, sizeof err, "referral.linked_case_id %s is not a rehab down-transfer",
+                     lid);
+        } else if (s_party(b, lc, sender) != ML_PARTY_TARGET) {
+            code = NACK_(NOT_PARTY);
+            snprintf(err, sizeof err,
+                     "only the clinic that received down-transfer %s may refer its patient back "
+                     "up",
+                     lid);
+        } else if (ml_case_check(ML_CASE_DOWN_TRANSFER, lc->state, DT_(RE_REFERRED),
+                                 ML_PARTY_BROKER, err, sizeof err) != 0) {
+            code = NACK_(ILLEGAL_TRANSITION);
+        }
+        if (code) {
+            if (lc)
+                s_maybe_evict(b, lc);
+            ml_bk_refuse(b, s, env->id, code, err);
+            return;
+        }
+        lc->refs++; /* held while this function works on it */
+    }
+
+    ml_case_t *c = ml_case_new(env->case_id);
+    if (!c || ml_casetab_add(&b->cases, c) != 0) {
+        ml_case_free(c);
+        ml_bk_case_release(b, lc);
+        ml_bk_refuse(b, s, env->id, NACK_(STORE), "out of memory");
+        return;
+    }
+    c->kind = (uint8_t)ck;
+    c->state = (uint8_t)ml_case_initial_state(ck);
+    c->priority = (uint8_t)env->priority;
+    c->opener = ml_bk_node_index(b, sender);
+    c->target = ml_bk_node_index(b, rs);
+    c->service = service;
+    c->opened_at = c->updated_at = now;
+    snprintf(c->opening_id, sizeof c->opening_id, "%s", env->id);
+    c->version = 1;
+    if (env->kind == K_(IMAGING_CONSULT)) {
+        const Medlink__V1__ImagingConsult *ic = env->imaging_consult;
+        c->n_objects = (uint32_t)ic->n_object;
+        for (size_t i = 0; i < ic->n_object; i++)
+            c->chunks_expected += ic->object[i]->chunks;
+    }
+    if (lc)
+        c->linked = strdup(lc->id);
+    s_deadline_step(b, c, 0, now);
+    s_target_count(b, c, +1);
+
+    char detail[400];
+    if (service)
+        snprintf(detail, sizeof detail, "for service %s, assigned to %s", service, rs->node->id);
+    else
+        snprintf(detail, sizeof detail, "to %s", rs->node->id);
+    if (lc) {
+        size_t n = strlen(detail);
+        snprintf(detail + n, sizeof detail - n, "; re-referral from down-transfer %s", lc->id);
+    }
+    ml_store_event_t ev_open = {
+        .at = now,
+        .node = sender->node->id,
+        .event = "opened",
+        .to_state = ml_case_state_name(ck, c->state),
+        .message_id = env->id,
+        .kind = ml_kind_name(env->kind),
+        .detail = detail,
+    };
+    ml_store_caseop_t ops[2];
+    memset(ops, 0, sizeof ops);
+    s_row(b, c, &ops[0].row);
+    ops[0].open = 1;
+    ops[0].events = &ev_open;
+    ops[0].n_events = 1;
+    size_t n_ops = 1;
+
+    char lc_detail[300];
+    ml_store_event_t ev_lc;
+    if (lc) {
+        int old = lc->state;
+        s_target_count(b, lc, -1);
+        lc->state = DT_(RE_REFERRED);
+        lc->closed = 1;
+        lc->deadline_at = 0;
+        lc->updated_at = now;
+        lc->version++;
+        if (!lc->linked)
+            lc->linked = strdup(c->id);
+        snprintf(lc_detail, sizeof lc_detail, "referred back up to %s as case %s", rs->node->id,
+                 c->id);
+        ev_lc = (ml_store_event_t){
+            .at = now,
+            .node = sender->node->id,
+            .event = ml_case_state_name(ML_CASE_DOWN_TRANSFER, lc->state),
+            .from_state = ml_case_state_name(ML_CASE_DOWN_TRANSFER, old),
+            .to_state = ml_case_state_name(ML_CASE_DOWN_TRANSFER, lc->state),
+            .message_id = env->id,
+            .kind = ml_kind_name(env->kind),
+            .detail = lc_detail,
+        };
+        s_row(b, lc, &ops[1].row);
+        ops[1].events = &ev_lc;
+        ops[1].n_events = 1;
+        n_ops = 2;
+    }
+
+    uint8_t *owned = NULL;
+    int rc = repack ? s_repack(env, &rec, &len, &owned) : 0;
+    if (rc == 0) {
+        ml_bk_msg_t m = {
+            .session = s,
+            .recipient = rs,
+            .id = env->id,
+            .case_id = env->case_id,
+            .sender = env->from,
+            .kind = env->kind,
+            .priority = env->priority,
+            .created_at = env->created_at,
+            .deadline = env->deadline,
+            .rec = rec,
+            .len = len,
+            .ops = ops,
+            .n_ops = n_ops,
+            .cs = c,
+            .linked = lc,
+            .action = lc ? ML_BK_AFTER_REREFERRED : ML_BK_AFTER_NONE,
+        };
+        rc = ml_bk_submit(b, &m);
+    }
+    free(owned);
+    if (rc != 0) {
+        /* Nothing was queued: the case never existed. */
+        s_target_count(b, c, -1);
+        ml_casetab_remove(&b->cases, c);
+        ml_case_free(c);
+        if (lc)
+            s_resync(b, lc);
+        ml_bk_case_release(b, lc);
+        s_refuse_submit(b, s, env->id, rc);
+        return;
+    }
+    ml_bk_case_release(b, lc);
+    ml_log(ML_LOG_INFO, "cases", "case %s opened by %s: %s %s", c->id, sender->node->id,
+           ml_kind_name(env->kind), detail);
+}
+
+/* Checks that go beyond the lifecycle table: what the message asks must
+ * fit this case. Returns 0, or a Nack code with err filled in. */
+static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *env, int st,
+                           ml_nodestate_t **redirect, char *err, size_t errlen)
+{
+    switch (env->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE:
+        if (st == REF_(REDIRECTED)) {
+            const char *to = env->referral_update->redirect_to;
+            ml_nodestate_t *ns = ml_bk_node(b, to);
+            ml_nodestate_t *opener = s_node_at(b, c->opener);
+            if (!ns) {
+                snprintf(err, errlen, "referral_update.redirect_to names unknown node '%s'", to);
+                return NACK_(UNKNOWN_NODE);
+            }
+            if (ml_bk_node_index(b, ns) == c->target || ns == opener) {
+                snprintf(err, errlen,
+                         "referral_update.redirect_to %s: a referral is redirected to another "
+                         "hospital",
+                         to);
+                return NACK_(INVALID);
+            }
+            if (!opener ||
+                !ml_acl_allows(b->cfg, opener->node->role, K_(REFERRAL), ns->node->role)) {
+                snprintf(err, errlen,
+                         "forbidden route: %s (role %s) may not receive a referral from %s", to,
+                         ml_role_name(ns->node->role), s_node_name(b, c->opener));
+                return NACK_(FORBIDDEN);
+            }
+            *redirect = ns;
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE:
+        if (st == DT_(RE_REFERRED)) {
+            snprintf(err, errlen,
+                     "DOWN_TRANSFER_RE_REFERRED is set by the broker: send a Referral whose "
+                     "linked_case_id is %s",
+                     c->id);
+            return NACK_(INVALID);
+        }
+        if (st == DT_(FOLLOW_UP) &&
+            env->down_transfer_update->follow_up_number != (uint32_t)c->follow_ups + 1) {
+            snprintf(err, errlen,
+                     "down_transfer_update.follow_up_number %u: case %s has %u follow-up(s), so "
+                     "the next one is %u",
+                     env->down_transfer_update->follow_up_number, c->id, c->follow_ups,
+                     c->follow_ups + 1);
+            return NACK_(INVALID);
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK:
+        if (env->imaging_chunk->object_index >= c->n_objects) {
+            snprintf(err, errlen,
+                     "imaging_chunk.object_index %u: the consult of case %s has %u object(s)",
+                     env->imaging_chunk->object_index, c->id, c->n_objects);
+            return NACK_(INVALID);
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_RESEND:
+        if (env->imaging_resend->object_index >= c->n_objects) {
+            snprintf(err, errlen,
+                     "imaging_resend.object_index %u: the consult of case %s has %u object(s)",
+                     env->imaging_resend->object_index, c->id, c->n_objects);
+            return NACK_(INVALID);
+        }
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
+                           const uint8_t *rec, size_t len, int repack)
+{
+    char err[512];
+    int64_t now = ml_now_ms();
+    ml_nodestate_t *sender = s->ns;
+    int ck = ml_case_kind_of_message(env->kind);
+
+    ml_case_t *c = s_lookup(b, env->case_id);
+    if (!c || c->kind != ck) {
+        if (s_known_id(b, s, env->id)) {
+            s_submit_duplicate(b, s, env, rec, len, NULL);
+        } else if (!c) {
+            snprintf(err, sizeof err,
+                     "no case %s: a %s must follow the message that opens its case", env->case_id,
+                     ml_kind_name(env->kind));
+            ml_bk_refuse(b, s, env->id, NACK_(UNKNOWN_CASE), err);
+        } else {
+            snprintf(err, sizeof err, "case %s is not a%s %s case, so it takes no %s",
+                     env->case_id, ck == ML_CASE_IMAGING ? "n" : "", ml_case_kind_name(ck),
+                     ml_kind_name(env->kind));
+            ml_bk_refuse(b, s, env->id, NACK_(INVALID), err);
+        }
+        if (c)
+            s_maybe_evict(b, c);
+        return;
+    }
+    c->refs++; /* held while this function works on it */
+    int party = s_party(b, c, sender);
+    int st = s_msg_state(env);
+    int code = 0;
+    ml_nodestate_t *redirect = NULL;
+    if (party == ML_PARTY_OTHER) {
+        code = NACK_(NOT_PARTY);
+        snprintf(err, sizeof err, "node %s has no part in case %s", sender->node->id, c->id);
+    } else if ((st < 0 ? ml_case_check_message(ck, c->state, env->kind, party, err, sizeof err)
+                       : ml_case_check(ck, c->state, st, party, err, sizeof err)) != 0) {
+        code = NACK_(ILLEGAL_TRANSITION);
+    } else {
+        code = s_check_content(b, c, env, st, &redirect, err, sizeof err);
+    }
+    ml_nodestate_t *to = NULL;
+    if (code == 0) {
+        to = s_node_at(b, party == ML_PARTY_OPENER ? c->target : c->opener);
+        if (!to) {
+            code = NACK_(UNKNOWN_NODE);
+            snprintf(err, sizeof err, "the other party of case %s is no longer registered",
+                     c->id);
+        } else if (strcmp(env->to, to->node->id) != 0 &&
+                   !(party == ML_PARTY_OPENER && c->service && strcmp(env->to, c->service) == 0)) {
+            code = NACK_(INVALID);
+            snprintf(err, sizeof err, "messages of case %s from %s go to %s, not %s", c->id,
+                     sender->node->id, to->node->id, env->to);
+        }
+    }
+    if (code != 0) {
+        if (s_known_id(b, s, env->id))
+            s_submit_duplicate(b, s, env, rec, len, to);
+        else
+            ml_bk_refuse(b, s, env->id, code, err);
+        goto out;
+    }
+    if (s_acl_refuse(b, s, env, to))
+        goto out;
+
+    /* A report with a critical finding travels as EMERGENCY whatever its
+     * sender chose: it overtakes everything queued for the clinic. */
+    if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_REPORT &&
+        env->imaging_report->critical_finding &&
+        env->priority != MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY) {
+        env->priority = MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY;
+        repack = 1;
+    }
+
+    /* The change, in memory first (later messages are checked against
+     * it), then stored with the message. */
+    int old = c->state;
+    int chunk_bytes = 0;
+    int action = ML_BK_AFTER_NONE;
+    if (st >= 0) {
+        s_target_count(b, c, -1);
+        c->state = (uint8_t)st;
+        c->closed = (uint8_t)ml_case_terminal(ck, st);
+        if (redirect) {
+            c->target = ml_bk_node_index(b, redirect);
+            action = ML_BK_AFTER_FORWARD;
+            /* The new hospital gets the full time to decide. */
+            c->deadline_at = 0;
+            c->fired = 0;
+            const ml_deadline_rule_t *r = ml_broker_config_deadline(b->cfg, ck, c->priority);
+            if (r->set && !r->after_state) {
+                c->deadline_state = (uint8_t)r->target_state;
+                if (!s_met(c, st))
+                    c->deadline_at = now + r->ms;
+            }
+        }
+        s_target_count(b, c, +1);
+        if (st == DT_(FOLLOW_UP) && ck == ML_CASE_DOWN_TRANSFER)
+            c->follow_ups++;
+        s_deadline_step(b, c, old, now);
+    }
+    if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK) {
+        chunk_bytes = (int)env->imaging_chunk->data.len;
+        c->chunks++;
+        c->chunk_bytes += (uint64_t)chunk_bytes;
+    }
+    c->updated_at = now;
+    c->version++;
+
+    char detail[400];
+    s_detail(env, detail, sizeof detail);
+    ml_store_event_t ev = {
+        .at = now,
+        .node = sender->node->id,
+        .event = st >= 0 ? ml_case_state_name(ck, st) : "resend requested",
+        .from_state = ml_case_state_name(ck, old),
+        .to_state = ml_case_state_name(ck, c->state),
+        .message_id = env->id,
+        .kind = ml_kind_name(env->kind),
+        .detail = detail,
+    };
+    ml_store_caseop_t op = {.events = &ev, .n_events = 1};
+    if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK)
+        op.n_events = 0; /* counted, not listed: a study is hundreds of chunks */
+    s_row(b, c, &op.row);
+
+    uint8_t *owned = NULL;
+    int rc = repack ? s_repack(env, &rec, &len, &owned) : 0;
+    if (rc == 0) {
+        ml_bk_msg_t m = {
+            .session = s,
+            .recipient = to,
+            .id = env->id,
+            .case_id = env->case_id,
+            .sender = env->from,
+            .kind = env->kind,
+            .priority = env->priority,
+            .created_at = env->created_at,
+            .deadline = env->deadline,
+            .rec = rec,
+            .len = len,
+            .ops = &op,
+            .n_ops = 1,
+            .cs = c,
+            .action = action,
+            .chunk_bytes = chunk_bytes,
+        };
+        rc = ml_bk_submit(b, &m);
+    }
+    free(owned);
+    if (rc != 0) {
+        s_resync(b, c);
+        s_refuse_submit(b, s, env->id, rc);
+    }
+out:
+    ml_bk_case_release(b, c);
+}
+
+void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
+                      size_t len, int repack)
+{
+    if (ml_case_kind_of_message(env->kind) == ML_CASE_NONE) {
+        char err[160];
+        snprintf(err, sizeof err, "%s messages are sent by the broker only",
+                 ml_kind_name(env->kind));
+        ml_bk_refuse(b, s, env->id, NACK_(FORBIDDEN), err);
+        return;
+    }
+    if (ml_case_opens(env->kind))
+        s_route_open(b, s, env, rec, len, repack);
+    else
+        s_route_update(b, s, env, rec, len, repack);
+}
