@@ -1013,3 +1013,357 @@ void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const
     else
         s_route_update(b, s, env, rec, len, repack);
 }
+
+/* ------------------------------------------------------------------ */
+/* After the store                                                     */
+
+static void s_notify_rereferred(ml_broker_t *b, ml_case_t *dt, ml_case_t *ref)
+{
+    ml_nodestate_t *hospital = s_node_at(b, dt->opener);
+    if (!hospital)
+        return;
+    char notes[300];
+    snprintf(notes, sizeof notes, "%s referred the patient back up to %s (case %s)",
+             s_node_name(b, dt->target), s_node_name(b, ref->target), ref->id);
+    Medlink__V1__DownTransferUpdate u = MEDLINK__V1__DOWN_TRANSFER_UPDATE__INIT;
+    u.status = DT_(RE_REFERRED);
+    u.referral_case_id = ref->id;
+    u.notes = notes;
+    u.occurred_at = ml_now_ms();
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE;
+    env.down_transfer_update = &u;
+    env.case_id = dt->id;
+    env.priority = ref->priority;
+    ml_bk_emit(b, &env, hospital, dt, NULL, 0);
+}
+
+void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
+{
+    ml_case_t *c = p->cs, *lc = p->linked;
+    if (rc != 0 && p->has_ops) {
+        ml_log(ML_LOG_WARN, "cases", "case %s: change with message %s not stored (%s); reloading",
+               c ? c->id : "-", p->id, ml_strerror(rc));
+        s_resync(b, c);
+        s_resync(b, lc);
+    } else if (rc == 0 && duplicate && c && p->kind == K_(IMAGING_CHUNK)) {
+        /* A chunk the broker already had: it does not count twice. */
+        if (c->chunks > 0)
+            c->chunks--;
+        uint64_t n = (uint64_t)p->chunk_bytes;
+        c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
+        c->dup_chunks++;
+    } else if (rc == 0 && !duplicate) {
+        if (p->action == ML_BK_AFTER_FORWARD && c)
+            s_forward_opening(b, c);
+        else if (p->action == ML_BK_AFTER_REREFERRED && c && lc)
+            s_notify_rereferred(b, lc, c);
+    }
+    ml_bk_case_release(b, c);
+    ml_bk_case_release(b, lc);
+}
+
+/* Stores a change the broker makes by itself, with a notice to the opener
+ * when there is one to send. */
+static void s_broker_change(ml_broker_t *b, ml_case_t *c, const ml_store_event_t *ev,
+                            ml_envelope_t *notice)
+{
+    ml_store_caseop_t op = {.events = ev, .n_events = ev ? 1 : 0};
+    c->version++;
+    c->updated_at = ev ? ev->at : ml_now_ms();
+    s_row(b, c, &op.row);
+    ml_nodestate_t *opener = s_node_at(b, c->opener);
+    if (notice && opener && b->cfg->notify_delivered &&
+        ml_bk_emit(b, notice, opener, c, &op, 1) == 0)
+        return;
+    ml_store_case_apply(b->store, &op, 1, NULL, NULL);
+}
+
+void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it)
+{
+    ml_case_t *c = it->cs;
+    if (!c || c->gone || (it->flags & ML_QI_NOTICE) || it->kind == K_(IMAGING_CHUNK))
+        return;
+    int64_t now = ml_now_ms();
+    uint32_t idx = ml_bk_node_index(b, ns);
+    char detail[300];
+    snprintf(detail, sizeof detail, "%s acknowledged %s %s", ns->node->id, ml_kind_name(it->kind),
+             it->id);
+    ml_store_event_t ev = {
+        .at = now,
+        .node = ns->node->id,
+        .event = "delivered",
+        .from_state = ml_case_state_name(c->kind, c->state),
+        .to_state = ml_case_state_name(c->kind, c->state),
+        .message_id = it->id,
+        .kind = ml_kind_name(it->kind),
+        .detail = detail,
+    };
+    int next = -1;
+    if (ml_case_opens(it->kind) && idx == c->target) {
+        if (c->kind == ML_CASE_REFERRAL)
+            next = REF_(DELIVERED);
+        else if (c->kind == ML_CASE_IMAGING)
+            next = IMG_(ASSIGNED);
+    }
+    if (next < 0 || ml_case_check(c->kind, c->state, next, ML_PARTY_BROKER, NULL, 0) != 0) {
+        s_broker_change(b, c, &ev, NULL);
+        return;
+    }
+    int old = c->state;
+    c->state = (uint8_t)next;
+    s_deadline_step(b, c, old, now);
+    ev.event = ml_case_state_name(c->kind, next);
+    ev.to_state = ev.event;
+
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.case_id = c->id;
+    env.priority = c->priority;
+    Medlink__V1__ReferralUpdate ru = MEDLINK__V1__REFERRAL_UPDATE__INIT;
+    Medlink__V1__ImagingUpdate iu = MEDLINK__V1__IMAGING_UPDATE__INIT;
+    char notes[300];
+    if (c->kind == ML_CASE_REFERRAL) {
+        snprintf(notes, sizeof notes, "delivered to %s", ns->node->id);
+        ru.status = REF_(DELIVERED);
+        ru.notes = notes;
+        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE;
+        env.referral_update = &ru;
+    } else {
+        snprintf(notes, sizeof notes, "assigned to reading centre %s", ns->node->id);
+        iu.status = IMG_(ASSIGNED);
+        iu.assigned_to = (char *)ns->node->id;
+        iu.notes = notes;
+        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE;
+        env.imaging_update = &iu;
+    }
+    s_broker_change(b, c, &ev, &env);
+}
+
+void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason)
+{
+    ml_log(ML_LOG_WARN, "delivery", "message %s (%s) for %s is a dead letter: %s", it->id,
+           ml_kind_name(it->kind), ns->node->id, reason);
+    ml_store_mark_dead(b->store, it->seq, reason, it->attempts);
+    if (it->blob) {
+        free(it->blob);
+        it->blob = NULL;
+        b->cache_bytes -= it->size;
+    }
+    b->dead_total++;
+    ml_case_t *c = it->cs && !it->cs->gone ? it->cs : NULL;
+    /* An escalation that cannot be delivered is not escalated again. */
+    if (it->kind != K_(ESCALATION)) {
+        ml_store_caseop_t op;
+        ml_store_event_t ev;
+        ml_nodestate_t *sender = NULL;
+        char detail[600];
+        snprintf(detail, sizeof detail, "%s %s for %s: %s", ml_kind_name(it->kind), it->id,
+                 ns->node->id, reason);
+        if (c) {
+            uint32_t idx = ml_bk_node_index(b, ns);
+            /* The sender hears of it too, unless it was the broker's own
+             * notice. */
+            if (!(it->flags & ML_QI_NOTICE))
+                sender = s_node_at(b, idx == c->target ? c->opener : c->target);
+            c->escalations++;
+            c->updated_at = ml_now_ms();
+            c->version++;
+            ev = (ml_store_event_t){
+                .at = c->updated_at,
+                .node = b->cfg->broker_id,
+                .event = "dead letter",
+                .from_state = ml_case_state_name(c->kind, c->state),
+                .to_state = ml_case_state_name(c->kind, c->state),
+                .message_id = it->id,
+                .kind = ml_kind_name(it->kind),
+                .detail = reason,
+            };
+            op = (ml_store_caseop_t){.events = &ev, .n_events = 1};
+            s_row(b, c, &op.row);
+        }
+        s_escalate(b, c, MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEAD_LETTER, detail, NULL,
+                   it->id, NULL, sender, c ? &op : NULL, c ? 1 : 0);
+    }
+    if (it->cs) {
+        ml_case_t *ref = it->cs;
+        it->cs = NULL;
+        ml_bk_case_release(b, ref);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Timers: deadlines and expiry                                        */
+
+static void s_deadline_missed(ml_broker_t *b, ml_case_t *c, int64_t now)
+{
+    const char *expected = ml_case_state_name(c->kind, c->deadline_state);
+    ml_nodestate_t *opener = s_node_at(b, c->opener);
+    ml_nodestate_t *old_target = s_node_at(b, c->target);
+    char detail[600], when[32];
+    snprintf(detail, sizeof detail, "%s case not %s by %s by its deadline %s (it is %s)",
+             ml_priority_name(c->priority), expected, s_node_name(b, c->target),
+             ml_time_format(c->deadline_at, when, sizeof when),
+             ml_case_state_name(c->kind, c->state));
+    c->fired = 1;
+    c->escalations++;
+    c->updated_at = now;
+    c->version++;
+    ml_store_event_t ev[2] = {{
+        .at = now,
+        .node = b->cfg->broker_id,
+        .event = "deadline missed",
+        .from_state = ml_case_state_name(c->kind, c->state),
+        .to_state = ml_case_state_name(c->kind, c->state),
+        .detail = detail,
+    }};
+    size_t n_ev = 1;
+
+    /* An EMERGENCY referral nobody accepted goes to the fallback hospital
+     * of the referring clinic's community. */
+    const char *fb_id = opener ? ml_broker_config_fallback(b->cfg, opener->node->community) : NULL;
+    ml_nodestate_t *fb = fb_id ? ml_bk_node(b, fb_id) : NULL;
+    char redir[400] = "";
+    int redirected = 0;
+    if (c->kind == ML_CASE_REFERRAL && c->priority == MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY &&
+        b->cfg->redirect_emergency && fb && fb != old_target && fb != opener &&
+        ml_acl_allows(b->cfg, opener->node->role, K_(REFERRAL), fb->node->role) &&
+        ml_case_check(c->kind, c->state, REF_(REDIRECTED), ML_PARTY_BROKER, NULL, 0) == 0) {
+        int old = c->state;
+        s_target_count(b, c, -1);
+        c->state = REF_(REDIRECTED);
+        c->target = ml_bk_node_index(b, fb);
+        s_target_count(b, c, +1);
+        const ml_deadline_rule_t *r = ml_broker_config_deadline(b->cfg, c->kind, c->priority);
+        c->deadline_at = r->set ? now + r->ms : 0;
+        c->fired = 0;
+        snprintf(redir, sizeof redir,
+                 "not %s by %s in time: redirected by the broker to %s, the fallback hospital of "
+                 "community %s",
+                 expected, old_target ? old_target->node->id : "?", fb->node->id,
+                 opener->node->community);
+        ev[1] = (ml_store_event_t){
+            .at = now,
+            .node = b->cfg->broker_id,
+            .event = ml_case_state_name(c->kind, c->state),
+            .from_state = ml_case_state_name(c->kind, old),
+            .to_state = ml_case_state_name(c->kind, c->state),
+            .detail = redir,
+        };
+        n_ev = 2;
+        redirected = 1;
+    }
+    ml_store_caseop_t op = {.events = ev, .n_events = n_ev};
+    s_row(b, c, &op.row);
+    s_escalate(b, c, MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEADLINE_MISSED,
+               redirected ? redir : detail, expected, NULL, redirected ? fb->node->id : NULL,
+               opener, &op, 1);
+    if (!redirected)
+        return;
+    s_forward_opening(b, c);
+    /* The clinic learns where its patient goes; the first hospital learns
+     * that the case is no longer its own. */
+    ml_nodestate_t *tell[2] = {opener, old_target};
+    for (size_t i = 0; i < 2; i++) {
+        if (!tell[i])
+            continue;
+        Medlink__V1__ReferralUpdate u = MEDLINK__V1__REFERRAL_UPDATE__INIT;
+        u.status = REF_(REDIRECTED);
+        u.redirect_to = (char *)fb->node->id;
+        u.reason = redir;
+        ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE;
+        env.referral_update = &u;
+        env.case_id = c->id;
+        env.priority = c->priority;
+        ml_bk_emit(b, &env, tell[i], c, NULL, 0);
+    }
+}
+
+typedef struct {
+    ml_case_t **due;
+    size_t n, cap;
+    int64_t now;
+} s_due_t;
+
+static void s_collect_due(ml_case_t *c, void *arg)
+{
+    s_due_t *d = arg;
+    if (c->closed || c->gone || !c->deadline_at || c->fired || c->deadline_at > d->now)
+        return;
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? d->cap * 2 : 16;
+        ml_case_t **p = realloc(d->due, cap * sizeof *p);
+        if (!p)
+            return; /* the next tick takes it */
+        d->due = p;
+        d->cap = cap;
+    }
+    d->due[d->n++] = c;
+}
+
+typedef struct {
+    ml_broker_t *b;
+    ml_nodestate_t *ns;
+    int64_t now;
+} s_expire_t;
+
+static int s_keep_unexpired(const ml_qitem_t *it, void *arg)
+{
+    const s_expire_t *x = arg;
+    return !(it->deadline > 0 && it->deadline <= x->now);
+}
+
+static void s_expired_cb(ml_qitem_t *it, void *arg)
+{
+    s_expire_t *x = arg;
+    ml_bk_dead_letter(x->b, x->ns, it, "expired: its deadline passed before it was delivered");
+}
+
+static void s_flow_timer_cb(uv_timer_t *t)
+{
+    ml_broker_t *b = t->data;
+    int64_t now = ml_now_ms();
+    /* Messages past their own deadline leave the queues of offline nodes
+     * too (a connected node's queue is also checked as it is pumped). */
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        s_expire_t x = {b, &b->nodes[i], now};
+        ml_queue_filter(&b->nodes[i].queue, s_keep_unexpired, s_expired_cb, &x);
+    }
+    s_due_t d = {NULL, 0, 0, now};
+    ml_casetab_each(&b->cases, s_collect_due, &d);
+    for (size_t i = 0; i < d.n; i++) {
+        d.due[i]->refs++;
+        s_deadline_missed(b, d.due[i], now);
+        ml_bk_case_release(b, d.due[i]);
+    }
+    free(d.due);
+}
+
+void ml_bk_flow_start(ml_broker_t *b)
+{
+    uv_timer_start(&b->flow_timer, s_flow_timer_cb, (uint64_t)b->cfg->timer_ms,
+                   (uint64_t)b->cfg->timer_ms);
+}
+
+void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row)
+{
+    s_row(b, c, row);
+}
+
+void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
+                      const char *message_id, int kind, const char *detail)
+{
+    if (!c || c->gone)
+        return;
+    ml_store_event_t ev = {
+        .at = ml_now_ms(),
+        .node = node,
+        .event = event,
+        .from_state = ml_case_state_name(c->kind, c->state),
+        .to_state = ml_case_state_name(c->kind, c->state),
+        .message_id = message_id,
+        .kind = kind ? ml_kind_name(kind) : "",
+        .detail = detail,
+    };
+    s_broker_change(b, c, &ev, NULL);
+}
