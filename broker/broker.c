@@ -32,145 +32,9 @@
 
 #include <zmq.h>
 
-#include "ml_common.h"
-#include "ml_env.h"
+#include "broker_int.h"
+#include "cases.h"
 #include "ml_frame.h"
-#include "ml_tls.h"
-#include "ml_zloop.h"
-#include "queue.h"
-#include "store.h"
-
-#define S_RECV_BUDGET 512
-#define S_FRAME_MAX (256 * 1024)
-#define S_FLUSH_THRESHOLD (64 * 1024)
-#define S_BUCKETS 4096
-#define S_RID_MAX 255
-/* Puts waiting for the store hold a copy of their envelope: bound them so
- * a burst cannot grow the broker past its memory budget. */
-#define S_STORE_BACKLOG_MAX 16384
-#define S_STORE_BACKLOG_BYTES (32u * 1024 * 1024)
-/* Envelopes for connected recipients are kept in memory up to this many
- * bytes, so that steady traffic is delivered without reading each message
- * back from SQLite (a read that costs ~10% of the broker's CPU, since every
- * commit invalidates the reader's page cache). Backlogs beyond it, and
- * everything for offline nodes, are read from the store at delivery time,
- * which keeps memory flat however long a clinic stays offline. */
-#define S_CACHE_BYTES (8u * 1024 * 1024)
-
-enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
-
-typedef struct ml_session ml_session_t;
-
-typedef struct {
-    char id[ML_ULID_LEN + 1];
-    uint8_t duplicate;
-} ml_accid_t;
-
-/* Most ids in one cumulative Accepted (~110 KB record). */
-#define S_ACC_MAX 4096
-typedef struct ml_put ml_put_t;
-
-typedef struct {
-    ml_qitem_t item;
-    int64_t sent_at;
-    int acked;
-} ml_inflight_t;
-
-typedef struct {
-    const ml_node_t *node;
-    ml_queue_t queue;
-    /* In-flight deliveries, in send order, in slots [if_head, if_head +
-     * if_len). Acks normally come in order, so an ack is O(1): it hits the
-     * head slot and the head advances. An out-of-order ack only flags its
-     * slot. n_inflight counts the unacked slots. */
-    ml_inflight_t *inflight;
-    size_t if_head;
-    size_t if_len;
-    size_t n_inflight;
-    size_t cap_inflight;
-    ml_session_t *deliver;
-    int online;
-    int64_t last_seen;
-    uint64_t delivered;
-} ml_nodestate_t;
-
-struct ml_session {
-    uint8_t rid[S_RID_MAX];
-    size_t rid_len;
-    uint32_t hash;
-    ml_session_t *hnext;
-    ml_session_t *prev;
-    ml_session_t *next;
-    ml_session_t *dirty_next;
-    int dirty;
-    int state;
-    int deliveries;
-    uint64_t serial;
-    ml_tls_session_t *tls;
-    ml_frame_reader_t *reader;
-    char *peer_id;
-    ml_nodestate_t *ns;
-    int64_t created;
-    int64_t last_rx;
-    int64_t expire_at;
-    uint8_t *out;
-    size_t out_len;
-    size_t out_cap;
-    ml_put_t *puts;
-    /* Accepted answers not yet sent: one cumulative Accepted per flush. */
-    ml_accid_t *acc;
-    size_t n_acc;
-    size_t cap_acc;
-    char peer_hex[24];
-};
-
-/* A store put in progress; the session may go away before it completes. */
-struct ml_put {
-    ml_broker_t *b;
-    ml_session_t *session;
-    ml_put_t **head; /* the list it is on: its session's, or orphans */
-    ml_put_t *prev;
-    ml_put_t *next;
-    ml_nodestate_t *recipient;
-    int priority;
-    uint32_t size;
-    uint8_t *blob; /* copy of the envelope when it may be delivered at once */
-    char id[ML_ULID_LEN + 1];
-};
-
-struct ml_broker {
-    uv_loop_t *loop;
-    ml_broker_config_t *cfg;
-    ml_tls_ctx_t *tls;
-    ml_store_t *store;
-    void *zctx;
-    void *router;
-    ml_zwatch_t *watch;
-    char endpoint[256];
-
-    ml_session_t *buckets[S_BUCKETS];
-    ml_session_t *sessions; /* all sessions, including tombstones */
-    ml_session_t *dirty;
-    size_t n_live;
-    uint64_t next_serial;
-
-    ml_nodestate_t *nodes;
-    size_t n_nodes;
-
-    uv_timer_t housekeeping;
-    uv_check_t flush_check;
-    int open_handles;
-    uint64_t puts_pending;
-    uint64_t puts_pending_bytes;
-    ml_put_t *orphans;    /* puts whose session closed before the commit */
-    uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
-
-    int64_t started_at;
-    uint64_t accepted_total;
-    uint64_t delivered_total;
-    uint64_t refused_total;
-    uint8_t *rxbuf;
-};
 
 static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
 
@@ -182,7 +46,7 @@ static void s_cache_release(ml_broker_t *b, uint8_t **blob, uint32_t size)
         b->cache_bytes -= size;
     }
 }
-static void s_pump(ml_broker_t *b, ml_nodestate_t *ns);
+void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns);
 
 /* ------------------------------------------------------------------ */
 /* Session table                                                       */
@@ -361,7 +225,7 @@ static int s_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t 
 }
 
 /* Sends a control envelope from the broker to the session's peer. */
-static int s_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
+int ml_bk_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     char id[ML_ULID_LEN + 1];
     ml_ulid_new(id);
@@ -389,7 +253,7 @@ static void s_send_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_NACK;
     env.nack = &nack;
-    s_reply(b, s, &env);
+    ml_bk_reply(b, s, &env);
 }
 
 /* Sends one Accepted for every answer collected since the last one. */
@@ -422,7 +286,7 @@ static void s_emit_accepted(ml_broker_t *b, ml_session_t *s)
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED;
     env.accepted = &acc;
-    s_reply(b, s, &env);
+    ml_bk_reply(b, s, &env);
     free(ids);
     free(dups);
 }
@@ -449,7 +313,7 @@ static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id,
         s_mark_dirty(b, s);
 }
 
-static void s_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                      const char *reason)
 {
     b->refused_total++;
@@ -461,7 +325,7 @@ static void s_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int co
 /* ------------------------------------------------------------------ */
 /* Delivery                                                            */
 
-static ml_nodestate_t *s_nodestate(ml_broker_t *b, const char *id)
+ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id)
 {
     for (size_t i = 0; i < b->n_nodes; i++) {
         if (strcmp(b->nodes[i].node->id, id) == 0)
@@ -510,16 +374,43 @@ static ml_inflight_t *s_inflight_oldest(ml_nodestate_t *ns)
     return ns->if_len > 0 ? &ns->inflight[ns->if_head] : NULL;
 }
 
-static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
+uint32_t ml_bk_node_index(const ml_broker_t *b, const ml_nodestate_t *ns)
+{
+    return (uint32_t)(ns - b->nodes);
+}
+
+/* 1 while an item's own deadline has not passed. */
+static int s_expired(const ml_qitem_t *it, int64_t now)
+{
+    return it->deadline > 0 && it->deadline <= now;
+}
+
+void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns)
 {
     ml_session_t *s = ns->deliver;
     if (!s || s->state != S_READY)
         return;
     size_t window = (size_t)b->cfg->delivery_window;
+    int64_t now = ml_now_ms();
     while (ns->n_inflight < window) {
         ml_qitem_t it;
         if (!ml_queue_pop(&ns->queue, &it))
             break;
+        /* Nothing is dropped silently: a message past its own deadline, or
+         * one its recipient never acknowledged in max_delivery_attempts
+         * tries, becomes a dead letter that ops staff can see and replay. */
+        if (s_expired(&it, now)) {
+            ml_bk_dead_letter(b, ns, &it, "expired: its deadline passed before it was delivered");
+            continue;
+        }
+        if (it.attempts >= b->cfg->max_delivery_attempts) {
+            char why[160];
+            snprintf(why, sizeof why,
+                     "undeliverable: %u delivery attempts without an acknowledgement",
+                     (unsigned)it.attempts);
+            ml_bk_dead_letter(b, ns, &it, why);
+            continue;
+        }
         uint8_t *blob = it.blob;
         size_t len = it.size;
         int rc = blob ? 0 : ml_store_fetch(b->store, it.seq, &blob, &len);
@@ -538,6 +429,7 @@ static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
             ml_queue_push_front(&ns->queue, &it);
             break;
         }
+        it.attempts++;
         f->item = it;
         f->item.blob = NULL;
         f->sent_at = ml_mono_ms();
@@ -551,14 +443,15 @@ static void s_pump(ml_broker_t *b, ml_nodestate_t *ns)
     }
 }
 
-static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
+/* Takes the in-flight slot of msg_id out of ns's window (for an ack or a
+ * refusal). Returns 1 with *out filled, or 0 when it is not in flight. */
+static int s_inflight_take(ml_nodestate_t *ns, const char *msg_id, ml_qitem_t *out)
 {
-    ml_nodestate_t *ns = s->ns;
     for (size_t i = ns->if_head; i < ns->if_head + ns->if_len; i++) {
         ml_inflight_t *f = &ns->inflight[i];
         if (f->acked || strcmp(f->item.id, msg_id) != 0)
             continue;
-        ml_store_mark_delivered(b->store, f->item.seq);
+        *out = f->item;
         f->acked = 1;
         ns->n_inflight--;
         while (ns->if_len > 0 && ns->inflight[ns->if_head].acked) {
@@ -567,18 +460,61 @@ static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
         }
         if (ns->if_len == 0)
             ns->if_head = 0;
-        ns->delivered++;
-        b->delivered_total++;
-        s_pump(b, ns);
+        return 1;
+    }
+    return 0;
+}
+
+static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
+{
+    ml_nodestate_t *ns = s->ns;
+    ml_qitem_t it;
+    if (!s_inflight_take(ns, msg_id, &it)) {
+        /* An ack for something not in flight: a late ack after a resend. */
+        ml_log(ML_LOG_DEBUG, "delivery", "ack for %s from %s not in flight (already acked)",
+               msg_id, s_who(s));
         return;
     }
-    /* An ack for something not in flight: a late ack after a resend. */
-    ml_log(ML_LOG_DEBUG, "delivery", "ack for %s from %s not in flight (already acked)", msg_id,
-           s_who(s));
+    ml_store_mark_delivered(b->store, it.seq);
+    ns->delivered++;
+    b->delivered_total++;
+    if (it.cs) {
+        ml_bk_flow_delivered(b, ns, &it);
+        ml_bk_case_release(b, it.cs);
+    }
+    ml_bk_pump(b, ns);
+}
+
+/* The recipient refused a delivery (a Nack naming it): it can never take
+ * it, so it becomes a dead letter rather than being resent forever. */
+static void s_on_refused(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Nack *n)
+{
+    ml_nodestate_t *ns = s->ns;
+    ml_qitem_t it;
+    if (!n->message_id || !s_inflight_take(ns, n->message_id, &it)) {
+        ml_log(ML_LOG_WARN, "delivery", "%s sent a Nack for %s, which is not in flight: %s",
+               s_who(s), n->message_id ? n->message_id : "-", n->reason ? n->reason : "");
+        return;
+    }
+    char why[512];
+    snprintf(why, sizeof why, "refused by the recipient %s: %s", ns->node->id,
+             n->reason && *n->reason ? n->reason : "no reason given");
+    ml_bk_dead_letter(b, ns, &it, why);
+    ml_bk_pump(b, ns);
 }
 
 /* ------------------------------------------------------------------ */
 /* Routing                                                             */
+
+static void s_put_unlink(ml_put_t *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        *p->head = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+}
 
 static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
 {
@@ -587,12 +523,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     ml_session_t *s = p->session;
     b->puts_pending--;
     b->puts_pending_bytes -= p->size;
-    if (p->prev)
-        p->prev->next = p->next;
-    else
-        *p->head = p->next;
-    if (p->next)
-        p->next->prev = p->prev;
+    s_put_unlink(p);
     if (rc == 0) {
         if (!duplicate) {
             b->accepted_total++;
@@ -600,9 +531,18 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             memset(&it, 0, sizeof it);
             it.seq = seq;
             it.accepted_at = ml_now_ms();
+            it.deadline = p->deadline;
             it.size = p->size;
             it.priority = (uint8_t)p->priority;
+            it.kind = (uint8_t)p->kind;
+            it.flags = p->notice ? ML_QI_NOTICE : 0;
             memcpy(it.id, p->id, sizeof it.id);
+            if (p->cs) {
+                /* The queued message keeps the case in memory until its
+                 * delivery has been recorded there. */
+                it.cs = p->cs;
+                it.cs->refs++;
+            }
             ml_nodestate_t *ns = p->recipient;
             ml_session_t *ds = ns->deliver;
             /* Fast path: the recipient is connected, nothing is queued ahead
@@ -613,6 +553,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
                 ns->n_inflight < (size_t)b->cfg->delivery_window) {
                 ml_inflight_t *f = s_inflight_add(ns);
                 if (f) {
+                    it.attempts = 1;
                     f->item = it;
                     f->sent_at = ml_mono_ms();
                     s_append(b, ds, p->blob, p->size);
@@ -622,26 +563,148 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             /* The queued item takes over the copy (and its accounting). */
             it.blob = p->blob;
             p->blob = NULL;
-            if (ml_queue_push(&p->recipient->queue, &it) != 0)
+            if (ml_queue_push(&p->recipient->queue, &it) != 0) {
                 ml_log(ML_LOG_ERROR, "router",
                        "out of memory queueing %s; it stays in the store "
                        "and is delivered after restart",
                        p->id);
-            s_pump(b, p->recipient);
+                s_cache_release(b, &it.blob, it.size);
+                if (it.cs)
+                    ml_bk_case_release(b, it.cs);
+            }
+            ml_bk_pump(b, p->recipient);
         }
     answered:
         if (s && s->state == S_READY)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
         if (rc == ML_EFULL)
-            s_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
-                     "store full: the broker cannot accept new messages until space is freed");
+            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
+                         "store full: the broker cannot accept new messages until space is freed");
+        else if (rc == ML_EDENIED)
+            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
+                         "the case changed while this message was being stored; retry");
         else
-            s_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
-                     "store error: the message was not stored, retry later");
+            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
+                         "store error: the message was not stored, retry later");
+    } else if (!s) {
+        ml_log(ML_LOG_ERROR, "router", "the broker's own message %s was not stored: %s", p->id,
+               ml_strerror(rc));
     }
+    if (p->cs || p->linked)
+        ml_bk_flow_committed(b, p, rc, duplicate);
     s_cache_release(b, &p->blob, p->size);
     free(p);
+}
+
+int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
+{
+    if (m->session &&
+        (b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES))
+        return ML_EAGAIN;
+    ml_put_t *p = calloc(1, sizeof *p);
+    if (!p)
+        return ML_ENOMEM;
+    ml_nodestate_t *rs = m->recipient;
+    p->b = b;
+    p->session = m->session;
+    p->recipient = rs;
+    p->priority = m->priority;
+    p->kind = m->kind;
+    p->deadline = m->deadline;
+    p->size = (uint32_t)m->len;
+    p->action = m->action;
+    p->chunk_bytes = m->chunk_bytes;
+    p->notice = m->notice;
+    p->has_ops = m->n_ops > 0;
+    /* Keep a copy for a connected recipient while the cache has room. */
+    if (rs->deliver && b->cache_bytes + m->len <= S_CACHE_BYTES) {
+        p->blob = malloc(m->len ? m->len : 1);
+        if (p->blob) {
+            memcpy(p->blob, m->rec, m->len);
+            b->cache_bytes += m->len;
+        }
+    }
+    snprintf(p->id, sizeof p->id, "%s", m->id);
+    ml_store_msg_t sm = {
+        .id = m->id,
+        .case_id = m->case_id,
+        .sender = m->sender,
+        .recipient = rs->node->id,
+        .kind = m->kind,
+        .priority = m->priority,
+        .created_at = m->created_at,
+        .deadline = m->deadline,
+        .envelope = m->rec,
+        .envelope_len = m->len,
+        .ops = m->ops,
+        .n_ops = m->n_ops,
+    };
+    int rc = ml_store_put(b->store, &sm, s_put_done, p);
+    if (rc != 0) {
+        s_cache_release(b, &p->blob, p->size);
+        free(p);
+        return rc;
+    }
+    if (m->cs) {
+        p->cs = m->cs;
+        p->cs->refs++;
+    }
+    if (m->linked) {
+        p->linked = m->linked;
+        p->linked->refs++;
+    }
+    b->puts_pending++;
+    b->puts_pending_bytes += p->size;
+    ml_put_t **head = m->session ? &m->session->puts : &b->orphans;
+    p->head = head;
+    p->next = *head;
+    if (*head)
+        (*head)->prev = p;
+    *head = p;
+    return 0;
+}
+
+int ml_bk_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
+               const ml_store_caseop_t *ops, size_t n_ops)
+{
+    char id[ML_ULID_LEN + 1];
+    if (!env->id || !*env->id) {
+        ml_ulid_new(id);
+        env->id = id;
+    }
+    if (!env->from || !*env->from)
+        env->from = b->cfg->broker_id;
+    env->to = (char *)recipient->node->id;
+    env->created_at = ml_now_ms();
+    env->kind = ml_env_kind_of_payload(env->payload_case);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = ml_env_pack(env, &buf, &len);
+    if (rc == 0) {
+        ml_bk_msg_t m = {
+            .recipient = recipient,
+            .id = env->id,
+            .case_id = env->case_id,
+            .sender = env->from,
+            .kind = env->kind,
+            .priority = env->priority,
+            .created_at = env->created_at,
+            .deadline = env->deadline,
+            .rec = buf,
+            .len = len,
+            .ops = ops,
+            .n_ops = n_ops,
+            .cs = cs,
+            .notice = strcmp(env->from, b->cfg->broker_id) == 0,
+        };
+        rc = ml_bk_submit(b, &m);
+    }
+    free(buf);
+    if (rc != 0)
+        ml_log(ML_LOG_ERROR, "router", "cannot send %s %s to %s: %s", ml_kind_name(env->kind),
+               env->id, recipient->node->id, ml_strerror(rc));
+    return rc;
 }
 
 static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
@@ -653,192 +716,16 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     if (strcmp(env->from, s->peer_id) != 0) {
         snprintf(err, sizeof err, "from '%s' differs from the authenticated node '%s'", env->from,
                  s->peer_id);
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
+        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
         return;
     }
     if (ml_env_validate(env, err, sizeof err) != 0) {
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
+        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
         return;
     }
-    ml_nodestate_t *rs = s_nodestate(b, env->to);
-    if (!rs) {
-        snprintf(err, sizeof err, "unknown recipient node '%s'", env->to);
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_UNKNOWN_NODE, err);
-        return;
-    }
-    int from_role = s->ns->node->role, to_role = rs->node->role;
-    if (!ml_acl_allows(b->cfg, from_role, env->kind, to_role)) {
-        snprintf(err, sizeof err, "forbidden route: role %s may not send %s to role %s (%s)",
-                 ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role), env->to);
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
-        return;
-    }
-    if (b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES) {
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED,
-                 "broker busy: store backlog full, retry later");
-        return;
-    }
-    uint8_t *packed = NULL;
-    if (!kind_was_set) {
-        /* Store what recipients should see: the envelope with its kind. */
-        size_t plen = 0;
-        if (ml_env_pack(env, &packed, &plen) != 0) {
-            s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "out of memory");
-            return;
-        }
-        rec = packed;
-        len = plen;
-    }
-    ml_put_t *p = calloc(1, sizeof *p);
-    if (!p) {
-        free(packed);
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "out of memory");
-        return;
-    }
-    p->b = b;
-    p->session = s;
-    p->recipient = rs;
-    p->priority = env->priority;
-    p->size = (uint32_t)len;
-    /* Keep a copy for a connected recipient while the cache has room. */
-    if (rs->deliver && b->cache_bytes + len <= S_CACHE_BYTES) {
-        p->blob = malloc(len ? len : 1);
-        if (p->blob) {
-            memcpy(p->blob, rec, len);
-            b->cache_bytes += len;
-        }
-    }
-    snprintf(p->id, sizeof p->id, "%s", id);
-    ml_store_msg_t m = {
-        .id = id,
-        .case_id = env->case_id,
-        .sender = env->from,
-        .recipient = env->to,
-        .kind = env->kind,
-        .priority = env->priority,
-        .created_at = env->created_at,
-        .deadline = env->deadline,
-        .envelope = rec,
-        .envelope_len = len,
-    };
-    int rc = ml_store_put(b->store, &m, s_put_done, p);
-    free(packed);
-    if (rc != 0) {
-        s_cache_release(b, &p->blob, p->size);
-        free(p);
-        s_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_STORE, "store unavailable, retry later");
-        return;
-    }
-    b->puts_pending++;
-    b->puts_pending_bytes += p->size;
-    p->head = &s->puts;
-    p->next = s->puts;
-    if (s->puts)
-        s->puts->prev = p;
-    s->puts = p;
-}
-
-/* ------------------------------------------------------------------ */
-/* Admin                                                               */
-
-static void s_admin_status(ml_broker_t *b, ml_session_t *s)
-{
-    Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
-    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-    size_t n_sess = 0;
-    for (ml_session_t *x = b->sessions; x; x = x->next)
-        if (x->state == S_READY)
-            n_sess++;
-    Medlink__V1__SessionInfo *si = calloc(n_sess ? n_sess : 1, sizeof *si);
-    Medlink__V1__SessionInfo **sip = calloc(n_sess ? n_sess : 1, sizeof *sip);
-    Medlink__V1__NodeStatus *ni = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *ni);
-    Medlink__V1__NodeStatus **nip = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *nip);
-    if (!si || !sip || !ni || !nip)
-        goto out;
-    int64_t mono = ml_mono_ms(), now = ml_now_ms();
-    size_t k = 0;
-    for (ml_session_t *x = b->sessions; x; x = x->next) {
-        if (x->state != S_READY)
-            continue;
-        medlink__v1__session_info__init(&si[k]);
-        si[k].node_id = x->peer_id;
-        si[k].peer = x->peer_hex;
-        si[k].connected_at = now - (mono - x->created);
-        si[k].last_seen = now - (mono - x->last_rx);
-        si[k].in_flight = x->ns->deliver == x ? x->ns->n_inflight : 0;
-        sip[k] = &si[k];
-        k++;
-    }
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        ml_nodestate_t *ns = &b->nodes[i];
-        medlink__v1__node_status__init(&ni[i]);
-        ni[i].node_id = ns->node->id;
-        ni[i].role = (char *)ml_role_name(ns->node->role);
-        ni[i].community = ns->node->community ? ns->node->community : "";
-        ni[i].display_name = ns->node->display_name ? ns->node->display_name : "";
-        ni[i].online = ns->online > 0;
-        ni[i].last_seen = ns->last_seen;
-        ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
-        int64_t oldest = ml_queue_oldest(&ns->queue);
-        for (size_t j = ns->if_head; j < ns->if_head + ns->if_len; j++) {
-            if (ns->inflight[j].acked)
-                continue;
-            int64_t t = ns->inflight[j].item.accepted_at;
-            if (oldest == 0 || t < oldest)
-                oldest = t;
-        }
-        ni[i].oldest_queued_at = oldest;
-        ni[i].in_flight = ns->n_inflight;
-        ni[i].delivered = ns->delivered;
-        nip[i] = &ni[i];
-    }
-    st.broker = b->cfg->broker_id;
-    st.started_at = b->started_at;
-    st.now = now;
-    st.sessions = n_sess;
-    st.accepted_total = b->accepted_total;
-    st.delivered_total = b->delivered_total;
-    st.refused_total = b->refused_total;
-    st.n_session = n_sess;
-    st.session = sip;
-    st.n_node = b->n_nodes;
-    st.node = nip;
-    reply.broker_status = &st;
-    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
-    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
-    env.admin_reply = &reply;
-    s_reply(b, s, &env);
-out:
-    free(si);
-    free(sip);
-    free(ni);
-    free(nip);
-}
-
-static void s_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
-{
-    if (s->ns->node->role != ML_ROLE_OPS) {
-        char err[256];
-        snprintf(err, sizeof err, "admin requests need an OPS node; %s has role %s", s->peer_id,
-                 ml_role_name(s->ns->node->role));
-        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
-        return;
-    }
-    ml_log(ML_LOG_INFO, "admin", "%s asked for status", s->peer_id);
-    switch (env->admin_request->op) {
-    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
-        s_admin_status(b, s);
-        break;
-    default: {
-        Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-        reply.status = 1;
-        reply.error = "unknown admin operation";
-        ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
-        out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
-        out.admin_reply = &reply;
-        s_reply(b, s, &out);
-    }
-    }
+    /* The recipient should see the envelope with its kind: when the sender
+     * left it out, flow.c packs it again. */
+    ml_bk_flow_route(b, s, env, rec, len, !kind_was_set);
 }
 
 /* ------------------------------------------------------------------ */
@@ -847,7 +734,7 @@ static void s_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     if (env->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_HELLO) {
-        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_NOT_HELLO,
+        ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_NOT_HELLO,
                  "the first message of a session must be Hello");
         s_session_close(b, s, "no Hello");
         return;
@@ -856,7 +743,7 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
         char err[512];
         snprintf(err, sizeof err, "Hello names node '%s' but the certificate names '%s'",
                  env->hello->node_id, s->peer_id);
-        s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
+        ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
         s_session_close(b, s, "Hello identity mismatch");
         return;
     }
@@ -884,9 +771,9 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
     out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_WELCOME;
     out.welcome = &w;
-    s_reply(b, s, &out);
+    ml_bk_reply(b, s, &out);
     if (s->deliveries)
-        s_pump(b, ns);
+        ml_bk_pump(b, ns);
 }
 
 static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
@@ -895,7 +782,7 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
     if (ml_env_unpack(rec, len, &env) != 0) {
         char err[128];
         snprintf(err, sizeof err, "malformed envelope (%zu bytes could not be decoded)", len);
-        s_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
+        ml_bk_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
         if (s->state != S_READY)
             s_session_close(b, s, "malformed first record");
         return;
@@ -912,7 +799,7 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
         ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
         out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT;
         out.heartbeat = &hb;
-        s_reply(b, s, &out);
+        ml_bk_reply(b, s, &out);
         break;
     }
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ACK:
@@ -920,7 +807,10 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
             s_on_ack(b, s, env->ack->message_ids[i]);
         break;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REQUEST:
-        s_admin(b, s, env);
+        ml_bk_admin(b, s, env);
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_NACK:
+        s_on_refused(b, s, env->nack);
         break;
     default:
         if (ml_env_kind_is_routed(ml_env_kind_of_payload(env->payload_case))) {
@@ -929,7 +819,7 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
             char err[128];
             snprintf(err, sizeof err, "unexpected message kind %s from a client",
                      ml_kind_name(ml_env_kind_of_payload(env->payload_case)));
-            s_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
+            ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_MALFORMED, err);
         }
     }
 out:
@@ -940,7 +830,7 @@ static void s_established(ml_broker_t *b, ml_session_t *s)
 {
     const char *cn = ml_tls_session_peer_id(s->tls);
     s->peer_id = strdup(cn ? cn : "");
-    s->ns = cn ? s_nodestate(b, cn) : NULL;
+    s->ns = cn ? ml_bk_node(b, cn) : NULL;
     if (!s->ns) {
         char err[512];
         snprintf(err, sizeof err, "certificate names unregistered node '%s'", cn ? cn : "");
@@ -1010,7 +900,7 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
         if (rc < 0) {
             char err[160];
             snprintf(err, sizeof err, "record over the %ld-byte limit", b->cfg->max_record);
-            s_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
+            ml_bk_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
             s_flush(b, s);
             s_session_close(b, s, err);
             return;
@@ -1174,7 +1064,7 @@ static void s_housekeeping_cb(uv_timer_t *t)
                    "resending",
                    ns->node->id, b->cfg->ack_timeout_ms, ns->n_inflight);
             s_requeue_inflight(ns);
-            s_pump(b, ns);
+            ml_bk_pump(b, ns);
         }
     }
 }
@@ -1185,22 +1075,31 @@ static void s_housekeeping_cb(uv_timer_t *t)
 static void s_load_pending(void *arg, const ml_store_row_t *row)
 {
     ml_broker_t *b = arg;
-    ml_nodestate_t *ns = s_nodestate(b, row->recipient);
+    ml_nodestate_t *ns = ml_bk_node(b, row->recipient);
     if (!ns) {
-        ml_log(ML_LOG_WARN, "store",
-               "queued message %s is for %s, which is no longer in the "
-               "node registry; it stays in the store",
-               row->id, row->recipient);
+        /* Nothing is dropped silently: the message becomes a dead letter
+         * that ops staff see with `medlinkctl dlq list` and can replay once
+         * the node is registered again. */
+        char why[400];
+        snprintf(why, sizeof why, "undeliverable: recipient %s is no longer in the node registry",
+                 row->recipient);
+        ml_log(ML_LOG_WARN, "store", "queued message %s is a dead letter: %s", row->id, why);
+        ml_store_mark_dead(b->store, row->seq, why, row->attempts);
         return;
     }
     ml_qitem_t it;
     memset(&it, 0, sizeof it);
     it.seq = row->seq;
     it.accepted_at = row->accepted_at;
+    it.deadline = row->deadline;
     it.size = (uint32_t)row->envelope_len;
     it.priority = (uint8_t)row->priority;
+    it.kind = (uint8_t)row->kind;
+    it.flags = row->sender && strcmp(row->sender, b->cfg->broker_id) == 0 ? ML_QI_NOTICE : 0;
     snprintf(it.id, sizeof it.id, "%s", row->id);
-    ml_queue_push(&ns->queue, &it);
+    it.cs = ml_bk_case_for_row(b, row->case_id, row->kind);
+    if (ml_queue_push(&ns->queue, &it) != 0 && it.cs)
+        ml_bk_case_release(b, it.cs);
 }
 
 int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out, char *err,
@@ -1227,6 +1126,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
         b->nodes[i].node = &b->cfg->nodes[i];
         ml_queue_init(&b->nodes[i].queue);
     }
+    ml_casetab_init(&b->cases);
 
     ml_tls_config_t tc = {.ca_file = b->cfg->ca,
                           .cert_file = b->cfg->cert,
@@ -1247,6 +1147,10 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     rc = ml_store_open(loop, path, NULL, &b->store, err, errlen);
     if (rc != 0)
         goto fail;
+    if ((rc = ml_bk_flow_load(b)) != 0) {
+        snprintf(err, errlen, "cannot read the open cases from %s", path);
+        goto fail;
+    }
     rc = ml_store_scan_pending(b->store, s_load_pending, b);
     if (rc != 0) {
         snprintf(err, errlen, "cannot read pending messages from %s", path);
@@ -1288,14 +1192,16 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     }
     uv_timer_init(loop, &b->housekeeping);
     uv_check_init(loop, &b->flush_check);
-    b->housekeeping.data = b->flush_check.data = b;
-    b->open_handles = 2;
+    uv_timer_init(loop, &b->flow_timer);
+    b->housekeeping.data = b->flush_check.data = b->flow_timer.data = b;
+    b->open_handles = 3;
     uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
     uv_check_start(&b->flush_check, s_flush_cb);
+    ml_bk_flow_start(b);
     ml_log(ML_LOG_INFO, "broker",
            "%s listening on %s; %zu nodes registered; %zu message(s) "
-           "queued from the store",
-           b->cfg->broker_id, b->endpoint, b->n_nodes, queued);
+           "queued and %zu case(s) open from the store",
+           b->cfg->broker_id, b->endpoint, b->n_nodes, queued, b->cases.count);
     *out = b;
     return 0;
 fail : {
@@ -1348,19 +1254,23 @@ void ml_broker_destroy(ml_broker_t **self_p)
         free(p->blob);
         free(p);
     }
+    /* Queues and windows point into the case table: they go first. */
     ml_tls_ctx_destroy(&b->tls);
     for (size_t i = 0; b->nodes && i < b->n_nodes; i++) {
         ml_queue_close(&b->nodes[i].queue);
         free(b->nodes[i].inflight);
     }
+    ml_casetab_close(&b->cases);
     free(b->nodes);
     free(b->rxbuf);
     ml_broker_config_destroy(&b->cfg);
     if (b->open_handles) {
         uv_timer_stop(&b->housekeeping);
         uv_check_stop(&b->flush_check);
+        uv_timer_stop(&b->flow_timer);
         uv_close((uv_handle_t *)&b->housekeeping, s_close_cb);
         uv_close((uv_handle_t *)&b->flush_check, s_close_cb);
+        uv_close((uv_handle_t *)&b->flow_timer, s_close_cb);
     } else {
         free(b);
     }

@@ -13,6 +13,7 @@
 #include "casetab.h"
 #include "ml_common.h"
 #include "ml_env.h"
+#include "ml_frame.h"
 #include "ml_tls.h"
 #include "ml_zloop.h"
 #include "queue.h"

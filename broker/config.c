@@ -7,6 +7,8 @@
  * in force without a word. */
 #include "config.h"
 
+#include "cases.h"
+
 #include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -139,18 +141,121 @@ static const char *const s_broker_keys[] = {"id",
                                             "session_buffer",
                                             "delivery_window",
                                             "ack_timeout_ms",
+                                            "max_delivery_attempts",
+                                            "timer_ms",
+                                            "notify_delivered",
                                             NULL};
 
-static const char *const s_node_keys[] = {"role", "community", "name", NULL};
+static const char *const s_node_keys[] = {"role", "community", "name", "services", NULL};
+
+static const char *const s_escalation_keys[] = {"notify", "redirect_emergency", NULL};
+static const char *const s_community_keys[] = {"fallback", NULL};
 
 static int s_check_key_cb(const char *key, const char *value, void *arg)
 {
     struct s_load *ld = arg;
-    const char *const *keys = strcmp(ld->section, S_BROKER) == 0 ? s_broker_keys : s_node_keys;
+    const char *const *keys = s_node_keys;
+    if (strcmp(ld->section, S_BROKER) == 0)
+        keys = s_broker_keys;
+    else if (strcmp(ld->section, "escalation") == 0)
+        keys = s_escalation_keys;
+    else if (strncmp(ld->section, "community ", 10) == 0)
+        keys = s_community_keys;
     (void)value;
     if (!s_is_one_of(key, keys))
         return s_fail(ld, ML_ECONFIG, "[%s] %s: unknown key", ld->section, key);
     return 0;
+}
+
+/* yes/no, true/false, on/off, 1/0 (case-insensitive); def when absent. */
+static int s_get_bool(struct s_load *ld, const char *section, const char *key, int def, int *out)
+{
+    const char *v = ml_ini_get(ld->ini, section, key, NULL);
+    *out = def;
+    if (!v || !*v)
+        return 0;
+    static const char *const yes[] = {"yes", "true", "on", "1"};
+    static const char *const no[] = {"no", "false", "off", "0"};
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(v, yes[i]) == 0) {
+            *out = 1;
+            return 0;
+        }
+        if (strcasecmp(v, no[i]) == 0) {
+            *out = 0;
+            return 0;
+        }
+    }
+    return s_fail(ld, ML_ECONFIG, "[%s] %s = %s: expected yes or no", section, key, v);
+}
+
+/* Splits a list of words separated by spaces or commas into a malloc'd
+ * array of malloc'd strings. Returns 0 or ML_ENOMEM; words longer than 255
+ * characters are refused with ML_EINVAL. */
+static int s_words(const char *value, char ***out, size_t *n_out)
+{
+    char **words = NULL;
+    size_t n = 0;
+    const char *p = value;
+    *out = NULL;
+    *n_out = 0;
+    while (p && *p) {
+        while (*p && (isspace((unsigned char)*p) || *p == ','))
+            p++;
+        if (!*p)
+            break;
+        const char *start = p;
+        while (*p && !isspace((unsigned char)*p) && *p != ',')
+            p++;
+        size_t len = (size_t)(p - start);
+        char **grown = realloc(words, (n + 1) * sizeof *words);
+        char *w = len <= S_NODE_ID_MAX ? strndup(start, len) : NULL;
+        if (grown)
+            words = grown;
+        if (!grown || !w) {
+            free(w);
+            for (size_t i = 0; i < n; i++)
+                free(words[i]);
+            free(words);
+            return len > S_NODE_ID_MAX ? ML_EINVAL : ML_ENOMEM;
+        }
+        words[n++] = w;
+    }
+    *out = words;
+    *n_out = n;
+    return 0;
+}
+
+static void s_words_free(char **words, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(words[i]);
+    free(words);
+}
+
+int ml_duration_parse(const char *s, int64_t *ms)
+{
+    if (!s)
+        return ML_EINVAL;
+    char *end = NULL;
+    while (isspace((unsigned char)*s))
+        s++;
+    if (!isdigit((unsigned char)*s))
+        return ML_EINVAL;
+    long long v = strtoll(s, &end, 10);
+    if (v < 0 || v > 1000000000LL)
+        return ML_EINVAL;
+    static const struct {
+        const char *unit;
+        int64_t ms;
+    } units[] = {{"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+        if (strcmp(end, units[i].unit) == 0) {
+            *ms = (int64_t)v * units[i].ms;
+            return 0;
+        }
+    }
+    return ML_EINVAL;
 }
 
 static int s_load_broker(struct s_load *ld)
@@ -199,6 +304,9 @@ static int s_load_broker(struct s_load *ld)
          offsetof(ml_broker_config_t, session_buffer)},
         {"delivery_window", 256, 1, 65536, offsetof(ml_broker_config_t, delivery_window)},
         {"ack_timeout_ms", 30000, 100, 86400000, offsetof(ml_broker_config_t, ack_timeout_ms)},
+        {"max_delivery_attempts", 10, 1, 100000,
+         offsetof(ml_broker_config_t, max_delivery_attempts)},
+        {"timer_ms", 1000, 10, 60000, offsetof(ml_broker_config_t, timer_ms)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);
@@ -217,7 +325,7 @@ static int s_load_broker(struct s_load *ld)
     if (c->session_buffer < c->max_record)
         return s_fail(ld, ML_ECONFIG, "[%s] session_buffer (%ld) must be at least max_record (%ld)",
                       S_BROKER, c->session_buffer, c->max_record);
-    return 0;
+    return s_get_bool(ld, S_BROKER, "notify_delivered", 1, &c->notify_delivered);
 }
 
 static int s_dup_opt(struct s_load *ld, const char *v, char **out)
@@ -269,6 +377,154 @@ static int s_node_cb(const ml_ini_t *ini, const char *section, const char *name,
     if ((rc = s_dup_opt(ld, ml_ini_get(ini, section, "community", NULL), &slot->community)) ||
         (rc = s_dup_opt(ld, ml_ini_get(ini, section, "name", NULL), &slot->display_name)))
         return rc;
+    const char *svc = ml_ini_get(ini, section, "services", NULL);
+    if (svc && *svc) {
+        rc = s_words(svc, &slot->services, &slot->n_services);
+        if (rc == ML_ENOMEM)
+            return s_fail(ld, ML_ENOMEM, "out of memory");
+        if (rc != 0)
+            return s_fail(ld, ML_ECONFIG, "[%s] services: a name is too long", section);
+        for (size_t i = 0; i < slot->n_services; i++)
+            if (!s_node_id_valid(slot->services[i]))
+                return s_fail(ld, ML_ECONFIG,
+                              "[%s] services: \"%s\" may only contain letters, digits, '.', "
+                              "'_' and '-'",
+                              section, slot->services[i]);
+    }
+    return 0;
+}
+
+/* After every node is known: a service name must not also be a node id,
+ * or "to" would be ambiguous. */
+static int s_check_services(struct s_load *ld)
+{
+    ml_broker_config_t *c = ld->cfg;
+    for (size_t i = 0; i < c->n_nodes; i++)
+        for (size_t j = 0; j < c->nodes[i].n_services; j++)
+            if (ml_broker_config_node(c, c->nodes[i].services[j]))
+                return s_fail(ld, ML_ECONFIG,
+                              "[node %s] services: %s is also a node id; a service needs a "
+                              "name of its own",
+                              c->nodes[i].id, c->nodes[i].services[j]);
+    return 0;
+}
+
+/* One line of [deadlines]: "KIND[.PRIORITY] = STATE DURATION [after STATE]". */
+static int s_deadline_key_cb(const char *key, const char *value, void *arg)
+{
+    struct s_load *ld = arg;
+    char kindbuf[64];
+    const char *dot = strchr(key, '.');
+    size_t klen = dot ? (size_t)(dot - key) : strlen(key);
+    int kind = 0, prio = -1;
+    if (klen >= sizeof kindbuf)
+        return s_fail(ld, ML_ECONFIG, "[deadlines] %s: unknown case kind", key);
+    memcpy(kindbuf, key, klen);
+    kindbuf[klen] = '\0';
+    if (ml_case_kind_parse(kindbuf, &kind) != 0)
+        return s_fail(ld, ML_ECONFIG,
+                      "[deadlines] %s: unknown case kind \"%s\" (expected referral, imaging or "
+                      "down_transfer)",
+                      key, kindbuf);
+    if (dot && ml_priority_parse(dot + 1, &prio) != 0)
+        return s_fail(ld, ML_ECONFIG,
+                      "[deadlines] %s: unknown priority \"%s\" (expected routine, urgent or "
+                      "emergency)",
+                      key, dot + 1);
+    char **w = NULL;
+    size_t n = 0;
+    if (s_words(value, &w, &n) != 0)
+        return s_fail(ld, ML_ECONFIG, "[deadlines] %s: cannot read \"%s\"", key, value);
+    ml_deadline_rule_t r = {.set = 1};
+    int rc = 0;
+    if (!(n == 2 || (n == 4 && strcasecmp(w[2], "after") == 0))) {
+        rc = s_fail(ld, ML_ECONFIG,
+                    "[deadlines] %s = %s: expected \"STATE DURATION\" or \"STATE DURATION after "
+                    "STATE\", e.g. \"ACCEPTED 15m\"",
+                    key, value);
+    } else if (ml_case_state_parse(kind, w[0], &r.target_state) != 0) {
+        rc = s_fail(ld, ML_ECONFIG, "[deadlines] %s: %s is not a state of a %s case", key, w[0],
+                    ml_case_kind_name(kind));
+    } else if (ml_duration_parse(w[1], &r.ms) != 0 || r.ms <= 0) {
+        rc = s_fail(ld, ML_ECONFIG,
+                    "[deadlines] %s: duration \"%s\" needs a number and a unit (ms, s, m, h, "
+                    "d), e.g. 15m",
+                    key, w[1]);
+    } else if (n == 4 && ml_case_state_parse(kind, w[3], &r.after_state) != 0) {
+        rc = s_fail(ld, ML_ECONFIG, "[deadlines] %s: %s is not a state of a %s case", key, w[3],
+                    ml_case_kind_name(kind));
+    } else if (ml_case_rank(kind, r.target_state) <=
+               (r.after_state ? ml_case_rank(kind, r.after_state) : 1)) {
+        rc = s_fail(
+            ld, ML_ECONFIG,
+            "[deadlines] %s: %s does not come after %s, so the deadline could never run", key,
+            ml_case_state_name(kind, r.target_state),
+            ml_case_state_name(kind, r.after_state ? r.after_state : ml_case_initial_state(kind)));
+    }
+    s_words_free(w, n);
+    if (rc != 0)
+        return rc;
+    ml_broker_config_t *c = ld->cfg;
+    for (int p = 0; p < ML_CFG_PRIORITIES; p++) {
+        /* A line for one priority wins over a line for all of them,
+         * whatever their order in the file. */
+        if (prio >= 0 && p != prio)
+            continue;
+        if (prio < 0 && c->deadlines[kind][p].set == 2)
+            continue;
+        c->deadlines[kind][p] = r;
+        if (prio >= 0)
+            c->deadlines[kind][p].set = 2;
+    }
+    return 0;
+}
+
+static int s_check_node_ref(struct s_load *ld, const char *section, const char *key, const char *id)
+{
+    if (!ml_broker_config_node(ld->cfg, id))
+        return s_fail(ld, ML_ECONFIG, "[%s] %s: %s is not a registered node", section, key, id);
+    return 0;
+}
+
+static int s_load_escalation(struct s_load *ld)
+{
+    ml_broker_config_t *c = ld->cfg;
+    ld->section = "escalation";
+    int rc = ml_ini_keys(ld->ini, "escalation", s_check_key_cb, ld);
+    if (rc != 0)
+        return rc;
+    const char *notify = ml_ini_get(ld->ini, "escalation", "notify", NULL);
+    if (notify && *notify) {
+        if (s_words(notify, &c->escalate_to, &c->n_escalate_to) != 0)
+            return s_fail(ld, ML_ECONFIG, "[escalation] notify: cannot read \"%s\"", notify);
+        for (size_t i = 0; i < c->n_escalate_to; i++)
+            if ((rc = s_check_node_ref(ld, "escalation", "notify", c->escalate_to[i])) != 0)
+                return rc;
+    }
+    return s_get_bool(ld, "escalation", "redirect_emergency", 1, &c->redirect_emergency);
+}
+
+static int s_community_cb(const ml_ini_t *ini, const char *section, const char *name, void *arg)
+{
+    struct s_load *ld = arg;
+    ml_broker_config_t *c = ld->cfg;
+    ld->section = section;
+    int rc = ml_ini_keys(ini, section, s_check_key_cb, ld);
+    if (rc != 0)
+        return rc;
+    ml_community_t *grown = realloc(c->communities, (c->n_communities + 1) * sizeof *grown);
+    if (!grown)
+        return s_fail(ld, ML_ENOMEM, "out of memory");
+    c->communities = grown;
+    ml_community_t *slot = &c->communities[c->n_communities++];
+    memset(slot, 0, sizeof *slot);
+    if (!(slot->name = strdup(name)))
+        return s_fail(ld, ML_ENOMEM, "out of memory");
+    const char *fb = ml_ini_get(ini, section, "fallback", NULL);
+    if ((rc = s_dup_opt(ld, fb, &slot->fallback)) != 0)
+        return rc;
+    if (slot->fallback && (rc = s_check_node_ref(ld, section, "fallback", slot->fallback)) != 0)
+        return rc;
     return 0;
 }
 
@@ -283,8 +539,7 @@ static int s_acl_key_cb(const char *key, const char *value, void *arg)
         return s_fail(ld, ML_ECONFIG, "[%s] %s: unknown message kind", ld->section, key);
     if (!ml_env_kind_is_routed(kind) || kind >= ML_ACL_MAX_KIND)
         return s_fail(ld, ML_ECONFIG,
-                      "[%s] %s: not a routed kind (only REFERRAL and REFERRAL_UPDATE can be "
-                      "allowed)",
+                      "[%s] %s: not a routed kind (session and admin messages need no ACL)",
                       ld->section, key);
     uint32_t mask = 0;
     const char *p = value;
@@ -344,6 +599,15 @@ int ml_broker_config_load(const char *path, ml_broker_config_t **out, char *err,
         goto out;
     if ((rc = ml_ini_sections(ini, "acl", s_acl_cb, &ld)) != 0)
         goto out;
+    if ((rc = s_check_services(&ld)) != 0)
+        goto out;
+    ld.section = "deadlines";
+    if ((rc = ml_ini_keys(ini, "deadlines", s_deadline_key_cb, &ld)) != 0)
+        goto out;
+    if ((rc = s_load_escalation(&ld)) != 0)
+        goto out;
+    if ((rc = ml_ini_sections(ini, "community", s_community_cb, &ld)) != 0)
+        goto out;
     *out = ld.cfg;
     ld.cfg = NULL;
 out:
@@ -365,7 +629,14 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
         free(c->nodes[i].id);
         free(c->nodes[i].community);
         free(c->nodes[i].display_name);
+        s_words_free(c->nodes[i].services, c->nodes[i].n_services);
     }
+    s_words_free(c->escalate_to, c->n_escalate_to);
+    for (size_t i = 0; i < c->n_communities; i++) {
+        free(c->communities[i].name);
+        free(c->communities[i].fallback);
+    }
+    free(c->communities);
     free(c->nodes);
     free(c->path);
     free(c->broker_id);
@@ -396,4 +667,38 @@ int ml_acl_allows(const ml_broker_config_t *cfg, int from_role, int kind, int to
         kind >= ML_ACL_MAX_KIND)
         return 0;
     return (cfg->acl[from_role][kind] >> to_role) & 1u;
+}
+
+int ml_node_serves(const ml_node_t *node, const char *name)
+{
+    for (size_t i = 0; node && name && i < node->n_services; i++)
+        if (strcmp(node->services[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+int ml_broker_config_is_service(const ml_broker_config_t *cfg, const char *name)
+{
+    for (size_t i = 0; cfg && i < cfg->n_nodes; i++)
+        if (ml_node_serves(&cfg->nodes[i], name))
+            return 1;
+    return 0;
+}
+
+const char *ml_broker_config_fallback(const ml_broker_config_t *cfg, const char *community)
+{
+    for (size_t i = 0; cfg && community && i < cfg->n_communities; i++)
+        if (strcmp(cfg->communities[i].name, community) == 0)
+            return cfg->communities[i].fallback;
+    return NULL;
+}
+
+const ml_deadline_rule_t *ml_broker_config_deadline(const ml_broker_config_t *cfg, int case_kind,
+                                                    int priority)
+{
+    static const ml_deadline_rule_t none = {0};
+    if (!cfg || case_kind <= 0 || case_kind >= ML_CFG_CASE_KINDS || priority < 0 ||
+        priority >= ML_CFG_PRIORITIES)
+        return &none;
+    return &cfg->deadlines[case_kind][priority];
 }

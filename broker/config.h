@@ -29,6 +29,29 @@
  *   [acl TOWNSHIP_CLINIC]
  *   REFERRAL = COUNTY_HOSPITAL CITY_HOSPITAL
  *   REFERRAL_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL
+ *
+ * Services (competing consumers): a node lists the services it serves,
+ *   [node reading.shijiazhuang.imaging]
+ *   role = IMAGING_CENTRE
+ *   services = imaging.ct imaging.dr
+ * and a message addressed to "imaging.ct" goes to one of those nodes.
+ *
+ * Deadlines per case kind and priority (a key without a priority applies to
+ * every priority not given its own line): the state the case must reach,
+ * within how long of being opened, or of entering another state:
+ *   [deadlines]
+ *   referral.emergency = ACCEPTED 15m
+ *   referral.urgent = ACCEPTED 2h
+ *   imaging.emergency = REPORTED 1h
+ *   down_transfer = ARRIVED 3d after ACCEPTED
+ * Durations take a unit: ms, s, m, h or d.
+ *
+ *   [escalation]
+ *   notify = ops.zhaozhou.admin   ; who gets Escalations (default: every OPS node)
+ *   redirect_emergency = yes      ; an unaccepted EMERGENCY referral goes to the
+ *                                 ; community's fallback hospital
+ *   [community zhaozhou]
+ *   fallback = city.shijiazhuang.hospital
  */
 #ifndef ML_BROKER_CONFIG_H
 #define ML_BROKER_CONFIG_H
@@ -54,7 +77,26 @@ typedef struct {
     int role;
     char *community;
     char *display_name;
+    char **services; /* service names this node serves */
+    size_t n_services;
 } ml_node_t;
+
+/* "the case must reach target_state within ms of being opened (after_state
+ * 0) or of entering after_state". set = 0: no deadline. */
+typedef struct {
+    int set;
+    int target_state;
+    int after_state;
+    int64_t ms;
+} ml_deadline_rule_t;
+
+typedef struct {
+    char *name;
+    char *fallback; /* a registered node id, or NULL */
+} ml_community_t;
+
+#define ML_CFG_CASE_KINDS 4 /* ML_CASE_KIND_COUNT of cases.h */
+#define ML_CFG_PRIORITIES 3
 
 typedef struct {
     char *path; /* the file it was loaded from */
@@ -74,6 +116,16 @@ typedef struct {
     long session_buffer;
     long delivery_window;
     long ack_timeout_ms;
+    long max_delivery_attempts; /* then the message is a dead letter */
+    long timer_ms;              /* deadline and expiry checks */
+    int notify_delivered;       /* tell openers when their case is delivered */
+
+    ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
+    char **escalate_to; /* node ids; empty = every OPS node */
+    size_t n_escalate_to;
+    int redirect_emergency;
+    ml_community_t *communities;
+    size_t n_communities;
 
     ml_node_t *nodes;
     size_t n_nodes;
@@ -89,6 +141,20 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p);
 
 /* Looks a node up by id. O(n) over the registry; NULL when unknown. */
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id);
+
+/* 1 if name is a service some registered node serves. O(nodes x services). */
+int ml_broker_config_is_service(const ml_broker_config_t *cfg, const char *name);
+/* 1 if node serves the service name. */
+int ml_node_serves(const ml_node_t *node, const char *name);
+/* The fallback hospital of a community, or NULL. */
+const char *ml_broker_config_fallback(const ml_broker_config_t *cfg, const char *community);
+/* The deadline rule for a case kind and priority (never NULL for valid
+ * arguments; .set = 0 when there is none). */
+const ml_deadline_rule_t *ml_broker_config_deadline(const ml_broker_config_t *cfg, int case_kind,
+                                                    int priority);
+/* Parses "15m", "2h", "3d", "30s", "500ms" into milliseconds. Returns 0 or
+ * ML_EINVAL. */
+int ml_duration_parse(const char *s, int64_t *ms);
 
 /* 1 if a node of from_role may send kind to a node of to_role, else 0. */
 int ml_acl_allows(const ml_broker_config_t *cfg, int from_role, int kind, int to_role);

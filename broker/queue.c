@@ -103,3 +103,28 @@ int64_t ml_queue_oldest(const ml_queue_t *q)
     }
     return oldest;
 }
+
+size_t ml_queue_filter(ml_queue_t *q, int (*keep)(const ml_qitem_t *it, void *arg),
+                       void (*taken)(ml_qitem_t *it, void *arg), void *arg)
+{
+    size_t n_taken = 0;
+    for (int p = 0; p < ML_PRIORITY_COUNT; p++) {
+        ml_ring_t *r = &q->ring[p];
+        size_t out = 0;
+        for (size_t i = 0; i < r->len; i++) {
+            ml_qitem_t *it = &r->items[(r->head + i) % r->cap];
+            if (keep(it, arg)) {
+                if (out != i)
+                    r->items[(r->head + out) % r->cap] = *it;
+                out++;
+                continue;
+            }
+            ml_qitem_t copy = *it;
+            q->bytes -= copy.size;
+            n_taken++;
+            taken(&copy, arg);
+        }
+        r->len = out;
+    }
+    return n_taken;
+}

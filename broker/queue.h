@@ -15,14 +15,25 @@
 
 #define ML_PRIORITY_COUNT 3
 
+struct ml_case;
+
 typedef struct {
     int64_t seq;
     int64_t accepted_at;
-    uint8_t *blob; /* owned copy of the envelope, or NULL: read it from the store */
+    int64_t deadline;     /* the message's own deadline (Unix ms), 0 = none */
+    uint8_t *blob;        /* owned copy of the envelope, or NULL: read it from the store */
+    struct ml_case *cs;   /* the case it belongs to (a counted reference), or NULL */
     uint32_t size;
+    uint16_t attempts;    /* deliveries made without an ack */
     uint8_t priority;
+    uint8_t kind;
+    uint8_t flags; /* ML_QI_* */
     char id[ML_ULID_LEN + 1];
 } ml_qitem_t;
+
+/* The broker's own notice (a delivery notice, an escalation): its delivery
+ * is not recorded in the case's timeline. */
+#define ML_QI_NOTICE 1
 
 typedef struct {
     ml_qitem_t *items;
@@ -50,5 +61,10 @@ int ml_queue_pop(ml_queue_t *q, ml_qitem_t *out);
 size_t ml_queue_len(const ml_queue_t *q);
 /* Accepted time of the oldest queued item (0 if empty). O(priorities). */
 int64_t ml_queue_oldest(const ml_queue_t *q);
+/* Takes out every item for which keep returns 0, calling taken for each
+ * (which then owns the item's blob and case reference), and keeps the
+ * order of the rest. O(len). Returns the number taken. */
+size_t ml_queue_filter(ml_queue_t *q, int (*keep)(const ml_qitem_t *it, void *arg),
+                       void (*taken)(ml_qitem_t *it, void *arg), void *arg);
 
 #endif

@@ -192,7 +192,7 @@ static const char s_schema[] =
     " opened_at INTEGER, updated_at INTEGER, deadline_at INTEGER, deadline_state INTEGER,"
     " escalations INTEGER, follow_ups INTEGER, closed INTEGER,"
     " n_objects INTEGER, chunks_expected INTEGER, chunks INTEGER, dup_chunks INTEGER,"
-    " chunk_bytes INTEGER, version INTEGER) WITHOUT ROWID;"
+    " chunk_bytes INTEGER, fired INTEGER, version INTEGER) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS case_events ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " case_id TEXT NOT NULL, at INTEGER, node TEXT, event TEXT, from_state TEXT,"
@@ -209,7 +209,7 @@ static const char s_migrate_1[] = "ALTER TABLE messages ADD COLUMN dead_at INTEG
 #define S_CASE_COLS                                                                                \
     "case_id, kind, state, priority, opener, target, service, linked, opening_id, opened_at,"      \
     " updated_at, deadline_at, deadline_state, escalations, follow_ups, closed, n_objects,"        \
-    " chunks_expected, chunks, dup_chunks, chunk_bytes, version"
+    " chunks_expected, chunks, dup_chunks, chunk_bytes, fired, version"
 
 static int s_prepare(sqlite3 *db, const char *sql, sqlite3_stmt **out)
 {
@@ -374,14 +374,14 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->page_count, "PRAGMA page_count"},
         {st->wr, &st->case_insert,
          "INSERT OR IGNORE INTO cases (" S_CASE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,"
-         " ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"},
+         " ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"},
         {st->wr, &st->case_update,
          "UPDATE cases SET kind = ?2, state = ?3, priority = ?4, opener = ?5, target = ?6,"
          " service = ?7, linked = ?8, opening_id = ?9, opened_at = ?10, updated_at = ?11,"
          " deadline_at = ?12, deadline_state = ?13, escalations = ?14, follow_ups = ?15,"
          " closed = ?16, n_objects = ?17, chunks_expected = ?18, chunks = ?19,"
-         " dup_chunks = ?20, chunk_bytes = ?21, version = ?22"
-         " WHERE case_id = ?1 AND version = ?22 - 1"},
+         " dup_chunks = ?20, chunk_bytes = ?21, fired = ?22, version = ?23"
+         " WHERE case_id = ?1 AND version = ?23 - 1"},
         {st->wr, &st->case_bump,
          "UPDATE cases SET version = ?2 WHERE case_id = ?1 AND version = ?2 - 1"},
         {st->wr, &st->event_insert,
@@ -497,7 +497,7 @@ static void s_bind_opt_text(sqlite3_stmt *s, int i, const char *v)
     sqlite3_bind_text(s, i, v ? v : "", -1, SQLITE_STATIC);
 }
 
-/* Binds a case row as ?1..?22 in S_CASE_COLS order. */
+/* Binds a case row as ?1..?23 in S_CASE_COLS order. */
 static void s_bind_case(sqlite3_stmt *s, const ml_store_case_t *c)
 {
     sqlite3_bind_text(s, 1, c->case_id, -1, SQLITE_STATIC);
@@ -521,7 +521,8 @@ static void s_bind_case(sqlite3_stmt *s, const ml_store_case_t *c)
     sqlite3_bind_int64(s, 19, c->chunks);
     sqlite3_bind_int64(s, 20, c->dup_chunks);
     sqlite3_bind_int64(s, 21, (sqlite3_int64)c->chunk_bytes);
-    sqlite3_bind_int64(s, 22, c->version);
+    sqlite3_bind_int(s, 22, c->fired);
+    sqlite3_bind_int64(s, 23, c->version);
 }
 
 /* Reads a case row from the columns of S_CASE_COLS (strings point into
@@ -550,7 +551,8 @@ static void s_read_case(sqlite3_stmt *s, ml_store_case_t *c)
     c->chunks = (uint32_t)sqlite3_column_int64(s, 18);
     c->dup_chunks = (uint32_t)sqlite3_column_int64(s, 19);
     c->chunk_bytes = (uint64_t)sqlite3_column_int64(s, 20);
-    c->version = sqlite3_column_int64(s, 21);
+    c->fired = sqlite3_column_int(s, 21);
+    c->version = sqlite3_column_int64(s, 22);
 }
 
 /* Applies one case change inside the open transaction. *denied is set when
@@ -1577,4 +1579,17 @@ int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void 
     s_dead_walk_t w = {cb, arg, 0};
     int rc = s_read_all(st, s, "reading a dead letter", s_dead_row, &w);
     return rc == 0 && w.n == 0 ? ML_ENOTFOUND : rc;
+}
+
+int ml_store_dead_count(ml_store_t *st, int64_t *n)
+{
+    if (!st || !n)
+        return ML_EINVAL;
+    int src = s_query_int(st->rd, "SELECT count(*) FROM messages WHERE state = 2", n);
+    if (src != SQLITE_OK) {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: counting dead letters: %s", st->path,
+               sqlite3_errmsg(st->rd));
+        return ML_ESTORE;
+    }
+    return 0;
 }

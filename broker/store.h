@@ -46,6 +46,7 @@ typedef struct {
     uint32_t chunks;
     uint32_t dup_chunks;
     uint64_t chunk_bytes;
+    int fired;       /* the running deadline has been escalated */
     int64_t version; /* 1 when opened, +1 for every change */
 } ml_store_case_t;
 
@@ -191,6 +192,8 @@ int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb 
 /* The seq of the message with this id, and its state (ML_MSG_*). Returns 0,
  * ML_ENOTFOUND or ML_ESTORE. O(log n). */
 int ml_store_lookup(ml_store_t *st, const char *id, int64_t *seq, int *state);
+/* Number of dead letters. Returns 0 or ML_ESTORE. */
+int ml_store_dead_count(ml_store_t *st, int64_t *n);
 /* Dead letters, newest first, at most limit. Returns 0 or ML_ESTORE. */
 int ml_store_dead_list(ml_store_t *st, int limit, ml_store_dead_cb cb, void *arg);
 /* The dead letter with this message id. Returns 0, ML_ENOTFOUND or
