@@ -163,7 +163,8 @@ static Medlink__V1__CaseInfo *s_case_info(const ml_store_case_t *r, int64_t now)
     ci->opened_at = r->opened_at;
     ci->updated_at = r->updated_at;
     ci->deadline_at = r->deadline_at;
-    ci->deadline_state = s_dup(r->deadline_at ? ml_case_state_name(r->kind, r->deadline_state) : "");
+    ci->deadline_state =
+        s_dup(r->deadline_at ? ml_case_state_name(r->kind, r->deadline_state) : "");
     ci->overdue = r->deadline_at > 0 && r->deadline_at <= now;
     ci->escalations = (uint32_t)r->escalations;
     ci->linked_case_id = s_dup(r->linked);
@@ -181,8 +182,9 @@ static void s_case_info_free(Medlink__V1__CaseInfo *ci)
 {
     if (!ci)
         return;
-    char **strs[] = {&ci->case_id, &ci->state, &ci->fhir_status, &ci->opened_by, &ci->target,
-                     &ci->service, &ci->priority, &ci->deadline_state, &ci->linked_case_id};
+    char **strs[] = {&ci->case_id,   &ci->state,          &ci->fhir_status,
+                     &ci->opened_by, &ci->target,         &ci->service,
+                     &ci->priority,  &ci->deadline_state, &ci->linked_case_id};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         free(*strs[i]);
     for (size_t i = 0; i < ci->n_timeline; i++) {
@@ -323,8 +325,8 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
     if (limit > S_LIMIT_MAX)
         limit = S_LIMIT_MAX;
     s_cases_t k = {.now = ml_now_ms()};
-    int rc = ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit,
-                                  s_case_cb, &k);
+    int rc =
+        ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit, s_case_cb, &k);
     if (rc != 0 || k.failed) {
         s_error(b, s, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
     } else {
@@ -558,8 +560,8 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
         return;
     }
     const Medlink__V1__AdminRequest *rq = env->admin_request;
-    const ProtobufCEnumValue *op = protobuf_c_enum_descriptor_get_value(
-        &medlink__v1__admin_request__op__descriptor, rq->op);
+    const ProtobufCEnumValue *op =
+        protobuf_c_enum_descriptor_get_value(&medlink__v1__admin_request__op__descriptor, rq->op);
     ml_log(ML_LOG_INFO, "admin", "%s asked for %s%s%s", s->peer_id, op ? op->name : "?",
            rq->case_id && *rq->case_id ? " " : "",
            rq->case_id && *rq->case_id ? rq->case_id

@@ -313,8 +313,7 @@ static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id,
         s_mark_dirty(b, s);
 }
 
-void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
-                     const char *reason)
+void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code, const char *reason)
 {
     b->refused_total++;
     ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s", msg_id ? msg_id : "-", s_who(s),
@@ -471,8 +470,8 @@ static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
     ml_qitem_t it;
     if (!s_inflight_take(ns, msg_id, &it)) {
         /* An ack for something not in flight: a late ack after a resend. */
-        ml_log(ML_LOG_DEBUG, "delivery", "ack for %s from %s not in flight (already acked)",
-               msg_id, s_who(s));
+        ml_log(ML_LOG_DEBUG, "delivery", "ack for %s from %s not in flight (already acked)", msg_id,
+               s_who(s));
         return;
     }
     ml_store_mark_delivered(b->store, it.seq);
@@ -735,7 +734,7 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     if (env->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_HELLO) {
         ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_NOT_HELLO,
-                 "the first message of a session must be Hello");
+                     "the first message of a session must be Hello");
         s_session_close(b, s, "no Hello");
         return;
     }

@@ -167,7 +167,6 @@ struct ml_broker {
     uint8_t *rxbuf;
 };
 
-
 /* ---- broker.c ---------------------------------------------------------- */
 
 /* Sends a control or admin envelope from the broker to the session's peer

@@ -499,8 +499,8 @@ static void s_forward_opening(ml_broker_t *b, ml_case_t *c)
     ml_envelope_t copy = *env;
     copy.id = id;
     if (ml_bk_emit(b, &copy, to, c, NULL, 0) == 0)
-        ml_log(ML_LOG_INFO, "cases", "case %s: referral forwarded to %s as %s", c->id,
-               to->node->id, id);
+        ml_log(ML_LOG_INFO, "cases", "case %s: referral forwarded to %s as %s", c->id, to->node->id,
+               id);
 out:
     ml_env_free(&env);
     free(blob);
@@ -511,8 +511,7 @@ out:
 
 /* Picks the node that gets a new case addressed to a service. Returns
  * NULL when no node serving it may receive kind from from_role. */
-static ml_nodestate_t *s_pick_consumer(ml_broker_t *b, const char *service, int from_role,
-                                       int kind)
+static ml_nodestate_t *s_pick_consumer(ml_broker_t *b, const char *service, int from_role, int kind)
 {
     ml_nodestate_t *best = NULL;
     int best_online = 0;
@@ -544,8 +543,7 @@ static int s_acl_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *en
         return 0;
     char err[512];
     snprintf(err, sizeof err, "forbidden route: role %s may not send %s to role %s (%s)",
-             ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role),
-             to->node->id);
+             ml_role_name(from_role), ml_kind_name(env->kind), ml_role_name(to_role), to->node->id);
     ml_bk_refuse(b, s, env->id, NACK_(FORBIDDEN), err);
     return 1;
 }
@@ -840,8 +838,8 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
     return 0;
 }
 
-static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
-                           const uint8_t *rec, size_t len, int repack)
+static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
+                           size_t len, int repack)
 {
     char err[512];
     int64_t now = ml_now_ms();
@@ -858,8 +856,8 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
                      ml_kind_name(env->kind));
             ml_bk_refuse(b, s, env->id, NACK_(UNKNOWN_CASE), err);
         } else {
-            snprintf(err, sizeof err, "case %s is not a%s %s case, so it takes no %s",
-                     env->case_id, ck == ML_CASE_IMAGING ? "n" : "", ml_case_kind_name(ck),
+            snprintf(err, sizeof err, "case %s is not a%s %s case, so it takes no %s", env->case_id,
+                     ck == ML_CASE_IMAGING ? "n" : "", ml_case_kind_name(ck),
                      ml_kind_name(env->kind));
             ml_bk_refuse(b, s, env->id, NACK_(INVALID), err);
         }
@@ -886,8 +884,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
         to = s_node_at(b, party == ML_PARTY_OPENER ? c->target : c->opener);
         if (!to) {
             code = NACK_(UNKNOWN_NODE);
-            snprintf(err, sizeof err, "the other party of case %s is no longer registered",
-                     c->id);
+            snprintf(err, sizeof err, "the other party of case %s is no longer registered", c->id);
         } else if (strcmp(env->to, to->node->id) != 0 &&
                    !(party == ML_PARTY_OPENER && c->service && strcmp(env->to, c->service) == 0)) {
             code = NACK_(INVALID);

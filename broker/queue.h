@@ -20,11 +20,11 @@ struct ml_case;
 typedef struct {
     int64_t seq;
     int64_t accepted_at;
-    int64_t deadline;     /* the message's own deadline (Unix ms), 0 = none */
-    uint8_t *blob;        /* owned copy of the envelope, or NULL: read it from the store */
-    struct ml_case *cs;   /* the case it belongs to (a counted reference), or NULL */
+    int64_t deadline;   /* the message's own deadline (Unix ms), 0 = none */
+    uint8_t *blob;      /* owned copy of the envelope, or NULL: read it from the store */
+    struct ml_case *cs; /* the case it belongs to (a counted reference), or NULL */
     uint32_t size;
-    uint16_t attempts;    /* deliveries made without an ack */
+    uint16_t attempts; /* deliveries made without an ack */
     uint8_t priority;
     uint8_t kind;
     uint8_t flags; /* ML_QI_* */

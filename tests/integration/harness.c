@@ -84,8 +84,9 @@ void h_world_init(h_world_t *w, const char *extra)
     cr_assert(mkdtemp(w->dir), "mkdtemp");
     snprintf(w->pki, sizeof w->pki, "%s/pki", w->dir);
     const char *src = getenv("ML_SOURCE_DIR");
-    int rc = s_sh("'%s/deploy/pki.sh' --dir '%s' %s %s %s %s %s >'%s/pki.log' 2>&1",
-                  src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS, w->dir);
+    int rc = s_sh("'%s/deploy/pki.sh' --dir '%s' %s %s %s %s %s %s %s %s >'%s/pki.log' 2>&1",
+                  src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS, H_CITY,
+                  H_READ_A, H_READ_B, w->dir);
     cr_assert_eq(rc, 0, "pki.sh failed, see %s/pki.log", w->dir);
     w->port = s_free_port();
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
@@ -111,11 +112,28 @@ void h_world_init(h_world_t *w, const char *extra)
              "[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = zhaozhou\nname = Fengle Township "
              "Health Centre\n\n"
              "[node %s]\nrole = OPS\ncommunity = zhaozhou\nname = Community IT desk\n\n"
+             "[node %s]\nrole = CITY_HOSPITAL\ncommunity = shijiazhuang\nname = Shijiazhuang "
+             "City Hospital\n\n"
+             "[node %s]\nrole = IMAGING_CENTRE\ncommunity = shijiazhuang\nname = Reading centre "
+             "A\nservices = %s\n\n"
+             "[node %s]\nrole = IMAGING_CENTRE\ncommunity = shijiazhuang\nname = Reading centre "
+             "B\nservices = %s\n\n"
+             "[community zhaozhou]\nfallback = %s\n\n"
              "[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL CITY_HOSPITAL\n"
-             "REFERRAL_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL\n\n"
-             "[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n",
+             "REFERRAL_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL\n"
+             "IMAGING_CONSULT = IMAGING_CENTRE\nIMAGING_CHUNK = IMAGING_CENTRE\n"
+             "IMAGING_UPDATE = IMAGING_CENTRE\n"
+             "DOWN_TRANSFER_UPDATE = COUNTY_HOSPITAL CITY_HOSPITAL\n\n"
+             "[acl COUNTY_HOSPITAL]\nREFERRAL = CITY_HOSPITAL\n"
+             "REFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
+             "DOWN_TRANSFER = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
+             "DOWN_TRANSFER_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n\n"
+             "[acl CITY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n\n"
+             "[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
+             "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
+             "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
-             H_FENGLE, H_OPS);
+             H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY);
     s_write(path, buf);
 }
 
@@ -408,4 +426,39 @@ int h_log_contains(const h_world_t *w, const char *log, const char *needle)
         n++;
     free(s);
     return n;
+}
+
+char *h_find_json(const h_world_t *w, const char *node, const char *sub, const char *needle)
+{
+    char dir[700];
+    h_spool(w, node, sub, dir, sizeof dir);
+    DIR *d = opendir(dir);
+    if (!d)
+        return NULL;
+    struct dirent *e;
+    char *found = NULL;
+    while (!found && (e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (e->d_name[0] == '.' || n < 6 || strcmp(e->d_name + n - 5, ".json") != 0)
+            continue;
+        char path[1200];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        char *text = h_slurp(path);
+        if (text && strstr(text, needle))
+            found = strdup(path);
+        free(text);
+    }
+    closedir(d);
+    return found;
+}
+
+char *h_wait_json(const h_world_t *w, const char *node, const char *sub, const char *needle,
+                  int timeout_ms)
+{
+    for (int waited = 0;; waited += 50) {
+        char *p = h_find_json(w, node, sub, needle);
+        if (p || waited >= timeout_ms)
+            return p;
+        h_sleep_ms(50);
+    }
 }

@@ -15,6 +15,10 @@
 #define H_XINZHAN "township.xinzhan.clinic"
 #define H_FENGLE "township.fengle.clinic"
 #define H_OPS "ops.zhaozhou.admin"
+#define H_CITY "city.shijiazhuang.hospital" /* the community's fallback hospital */
+#define H_READ_A "reading.a.imaging"        /* serves imaging.ct */
+#define H_READ_B "reading.b.imaging"        /* serves imaging.ct */
+#define H_SERVICE_CT "imaging.ct"
 
 typedef struct {
     char dir[512]; /* temp folder of this community */
@@ -51,6 +55,12 @@ void h_spool(const h_world_t *w, const char *node, const char *sub, char *out, s
 /* Writes content to <spool>/outbox/<name> atomically (temp + rename), the
  * way a hospital system is told to. */
 void h_drop(const h_world_t *w, const char *node, const char *name, const char *content);
+/* Path (malloc'd) of the first *.json file in a spool sub folder whose
+ * text contains needle, or NULL. */
+char *h_find_json(const h_world_t *w, const char *node, const char *sub, const char *needle);
+/* Waits up to timeout_ms for h_find_json to find one; returns it or NULL. */
+char *h_wait_json(const h_world_t *w, const char *node, const char *sub, const char *needle,
+                  int timeout_ms);
 /* Counts *.json files in a spool sub folder. */
 int h_count(const h_world_t *w, const char *node, const char *sub);
 /* Waits up to timeout_ms until h_count(...) >= n; returns the last count. */

@@ -110,8 +110,13 @@ Test(flow, referral_reaches_hospital_and_acceptance_comes_back)
              "\"REFERRAL_ACCEPTED\", \"notes\": \"Cardiology will see the patient today\"}}",
              H_XINZHAN, case_id);
     h_drop(&W, H_COUNTY, "accept-001.json", upd);
-    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "inbox", 1, 20000), 1, "acceptance did not return");
-    char *back = s_first_file(H_XINZHAN, "inbox");
+    /* The clinic hears first that the hospital's agent has the referral
+     * (the broker's DELIVERED notice), then the acceptance. */
+    char *delivered = h_wait_json(&W, H_XINZHAN, "inbox", "REFERRAL_DELIVERED", 20000);
+    cr_assert(delivered, "no DELIVERED notice at the clinic");
+    free(delivered);
+    char *back = h_wait_json(&W, H_XINZHAN, "inbox", "REFERRAL_ACCEPTED", 20000);
+    cr_assert(back, "acceptance did not return");
     json_t *k = json_load_file(back, 0, &jerr);
     cr_assert(k);
     cr_assert_str_eq(json_string_value(json_object_get(k, "caseId")), case_id);
@@ -397,14 +402,30 @@ Test(flow, medlinkctl_send_and_send_update)
     free(out);
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 20000), 1);
 
-    /* The hospital schedules it; the clinic's agent receives the update. */
+    /* Scheduling before accepting is not a legal step: refused, with the
+     * current and the attempted state named. */
+    out = h_run(&st,
+                "'%s' --config '%s' send-update --to %s --case %s --status SCHEDULED "
+                "--department Orthopaedics --scheduled-at 2026-11-23T09:30:00+08:00 2>&1",
+                bin, county, H_XINZHAN, case_copy);
+    cr_assert_eq(st, 1, "SCHEDULED before ACCEPTED should be refused: %s", out);
+    cr_assert(strstr(out, "NACK_ILLEGAL_TRANSITION") && strstr(out, "REFERRAL_SCHEDULED"),
+              "the refusal should name the states: %s", out);
+    free(out);
+    /* The hospital accepts, then schedules; the clinic receives both. */
+    out = h_run(&st, "'%s' --config '%s' send-update --to %s --case %s --status ACCEPTED 2>&1", bin,
+                county, H_XINZHAN, case_copy);
+    cr_assert_eq(st, 0, "send-update ACCEPTED failed: %s", out);
+    free(out);
     out = h_run(&st,
                 "'%s' --config '%s' send-update --to %s --case %s --status SCHEDULED "
                 "--department Orthopaedics --scheduled-at 2026-11-23T09:30:00+08:00 2>&1",
                 bin, county, H_XINZHAN, case_copy);
     cr_assert_eq(st, 0, "send-update failed: %s", out);
     free(out);
-    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "inbox", 1, 20000), 1);
+    char *sched = h_wait_json(&W, H_XINZHAN, "inbox", "REFERRAL_SCHEDULED", 20000);
+    cr_assert(sched, "the SCHEDULED update did not reach the clinic");
+    free(sched);
 
     /* A referral from a file that the ACL forbids: exit 1 with the reason. */
     char path[900];
