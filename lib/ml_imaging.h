@@ -43,9 +43,20 @@ typedef struct {
  * what is wrong ("not a DICOM Part 10 file: no DICM marker at byte 128",
  * "no SOP Instance UID (0008,0018)"). Reads at most the first 1 MiB. */
 int ml_dicom_probe(const char *path, ml_dicom_info_t *info, char *err, size_t errlen);
+/* The same on bytes already read: buf holds the first len bytes of a file of
+ * file_size bytes (len < file_size when only a window was read; a length
+ * running past the window then ends the walk quietly, while one running
+ * past file_size is an error). Sequences of undefined length are skipped
+ * item by item (nested at most 16 deep); the walk ends at the first tag
+ * past (0020,000E). The SOP Instance UID falls back to (0002,0003) when the
+ * data set has none. Returns 0 or ML_EINVAL (err says why). O(len); never
+ * reads outside buf, whatever the bytes say (fuzzing entry point). */
+int ml_dicom_probe_buf(const uint8_t *buf, size_t len, uint64_t file_size, ml_dicom_info_t *info,
+                       char *err, size_t errlen);
 
 /* Number of chunks of an object of size bytes (at least 1, also for an
- * empty object). */
+ * empty object). 0 when chunk_size is 0 or the count does not fit in 32
+ * bits: callers must refuse such an object. */
 uint32_t ml_imaging_chunk_count(uint64_t size, uint32_t chunk_size);
 
 /* Reads chunk chunk_index of the file at path (bytes [chunk_index *
