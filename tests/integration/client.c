@@ -62,12 +62,27 @@ static void s_timeout(uv_timer_t *t)
     uv_stop(&c->loop);
 }
 
+/* Every open client, for the turns in cli_run_until. */
+#define S_MAX_CLIENTS 32
+static cli_t *s_open[S_MAX_CLIENTS];
+
+static void s_tick(uv_timer_t *t)
+{
+    uv_stop(t->loop);
+}
+
 int cli_run_until(cli_t *c, int (*pred)(cli_t *, void *), void *arg, int ms)
 {
     c->timed_out = 0;
     uv_timer_start(&c->timer, s_timeout, (uint64_t)ms, 0);
-    while (!pred(c, arg) && !c->timed_out)
+    uv_timer_start(&c->tick, s_tick, 10, 10);
+    while (!pred(c, arg) && !c->timed_out) {
         uv_run(&c->loop, UV_RUN_DEFAULT);
+        for (int i = 0; i < S_MAX_CLIENTS; i++)
+            if (s_open[i] && s_open[i] != c)
+                uv_run(&s_open[i]->loop, UV_RUN_NOWAIT);
+    }
+    uv_timer_stop(&c->tick);
     uv_timer_stop(&c->timer);
     return pred(c, arg);
 }
@@ -100,7 +115,14 @@ void cli_start(cli_t *c, const h_world_t *w, const char *node, size_t max_record
     c->deliveries = deliveries;
     uv_loop_init(&c->loop);
     uv_timer_init(&c->loop, &c->timer);
+    uv_timer_init(&c->loop, &c->tick);
     c->timer.data = c;
+    for (int i = 0; i < S_MAX_CLIENTS; i++) {
+        if (!s_open[i]) {
+            s_open[i] = c;
+            break;
+        }
+    }
     c->zctx = zmq_ctx_new();
     char ca[700], crt[700], key[700], err[512];
     snprintf(ca, sizeof ca, "%s/ca.crt", w->pki);
@@ -136,6 +158,9 @@ static void s_walk_close(uv_handle_t *h, void *arg)
 
 void cli_close(cli_t *c)
 {
+    for (int i = 0; i < S_MAX_CLIENTS; i++)
+        if (s_open[i] == c)
+            s_open[i] = NULL;
     ml_channel_destroy(&c->ch);
     uv_walk(&c->loop, s_walk_close, NULL);
     /* s_on_state calls uv_stop as the channel goes down, so run until the

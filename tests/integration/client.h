@@ -33,6 +33,7 @@ typedef struct {
     ml_envelope_t *got[CLI_MAX]; /* deliveries (routed kinds), acked */
     int n_got;
     uv_timer_t timer;
+    uv_timer_t tick;
     int timed_out;
 } cli_t;
 
@@ -44,7 +45,10 @@ void cli_start(cli_t *c, const h_world_t *w, const char *node, size_t max_record
 void cli_open(cli_t *c, const h_world_t *w, const char *node, int deliveries);
 void cli_close(cli_t *c);
 
-/* Runs the loop until pred holds or ms pass; returns pred's last value. */
+/* Runs the loop until pred holds or ms pass; returns pred's last value.
+ * The other open clients' loops run too (a turn every 10 ms), so that a
+ * test with several clients in one thread keeps all their sessions alive
+ * (heartbeats) while it waits on one. */
 int cli_run_until(cli_t *c, int (*pred)(cli_t *, void *), void *arg, int ms);
 int cli_is_up(cli_t *c, void *arg);
 int cli_went_down(cli_t *c, void *arg);
