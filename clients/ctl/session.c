@@ -1,0 +1,431 @@
+/* medlinkctl's exchange with the broker (see session.h). Everything runs
+ * on one libuv loop: the channel's callbacks move the exchange on, two
+ * timers bound it (progress: --timeout without an answer; retry: resend
+ * after back-pressure or a transient Nack), and s_finish ends it by
+ * closing the timers and the channel so that uv_run returns. */
+#include "session.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+#include <zmq.h>
+
+#include "ml_channel.h"
+#include "ml_common.h"
+
+#ifndef ML_VERSION
+#define ML_VERSION "0.1.0"
+#endif
+
+/* Back-off after ML_EFULL from the channel (its buffer is draining). */
+#define S_FULL_RETRY_MS 20
+/* Back-off after a transient Nack: 500 ms, doubling, at most 8 s. */
+#define S_NACK_RETRY_MS 500
+#define S_NACK_RETRY_MAX_MS 8000
+
+/* A message sent (or to be sent) and not yet Accepted. */
+typedef struct {
+    char id[ML_ULID_LEN + 1];
+    uint64_t seq; /* 0-based, in the source's order */
+    uint8_t *buf; /* the serialised envelope, resent as is */
+    size_t len;
+    int sent;           /* sent on the current connection */
+    int attempts;       /* transient Nacks so far */
+    int64_t not_before; /* mono ms: not resent before (after a transient Nack) */
+} s_item_t;
+
+typedef struct {
+    const ctl_opts_t *o;
+    ctl_result_t *res;
+    uv_loop_t loop;
+    void *zctx;
+    ml_channel_t *ch;
+    uv_timer_t progress;
+    uv_timer_t retry;
+    int64_t retry_due; /* mono ms the retry timer fires at, 0 if idle */
+    int done;
+    int rc;
+    /* admin */
+    const Medlink__V1__AdminRequest *req;
+    char req_id[ML_ULID_LEN + 1];
+    ml_envelope_t *reply;
+    /* stream */
+    const ctl_source_t *src;
+    s_item_t *items; /* in send order */
+    size_t n_items, cap_items;
+    size_t bytes; /* of items */
+    uint64_t seq;
+    int src_done;
+    char transient[1100]; /* the last transient refusal, for the timeout message */
+} s_sess_t;
+
+static const char *s_nack_name(int code)
+{
+    const ProtobufCEnumValue *v =
+        protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, code);
+    return v ? v->name : "NACK_UNKNOWN";
+}
+
+static void s_finish(s_sess_t *ss, int rc)
+{
+    if (ss->done)
+        return;
+    ss->done = 1;
+    ss->rc = rc;
+    uv_timer_stop(&ss->progress);
+    uv_timer_stop(&ss->retry);
+    uv_close((uv_handle_t *)&ss->progress, NULL);
+    uv_close((uv_handle_t *)&ss->retry, NULL);
+    ml_channel_destroy(&ss->ch);
+}
+
+static void s_refused(s_sess_t *ss, const Medlink__V1__Nack *n)
+{
+    snprintf(ss->res->nack_id, sizeof ss->res->nack_id, "%s", n->message_id ? n->message_id : "");
+    ss->res->nack_code = (int)n->code;
+    snprintf(ss->res->nack_reason, sizeof ss->res->nack_reason, "%s", n->reason ? n->reason : "");
+    s_finish(ss, ML_EDENIED);
+}
+
+static void s_retry_cb(uv_timer_t *t);
+
+/* Makes the retry timer fire within delay_ms (an earlier due time wins). */
+static void s_arm_retry(s_sess_t *ss, int64_t delay_ms)
+{
+    int64_t due = ml_mono_ms() + delay_ms;
+    if (ss->retry_due && ss->retry_due <= due)
+        return;
+    ss->retry_due = due;
+    uv_timer_start(&ss->retry, s_retry_cb, (uint64_t)(delay_ms > 0 ? delay_ms : 0), 0);
+}
+
+/* Sends one item. Returns 1 sent, 0 not now (buffer full: retry armed;
+ * or the channel is down: on_state resends), -1 after finishing. */
+static int s_send_item(s_sess_t *ss, s_item_t *it)
+{
+    int rc = ml_channel_send_raw(ss->ch, it->buf, it->len);
+    if (rc == ML_EFULL) {
+        s_arm_retry(ss, S_FULL_RETRY_MS);
+        return 0;
+    }
+    if (rc == ML_ECLOSED)
+        return 0;
+    if (rc < 0) {
+        ctl_fail(CTL_EXIT_FAIL, "cannot send message %s (%zu bytes): %s", it->id, it->len,
+                 ml_strerror(rc));
+        s_finish(ss, rc);
+        return -1;
+    }
+    it->sent = 1;
+    return 1;
+}
+
+/* Moves the stream on: resends what is due, then takes new messages from
+ * the source while the window is open. O(unanswered) per call. */
+static void s_pump(s_sess_t *ss)
+{
+    if (ss->done || !ml_channel_is_up(ss->ch))
+        return;
+    int64_t now = ml_mono_ms(), next = 0;
+    for (size_t i = 0; i < ss->n_items; i++) {
+        s_item_t *it = &ss->items[i];
+        if (it->sent)
+            continue;
+        if (it->not_before > now) {
+            if (!next || it->not_before < next)
+                next = it->not_before;
+            continue;
+        }
+        if (s_send_item(ss, it) <= 0)
+            return;
+    }
+    while (!ss->src_done) {
+        if (ss->src->first_alone && ss->seq == 1 && ss->n_items > 0)
+            break;
+        if (ss->n_items >= CTL_WINDOW_MESSAGES ||
+            (ss->n_items > 0 && ss->bytes >= CTL_WINDOW_BYTES))
+            break;
+        ml_envelope_t *env = NULL;
+        int rc = ss->src->next(ss->src->arg, &env);
+        if (rc == 0) {
+            ss->src_done = 1;
+            break;
+        }
+        if (rc < 0) {
+            s_finish(ss, ML_EIO);
+            return;
+        }
+        if (ss->n_items == ss->cap_items) {
+            size_t cap = ss->cap_items ? ss->cap_items * 2 : 64;
+            s_item_t *v = realloc(ss->items, cap * sizeof *v);
+            if (!v)
+                ctl_oom();
+            ss->items = v;
+            ss->cap_items = cap;
+        }
+        s_item_t *it = &ss->items[ss->n_items];
+        memset(it, 0, sizeof *it);
+        if (ml_env_pack(env, &it->buf, &it->len) < 0)
+            ctl_oom();
+        snprintf(it->id, sizeof it->id, "%s", env->id);
+        it->seq = ss->seq++;
+        ss->n_items++;
+        ss->bytes += it->len;
+        ss->res->sent++;
+        if (s_send_item(ss, it) <= 0)
+            return;
+    }
+    if (next)
+        s_arm_retry(ss, next - now);
+    if (ss->src_done && ss->n_items == 0)
+        s_finish(ss, 0);
+}
+
+static void s_retry_cb(uv_timer_t *t)
+{
+    s_sess_t *ss = t->data;
+    ss->retry_due = 0;
+    s_pump(ss);
+}
+
+static void s_send_admin(s_sess_t *ss)
+{
+    const Medlink__V1__Welcome *w = ml_channel_welcome(ss->ch);
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    env.id = ss->req_id;
+    env.from = ss->o->node;
+    env.to = w && w->broker ? w->broker : "";
+    env.kind = MEDLINK__V1__KIND__KIND_ADMIN_REQUEST;
+    env.created_at = ml_now_ms();
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REQUEST;
+    env.admin_request = (Medlink__V1__AdminRequest *)ss->req;
+    int rc = ml_channel_send(ss->ch, &env);
+    if (rc < 0 && rc != ML_ECLOSED) {
+        ctl_fail(CTL_EXIT_FAIL, "cannot send the request: %s", ml_strerror(rc));
+        s_finish(ss, rc);
+    }
+}
+
+static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
+{
+    s_sess_t *ss = arg;
+    if (ss->done)
+        return;
+    if (!up) {
+        if (ss->o->verbose)
+            ml_log(ML_LOG_INFO, "ctl", "connection lost (%s); retrying", reason ? reason : "?");
+        /* Everything unanswered goes again on the next session. */
+        for (size_t i = 0; i < ss->n_items; i++)
+            ss->items[i].sent = 0;
+        return;
+    }
+    if (ss->req)
+        s_send_admin(ss);
+    else
+        s_pump(ss);
+}
+
+static int s_lists(char **ids, size_t n, const char *id)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(ids[i], id) == 0)
+            return 1;
+    return 0;
+}
+
+/* Cumulative: one Accepted may answer many of our messages. O(ids x
+ * unanswered). */
+static void s_on_accepted(s_sess_t *ss, const Medlink__V1__Accepted *acc)
+{
+    int progress = 0;
+    for (size_t k = 0; k < acc->n_message_ids; k++) {
+        for (size_t i = 0; i < ss->n_items; i++) {
+            s_item_t *it = &ss->items[i];
+            if (strcmp(it->id, acc->message_ids[k]) != 0)
+                continue;
+            int dup = s_lists(acc->duplicate_ids, acc->n_duplicate_ids, it->id);
+            ss->res->accepted++;
+            ss->res->duplicates += (uint64_t)dup;
+            if (it->seq == 0)
+                ss->res->first_duplicate = dup;
+            ss->bytes -= it->len;
+            free(it->buf);
+            memmove(it, it + 1, (ss->n_items - i - 1) * sizeof *it);
+            ss->n_items--;
+            progress = 1;
+            break;
+        }
+    }
+    if (progress) {
+        uv_timer_again(&ss->progress);
+        if (ss->o->verbose && ss->res->sent > 1)
+            ml_log(ML_LOG_INFO, "ctl", "%llu messages accepted",
+                   (unsigned long long)ss->res->accepted);
+    }
+    s_pump(ss);
+}
+
+static int s_transient(int code)
+{
+    return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
+           code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
+           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
+           code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT;
+}
+
+static void s_on_nack(s_sess_t *ss, const Medlink__V1__Nack *n)
+{
+    /* A Nack without a message id is about the session itself. */
+    if (!n->message_id || !*n->message_id) {
+        s_refused(ss, n);
+        return;
+    }
+    if (ss->req) {
+        if (strcmp(n->message_id, ss->req_id) == 0)
+            s_refused(ss, n);
+        return;
+    }
+    for (size_t i = 0; i < ss->n_items; i++) {
+        s_item_t *it = &ss->items[i];
+        if (strcmp(it->id, n->message_id) != 0)
+            continue;
+        if (!s_transient((int)n->code)) {
+            s_refused(ss, n);
+            return;
+        }
+        int64_t delay = (int64_t)S_NACK_RETRY_MS << (it->attempts < 5 ? it->attempts : 5);
+        if (delay > S_NACK_RETRY_MAX_MS)
+            delay = S_NACK_RETRY_MAX_MS;
+        it->attempts++;
+        it->sent = 0;
+        it->not_before = ml_mono_ms() + delay;
+        snprintf(ss->transient, sizeof ss->transient, "%s: %s", s_nack_name((int)n->code),
+                 n->reason ? n->reason : "");
+        if (ss->o->verbose)
+            ml_log(ML_LOG_INFO, "ctl", "message %s refused for now (%s); again in %lld ms", it->id,
+                   ss->transient, (long long)delay);
+        s_arm_retry(ss, delay);
+        return;
+    }
+}
+
+static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
+{
+    s_sess_t *ss = arg;
+    if (ss->done)
+        return;
+    switch (env->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY: {
+        if (!ss->req)
+            return;
+        /* env is borrowed for the call: keep a copy. */
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        if (ml_env_pack(env, &buf, &len) < 0 || ml_env_unpack(buf, len, &ss->reply) < 0)
+            ctl_oom();
+        free(buf);
+        s_finish(ss, 0);
+        return;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED:
+        if (ss->src)
+            s_on_accepted(ss, env->accepted);
+        return;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_NACK:
+        s_on_nack(ss, env->nack);
+        return;
+    default:
+        return;
+    }
+}
+
+static void s_progress_cb(uv_timer_t *t)
+{
+    s_sess_t *ss = t->data;
+    const ctl_opts_t *o = ss->o;
+    if (ss->src && ss->res->sent > 1)
+        ctl_fail(CTL_EXIT_FAIL,
+                 "no progress from broker %s within %d s: %llu of %llu messages accepted%s%s",
+                 o->broker, o->timeout_s, (unsigned long long)ss->res->accepted,
+                 (unsigned long long)ss->res->sent, *ss->transient ? "; last refusal: " : "",
+                 ss->transient);
+    else
+        ctl_fail(CTL_EXIT_FAIL, "no answer from broker %s within %d s%s%s", o->broker, o->timeout_s,
+                 *ss->transient ? "; last refusal: " : "", ss->transient);
+    s_finish(ss, ML_ETIMEDOUT);
+}
+
+static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
+{
+    const ctl_opts_t *o = ss->o;
+    int rc;
+    if (uv_loop_init(&ss->loop) < 0) {
+        ctl_fail(CTL_EXIT_FAIL, "cannot create an event loop");
+        return ML_EIO;
+    }
+    ss->zctx = zmq_ctx_new();
+    if (!ss->zctx) {
+        uv_loop_close(&ss->loop);
+        ctl_fail(CTL_EXIT_FAIL, "cannot create a ZeroMQ context");
+        return ML_EIO;
+    }
+    zmq_ctx_set(ss->zctx, ZMQ_BLOCKY, 0);
+    uv_timer_init(&ss->loop, &ss->progress);
+    uv_timer_init(&ss->loop, &ss->retry);
+    ss->progress.data = ss;
+    ss->retry.data = ss;
+    uint64_t ms = (uint64_t)o->timeout_s * 1000;
+    uv_timer_start(&ss->progress, s_progress_cb, ms, ms);
+    ml_channel_config_t cc = {0};
+    cc.endpoint = o->broker;
+    cc.tls = tls;
+    cc.node_id = o->node;
+    cc.broker_id = o->broker_id;
+    cc.software = "medlinkctl/" ML_VERSION;
+    cc.deliveries = 0;
+    cc.on_envelope = s_on_envelope;
+    cc.on_state = s_on_state;
+    cc.arg = ss;
+    if ((rc = ml_channel_new(&ss->loop, ss->zctx, &cc, &ss->ch)) < 0) {
+        ctl_fail(CTL_EXIT_FAIL, "cannot connect to %s: %s", o->broker, ml_strerror(rc));
+        s_finish(ss, rc);
+    }
+    uv_run(&ss->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&ss->loop);
+    zmq_ctx_term(ss->zctx);
+    return ss->rc;
+}
+
+int ctl_session_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls, const Medlink__V1__AdminRequest *req,
+                      ml_envelope_t **reply, ctl_result_t *res)
+{
+    s_sess_t ss = {0};
+    memset(res, 0, sizeof *res);
+    ss.o = o;
+    ss.res = res;
+    ss.req = req;
+    ml_ulid_new(ss.req_id);
+    int rc = s_run(&ss, tls);
+    if (rc == 0)
+        *reply = ss.reply;
+    else
+        ml_env_free(&ss.reply);
+    return rc;
+}
+
+int ctl_session_send(const ctl_opts_t *o, ml_tls_ctx_t *tls, const ctl_source_t *src,
+                     ctl_result_t *res)
+{
+    s_sess_t ss = {0};
+    memset(res, 0, sizeof *res);
+    ss.o = o;
+    ss.res = res;
+    ss.src = src;
+    int rc = s_run(&ss, tls);
+    for (size_t i = 0; i < ss.n_items; i++)
+        free(ss.items[i].buf);
+    free(ss.items);
+    return rc;
+}
