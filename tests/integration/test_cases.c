@@ -12,6 +12,7 @@
  *     redirects the referral to the community's fallback hospital;
  *   - 100 consults to a service go to two reading centres, each to one;
  *   - a dead letter is listed, replayed and delivered. */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,13 +118,14 @@ static const Medlink__V1__CaseInfo *s_case(cli_t *ops, const char *case_id)
     return rep->case_info;
 }
 
-/* The state-changing events of a timeline, joined with spaces. */
+/* The states a timeline went through (its opening and every transition,
+ * whose event is the state it led to), joined with spaces. */
 static void s_steps(const Medlink__V1__CaseInfo *ci, char *out, size_t len)
 {
     out[0] = '\0';
     for (size_t i = 0; i < ci->n_timeline; i++) {
         const Medlink__V1__TimelineEntry *t = ci->timeline[i];
-        if (strcmp(t->from_state, t->to_state) == 0 && strcmp(t->event, "opened") != 0)
+        if (strcmp(t->event, t->to_state) != 0 && strcmp(t->event, "opened") != 0)
             continue;
         size_t n = strlen(out);
         snprintf(out + n, len - n, "%s%s", n ? " " : "", t->to_state);
@@ -222,5 +224,442 @@ Test(cases, referral_every_illegal_transition_refused)
     cli_close(&hospd);
     cli_close(&city);
     cli_close(&ops);
+    h_broker_stop(&W);
+}
+
+/* ---- whole workflows through agents ------------------------------------ */
+
+/* Drops a JSON file (printf format) into node's outbox. */
+static void s_drop(const char *node, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void s_drop(const char *node, const char *name, const char *fmt, ...)
+{
+    char buf[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    h_drop(&W, node, name, buf);
+}
+
+/* The caseId of the first inbox JSON of node containing needle (waits). */
+static void s_case_id(const char *node, const char *needle, char *out, size_t len)
+{
+    char *path = h_wait_json(&W, node, "inbox", needle, 20000);
+    cr_assert(path, "nothing with %s reached %s", needle, node);
+    json_error_t jerr;
+    json_t *j = json_load_file(path, 0, &jerr);
+    cr_assert(j, "%s is not JSON", path);
+    const char *id = json_string_value(json_object_get(j, "caseId"));
+    cr_assert(id && *id, "%s has no caseId", path);
+    snprintf(out, len, "%s", id);
+    json_decref(j);
+    free(path);
+}
+
+static void s_expect_in(const char *node, const char *sub, const char *needle)
+{
+    char *p = h_wait_json(&W, node, sub, needle, 20000);
+    cr_assert(p, "%s/%s never held a file with %s", node, sub, needle);
+    free(p);
+}
+
+Test(cases, referral_whole_path_through_agents)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+
+    char *ref = h_referral_json(H_COUNTY, "Wang Fang", "PRIORITY_URGENT");
+    h_drop(&W, H_XINZHAN, "referral.json", ref);
+    free(ref);
+    char case_id[160];
+    s_case_id(H_COUNTY, "\"referral\"", case_id, sizeof case_id);
+    s_expect_in(H_XINZHAN, "inbox", "REFERRAL_DELIVERED");
+
+    /* The hospital's system answers every step; the clinic sees each. */
+    static const struct {
+        const char *status, *extra;
+    } steps[] = {
+        {"REFERRAL_ACCEPTED", "\"notes\": \"cardiology\""},
+        {"REFERRAL_SCHEDULED",
+         "\"scheduledAt\": \"1795900000000\", \"department\": \"Cardiology\""},
+        {"REFERRAL_ARRIVED", "\"notes\": \"seen at the desk\""},
+        {"REFERRAL_ADMITTED", "\"notes\": \"ward 3\""},
+        {"REFERRAL_DISCHARGED", "\"outcomeSummary\": \"stent placed, stable\""},
+    };
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "update-%zu.json", i);
+        s_drop(H_COUNTY, name,
+               "{\"to\": \"%s\", \"caseId\": \"%s\", \"priority\": \"PRIORITY_URGENT\","
+               " \"referralUpdate\": {\"status\": \"%s\", %s}}",
+               H_XINZHAN, case_id, steps[i].status, steps[i].extra);
+        s_expect_in(H_XINZHAN, "inbox", steps[i].status);
+    }
+    /* The clinic closes the loop. */
+    s_drop(H_XINZHAN, "close.json",
+           "{\"to\": \"%s\", \"caseId\": \"%s\", \"priority\": \"PRIORITY_URGENT\","
+           " \"referralUpdate\": {\"status\": \"REFERRAL_CLOSED\"}}",
+           H_COUNTY, case_id);
+    s_expect_in(H_COUNTY, "inbox", "REFERRAL_CLOSED");
+    cr_assert_eq(h_count(&W, H_COUNTY, "rejected"), 0);
+    cr_assert_eq(h_count(&W, H_XINZHAN, "rejected"), 0);
+
+    const Medlink__V1__CaseInfo *ci = s_case(&ops, case_id);
+    cr_assert_str_eq(ci->state, "REFERRAL_CLOSED");
+    cr_assert_str_eq(ci->fhir_status, "completed");
+    cr_assert_str_eq(ci->opened_by, H_XINZHAN);
+    cr_assert_str_eq(ci->target, H_COUNTY);
+    char got[1024];
+    s_steps(ci, got, sizeof got);
+    cr_assert_str_eq(got, "REFERRAL_SENT REFERRAL_DELIVERED REFERRAL_ACCEPTED REFERRAL_SCHEDULED "
+                          "REFERRAL_ARRIVED REFERRAL_ADMITTED REFERRAL_DISCHARGED REFERRAL_CLOSED");
+    cli_close(&ops);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+#define S_DOWN_TRANSFER                                                                            \
+    "{\"to\": \"%s\", \"priority\": \"PRIORITY_URGENT\", \"downTransfer\": {"                      \
+    "\"patient\": {\"healthCardId\": \"130102195001013456\", \"name\": \"%s\", \"sex\": "          \
+    "\"SEX_FEMALE\", \"birthDate\": \"1950-01-01\"},"                                              \
+    "\"dischargingDoctor\": {\"name\": \"Dr. Zhao Min\"}, \"phase\": \"POST_OPERATIVE\","          \
+    "\"dischargeSummary\": \"Hip replacement, uneventful recovery\","                              \
+    "\"diagnosis\": [{\"icd10\": \"S72.0\", \"text\": \"Fracture of neck of femur\"}],"            \
+    "\"rehabPlan\": \"Walking frame, physiotherapy twice weekly\","                                \
+    "\"medication\": [{\"name\": \"Aspirin\", \"dose\": \"100 mg\", \"frequency\": \"daily\"}],"   \
+    "\"followUp\": [{\"number\": 1, \"dueAt\": \"1796000000000\", \"kind\": \"home visit\"}],"     \
+    "\"familyDoctorTeam\": \"Xinzhan team 2\"}}"
+
+static void s_dt_update(const char *case_id, const char *name, const char *status,
+                        const char *extra)
+{
+    s_drop(H_XINZHAN, name,
+           "{\"to\": \"%s\", \"caseId\": \"%s\", \"priority\": \"PRIORITY_URGENT\","
+           " \"downTransferUpdate\": {\"status\": \"%s\"%s%s}}",
+           H_COUNTY, case_id, status, extra ? ", " : "", extra ? extra : "");
+}
+
+Test(cases, down_transfer_whole_path_and_re_referral)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+
+    /* The county hospital hands a recovering patient down. */
+    s_drop(H_COUNTY, "down-1.json", S_DOWN_TRANSFER, H_XINZHAN, "Chen Lan");
+    char c1[160];
+    s_case_id(H_XINZHAN, "Chen Lan", c1, sizeof c1);
+    cr_assert_str_eq(s_case(&ops, c1)->state, "DOWN_TRANSFER_OFFERED");
+
+    /* The family-doctor team accepts, records the arrival and two visits. */
+    s_dt_update(c1, "dt-accept.json", "DOWN_TRANSFER_ACCEPTED", NULL);
+    s_expect_in(H_COUNTY, "inbox", "DOWN_TRANSFER_ACCEPTED");
+    s_dt_update(c1, "dt-arrived.json", "DOWN_TRANSFER_ARRIVED", "\"notes\": \"home, stable\"");
+    s_expect_in(H_COUNTY, "inbox", "DOWN_TRANSFER_ARRIVED");
+    s_dt_update(c1, "dt-fu1.json", "DOWN_TRANSFER_FOLLOW_UP",
+                "\"followUpNumber\": 1, \"notes\": \"walking with frame\"");
+    s_expect_in(H_COUNTY, "inbox", "walking with frame");
+    /* A follow-up number out of sequence is refused and lands in rejected/. */
+    s_dt_update(c1, "dt-fu3.json", "DOWN_TRANSFER_FOLLOW_UP", "\"followUpNumber\": 3");
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "rejected", 1, 20000), 1);
+    char err[900];
+    h_spool(&W, H_XINZHAN, "rejected/dt-fu3.json.error", err, sizeof err);
+    char *why = h_slurp(err);
+    cr_assert(why && strstr(why, "follow_up_number") && strstr(why, "next one is 2"),
+              "the .error should say which follow-up comes next: %s", why ? why : "(none)");
+    free(why);
+    s_dt_update(c1, "dt-fu2.json", "DOWN_TRANSFER_FOLLOW_UP",
+                "\"followUpNumber\": 2, \"notes\": \"walking unaided\"");
+    s_expect_in(H_COUNTY, "inbox", "walking unaided");
+    s_dt_update(c1, "dt-done.json", "DOWN_TRANSFER_COMPLETED", "\"notes\": \"rehab complete\"");
+    s_expect_in(H_COUNTY, "inbox", "DOWN_TRANSFER_COMPLETED");
+    const Medlink__V1__CaseInfo *ci = s_case(&ops, c1);
+    cr_assert_str_eq(ci->state, "DOWN_TRANSFER_COMPLETED");
+    cr_assert_eq(ci->follow_ups, 2);
+    char got[1024];
+    s_steps(ci, got, sizeof got);
+    cr_assert_str_eq(got,
+                     "DOWN_TRANSFER_OFFERED DOWN_TRANSFER_ACCEPTED DOWN_TRANSFER_ARRIVED "
+                     "DOWN_TRANSFER_FOLLOW_UP DOWN_TRANSFER_FOLLOW_UP DOWN_TRANSFER_COMPLETED");
+
+    /* A second patient gets worse at home and goes back up as a referral
+     * linked to the down-transfer. */
+    s_drop(H_COUNTY, "down-2.json", S_DOWN_TRANSFER, H_XINZHAN, "Liu Qiang");
+    char c2[160];
+    s_case_id(H_XINZHAN, "Liu Qiang", c2, sizeof c2);
+    s_dt_update(c2, "dt2-accept.json", "DOWN_TRANSFER_ACCEPTED", NULL);
+    s_dt_update(c2, "dt2-arrived.json", "DOWN_TRANSFER_ARRIVED", "\"notes\": \"Liu at home\"");
+    s_expect_in(H_COUNTY, "inbox", "Liu at home");
+    s_drop(H_XINZHAN, "re-referral.json",
+           "{\"to\": \"%s\", \"priority\": \"PRIORITY_URGENT\", \"referral\": {"
+           "\"patient\": {\"healthCardId\": \"130102195001013456\", \"name\": \"Liu Qiang\"},"
+           "\"reason\": \"Wound infection after discharge\", \"linkedCaseId\": \"%s\"}}",
+           H_COUNTY, c2);
+    s_expect_in(H_COUNTY, "inbox", "Wound infection after discharge");
+    s_expect_in(H_COUNTY, "inbox", "DOWN_TRANSFER_RE_REFERRED");
+    ci = s_case(&ops, c2);
+    cr_assert_str_eq(ci->state, "DOWN_TRANSFER_RE_REFERRED");
+    cr_assert(ci->closed);
+    char ref_case[160];
+    cr_assert(ci->linked_case_id && *ci->linked_case_id, "the down-transfer names no referral");
+    snprintf(ref_case, sizeof ref_case, "%s", ci->linked_case_id);
+    ci = s_case(&ops, ref_case);
+    cr_assert_str_eq(ci->state, "REFERRAL_DELIVERED");
+    cr_assert_str_eq(ci->linked_case_id, c2);
+    cr_assert_eq(h_count(&W, H_COUNTY, "rejected"), 0);
+    cli_close(&ops);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+Test(cases, emergency_deadline_escalates_and_redirects)
+{
+    h_world_init(&W, "timer_ms = 100\n[deadlines]\nreferral.emergency = ACCEPTED 2s\n"
+                     "referral = ACCEPTED 1h\n");
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    h_agent_start(&W, H_CITY);
+    h_agent_start(&W, H_OPS);
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+
+    char *ref = h_referral_json(H_COUNTY, "Zhou Emergency", "PRIORITY_EMERGENCY");
+    h_drop(&W, H_XINZHAN, "stemi.json", ref);
+    free(ref);
+    char case_id[160];
+    s_case_id(H_COUNTY, "Zhou Emergency", case_id, sizeof case_id);
+    const Medlink__V1__CaseInfo *ci = s_case(&ops, case_id);
+    cr_assert_gt(ci->deadline_at, 0, "an EMERGENCY referral has a deadline");
+    cr_assert_str_eq(ci->deadline_state, "REFERRAL_ACCEPTED");
+
+    /* Nobody at the county hospital accepts it within 2 s. */
+    s_expect_in(H_CITY, "inbox", "Zhou Emergency");
+    s_expect_in(H_OPS, "inbox", "ESCALATION_DEADLINE_MISSED");
+    s_expect_in(H_OPS, "inbox", H_CITY);
+    s_expect_in(H_XINZHAN, "inbox", "ESCALATION_DEADLINE_MISSED");
+    s_expect_in(H_XINZHAN, "inbox", "REFERRAL_REDIRECTED");
+    s_expect_in(H_COUNTY, "inbox", "REFERRAL_REDIRECTED");
+    ci = s_case(&ops, case_id);
+    /* REDIRECTED, or already DELIVERED to the city hospital's agent. */
+    cr_assert(strcmp(ci->state, "REFERRAL_REDIRECTED") == 0 ||
+                  strcmp(ci->state, "REFERRAL_DELIVERED") == 0,
+              "state %s", ci->state);
+    cr_assert_str_eq(ci->target, H_CITY);
+    cr_assert_eq(ci->escalations, 1);
+
+    /* The county hospital is too late: the case is no longer its own. */
+    s_drop(H_COUNTY, "late.json",
+           "{\"to\": \"%s\", \"caseId\": \"%s\", \"referralUpdate\": {\"status\": "
+           "\"REFERRAL_ACCEPTED\"}}",
+           H_XINZHAN, case_id);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "rejected", 1, 20000), 1);
+    char err[900];
+    h_spool(&W, H_COUNTY, "rejected/late.json.error", err, sizeof err);
+    char *why = h_slurp(err);
+    cr_assert(why && strstr(why, "NACK_NOT_PARTY"), "late accept: %s", why ? why : "(none)");
+    free(why);
+    /* The fallback hospital accepts; the clinic hears it. */
+    s_drop(
+        H_CITY, "accept.json",
+        "{\"to\": \"%s\", \"caseId\": \"%s\", \"priority\": \"PRIORITY_EMERGENCY\","
+        " \"referralUpdate\": {\"status\": \"REFERRAL_ACCEPTED\", \"notes\": \"cath lab ready\"}}",
+        H_XINZHAN, case_id);
+    s_expect_in(H_XINZHAN, "inbox", "cath lab ready");
+    cr_assert(s_wait_state(&ops, case_id, "REFERRAL_ACCEPTED", 10000));
+    ci = s_case(&ops, case_id);
+    cr_assert_eq(ci->deadline_at, 0, "the deadline is met");
+    char got[1024];
+    s_steps(ci, got, sizeof got);
+    cr_assert(strstr(got, "REFERRAL_DELIVERED REFERRAL_REDIRECTED REFERRAL_DELIVERED "
+                          "REFERRAL_ACCEPTED"),
+              "timeline: %s", got);
+    cr_assert_geq(h_log_contains(&W, "broker.log", "redirected by the broker"), 1);
+    cli_close(&ops);
+    h_agent_stop(&W, H_OPS);
+    h_agent_stop(&W, H_CITY);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+/* An ImagingConsult declaring one small object (its chunks never sent). */
+static void s_send_consult(cli_t *c, const char *to, char *case_out)
+{
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    Medlink__V1__Patient p = MEDLINK__V1__PATIENT__INIT;
+    p.name = "Consult Patient";
+    p.health_card_id = "130102199001011111";
+    Medlink__V1__DicomObject o = MEDLINK__V1__DICOM_OBJECT__INIT;
+    o.sop_instance_uid = "1.2.826.0.1.3680043.8.498.1";
+    o.file_name = "IM0001.dcm";
+    o.size = 1000;
+    o.sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    o.chunks = 1;
+    Medlink__V1__DicomObject *op = &o;
+    Medlink__V1__ImagingConsult ic = MEDLINK__V1__IMAGING_CONSULT__INIT;
+    ic.patient = &p;
+    ic.study_instance_uid = "1.2.826.0.1.3680043.8.498.2";
+    ic.modality = "CT";
+    ic.body_part = "CHEST";
+    ic.clinical_question = "nodule?";
+    ic.n_object = 1;
+    ic.object = &op;
+    ic.chunk_size = 262144;
+    ic.total_bytes = 1000;
+    ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
+    e.id = id;
+    e.case_id = id;
+    e.from = c->node;
+    e.to = (char *)to;
+    e.created_at = ml_now_ms();
+    e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CONSULT;
+    e.imaging_consult = &ic;
+    cli_expect_accepted(cli_send_wait(c, &e), id);
+    snprintf(case_out, ML_ULID_LEN + 1, "%s", id);
+}
+
+Test(cases, competing_consumers_hundred_consults_each_to_one_centre)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_READ_A);
+    h_agent_start(&W, H_READ_B);
+    cli_t clinic, ops;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&ops, &W, H_OPS, 0);
+    enum { N = 100 };
+    static char ids[N][ML_ULID_LEN + 1];
+    for (int i = 0; i < N; i++)
+        s_send_consult(&clinic, H_SERVICE_CT, ids[i]);
+    /* Every consult reaches exactly one reading centre. */
+    int a = 0, b = 0;
+    for (int waited = 0; waited < 30000 && a + b < N; waited += 200) {
+        h_sleep_ms(200);
+        a = h_count(&W, H_READ_A, "inbox");
+        b = h_count(&W, H_READ_B, "inbox");
+    }
+    int in_a = 0, in_b = 0;
+    for (int i = 0; i < N; i++) {
+        char *pa = h_find_json(&W, H_READ_A, "inbox", ids[i]);
+        char *pb = h_find_json(&W, H_READ_B, "inbox", ids[i]);
+        cr_assert(pa || pb, "consult %s reached no reading centre", ids[i]);
+        cr_assert(!(pa && pb), "consult %s reached both reading centres", ids[i]);
+        in_a += pa != NULL;
+        in_b += pb != NULL;
+        free(pa);
+        free(pb);
+        const Medlink__V1__CaseInfo *ci = s_case(&ops, ids[i]);
+        cr_assert_str_eq(ci->target, pa ? H_READ_A : H_READ_B);
+        cr_assert_str_eq(ci->service, H_SERVICE_CT);
+    }
+    cr_assert_eq(in_a + in_b, N);
+    /* Both centres were online: the work is shared. */
+    cr_assert_geq(in_a, N / 4, "reading centre A got %d of %d", in_a, N);
+    cr_assert_geq(in_b, N / 4, "reading centre B got %d of %d", in_b, N);
+    /* The clinic learns which centre has each consult. */
+    int assigned = 0;
+    for (int waited = 0; waited < 20000 && assigned < N; waited += 100) {
+        cli_run_until(&clinic, cli_got_n, (int[]){N}, 100);
+        assigned = clinic.n_got;
+    }
+    cr_assert_eq(assigned, N, "IMAGING_ASSIGNED notices: %d of %d", assigned, N);
+    cli_close(&clinic);
+    cli_close(&ops);
+    h_agent_stop(&W, H_READ_A);
+    h_agent_stop(&W, H_READ_B);
+    h_broker_stop(&W);
+}
+
+static const Medlink__V1__AdminReply *s_dlq(cli_t *ops, int op, const char *id)
+{
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = op;
+    rq.message_id = (char *)(id ? id : "");
+    return cli_admin(ops, &rq);
+}
+
+Test(cases, dead_letter_listed_replayed_and_delivered)
+{
+    h_world_init(&W, "timer_ms = 100\n");
+    h_broker_start(&W);
+    h_agent_start(&W, H_XINZHAN);
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+
+    /* A referral that must reach the hospital within 1.5 s; the hospital's
+     * agent is down. */
+    char path[900];
+    snprintf(path, sizeof path, "%s", "late.json");
+    s_drop(H_XINZHAN, path,
+           "{\"to\": \"%s\", \"deadline\": \"%lld\", \"referral\": {\"patient\": "
+           "{\"healthCardId\": \"130102198001019999\", \"name\": \"Expired Patient\"},"
+           " \"reason\": \"review\"}}",
+           H_COUNTY, (long long)(ml_now_ms() + 1500));
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", 1, 20000), 1);
+    /* It expires into the dead-letter queue, and the clinic is told. */
+    const Medlink__V1__AdminReply *rep = NULL;
+    for (int waited = 0; waited < 20000; waited += 200) {
+        rep = s_dlq(&ops, MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST, NULL);
+        if (rep->n_dead_letter > 0)
+            break;
+        h_sleep_ms(200);
+    }
+    cr_assert_eq(rep->n_dead_letter, 1, "no dead letter listed");
+    const Medlink__V1__DeadLetter *d = rep->dead_letter[0];
+    cr_assert(strstr(d->reason, "expired"), "reason: %s", d->reason);
+    cr_assert_str_eq(d->to, H_COUNTY);
+    cr_assert_str_eq(d->kind, "REFERRAL");
+    char msg_id[ML_ULID_LEN + 1], case_id[160];
+    snprintf(msg_id, sizeof msg_id, "%s", d->message_id);
+    snprintf(case_id, sizeof case_id, "%s", d->case_id);
+    s_expect_in(H_XINZHAN, "inbox", "ESCALATION_DEAD_LETTER");
+
+    /* The hospital comes back: nothing arrives by itself. */
+    h_agent_start(&W, H_COUNTY);
+    h_sleep_ms(1500);
+    cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 0, "a dead letter must not be delivered");
+    /* show gives the stored envelope. */
+    rep = s_dlq(&ops, MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_SHOW, msg_id);
+    cr_assert_eq(rep->n_dead_letter, 1);
+    ml_envelope_t *env = NULL;
+    cr_assert_eq(
+        ml_env_unpack(rep->dead_letter[0]->envelope.data, rep->dead_letter[0]->envelope.len, &env),
+        0);
+    cr_assert_str_eq(env->referral->patient->name, "Expired Patient");
+    ml_env_free(&env);
+    /* Ops replays it: delivered. */
+    rep = s_dlq(&ops, MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_REPLAY, msg_id);
+    cr_assert_eq(rep->status, 0, "replay: %s", rep->error);
+    cr_assert_eq(rep->affected, 1);
+    s_expect_in(H_COUNTY, "inbox", "Expired Patient");
+    rep = s_dlq(&ops, MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST, NULL);
+    cr_assert_eq(rep->n_dead_letter, 0, "the replayed letter is still listed");
+    cr_assert(s_wait_state(&ops, case_id, "REFERRAL_DELIVERED", 10000));
+    const Medlink__V1__CaseInfo *ci = s_case(&ops, case_id);
+    int dead = 0, replayed = 0;
+    for (size_t i = 0; i < ci->n_timeline; i++) {
+        dead += strcmp(ci->timeline[i]->event, "dead letter") == 0;
+        replayed += strcmp(ci->timeline[i]->event, "replayed") == 0;
+    }
+    cr_assert(dead == 1 && replayed == 1, "timeline: %d dead letter, %d replayed", dead, replayed);
+    /* An unknown id is refused with a sentence. */
+    rep = s_dlq(&ops, MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_REPLAY, "01NOSUCHMESSAGE000000000000");
+    cr_assert_neq(rep->status, 0);
+    cr_assert(strstr(rep->error, "no dead letter"), "%s", rep->error);
+    cli_close(&ops);
+    h_agent_stop(&W, H_COUNTY);
+    h_agent_stop(&W, H_XINZHAN);
     h_broker_stop(&W);
 }
