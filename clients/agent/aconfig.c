@@ -8,9 +8,13 @@
 #include <string.h>
 
 #include "ml_common.h"
+#include "ml_imaging.h"
 #include "ml_ini.h"
 
 #define S_SECTION "agent"
+/* Room for the envelope around an ImagingChunk's data: ids, node names,
+ * the study UID and the digest take well under this. */
+#define S_CHUNK_OVERHEAD 4096u
 
 /* Copies a required string key into *out; relative paths (when is_path) are
  * joined to the config file's folder. */
@@ -87,6 +91,25 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
     if (rc < 0)
         goto out;
     cfg->send_window = (uint32_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "chunk_size", ML_IMAGING_CHUNK_DEFAULT,
+                         ML_IMAGING_CHUNK_MIN, ML_IMAGING_CHUNK_MAX, &v, err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->chunk_size = (uint32_t)v;
+    /* A chunk travels in one record with its envelope around it. */
+    if ((size_t)cfg->chunk_size + S_CHUNK_OVERHEAD > cfg->max_record) {
+        snprintf(err, errlen,
+                 "%s: [%s] chunk_size = %u does not fit in max_record = %zu (a chunk needs "
+                 "%u bytes more for its envelope)",
+                 path, S_SECTION, cfg->chunk_size, cfg->max_record, S_CHUNK_OVERHEAD);
+        rc = ML_ECONFIG;
+        goto out;
+    }
+    rc = ml_ini_get_long(ini, S_SECTION, "send_window_bytes", 8L * 1024 * 1024, 64L * 1024,
+                         1024L * 1024 * 1024, &v, err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->send_window_bytes = (size_t)v;
     rc = 0;
 out:
     if (rc < 0)

@@ -21,10 +21,17 @@ typedef struct {
     uint32_t scan_ms;     /* period of the outbox/ scan */
     size_t max_record;    /* max record size on the wire */
     uint32_t send_window; /* unacknowledged sends in flight */
+    /* Imaging: bytes per ImagingChunk this agent cuts objects into, and
+     * the bytes it lets be in flight (sent, not yet Accepted), so that a
+     * study of a few hundred MiB cannot fill the link. */
+    uint32_t chunk_size;
+    size_t send_window_bytes;
 } ml_aconfig_t;
 
 /* Loads the [agent] section of path into cfg (zeroed first). Required keys:
- * node_id, broker, ca, cert, key, data_dir, spool_dir. Returns 0, or
+ * node_id, broker, ca, cert, key, data_dir, spool_dir. chunk_size must lie
+ * within ML_IMAGING_CHUNK_MIN..MAX and leave room for the envelope within
+ * max_record. Returns 0, or
  * ML_ECONFIG / ML_ENOMEM with a sentence in err naming the file and key.
  * On failure cfg holds nothing to free. */
 int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errlen);

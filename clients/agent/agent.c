@@ -3,7 +3,15 @@
  * fs-event watcher on outbox/) drives the outbox scan, and a uv_check
  * handle runs once per loop iteration to commit what that iteration
  * collected (broker answers, deliveries) in one transaction each, so that a
- * burst of a thousand deliveries costs one fsync, not a thousand. */
+ * burst of a thousand deliveries costs one fsync, not a thousand.
+ *
+ * Sending reads two streams of the outbox: ordinary messages first, then
+ * imaging chunks, whose envelopes are built from the blob copies as they
+ * go. What is in flight is bounded by count (send_window) and by bytes
+ * (send_window_bytes), so a study of a few hundred MiB never fills the
+ * link and a referral dropped in the middle of it goes out at once. The
+ * copying of a study into blob copies runs on the libuv thread pool
+ * (imaging.c). */
 #include "agent.h"
 
 #include <errno.h>
@@ -14,6 +22,7 @@
 #include <zmq.h>
 
 #include "astore.h"
+#include "imaging.h"
 #include "ml_channel.h"
 #include "ml_common.h"
 #include "ml_tls.h"
@@ -28,15 +37,25 @@
 /* Delay before trying again when the channel pushes back (ML_EFULL). */
 #define S_BLOCKED_MS 20
 
-/* Ids of messages sent and not yet answered: open addressing with
- * tombstones, O(1) expected per operation. */
+/* Chunk rows read per walk: their number in flight is bounded by bytes. */
+#define S_CHUNK_BATCH 64
+/* Bytes a chunk's envelope adds to its data, for the window estimate. */
+#define S_CHUNK_FRAMING 512
+
+/* Ids of messages sent and not yet answered, with their sizes: open
+ * addressing with tombstones, O(1) expected per operation. */
 #define S_TOMB ((char *)&s_tomb)
 static char s_tomb;
 typedef struct {
-    char **slot;
+    char *id;
+    size_t bytes;
+} s_slot_t;
+typedef struct {
+    s_slot_t *slot;
     size_t cap;   /* power of two */
     size_t count; /* live ids */
     size_t used;  /* live ids + tombstones */
+    size_t bytes; /* sum of the live ids' bytes */
 } s_idset_t;
 
 /* An answer from the broker waiting for the iteration's transaction. */
@@ -63,10 +82,13 @@ struct ml_agent {
     uint32_t scan_ms;
     uint32_t window;
 
+    size_t window_bytes;
+
     void *zctx;
     ml_tls_ctx_t *tls;
     ml_astore_t *store;
     ml_spool_t *spool;
+    ml_aimg_t *img;
     ml_channel_t *ch;
 
     uv_timer_t scan_timer;
@@ -80,9 +102,13 @@ struct ml_agent {
     int stopping;
     int scan_due;
     int pump_due;
-    int64_t cursor; /* highest outbox seq sent in this session */
+    /* Highest outbox seq sent in this session, per stream
+     * (ML_OUTBOX_MESSAGES, ML_OUTBOX_CHUNKS). */
+    int64_t cursor[2];
     uint32_t backoff_ms;
     s_idset_t inflight;
+    /* This session's sending, for the log line when it ends. */
+    uint64_t sent_msgs, sent_chunks, sent_chunk_bytes;
 
     s_answer_t *answers;
     size_t n_answers, cap_answers;
@@ -101,8 +127,8 @@ static uint64_t s_hash(const char *s)
 static void s_idset_clear(s_idset_t *set)
 {
     for (size_t i = 0; i < set->cap; i++) {
-        if (set->slot[i] && set->slot[i] != S_TOMB)
-            free(set->slot[i]);
+        if (set->slot[i].id && set->slot[i].id != S_TOMB)
+            free(set->slot[i].id);
     }
     free(set->slot);
     memset(set, 0, sizeof *set);
@@ -117,7 +143,7 @@ static long s_idset_find(const s_idset_t *set, const char *id, int for_insert)
     size_t mask = set->cap - 1;
     long tomb = -1;
     for (size_t i = s_hash(id) & mask, n = 0; n < set->cap; i = (i + 1) & mask, n++) {
-        char *s = set->slot[i];
+        char *s = set->slot[i].id;
         if (!s)
             return for_insert ? (tomb >= 0 ? tomb : (long)i) : -1;
         if (s == S_TOMB) {
@@ -135,15 +161,15 @@ static int s_idset_grow(s_idset_t *set)
     size_t cap = set->cap ? set->cap : 64;
     while (set->count * 2 + 2 > cap / 2)
         cap *= 2;
-    s_idset_t n = {calloc(cap, sizeof(char *)), cap, 0, 0};
+    s_idset_t n = {calloc(cap, sizeof(s_slot_t)), cap, 0, 0, set->bytes};
     if (!n.slot)
         return ML_ENOMEM;
     for (size_t i = 0; i < set->cap; i++) {
-        char *s = set->slot[i];
+        char *s = set->slot[i].id;
         if (!s || s == S_TOMB)
             continue;
         long j = s_idset_find(&n, s, 1);
-        n.slot[j] = s;
+        n.slot[j] = set->slot[i];
         n.count++;
         n.used++;
     }
@@ -157,20 +183,22 @@ static int s_idset_has(const s_idset_t *set, const char *id)
     return s_idset_find(set, id, 0) >= 0;
 }
 
-static int s_idset_add(s_idset_t *set, const char *id)
+static int s_idset_add(s_idset_t *set, const char *id, size_t bytes)
 {
     if ((set->used + 1) * 2 > set->cap && s_idset_grow(set) < 0)
         return ML_ENOMEM;
     long i = s_idset_find(set, id, 1);
-    if (set->slot[i] && set->slot[i] != S_TOMB)
+    if (set->slot[i].id && set->slot[i].id != S_TOMB)
         return 0;
     char *c = strdup(id);
     if (!c)
         return ML_ENOMEM;
-    if (!set->slot[i])
+    if (!set->slot[i].id)
         set->used++;
-    set->slot[i] = c;
+    set->slot[i].id = c;
+    set->slot[i].bytes = bytes;
     set->count++;
+    set->bytes += bytes;
     return 0;
 }
 
@@ -180,9 +208,11 @@ static int s_idset_del(s_idset_t *set, const char *id)
     long i = s_idset_find(set, id, 0);
     if (i < 0)
         return 0;
-    free(set->slot[i]);
-    set->slot[i] = S_TOMB;
+    free(set->slot[i].id);
+    set->slot[i].id = S_TOMB;
     set->count--;
+    set->bytes -= set->slot[i].bytes;
+    set->slot[i].bytes = 0;
     return 1;
 }
 
@@ -247,6 +277,11 @@ static void s_flush_answers(ml_agent_t *a)
         if (ml_spool_settle(a->spool, res, a->n_answers) < 0) {
             a->backoff_ms = a->backoff_ms ? a->backoff_ms : S_RETRY_MIN_MS;
             s_schedule_pump(a, a->backoff_ms);
+        } else if (ml_aimg_settled(a->img, res, a->n_answers)) {
+            /* A consult was accepted: its chunks, released now, may lie
+             * behind the chunk cursor. */
+            a->cursor[ML_OUTBOX_CHUNKS] = 0;
+            a->pump_due = 1;
         }
         free(res);
     }
@@ -326,30 +361,45 @@ static void s_flush_rx(ml_agent_t *a)
     if (a->n_rx == 0)
         return;
     ml_spool_msg_t *m = calloc(a->n_rx, sizeof *m);
-    if (m) {
+    char **ids = malloc(a->n_rx * sizeof *ids);
+    if (m && ids) {
+        /* Chunks go to the imaging module's .part files, everything else
+         * through the spool; both in one transaction. */
+        size_t n = 0, nc = a->n_rx;
         for (size_t i = 0; i < a->n_rx; i++) {
-            m[i].id = a->rx[i].id;
-            m[i].case_id = a->rx[i].case_id;
-            m[i].sender = a->rx[i].sender;
-            m[i].kind = a->rx[i].kind;
-            m[i].envelope = a->rx[i].blob;
-            m[i].envelope_len = a->rx[i].len;
+            s_rx_t *r = &a->rx[i];
+            int chunk = r->kind == MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
+            ml_spool_msg_t *x = chunk ? &m[--nc] : &m[n++];
+            x->id = r->id;
+            x->case_id = r->case_id;
+            x->sender = r->sender;
+            x->kind = r->kind;
+            x->envelope = r->blob;
+            x->envelope_len = r->len;
+        }
+        /* The chunks were filled from the end: put them back in arrival
+         * order. */
+        for (size_t i = nc, j = a->n_rx - 1; i < j; i++, j--) {
+            ml_spool_msg_t t = m[i];
+            m[i] = m[j];
+            m[j] = t;
         }
         /* Ack only what is durably stored, duplicates included (the broker
          * needs the Ack to stop resending). */
-        if (ml_spool_receive(a->spool, m, a->n_rx) == 0 && ml_channel_is_up(a->ch)) {
-            char **ids = malloc(a->n_rx * sizeof *ids);
-            if (ids) {
-                for (size_t i = 0; i < a->n_rx; i++)
-                    ids[i] = a->rx[i].id;
-                /* One Ack per 4096 ids keeps the record well under max_record. */
-                for (size_t i = 0; i < a->n_rx; i += 4096)
-                    s_send_ack(a, ids + i, a->n_rx - i < 4096 ? a->n_rx - i : 4096);
-                free(ids);
-            }
+        if (ml_aimg_receive(a->img, m, n, m + nc, a->n_rx - nc) == 0 && ml_channel_is_up(a->ch)) {
+            size_t k = 0;
+            for (size_t i = 0; i < a->n_rx; i++)
+                if (i < n || m[i].ack)
+                    ids[k++] = (char *)m[i].id;
+            /* One Ack per 4096 ids keeps the record well under max_record. */
+            for (size_t i = 0; i < k; i += 4096)
+                s_send_ack(a, ids + i, k - i < 4096 ? k - i : 4096);
         }
-        free(m);
+        /* Resend requests and updates may have queued messages. */
+        a->pump_due = 1;
     }
+    free(ids);
+    free(m);
     for (size_t i = 0; i < a->n_rx; i++)
         s_rx_clear(&a->rx[i]);
     a->n_rx = 0;
@@ -359,7 +409,9 @@ static void s_flush_rx(ml_agent_t *a)
 
 typedef struct {
     ml_agent_t *a;
-    int stop;
+    int stream; /* ML_OUTBOX_MESSAGES or ML_OUTBOX_CHUNKS */
+    int stop;   /* the channel pushed back or is closed */
+    int full;   /* the window is full */
     size_t rows;
 } s_pump_t;
 
@@ -367,12 +419,46 @@ static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
 {
     s_pump_t *p = arg;
     ml_agent_t *a = p->a;
+    int64_t *cursor = &a->cursor[p->stream];
+    int chunk = *row->blob_path != '\0';
     p->rows++;
     if (s_idset_has(&a->inflight, row->id)) {
-        a->cursor = row->seq;
+        *cursor = row->seq;
         return 0;
     }
-    int rc = ml_channel_send_raw(a->ch, row->envelope, row->envelope_len);
+    /* At least one message is always let through, however large. */
+    size_t est = row->envelope_len + row->blob_len + (chunk ? S_CHUNK_FRAMING : 0);
+    if (a->inflight.count >= a->window ||
+        (a->inflight.bytes > 0 && a->inflight.bytes + est > a->window_bytes)) {
+        p->full = 1;
+        return 1;
+    }
+    uint8_t *built = NULL;
+    const uint8_t *data = row->envelope;
+    size_t len = row->envelope_len;
+    if (chunk) {
+        char err[1024];
+        int rc = ml_aimg_chunk_envelope(a->img, row, &built, &len, err, sizeof err);
+        if (rc == ML_ENOMEM) {
+            s_schedule_pump(a, S_BLOCKED_MS);
+            p->stop = 1;
+            return 1;
+        }
+        if (rc < 0) {
+            /* The blob copy is gone or damaged: this chunk can never go.
+             * It is refused here; the reading centre asks for it again
+             * if the study still needs it. */
+            char why[1200];
+            snprintf(why, sizeof why, "imaging chunk cannot be sent: %s", err);
+            ml_log(ML_LOG_ERROR, "imaging", "case %s: %s", row->case_id, why);
+            s_push_answer(a, row->id, 0, why);
+            *cursor = row->seq;
+            return 0;
+        }
+        data = built;
+    }
+    int rc = ml_channel_send_raw(a->ch, data, len);
+    free(built);
     if (rc == ML_ETOOBIG) {
         /* The broker's limit (Welcome.max_record) is below ours: this
          * message can never go, so it is refused here with the reason. */
@@ -380,9 +466,9 @@ static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
         snprintf(why, sizeof why,
                  "NACK_TOO_LARGE: message is %zu bytes, over the limit of the "
                  "connection",
-                 row->envelope_len);
+                 len);
         s_push_answer(a, row->id, 0, why);
-        a->cursor = row->seq;
+        *cursor = row->seq;
         return 0;
     }
     if (rc == ML_EFULL) {
@@ -395,32 +481,52 @@ static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
         p->stop = 1;
         return 1;
     }
-    if (s_idset_add(&a->inflight, row->id) < 0) {
+    if (s_idset_add(&a->inflight, row->id, len) < 0) {
         p->stop = 1;
         return 1;
     }
-    a->cursor = row->seq;
+    if (chunk) {
+        a->sent_chunks++;
+        a->sent_chunk_bytes += row->blob_len;
+        ml_log(ML_LOG_DEBUG, "imaging", "case %s: sent chunk %s (%zu bytes at offset %llu of %s)",
+               row->case_id, row->id, row->blob_len, (unsigned long long)row->blob_off,
+               row->blob_path);
+    } else {
+        a->sent_msgs++;
+    }
+    *cursor = row->seq;
     return 0;
 }
 
-/* Sends pending rows after the cursor until send_window are in flight.
- * O(window) rows read per call. */
+/* Sends pending rows after the cursors, messages before chunks, until the
+ * window (send_window messages, send_window_bytes bytes) is full. O(window)
+ * rows read per call. */
 static void s_pump(ml_agent_t *a)
 {
     a->pump_due = 0;
     if (!a->up || a->stopping)
         return;
-    while (a->inflight.count < a->window) {
-        s_pump_t p = {a, 0, 0};
-        int64_t limit = (int64_t)(a->window - a->inflight.count);
-        int rc = ml_astore_outbox_pending(a->store, a->cursor, limit, s_send_row_cb, &p);
-        if (rc < 0) {
-            ml_log(ML_LOG_ERROR, S_LOG, "cannot read the outbox: %s", ml_astore_errmsg(a->store));
-            s_schedule_pump(a, S_RETRY_MIN_MS);
-            return;
+    for (int stream = ML_OUTBOX_MESSAGES; stream <= ML_OUTBOX_CHUNKS; stream++) {
+        for (;;) {
+            if (a->inflight.count >= a->window)
+                return;
+            s_pump_t p = {a, stream, 0, 0, 0};
+            int64_t limit = (int64_t)(a->window - a->inflight.count);
+            if (stream == ML_OUTBOX_CHUNKS && limit > S_CHUNK_BATCH)
+                limit = S_CHUNK_BATCH;
+            int rc = ml_astore_outbox_next(a->store, stream, a->cursor[stream], limit,
+                                           s_send_row_cb, &p);
+            if (rc < 0) {
+                ml_log(ML_LOG_ERROR, S_LOG, "cannot read the outbox: %s",
+                       ml_astore_errmsg(a->store));
+                s_schedule_pump(a, S_RETRY_MIN_MS);
+                return;
+            }
+            if (p.stop || p.full)
+                return;
+            if (p.rows == 0)
+                break;
         }
-        if (p.stop || p.rows == 0)
-            return;
     }
 }
 
@@ -429,7 +535,7 @@ static void s_pump_timer_cb(uv_timer_t *t)
     ml_agent_t *a = t->data;
     /* Start from the first pending row again: rows refused for now
      * (transient Nack) are behind the cursor. Rows in flight are skipped. */
-    a->cursor = 0;
+    a->cursor[ML_OUTBOX_MESSAGES] = a->cursor[ML_OUTBOX_CHUNKS] = 0;
     s_pump(a);
 }
 
@@ -510,23 +616,38 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
     /* Whatever was in flight is sent again on the next session: the broker
      * drops duplicates by id and answers them again. */
     s_idset_clear(&a->inflight);
-    a->cursor = 0;
+    a->cursor[ML_OUTBOX_MESSAGES] = a->cursor[ML_OUTBOX_CHUNKS] = 0;
     a->up = up;
     if (up) {
         const Medlink__V1__Welcome *w = ml_channel_welcome(ch);
         int64_t pending = 0;
         ml_astore_outbox_count(a->store, ML_OUTBOX_PENDING, &pending);
         ml_log(ML_LOG_INFO, S_LOG,
-               "connected to broker %s as %s (role %s); %lld message(s) to send",
+               "connected to broker %s as %s (role %s); %lld message(s) to send (imaging "
+               "chunks included)",
                w && w->broker ? w->broker : "?", a->node_id, w && w->role ? w->role : "?",
                (long long)pending);
+        a->sent_msgs = a->sent_chunks = a->sent_chunk_bytes = 0;
+        /* Sending resumes at the first chunk not yet Accepted. */
+        ml_aimg_log_resume(a->img);
         s_pump(a);
     } else {
-        ml_log(ML_LOG_WARN, S_LOG, "disconnected from broker: %s", reason ? reason : "unknown");
+        ml_log(ML_LOG_WARN, S_LOG,
+               "disconnected from broker: %s (this session sent %llu message(s) and %llu imaging "
+               "chunk(s), %llu bytes of image data)",
+               reason ? reason : "unknown", (unsigned long long)a->sent_msgs,
+               (unsigned long long)a->sent_chunks, (unsigned long long)a->sent_chunk_bytes);
     }
 }
 
 /* ---- loop handles ---- */
+
+/* The imaging module added outbox rows (a staged consult, a resend). */
+static void s_wake_cb(void *arg)
+{
+    ml_agent_t *a = arg;
+    a->pump_due = 1;
+}
 
 static void s_scan(ml_agent_t *a)
 {
@@ -544,6 +665,7 @@ static void s_scan(ml_agent_t *a)
 static void s_scan_timer_cb(uv_timer_t *t)
 {
     ml_agent_t *a = t->data;
+    ml_aimg_tick(a->img);
     s_scan(a);
     if (a->pump_due)
         s_pump(a);
@@ -588,6 +710,9 @@ void ml_agent_stop(ml_agent_t *a)
         return;
     ml_log(ML_LOG_INFO, S_LOG, "stopping");
     a->stopping = 1;
+    /* A study being copied is abandoned at its next block; it stays in
+     * pending/ and is staged again at the next start. */
+    ml_aimg_stop(a->img);
     uv_timer_stop(&a->scan_timer);
     uv_timer_stop(&a->pump_timer);
     if (a->fs_event_on)
@@ -627,6 +752,8 @@ void ml_agent_destroy(ml_agent_t **self_p)
         s_rx_clear(&a->rx[i]);
     free(a->rx);
     s_idset_clear(&a->inflight);
+    /* Before the store: its statements live on the store's connection. */
+    ml_aimg_destroy(&a->img);
     ml_spool_destroy(&a->spool);
     ml_astore_destroy(&a->store);
     ml_tls_ctx_destroy(&a->tls);
@@ -651,6 +778,7 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     a->loop = loop;
     a->scan_ms = cfg->scan_ms;
     a->window = cfg->send_window;
+    a->window_bytes = cfg->send_window_bytes ? cfg->send_window_bytes : 8u * 1024 * 1024;
     a->node_id = strdup(cfg->node_id);
     if (!a->node_id)
         goto nomem;
@@ -669,6 +797,23 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     ml_spool_config_t scfg = {cfg->spool_dir, cfg->node_id, cfg->max_record, a->store};
     if ((rc = ml_spool_new(&scfg, &a->spool, err, errlen)) < 0)
         goto out;
+    ml_aimg_config_t icfg = {.data_dir = cfg->data_dir,
+                             .node_id = cfg->node_id,
+                             .chunk_size = cfg->chunk_size,
+                             .max_record = cfg->max_record,
+                             .store = a->store,
+                             .spool = a->spool,
+                             .loop = loop,
+                             .wake = s_wake_cb,
+                             .arg = a};
+    if ((rc = ml_aimg_new(&icfg, &a->img, err, errlen)) < 0)
+        goto out;
+    /* Imaging first: it clears leftovers in blobs/ that a consult staged
+     * again by the spool's recovery must not find. */
+    if ((rc = ml_aimg_recover(a->img)) < 0) {
+        snprintf(err, errlen, "cannot recover imaging transfers: %s", ml_astore_errmsg(a->store));
+        goto out;
+    }
     if ((rc = ml_spool_recover(a->spool)) < 0) {
         snprintf(err, errlen, "cannot recover the spool: %s", ml_astore_errmsg(a->store));
         goto out;

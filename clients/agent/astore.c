@@ -27,11 +27,21 @@ enum {
     S_IN_UNSPOOLED,
     S_IN_GET,
     S_IN_COUNT,
+    S_OUT_INSERT,
+    S_OUT_NEXT_MSG,
+    S_OUT_NEXT_CHUNK,
+    S_OUT_RELEASE,
+    S_OUT_CASCADE,
+    S_OUT_CASE_STATS,
+    S_OUT_CASE_FIRST,
+    S_OUT_CASE_DROP,
     S_NSTMT
 };
 
 #define S_OUT_COLS                                                                                 \
-    "seq, id, file_name, envelope, state, coalesce(reason, ''), created_at, updated_at"
+    "seq, id, file_name, envelope, state, coalesce(reason, ''), created_at, updated_at, "          \
+    "coalesce(case_id, ''), coalesce(blob_path, ''), coalesce(blob_off, 0), "                      \
+    "coalesce(blob_len, 0), coalesce(hold_for, ''), held"
 #define S_IN_COLS "id, received_at, case_id, sender, kind, envelope, spooled"
 
 static const char *const s_sql[S_NSTMT] = {
@@ -55,30 +65,76 @@ static const char *const s_sql[S_NSTMT] = {
     [S_IN_UNSPOOLED] = "SELECT " S_IN_COLS " FROM inbox WHERE spooled = 0 ORDER BY received_at",
     [S_IN_GET] = "SELECT " S_IN_COLS " FROM inbox WHERE id = ?1",
     [S_IN_COUNT] = "SELECT count(*) FROM inbox",
+    [S_OUT_INSERT] = "INSERT INTO outbox (id, file_name, envelope, state, created_at, updated_at, "
+                     "case_id, blob_path, blob_off, blob_len, hold_for, held) "
+                     "VALUES (?1, ?2, ?3, 0, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    [S_OUT_NEXT_MSG] = "SELECT " S_OUT_COLS " FROM outbox WHERE state = 0 AND held = 0 AND "
+                       "blob_path IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+    [S_OUT_NEXT_CHUNK] = "SELECT " S_OUT_COLS " FROM outbox WHERE state = 0 AND held = 0 AND "
+                         "blob_path IS NOT NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+    [S_OUT_RELEASE] = "UPDATE outbox SET held = 0 WHERE held = 1 AND hold_for = ?1",
+    [S_OUT_CASCADE] = "UPDATE outbox SET state = 2, held = 0, reason = ?2, updated_at = ?3 "
+                      "WHERE held = 1 AND hold_for = ?1 AND state = 0",
+    [S_OUT_CASE_STATS] =
+        "SELECT count(*), coalesce(sum(blob_len), 0), coalesce(sum(state = 1), 0), "
+        "coalesce(sum(CASE WHEN state = 1 THEN blob_len ELSE 0 END), 0), "
+        "coalesce(sum(state = 2), 0) FROM outbox WHERE case_id = ?1 AND blob_path IS NOT NULL",
+    [S_OUT_CASE_FIRST] = "SELECT " S_OUT_COLS " FROM outbox WHERE case_id = ?1 AND blob_path IS "
+                         "NOT NULL AND state = 0 ORDER BY seq LIMIT 1",
+    [S_OUT_CASE_DROP] = "UPDATE outbox SET state = 2, held = 0, reason = ?2, updated_at = ?3 "
+                        "WHERE case_id = ?1 AND blob_path IS NOT NULL AND state = 0",
 };
 
-/* The schema. The pending index keeps the send scan O(log N + window) even
- * with years of settled rows in the table. */
-static const char s_schema[] =
-    "CREATE TABLE IF NOT EXISTS outbox ("
-    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " id TEXT UNIQUE NOT NULL,"
-    " file_name TEXT,"
-    " envelope BLOB NOT NULL,"
-    " state INTEGER NOT NULL DEFAULT 0,"
-    " reason TEXT,"
-    " created_at INTEGER NOT NULL,"
-    " updated_at INTEGER NOT NULL);"
+/* The schema (version 1). An outbox row is either an ordinary message
+ * (blob_path NULL: the envelope is complete) or an imaging chunk (blob_path
+ * names a file under data_dir and the envelope is the ImagingChunk without
+ * its data and digest, filled in from blob_off/blob_len at send time, so
+ * the bytes are on disk once, not twice). held = 1 keeps a row back until
+ * the row hold_for names is Accepted (the chunks wait for their consult).
+ * The partial indexes keep both send streams O(log N + window) even with
+ * years of settled rows in the table. */
+#define S_SCHEMA_VERSION 1
+static const char s_schema[] = "CREATE TABLE IF NOT EXISTS outbox ("
+                               " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                               " id TEXT UNIQUE NOT NULL,"
+                               " file_name TEXT,"
+                               " envelope BLOB NOT NULL,"
+                               " state INTEGER NOT NULL DEFAULT 0,"
+                               " reason TEXT,"
+                               " created_at INTEGER NOT NULL,"
+                               " updated_at INTEGER NOT NULL,"
+                               " case_id TEXT,"
+                               " blob_path TEXT,"
+                               " blob_off INTEGER,"
+                               " blob_len INTEGER,"
+                               " hold_for TEXT,"
+                               " held INTEGER NOT NULL DEFAULT 0);"
+                               "CREATE TABLE IF NOT EXISTS inbox ("
+                               " id TEXT PRIMARY KEY,"
+                               " received_at INTEGER NOT NULL,"
+                               " case_id TEXT,"
+                               " sender TEXT,"
+                               " kind INTEGER,"
+                               " envelope BLOB NOT NULL,"
+                               " spooled INTEGER NOT NULL DEFAULT 0);";
+
+/* Version 0 (before imaging) had the first eight outbox columns only. */
+static const char s_migrate_v1[] = "ALTER TABLE outbox ADD COLUMN case_id TEXT;"
+                                   "ALTER TABLE outbox ADD COLUMN blob_path TEXT;"
+                                   "ALTER TABLE outbox ADD COLUMN blob_off INTEGER;"
+                                   "ALTER TABLE outbox ADD COLUMN blob_len INTEGER;"
+                                   "ALTER TABLE outbox ADD COLUMN hold_for TEXT;"
+                                   "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0;";
+
+static const char s_indexes[] =
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state, seq);"
     "CREATE INDEX IF NOT EXISTS outbox_file ON outbox(file_name);"
-    "CREATE TABLE IF NOT EXISTS inbox ("
-    " id TEXT PRIMARY KEY,"
-    " received_at INTEGER NOT NULL,"
-    " case_id TEXT,"
-    " sender TEXT,"
-    " kind INTEGER,"
-    " envelope BLOB NOT NULL,"
-    " spooled INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX IF NOT EXISTS outbox_msgs ON outbox(seq) "
+    " WHERE state = 0 AND held = 0 AND blob_path IS NULL;"
+    "CREATE INDEX IF NOT EXISTS outbox_chunks ON outbox(seq) "
+    " WHERE state = 0 AND held = 0 AND blob_path IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS outbox_hold ON outbox(hold_for) WHERE held = 1;"
+    "CREATE INDEX IF NOT EXISTS outbox_case ON outbox(case_id) WHERE blob_path IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS inbox_unspooled ON inbox(spooled) WHERE spooled = 0;";
 
 struct ml_astore {
@@ -90,6 +146,50 @@ struct ml_astore {
 const char *ml_astore_errmsg(const ml_astore_t *st)
 {
     return st && st->db ? sqlite3_errmsg(st->db) : "no database";
+}
+
+/* Brings an older database up to S_SCHEMA_VERSION in one transaction, and
+ * refuses one written by a newer agent. Returns an SQLITE_* code (*msg set
+ * for errors of our own). */
+static int s_migrate(ml_astore_t *st, char **msg)
+{
+    sqlite3_stmt *s = NULL;
+    int version = 0;
+    int rc = sqlite3_prepare_v2(st->db, "PRAGMA user_version", -1, &s, NULL);
+    if (rc != SQLITE_OK)
+        return rc;
+    if (sqlite3_step(s) == SQLITE_ROW)
+        version = sqlite3_column_int(s, 0);
+    sqlite3_finalize(s);
+    if (version > S_SCHEMA_VERSION) {
+        *msg = sqlite3_mprintf("schema version %d is newer than this agent's (%d)", version,
+                               S_SCHEMA_VERSION);
+        return SQLITE_ERROR;
+    }
+    if (version == S_SCHEMA_VERSION)
+        return SQLITE_OK;
+    /* A table created just now by s_schema has the columns already; one
+     * from version 0 lacks them. */
+    int has =
+        sqlite3_prepare_v2(st->db, "SELECT held FROM outbox LIMIT 0", -1, &s, NULL) == SQLITE_OK;
+    sqlite3_finalize(s);
+    if ((rc = sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, msg)) != SQLITE_OK)
+        return rc;
+    if (!has && (rc = sqlite3_exec(st->db, s_migrate_v1, NULL, NULL, msg)) != SQLITE_OK)
+        goto failed;
+    char sql[64];
+    snprintf(sql, sizeof sql, "PRAGMA user_version = %d", S_SCHEMA_VERSION);
+    if ((rc = sqlite3_exec(st->db, sql, NULL, NULL, msg)) != SQLITE_OK)
+        goto failed;
+    return sqlite3_exec(st->db, "COMMIT", NULL, NULL, msg);
+failed:
+    sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+    return rc;
+}
+
+struct sqlite3 *ml_astore_db(ml_astore_t *st)
+{
+    return st->db;
 }
 
 int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen)
@@ -114,7 +214,9 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
                      "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
                      "PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
                      NULL, NULL, &msg) != SQLITE_OK ||
-        sqlite3_exec(st->db, s_schema, NULL, NULL, &msg) != SQLITE_OK) {
+        sqlite3_exec(st->db, s_schema, NULL, NULL, &msg) != SQLITE_OK ||
+        s_migrate(st, &msg) != SQLITE_OK ||
+        sqlite3_exec(st->db, s_indexes, NULL, NULL, &msg) != SQLITE_OK) {
         snprintf(err, errlen, "%s: cannot set up database: %s", path,
                  msg ? msg : ml_astore_errmsg(st));
         goto out;
@@ -208,6 +310,43 @@ int ml_astore_outbox_add(ml_astore_t *st, const char *id, const char *file_name,
     return ML_ESTORE;
 }
 
+/* Binds text, or NULL for a NULL or empty string. */
+static void s_bind_opt(sqlite3_stmt *s, int i, const char *v)
+{
+    if (v && *v)
+        sqlite3_bind_text(s, i, v, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(s, i);
+}
+
+int ml_astore_outbox_insert(ml_astore_t *st, const ml_outbox_new_t *r, int64_t now_ms)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_INSERT];
+    sqlite3_bind_text(s, 1, r->id, -1, SQLITE_STATIC);
+    s_bind_opt(s, 2, r->file_name);
+    sqlite3_bind_blob64(s, 3, r->envelope, r->envelope_len, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 4, now_ms);
+    s_bind_opt(s, 5, r->case_id);
+    s_bind_opt(s, 6, r->blob_path);
+    if (r->blob_path && *r->blob_path) {
+        sqlite3_bind_int64(s, 7, (sqlite3_int64)r->blob_off);
+        sqlite3_bind_int64(s, 8, (sqlite3_int64)r->blob_len);
+    } else {
+        sqlite3_bind_null(s, 7);
+        sqlite3_bind_null(s, 8);
+    }
+    s_bind_opt(s, 9, r->hold_for);
+    sqlite3_bind_int(s, 10, r->hold_for && *r->hold_for ? 1 : 0);
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    if (rc == SQLITE_DONE)
+        return 0;
+    if (rc == SQLITE_CONSTRAINT)
+        return ML_EDUP;
+    return ML_ESTORE;
+}
+
 int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const char *reason,
                             int64_t now_ms)
 {
@@ -221,8 +360,21 @@ int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const ch
     sqlite3_bind_int64(s, 4, now_ms);
     if (s_exec(st, s) < 0)
         return ML_ESTORE;
-    if (sqlite3_changes(st->db) > 0)
+    if (sqlite3_changes(st->db) > 0) {
+        /* Rows waiting for this one go now, or share its fate. */
+        sqlite3_stmt *h = st->stmt[state == ML_OUTBOX_ACCEPTED ? S_OUT_RELEASE : S_OUT_CASCADE];
+        char why[1200];
+        sqlite3_bind_text(h, 1, id, -1, SQLITE_STATIC);
+        if (state != ML_OUTBOX_ACCEPTED) {
+            snprintf(why, sizeof why, "not sent: message %s, which it waits for, was refused (%s)",
+                     id, reason && *reason ? reason : "no reason given");
+            sqlite3_bind_text(h, 2, why, -1, SQLITE_TRANSIENT);
+            sqlite3_bind_int64(h, 3, now_ms);
+        }
+        if (s_exec(st, h) < 0)
+            return ML_ESTORE;
         return 1;
+    }
     /* Nothing changed: either settled already or unknown. */
     int64_t exists = 0;
     sqlite3_stmt *g = st->stmt[S_OUT_GET];
@@ -252,6 +404,18 @@ static void s_outbox_row(sqlite3_stmt *s, ml_outbox_row_t *r)
         r->reason = "";
     r->created_at = sqlite3_column_int64(s, 6);
     r->updated_at = sqlite3_column_int64(s, 7);
+    r->case_id = (const char *)sqlite3_column_text(s, 8);
+    r->blob_path = (const char *)sqlite3_column_text(s, 9);
+    r->blob_off = (uint64_t)sqlite3_column_int64(s, 10);
+    r->blob_len = (size_t)sqlite3_column_int64(s, 11);
+    r->hold_for = (const char *)sqlite3_column_text(s, 12);
+    r->held = sqlite3_column_int(s, 13);
+    if (!r->case_id)
+        r->case_id = "";
+    if (!r->blob_path)
+        r->blob_path = "";
+    if (!r->hold_for)
+        r->hold_for = "";
 }
 
 /* Steps an outbox query, calling cb per row. Returns ML_ENOTFOUND when
@@ -299,6 +463,53 @@ int ml_astore_outbox_pending(ml_astore_t *st, int64_t after_seq, int64_t limit, 
     sqlite3_bind_int64(s, 1, after_seq);
     sqlite3_bind_int64(s, 2, limit);
     return s_outbox_walk(st, s, 0, cb, arg);
+}
+
+int ml_astore_outbox_next(ml_astore_t *st, int stream, int64_t after_seq, int64_t limit,
+                          ml_outbox_row_cb cb, void *arg)
+{
+    sqlite3_stmt *s = st->stmt[stream == ML_OUTBOX_CHUNKS ? S_OUT_NEXT_CHUNK : S_OUT_NEXT_MSG];
+    sqlite3_bind_int64(s, 1, after_seq);
+    sqlite3_bind_int64(s, 2, limit);
+    return s_outbox_walk(st, s, 0, cb, arg);
+}
+
+int ml_astore_outbox_case_stats(ml_astore_t *st, const char *case_id, ml_outbox_case_stats_t *out)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_CASE_STATS];
+    memset(out, 0, sizeof *out);
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+        out->chunks = sqlite3_column_int64(s, 0);
+        out->bytes = (uint64_t)sqlite3_column_int64(s, 1);
+        out->accepted = sqlite3_column_int64(s, 2);
+        out->accepted_bytes = (uint64_t)sqlite3_column_int64(s, 3);
+        out->refused = sqlite3_column_int64(s, 4);
+    }
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc == SQLITE_ROW ? 0 : ML_ESTORE;
+}
+
+int ml_astore_outbox_case_first(ml_astore_t *st, const char *case_id, ml_outbox_row_cb cb,
+                                void *arg)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_CASE_FIRST];
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    return s_outbox_walk(st, s, 1, cb, arg);
+}
+
+int ml_astore_outbox_case_drop(ml_astore_t *st, const char *case_id, const char *reason,
+                               int64_t now_ms)
+{
+    sqlite3_stmt *s = st->stmt[S_OUT_CASE_DROP];
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, reason, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 3, now_ms);
+    if (s_exec(st, s) < 0)
+        return ML_ESTORE;
+    return sqlite3_changes(st->db);
 }
 
 static int s_count(ml_astore_t *st, sqlite3_stmt *s, int64_t *n)

@@ -1,8 +1,8 @@
 /* The agent's durable store: one SQLite file (WAL, synchronous=FULL) with
  * the outbox (messages this node sends, until the broker accepts or refuses
- * them) and the inbox (messages delivered to this node, deduplicated by
- * message id). A commit returns only once the data is on disk, which is
- * what lets the agent answer Ack and the spool move files.
+ * them, imaging chunks among them as references to blob files) and the
+ * inbox (messages delivered to this node, deduplicated by message id). A commit returns only once
+ * the data is on disk, which is what lets the agent answer Ack and the spool move files.
  *
  * Transactions are explicit (ml_astore_begin/commit) so that callers group
  * a whole batch (one outbox scan, one loop iteration of deliveries) into
@@ -18,18 +18,56 @@ typedef struct ml_astore ml_astore_t;
 /* Outbox row states (stored as integers; do not renumber). */
 enum { ML_OUTBOX_PENDING = 0, ML_OUTBOX_ACCEPTED = 1, ML_OUTBOX_REJECTED = 2 };
 
-/* One outbox row; every pointer is borrowed for the duration of a callback. */
+/* The two streams the agent sends from, each in seq order: ordinary
+ * messages (first, they are small and may be urgent) and imaging chunks
+ * (bulk, bounded by bytes in flight). */
+enum { ML_OUTBOX_MESSAGES = 0, ML_OUTBOX_CHUNKS = 1 };
+
+/* One outbox row; every pointer is borrowed for the duration of a callback.
+ * A chunk row (blob_path not "") holds in envelope an ImagingChunk envelope
+ * without data and sha256; its data are blob_len bytes at blob_off of the
+ * file data_dir/blob_path. */
 typedef struct {
     int64_t seq;
     const char *id;
-    const char *file_name;
+    const char *file_name; /* "" for rows without a spool file */
     const uint8_t *envelope;
     size_t envelope_len;
     int state;
     const char *reason; /* "" when none */
     int64_t created_at;
     int64_t updated_at;
+    const char *case_id;   /* "" when not recorded */
+    const char *blob_path; /* "" for an ordinary message */
+    uint64_t blob_off;
+    size_t blob_len;
+    const char *hold_for; /* "" when the row does not wait for another */
+    int held;             /* 1 while it waits for hold_for's Accepted */
 } ml_outbox_row_t;
+
+/* A row to insert (ml_astore_outbox_insert). NULL or "" for what is absent.
+ * A row with hold_for is kept back (held) until the row with that id is
+ * Accepted, and refused with it if it is refused. */
+typedef struct {
+    const char *id;
+    const char *file_name;
+    const char *case_id;
+    const uint8_t *envelope;
+    size_t envelope_len;
+    const char *blob_path;
+    uint64_t blob_off;
+    size_t blob_len;
+    const char *hold_for;
+} ml_outbox_new_t;
+
+/* The chunk rows of one case. */
+typedef struct {
+    int64_t chunks;          /* rows, resends included */
+    uint64_t bytes;          /* their data bytes */
+    int64_t accepted;        /* rows the broker Accepted */
+    uint64_t accepted_bytes; /* and their data bytes */
+    int64_t refused;         /* rows refused or dropped */
+} ml_outbox_case_stats_t;
 
 /* One inbox row; pointers borrowed for the duration of a callback. */
 typedef struct {
@@ -56,6 +94,10 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
 void ml_astore_destroy(ml_astore_t **self_p);
 /* The last SQLite error message (borrowed, never NULL). */
 const char *ml_astore_errmsg(const ml_astore_t *st);
+/* The connection, for modules that keep tables of their own in agent.db
+ * and take part in its transactions (istore). Borrowed. */
+struct sqlite3;
+struct sqlite3 *ml_astore_db(ml_astore_t *st);
 
 /* Transactions. begin/commit return 0 or ML_ESTORE; a failed commit leaves
  * no transaction open (it is rolled back). rollback is safe without one. */
@@ -67,10 +109,15 @@ void ml_astore_rollback(ml_astore_t *st);
  * outbox, or ML_ESTORE. O(log N). */
 int ml_astore_outbox_add(ml_astore_t *st, const char *id, const char *file_name,
                          const uint8_t *envelope, size_t len, int64_t now_ms);
+/* Adds a pending row with everything ml_outbox_new_t holds. Returns 0,
+ * ML_EDUP when the id is already in the outbox, or ML_ESTORE. O(log N). */
+int ml_astore_outbox_insert(ml_astore_t *st, const ml_outbox_new_t *r, int64_t now_ms);
 /* Sets the state (and reason, may be NULL) of the row with this id, but only
  * while it is still pending: a second Accepted for a settled row changes
- * nothing. Returns 1 when the row changed, 0 when it was already settled,
- * ML_ENOTFOUND when there is no such id, ML_ESTORE on failure. */
+ * nothing. Rows held for it are released (Accepted) or refused with a reason
+ * naming it (refused), in the same transaction. Returns 1 when the row
+ * changed, 0 when it was already settled, ML_ENOTFOUND when there is no such
+ * id, ML_ESTORE on failure. O(log N + rows held for it). */
 int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const char *reason,
                             int64_t now_ms);
 /* Calls cb with the row for id. Returns cb's value, ML_ENOTFOUND or
@@ -82,8 +129,25 @@ int ml_astore_outbox_by_file(ml_astore_t *st, const char *name, ml_outbox_row_cb
  * them. Returns 0, cb's non-zero value, or ML_ESTORE. */
 int ml_astore_outbox_pending(ml_astore_t *st, int64_t after_seq, int64_t limit, ml_outbox_row_cb cb,
                              void *arg);
+/* Walks the rows of one send stream (ML_OUTBOX_MESSAGES or _CHUNKS) that
+ * are pending and not held, with seq > after_seq, in seq order, at most
+ * limit. Returns 0, cb's non-zero value, or ML_ESTORE. O(log N + limit). */
+int ml_astore_outbox_next(ml_astore_t *st, int stream, int64_t after_seq, int64_t limit,
+                          ml_outbox_row_cb cb, void *arg);
 /* Number of outbox rows in state (or all rows for state < 0). */
 int ml_astore_outbox_count(ml_astore_t *st, int state, int64_t *n);
+/* Counts of the chunk rows of case_id. Returns 0 or ML_ESTORE. O(chunks of
+ * the case). */
+int ml_astore_outbox_case_stats(ml_astore_t *st, const char *case_id, ml_outbox_case_stats_t *out);
+/* Calls cb with the first pending chunk row of case_id (held or not).
+ * Returns cb's value, ML_ENOTFOUND or ML_ESTORE. */
+int ml_astore_outbox_case_first(ml_astore_t *st, const char *case_id, ml_outbox_row_cb cb,
+                                void *arg);
+/* Refuses every pending chunk row of case_id with reason (the case is
+ * over: reported, cancelled, refused). Returns the number of rows changed
+ * or ML_ESTORE. */
+int ml_astore_outbox_case_drop(ml_astore_t *st, const char *case_id, const char *reason,
+                               int64_t now_ms);
 
 /* INSERT OR IGNORE into the inbox. Returns 1 when inserted, 0 when the id
  * was already there (a redelivery), ML_ESTORE on failure. */

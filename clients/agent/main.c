@@ -31,8 +31,10 @@ static void s_usage(FILE *f)
                "\n"
                "Store-and-forward agent of a medlink node. Reads the [agent] section of FILE\n"
                "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, heartbeat_ms,\n"
-               "scan_ms, max_record, send_window). Drop NAME.json into spool_dir/outbox/ to\n"
-               "send; delivered messages appear as spool_dir/inbox/<message id>.json.\n");
+               "scan_ms, max_record, send_window, send_window_bytes, chunk_size). Drop\n"
+               "NAME.json into spool_dir/outbox/ to send (an imaging consult with its DICOM\n"
+               "files in outbox/NAME.d/); delivered messages appear as\n"
+               "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n");
 }
 
 static void s_signal_cb(uv_signal_t *h, int signum)

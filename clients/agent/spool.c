@@ -34,6 +34,11 @@ struct ml_spool {
     int need_reconcile;
     /* Inbox rows may be stored but not yet written to inbox/. */
     int need_respool;
+    ml_spool_hooks_t hooks;
+    /* pending/ names handed to hooks.consult and not yet settled by
+     * ml_spool_staged_*: s_reconcile must not take them a second time. */
+    char **staging;
+    size_t n_staging, cap_staging;
 };
 
 /* One file on its way into the outbox table. */
@@ -41,9 +46,11 @@ typedef struct {
     char *name;   /* the name in the source folder */
     char *target; /* the name in pending/ */
     char id[128];
+    char case_id[160];
     char *summary; /* "REFERRAL to X, case C" for the log line */
     uint8_t *blob;
     size_t len;
+    ml_envelope_t *consult; /* an ImagingConsult, for hooks.consult */
 } s_item_t;
 
 /* A copy of an outbox row that outlives the statement. */
@@ -91,6 +98,42 @@ static int s_rename(const ml_spool_t *sp, int from, const char *name, int to, co
     if (s_path(sp, from, name, a, sizeof a) < 0 || s_path(sp, to, to_name, b, sizeof b) < 0)
         return ML_EINVAL;
     return rename(a, b) == 0 ? 0 : ML_EIO;
+}
+
+/* The folder that travels with NAME.json: NAME.d (an imaging consult's
+ * DICOM files). Returns 0 or ML_EINVAL when name does not end in .json or
+ * the result does not fit. */
+static int s_companion(const char *name, char *out, size_t len)
+{
+    size_t n = strlen(name);
+    if (n <= 5 || strcmp(name + n - 5, ".json") != 0)
+        return ML_EINVAL;
+    int w = snprintf(out, len, "%.*s.d", (int)(n - 5), name);
+    return (w < 0 || (size_t)w >= len) ? ML_EINVAL : 0;
+}
+
+static int s_is_dir(const ml_spool_t *sp, int folder, const char *name)
+{
+    char p[S_PATH_MAX];
+    struct stat st;
+    if (s_path(sp, folder, name, p, sizeof p) < 0)
+        return 0;
+    return lstat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* Moves folder/NAME.d along with folder/NAME.json when there is one. A
+ * failure is logged: the message itself is not affected. */
+static void s_move_companion(const ml_spool_t *sp, int from, const char *name, int to,
+                             const char *to_name)
+{
+    char a[S_PATH_MAX], b[S_PATH_MAX];
+    if (s_companion(name, a, sizeof a) < 0 || s_companion(to_name, b, sizeof b) < 0)
+        return;
+    if (!s_is_dir(sp, from, a))
+        return;
+    if (s_rename(sp, from, a, to, b) < 0)
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot move %s/%s to %s/%s: %s", s_folder[from], a,
+               s_folder[to], b, strerror(errno));
 }
 
 /* Files the hospital system means for us: *.json, not hidden, not a
@@ -186,7 +229,8 @@ int ml_spool_set_str(char **field, const char *value)
     return 0;
 }
 
-int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errlen)
+/* ml_spool_fill without the validation. */
+static int s_fill_defaults(ml_envelope_t *e, const char *node_id, char *err, size_t errlen)
 {
     char id[ML_ULID_LEN + 1];
     if (!e->id || !*e->id) {
@@ -207,7 +251,23 @@ int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errle
         if (ml_spool_set_str(&e->case_id, e->id) < 0)
             goto nomem;
     }
-    int rc = ml_env_validate(e, err, errlen);
+    /* A critical finding goes back as fast as the network allows: the
+     * broker orders by priority, so the report must carry EMERGENCY. */
+    if (e->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_REPORT && e->imaging_report &&
+        e->imaging_report->critical_finding)
+        e->priority = MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY;
+    return 0;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    return ML_ENOMEM;
+}
+
+int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errlen)
+{
+    int rc = s_fill_defaults(e, node_id, err, errlen);
+    if (rc < 0)
+        return rc;
+    rc = ml_env_validate(e, err, errlen);
     if (rc < 0)
         return rc;
     if (!ml_env_kind_is_routed(e->kind)) {
@@ -215,9 +275,6 @@ int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errle
         return ML_EINVAL;
     }
     return 0;
-nomem:
-    snprintf(err, errlen, "out of memory");
-    return ML_ENOMEM;
 }
 
 int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len)
@@ -302,11 +359,15 @@ static int s_found_cb(const ml_outbox_row_t *r, void *arg)
  * in rejected/ only. */
 static int s_taken(ml_spool_t *sp, const char *name, int for_pending)
 {
-    if (s_exists(sp, S_REJECTED, name))
+    char dir[S_PATH_MAX];
+    int has_dir = s_companion(name, dir, sizeof dir) == 0;
+    if (s_exists(sp, S_REJECTED, name) || (has_dir && s_exists(sp, S_REJECTED, dir)))
         return 1;
     if (!for_pending)
         return 0;
     if (s_exists(sp, S_PENDING, name) || s_exists(sp, S_SENT, name))
+        return 1;
+    if (has_dir && (s_exists(sp, S_PENDING, dir) || s_exists(sp, S_SENT, dir)))
         return 1;
     /* A store error counts as taken: the suffixed name is always safe. */
     return ml_astore_outbox_by_file(sp->store, name, s_found_cb, NULL) != ML_ENOTFOUND;
@@ -366,6 +427,7 @@ static int s_reject(ml_spool_t *sp, int folder, const char *name, const char *id
                strerror(errno));
         goto out;
     }
+    s_move_companion(sp, folder, name, S_REJECTED, target);
     ml_log(ML_LOG_WARN, S_LOG, "%s/%s rejected: %s", s_folder[folder], name, reason);
     rc = 0;
 out:
@@ -380,6 +442,7 @@ static void s_item_clear(s_item_t *it)
     free(it->target);
     free(it->summary);
     free(it->blob);
+    ml_env_free(&it->consult);
     memset(it, 0, sizeof *it);
 }
 
@@ -417,6 +480,23 @@ static int s_prepare(ml_spool_t *sp, int folder, const char *name, s_item_t *it,
         goto out;
     }
     e = (ml_envelope_t *)m;
+    if (e->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CONSULT) {
+        /* Its object list is filled in from NAME.d by whoever stages it
+         * (hooks.consult); only then can it be validated. */
+        if ((rc = s_fill_defaults(e, sp->node_id, err, errlen)) < 0)
+            goto out;
+        if (!(it->name = strdup(name))) {
+            snprintf(err, errlen, "out of memory");
+            rc = ML_ENOMEM;
+            goto out;
+        }
+        snprintf(it->id, sizeof it->id, "%s", e->id);
+        snprintf(it->case_id, sizeof it->case_id, "%s", e->case_id);
+        it->consult = e;
+        e = NULL;
+        rc = 0;
+        goto out;
+    }
     if ((rc = ml_spool_fill(e, sp->node_id, err, errlen)) < 0)
         goto out;
     if ((rc = ml_env_pack(e, &it->blob, &it->len)) < 0) {
@@ -430,6 +510,7 @@ static int s_prepare(ml_spool_t *sp, int folder, const char *name, s_item_t *it,
         goto out;
     }
     snprintf(it->id, sizeof it->id, "%s", e->id);
+    snprintf(it->case_id, sizeof it->case_id, "%s", e->case_id);
     size_t scap = strlen(e->to) + strlen(e->case_id) + 64;
     it->summary = malloc(scap);
     it->name = strdup(name);
@@ -449,8 +530,71 @@ out:
     return rc;
 }
 
+static int s_staging_find(const ml_spool_t *sp, const char *name)
+{
+    for (size_t i = 0; i < sp->n_staging; i++)
+        if (strcmp(sp->staging[i], name) == 0)
+            return (int)i;
+    return -1;
+}
+
+static int s_staging_add(ml_spool_t *sp, const char *name)
+{
+    if (s_staging_find(sp, name) >= 0)
+        return 0;
+    if (sp->n_staging == sp->cap_staging) {
+        size_t cap = sp->cap_staging ? sp->cap_staging * 2 : 8;
+        char **n = realloc(sp->staging, cap * sizeof *n);
+        if (!n)
+            return ML_ENOMEM;
+        sp->staging = n;
+        sp->cap_staging = cap;
+    }
+    if (!(sp->staging[sp->n_staging] = strdup(name)))
+        return ML_ENOMEM;
+    sp->n_staging++;
+    return 0;
+}
+
+static void s_staging_del(ml_spool_t *sp, const char *name)
+{
+    int i = s_staging_find(sp, name);
+    if (i < 0)
+        return;
+    free(sp->staging[i]);
+    sp->staging[i] = sp->staging[--sp->n_staging];
+}
+
+/* Hands a consult now in pending/ to hooks.consult, which takes the
+ * envelope. Without a hook there is nobody to stage it: refused. */
+static void s_stage(ml_spool_t *sp, s_item_t *it, ml_spool_scan_stats_t *stats)
+{
+    if (!sp->hooks.consult) {
+        if (s_reject(sp, S_PENDING, it->target, it->id,
+                     "this agent does not handle imaging consults") == 0 &&
+            stats)
+            stats->rejected++;
+        return;
+    }
+    if (s_staging_add(sp, it->target) < 0) {
+        /* Left in pending/ without a row: the next reconcile takes it. */
+        ml_log(ML_LOG_ERROR, S_LOG, "out of memory staging pending/%s", it->target);
+        sp->need_reconcile = 1;
+        return;
+    }
+    ml_log(ML_LOG_INFO, S_LOG, "%s taken as imaging consult %s (case %s); copying its study",
+           it->target, it->id, it->case_id);
+    if (stats)
+        stats->staged++;
+    ml_envelope_t *e = it->consult;
+    it->consult = NULL;
+    sp->hooks.consult(sp->hooks.arg, it->target, e);
+}
+
 /* Stores the files names[] of folder (S_OUTBOX: move them into pending/;
- * S_PENDING: they are already there) in one transaction. */
+ * S_PENDING: they are already there) in one transaction. Imaging consults
+ * are moved the same way (with their NAME.d) and handed to hooks.consult
+ * instead. */
 static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
                     ml_spool_scan_stats_t *stats)
 {
@@ -484,6 +628,8 @@ static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
                 s_item_clear(it);
                 continue;
             }
+            if (it->target)
+                s_move_companion(sp, folder, it->name, S_PENDING, it->target);
             moved = 1;
         }
         if (!it->target) {
@@ -499,6 +645,21 @@ static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
         if (folder != S_PENDING)
             s_fsync_dir(sp, folder);
     }
+    /* Consults go to staging; the others are stored below, in order. */
+    size_t m = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (items[i].consult) {
+            s_stage(sp, &items[i], stats);
+            s_item_clear(&items[i]);
+            continue;
+        }
+        if (m != i) {
+            items[m] = items[i];
+            memset(&items[i], 0, sizeof items[i]);
+        }
+        m++;
+    }
+    k = m;
     if (k == 0) {
         rc = 0;
         goto out;
@@ -510,8 +671,12 @@ static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
     if ((rc = ml_astore_begin(sp->store)) < 0)
         goto store_failed;
     for (size_t i = 0; i < k; i++) {
-        rc = ml_astore_outbox_add(sp->store, items[i].id, items[i].target, items[i].blob,
-                                  items[i].len, now);
+        ml_outbox_new_t row = {.id = items[i].id,
+                               .file_name = items[i].target,
+                               .case_id = items[i].case_id,
+                               .envelope = items[i].blob,
+                               .envelope_len = items[i].len};
+        rc = ml_astore_outbox_insert(sp->store, &row, now);
         if (rc == ML_EDUP) {
             items[i].len = 0; /* rejected below, after the commit */
             continue;
@@ -539,6 +704,8 @@ static int s_ingest(ml_spool_t *sp, int folder, char **names, size_t n,
             stats->queued++;
         ml_log(ML_LOG_INFO, S_LOG, "%s/%s queued as message %s (%s)", s_folder[folder],
                items[i].name, items[i].id, items[i].summary);
+        if (sp->hooks.queued)
+            sp->hooks.queued(sp->hooks.arg, items[i].id, items[i].blob, items[i].len);
     }
     if (dups) {
         s_fsync_dir(sp, S_PENDING);
@@ -553,7 +720,7 @@ store_failed:
     sp->need_reconcile = 1;
     rc = ML_ESTORE;
 out:
-    for (size_t i = 0; i < k; i++)
+    for (size_t i = 0; i < n; i++)
         s_item_clear(&items[i]);
     free(items);
     return rc;
@@ -608,6 +775,7 @@ static void s_finish(ml_spool_t *sp, const s_row_t *r)
             ml_log(ML_LOG_ERROR, S_LOG, "cannot move pending/%s to sent/: %s", r->file_name,
                    strerror(errno));
         }
+        s_move_companion(sp, S_PENDING, r->file_name, S_SENT, r->file_name);
         ml_log(ML_LOG_INFO, S_LOG, "%s (message %s) accepted by the broker", r->file_name, r->id);
     } else if (r->state == ML_OUTBOX_REJECTED) {
         const char *why = *r->reason ? r->reason : "refused by the broker";
@@ -686,6 +854,11 @@ static int s_reconcile(ml_spool_t *sp)
     int moved = 0;
     for (size_t i = 0; i < n; i++) {
         s_row_t r = {0};
+        if (s_staging_find(sp, names[i]) >= 0) {
+            /* Being staged right now; its row comes when that is done. */
+            free(names[i]);
+            continue;
+        }
         rc = ml_astore_outbox_by_file(sp->store, names[i], s_copy_row_cb, &r);
         if (rc == ML_ENOTFOUND) {
             /* Keep it for s_ingest, compacting the array in place. */
@@ -758,30 +931,32 @@ static int s_mark_spooled(ml_spool_t *sp, char **ids, size_t n)
     return rc;
 }
 
-int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
+/* Kinds that are stored (deduplicated by id) but never written to inbox/:
+ * transport between agents, nothing for the hospital system to read. */
+static int s_writes_file(int kind)
 {
-    int rc;
-    char **done = NULL;
-    size_t nd = 0;
-    if (n == 0)
-        return 0;
+    return kind != MEDLINK__V1__KIND__KIND_IMAGING_RESEND &&
+           kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
+}
+
+int ml_spool_receive_tx(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
+{
     int64_t now = ml_now_ms();
-    if ((rc = ml_astore_begin(sp->store)) < 0)
-        goto failed;
     for (size_t i = 0; i < n; i++) {
         ml_spool_msg_t *m = &msgs[i];
-        rc = ml_astore_inbox_add(sp->store, m->id, now, m->case_id, m->sender, m->kind, m->envelope,
-                                 m->envelope_len);
-        if (rc < 0) {
-            ml_astore_rollback(sp->store);
-            goto failed;
-        }
+        int rc = ml_astore_inbox_add(sp->store, m->id, now, m->case_id, m->sender, m->kind,
+                                     m->envelope, m->envelope_len);
+        if (rc < 0)
+            return rc;
         m->inserted = rc;
     }
-    if ((rc = ml_astore_commit(sp->store)) < 0)
-        goto failed;
+    return 0;
+}
 
-    done = calloc(n, sizeof *done);
+void ml_spool_receive_done(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
+{
+    char **done = calloc(n ? n : 1, sizeof *done);
+    size_t nd = 0;
     for (size_t i = 0; i < n; i++) {
         ml_spool_msg_t *m = &msgs[i];
         if (!m->inserted) {
@@ -790,7 +965,7 @@ int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
         }
         ml_log(ML_LOG_INFO, S_LOG, "received %s %s from %s, case %s", m->id, ml_kind_name(m->kind),
                m->sender, m->case_id);
-        if (s_spool_one(sp, m->id, m->envelope, m->envelope_len) < 0) {
+        if (s_writes_file(m->kind) && s_spool_one(sp, m->id, m->envelope, m->envelope_len) < 0) {
             sp->need_respool = 1;
             continue;
         }
@@ -803,6 +978,22 @@ int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
     else
         sp->need_respool = 1;
     free(done);
+}
+
+int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n)
+{
+    int rc;
+    if (n == 0)
+        return 0;
+    if ((rc = ml_astore_begin(sp->store)) < 0)
+        goto failed;
+    if ((rc = ml_spool_receive_tx(sp, msgs, n)) < 0) {
+        ml_astore_rollback(sp->store);
+        goto failed;
+    }
+    if ((rc = ml_astore_commit(sp->store)) < 0)
+        goto failed;
+    ml_spool_receive_done(sp, msgs, n);
     return 0;
 failed:
     ml_log(ML_LOG_ERROR, S_LOG, "cannot store %zu delivered message(s): %s", n,
@@ -814,6 +1005,7 @@ typedef struct {
     char **ids;
     uint8_t **blobs;
     size_t *lens;
+    int *kinds;
     size_t n, cap;
 } s_unspooled_t;
 
@@ -831,13 +1023,17 @@ static int s_collect_cb(const ml_inbox_row_t *r, void *arg)
         size_t *lens = realloc(u->lens, cap * sizeof *lens);
         if (lens)
             u->lens = lens;
-        if (!ids || !blobs || !lens)
+        int *kinds = realloc(u->kinds, cap * sizeof *kinds);
+        if (kinds)
+            u->kinds = kinds;
+        if (!ids || !blobs || !lens || !kinds)
             return ML_ENOMEM;
         u->cap = cap;
     }
     u->ids[u->n] = strdup(r->id);
     u->blobs[u->n] = malloc(r->envelope_len ? r->envelope_len : 1);
     u->lens[u->n] = r->envelope_len;
+    u->kinds[u->n] = r->kind;
     if (!u->ids[u->n] || !u->blobs[u->n]) {
         free(u->ids[u->n]);
         free(u->blobs[u->n]);
@@ -863,11 +1059,14 @@ static int s_respool(ml_spool_t *sp)
     sp->need_respool = 0;
     size_t nd = 0;
     for (size_t i = 0; i < u.n; i++) {
-        if (s_spool_one(sp, u.ids[i], u.blobs[i], u.lens[i]) < 0) {
+        if (!s_writes_file(u.kinds[i])) {
+            /* Nothing to write; only the mark was missing. */
+        } else if (s_spool_one(sp, u.ids[i], u.blobs[i], u.lens[i]) < 0) {
             sp->need_respool = 1;
             continue;
+        } else {
+            ml_log(ML_LOG_INFO, S_LOG, "re-spooled inbox message %s", u.ids[i]);
         }
-        ml_log(ML_LOG_INFO, S_LOG, "re-spooled inbox message %s", u.ids[i]);
         char *t = u.ids[nd];
         u.ids[nd++] = u.ids[i];
         u.ids[i] = t;
@@ -882,6 +1081,7 @@ out:
     free(u.ids);
     free(u.blobs);
     free(u.lens);
+    free(u.kinds);
     return rc;
 }
 
@@ -946,8 +1146,88 @@ void ml_spool_destroy(ml_spool_t **self_p)
 {
     if (!self_p || !*self_p)
         return;
-    free((*self_p)->dir);
-    free((*self_p)->node_id);
-    free(*self_p);
+    ml_spool_t *sp = *self_p;
+    for (size_t i = 0; i < sp->n_staging; i++)
+        free(sp->staging[i]);
+    free(sp->staging);
+    free(sp->dir);
+    free(sp->node_id);
+    free(sp);
     *self_p = NULL;
+}
+
+void ml_spool_set_hooks(ml_spool_t *sp, const ml_spool_hooks_t *hooks)
+{
+    if (hooks)
+        sp->hooks = *hooks;
+    else
+        memset(&sp->hooks, 0, sizeof sp->hooks);
+}
+
+const char *ml_spool_dir(const ml_spool_t *sp)
+{
+    return sp->dir;
+}
+
+/* A ULID is 26 characters of Crockford base32. */
+static int s_ulid_suffix(const char *stem, size_t n)
+{
+    if (n < 27 || stem[n - 27] != '.')
+        return 0;
+    char id[ML_ULID_LEN + 1];
+    memcpy(id, stem + n - 26, 26);
+    id[26] = '\0';
+    return ml_ulid_valid(id);
+}
+
+int ml_spool_staged_dir(ml_spool_t *sp, const char *name, char *out, size_t len)
+{
+    char dir[S_PATH_MAX];
+    int rc = s_companion(name, dir, sizeof dir);
+    if (rc < 0)
+        return rc;
+    if ((rc = s_path(sp, S_PENDING, dir, out, len)) < 0)
+        return rc;
+    if (s_is_dir(sp, S_PENDING, dir))
+        return 0;
+    /* A crash between moving NAME.json and NAME.d into pending/ leaves the
+     * folder in outbox/, under the file's name there: the pending name, or
+     * the pending name less the ".<id>" that s_unique put in. */
+    size_t stem = strlen(dir) - 2;
+    char cand[S_PATH_MAX];
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (attempt == 0)
+            snprintf(cand, sizeof cand, "%s", dir);
+        else if (s_ulid_suffix(dir, stem))
+            snprintf(cand, sizeof cand, "%.*s.d", (int)(stem - 27), dir);
+        else
+            break;
+        if (s_is_dir(sp, S_OUTBOX, cand) && s_rename(sp, S_OUTBOX, cand, S_PENDING, dir) == 0) {
+            s_fsync_dir(sp, S_OUTBOX);
+            s_fsync_dir(sp, S_PENDING);
+            ml_log(ML_LOG_INFO, S_LOG, "moved outbox/%s to pending/%s", cand, dir);
+            return 0;
+        }
+    }
+    return ML_ENOTFOUND;
+}
+
+void ml_spool_staged_done(ml_spool_t *sp, const char *name)
+{
+    s_staging_del(sp, name);
+}
+
+int ml_spool_staged_reject(ml_spool_t *sp, const char *name, const char *id, const char *reason)
+{
+    s_staging_del(sp, name);
+    int rc = s_reject(sp, S_PENDING, name, id, reason);
+    s_fsync_dir(sp, S_PENDING);
+    s_fsync_dir(sp, S_REJECTED);
+    return rc;
+}
+
+void ml_spool_staged_retry(ml_spool_t *sp, const char *name)
+{
+    s_staging_del(sp, name);
+    sp->need_reconcile = 1;
 }

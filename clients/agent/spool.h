@@ -12,6 +12,11 @@
  *   spool_dir/inbox/     messages delivered to this node, one
  *                        <message id>.json each, written atomically
  *
+ * An imaging consult is NAME.json with its DICOM files in NAME.d/ (written
+ * first); the folder travels with the file through pending/, sent/ and
+ * rejected/. Its object list is filled in by the imaging module
+ * (hooks.consult) before it is stored.
+ *
  * A file name already used by an earlier message gets the message id put
  * in before ".json" so that no answer can ever be confused with another.
  *
@@ -42,7 +47,25 @@ typedef struct {
 typedef struct {
     size_t queued;   /* files stored in the outbox table, now in pending/ */
     size_t rejected; /* files moved to rejected/ */
+    size_t staged;   /* imaging consults handed to hooks.consult */
 } ml_spool_scan_stats_t;
+
+/* What the imaging side of the agent plugs in (all optional).
+ *
+ * consult: an ImagingConsult file was moved to pending/name (its NAME.d
+ * folder with it, when there was one); env has id, from, created_at and
+ * case_id filled in but is not validated, and is the callee's. The callee
+ * fills in the objects, stores the rows and then calls
+ * ml_spool_staged_done, _reject or _retry with name. Without this hook a
+ * consult is refused.
+ *
+ * queued: a message was committed to the outbox (called after the commit
+ * with the stored envelope, borrowed). */
+typedef struct {
+    void (*consult)(void *arg, const char *name, ml_envelope_t *env);
+    void (*queued)(void *arg, const char *id, const uint8_t *env, size_t len);
+    void *arg;
+} ml_spool_hooks_t;
 
 /* The broker's answer to one of our messages. */
 typedef struct {
@@ -61,6 +84,7 @@ typedef struct {
     const uint8_t *envelope;
     size_t envelope_len;
     int inserted; /* out: 1 when new, 0 when a duplicate */
+    int ack;      /* out (imaging chunks only): 1 when it may be acknowledged */
 } ml_spool_msg_t;
 
 /* Creates the spool and its five folders. Returns 0, ML_EIO or ML_ENOMEM
@@ -68,6 +92,25 @@ typedef struct {
 int ml_spool_new(const ml_spool_config_t *cfg, ml_spool_t **out, char *err, size_t errlen);
 /* Frees the spool; safe on NULL and twice; clears *self_p. */
 void ml_spool_destroy(ml_spool_t **self_p);
+/* Installs hooks (copied; NULL removes them). Set them before
+ * ml_spool_recover, which may stage consults left in pending/. */
+void ml_spool_set_hooks(ml_spool_t *sp, const ml_spool_hooks_t *hooks);
+/* spool_dir (borrowed). */
+const char *ml_spool_dir(const ml_spool_t *sp);
+
+/* The folder of a staged consult: pending/NAME.d for pending/NAME.json,
+ * written into out. If a crash left the folder in outbox/ it is moved into
+ * pending/ first. Returns 0, ML_ENOTFOUND (no folder: the consult is to be
+ * refused) or ML_EINVAL. */
+int ml_spool_staged_dir(ml_spool_t *sp, const char *name, char *out, size_t len);
+/* The staged consult pending/name is stored: forget it. */
+void ml_spool_staged_done(ml_spool_t *sp, const char *name);
+/* The staged consult cannot be sent: pending/name and its folder go to
+ * rejected/ with name.error holding reason. Returns 0 or ML_EIO. */
+int ml_spool_staged_reject(ml_spool_t *sp, const char *name, const char *id, const char *reason);
+/* The staged consult could not be stored now: it stays in pending/ and is
+ * staged again by the next scan (or at start-up). */
+void ml_spool_staged_retry(ml_spool_t *sp, const char *name);
 
 /* Start-up recovery: finishes moves of pending/ files whose rows were
  * settled, stores pending/ files that have no row (crash before commit), and
@@ -92,12 +135,23 @@ int ml_spool_settle(ml_spool_t *sp, const ml_spool_result_t *res, size_t n);
  * then writes inbox/<id>.json for each new one and marks it spooled. On 0
  * every message is durably stored (new or duplicate) and may be acked.
  * Returns 0 or ML_ESTORE (nothing may be acked). A failed file write is
- * logged and retried by the next scan; the message is safe in the store. */
+ * logged and retried by the next scan; the message is safe in the store.
+ * ImagingResend (and ImagingChunk, should one be passed) is stored but not
+ * written to inbox/. Equivalent to begin, ml_spool_receive_tx, commit,
+ * ml_spool_receive_done. */
 int ml_spool_receive(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n);
+/* The inserts of ml_spool_receive inside the caller's transaction (so that
+ * other work of the same batch commits with them); sets inserted. Returns
+ * 0 or ML_ESTORE (roll back). */
+int ml_spool_receive_tx(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n);
+/* After the commit: writes inbox files of the new messages and marks them
+ * spooled. */
+void ml_spool_receive_done(ml_spool_t *sp, ml_spool_msg_t *msgs, size_t n);
 
 /* Fills what the hospital system may leave out of an outgoing envelope: id
  * (a fresh ULID), from (node_id), created_at (now) and case_id (the id);
- * then validates it with ml_env_validate. A "from" naming another node is
+ * sets priority EMERGENCY on an ImagingReport with critical_finding; then
+ * validates it with ml_env_validate. A "from" naming another node is
  * refused. Strings set here are malloc'd, so e must be a heap message (from
  * ml_json_decode or built with malloc). Returns 0 or ML_EINVAL with a
  * sentence in err. */

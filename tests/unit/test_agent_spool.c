@@ -380,9 +380,9 @@ Test(spool, inbox_dedupes_by_id_and_writes_one_file)
     s_delivery(id1, "Wang Wu", &b1, &l1);
     s_delivery(id2, "Zhao Liu", &b2, &l2);
     ml_spool_msg_t m[3] = {
-        {id1, id1, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b1, l1, -1},
-        {id2, id2, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b2, l2, -1},
-        {id1, id1, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b1, l1, -1},
+        {id1, id1, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b1, l1, -1, 0},
+        {id2, id2, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b2, l2, -1, 0},
+        {id1, id1, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b1, l1, -1, 0},
     };
     cr_assert_eq(ml_spool_receive(s_sp, m, 3), 0);
     cr_assert_eq(m[0].inserted, 1);
