@@ -8,6 +8,7 @@
 
 #include <criterion/criterion.h>
 
+#include "cases.h"
 #include "config.h"
 #include "ml_common.h"
 #include "ml_env.h"
@@ -287,4 +288,112 @@ Test(acl, role_names)
     cr_assert_eq(r, ML_ROLE_VILLAGE_CLINIC);
     cr_assert_eq(ml_role_parse("UNKNOWN", &r), ML_EINVAL);
     cr_assert_eq(ml_role_parse("", &r), ML_EINVAL);
+}
+
+/* ---- services, deadlines, escalation, communities ---------------------- */
+
+#define S_WORKFLOWS_OK                                                                             \
+    "[node reading.a.imaging]\nrole = IMAGING_CENTRE\nservices = imaging.ct, imaging.dr\n\n"       \
+    "[node reading.b.imaging]\nrole = IMAGING_CENTRE\nservices = imaging.ct\n\n"                   \
+    "[deadlines]\n"                                                                                \
+    "referral = ACCEPTED 1h\n"                                                                     \
+    "referral.emergency = ACCEPTED 15m\n"                                                          \
+    "imaging.urgent = REPORTED 4h\n"                                                               \
+    "down_transfer = ARRIVED 3d after ACCEPTED\n\n"                                                \
+    "[escalation]\nnotify = county.zhaozhou.hospital\nredirect_emergency = no\n\n"                 \
+    "[community zhaozhou]\nfallback = city.shijiazhuang.hospital\n"
+
+Test(config, services_deadlines_escalation_and_fallbacks)
+{
+    ml_broker_config_t *cfg =
+        s_load_ok(S_BROKER_OK "timer_ms = 250\nnotify_delivered = off\nmax_delivery_attempts = 3\n"
+                              "\n" S_NODES_OK S_WORKFLOWS_OK);
+    cr_assert_eq(cfg->timer_ms, 250);
+    cr_assert_eq(cfg->notify_delivered, 0);
+    cr_assert_eq(cfg->max_delivery_attempts, 3);
+    const ml_node_t *a = ml_broker_config_node(cfg, "reading.a.imaging");
+    cr_assert_eq(a->n_services, 2);
+    cr_assert(ml_node_serves(a, "imaging.dr"));
+    cr_assert(ml_broker_config_is_service(cfg, "imaging.ct"));
+    cr_assert_not(ml_broker_config_is_service(cfg, "imaging.mr"));
+    cr_assert_not(ml_broker_config_is_service(cfg, "reading.a.imaging"));
+
+    /* A line for one priority wins over the line for all of them. */
+    const ml_deadline_rule_t *r = ml_broker_config_deadline(cfg, ML_CASE_REFERRAL, 2);
+    cr_assert(r->set);
+    cr_assert_eq(r->ms, 15 * 60000);
+    r = ml_broker_config_deadline(cfg, ML_CASE_REFERRAL, 0);
+    cr_assert_eq(r->ms, 3600000);
+    cr_assert_eq(r->after_state, 0);
+    r = ml_broker_config_deadline(cfg, ML_CASE_IMAGING, 0);
+    cr_assert_not(r->set);
+    r = ml_broker_config_deadline(cfg, ML_CASE_IMAGING, 1);
+    cr_assert(r->set);
+    r = ml_broker_config_deadline(cfg, ML_CASE_DOWN_TRANSFER, 2);
+    cr_assert_eq(r->ms, 3 * 86400000LL);
+    cr_assert_eq(r->after_state, MEDLINK__V1__DOWN_TRANSFER_STATUS__DOWN_TRANSFER_ACCEPTED);
+    cr_assert_eq(r->target_state, MEDLINK__V1__DOWN_TRANSFER_STATUS__DOWN_TRANSFER_ARRIVED);
+
+    cr_assert_eq(cfg->n_escalate_to, 1);
+    cr_assert_str_eq(cfg->escalate_to[0], "county.zhaozhou.hospital");
+    cr_assert_eq(cfg->redirect_emergency, 0);
+    cr_assert_str_eq(ml_broker_config_fallback(cfg, "zhaozhou"), "city.shijiazhuang.hospital");
+    cr_assert_null(ml_broker_config_fallback(cfg, "elsewhere"));
+    ml_broker_config_destroy(&cfg);
+
+    /* Without those sections: no deadlines, every OPS node, redirects on. */
+    cfg = s_load_ok(S_BROKER_OK S_NODES_OK);
+    cr_assert_not(ml_broker_config_deadline(cfg, ML_CASE_REFERRAL, 2)->set);
+    cr_assert_eq(cfg->n_escalate_to, 0);
+    cr_assert_eq(cfg->redirect_emergency, 1);
+    cr_assert_eq(cfg->notify_delivered, 1);
+    cr_assert_eq(cfg->max_delivery_attempts, 10);
+    ml_broker_config_destroy(&cfg);
+}
+
+Test(config, workflow_sections_refuse_mistakes)
+{
+    s_refused(S_BROKER_OK "[node a.b]\nrole = IMAGING_CENTRE\nservices = county.zhaozhou.hospital\n"
+                          "\n" S_NODES_OK,
+              "is also a node id", NULL);
+    s_refused(S_BROKER_OK "[node a.b]\nrole = IMAGING_CENTRE\nservices = imaging/ct\n", "services",
+              "imaging/ct", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferal = ACCEPTED 15m\n", "[deadlines] referal",
+              "unknown case kind", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferral.critical = ACCEPTED 15m\n", "unknown priority",
+              "critical", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferral = ACCEPTD 15m\n", "ACCEPTD",
+              "not a state of a referral case", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferral = ACCEPTED 15\n", "needs a number and a unit",
+              NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferral = ACCEPTED\n", "STATE DURATION", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\nreferral = SENT 1h\n", "could never run", NULL);
+    s_refused(S_BROKER_OK "[deadlines]\ndown_transfer = ACCEPTED 3d after ARRIVED\n",
+              "could never run", NULL);
+    s_refused(S_BROKER_OK S_NODES_OK "[escalation]\nnotify = ops.nowhere\n", "[escalation] notify",
+              "ops.nowhere is not a registered node", NULL);
+    s_refused(S_BROKER_OK S_NODES_OK "[escalation]\nredirect_emergency = maybe\n",
+              "expected yes or no", NULL);
+    s_refused(S_BROKER_OK S_NODES_OK "[escalation]\nnotfy = x\n", "notfy: unknown key", NULL);
+    s_refused(S_BROKER_OK S_NODES_OK "[community zhaozhou]\nfallback = city.nowhere\n",
+              "[community zhaozhou] fallback", "not a registered node", NULL);
+    s_refused(S_BROKER_OK S_NODES_OK "[community zhaozhou]\nfalback = x\n", "falback", NULL);
+}
+
+Test(config, durations)
+{
+    int64_t ms = 0;
+    cr_assert_eq(ml_duration_parse("500ms", &ms), 0);
+    cr_assert_eq(ms, 500);
+    cr_assert_eq(ml_duration_parse("30s", &ms), 0);
+    cr_assert_eq(ms, 30000);
+    cr_assert_eq(ml_duration_parse("15m", &ms), 0);
+    cr_assert_eq(ms, 900000);
+    cr_assert_eq(ml_duration_parse("2h", &ms), 0);
+    cr_assert_eq(ms, 7200000);
+    cr_assert_eq(ml_duration_parse("3d", &ms), 0);
+    cr_assert_eq(ms, 259200000);
+    const char *bad[] = {"", "m", "15", "15x", "-1m", "1.5h", "15 m", NULL};
+    for (int i = 0; bad[i]; i++)
+        cr_assert_eq(ml_duration_parse(bad[i], &ms), ML_EINVAL, "\"%s\" should be refused", bad[i]);
 }

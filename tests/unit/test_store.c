@@ -777,3 +777,215 @@ Test(store, acknowledged_puts_survive_sigkill)
     scan_free(&s);
     close_all(&loop, &st);
 }
+
+/* ---- cases and dead letters ------------------------------------------- */
+
+typedef struct {
+    int n;
+    char state[8][32];
+    int64_t version;
+    int kind, closed, last_state;
+} case_seen_t;
+
+static void case_cb(void *arg, const ml_store_case_t *c)
+{
+    case_seen_t *s = arg;
+    if (s->n < 8)
+        snprintf(s->state[s->n], sizeof s->state[0], "%s", c->case_id);
+    s->n++;
+    s->version = c->version;
+    s->kind = c->kind;
+    s->closed = c->closed;
+    s->last_state = c->state;
+}
+
+static void event_cb(void *arg, const ml_store_event_t *e)
+{
+    char *out = arg;
+    size_t n = strlen(out);
+    snprintf(out + n, 512 - n, "%s%s", n ? "," : "", e->event);
+}
+
+static ml_store_case_t case_row(const char *id, int state, int64_t version, int closed)
+{
+    return (ml_store_case_t){.case_id = id,
+                             .kind = 1,
+                             .state = state,
+                             .priority = 2,
+                             .opener = "clinic-a",
+                             .target = "hospital-b",
+                             .opening_id = id,
+                             .opened_at = 1000,
+                             .updated_at = 1000 + version,
+                             .closed = closed,
+                             .version = version};
+}
+
+/* Puts one message with one case change and runs the loop until it is
+ * settled. */
+static put_rec_t put_with_case(uv_loop_t *loop, ml_store_t *st, const char *id,
+                               ml_store_caseop_t *op)
+{
+    static put_log_t log;
+    static int order[16];
+    log.order = order;
+    log.cap = 16;
+    put_rec_t rec = {.log = &log};
+    uint8_t env[32];
+    make_envelope(env, sizeof env, 1);
+    ml_store_msg_t m = make_msg(id, 2, env, sizeof env);
+    m.ops = op;
+    m.n_ops = 1;
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &rec), 0);
+    while (!rec.called)
+        uv_run(loop, UV_RUN_ONCE);
+    return rec;
+}
+
+Test(store, case_changes_commit_with_their_message_and_are_versioned)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char path[600];
+    db_path(path, sizeof path);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    char id1[ML_ULID_LEN + 1], id2[ML_ULID_LEN + 1], id3[ML_ULID_LEN + 1];
+    ml_ulid_new(id1);
+    ml_ulid_new(id2);
+    ml_ulid_new(id3);
+
+    ml_store_event_t ev = {.at = 1, .node = "clinic-a", .event = "opened", .message_id = id1};
+    ml_store_caseop_t op = {
+        .row = case_row("case-1", 1, 1, 0), .open = 1, .events = &ev, .n_events = 1};
+    put_rec_t r = put_with_case(&loop, st, id1, &op);
+    cr_assert_eq(r.rc, 0);
+    /* Opening the same case again is refused, message and all. */
+    op.row.opening_id = id2;
+    r = put_with_case(&loop, st, id2, &op);
+    cr_assert_eq(r.rc, ML_EDENIED);
+    int64_t seq;
+    cr_assert_eq(ml_store_lookup(st, id2, &seq, NULL), ML_ENOTFOUND,
+                 "a refused change must not store its message");
+
+    /* Version 2 follows version 1; a stale version 2 again is refused. */
+    ml_store_event_t ev2 = {.at = 2, .node = "hospital-b", .event = "REFERRAL_ACCEPTED"};
+    ml_store_caseop_t up = {.row = case_row("case-1", 3, 2, 0), .events = &ev2, .n_events = 1};
+    r = put_with_case(&loop, st, id2, &up);
+    cr_assert_eq(r.rc, 0);
+    r = put_with_case(&loop, st, id3, &up);
+    cr_assert_eq(r.rc, ML_EDENIED);
+    /* The same message again is a duplicate: the row is not rewritten but
+     * the version moves to the one the broker expects next. */
+    up.row = case_row("case-1", 9, 3, 0);
+    r = put_with_case(&loop, st, id2, &up);
+    cr_assert_eq(r.rc, 0);
+    cr_assert(r.duplicate);
+    case_seen_t seen = {0};
+    cr_assert_eq(ml_store_case_get(st, "case-1", case_cb, &seen), 0);
+    cr_assert_eq(seen.version, 3);
+    cr_assert_eq(seen.last_state, 3, "a duplicate must not change the state");
+    char events[512] = "";
+    cr_assert_eq(ml_store_case_events(st, "case-1", event_cb, events), 0);
+    cr_assert_str_eq(events, "opened,REFERRAL_ACCEPTED");
+
+    /* A change without a message; then the case closes and leaves the
+     * open list but not the store. */
+    ml_store_event_t ev3 = {.at = 3, .node = "broker", .event = "REFERRAL_CLOSED"};
+    ml_store_caseop_t fin = {.row = case_row("case-1", 11, 4, 1), .events = &ev3, .n_events = 1};
+    put_rec_t done = {0};
+    put_log_t log = {.order = (int[4]){0}, .cap = 4};
+    done.log = &log;
+    cr_assert_eq(ml_store_case_apply(st, &fin, 1, put_cb, &done), 0);
+    while (!done.called)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_eq(done.rc, 0);
+    memset(&seen, 0, sizeof seen);
+    cr_assert_eq(ml_store_cases_open(st, case_cb, &seen), 0);
+    cr_assert_eq(seen.n, 0);
+    cr_assert_eq(ml_store_cases_query(st, 1, 11, 0, 10, case_cb, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert(seen.closed);
+    memset(&seen, 0, sizeof seen);
+    cr_assert_eq(ml_store_cases_query(st, 2, -1, 0, 10, case_cb, &seen), 0);
+    cr_assert_eq(seen.n, 0, "kind filter");
+    close_all(&loop, &st);
+
+    /* Everything survives a reopen. */
+    uv_loop_init(&loop);
+    st = open_store(&loop, path, NULL);
+    memset(&seen, 0, sizeof seen);
+    cr_assert_eq(ml_store_case_get(st, "case-1", case_cb, &seen), 0);
+    cr_assert_eq(seen.version, 4);
+    events[0] = '\0';
+    cr_assert_eq(ml_store_case_events(st, "case-1", event_cb, events), 0);
+    cr_assert_str_eq(events, "opened,REFERRAL_ACCEPTED,REFERRAL_CLOSED");
+    close_all(&loop, &st);
+}
+
+typedef struct {
+    int n;
+    char id[4][ML_ULID_LEN + 1];
+    char reason[4][64];
+    int attempts[4];
+} dead_seen_t;
+
+static void dead_cb(void *arg, const ml_store_dead_t *d)
+{
+    dead_seen_t *s = arg;
+    if (s->n < 4) {
+        snprintf(s->id[s->n], sizeof s->id[0], "%s", d->id);
+        snprintf(s->reason[s->n], sizeof s->reason[0], "%s", d->reason);
+        s->attempts[s->n] = d->attempts;
+    }
+    s->n++;
+}
+
+Test(store, dead_letters_listed_replayed_and_purged)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char path[600];
+    db_path(path, sizeof path);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    put_rec_t recs[3];
+    put_log_t log = {0};
+    put_many(&loop, st, recs, &log, 3, 32, NULL);
+    cr_assert_eq(ml_store_mark_dead(st, recs[0].seq, "expired", 0), 0);
+    cr_assert_eq(ml_store_mark_dead(st, recs[1].seq, "refused by the recipient", 4), 0);
+    /* A put flushes the marks before it (one queue, in order). */
+    put_rec_t more[1];
+    put_log_t mlog = {0};
+    put_many(&loop, st, more, &mlog, 1, 32, NULL);
+
+    dead_seen_t seen = {0};
+    int64_t n = 0;
+    cr_assert_eq(ml_store_dead_count(st, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(ml_store_dead_list(st, 10, dead_cb, &seen), 0);
+    cr_assert_eq(seen.n, 2);
+    memset(&seen, 0, sizeof seen);
+    cr_assert_eq(ml_store_dead_get(st, recs[1].id, dead_cb, &seen), 0);
+    cr_assert_str_eq(seen.reason[0], "refused by the recipient");
+    cr_assert_eq(seen.attempts[0], 4);
+    cr_assert_eq(ml_store_dead_get(st, recs[2].id, dead_cb, &seen), ML_ENOTFOUND,
+                 "a queued message is not a dead letter");
+
+    /* Replay makes it pending again; purge removes the other for good. */
+    cr_assert_eq(ml_store_replay(st, recs[0].seq), 0);
+    cr_assert_eq(ml_store_purge(st, recs[1].seq), 0);
+    cr_assert_eq(ml_store_purge(st, recs[2].seq), 0); /* not dead: untouched */
+    put_many(&loop, st, more, &mlog, 1, 32, NULL);
+    cr_assert_eq(ml_store_dead_count(st, &n), 0);
+    cr_assert_eq(n, 0);
+    int state = -1;
+    cr_assert_eq(ml_store_lookup(st, recs[0].id, NULL, &state), 0);
+    cr_assert_eq(state, ML_MSG_QUEUED);
+    cr_assert_eq(ml_store_lookup(st, recs[1].id, NULL, NULL), ML_ENOTFOUND);
+    cr_assert_eq(ml_store_lookup(st, recs[2].id, NULL, &state), 0);
+    cr_assert_eq(state, ML_MSG_QUEUED);
+    scan_t sc = {0};
+    cr_assert_eq(ml_store_scan_pending(st, scan_cb, &sc), 0);
+    cr_assert(scan_has_seq(&sc, recs[0].seq), "the replayed message is pending again");
+    scan_free(&sc);
+    close_all(&loop, &st);
+}
