@@ -122,7 +122,7 @@ static int s_send_one(const ctl_opts_t *o, ml_tls_ctx_t *tls)
         goto out;
     }
     s_one_t one = {e, 0};
-    ctl_source_t src = {s_one_next, 0, &one};
+    ctl_source_t src = {s_one_next, 0, medlink__v1__envelope__get_packed_size(e), &one};
     rc = ctl_session_send(o, tls, &src, &res);
     if (rc == ML_EDENIED)
         rc = ctl_print_refused(o, &res);
@@ -171,7 +171,7 @@ static int s_send_imaging(const ctl_opts_t *o, ml_tls_ctx_t *tls)
         ctl_study_destroy(&st);
         return rc;
     }
-    ctl_source_t src = {s_study_next, 1, st};
+    ctl_source_t src = {s_study_next, 1, ctl_study_max_message(st), st};
     rc = ctl_session_send(o, tls, &src, &res);
     if (rc == 0) {
         rc = ctl_print_imaging(o, c, ctl_study_objects(st), ctl_study_chunks(st),

@@ -221,10 +221,21 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
             ss->items[i].sent = 0;
         return;
     }
-    if (ss->req)
+    if (ss->req) {
         s_send_admin(ss);
-    else
-        s_pump(ss);
+        return;
+    }
+    const Medlink__V1__Welcome *w = ml_channel_welcome(ss->ch);
+    if (w && w->max_record && ss->src->max_len > w->max_record) {
+        ctl_fail(CTL_EXIT_FAIL,
+                 "broker %s takes records of at most %u bytes, and this needs %zu%s: nothing "
+                 "was sent",
+                 w->broker, w->max_record, ss->src->max_len,
+                 ss->src->first_alone ? " (use a smaller --chunk-size)" : "");
+        s_finish(ss, ML_ETOOBIG);
+        return;
+    }
+    s_pump(ss);
 }
 
 static int s_lists(char **ids, size_t n, const char *id)

@@ -34,6 +34,9 @@ typedef struct {
     /* 1: the first message must be Accepted before any other is sent
      * (an imaging consult opens the case its chunks belong to). */
     int first_alone;
+    /* Serialised size of the largest message it will give: when the
+     * broker's Welcome announces a smaller max_record, nothing is sent. */
+    size_t max_len;
     void *arg;
 } ctl_source_t;
 

@@ -15,6 +15,7 @@
 
 #include "build.h"
 #include "ml_common.h"
+#include "ml_frame.h"
 #include "ml_imaging.h"
 
 #define S_MAX_DEPTH 16
@@ -24,6 +25,7 @@ struct ctl_study {
     char **paths; /* one per object, same order */
     size_t n_paths;
     uint64_t chunks, bytes;
+    size_t max_message;
     int consult_given;
     size_t obj;     /* next chunk: object index */
     uint32_t chunk; /* and chunk index within it */
@@ -122,6 +124,55 @@ static int s_add_object(ctl_study_t *s, const char *path, uint32_t chunk_size, i
     return CTL_EXIT_OK;
 }
 
+/* Every message must fit in one record (ML_FRAME_DEFAULT_MAX, the channel's
+ * and the broker's default limit): measured on the consult and on a chunk
+ * of the largest size with the widest indices, so that a study that cannot
+ * go is refused before its consult opens a case. */
+static int s_check_sizes(ctl_study_t *s)
+{
+    const ml_envelope_t *c = s->consult;
+    const Medlink__V1__ImagingConsult *ic = c->imaging_consult;
+    uint64_t largest = 0;
+    uint32_t most_chunks = 0;
+    for (size_t i = 0; i < ic->n_object; i++) {
+        uint64_t sz = ic->object[i]->size;
+        if (sz > largest)
+            largest = sz;
+        if (ic->object[i]->chunks > most_chunks)
+            most_chunks = ic->object[i]->chunks;
+    }
+    ml_envelope_t e = *c; /* the consult's id, case, from, to: same lengths */
+    Medlink__V1__ImagingChunk ch = MEDLINK__V1__IMAGING_CHUNK__INIT;
+    char sha[ML_SHA256_HEX + 1];
+    memset(sha, 'f', ML_SHA256_HEX);
+    sha[ML_SHA256_HEX] = '\0';
+    ch.study_instance_uid = ic->study_instance_uid;
+    ch.object_index = (uint32_t)(ic->n_object - 1);
+    ch.chunk_index = most_chunks ? most_chunks - 1 : 0;
+    ch.offset = largest;
+    ch.sha256 = sha;
+    /* get_packed_size reads only the length of bytes fields. */
+    ch.data.len = largest < ic->chunk_size ? (size_t)largest : ic->chunk_size;
+    e.kind = MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
+    e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK;
+    e.imaging_chunk = &ch;
+    size_t chunk_msg = medlink__v1__envelope__get_packed_size(&e);
+    size_t consult_msg = medlink__v1__envelope__get_packed_size(c);
+    if (consult_msg > ML_FRAME_DEFAULT_MAX)
+        return ctl_fail(CTL_EXIT_USAGE,
+                        "the consult lists %zu objects and is %zu bytes, over the %u-byte record "
+                        "limit: send the study as several consults",
+                        ic->n_object, consult_msg, ML_FRAME_DEFAULT_MAX);
+    if (chunk_msg > ML_FRAME_DEFAULT_MAX)
+        return ctl_fail(CTL_EXIT_USAGE,
+                        "chunk size %u makes chunk messages of %zu bytes, over the %u-byte record "
+                        "limit: use --chunk-size %zu or less",
+                        ic->chunk_size, chunk_msg, ML_FRAME_DEFAULT_MAX,
+                        (size_t)ic->chunk_size - (chunk_msg - ML_FRAME_DEFAULT_MAX));
+    s->max_message = chunk_msg > consult_msg ? chunk_msg : consult_msg;
+    return CTL_EXIT_OK;
+}
+
 int ctl_study_new(const ctl_opts_t *o, ctl_study_t **out)
 {
     ctl_study_t *s = calloc(1, sizeof *s);
@@ -180,7 +231,8 @@ int ctl_study_new(const ctl_opts_t *o, ctl_study_t **out)
     }
     c->chunk_size = chunk_size;
     c->total_bytes = s->bytes;
-    rc = ctl_build_finish(o, s->consult);
+    if ((rc = ctl_build_finish(o, s->consult)) == CTL_EXIT_OK)
+        rc = s_check_sizes(s);
 out:
     for (size_t i = 0; i < n_files; i++)
         free(files[i]);
@@ -223,6 +275,11 @@ uint64_t ctl_study_chunks(const ctl_study_t *s)
 uint64_t ctl_study_bytes(const ctl_study_t *s)
 {
     return s->bytes;
+}
+
+size_t ctl_study_max_message(const ctl_study_t *s)
+{
+    return s->max_message;
 }
 
 int ctl_study_next(ctl_study_t *s, ml_envelope_t **env)

@@ -33,6 +33,11 @@ uint32_t ctl_study_objects(const ctl_study_t *s);
 uint64_t ctl_study_chunks(const ctl_study_t *s);
 uint64_t ctl_study_bytes(const ctl_study_t *s);
 
+/* Serialised size of the largest message the study sends (the consult,
+ * or a chunk of chunk_size bytes), for a check against the broker's
+ * max_record before anything is sent. */
+size_t ctl_study_max_message(const ctl_study_t *s);
+
 /* The next message to send: the consult first, then each chunk in order
  * (object 0 chunk 0, 0/1, ..., 1/0, ...). *env is borrowed until the next
  * call or ctl_study_destroy. Returns 1, 0 when every message was given,
