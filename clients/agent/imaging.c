@@ -1957,13 +1957,24 @@ static int s_on_message(ml_aimg_t *img, const ml_spool_msg_t *m)
     return rc < 0 ? rc : 0;
 }
 
-/* Reads the whole object back and checks it against the consult. */
+/* Reads the whole object back and checks it against the consult. Bytes
+ * past the object's size (a write a crash interrupted, never recorded) are
+ * cut off first: every recorded chunk lies within the size. */
 static int s_verify(ml_aimg_t *img, const ml_img_in_t *t, const ml_img_obj_t *o)
 {
     char path[S_PATH], sha[ML_SHA256_HEX + 1];
     uint64_t size = 0;
+    struct stat st;
     if (s_part_path(img, t->case_id, o->idx, path, sizeof path) < 0)
         return 0;
+    if (stat(path, &st) == 0 && (uint64_t)st.st_size > o->size) {
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, (off_t)o->size) != 0 || fsync(fd) != 0)
+            ml_log(ML_LOG_WARN, S_LOG, "case %s: cannot trim %s: %s", t->case_id, path,
+                   strerror(errno));
+        if (fd >= 0)
+            close(fd);
+    }
     if (ml_sha256_file(path, sha, &size) < 0)
         return 0;
     return size == o->size && strcmp(sha, o->sha256) == 0;
