@@ -583,6 +583,10 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         else if (rc == ML_EDENIED)
             ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
                          "the case changed while this message was being stored; retry");
+        else if (rc == ML_EDUP)
+            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_INVALID,
+                         "case_id is already in use by another case; a new case needs a new "
+                         "case_id");
         else
             ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
                          "store error: the message was not stored, retry later");
@@ -638,6 +642,7 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
         .envelope_len = m->len,
         .ops = m->ops,
         .n_ops = m->n_ops,
+        .fresh = m->fresh,
     };
     int rc = ml_store_put(b->store, &sm, s_put_done, p);
     if (rc != 0) {
@@ -696,6 +701,7 @@ int ml_bk_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml
             .n_ops = n_ops,
             .cs = cs,
             .notice = strcmp(env->from, b->cfg->broker_id) == 0,
+            .fresh = 1,
         };
         rc = ml_bk_submit(b, &m);
     }

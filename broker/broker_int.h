@@ -203,6 +203,7 @@ typedef struct {
     int action;        /* ML_BK_AFTER_* */
     int chunk_bytes;
     int notice; /* the broker's own message */
+    int fresh;  /* an id the broker just made: never a duplicate */
 } ml_bk_msg_t;
 
 /* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),

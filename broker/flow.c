@@ -569,7 +569,13 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     int ck = ml_case_kind_of_message(env->kind);
     ml_nodestate_t *sender = s->ns;
 
-    ml_case_t *exist = s_lookup(b, env->case_id);
+    /* Memory only: a final case that has left memory is found by the store,
+     * which refuses the opening (ML_EDUP) or, for a resend of the opening
+     * message itself, reports a duplicate. Reading the store here would
+     * cost every new case a synchronous query. */
+    ml_case_t *exist = ml_casetab_find(&b->cases, env->case_id);
+    if (exist && exist->gone)
+        exist = NULL;
     if (exist) {
         if (strcmp(exist->opening_id, env->id) == 0) {
             /* The opening message sent again (its Accepted was lost). */
@@ -581,7 +587,6 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
                      env->case_id);
             ml_bk_refuse(b, s, env->id, NACK_(INVALID), err);
         }
-        s_maybe_evict(b, exist);
         return;
     }
 
@@ -1050,6 +1055,12 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
         uint64_t n = (uint64_t)p->chunk_bytes;
         c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
         c->dup_chunks++;
+    } else if (rc == 0 && duplicate && p->has_ops) {
+        /* A resend whose first copy made the change already (an opening
+         * sent again after its case left memory, say): memory follows the
+         * store. */
+        s_resync(b, c);
+        s_resync(b, lc);
     } else if (rc == 0 && !duplicate) {
         if (p->action == ML_BK_AFTER_FORWARD && c)
             s_forward_opening(b, c);

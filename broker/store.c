@@ -83,6 +83,7 @@ typedef struct ml_store_req {
     size_t envelope_len;
     const char *reason;
     int attempts;
+    int fresh; /* a put whose id cannot be a duplicate */
     /* Case changes (one allocation of their own, see s_ops_dup). */
     ml_store_caseop_t *ops;
     size_t n_ops;
@@ -567,11 +568,11 @@ static int s_case_write(ml_store_t *st, const ml_store_caseop_t *op, int *denied
     if (src != SQLITE_DONE)
         return src;
     if (sqlite3_changes(st->wr) != 1) {
-        ml_log(ML_LOG_WARN, S_COMPONENT,
-               "%s: case %s not %s (version %lld expected): the broker reloads it", st->path,
-               op->row.case_id, op->open ? "opened: it exists" : "updated",
-               (long long)op->row.version - 1);
-        *denied = 1;
+        if (!op->open)
+            ml_log(ML_LOG_WARN, S_COMPONENT,
+                   "%s: case %s not updated (version %lld expected): the broker reloads it",
+                   st->path, op->row.case_id, (long long)op->row.version - 1);
+        *denied = op->open ? ML_EDUP : ML_EDENIED;
         return SQLITE_DONE;
     }
     for (size_t i = 0; i < op->n_events; i++) {
@@ -592,26 +593,30 @@ static int s_case_write(ml_store_t *st, const ml_store_caseop_t *op, int *denied
     return SQLITE_DONE;
 }
 
-/* Applies every case change of r under a savepoint, so that a change that
- * cannot apply leaves none of the request's changes behind (r->rc =
- * ML_EDENIED). *applied is 1 when they all applied. Store thread. */
+/* Applies every case change of r so that a change that cannot apply
+ * leaves none of the request's changes behind (r->rc = ML_EDUP for an
+ * opening whose case exists, ML_EDENIED for a stale version). One change
+ * needs no savepoint: the conditional write that may be refused is its
+ * first write. Several are wrapped in one. *applied is 1 when they all
+ * applied. Store thread. */
 static int s_cases_apply(ml_store_t *st, ml_store_req_t *r, int *applied)
 {
     int denied = 0;
     *applied = 0;
-    int src = s_run(st->sp_begin);
+    int sp = r->n_ops > 1;
+    int src = sp ? s_run(st->sp_begin) : SQLITE_DONE;
     for (size_t i = 0; src == SQLITE_DONE && !denied && i < r->n_ops; i++)
         src = s_case_write(st, &r->ops[i], &denied);
     if (src != SQLITE_DONE)
         return src;
     if (denied) {
-        r->rc = ML_EDENIED;
-        if ((src = s_run(st->sp_rollback)) != SQLITE_DONE)
+        r->rc = denied;
+        if (sp && (src = s_run(st->sp_rollback)) != SQLITE_DONE)
             return src;
     } else {
         *applied = 1;
     }
-    return s_run(st->sp_release);
+    return sp ? s_run(st->sp_release) : SQLITE_DONE;
 }
 
 /* A duplicate message does not change its cases, but their versions move
@@ -662,7 +667,14 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
     if (r->n_ops == 0)
         return s_insert_msg(st, r, now);
 
-    /* With case changes: a duplicate must be known before they apply. */
+    /* With case changes: a duplicate must be known before they apply,
+     * unless the id was just made by the broker itself. */
+    if (r->fresh) {
+        int applied = 0;
+        if ((src = s_cases_apply(st, r, &applied)) != SQLITE_DONE || !applied)
+            return src;
+        return s_insert_msg(st, r, now);
+    }
     sqlite3_bind_text(st->lookup, 1, r->id, -1, SQLITE_STATIC);
     src = sqlite3_step(st->lookup);
     if (src == SQLITE_ROW) {
@@ -1176,6 +1188,7 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
                           .priority = m->priority,
                           .created_at = m->created_at,
                           .deadline = m->deadline,
+                          .fresh = m->fresh,
                           .envelope_len = m->envelope_len};
     char *p = (char *)(r + 1);
     /* The envelope goes first: its pointer is then never NULL, even for an

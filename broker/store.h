@@ -65,7 +65,7 @@ typedef struct {
 /* A change to one case, applied in the same transaction as the message it
  * comes with (or alone, ml_store_case_apply). open = 1 inserts row (its
  * version must be 1; an existing case_id fails the request with
- * ML_EDENIED); otherwise row replaces the stored one only if the stored
+ * ML_EDUP); otherwise row replaces the stored one only if the stored
  * version is row.version - 1, else the request fails with ML_EDENIED: the
  * broker's memory and the store disagree (after a failed batch), and the
  * caller reloads the case. When the message turns out to be a duplicate the
@@ -91,6 +91,7 @@ typedef struct {
     size_t envelope_len;
     const ml_store_caseop_t *ops; /* case changes that commit with it (copied) */
     size_t n_ops;
+    int fresh; /* 1: an id the broker just made, never a duplicate (saves a lookup) */
 } ml_store_msg_t;
 
 /* A pending (queued, undelivered) message as listed at start-up. Strings
@@ -134,8 +135,9 @@ typedef struct {
 
 /* Called on the loop thread once the put is settled: rc 0 with the row's
  * seq (duplicate = 1 when a message with this id was already stored; seq is
- * then the earlier row's), or ML_EFULL (disk or quota full), ML_EDENIED (a
- * case change did not apply: see ml_store_caseop_t), or ML_ESTORE. */
+ * then the earlier row's), or ML_EFULL (disk or quota full), ML_EDENIED /
+ * ML_EDUP (a case change did not apply: see ml_store_caseop_t), or
+ * ML_ESTORE. */
 typedef void (*ml_store_put_cb)(void *arg, int rc, int64_t seq, int duplicate);
 
 /* Opens (creating if needed) the database at path, applies the schema, and

@@ -862,7 +862,7 @@ Test(store, case_changes_commit_with_their_message_and_are_versioned)
     /* Opening the same case again is refused, message and all. */
     op.row.opening_id = id2;
     r = put_with_case(&loop, st, id2, &op);
-    cr_assert_eq(r.rc, ML_EDENIED);
+    cr_assert_eq(r.rc, ML_EDUP);
     int64_t seq;
     cr_assert_eq(ml_store_lookup(st, id2, &seq, NULL), ML_ENOTFOUND,
                  "a refused change must not store its message");
