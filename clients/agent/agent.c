@@ -874,6 +874,8 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     }
     uv_check_start(&a->check, s_check_cb);
     uv_timer_start(&a->scan_timer, s_scan_timer_cb, 0, a->scan_ms);
+    /* Consults the recovery found in pending/ are staged from now on. */
+    ml_aimg_start(a->img);
 
     ml_log(ML_LOG_INFO, S_LOG, "%s started: node %s, broker %s, spool %s", S_SOFTWARE, cfg->node_id,
            cfg->broker, cfg->spool_dir);

@@ -121,6 +121,7 @@ struct ml_aimg {
     s_job_t *head, *tail;
     s_job_t *running;
     atomic_int cancel;
+    int started; /* ml_aimg_start: staging may use the thread pool */
     int stopping;
 
     s_vec_t progs; /* s_prog_t */
@@ -991,7 +992,7 @@ static s_job_t *s_pop(ml_aimg_t *img)
 /* Starts the next job on the thread pool, one at a time (one disk). */
 static void s_kick(ml_aimg_t *img)
 {
-    while (img->loop && !img->running && !img->stopping && img->head) {
+    while (img->loop && img->started && !img->running && !img->stopping && img->head) {
         s_job_t *job = s_pop(img);
         if (s_precheck(img, job) != 0) {
             s_job_free(job);
@@ -2548,6 +2549,12 @@ void ml_aimg_tick(ml_aimg_t *img)
         img->queued = 0;
         img->wake(img->arg);
     }
+}
+
+void ml_aimg_start(ml_aimg_t *img)
+{
+    img->started = 1;
+    s_kick(img);
 }
 
 void ml_aimg_stop(ml_aimg_t *img)

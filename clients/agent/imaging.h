@@ -73,6 +73,10 @@ int ml_aimg_recover(ml_aimg_t *img);
 /* Retries publications that failed (a full disk, say); cheap when there is
  * nothing to retry. Call from a timer. */
 void ml_aimg_tick(ml_aimg_t *img);
+/* Lets staging work run on the loop's thread pool (consults found until
+ * now wait in a queue): call once nothing can fail any more, because a
+ * module with work running cannot be destroyed before the loop runs. */
+void ml_aimg_start(ml_aimg_t *img);
 /* Stops staging: queued consults stay in pending/ for the next start, the
  * one being copied is abandoned at its next block. */
 void ml_aimg_stop(ml_aimg_t *img);

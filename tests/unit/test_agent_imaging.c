@@ -1262,3 +1262,79 @@ Test(aimg, old_database_is_migrated)
     ml_astore_destroy(&st);
     node_open(&s_clinic);
 }
+
+Test(aimg, transfer_ends_when_cancelled_or_rejected)
+{
+    char case_id[160];
+    staged_and_accepted(case_id);
+    dlv_t consult = consult_delivery();
+    cr_assert_eq(deliver(&s_centre, &consult, 1), 0);
+    dlv_t ch[64];
+    size_t n = chunk_deliveries(ch, 64);
+    cr_assert_eq(deliver(&s_centre, ch, 2), 0);
+    char inc[1500];
+    snprintf(inc, sizeof inc, "%s/incoming/%s", s_centre.data, case_id);
+    cr_assert(exists(inc));
+
+    /* The clinic withdraws the consult; the broker passes it on. */
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    Medlink__V1__ImagingUpdate u = MEDLINK__V1__IMAGING_UPDATE__INIT;
+    u.status = MEDLINK__V1__IMAGING_STATUS__IMAGING_CANCELLED;
+    u.reason = "patient transferred";
+    ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
+    e.id = id;
+    e.case_id = case_id;
+    e.from = CLINIC;
+    e.to = CENTRE;
+    e.kind = MEDLINK__V1__KIND__KIND_IMAGING_UPDATE;
+    e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE;
+    e.imaging_update = &u;
+    dlv_t c = dlv_of(pack(&e));
+    cr_assert_eq(deliver(&s_centre, &c, 1), 0);
+    cr_assert(!exists(inc), "incoming files deleted");
+    /* Chunks still on their way are acked and dropped; nothing is
+     * published. */
+    cr_assert_eq(deliver(&s_centre, ch + 2, n - 2), 0);
+    for (size_t i = 2; i < n; i++)
+        cr_assert(ch[i].ack);
+    char dir[1500];
+    snprintf(dir, sizeof dir, "%s/inbox/study-%s", s_centre.spool, case_id);
+    cr_assert(!exists(dir));
+    cr_assert(!exists(inc));
+    dlv_free(&c, 1);
+    dlv_free(ch, n);
+    dlv_free(&consult, 1);
+
+    /* A second consult, which the reading centre's own system refuses.
+     * (The broker took every chunk of the first.) */
+    rows_t first = stream(&s_clinic, ML_OUTBOX_CHUNKS);
+    for (int i = 0; i < first.n; i++)
+        settle(&s_clinic, first.id[i], 1, NULL);
+    drop_study("second", s_sizes, NULL);
+    stage();
+    ml_envelope_t *e2 = the_consult();
+    char case2[160];
+    snprintf(case2, sizeof case2, "%s", e2->case_id);
+    settle(&s_clinic, e2->id, 1, NULL);
+    ml_env_free(&e2);
+    consult = consult_delivery();
+    cr_assert_eq(deliver(&s_centre, &consult, 1), 0);
+    n = chunk_deliveries(ch, 64);
+    cr_assert_eq(deliver(&s_centre, ch, 1), 0);
+    snprintf(inc, sizeof inc, "%s/incoming/%s", s_centre.data, case2);
+    cr_assert(exists(inc));
+    char json[1024], p[1500];
+    snprintf(json, sizeof json,
+             "{\"caseId\": \"%s\", \"to\": \"" CLINIC "\", \"imagingUpdate\": {\"status\": "
+             "\"IMAGING_REJECTED\", \"reason\": \"slice thickness too large to read\"}}",
+             case2);
+    snprintf(p, sizeof p, "%s/outbox/reject.json", s_centre.spool);
+    cr_assert_eq(ml_write_file_atomic(p, json, strlen(json)), 0);
+    ml_spool_scan_stats_t st;
+    cr_assert_eq(ml_spool_scan(s_centre.sp, 100, &st), 0);
+    cr_assert_eq(st.queued, 1);
+    cr_assert(!exists(inc), "incoming files deleted");
+    dlv_free(ch, n);
+    dlv_free(&consult, 1);
+}
