@@ -45,6 +45,8 @@
 /* A chunk that arrives damaged this often ends the consult (REJECTED):
  * something between the two agents corrupts it every time. */
 #define S_MAX_BAD 5
+/* Between attempts to publish a study after a failure (a full disk). */
+#define S_RETRY_MS 10000
 /* Whole-object digest failures before the consult is refused. */
 #define S_MAX_ATTEMPTS 3
 /* Chunk indexes per ImagingResend (keeps the record small). */
@@ -134,6 +136,7 @@ struct ml_aimg {
     s_vec_t drop_in;  /* char[129]: cases whose incoming files go */
     int queued;       /* outbox rows added */
     int retry;        /* a publication failed; ml_aimg_tick retries */
+    int64_t retry_at; /* not before this (ml_mono_ms) */
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -1721,17 +1724,17 @@ static int s_handle_chunk(ml_aimg_t *img, const ml_spool_msg_t *m, const ml_enve
                t.case_id, e->from, t.sender);
         return 0;
     }
-    if (ch->object_index >= t.objects ||
-        (rc = ml_istore_obj_get(img->is, t.case_id, ch->object_index, &o)) == ML_ENOTFOUND ||
-        ch->chunk_index >= o.chunks) {
+    rc = ch->object_index < t.objects ? ml_istore_obj_get(img->is, t.case_id, ch->object_index, &o)
+                                      : ML_ENOTFOUND;
+    if (rc < 0 && rc != ML_ENOTFOUND)
+        return rc;
+    if (rc == ML_ENOTFOUND || ch->chunk_index >= o.chunks) {
         ml_log(ML_LOG_WARN, S_LOG,
                "case %s: dropped chunk %u of object %u: the consult has no "
                "such chunk",
                t.case_id, ch->chunk_index, ch->object_index);
         return 0;
     }
-    if (rc < 0)
-        return rc;
     int good = 0;
     uint32_t bad_count = 0;
     rc = ml_istore_chunk_get(img->is, t.case_id, o.idx, ch->chunk_index, &good, &bad_count);
@@ -1761,7 +1764,7 @@ static int s_handle_chunk(ml_aimg_t *img, const ml_spool_msg_t *m, const ml_enve
         if ((rc = ml_istore_chunk_put(img->is, t.case_id, o.idx, ch->chunk_index, 0, bad_count,
                                       now)) < 0)
             return rc;
-        if (bad_count > S_MAX_BAD) {
+        if (bad_count >= S_MAX_BAD) {
             char reason[512];
             snprintf(reason, sizeof reason,
                      "chunk %u of object %u (%s) arrived damaged %u times; the study cannot be "
@@ -2536,9 +2539,10 @@ out:
 
 void ml_aimg_tick(ml_aimg_t *img)
 {
-    if (!img || !img->retry)
+    if (!img || !img->retry || ml_mono_ms() < img->retry_at)
         return;
     img->retry = 0;
+    img->retry_at = ml_mono_ms() + S_RETRY_MS;
     s_walk_ctx_t c = {img, {NULL, 0, 0, 129}};
     if (ml_istore_in_walk(img->is, ML_IMG_IN_RECEIVING, s_in_collect_cb, &c) == 0)
         for (size_t i = 0; i < c.cases.n; i++)

@@ -70,8 +70,8 @@ void ml_aimg_destroy(ml_aimg_t **self_p);
  * nobody needs, closes cases whose consult was refused, verifies and
  * publishes transfers a crash interrupted. Returns 0 or ML_ESTORE. */
 int ml_aimg_recover(ml_aimg_t *img);
-/* Retries publications that failed (a full disk, say); cheap when there is
- * nothing to retry. Call from a timer. */
+/* Retries publications that failed (a full disk, say), at most every 10 s;
+ * cheap when there is nothing to retry. Call from a timer. */
 void ml_aimg_tick(ml_aimg_t *img);
 /* Lets staging work run on the loop's thread pool (consults found until
  * now wait in a queue): call once nothing can fail any more, because a

@@ -1338,3 +1338,37 @@ Test(aimg, transfer_ends_when_cancelled_or_rejected)
     dlv_free(ch, n);
     dlv_free(&consult, 1);
 }
+
+Test(aimg, chunk_damaged_five_times_ends_the_consult)
+{
+    char case_id[160];
+    staged_and_accepted(case_id);
+    dlv_t consult = consult_delivery();
+    cr_assert_eq(deliver(&s_centre, &consult, 1), 0);
+    dlv_t ch[64];
+    size_t n = chunk_deliveries(ch, 64);
+    damage(&ch[1]);
+    ml_envelope_t *u[4], *r[8];
+    for (int i = 1; i <= 5; i++) {
+        cr_assert_eq(deliver(&s_centre, &ch[1], 1), 0);
+        cr_assert(ch[1].ack);
+        int resends = centre_outbox(MEDLINK__V1__KIND__KIND_IMAGING_RESEND, r, 8);
+        for (int k = 0; k < resends; k++)
+            ml_env_free(&r[k]);
+        cr_assert_eq(resends, i < 5 ? i : 4, "after %d damaged arrival(s)", i);
+        int ups = centre_outbox(MEDLINK__V1__KIND__KIND_IMAGING_UPDATE, u, 4);
+        cr_assert_eq(ups, i < 5 ? 0 : 1);
+        if (ups) {
+            cr_assert_eq(u[0]->imaging_update->status,
+                         MEDLINK__V1__IMAGING_STATUS__IMAGING_REJECTED);
+            cr_assert(strstr(u[0]->imaging_update->reason, "damaged 5 times"), "%s",
+                      u[0]->imaging_update->reason);
+            ml_env_free(&u[0]);
+        }
+    }
+    char inc[1500];
+    snprintf(inc, sizeof inc, "%s/incoming/%s", s_centre.data, case_id);
+    cr_assert(!exists(inc));
+    dlv_free(ch, n);
+    dlv_free(&consult, 1);
+}
