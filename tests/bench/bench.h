@@ -1,0 +1,48 @@
+/* medlink-bench's parts: the physical ceilings (bench_ceiling.c: raw
+ * ZeroMQ over loopback, durable writes to a disk) and the workloads that go
+ * through a real medlinkd (bench_load.c: referrals, referral updates,
+ * imaging consults with their chunks). Each entry point prints "key value"
+ * lines on stdout for bench.sh and returns a process exit code. */
+#ifndef ML_BENCH_H
+#define ML_BENCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Monotonic nanoseconds (the one clock every latency is measured on). */
+uint64_t bench_ns(void);
+
+/* One ZeroMQ DEALER streams count frames of size bytes to a ROUTER over
+ * tcp://127.0.0.1 in this process (two threads); no TLS, no store. */
+int bench_raw(size_t size, long count);
+
+/* Writes count blocks of size bytes to a new file in dir, with one
+ * fdatasync per sync_bytes and one at the end (the broker's group-commit
+ * pattern), then removes the file. The durable write ceiling of that
+ * file system. */
+int bench_disk(const char *dir, size_t size, long count, size_t sync_bytes);
+
+typedef struct {
+    const char *broker; /* medlinkd's endpoint */
+    const char *pki;    /* ca.crt and NODE.{crt,key} for every node */
+    int n_clinics;      /* township.benchNN.clinic */
+    int n_readers;      /* reading.benchNN.imaging, serving imaging.ct */
+    int offline;        /* the hospital never connects (backlog) */
+    long referrals;     /* referrals in all, to county.bench.hospital */
+    size_t size;        /* bytes per referral envelope (padded) */
+    int updates;        /* the hospital answers each referral with ACCEPTED */
+    long studies;       /* imaging consults in all */
+    int objects;        /* DICOM objects per study */
+    size_t object_size; /* bytes of the first object (the others a little more) */
+    uint32_t chunk_size;
+    long window;         /* messages in flight per sender (the agent's send_window) */
+    size_t window_bytes; /* bytes in flight per sender (send_window_bytes) */
+    int split;           /* clinics send one class each (mixed workload) */
+    int timeout_s;       /* give up after this long */
+} bench_load_opts_t;
+
+/* Runs the workload of o through the broker and prints what it measured.
+ * Returns 0 when everything was accepted, delivered and verified. */
+int bench_load(const bench_load_opts_t *o);
+
+#endif
