@@ -2,17 +2,35 @@
 # medlink throughput/latency/memory benchmark. Everything on 127.0.0.1.
 #
 #   tests/bench/bench.sh [--clinics N] [--count M] [--size BYTES] [--queued Q]
+#                        [--readers R] [--studies S] [--mixed-count M2]
+#                        [--mixed-studies S2]
+#                        [--sections "raw e2e e2e-quiet backlog imaging mixed"]
 #
-# In one run it measures:
-#   1. the raw ZeroMQ DEALER->ROUTER ceiling for frames of --size bytes;
-#   2. durable end to end: N clinics -> medlinkd (TLS 1.3, SQLite WAL with
-#      synchronous=FULL, group commit) -> one hospital that acks, M messages;
-#      messages/s, p50/p99 latency, peak broker RSS, ratio to (1).
-#   Both (1) and (2) run 3 times (a fresh broker and store each time for 2);
-#   the ratio is of the medians, and every run is printed: the machine is
-#   shared and single runs swing by +-25%.
-#   3. broker memory with Q messages queued for an offline hospital.
-# Figures go to stdout and to tests/bench/results/last.txt.
+# In one run it measures (each measurement 3 times, a fresh broker and store
+# for each run through medlinkd; medians are reported and every run printed,
+# because the machine is shared and single runs swing by +-25%):
+#   raw      the raw ZeroMQ DEALER->ROUTER ceiling for frames of --size bytes;
+#   e2e      durable end to end: N clinics -> medlinkd (TLS 1.3, SQLite WAL with
+#            synchronous=FULL, group commit, case tracking) -> one hospital that
+#            acks, M referrals; the clinics take and ack the broker's DELIVERED
+#            notices like agents. Messages/s, p50/p99 latency, peak broker RSS,
+#            broker per-thread CPU, ratio to the raw ceiling;
+#   e2e-quiet the same with notify_delivered = no in the broker's config, which
+#            separates the cost of the DELIVERED notices from that of case
+#            tracking;
+#   backlog  broker memory with Q referrals queued for an offline hospital,
+#            and after a restart that reloads them;
+#   imaging  the raw ceiling for 256 KiB frames; the durable write ceiling of
+#            the broker's data folder (256 KiB writes, one fdatasync per
+#            8 MiB); N clinics sending S imaging studies (consult + 256 KiB
+#            chunks, 8 MiB unanswered per clinic) through medlinkd to R reading
+#            centres that verify every chunk's SHA-256. Imaging MB/s, ratios to
+#            both ceilings, broker per-thread CPU and bytes written;
+#   mixed    referrals, the hospital's ACCEPTED update for each, and imaging at
+#            the same time (half the clinics each); each class's rate and
+#            latency.
+# Figures go to stdout and to tests/bench/results/last.txt. Exits non-zero
+# if any run failed (a refusal, a lost message, a chunk failing its SHA-256).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -20,18 +38,33 @@ CLINICS=4
 COUNT=200000
 SIZE=1024
 QUEUED=100000
+READERS=2
+STUDIES=32
+MIXED_COUNT=100000
+MIXED_STUDIES=16
+SECTIONS="raw e2e e2e-quiet backlog imaging mixed"
 while [ $# -gt 0 ]; do
     case "$1" in
     --clinics) CLINICS=$2; shift 2 ;;
     --count) COUNT=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --queued) QUEUED=$2; shift 2 ;;
+    --readers) READERS=$2; shift 2 ;;
+    --studies) STUDIES=$2; shift 2 ;;
+    --mixed-count) MIXED_COUNT=$2; shift 2 ;;
+    --mixed-studies) MIXED_STUDIES=$2; shift 2 ;;
+    --sections) SECTIONS=$2; shift 2 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+# Only what the bench runs is built: a test file someone is in the middle of
+# writing must not stop a benchmark of the broker.
 BUILD="$ROOT/build-bench"
-"$ROOT/deploy/setup.sh" --build-dir "$BUILD" -- -DCMAKE_BUILD_TYPE=Release -DML_BUILD_TESTS=ON >/dev/null
+"$ROOT/deploy/setup.sh" --no-build >/dev/null
+cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DML_BUILD_TESTS=ON >/dev/null
+cmake --build "$BUILD" -j "$(nproc)" --target medlinkd medlink-bench >/dev/null
 BENCH="$BUILD/tests/bench/medlink-bench"
 MEDLINKD="$BUILD/broker/medlinkd"
 
@@ -39,21 +72,30 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/mlbench.XXXXXX")
 BROKER_PID=""
 cleanup() { [ -n "$BROKER_PID" ] && kill -TERM "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
+FAILS=0
 
 nodes=(medlinkd.bench county.bench.hospital)
 for i in $(seq 1 "$CLINICS"); do nodes+=("$(printf 'township.bench%02d.clinic' "$i")"); done
+for i in $(seq 1 "$READERS"); do nodes+=("$(printf 'reading.bench%02d.imaging' "$i")"); done
 "$ROOT/deploy/pki.sh" --dir "$W/pki" "${nodes[@]}" >/dev/null
 
 PORT=$((20000 + RANDOM % 20000))
 while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
+# write_config DATA_DIR [NOTIFY_DELIVERED]
 write_config() {
     {
         printf '[broker]\nid = medlinkd.bench\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s\n' "$PORT" "$1"
         printf 'ca = %s/pki/ca.crt\ncert = %s/pki/medlinkd.bench.crt\nkey = %s/pki/medlinkd.bench.key\n' "$W" "$W" "$W"
-        printf 'log_level = warn\ndelivery_window = 1024\n\n'
+        printf 'log_level = warn\ndelivery_window = 1024\nnotify_delivered = %s\n\n' "${2:-yes}"
         printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
         for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
-        printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\n'
+        for i in $(seq 1 "$READERS"); do
+            printf '[node reading.bench%02d.imaging]\nrole = IMAGING_CENTRE\nservices = imaging.ct\n\n' "$i"
+        done
+        printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\nIMAGING_CONSULT = IMAGING_CENTRE\n'
+        printf 'IMAGING_CHUNK = IMAGING_CENTRE\n\n'
+        printf '[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\n\n'
+        printf '[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC\n'
     } >"$W/medlinkd.ini"
 }
 start_broker() {
@@ -63,63 +105,198 @@ start_broker() {
     echo "medlinkd did not start" >&2; cat "$W/broker.log" >&2; exit 1
 }
 stop_broker() { kill -TERM "$BROKER_PID"; wait "$BROKER_PID" || true; BROKER_PID=""; }
-kv() { grep "^$1 " "$2" | awk '{print $2}'; }
 rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
+# CPU seconds of each thread of a process ("medlinkd=0.81 ml-store=1.62 ...");
+# a fresh broker per run, so this is that run's work.
+thread_cpu() {
+    local hz t
+    hz=$(getconf CLK_TCK)
+    for t in /proc/"$1"/task/*; do
+        printf '%s=%s ' "$(cat "$t/comm")" "$(sed 's/^.*) //' "$t/stat" | awk -v hz="$hz" '{printf "%.2f", ($12 + $13) / hz}')"
+    done
+}
+# Bytes each thread caused to be written to storage ("ml-store=1234 ...").
+thread_wbytes() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        printf '%s=%s ' "$(cat "$t/comm")" "$(awk '$1=="write_bytes:" {print $2}' "$t/io")"
+    done
+}
+proc_wbytes() { awk '$1=="write_bytes:" {print $2}' "/proc/$1/io"; }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+vals() { grep "^$1 " "$2" | awk '{print $2}'; }
+med() { vals "$1" "$2" | median; }
+runs() { vals "$1" "$2" | awk '{printf "%s ", $1}'; }
+sum() { vals "$1" "$2" | awk '{s+=$1} END {print s+0}'; }
+pct() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.1f", 100*a/b; else print "n/a" }'; }
+# Runs one medlink-bench workload against the running broker; its output goes
+# to $1 (and stdout), a failure is counted rather than stopping the script.
+load() {
+    local out=$1
+    shift
+    if ! "$BENCH" "$@" --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --clinics "$CLINICS" \
+        2>"$out.err" | tee "$out"; then
+        FAILS=$((FAILS + 1))
+        echo "FAILED: medlink-bench $* (stderr:)" >&2
+        grep -v '^progress' "$out.err" | tail -5 >&2
+    fi
+}
 
-echo "== raw ZeroMQ ceiling ($SIZE-byte frames), 3 runs"
-: >"$W/raw.all"
-for _ in 1 2 3; do "$BENCH" raw --size "$SIZE" --count 1000000 | tee -a "$W/raw.all"; done
+if want raw; then
+    echo "== raw ZeroMQ ceiling ($SIZE-byte frames), 3 runs"
+    : >"$W/raw.all"
+    for _ in 1 2 3; do "$BENCH" raw --size "$SIZE" --count 1000000 | tee -a "$W/raw.all"; done
+fi
 
-echo "== durable end to end: $CLINICS clinics -> medlinkd -> 1 hospital, $COUNT x $SIZE B, 3 runs"
-: >"$W/e2e.all"
-PEAK=0
-for r in 1 2 3; do
-    write_config "$W/data-e2e-$r"
+if want e2e; then
+    echo "== durable end to end: $CLINICS clinics -> medlinkd -> 1 hospital, $COUNT x $SIZE B, 3 runs"
+    : >"$W/e2e.all"
+    PEAK=0
+    for r in 1 2 3; do
+        write_config "$W/data-e2e-$r"
+        start_broker
+        load "$W/e2e-$r.txt" e2e --count "$COUNT" --size "$SIZE"
+        cat "$W/e2e-$r.txt" >>"$W/e2e.all"
+        P=$(rss_kib "$BROKER_PID" VmHWM)
+        [ "$P" -gt "$PEAK" ] && PEAK=$P
+        echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")" | tee -a "$W/e2e.all"
+        stop_broker
+        rm -rf "$W/data-e2e-$r"
+    done
+fi
+
+if want e2e-quiet; then
+    echo "== durable end to end without DELIVERED notices (notify_delivered = no), 3 runs"
+    : >"$W/quiet.all"
+    for r in 1 2 3; do
+        write_config "$W/data-quiet-$r" no
+        start_broker
+        load "$W/quiet-$r.txt" e2e --count "$COUNT" --size "$SIZE"
+        cat "$W/quiet-$r.txt" >>"$W/quiet.all"
+        echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")" | tee -a "$W/quiet.all"
+        stop_broker
+        rm -rf "$W/data-quiet-$r"
+    done
+fi
+
+if want backlog; then
+    echo "== broker memory with $QUEUED messages queued for an offline hospital"
+    write_config "$W/data2"
     start_broker
-    "$BENCH" e2e --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --clinics "$CLINICS" \
-        --count "$COUNT" --size "$SIZE" 2>"$W/e2e.err" | tee "$W/e2e-$r.txt"
-    cat "$W/e2e-$r.txt" >>"$W/e2e.all"
-    P=$(rss_kib "$BROKER_PID" VmHWM)
-    [ "$P" -gt "$PEAK" ] && PEAK=$P
+    load "$W/off.txt" e2e --count "$QUEUED" --size "$SIZE" --offline
+    Q_RSS=$(rss_kib "$BROKER_PID" VmRSS)
+    Q_HWM=$(rss_kib "$BROKER_PID" VmHWM)
     stop_broker
-    rm -rf "$W/data-e2e-$r"
-done
+    echo "== restart with the backlog (queues reloaded from the store)"
+    start_broker
+    sleep 1
+    R_RSS=$(rss_kib "$BROKER_PID" VmRSS)
+    stop_broker
+    rm -rf "$W/data2"
+fi
 
-echo "== broker memory with $QUEUED messages queued for an offline hospital"
-write_config "$W/data2"
-start_broker
-"$BENCH" e2e --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --clinics "$CLINICS" \
-    --count "$QUEUED" --size "$SIZE" --offline 2>"$W/off.err" | tee "$W/off.txt"
-Q_RSS=$(rss_kib "$BROKER_PID" VmRSS)
-Q_HWM=$(rss_kib "$BROKER_PID" VmHWM)
-stop_broker
-echo "== restart with the backlog (queues reloaded from the store)"
-start_broker
-sleep 1
-R_RSS=$(rss_kib "$BROKER_PID" VmRSS)
-stop_broker
+if want imaging; then
+    echo "== raw ZeroMQ ceiling (262144-byte frames), 3 runs"
+    : >"$W/raw256.all"
+    for _ in 1 2 3; do "$BENCH" raw --size 262144 --count 10000 | tee -a "$W/raw256.all"; done
 
-RAW=$(grep '^raw_frames_per_s ' "$W/raw.all" | awk '{print $2}' | median)
-RAWS=$(grep '^raw_frames_per_s ' "$W/raw.all" | awk '{printf "%s ", $2}')
-DEL=$(grep '^delivered_per_s ' "$W/e2e.all" | awk '{print $2}' | median)
-DELS=$(grep '^delivered_per_s ' "$W/e2e.all" | awk '{printf "%s ", $2}')
-ACC=$(grep '^accepted_per_s ' "$W/e2e.all" | awk '{print $2}' | median)
-P50=$(grep '^latency_p50_ms ' "$W/e2e.all" | awk '{print $2}' | median)
-P99=$(grep '^latency_p99_ms ' "$W/e2e.all" | awk '{print $2}' | median)
-DUPS=$(grep '^duplicates_seen ' "$W/e2e.all" | awk '{s+=$2} END {print s}')
-RATIO=$(awk -v a="$DEL" -v b="$RAW" 'BEGIN{printf "%.1f", 100*a/b}')
+    echo "== durable imaging: $CLINICS clinics -> medlinkd -> $READERS reading centres, $STUDIES studies;"
+    echo "   each run preceded by the disk's durable write ceiling in the broker's data folder"
+    : >"$W/disk.all"
+    : >"$W/img.all"
+    IMG_PEAK=0
+    for r in 1 2 3; do
+        mkdir -p "$W/data-img-$r"
+        "$BENCH" disk --dir "$W/data-img-$r" --size 262144 --count 4096 --sync-bytes 8388608 |
+            tee -a "$W/disk.all"
+        write_config "$W/data-img-$r"
+        start_broker
+        load "$W/img-$r.txt" imaging --readers "$READERS" --studies "$STUDIES"
+        cat "$W/img-$r.txt" >>"$W/img.all"
+        P=$(rss_kib "$BROKER_PID" VmHWM)
+        [ "$P" -gt "$IMG_PEAK" ] && IMG_PEAK=$P
+        {
+            echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")"
+            echo "broker_threads_write_bytes $(thread_wbytes "$BROKER_PID")"
+            echo "broker_write_bytes $(proc_wbytes "$BROKER_PID")"
+        } | tee -a "$W/img.all"
+        stop_broker
+        rm -rf "$W/data-img-$r"
+    done
+fi
+
+if want mixed; then
+    echo "== mixed: referrals + ACCEPTED updates + imaging at once, $MIXED_COUNT referrals," \
+        "$MIXED_STUDIES studies, 3 runs"
+    : >"$W/mix.all"
+    for r in 1 2 3; do
+        write_config "$W/data-mix-$r"
+        start_broker
+        load "$W/mix-$r.txt" mixed --count "$MIXED_COUNT" --size "$SIZE" --readers "$READERS" \
+            --studies "$MIXED_STUDIES"
+        cat "$W/mix-$r.txt" >>"$W/mix.all"
+        echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")" | tee -a "$W/mix.all"
+        stop_broker
+        rm -rf "$W/data-mix-$r"
+    done
+fi
+
 mkdir -p "$ROOT/tests/bench/results"
 {
     echo "medlink benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores"
-    echo "command: tests/bench/bench.sh --clinics $CLINICS --count $COUNT --size $SIZE --queued $QUEUED"
-    echo "raw ZeroMQ DEALER->ROUTER ceiling, $SIZE B frames: median $RAW frames/s (runs: $RAWS)"
-    echo "durable e2e delivered: median $DEL msg/s (runs: $DELS)"
-    echo "ratio of medians: $RATIO% of the raw ceiling"
-    echo "durable e2e accepted: median $ACC msg/s"
-    echo "latency (median of runs): p50 $P50 ms, p99 $P99 ms"
-    echo "duplicates seen by the hospital: $DUPS"
-    echo "peak broker RSS during e2e: $((PEAK / 1024)) MiB"
-    echo "broker RSS with $QUEUED queued for an offline node: $((Q_RSS / 1024)) MiB (peak $((Q_HWM / 1024)) MiB); after restart reloading them: $((R_RSS / 1024)) MiB"
+    echo "command: tests/bench/bench.sh --clinics $CLINICS --count $COUNT --size $SIZE --queued $QUEUED" \
+        "--readers $READERS --studies $STUDIES --mixed-count $MIXED_COUNT --mixed-studies $MIXED_STUDIES" \
+        "--sections \"$SECTIONS\""
+    if want raw; then
+        RAW=$(med raw_frames_per_s "$W/raw.all")
+        echo "raw ZeroMQ DEALER->ROUTER ceiling, $SIZE B frames: median $RAW frames/s (runs: $(runs raw_frames_per_s "$W/raw.all"))"
+    fi
+    if want e2e; then
+        DEL=$(med delivered_per_s "$W/e2e.all")
+        echo "durable e2e delivered: median $DEL msg/s (runs: $(runs delivered_per_s "$W/e2e.all"))"
+        want raw && echo "ratio of medians: $(pct "$DEL" "$RAW")% of the raw ceiling"
+        echo "durable e2e accepted: median $(med accepted_per_s "$W/e2e.all") msg/s"
+        echo "latency (median of runs): p50 $(med latency_p50_ms "$W/e2e.all") ms, p99 $(med latency_p99_ms "$W/e2e.all") ms"
+        echo "duplicates seen by the hospital: $(sum duplicates_seen "$W/e2e.all"); refused: $(sum refused "$W/e2e.all")"
+        echo "DELIVERED notices taken by the clinics: $(sum notices_delivered "$W/e2e.all") of $(sum notices_expected "$W/e2e.all")"
+        echo "peak broker RSS during e2e: $((PEAK / 1024)) MiB"
+        grep '^broker_threads_cpu_s' "$W/e2e.all" | sed 's/^/e2e /'
+    fi
+    if want e2e-quiet; then
+        QDEL=$(med delivered_per_s "$W/quiet.all")
+        echo "durable e2e without notices: median $QDEL msg/s (runs: $(runs delivered_per_s "$W/quiet.all"))"
+        want raw && echo "ratio of medians without notices: $(pct "$QDEL" "$RAW")% of the raw ceiling"
+        echo "latency without notices (median of runs): p50 $(med latency_p50_ms "$W/quiet.all") ms, p99 $(med latency_p99_ms "$W/quiet.all") ms"
+        grep '^broker_threads_cpu_s' "$W/quiet.all" | sed 's/^/e2e-quiet /'
+    fi
+    if want backlog; then
+        echo "broker RSS with $QUEUED queued for an offline node: $((Q_RSS / 1024)) MiB (peak $((Q_HWM / 1024)) MiB); after restart reloading them: $((R_RSS / 1024)) MiB"
+    fi
+    if want imaging; then
+        RAW256=$(med raw_mb_per_s "$W/raw256.all")
+        DISK=$(med disk_mb_per_s "$W/disk.all")
+        IMG=$(med imaging_mb_per_s "$W/img.all")
+        echo "raw ZeroMQ ceiling, 256 KiB frames: median $RAW256 MB/s (runs: $(runs raw_mb_per_s "$W/raw256.all"))"
+        echo "disk durable write ceiling (256 KiB writes, fdatasync per 8 MiB): median $DISK MB/s (runs: $(runs disk_mb_per_s "$W/disk.all"))"
+        echo "durable imaging, chunk payload delivered: median $IMG MB/s (runs: $(runs imaging_mb_per_s "$W/img.all"))"
+        echo "durable imaging, chunk payload accepted: median $(med imaging_accepted_mb_per_s "$W/img.all") MB/s"
+        echo "imaging / raw 256 KiB ceiling: $(pct "$IMG" "$RAW256")%; imaging / disk ceiling: $(pct "$IMG" "$DISK")%"
+        echo "imaging latency (median of runs): chunk p50 $(med chunk_latency_p50_ms "$W/img.all") ms, p99 $(med chunk_latency_p99_ms "$W/img.all") ms; study p50 $(med study_latency_p50_ms "$W/img.all") ms"
+        echo "imaging checks: sha_failures $(sum sha_failures "$W/img.all"), consult_mismatches $(sum consult_mismatches "$W/img.all"), chunk_errors $(sum chunk_errors "$W/img.all"), studies complete $(sum imaging_studies_complete "$W/img.all") of $(sum imaging_studies "$W/img.all"), retries $(sum retries "$W/img.all")"
+        paste -d' ' <(vals imaging_chunk_bytes "$W/img.all") <(vals broker_write_bytes "$W/img.all") |
+            awk '{printf "broker bytes written per chunk payload byte: %.2f\n", $2 / $1}'
+        echo "peak broker RSS during imaging: $((IMG_PEAK / 1024)) MiB; load generator CPU: $(runs loadgen_cpu_s "$W/img.all")s"
+        grep '^broker_threads_cpu_s' "$W/img.all" | sed 's/^/imaging /'
+        grep '^broker_threads_write_bytes' "$W/img.all" | sed 's/^/imaging /'
+    fi
+    if want mixed; then
+        echo "mixed (rates while all classes flow, median of runs): referrals $(med mixed_referrals_per_s "$W/mix.all")/s (runs: $(runs mixed_referrals_per_s "$W/mix.all")), ACCEPTED updates $(med mixed_updates_per_s "$W/mix.all")/s (runs: $(runs mixed_updates_per_s "$W/mix.all")), imaging $(med mixed_imaging_mb_per_s "$W/mix.all") MB/s (runs: $(runs mixed_imaging_mb_per_s "$W/mix.all"))"
+        echo "mixed (each class over its own run): referrals $(med referrals_per_s "$W/mix.all")/s, updates $(med updates_per_s "$W/mix.all")/s, imaging $(med imaging_mb_per_s "$W/mix.all") MB/s"
+        echo "mixed latency p50/p99 (median of runs): referral $(med referral_latency_p50_ms "$W/mix.all")/$(med referral_latency_p99_ms "$W/mix.all") ms, update $(med update_latency_p50_ms "$W/mix.all")/$(med update_latency_p99_ms "$W/mix.all") ms, chunk $(med chunk_latency_p50_ms "$W/mix.all")/$(med chunk_latency_p99_ms "$W/mix.all") ms, referral->ACCEPTED round trip $(med accept_roundtrip_p50_ms "$W/mix.all")/$(med accept_roundtrip_p99_ms "$W/mix.all") ms"
+        echo "mixed checks: sha_failures $(sum sha_failures "$W/mix.all"), refused $(sum refused "$W/mix.all"), duplicates seen $(($(sum referral_duplicates_seen "$W/mix.all") + $(sum update_duplicates_seen "$W/mix.all")))"
+        grep '^broker_threads_cpu_s' "$W/mix.all" | sed 's/^/mixed /'
+    fi
+    echo "failed runs: $FAILS"
 } | tee "$ROOT/tests/bench/results/last.txt"
+[ "$FAILS" -eq 0 ]
