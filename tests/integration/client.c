@@ -179,8 +179,14 @@ void cli_close(cli_t *c)
 
 ml_envelope_t *cli_send_wait(cli_t *c, ml_envelope_t *env)
 {
+    if (c->n >= CLI_MAX - 1) {
+        /* A test polling the broker for a long time: earlier replies are
+         * no longer looked at (a reply is valid until the next call). */
+        for (int i = 0; i < c->n; i++)
+            ml_env_free(&c->replies[i]);
+        c->n = 0;
+    }
     int want = c->n + 1;
-    cr_assert(c->n < CLI_MAX, "client reply buffer full");
     cr_assert_eq(ml_channel_send(c->ch, env), 0);
     cr_assert(cli_run_until(c, cli_has_n, &want, 10000), "no answer from the broker");
     return c->replies[want - 1];

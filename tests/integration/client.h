@@ -57,7 +57,8 @@ int cli_has_n(cli_t *c, void *arg);
 /* *(int *)arg deliveries received. */
 int cli_got_n(cli_t *c, void *arg);
 
-/* Sends env and waits for one more reply (Accepted, Nack or AdminReply). */
+/* Sends env and waits for one more reply (Accepted, Nack or AdminReply).
+ * The reply stays valid until CLI_MAX more have come. */
 ml_envelope_t *cli_send_wait(cli_t *c, ml_envelope_t *env);
 /* Asserts reply is a Nack with code whose reason contains needle. */
 void cli_expect_nack(const ml_envelope_t *reply, int code, const char *needle);
