@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The medlink quickstart: installs what is missing, builds, makes a demo PKI,
-# starts medlinkd and three agents on 127.0.0.1, and walks one upward
-# referral through its closed loop:
-#   township clinic drops a referral JSON into its outbox
-#   -> it arrives in the county hospital's inbox
-#   -> the hospital's system answers REFERRAL_ACCEPTED through its outbox
-#   -> the acceptance arrives in the clinic's inbox
-# then shows a forbidden route being refused, prints `medlinkctl status`,
-# and stops everything it started. Exits non-zero if any step failed.
+# starts medlinkd and six agents on 127.0.0.1 (county hospital, two township
+# clinics, the city hospital, a reading centre and the ops desk), and runs
+# the three clinical workflows end to end through the agents' spool folders:
+#
+#   1. upward referral, closed loop: Xinzhan clinic -> county hospital,
+#      accepted, scheduled, arrived, admitted, discharged, closed;
+#   2. imaging consult: a CT study (real DICOM files made by dcmtk's img2dcm)
+#      -> the imaging.ct service -> the reading centre, which receives the
+#      verified study and sends back a signed report with a critical finding;
+#   3. rehab down-transfer: county hospital -> Xinzhan clinic, accepted,
+#      arrived, two follow-ups, completed;
+#
+# printing each case's timeline (medlinkctl case show), then a refused route,
+# `medlinkctl cases` and `medlinkctl status`, and stops everything it
+# started. Exits non-zero if any step failed.
 #
 #   deploy/demo.sh          (leaves demo-run/ with configs, logs and data)
 set -euo pipefail
@@ -19,7 +26,10 @@ BROKER_ID=medlinkd.zhaozhou
 COUNTY=county.zhaozhou.hospital
 XINZHAN=township.xinzhan.clinic
 FENGLE=township.fengle.clinic
+CITY=city.shijiazhuang.hospital
+READER=reading.shijiazhuang.imaging
 OPS=ops.zhaozhou.admin
+AGENTS=("$COUNTY" "$XINZHAN" "$FENGLE" "$CITY" "$READER" "$OPS")
 PIDS=()
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -42,21 +52,61 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# wait_for COUNT DIR SECONDS: until DIR holds COUNT *.json files.
-wait_for() {
-    local want=$1 dir=$2 secs=$3 n=0
-    for _ in $(seq $((secs * 10))); do
-        n=$(find "$dir" -maxdepth 1 -name '*.json' 2>/dev/null | wc -l)
-        [ "$n" -ge "$want" ] && return 0
+# find_json DIR NEEDLE: the first *.json in DIR containing NEEDLE.
+find_json() {
+    grep -l -F -- "$2" "$1"/*.json 2>/dev/null | head -n 1 || true
+}
+# wait_json DIR NEEDLE SECONDS: waits for such a file and prints its path.
+wait_json() {
+    local f=""
+    for _ in $(seq $(($3 * 10))); do
+        f=$(find_json "$1" "$2")
+        [ -n "$f" ] && { echo "$f"; return 0; }
         sleep 0.1
     done
     return 1
 }
-
+# case_of FILE: the caseId in a JSON envelope.
+case_of() { grep -o '"caseId": *"[^"]*"' "$1" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/'; }
+# drop NODE NAME: stdin becomes NAME.json in NODE's outbox, written then renamed in.
+drop() {
+    local out="$RUN/spool/$1/outbox"
+    cat >"$out/.$2.json.tmp"
+    mv "$out/.$2.json.tmp" "$out/$2.json"
+}
+# update NODE TO CASE STATUS NAME [EXTRA_JSON]: a referral update from NODE's system.
+update() {
+    drop "$1" "$5" <<EOF
+{"to": "$2", "caseId": "$3", "priority": "PRIORITY_URGENT",
+ "referralUpdate": {"status": "$4"${6:+, $6}}}
+EOF
+}
+ctl() { "$CTL" --config "$RUN/ctl-ops.ini" "$@"; }
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# le32 N / le16 N: little-endian bytes as printf escapes.
+le32() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 & 255)) $((($1 >> 8) & 255)) $((($1 >> 16) & 255)) $((($1 >> 24) & 255)); }
+le16() { printf '\\x%02x\\x%02x' $(($1 & 255)) $((($1 >> 8) & 255)); }
+# bmp FILE SEED: a 512x512 24-bit image (a noisy test pattern) for img2dcm.
+bmp() {
+    local w=512 h=512 size=$((512 * 512 * 3))
+    {
+        printf "BM$(le32 $((54 + size)))\\x00\\x00\\x00\\x00$(le32 54)"
+        printf "$(le32 40)$(le32 $w)$(le32 $h)$(le16 1)$(le16 24)$(le32 0)$(le32 $size)"
+        printf "$(le32 2835)$(le32 2835)$(le32 0)$(le32 0)"
+        head -c "$size" /dev/urandom
+    } >"$1"
+}
 
 step "1. Dependencies and build"
 "$ROOT/deploy/setup.sh" --build-dir "$BUILD"
+if ! command -v img2dcm >/dev/null; then
+    # dcmtk makes the demo's DICOM study (only the demo needs it).
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dcmtk >/dev/null
+fi
 MEDLINKD="$BUILD/broker/medlinkd"
 AGENT="$BUILD/clients/agent/medlink-agent"
 CTL="$BUILD/clients/ctl/medlinkctl"
@@ -65,7 +115,7 @@ step "2. Demo PKI: a community CA and one certificate per node"
 rm -rf "$RUN"
 mkdir -p "$RUN/logs"
 "$ROOT/deploy/pki.sh" --dir "$RUN/pki" --ca-name "Zhaozhou county medical community CA" \
-    "$BROKER_ID" "$COUNTY" "$XINZHAN" "$FENGLE" "$OPS"
+    "$BROKER_ID" "${AGENTS[@]}"
 
 PORT=${MEDLINK_DEMO_PORT:-7400}
 while port_busy "$PORT"; do PORT=$((PORT + 1)); done
@@ -74,75 +124,135 @@ for f in "$ROOT"/deploy/config/*.ini; do
 done
 echo "configs in $RUN (broker on tcp://127.0.0.1:$PORT)"
 
-step "3. Start medlinkd and three agents"
+step "3. Start medlinkd and six agents"
 "$MEDLINKD" --config "$RUN/medlinkd.ini" >"$RUN/logs/medlinkd.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do port_busy "$PORT" && break; sleep 0.1; done
 port_busy "$PORT" || fail "medlinkd did not start"
-for n in "$COUNTY" "$XINZHAN" "$FENGLE"; do
+for n in "${AGENTS[@]}"; do
     "$AGENT" --config "$RUN/agent-$n.ini" >"$RUN/logs/agent-$n.log" 2>&1 &
     PIDS+=($!)
 done
-for n in "$COUNTY" "$XINZHAN" "$FENGLE"; do
-    for _ in $(seq 100); do [ -d "$RUN/spool/$n/outbox" ] && break; sleep 0.1; done
-    [ -d "$RUN/spool/$n/outbox" ] || fail "agent $n did not start"
+for n in "${AGENTS[@]}"; do
+    for _ in $(seq 100); do grep -q "session up" "$RUN/logs/agent-$n.log" 2>/dev/null && break; sleep 0.1; done
+    grep -q "session up" "$RUN/logs/agent-$n.log" || fail "agent $n did not connect"
 done
-for _ in $(seq 100); do
-    grep -q "session up" "$RUN/logs/agent-$XINZHAN.log" 2>/dev/null &&
-        grep -q "session up" "$RUN/logs/agent-$COUNTY.log" 2>/dev/null && break
-    sleep 0.1
-done
-echo "medlinkd pid ${PIDS[0]}, agents pids ${PIDS[*]:1}"
+echo "medlinkd pid ${PIDS[0]}, agent pids ${PIDS[*]:1}"
 
-step "4. Xinzhan clinic drops a referral into its outbox"
+# ---------------------------------------------------------------------------
+step "4. Upward referral: Xinzhan clinic -> county hospital"
+cat "$ROOT/deploy/examples/referral.json" | drop "$XINZHAN" referral-wang
+F=$(wait_json "$RUN/spool/$COUNTY/inbox" '"referral"' 30) || fail "referral did not reach the hospital"
+REF=$(case_of "$F")
+[ -n "$REF" ] || fail "no caseId in the delivered referral"
+echo "county inbox: $(basename "$F") (case $REF)"
+wait_json "$RUN/spool/$XINZHAN/inbox" REFERRAL_DELIVERED 30 >/dev/null ||
+    fail "the clinic was not told of the delivery"
+echo "clinic inbox: REFERRAL_DELIVERED (the broker's notice)"
+
+echo "-- the hospital's system answers each step; the clinic receives every update"
+update "$COUNTY" "$XINZHAN" "$REF" REFERRAL_ACCEPTED u1 '"by": {"name": "Dr. Zhao Min"}, "notes": "Cardiology accepts; priority reception arranged"'
+update "$COUNTY" "$XINZHAN" "$REF" REFERRAL_SCHEDULED u2 "\"scheduledAt\": \"$(($(date +%s) * 1000 + 86400000))\", \"department\": \"Cardiology clinic 3\""
+update "$COUNTY" "$XINZHAN" "$REF" REFERRAL_ARRIVED u3 '"notes": "Seen at the priority desk"'
+update "$COUNTY" "$XINZHAN" "$REF" REFERRAL_ADMITTED u4 '"notes": "Cardiology ward, bed 12"'
+update "$COUNTY" "$XINZHAN" "$REF" REFERRAL_DISCHARGED u5 '"outcomeSummary": "PCI with one stent to the LAD; discharged on dual antiplatelet therapy, follow-up by the family doctor team"'
+for s in ACCEPTED SCHEDULED ARRIVED ADMITTED DISCHARGED; do
+    wait_json "$RUN/spool/$XINZHAN/inbox" "REFERRAL_$s" 30 >/dev/null || fail "REFERRAL_$s did not reach the clinic"
+    echo "clinic inbox: REFERRAL_$s"
+done
+update "$XINZHAN" "$COUNTY" "$REF" REFERRAL_CLOSED u6 '"notes": "Outcome filed in the family doctor record"'
+wait_json "$RUN/spool/$COUNTY/inbox" REFERRAL_CLOSED 30 >/dev/null || fail "REFERRAL_CLOSED did not reach the hospital"
+echo "county inbox: REFERRAL_CLOSED (the clinic closed the loop)"
+sleep 0.3
+echo
+ctl case show "$REF" || fail "medlinkctl case show $REF"
+
+# ---------------------------------------------------------------------------
+step "5. Imaging consult: a CT study from Xinzhan clinic to the imaging.ct service"
+STUDY_UID="1.2.826.0.1.3680043.8.498.$(date +%s)"
 OUT="$RUN/spool/$XINZHAN/outbox"
-cp "$ROOT/deploy/examples/referral.json" "$OUT/.referral-wang.json.tmp"
-mv "$OUT/.referral-wang.json.tmp" "$OUT/referral-wang.json"
-echo "wrote $OUT/referral-wang.json"
+mkdir -p "$RUN/images" "$OUT/ct-chest.d"
+for i in 1 2 3; do
+    bmp "$RUN/images/slice$i.bmp"
+    img2dcm -i BMP "$RUN/images/slice$i.bmp" "$OUT/ct-chest.d/IM000$i.dcm" \
+        -k "StudyInstanceUID=$STUDY_UID" -k "Modality=CT" -k "PatientName=LI^GUOQIANG" \
+        -k "PatientID=130102196203058812" -k "InstanceNumber=$i" ||
+        fail "img2dcm could not make the demo study"
+done
+ls -l "$OUT/ct-chest.d"
+cat "$ROOT/deploy/examples/imaging-consult.json" | drop "$XINZHAN" ct-chest
+S=$(wait_json "$RUN/spool/$XINZHAN/sent" '"imagingConsult"' 60) || fail "the consult was not accepted"
+IMG=$(case_of "$S")
+echo "consult accepted: case $IMG; the agent sends the DICOM objects in 256 KiB chunks"
+STUDY_DIR="$RUN/spool/$READER/inbox/study-$IMG"
+for _ in $(seq 600); do [ -f "$STUDY_DIR/manifest.json" ] && break; sleep 0.1; done
+[ -f "$STUDY_DIR/manifest.json" ] || fail "the study did not arrive at the reading centre"
+echo "reading centre inbox: study-$IMG/"
+ls -l "$STUDY_DIR"
+for i in 1 2 3; do
+    a=$(sha256sum <"$OUT/../sent/ct-chest.d/IM000$i.dcm" | cut -d' ' -f1)
+    b=$(sha256sum <"$STUDY_DIR/IM000$i.dcm" | cut -d' ' -f1)
+    [ "$a" = "$b" ] || fail "IM000$i.dcm differs at the reading centre"
+    echo "IM000$i.dcm  sha256 $b  identical at both ends"
+done
+dcmdump +P StudyInstanceUID +P Modality +P SOPInstanceUID "$STUDY_DIR/IM0001.dcm"
+wait_json "$RUN/spool/$XINZHAN/inbox" IMAGING_STUDY_RECEIVED 30 >/dev/null ||
+    fail "the clinic was not told the study arrived"
+echo "clinic inbox: IMAGING_ASSIGNED, IMAGING_STUDY_RECEIVED"
 
-step "5. It arrives in the county hospital's inbox"
-wait_for 1 "$RUN/spool/$COUNTY/inbox" 30 || fail "referral did not reach the hospital inbox"
-INBOX_FILE=$(find "$RUN/spool/$COUNTY/inbox" -maxdepth 1 -name '*.json' | head -n 1)
-echo "$INBOX_FILE:"
-cat "$INBOX_FILE"
-wait_for 1 "$RUN/spool/$XINZHAN/sent" 10 || fail "clinic's file not moved to sent/"
-echo "clinic side: sent/$(ls "$RUN/spool/$XINZHAN/sent") written (accepted by the broker):"
-grep -E '^  "(id|caseId)"' "$RUN/spool/$XINZHAN/sent/"*.json
-CASE_ID=$(grep -o '"caseId": *"[^"]*"' "$INBOX_FILE" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/')
-[ -n "$CASE_ID" ] || fail "no caseId in the delivered referral"
-
-step "6. The hospital's system accepts the referral (case $CASE_ID)"
-HOUT="$RUN/spool/$COUNTY/outbox"
-cat >"$HOUT/.accept.json.tmp" <<EOF
-{
-  "to": "$XINZHAN",
-  "caseId": "$CASE_ID",
-  "priority": "PRIORITY_URGENT",
-  "referralUpdate": {
-    "status": "REFERRAL_ACCEPTED",
-    "by": { "name": "Dr. Zhao Min", "id": "CARD-204" },
-    "notes": "Accepted by cardiology; priority reception arranged"
-  }
-}
+echo "-- the radiologist signs a report with a critical finding (sent as ROUTINE)"
+drop "$READER" report <<EOF
+{"to": "$XINZHAN", "caseId": "$IMG",
+ "imagingReport": {"studyInstanceUid": "$STUDY_UID",
+  "findings": "3.5 cm spiculated mass in the right upper lobe; no effusion.",
+  "impression": "Highly suspicious for primary lung cancer. Urgent referral to thoracic oncology.",
+  "reader": {"name": "Dr. Gao Yan", "id": "RAD-112"},
+  "signedAt": "$(($(date +%s) * 1000))", "criticalFinding": true}}
 EOF
-mv "$HOUT/.accept.json.tmp" "$HOUT/accept-$CASE_ID.json"
+R=$(wait_json "$RUN/spool/$XINZHAN/inbox" '"imagingReport"' 30) || fail "the report did not come back"
+grep -q PRIORITY_EMERGENCY "$R" || fail "a critical report must travel as EMERGENCY"
+echo "clinic inbox: $(basename "$R") (priority EMERGENCY):"
+cat "$R"
+sleep 0.3
+ctl case show "$IMG" || fail "medlinkctl case show $IMG"
 
-step "7. The acceptance arrives back at the clinic"
-wait_for 1 "$RUN/spool/$XINZHAN/inbox" 30 || fail "acceptance did not come back to the clinic"
-cat "$(find "$RUN/spool/$XINZHAN/inbox" -maxdepth 1 -name '*.json' | head -n 1)"
+# ---------------------------------------------------------------------------
+step "6. Rehab down-transfer: county hospital -> Xinzhan clinic"
+cat "$ROOT/deploy/examples/down-transfer.json" | drop "$COUNTY" down-chen
+F=$(wait_json "$RUN/spool/$XINZHAN/inbox" '"downTransfer"' 30) || fail "the down-transfer did not reach the clinic"
+DT=$(case_of "$F")
+echo "clinic inbox: $(basename "$F") (case $DT)"
+dt_update() {
+    drop "$XINZHAN" "$1" <<EOF
+{"to": "$COUNTY", "caseId": "$DT", "priority": "PRIORITY_URGENT",
+ "downTransferUpdate": {"status": "$2"${3:+, $3}}}
+EOF
+    wait_json "$RUN/spool/$COUNTY/inbox" "$4" 30 >/dev/null || fail "$2 did not reach the hospital"
+    echo "county inbox: $2${3:+ ($3)}"
+}
+dt_update d1 DOWN_TRANSFER_ACCEPTED '"by": {"name": "Dr. Wu Jing"}, "notes": "Team 2 takes her"' "Team 2 takes her"
+dt_update d2 DOWN_TRANSFER_ARRIVED '"notes": "Home since this morning"' "Home since this morning"
+dt_update d3 DOWN_TRANSFER_FOLLOW_UP '"followUpNumber": 1, "notes": "Wound clean, pain controlled"' "Wound clean"
+dt_update d4 DOWN_TRANSFER_FOLLOW_UP '"followUpNumber": 2, "notes": "Walking 200 m with a stick"' "Walking 200 m"
+dt_update d5 DOWN_TRANSFER_COMPLETED '"notes": "Rehabilitation goals met"' DOWN_TRANSFER_COMPLETED
+sleep 0.3
+ctl case show "$DT" || fail "medlinkctl case show $DT"
 
-step "8. A forbidden route (township -> township) is refused"
-sed "s/$COUNTY/$FENGLE/" "$ROOT/deploy/examples/referral.json" >"$OUT/.sideways.json.tmp"
-mv "$OUT/.sideways.json.tmp" "$OUT/sideways.json"
-wait_for 1 "$RUN/spool/$XINZHAN/rejected" 30 || fail "forbidden referral was not rejected"
+# ---------------------------------------------------------------------------
+step "7. A forbidden route (township -> township) is refused"
+sed "s/$COUNTY/$FENGLE/" "$ROOT/deploy/examples/referral.json" | drop "$XINZHAN" sideways
+for _ in $(seq 300); do [ -f "$RUN/spool/$XINZHAN/rejected/sideways.json.error" ] && break; sleep 0.1; done
+[ -f "$RUN/spool/$XINZHAN/rejected/sideways.json.error" ] || fail "forbidden referral was not rejected"
 echo "rejected/sideways.json.error says:"
 cat "$RUN/spool/$XINZHAN/rejected/sideways.json.error"
 echo
 
-step "9. medlinkctl status (OPS certificate)"
-"$CTL" --config "$RUN/ctl-ops.ini" status || fail "medlinkctl status failed"
+step "8. medlinkctl cases and status (OPS certificate)"
+ctl cases || fail "medlinkctl cases failed"
+echo
+ctl status || fail "medlinkctl status failed"
 
-step "10. Stop everything"
+step "9. Stop everything"
 rc=0
 for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${PIDS[@]}"; do
