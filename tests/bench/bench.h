@@ -38,6 +38,7 @@ typedef struct {
     long window;         /* messages in flight per sender (the agent's send_window) */
     size_t window_bytes; /* bytes in flight per sender (send_window_bytes) */
     int split;           /* clinics send one class each (mixed workload) */
+    int no_notices;      /* the broker is configured with notify_delivered = no */
     int timeout_s;       /* give up after this long */
 } bench_load_opts_t;
 

@@ -172,7 +172,7 @@ if want e2e-quiet; then
     for r in 1 2 3; do
         write_config "$W/data-quiet-$r" no
         start_broker
-        load "$W/quiet-$r.txt" e2e --count "$COUNT" --size "$SIZE"
+        load "$W/quiet-$r.txt" e2e --count "$COUNT" --size "$SIZE" --no-notices
         cat "$W/quiet-$r.txt" >>"$W/quiet.all"
         echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")" | tee -a "$W/quiet.all"
         stop_broker

@@ -926,6 +926,15 @@ static void s_ack_cb(uv_check_t *h)
 
 /* ---------------------------------------------------------------- run */
 
+/* DELIVERED per referral and ASSIGNED per study, when the broker sends
+ * them. */
+static long s_notices_expected(const bench_load_opts_t *o)
+{
+    if (o->no_notices)
+        return 0;
+    return (o->offline ? 0 : o->referrals) + o->studies;
+}
+
 static int s_main_done(s_load_t *L)
 {
     const bench_load_opts_t *o = &L->o;
@@ -947,7 +956,7 @@ static void s_maybe_done(s_load_t *L)
         return;
     /* Then the broker's notices, which follow the acknowledgements: wait
      * for them (a few seconds at most) so the run leaves nothing queued. */
-    long expected = (L->o.offline ? 0 : L->o.referrals) + L->o.studies;
+    long expected = s_notices_expected(&L->o);
     if (L->notices_delivered + L->notices_assigned >= expected ||
         now - L->t_done > S_NOTICE_WAIT_NS)
         uv_stop(&L->loop);
@@ -1067,8 +1076,7 @@ static void s_report(s_load_t *L)
     }
     printf(
         "notices_delivered %ld\nnotices_assigned %ld\nnotices_expected %ld\nother_messages %ld\n",
-        L->notices_delivered, L->notices_assigned, (o->offline ? 0 : o->referrals) + o->studies,
-        L->others);
+        L->notices_delivered, L->notices_assigned, s_notices_expected(o), L->others);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("loadgen_cpu_s %.2f\n", (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +

@@ -11,7 +11,7 @@
  *       8 MiB, the broker's group commit under load) and at the end. MB/s.
  *
  *   medlink-bench e2e     --broker EP --pki DIR --clinics N --count M
- *                         --size BYTES [--window W] [--offline]
+ *                         --size BYTES [--window W] [--offline] [--no-notices]
  *       N clinics (township.benchNN.clinic, each its own mutual-TLS channel)
  *       send M referrals in all, padded to BYTES, to county.bench.hospital,
  *       which acknowledges each delivery (an agent with an instant disk).
@@ -19,6 +19,8 @@
  *       DELIVERED notices as agents do. Accepted/s, delivered/s, p50/p99
  *       clinic send -> hospital receive. With --offline the hospital never
  *       connects and the run ends once all M are Accepted (backlog memory).
+ *       --no-notices: the broker runs with notify_delivered = no, so the
+ *       run does not wait for notices.
  *
  *   medlink-bench imaging --broker EP --pki DIR --clinics N --readers R
  *                         --studies S [--objects K] [--object-size B]
@@ -79,6 +81,10 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--offline")) {
             o.offline = 1;
+            continue;
+        }
+        if (!strcmp(a, "--no-notices")) {
+            o.no_notices = 1;
             continue;
         }
         if (!v) {
