@@ -171,6 +171,12 @@ static void s_emit_accepted(ml_broker_t *b, ml_session_t *s);
 
 static void s_flush(ml_broker_t *b, ml_session_t *s)
 {
+    if (s->sink) {
+        /* ml_broker_feed_plaintext: there is no peer to send to. */
+        s->n_acc = 0;
+        s->out_len = 0;
+        return;
+    }
     if (s->state == S_CLOSED || !s->tls)
         return;
     if (s->n_acc > 0)
@@ -1149,7 +1155,8 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
         goto fail;
     }
     snprintf(path, sizeof path, "%s/broker.db", b->cfg->data_dir);
-    rc = ml_store_open(loop, path, NULL, &b->store, err, errlen);
+    ml_store_opts_t so = {.max_bytes = b->cfg->max_store_bytes};
+    rc = ml_store_open(loop, path, &so, &b->store, err, errlen);
     if (rc != 0)
         goto fail;
     if ((rc = ml_bk_flow_load(b)) != 0) {
@@ -1284,4 +1291,54 @@ void ml_broker_destroy(ml_broker_t **self_p)
 const char *ml_broker_endpoint(const ml_broker_t *b)
 {
     return b->endpoint;
+}
+
+int ml_broker_feed_plaintext(ml_broker_t *b, const char *node_id, const uint8_t *data, size_t len)
+{
+    char rid[S_RID_MAX];
+    int n = snprintf(rid, sizeof rid, "plaintext:%s", node_id ? node_id : "");
+    if (n < 0 || (size_t)n >= sizeof rid)
+        return ML_EINVAL;
+    ml_nodestate_t *ns = node_id ? ml_bk_node(b, node_id) : NULL;
+    if (!ns)
+        return ML_ENOTFOUND;
+    ml_session_t *s = s_find(b, (const uint8_t *)rid, (size_t)n);
+    if (s && s->state == S_CLOSED) {
+        s_session_free(b, s);
+        s = NULL;
+    }
+    if (!s) {
+        s = s_session_new(b, (const uint8_t *)rid, (size_t)n);
+        if (!s)
+            return ML_ENOMEM;
+        /* As s_established leaves a session whose TLS handshake verified
+         * node_id's certificate: waiting for its Hello. */
+        ml_tls_session_destroy(&s->tls);
+        s->sink = 1;
+        s->peer_id = strdup(node_id);
+        s->ns = ns;
+        s->state = S_AWAIT_HELLO;
+        if (!s->peer_id) {
+            s_session_close(b, s, NULL);
+            return ML_ENOMEM;
+        }
+    }
+    uint64_t serial = s->serial;
+    s->last_rx = ml_mono_ms();
+    int rc = ml_frame_reader_feed(s->reader, data, len);
+    const uint8_t *rec;
+    size_t rlen;
+    while (rc == 0 && (rc = ml_frame_reader_next(s->reader, &rec, &rlen)) == 1) {
+        s_record(b, s, rec, rlen);
+        if (s->state == S_CLOSED || s->serial != serial)
+            return 0;
+        rc = 0;
+    }
+    if (rc < 0) {
+        char err[160];
+        snprintf(err, sizeof err, "record over the %ld-byte limit", b->cfg->max_record);
+        ml_bk_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
+        s_session_close(b, s, err);
+    }
+    return 0;
 }

@@ -26,4 +26,15 @@ void ml_broker_destroy(ml_broker_t **self_p);
 /* The endpoint actually bound (resolves "tcp://127.0.0.1:0"), borrowed. */
 const char *ml_broker_endpoint(const ml_broker_t *b);
 
+/* For fuzzing and tests: feeds decrypted record bytes (4-byte length +
+ * Envelope, any split) into a session of node_id as it stands after a
+ * completed TLS handshake with node_id's certificate: waiting for Hello,
+ * then READY. The session is made on first use (and again after the broker
+ * closed it); its output (Welcome, Accepted, Nack...) is discarded. Every
+ * record takes the real path: frame reader, decode, Hello, validation,
+ * routing, the case engine, the store, admin requests. Returns 0,
+ * ML_ENOTFOUND (node_id not registered), ML_EINVAL or ML_ENOMEM. Loop
+ * thread; run the loop for the store's answers. */
+int ml_broker_feed_plaintext(ml_broker_t *b, const char *node_id, const uint8_t *data, size_t len);
+
 #endif

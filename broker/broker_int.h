@@ -83,6 +83,7 @@ struct ml_session {
     ml_session_t *next;
     ml_session_t *dirty_next;
     int dirty;
+    int sink; /* a plaintext session of ml_broker_feed_plaintext: output is dropped */
     int state;
     int deliveries;
     uint64_t serial;

@@ -142,6 +142,7 @@ static const char *const s_broker_keys[] = {"id",
                                             "delivery_window",
                                             "ack_timeout_ms",
                                             "max_delivery_attempts",
+                                            "max_store_bytes",
                                             "timer_ms",
                                             "notify_delivered",
                                             NULL};
@@ -307,6 +308,7 @@ static int s_load_broker(struct s_load *ld)
         {"max_delivery_attempts", 10, 1, 100000,
          offsetof(ml_broker_config_t, max_delivery_attempts)},
         {"timer_ms", 1000, 10, 60000, offsetof(ml_broker_config_t, timer_ms)},
+        {"max_store_bytes", 0, 0, 1L << 50, offsetof(ml_broker_config_t, max_store_bytes)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

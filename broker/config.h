@@ -117,6 +117,7 @@ typedef struct {
     long delivery_window;
     long ack_timeout_ms;
     long max_delivery_attempts; /* then the message is a dead letter */
+    long max_store_bytes;       /* refuse new messages past this database size (0 = none) */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
 

@@ -290,12 +290,18 @@ Test(study, twenty_mib_study_interrupted_twice_resumes_without_resending)
     uint32_t at = s_wait_chunks(&ops, case_id, expected / 4, 60000);
     cr_assert(at < expected, "the transfer finished before it could be interrupted");
     h_agent_kill(&W, H_XINZHAN);
-    uint32_t before_restart = s_case(&ops, case_id)->chunks;
+    const char *alog = "agent-" H_XINZHAN ".log";
+    int accepted_before = h_log_contains(&W, alog, "accepted (");
     h_agent_start(&W, H_XINZHAN);
-    /* Interruption 2: as soon as the restarted agent is sending again, the
-     * link freezes (the broker stops answering) past every heartbeat
-     * timeout, then comes back. */
-    at = s_wait_chunks(&ops, case_id, before_restart + 1, 60000);
+    /* Interruption 2: as soon as the restarted agent has recorded a chunk
+     * as Accepted, the link freezes (the broker stops answering) past
+     * every heartbeat timeout, then comes back. */
+    for (int waited = 0; waited < 60000; waited += 2) {
+        if (h_log_contains(&W, alog, "accepted (") > accepted_before)
+            break;
+        h_sleep_ms(2);
+    }
+    at = s_case(&ops, case_id)->chunks;
     cr_assert(at < expected, "the transfer finished before the second interruption");
     cr_assert_eq(kill(W.broker, SIGSTOP), 0);
     h_sleep_ms(6000);
