@@ -91,8 +91,12 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
         sip[k] = &si[k];
         k++;
     }
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        ml_nodestate_t *ns = &b->nodes[i];
+    size_t n_nodes = 0;
+    for (size_t j = 0; j < b->n_nodes; j++) {
+        ml_nodestate_t *ns = b->nodes[j];
+        if (ns->removed)
+            continue; /* taken out of the registry by a reload */
+        size_t i = n_nodes++;
         medlink__v1__node_status__init(&ni[i]);
         ni[i].node_id = ns->node->id;
         ni[i].role = (char *)ml_role_name(ns->node->role);
@@ -102,10 +106,10 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
         ni[i].last_seen = ns->last_seen;
         ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
         int64_t oldest = ml_queue_oldest(&ns->queue);
-        for (size_t j = ns->if_head; j < ns->if_head + ns->if_len; j++) {
-            if (ns->inflight[j].acked)
+        for (size_t f = ns->if_head; f < ns->if_head + ns->if_len; f++) {
+            if (ns->inflight[f].acked)
                 continue;
-            int64_t t = ns->inflight[j].item.accepted_at;
+            int64_t t = ns->inflight[f].item.accepted_at;
             if (oldest == 0 || t < oldest)
                 oldest = t;
         }
@@ -127,7 +131,7 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
         st.dead_letters = (uint64_t)dead;
     st.n_session = n_sess;
     st.session = sip;
-    st.n_node = b->n_nodes;
+    st.n_node = n_nodes;
     st.node = nip;
     reply.broker_status = &st;
     s_send(b, s, &reply);

@@ -333,8 +333,8 @@ void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
 ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id)
 {
     for (size_t i = 0; i < b->n_nodes; i++) {
-        if (strcmp(b->nodes[i].node->id, id) == 0)
-            return &b->nodes[i];
+        if (!b->nodes[i]->removed && strcmp(b->nodes[i]->node->id, id) == 0)
+            return b->nodes[i];
     }
     return NULL;
 }
@@ -381,7 +381,7 @@ static ml_inflight_t *s_inflight_oldest(ml_nodestate_t *ns)
 
 uint32_t ml_bk_node_index(const ml_broker_t *b, const ml_nodestate_t *ns)
 {
-    return (uint32_t)(ns - b->nodes);
+    return ns->index;
 }
 
 /* 1 while an item's own deadline has not passed. */
@@ -1067,7 +1067,7 @@ static void s_housekeeping_cb(uv_timer_t *t)
         }
     }
     for (size_t i = 0; i < b->n_nodes; i++) {
-        ml_nodestate_t *ns = &b->nodes[i];
+        ml_nodestate_t *ns = b->nodes[i];
         ml_inflight_t *oldest = s_inflight_oldest(ns);
         if (oldest && now - oldest->sent_at > b->cfg->ack_timeout_ms) {
             ml_log(ML_LOG_WARN, "delivery",
@@ -1127,15 +1127,21 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     *cfg_p = NULL;
     b->started_at = ml_now_ms();
     b->rxbuf = malloc(64 * 1024);
-    b->n_nodes = b->cfg->n_nodes;
-    b->nodes = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *b->nodes);
+    b->nodes = calloc(b->cfg->n_nodes ? b->cfg->n_nodes : 1, sizeof *b->nodes);
     if (!b->rxbuf || !b->nodes) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        b->nodes[i].node = &b->cfg->nodes[i];
-        ml_queue_init(&b->nodes[i].queue);
+    for (size_t i = 0; i < b->cfg->n_nodes; i++) {
+        ml_nodestate_t *ns = calloc(1, sizeof *ns);
+        if (!ns) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
+        ns->node = &b->cfg->nodes[i];
+        ns->index = (uint32_t)i;
+        ml_queue_init(&ns->queue);
+        b->nodes[b->n_nodes++] = ns;
     }
     ml_casetab_init(&b->cases);
 
@@ -1170,7 +1176,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     }
     size_t queued = 0;
     for (size_t i = 0; i < b->n_nodes; i++)
-        queued += ml_queue_len(&b->nodes[i].queue);
+        queued += ml_queue_len(&b->nodes[i]->queue);
 
     rc = ML_EIO;
     b->zctx = zmq_ctx_new();
@@ -1223,6 +1229,207 @@ fail : {
     return rc;
 }
 
+/* ------------------------------------------------------------------ */
+/* Reload (SIGHUP)                                                     */
+
+/* A removed node keeps its own copy of its registry entry. */
+static void s_node_own_free(ml_nodestate_t *ns)
+{
+    free(ns->own.id);
+    free(ns->own.community);
+    free(ns->own.display_name);
+    for (size_t i = 0; i < ns->own.n_services; i++)
+        free(ns->own.services[i]);
+    free(ns->own.services);
+    memset(&ns->own, 0, sizeof ns->own);
+}
+
+static int s_node_own_copy(ml_nodestate_t *ns, const ml_node_t *n)
+{
+    ml_node_t c = {.role = n->role};
+    c.id = strdup(n->id);
+    c.community = n->community ? strdup(n->community) : NULL;
+    c.display_name = n->display_name ? strdup(n->display_name) : NULL;
+    if (!c.id || (n->community && !c.community) || (n->display_name && !c.display_name)) {
+        free(c.id);
+        free(c.community);
+        free(c.display_name);
+        return ML_ENOMEM;
+    }
+    s_node_own_free(ns);
+    ns->own = c; /* services are not kept: a removed node serves nothing */
+    ns->node = &ns->own;
+    return 0;
+}
+
+/* The item of a removed node's queue: every one becomes a dead letter. */
+static int s_keep_none(const ml_qitem_t *it, void *arg)
+{
+    return 0;
+}
+
+typedef struct {
+    ml_broker_t *b;
+    ml_nodestate_t *ns;
+} s_gone_t;
+
+static void s_gone_cb(ml_qitem_t *it, void *arg)
+{
+    s_gone_t *g = arg;
+    char why[400];
+    snprintf(why, sizeof why, "undeliverable: recipient %s was removed from the node registry",
+             g->ns->node->id);
+    ml_bk_dead_letter(g->b, g->ns, it, why);
+}
+
+/* Why a reload may not change a key at runtime: it is used only at start-up. */
+static void s_keep_startup_key(const char *key, char **now, char **loaded)
+{
+    const char *a = *now ? *now : "", *b = *loaded ? *loaded : "";
+    if (strcmp(a, b) != 0)
+        ml_log(ML_LOG_WARN, "broker", "reload: [broker] %s changed; it applies after a restart",
+               key);
+    char *tmp = *loaded;
+    *loaded = *now;
+    *now = tmp;
+}
+
+int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
+{
+    ml_broker_config_t *nc = NULL;
+    int rc = ml_broker_config_load(b->cfg->path, &nc, err, errlen);
+    if (rc != 0) {
+        ml_log(ML_LOG_ERROR, "broker", "reload refused, the running configuration stays: %s", err);
+        return rc;
+    }
+    /* Keys used only at start-up keep their running values (so b->cfg
+     * always describes what runs). */
+    s_keep_startup_key("id", &b->cfg->broker_id, &nc->broker_id);
+    s_keep_startup_key("listen", &b->cfg->listen, &nc->listen);
+    s_keep_startup_key("data_dir", &b->cfg->data_dir, &nc->data_dir);
+    s_keep_startup_key("ca", &b->cfg->ca, &nc->ca);
+    s_keep_startup_key("cert", &b->cfg->cert, &nc->cert);
+    s_keep_startup_key("key", &b->cfg->key, &nc->key);
+    if (nc->max_store_bytes != b->cfg->max_store_bytes)
+        ml_log(ML_LOG_WARN, "broker",
+               "reload: [broker] max_store_bytes changed; it applies after a restart");
+    nc->max_store_bytes = b->cfg->max_store_bytes;
+
+    /* The CRL first: if it cannot be loaded nothing changes. */
+    if (nc->crl || b->cfg->crl) {
+        rc = ml_tls_ctx_reload_crl(b->tls, nc->crl, err, errlen);
+        if (rc != 0) {
+            ml_log(ML_LOG_ERROR, "broker", "reload refused, the running configuration stays: %s",
+                   err);
+            ml_broker_config_destroy(&nc);
+            return rc;
+        }
+    }
+
+    /* Nodes: known ones take their new entry, new ones are appended, and
+     * the ones no longer listed are marked removed (indexes never move). */
+    size_t cap = b->n_nodes + nc->n_nodes;
+    ml_nodestate_t **grown = realloc(b->nodes, (cap ? cap : 1) * sizeof *grown);
+    if (!grown) {
+        ml_seterr(err, errlen, "out of memory");
+        ml_broker_config_destroy(&nc);
+        return ML_ENOMEM;
+    }
+    b->nodes = grown;
+    char *seen = calloc(b->n_nodes + 1, 1);
+    if (!seen) {
+        ml_seterr(err, errlen, "out of memory");
+        ml_broker_config_destroy(&nc);
+        return ML_ENOMEM;
+    }
+    size_t added = 0, removed = 0, old_n = b->n_nodes;
+    for (size_t i = 0; i < nc->n_nodes; i++) {
+        ml_nodestate_t *ns = NULL;
+        for (size_t j = 0; j < old_n && !ns; j++)
+            if (strcmp(b->nodes[j]->node->id, nc->nodes[i].id) == 0)
+                ns = b->nodes[j];
+        if (ns) {
+            seen[ns->index] = 1;
+            ns->node = &nc->nodes[i];
+            if (ns->removed) {
+                ns->removed = 0;
+                added++;
+            }
+            s_node_own_free(ns);
+            continue;
+        }
+        ns = calloc(1, sizeof *ns);
+        if (!ns) {
+            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory adding node %s",
+                   nc->nodes[i].id);
+            continue;
+        }
+        ns->node = &nc->nodes[i];
+        ns->index = (uint32_t)b->n_nodes;
+        ml_queue_init(&ns->queue);
+        b->nodes[b->n_nodes++] = ns;
+        added++;
+    }
+    for (size_t j = 0; j < old_n; j++) {
+        ml_nodestate_t *ns = b->nodes[j];
+        if (seen[j] || ns->removed)
+            continue;
+        if (s_node_own_copy(ns, ns->node) != 0) {
+            /* Without a copy the entry would dangle; keep the node. */
+            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory removing node %s",
+                   ns->node->id);
+            continue;
+        }
+        ns->removed = 1;
+        removed++;
+    }
+    free(seen);
+
+    /* Cases keep their service name; the new configuration owns it now. */
+    ml_bk_flow_reload(b, nc);
+    ml_broker_config_t *old = b->cfg;
+    b->cfg = nc;
+    ml_broker_config_destroy(&old);
+
+    /* Sessions of removed nodes, and of nodes whose certificate the new CRL
+     * revokes, end now; their next handshake is refused. */
+    size_t closed = 0;
+    for (ml_session_t *x = b->sessions; x; x = x->next) {
+        if (x->state == S_CLOSED || x->sink)
+            continue;
+        char why[512];
+        if (x->ns && x->ns->removed) {
+            snprintf(why, sizeof why, "node %s was removed from the registry (reload)",
+                     x->ns->node->id);
+        } else if (x->tls && ml_tls_session_established(x->tls) &&
+                   ml_tls_session_recheck(x->tls, b->tls, why, sizeof why) != 0) {
+            /* why says so, e.g. "... no longer verifies: certificate revoked" */
+        } else {
+            continue;
+        }
+        ml_log(ML_LOG_WARN, "session", "closing %s session %s: %s", s_who(x), x->peer_hex, why);
+        ml_bk_refuse(b, x, NULL, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, why);
+        s_flush(b, x);
+        s_session_close(b, x, NULL);
+        closed++;
+    }
+    /* Messages queued for removed nodes can never go: dead letters. */
+    for (size_t j = 0; j < b->n_nodes; j++) {
+        ml_nodestate_t *ns = b->nodes[j];
+        if (!ns->removed || ml_queue_len(&ns->queue) == 0)
+            continue;
+        s_gone_t g = {b, ns};
+        ml_queue_filter(&ns->queue, s_keep_none, s_gone_cb, &g);
+    }
+    uv_timer_set_repeat(&b->flow_timer, (uint64_t)b->cfg->timer_ms);
+    ml_log(ML_LOG_INFO, "broker",
+           "reloaded %s: %zu node(s) registered (%zu added, %zu removed), CRL %s, %zu "
+           "session(s) closed",
+           b->cfg->path, b->cfg->n_nodes, added, removed, b->cfg->crl ? b->cfg->crl : "none",
+           closed);
+    return 0;
+}
+
 static void s_close_cb(uv_handle_t *h)
 {
     ml_broker_t *b = h->data;
@@ -1269,10 +1476,15 @@ void ml_broker_destroy(ml_broker_t **self_p)
     /* Queues and windows point into the case table: they go first. */
     ml_tls_ctx_destroy(&b->tls);
     for (size_t i = 0; b->nodes && i < b->n_nodes; i++) {
-        ml_queue_close(&b->nodes[i].queue);
-        free(b->nodes[i].inflight);
+        ml_queue_close(&b->nodes[i]->queue);
+        free(b->nodes[i]->inflight);
+        s_node_own_free(b->nodes[i]);
+        free(b->nodes[i]);
     }
     ml_casetab_close(&b->cases);
+    for (size_t i = 0; i < b->n_services_gone; i++)
+        free(b->services_gone[i]);
+    free(b->services_gone);
     free(b->nodes);
     free(b->rxbuf);
     ml_broker_config_destroy(&b->cfg);

@@ -23,6 +23,17 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
  * safe on NULL. */
 void ml_broker_destroy(ml_broker_t **self_p);
 
+/* Reloads the configuration file (SIGHUP): the node registry and services,
+ * the ACL, deadlines, escalation, communities, limits and the CRL. Nodes no
+ * longer listed are removed (their sessions closed, their queued messages
+ * made dead letters); live sessions whose certificate the new CRL revokes
+ * are closed and their next handshake refused. Keys used only at start-up
+ * (id, listen, data_dir, ca, cert, key, max_store_bytes) keep their running
+ * values, with a warning. A file that does not load, or a CRL that does not,
+ * changes nothing: returns ML_ECONFIG / ML_ETLS with err saying why. Loop
+ * thread. */
+int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen);
+
 /* The endpoint actually bound (resolves "tcp://127.0.0.1:0"), borrowed. */
 const char *ml_broker_endpoint(const ml_broker_t *b);
 

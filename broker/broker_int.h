@@ -72,6 +72,9 @@ typedef struct {
     int64_t last_seen;
     uint64_t delivered;
     uint32_t open_cases; /* open cases this node is the target of */
+    uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
+    int removed;         /* taken out of the registry by a reload */
+    ml_node_t own;       /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
 
 struct ml_session {
@@ -145,7 +148,10 @@ struct ml_broker {
     size_t n_live;
     uint64_t next_serial;
 
-    ml_nodestate_t *nodes;
+    /* Every node ever registered since start-up, in registration order: a
+     * reload that removes a node marks it removed and one that adds a node
+     * appends it, so indexes (which cases keep) never change. */
+    ml_nodestate_t **nodes;
     size_t n_nodes;
 
     uv_timer_t housekeeping;
@@ -157,6 +163,8 @@ struct ml_broker {
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
 
     ml_casetab_t cases;
+    char **services_gone; /* service names of cases whose service a reload removed */
+    size_t n_services_gone;
     uint32_t rr; /* round robin among a service's consumers */
     uv_timer_t flow_timer;
 
@@ -176,7 +184,8 @@ int ml_bk_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
 /* Logs a refusal and answers the peer with a Nack. */
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                   const char *reason);
-/* The state of a registered node, or NULL. O(nodes). */
+/* The state of a registered node, or NULL (also for a removed one).
+ * O(nodes). */
 ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);
 /* Index of ns in b->nodes. */
 uint32_t ml_bk_node_index(const ml_broker_t *b, const ml_nodestate_t *ns);
@@ -253,6 +262,9 @@ void ml_bk_flow_start(ml_broker_t *b);
  * c's timeline. */
 void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
                       const char *message_id, int kind, const char *detail);
+/* A reload is about to replace b->cfg with nc: cases that name a service
+ * take nc's copy of the name (or a broker-owned one when nc has none). */
+void ml_bk_flow_reload(ml_broker_t *b, ml_broker_config_t *nc);
 /* The store row of c as it is in memory. */
 void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
 

@@ -45,7 +45,7 @@
 
 static ml_nodestate_t *s_node_at(ml_broker_t *b, uint32_t idx)
 {
-    return idx < b->n_nodes ? &b->nodes[idx] : NULL;
+    return idx < b->n_nodes && !b->nodes[idx]->removed ? b->nodes[idx] : NULL;
 }
 
 static const char *s_node_name(ml_broker_t *b, uint32_t idx)
@@ -456,8 +456,9 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
     esc.detail = (char *)(detail ? detail : "");
     int sent = 0;
     for (size_t i = 0; i <= b->n_nodes; i++) {
-        ml_nodestate_t *ns = i < b->n_nodes ? &b->nodes[i] : also_to;
-        if (!ns || (i < b->n_nodes && !s_is_ops(b, ns)) || (i == b->n_nodes && s_is_ops(b, ns)))
+        ml_nodestate_t *ns = i < b->n_nodes ? b->nodes[i] : also_to;
+        if (!ns || ns->removed || (i < b->n_nodes && !s_is_ops(b, ns)) ||
+            (i == b->n_nodes && s_is_ops(b, ns)))
             continue;
         ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
         env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION;
@@ -520,8 +521,8 @@ static ml_nodestate_t *s_pick_consumer(ml_broker_t *b, const char *service, int 
     /* Start the walk at a rotating offset so that equals take turns. */
     uint32_t start = b->rr++;
     for (size_t k = 0; k < n; k++) {
-        ml_nodestate_t *ns = &b->nodes[(start + k) % n];
-        if (!ml_node_serves(ns->node, service) ||
+        ml_nodestate_t *ns = b->nodes[(start + k) % n];
+        if (ns->removed || !ml_node_serves(ns->node, service) ||
             !ml_acl_allows(b->cfg, from_role, kind, ns->node->role))
             continue;
         int online = ns->deliver != NULL;
@@ -1334,8 +1335,8 @@ static void s_flow_timer_cb(uv_timer_t *t)
     /* Messages past their own deadline leave the queues of offline nodes
      * too (a connected node's queue is also checked as it is pumped). */
     for (size_t i = 0; i < b->n_nodes; i++) {
-        s_expire_t x = {b, &b->nodes[i], now};
-        ml_queue_filter(&b->nodes[i].queue, s_keep_unexpired, s_expired_cb, &x);
+        s_expire_t x = {b, b->nodes[i], now};
+        ml_queue_filter(&b->nodes[i]->queue, s_keep_unexpired, s_expired_cb, &x);
     }
     s_due_t d = {NULL, 0, 0, now};
     ml_casetab_each(&b->cases, s_collect_due, &d);
@@ -1374,4 +1375,45 @@ void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char
         .detail = detail,
     };
     s_broker_change(b, c, &ev, NULL);
+}
+
+typedef struct {
+    ml_broker_t *b;
+    ml_broker_config_t *nc;
+} s_remap_t;
+
+static void s_remap_service(ml_case_t *c, void *arg)
+{
+    s_remap_t *r = arg;
+    if (!c->service)
+        return;
+    for (size_t i = 0; i < r->nc->n_nodes; i++)
+        for (size_t j = 0; j < r->nc->nodes[i].n_services; j++)
+            if (strcmp(r->nc->nodes[i].services[j], c->service) == 0) {
+                c->service = r->nc->nodes[i].services[j];
+                return;
+            }
+    ml_broker_t *b = r->b;
+    for (size_t i = 0; i < b->n_services_gone; i++)
+        if (strcmp(b->services_gone[i], c->service) == 0) {
+            c->service = b->services_gone[i];
+            return;
+        }
+    char **grown = realloc(b->services_gone, (b->n_services_gone + 1) * sizeof *grown);
+    char *copy = strdup(c->service);
+    if (grown)
+        b->services_gone = grown;
+    if (!grown || !copy) {
+        free(copy);
+        c->service = NULL; /* only shown and matched; the target is fixed */
+        return;
+    }
+    b->services_gone[b->n_services_gone++] = copy;
+    c->service = copy;
+}
+
+void ml_bk_flow_reload(ml_broker_t *b, ml_broker_config_t *nc)
+{
+    s_remap_t r = {b, nc};
+    ml_casetab_each(&b->cases, s_remap_service, &r);
 }

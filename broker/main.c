@@ -3,7 +3,8 @@
  *   medlinkd --config FILE [--check-config] [--log-level LEVEL]
  *
  * Runs one libuv loop. SIGINT and SIGTERM shut it down cleanly: sessions get
- * close_notify, the store commits what it holds, and the process exits 0. */
+ * close_notify, the store commits what it holds, and the process exits 0.
+ * SIGHUP reloads the node registry, ACL, deadlines, limits and CRL. */
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -34,6 +35,17 @@ static void s_stop_cb(uv_signal_t *h, int signum)
     /* The signal handles are ours (on the stack of main); close them so the
      * loop can end once the broker's handles have closed. */
     uv_walk(h->loop, s_close_walk, NULL);
+}
+
+/* SIGHUP: the registry, ACL, deadlines, limits and CRL are read again (see
+ * ml_broker_reload); a file that does not load changes nothing. */
+static void s_reload_cb(uv_signal_t *h, int signum)
+{
+    char err[512];
+    (void)h;
+    ml_log(ML_LOG_INFO, "broker", "received %s; reloading the configuration", strsignal(signum));
+    if (s_broker)
+        ml_broker_reload(s_broker, err, sizeof err);
 }
 
 static void s_usage(FILE *f)
@@ -109,11 +121,13 @@ int main(int argc, char **argv)
     uv_loop_init(&loop);
     /* Signals first, so that a SIGTERM arriving during start-up (store
      * open, queue scan) still ends in a clean shutdown. */
-    uv_signal_t sigint, sigterm;
+    uv_signal_t sigint, sigterm, sighup;
     uv_signal_init(&loop, &sigint);
     uv_signal_init(&loop, &sigterm);
+    uv_signal_init(&loop, &sighup);
     uv_signal_start(&sigint, s_stop_cb, SIGINT);
     uv_signal_start(&sigterm, s_stop_cb, SIGTERM);
+    uv_signal_start(&sighup, s_reload_cb, SIGHUP);
     if (ml_broker_new(&loop, &cfg, &s_broker, err, sizeof err) != 0) {
         fprintf(stderr, "medlinkd: %s\n", err);
         ml_broker_config_destroy(&cfg);

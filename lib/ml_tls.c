@@ -33,6 +33,7 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
 
@@ -469,6 +470,40 @@ int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, si
     rc = 0;
 out:
     X509_STORE_free(store); /* the context holds its own reference */
+    ERR_clear_error();
+    return rc;
+}
+
+int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err,
+                           size_t errlen)
+{
+    int rc = ML_ETLS;
+    X509_STORE_CTX *vc = NULL;
+    X509 *peer = s && s->established ? SSL_get0_peer_certificate(s->ssl) : NULL;
+    if (!peer) {
+        ml_seterr(err, errlen, "no verified peer certificate");
+        return ML_EINVAL;
+    }
+    /* The store the context uses for new sessions now (after a CRL
+     * reload it is the verify store; before one, the context's own). */
+    X509_STORE *verify_store = NULL;
+    if (SSL_CTX_get0_verify_cert_store(ctx->ssl_ctx, &verify_store) != 1 || !verify_store)
+        verify_store = SSL_CTX_get_cert_store(ctx->ssl_ctx);
+    vc = X509_STORE_CTX_new();
+    if (!vc || !X509_STORE_CTX_init(vc, verify_store, peer, SSL_get_peer_cert_chain(s->ssl))) {
+        ml_seterr(err, errlen, "out of memory checking the peer certificate");
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    X509_STORE_CTX_set_purpose(vc, s->is_server ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER);
+    if (X509_verify_cert(vc) == 1) {
+        rc = 0;
+        goto out;
+    }
+    ml_seterr(err, errlen, "certificate of %s no longer verifies: %s", s->peer_id,
+              X509_verify_cert_error_string(X509_STORE_CTX_get_error(vc)));
+out:
+    X509_STORE_CTX_free(vc);
     ERR_clear_error();
     return rc;
 }

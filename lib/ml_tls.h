@@ -78,6 +78,14 @@ void ml_tls_session_close(ml_tls_session_t *s);
 /* After the handshake: the peer certificate's subject CN (borrowed), or
  * NULL. */
 const char *ml_tls_session_peer_id(const ml_tls_session_t *s);
+/* Checks the established peer's certificate chain again against ctx as it
+ * is now (after ml_tls_ctx_reload_crl), as a new handshake would. Returns
+ * 0 when it still verifies, ML_ETLS with err saying why ("certificate of
+ * X no longer verifies: certificate revoked"), ML_EINVAL without a
+ * verified peer, ML_ENOMEM. Meant for SIGHUP: closing the live sessions of
+ * revoked nodes. */
+int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err,
+                           size_t errlen);
 /* The last failure as a sentence (borrowed, never NULL). */
 const char *ml_tls_session_error(const ml_tls_session_t *s);
 
