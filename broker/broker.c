@@ -1360,8 +1360,7 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
         }
         ns = calloc(1, sizeof *ns);
         if (!ns) {
-            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory adding node %s",
-                   nc->nodes[i].id);
+            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory adding node %s", nc->nodes[i].id);
             continue;
         }
         ns->node = &nc->nodes[i];
@@ -1376,8 +1375,7 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
             continue;
         if (s_node_own_copy(ns, ns->node) != 0) {
             /* Without a copy the entry would dangle; keep the node. */
-            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory removing node %s",
-                   ns->node->id);
+            ml_log(ML_LOG_ERROR, "broker", "reload: out of memory removing node %s", ns->node->id);
             continue;
         }
         ns->removed = 1;

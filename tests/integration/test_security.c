@@ -1,0 +1,189 @@
+/* The security review's promises, against the real medlinkd and agents:
+ *
+ *   - a revoked node: the CRL is reloaded on SIGHUP without a restart, the
+ *     node's live session is closed at once and its next handshake refused,
+ *     while the others keep working;
+ *   - the node registry and the ACL reload on SIGHUP too: a route opened, a
+ *     node added, a node removed (its queued messages become dead letters);
+ *     a broken file changes nothing. */
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <criterion/criterion.h>
+
+#include "client.h"
+#include "harness.h"
+#include "ml_common.h"
+
+static h_world_t W;
+
+static void s_teardown(void)
+{
+    h_world_fini(&W);
+}
+
+TestSuite(security, .fini = s_teardown, .timeout = 300);
+
+static void s_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void s_sh(const char *fmt, ...)
+{
+    char cmd[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int st = -1;
+    char *out = h_run(&st, "%s 2>&1", cmd);
+    cr_assert_eq(st, 0, "%s failed:\n%s", cmd, out);
+    free(out);
+}
+
+/* Sends SIGHUP and waits until the broker has logged the outcome. */
+static void s_reload(const char *expect)
+{
+    int before = h_log_contains(&W, "broker.log", expect);
+    cr_assert_eq(kill(W.broker, SIGHUP), 0);
+    for (int waited = 0; waited < 10000; waited += 50) {
+        if (h_log_contains(&W, "broker.log", expect) > before)
+            return;
+        h_sleep_ms(50);
+    }
+    cr_assert_fail("after SIGHUP the broker never logged \"%s\"", expect);
+}
+
+static void s_append_config(const char *text)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    FILE *f = fopen(path, "a");
+    cr_assert(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Replaces the first occurrence of old in the broker's config file. */
+static void s_edit_config(const char *old, const char *new_text)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *text = h_slurp(path);
+    cr_assert_not_null(text);
+    char *at = strstr(text, old);
+    cr_assert(at, "\"%s\" is not in %s", old, path);
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fwrite(text, 1, (size_t)(at - text), f);
+    fputs(new_text, f);
+    fputs(at + strlen(old), f);
+    fclose(f);
+    free(text);
+}
+
+static int s_wait_log(const char *log, const char *needle, int ms)
+{
+    for (int waited = 0; waited <= ms; waited += 50) {
+        if (h_log_contains(&W, log, needle) > 0)
+            return 1;
+        h_sleep_ms(50);
+    }
+    return 0;
+}
+
+Test(security, revoked_node_closed_at_reload_and_refused_after)
+{
+    h_world_init(&W, "crl = pki/crl.pem\n");
+    s_sh("'%s/deploy/pki.sh' --dir '%s' --crl", getenv("ML_SOURCE_DIR"), W.pki);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    h_agent_start(&W, H_FENGLE);
+    char *ref = h_referral_json(H_COUNTY, "Before Revocation", NULL);
+    h_drop(&W, H_XINZHAN, "before.json", ref);
+    free(ref);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 20000), 1);
+
+    /* Xinzhan's certificate is stolen: the community CA revokes it. */
+    s_sh("'%s/deploy/pki.sh' --dir '%s' --revoke %s", getenv("ML_SOURCE_DIR"), W.pki, H_XINZHAN);
+    s_reload("reloaded");
+    cr_assert(s_wait_log("broker.log", "certificate revoked", 10000),
+              "the revoked node's live session was not closed with its reason");
+    cr_assert_geq(h_log_contains(&W, "broker.log", "closing " H_XINZHAN " session"), 1);
+    /* Its agent reconnects and is refused at the handshake, again and again. */
+    cr_assert(s_wait_log("broker.log", "refused session", 10000),
+              "the next handshake was not refused");
+    ref = h_referral_json(H_COUNTY, "After Revocation", NULL);
+    h_drop(&W, H_XINZHAN, "after.json", ref);
+    free(ref);
+    /* Fengle, not revoked, keeps working meanwhile. */
+    ref = h_referral_json(H_COUNTY, "Fengle Patient", NULL);
+    h_drop(&W, H_FENGLE, "fengle.json", ref);
+    free(ref);
+    char *p = h_wait_json(&W, H_COUNTY, "inbox", "Fengle Patient", 20000);
+    cr_assert(p, "a legitimate clinic stopped being served");
+    free(p);
+    h_sleep_ms(1500);
+    p = h_find_json(&W, H_COUNTY, "inbox", "After Revocation");
+    cr_assert_null(p, "a message from a revoked node was delivered");
+    cr_assert_eq(h_count(&W, H_XINZHAN, "sent"), 1, "the revoked clinic's file must stay unsent");
+    h_agent_stop(&W, H_FENGLE);
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
+
+Test(security, registry_and_acl_reload)
+{
+    h_world_init(&W, "timer_ms = 100\n");
+    /* A clinic that is not registered yet has a certificate already. */
+    s_sh("'%s/deploy/pki.sh' --dir '%s' township.newtown.clinic", getenv("ML_SOURCE_DIR"), W.pki);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    cli_t clinic;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_referral_t r;
+    /* Township -> township is forbidden by the ACL... */
+    cli_referral(&r, H_XINZHAN, H_FENGLE, "Sideways Before", 0);
+    cli_expect_nack(cli_send_wait(&clinic, &r.env), MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN,
+                    "forbidden route");
+    /* ...and a message for Fengle (offline) waits in its queue. */
+    s_edit_config("[acl TOWNSHIP_CLINIC]\n", "[acl TOWNSHIP_CLINIC]\nREFERRAL = TOWNSHIP_CLINIC\n");
+    s_reload("reloaded");
+    cli_referral(&r, H_XINZHAN, H_FENGLE, "Sideways After", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+
+    /* A broken file changes nothing. */
+    s_append_config("\n[node broken]\nrole = NO_SUCH_ROLE\n");
+    s_reload("reload refused");
+    cli_referral(&r, H_XINZHAN, H_COUNTY, "Still Served", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+
+    /* Rewrite the file: the broken node out, the new clinic in, Fengle out. */
+    s_edit_config("\n[node broken]\nrole = NO_SUCH_ROLE\n", "\n");
+    s_edit_config("[node " H_FENGLE "]", "[node township.newtown.clinic]");
+    s_reload("reloaded");
+    cr_assert(s_wait_log("broker.log", "removed from the node registry", 10000),
+              "the message queued for the removed node did not become a dead letter");
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
+    const Medlink__V1__AdminReply *rep = cli_admin(&ops, &rq);
+    cr_assert_eq(rep->n_dead_letter, 1);
+    cr_assert(strstr(rep->dead_letter[0]->reason, H_FENGLE), "%s", rep->dead_letter[0]->reason);
+    /* The new clinic may connect and refer now; Fengle may not. */
+    cli_t newc;
+    cli_open(&newc, &W, "township.newtown.clinic", 0);
+    cli_referral(&r, "township.newtown.clinic", H_COUNTY, "New Clinic Patient", 0);
+    cli_expect_accepted(cli_send_wait(&newc, &r.env), r.id);
+    cli_referral(&r, H_XINZHAN, H_FENGLE, "To A Removed Node", 0);
+    cli_expect_nack(cli_send_wait(&clinic, &r.env), MEDLINK__V1__NACK_CODE__NACK_UNKNOWN_NODE,
+                    H_FENGLE);
+    cli_close(&newc);
+    cli_close(&ops);
+    cli_close(&clinic);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
