@@ -34,6 +34,7 @@
 
 #include "broker_int.h"
 #include "cases.h"
+#include "ml_channel.h"
 #include "ml_frame.h"
 
 static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
@@ -734,6 +735,24 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
         return;
     }
+    /* node_rate: a token bucket per node (a second's worth of burst). A
+     * node over it gets a transient Nack and its agent sends again later. */
+    ml_nodestate_t *ns = s->ns;
+    int64_t now = ml_mono_ms();
+    double rate = (double)b->cfg->node_rate;
+    if (ns->rate_at == 0)
+        ns->rate_tokens = rate;
+    double t = ns->rate_tokens + (double)(now - ns->rate_at) * rate / 1000.0;
+    ns->rate_tokens = t > rate ? rate : t;
+    ns->rate_at = now;
+    if (ns->rate_tokens < 1.0) {
+        snprintf(err, sizeof err,
+                 "rate limit: node %s may send %ld messages per second; retry later", ns->node->id,
+                 b->cfg->node_rate);
+        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+        return;
+    }
+    ns->rate_tokens -= 1.0;
     /* The recipient should see the envelope with its kind: when the sender
      * left it out, flow.c packs it again. */
     ml_bk_flow_route(b, s, env, rec, len, !kind_was_set);
@@ -920,6 +939,48 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
     s_mark_dirty(b, s);
 }
 
+/* Turns a new connection away before TLS with one plaintext frame that
+ * says why (ML_REFUSED_PREFIX), so the client can log a reason. */
+static void s_refuse_connection(ml_broker_t *b, const uint8_t *rid, size_t rid_len, const char *why)
+{
+    char frame[300];
+    int n = snprintf(frame, sizeof frame, "%s%s", ML_REFUSED_PREFIX, why);
+    if (n < 0)
+        return;
+    if (zmq_send(b->router, rid, rid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
+        zmq_send(b->router, frame, (size_t)n < sizeof frame ? (size_t)n : sizeof frame - 1,
+                 ZMQ_DONTWAIT);
+}
+
+/* handshakes_per_s for one source address: 1 if a new connection from it
+ * may start a handshake now. A token bucket (burst of one second's worth)
+ * in a fixed table. *log_it says whether to log a refusal (once a second
+ * per address, so a flood cannot flood the log). */
+static int s_handshake_allowed(ml_broker_t *b, const char *addr, int *log_it)
+{
+    uint32_t h = s_hash((const uint8_t *)addr, strlen(addr));
+    size_t slot = h % (sizeof b->hs / sizeof b->hs[0]);
+    int64_t now = ml_mono_ms();
+    double rate = (double)b->cfg->handshakes_per_s;
+    if (strncmp(b->hs[slot].addr, addr, sizeof b->hs[0].addr) != 0) {
+        snprintf(b->hs[slot].addr, sizeof b->hs[0].addr, "%s", addr);
+        b->hs[slot].tokens = rate;
+        b->hs[slot].at = now;
+        b->hs[slot].logged = 0;
+    }
+    double t = b->hs[slot].tokens + (double)(now - b->hs[slot].at) * rate / 1000.0;
+    b->hs[slot].tokens = t > rate ? rate : t;
+    b->hs[slot].at = now;
+    if (b->hs[slot].tokens >= 1.0) {
+        b->hs[slot].tokens -= 1.0;
+        return 1;
+    }
+    *log_it = now - b->hs[slot].logged >= 1000;
+    if (*log_it)
+        b->hs[slot].logged = now;
+    return 0;
+}
+
 static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
 {
     ml_broker_t *b = arg;
@@ -950,12 +1011,29 @@ static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
             goto next;
         ml_session_t *s = s_find(b, zmq_msg_data(&rid), rlen);
         if (!s) {
+            char why[200];
+            const char *addr = zmq_msg_gets(&data, "Peer-Address");
+            int log_it = 1;
             if (b->n_live >= (size_t)b->cfg->max_sessions) {
-                ml_log(ML_LOG_WARN, "session",
-                       "refused new connection: max_sessions (%ld) "
-                       "reached",
-                       b->cfg->max_sessions);
+                snprintf(why, sizeof why, "the broker is at max_sessions (%ld); retry later",
+                         b->cfg->max_sessions);
                 b->refused_total++;
+                if (b->max_sessions_logged + 1000 <= ml_mono_ms()) {
+                    b->max_sessions_logged = ml_mono_ms();
+                    ml_log(ML_LOG_WARN, "session", "refused new connection from %s: %s",
+                           addr ? addr : "?", why);
+                }
+                s_refuse_connection(b, zmq_msg_data(&rid), rlen, why);
+                goto next;
+            }
+            if (!s_handshake_allowed(b, addr ? addr : "?", &log_it)) {
+                snprintf(why, sizeof why,
+                         "too many new connections from %s (limit %ld per second); retry later",
+                         addr ? addr : "?", b->cfg->handshakes_per_s);
+                b->refused_total++;
+                if (log_it)
+                    ml_log(ML_LOG_WARN, "session", "refused new connection: %s", why);
+                s_refuse_connection(b, zmq_msg_data(&rid), rlen, why);
                 goto next;
             }
             s = s_session_new(b, zmq_msg_data(&rid), rlen);

@@ -73,6 +73,8 @@ typedef struct {
     uint64_t delivered;
     uint32_t open_cases; /* open cases this node is the target of */
     uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
+    double rate_tokens;  /* node_rate token bucket */
+    int64_t rate_at;     /* its last refill, monotonic ms */
     int removed;         /* taken out of the registry by a reload */
     ml_node_t own;       /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
@@ -167,12 +169,22 @@ struct ml_broker {
     size_t n_services_gone;
     uint32_t rr; /* round robin among a service's consumers */
     uv_timer_t flow_timer;
+    /* New connections per source address (handshakes_per_s): a
+     * direct-mapped table of token buckets; a collision simply starts the
+     * other address afresh, so memory stays fixed whatever the attacker. */
+    struct {
+        char addr[48];
+        double tokens;
+        int64_t at;
+        int64_t logged; /* last refusal logged for it, monotonic ms */
+    } hs[1024];
 
     int64_t started_at;
     uint64_t accepted_total;
     uint64_t delivered_total;
     uint64_t refused_total;
     uint64_t dead_total;
+    int64_t max_sessions_logged;
     uint8_t *rxbuf;
 };
 

@@ -143,6 +143,9 @@ static const char *const s_broker_keys[] = {"id",
                                             "ack_timeout_ms",
                                             "max_delivery_attempts",
                                             "max_store_bytes",
+                                            "handshakes_per_s",
+                                            "node_rate",
+                                            "node_queue_bytes",
                                             "timer_ms",
                                             "notify_delivered",
                                             NULL};
@@ -309,6 +312,10 @@ static int s_load_broker(struct s_load *ld)
          offsetof(ml_broker_config_t, max_delivery_attempts)},
         {"timer_ms", 1000, 10, 60000, offsetof(ml_broker_config_t, timer_ms)},
         {"max_store_bytes", 0, 0, 1L << 50, offsetof(ml_broker_config_t, max_store_bytes)},
+        {"handshakes_per_s", 50, 1, 100000, offsetof(ml_broker_config_t, handshakes_per_s)},
+        {"node_rate", 5000, 1, 10000000, offsetof(ml_broker_config_t, node_rate)},
+        {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
+         offsetof(ml_broker_config_t, node_queue_bytes)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

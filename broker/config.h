@@ -118,6 +118,9 @@ typedef struct {
     long ack_timeout_ms;
     long max_delivery_attempts; /* then the message is a dead letter */
     long max_store_bytes;       /* refuse new messages past this database size (0 = none) */
+    long handshakes_per_s;      /* new connections per second from one address */
+    long node_rate;             /* routed messages per second from one node */
+    long node_queue_bytes;      /* bytes waiting for one recipient before senders are refused */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
 

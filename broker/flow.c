@@ -536,6 +536,22 @@ static ml_nodestate_t *s_pick_consumer(ml_broker_t *b, const char *service, int 
     return best;
 }
 
+/* node_queue_bytes: a recipient that is far behind (offline for long) does
+ * not let its senders fill the broker's disk; they get a transient Nack
+ * and their agents keep the messages until it catches up. */
+static int s_quota_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env,
+                          const ml_nodestate_t *to)
+{
+    if (to->queue.bytes < (uint64_t)b->cfg->node_queue_bytes)
+        return 0;
+    char err[512];
+    snprintf(err, sizeof err,
+             "quota: %s has %llu bytes waiting, over its node_queue_bytes of %ld; retry later",
+             to->node->id, (unsigned long long)to->queue.bytes, b->cfg->node_queue_bytes);
+    ml_bk_refuse(b, s, env->id, NACK_(RATE_LIMITED), err);
+    return 1;
+}
+
 static int s_acl_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env,
                         const ml_nodestate_t *to)
 {
@@ -616,6 +632,8 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         ml_bk_refuse(b, s, env->id, NACK_(INVALID), "a node cannot open a case with itself");
         return;
     }
+    if (s_quota_refuse(b, s, env, rs))
+        return;
 
     /* A referral back up from a rehab down-transfer closes that case. */
     ml_case_t *lc = NULL;
@@ -905,7 +923,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
             ml_bk_refuse(b, s, env->id, code, err);
         goto out;
     }
-    if (s_acl_refuse(b, s, env, to))
+    if (s_acl_refuse(b, s, env, to) || s_quota_refuse(b, s, env, to))
         goto out;
 
     /* A report with a critical finding travels as EMERGENCY whatever its

@@ -275,6 +275,26 @@ static void s_sock_cb(ml_zwatch_t *w, void *zsock, void *arg)
             break;
         }
         ch->last_rx = ml_mono_ms();
+        if (ch->state == S_HANDSHAKE && zmq_msg_size(&msg) > ML_REFUSED_PREFIX_LEN &&
+            memcmp(zmq_msg_data(&msg), ML_REFUSED_PREFIX, ML_REFUSED_PREFIX_LEN) == 0) {
+            /* The broker turned the connection away before TLS (a limit):
+             * its one plaintext frame says why. Back off for longer. */
+            char why[300];
+            size_t n = zmq_msg_size(&msg) - ML_REFUSED_PREFIX_LEN;
+            if (n > sizeof why - 40)
+                n = sizeof why - 40;
+            int k = snprintf(why, sizeof why, "broker refused the connection: ");
+            for (size_t j = 0; j < n; j++) {
+                char c = ((const char *)zmq_msg_data(&msg))[ML_REFUSED_PREFIX_LEN + j];
+                why[k++] = c >= 32 && c < 127 ? c : '?';
+            }
+            why[k] = '\0';
+            zmq_msg_close(&msg);
+            ml_log(ML_LOG_WARN, "channel", "%s: %s", ch->node_id, why);
+            ch->backoff = ch->cfg.reconnect_ms * 8;
+            s_teardown(ch, why);
+            return;
+        }
         int rc = ml_tls_session_feed(ch->tls, zmq_msg_data(&msg), zmq_msg_size(&msg));
         zmq_msg_close(&msg);
         if (rc != 0) {

@@ -22,6 +22,12 @@
 
 typedef struct ml_channel ml_channel_t;
 
+/* A broker that turns a connection away before TLS (too many sessions, too
+ * many handshakes from one address) sends one plaintext frame: this prefix
+ * and a reason in ASCII. No data of any node is in it. */
+#define ML_REFUSED_PREFIX "MEDLINK-REFUSED "
+#define ML_REFUSED_PREFIX_LEN (sizeof ML_REFUSED_PREFIX - 1)
+
 typedef struct {
     const char *endpoint;  /* e.g. "tcp://127.0.0.1:7400" */
     ml_tls_ctx_t *tls;     /* client context (borrowed; outlives the channel) */

@@ -474,8 +474,7 @@ out:
     return rc;
 }
 
-int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err,
-                           size_t errlen)
+int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err, size_t errlen)
 {
     int rc = ML_ETLS;
     X509_STORE_CTX *vc = NULL;
@@ -495,7 +494,8 @@ int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *e
         rc = ML_ENOMEM;
         goto out;
     }
-    X509_STORE_CTX_set_purpose(vc, s->is_server ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER);
+    X509_STORE_CTX_set_purpose(vc,
+                               s->is_server ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER);
     if (X509_verify_cert(vc) == 1) {
         rc = 0;
         goto out;

@@ -187,3 +187,78 @@ Test(security, registry_and_acl_reload)
     h_agent_stop(&W, H_COUNTY);
     h_broker_stop(&W);
 }
+
+/* Every limit answers the peer with a reason and logs a line; none takes
+ * the broker down, and the peers within their limits are still served. */
+Test(security, limits_give_clear_errors)
+{
+    h_world_init(&W, "max_sessions = 4\nhandshakes_per_s = 3\nnode_rate = 20\n"
+                     "node_queue_bytes = 1048576\n");
+    h_broker_start(&W);
+    cli_t clinic;
+    cli_open(&clinic, &W, H_XINZHAN, 0);
+
+    /* node_rate: 20 messages a second from one node; the rest are refused
+     * as transient (the agent would send them again later). */
+    int accepted = 0, limited = 0;
+    for (int i = 0; i < 60; i++) {
+        cli_referral_t r;
+        cli_referral(&r, H_XINZHAN, H_COUNTY, "Rate Patient", 0);
+        ml_envelope_t *rep = cli_send_wait(&clinic, &r.env);
+        if (rep->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED) {
+            accepted++;
+        } else {
+            cli_expect_nack(rep, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, "rate limit");
+            limited++;
+        }
+    }
+    cr_assert(accepted >= 20 && limited > 0, "accepted %d, rate-limited %d", accepted, limited);
+
+    /* node_queue_bytes: the county hospital is offline; once 1 MiB waits
+     * for it, its senders are refused until it catches up. */
+    h_sleep_ms(1100); /* a fresh second of node_rate */
+    static char notes[300 * 1024];
+    memset(notes, 'n', sizeof notes - 1);
+    int quota = 0;
+    for (int i = 0; i < 8 && !quota; i++) {
+        cli_referral_t r;
+        cli_referral(&r, H_XINZHAN, H_COUNTY, "Big Notes", 0);
+        r.ref.notes = notes;
+        ml_envelope_t *rep = cli_send_wait(&clinic, &r.env);
+        if (rep->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_NACK) {
+            cli_expect_nack(rep, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, "node_queue_bytes");
+            quota = 1;
+        }
+        h_sleep_ms(60);
+    }
+    cr_assert(quota, "1 MiB queued for an offline node did not trigger the quota");
+
+    /* max_sessions = 4 (the clinic's is one) and handshakes_per_s = 3:
+     * of 8 new connections at once, some are turned away before TLS with a
+     * plaintext reason, and the broker logs why. */
+    cli_t many[8];
+    const char *who[] = {H_COUNTY, H_FENGLE, H_CITY, H_OPS, H_READ_A, H_READ_B, H_COUNTY, H_OPS};
+    for (int i = 0; i < 8; i++)
+        cli_start(&many[i], &W, who[i], 0, H_BROKER, 0);
+    cli_run_until(&many[0], cli_went_down, NULL, 1500);
+    int up = 0;
+    for (int i = 0; i < 8; i++)
+        up += many[i].up;
+    cr_assert_leq(up, 3, "%d sessions came up past max_sessions = 4", up);
+    cr_assert(h_log_contains(&W, "broker.log", "refused new connection") > 0,
+              "the broker did not log the refused connections");
+    cr_assert(h_log_contains(&W, "broker.log", "max_sessions (4)") +
+                      h_log_contains(&W, "broker.log", "too many new connections") >
+                  0,
+              "the log does not say which limit");
+    for (int i = 0; i < 8; i++)
+        cli_close(&many[i]);
+    /* The clinic within its limits is still served. */
+    h_sleep_ms(1100);
+    cli_referral_t r;
+    cli_referral(&r, H_XINZHAN, H_CITY, "Still Served", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+    cr_assert_eq(clinic.downs, 0);
+    cli_close(&clinic);
+    h_broker_stop(&W);
+}
