@@ -227,6 +227,46 @@ static void s_resync_row(void *arg, const ml_store_case_t *r)
     s_from_row(rs->b, rs->c, r);
 }
 
+/* What a message changes in a case, kept so that the change can be undone
+ * when the message never reaches the store (a full store backlog): reading
+ * the case back from the store would be wrong then, since changes queued
+ * before this one (the case's opening, even) are not committed yet. */
+typedef struct {
+    int64_t updated_at, deadline_at, version;
+    uint64_t chunk_bytes;
+    uint32_t chunks, dup_chunks, target;
+    uint16_t escalations, follow_ups;
+    uint8_t state, deadline_state, fired, closed;
+} s_snap_t;
+
+static void s_snap(const ml_case_t *c, s_snap_t *s)
+{
+    *s = (s_snap_t){c->updated_at,     c->deadline_at, c->version,     c->chunk_bytes, c->chunks,
+                    c->dup_chunks,     c->target,      c->escalations, c->follow_ups,  c->state,
+                    c->deadline_state, c->fired,       c->closed};
+}
+
+static void s_target_count(ml_broker_t *b, ml_case_t *c, int delta);
+
+static void s_unsnap(ml_broker_t *b, ml_case_t *c, const s_snap_t *s)
+{
+    s_target_count(b, c, -1);
+    c->updated_at = s->updated_at;
+    c->deadline_at = s->deadline_at;
+    c->version = s->version;
+    c->chunk_bytes = s->chunk_bytes;
+    c->chunks = s->chunks;
+    c->dup_chunks = s->dup_chunks;
+    c->target = s->target;
+    c->escalations = s->escalations;
+    c->follow_ups = s->follow_ups;
+    c->state = s->state;
+    c->deadline_state = s->deadline_state;
+    c->fired = s->fired;
+    c->closed = s->closed;
+    s_target_count(b, c, +1);
+}
+
 /* After a change failed to commit: the store is the truth. A case whose
  * opening did not commit is not a case: it leaves the table now and memory
  * once nothing points to it. */
@@ -666,6 +706,9 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         }
         lc->refs++; /* held while this function works on it */
     }
+    s_snap_t lc_snap;
+    if (lc)
+        s_snap(lc, &lc_snap);
 
     ml_case_t *c = ml_case_new(env->case_id);
     if (!c || ml_casetab_add(&b->cases, c) != 0) {
@@ -780,7 +823,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         ml_casetab_remove(&b->cases, c);
         ml_case_free(c);
         if (lc)
-            s_resync(b, lc);
+            s_unsnap(b, lc, &lc_snap);
         ml_bk_case_release(b, lc);
         s_refuse_submit(b, s, env->id, rc);
         return;
@@ -937,6 +980,8 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
 
     /* The change, in memory first (later messages are checked against
      * it), then stored with the message. */
+    s_snap_t snap;
+    s_snap(c, &snap);
     int old = c->state;
     int chunk_bytes = 0;
     int action = ML_BK_AFTER_NONE;
@@ -1012,7 +1057,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     }
     free(owned);
     if (rc != 0) {
-        s_resync(b, c);
+        s_unsnap(b, c, &snap); /* nothing reached the store */
         s_refuse_submit(b, s, env->id, rc);
     }
 out:

@@ -220,7 +220,8 @@ static int s_is_transient(int code)
 {
     return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
            code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
-           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED;
+           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
+           code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT;
 }
 
 static const char *s_nack_name(int code)
