@@ -28,15 +28,26 @@ typedef struct ml_keyring ml_keyring_t;
 /* Loads the current key file and n_old older ones. Returns 0, or ML_EIO /
  * ML_EINVAL with err naming the file and what is wrong ("not 64 hex
  * digits", "readable by others (mode 0644): chmod 600"). */
-int ml_keyring_load(const char *current, const char *const *old, size_t n_old,
-                    ml_keyring_t **out, char *err, size_t errlen);
+int ml_keyring_load(const char *current, const char *const *old, size_t n_old, ml_keyring_t **out,
+                    char *err, size_t errlen);
 /* Frees the keys (wiped first); safe on NULL and twice; clears *self_p. */
 void ml_keyring_destroy(ml_keyring_t **self_p);
 /* The current key's id as 16 hex digits (static per keyring, borrowed). */
 const char *ml_keyring_current_id(const ml_keyring_t *kr);
+/* Number of distinct keys held (the current one included; a key file
+ * listed twice counts once). */
+size_t ml_keyring_count(const ml_keyring_t *kr);
+/* 1 if sealed is a sealed value made with kr's current key, else 0 (not
+ * sealed, or sealed under an older or unknown key: a store re-seals such
+ * values so that old keys can be retired). O(1); nothing is decrypted. */
+int ml_keyring_is_current(const ml_keyring_t *kr, const uint8_t *sealed, size_t len);
+/* Writes the key id a sealed value names (16 hex digits) into out, for
+ * error messages. Returns 0 or ML_EINVAL (not a sealed value). */
+int ml_sealed_key_id(const uint8_t *sealed, size_t len, char out[17]);
 
-/* Writes a new random key file at path (mode 0600, refusing to overwrite).
- * Returns 0, ML_EIO or ML_EDUP (exists). */
+/* Writes a new random key file at path (mode 0600, refusing to overwrite;
+ * fsync'd with its folder). Returns 0, ML_EIO, ML_EDUP (exists) or ML_ETLS
+ * (no random bytes), with err saying which. */
 int ml_keyring_generate_file(const char *path, char *err, size_t errlen);
 
 /* 1 if data starts like a sealed value. */
@@ -48,9 +59,10 @@ int ml_is_sealed(const uint8_t *data, size_t len);
 int ml_seal(const ml_keyring_t *kr, const uint8_t *plain, size_t len, const uint8_t *aad,
             size_t aad_len, uint8_t **out, size_t *out_len);
 /* Opens a sealed value with whichever key sealed it. Returns 0 (*out
- * malloc'd), ML_EINVAL (not a sealed value), ML_ENOTFOUND (sealed under a
- * key this keyring does not have), ML_EPROTO (it does not authenticate:
- * damaged, or moved to another row), ML_ENOMEM. */
+ * malloc'd, the caller's, with a NUL byte after its *out_len bytes so that
+ * sealed text can be used as a C string), ML_EINVAL (not a sealed value), ML_ENOTFOUND (sealed
+ * under a key this keyring does not have), ML_EPROTO (it does not authenticate: damaged, or moved
+ * to another row), ML_ENOMEM. */
 int ml_open(const ml_keyring_t *kr, const uint8_t *sealed, size_t len, const uint8_t *aad,
             size_t aad_len, uint8_t **out, size_t *out_len);
 
