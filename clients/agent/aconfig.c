@@ -46,6 +46,41 @@ static int s_get_str(const ml_ini_t *ini, const char *path, const char *key, int
     return 0;
 }
 
+/* Joins a relative path to the config file's folder; malloc'd or NULL. */
+static char *s_resolve(const ml_ini_t *ini, const char *v, size_t n)
+{
+    const char *dir = v[0] == '/' ? "" : ml_ini_dir(ini);
+    size_t cap = strlen(dir) + n + 2;
+    char *out = malloc(cap);
+    if (out)
+        snprintf(out, cap, "%s%s%.*s", dir, *dir ? "/" : "", (int)n, v);
+    return out;
+}
+
+/* store_old_keys: white-space separated paths, each resolved like the
+ * others. Returns 0 or ML_ENOMEM. */
+static int s_get_paths(const ml_ini_t *ini, const char *v, char ***out, size_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    for (const char *p = v; *p;) {
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (!*p)
+            break;
+        size_t n = strcspn(p, " \t");
+        char **grown = realloc(*out, (*count + 1) * sizeof *grown);
+        if (!grown)
+            return ML_ENOMEM;
+        *out = grown;
+        if (!((*out)[*count] = s_resolve(ini, p, n)))
+            return ML_ENOMEM;
+        (*count)++;
+        p += n;
+    }
+    return 0;
+}
+
 int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errlen)
 {
     int rc;
@@ -110,6 +145,22 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
     if (rc < 0)
         goto out;
     cfg->send_window_bytes = (size_t)v;
+    if ((rc = s_get_str(ini, path, "store_key", 0, 1, NULL, &cfg->store_key, err, errlen)) < 0)
+        goto out;
+    const char *old = ml_ini_get(ini, S_SECTION, "store_old_keys", NULL);
+    if (old && *old) {
+        if (!cfg->store_key) {
+            snprintf(err, errlen,
+                     "%s: [%s] store_old_keys needs store_key (the key that seals from now on)",
+                     path, S_SECTION);
+            rc = ML_ECONFIG;
+            goto out;
+        }
+        if ((rc = s_get_paths(ini, old, &cfg->store_old_keys, &cfg->n_store_old_keys)) < 0) {
+            snprintf(err, errlen, "%s: out of memory", path);
+            goto out;
+        }
+    }
     rc = 0;
 out:
     if (rc < 0)
@@ -130,5 +181,9 @@ void ml_aconfig_clear(ml_aconfig_t *cfg)
     free(cfg->key);
     free(cfg->data_dir);
     free(cfg->spool_dir);
+    free(cfg->store_key);
+    for (size_t i = 0; i < cfg->n_store_old_keys; i++)
+        free(cfg->store_old_keys[i]);
+    free(cfg->store_old_keys);
     memset(cfg, 0, sizeof *cfg);
 }

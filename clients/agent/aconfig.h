@@ -26,10 +26,17 @@ typedef struct {
      * study of a few hundred MiB cannot fill the link. */
     uint32_t chunk_size;
     size_t send_window_bytes;
+    /* Encryption at rest: the key file that seals what agent.db stores
+     * from now on (NULL: stored in clear), and older key files that still
+     * open what they sealed (rotation). Paths resolved like the others. */
+    char *store_key;
+    char **store_old_keys;
+    size_t n_store_old_keys;
 } ml_aconfig_t;
 
 /* Loads the [agent] section of path into cfg (zeroed first). Required keys:
- * node_id, broker, ca, cert, key, data_dir, spool_dir. chunk_size must lie
+ * node_id, broker, ca, cert, key, data_dir, spool_dir. store_old_keys (paths
+ * separated by white space) needs store_key. chunk_size must lie
  * within ML_IMAGING_CHUNK_MIN..MAX and leave room for the envelope within
  * max_record. Returns 0, or
  * ML_ECONFIG / ML_ENOMEM with a sentence in err naming the file and key.

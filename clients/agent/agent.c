@@ -25,6 +25,7 @@
 #include "imaging.h"
 #include "ml_channel.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_tls.h"
 #include "spool.h"
 
@@ -86,6 +87,7 @@ struct ml_agent {
 
     void *zctx;
     ml_tls_ctx_t *tls;
+    ml_keyring_t *keys; /* store_key and store_old_keys, or NULL */
     ml_astore_t *store;
     ml_spool_t *spool;
     ml_aimg_t *img;
@@ -757,6 +759,7 @@ void ml_agent_destroy(ml_agent_t **self_p)
     ml_aimg_destroy(&a->img);
     ml_spool_destroy(&a->spool);
     ml_astore_destroy(&a->store);
+    ml_keyring_destroy(&a->keys);
     ml_tls_ctx_destroy(&a->tls);
     if (a->zctx)
         zmq_ctx_term(a->zctx);
@@ -793,7 +796,22 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
         goto out;
     }
     snprintf(path, sizeof path, "%s/agent.db", cfg->data_dir);
-    if ((rc = ml_astore_open(path, &a->store, err, errlen)) < 0)
+    if (cfg->store_key) {
+        if ((rc = ml_keyring_load(cfg->store_key, (const char *const *)cfg->store_old_keys,
+                                  cfg->n_store_old_keys, &a->keys, err, errlen)) < 0) {
+            rc = ML_ECONFIG;
+            goto out;
+        }
+        ml_log(ML_LOG_INFO, S_LOG,
+               "payloads in %s are sealed with AES-256-GCM under key %s (%s; %zu older key(s))",
+               path, ml_keyring_current_id(a->keys), cfg->store_key, ml_keyring_count(a->keys) - 1);
+    } else {
+        ml_log(ML_LOG_WARN, S_LOG,
+               "no store_key: message payloads (patient data) are stored in clear in %s; set "
+               "store_key in [agent] (docs/operations.md, Encryption at rest)",
+               path);
+    }
+    if ((rc = ml_astore_open_sealed(path, a->keys, &a->store, err, errlen)) < 0)
         goto out;
     ml_spool_config_t scfg = {cfg->spool_dir, cfg->node_id, cfg->max_record, a->store};
     if ((rc = ml_spool_new(&scfg, &a->spool, err, errlen)) < 0)

@@ -1,12 +1,15 @@
 /* SQLite implementation of the agent's outbox and inbox. Statements are
  * prepared once at open; every SQLITE_* result is turned into an ML_E* code
- * here, and sqlite3_errmsg is kept available for the caller's log line. */
+ * here, and sqlite3_errmsg is kept available for the caller's log line.
+ * With a keyring, envelopes are sealed on their way in and opened on their
+ * way out (ml_crypt.h), so the modules above never see a sealed value. */
 #include "astore.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <sqlite3.h>
 
 #include "ml_common.h"
@@ -94,6 +97,11 @@ static const char *const s_sql[S_NSTMT] = {
  * The partial indexes keep both send streams O(log N + window) even with
  * years of settled rows in the table. */
 #define S_SCHEMA_VERSION 1
+/* Version 2 is version 1 whose values may be sealed: an agent without the
+ * key, or one from before sealing existed, must not open it (it would take
+ * sealed bytes for envelopes), and SQLite's user_version is what every
+ * version of the agent checks. A store opened with a key is raised to 2. */
+#define S_SCHEMA_SEALED 2
 static const char s_schema[] = "CREATE TABLE IF NOT EXISTS outbox ("
                                " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
                                " id TEXT UNIQUE NOT NULL,"
@@ -126,6 +134,12 @@ static const char s_migrate_v1[] = "ALTER TABLE outbox ADD COLUMN case_id TEXT;"
                                    "ALTER TABLE outbox ADD COLUMN hold_for TEXT;"
                                    "ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0;";
 
+/* Which parts of agent.db have been re-sealed under which key
+ * (ml_astore_reseal), so that the pass runs once per key, not per start. */
+static const char s_keys_table[] = "CREATE TABLE IF NOT EXISTS store_keys ("
+                                   " part TEXT PRIMARY KEY,"
+                                   " key_id TEXT NOT NULL);";
+
 static const char s_indexes[] =
     "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(state, seq);"
     "CREATE INDEX IF NOT EXISTS outbox_file ON outbox(file_name);"
@@ -137,20 +151,111 @@ static const char s_indexes[] =
     "CREATE INDEX IF NOT EXISTS outbox_case ON outbox(case_id) WHERE blob_path IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS inbox_unspooled ON inbox(spooled) WHERE spooled = 0;";
 
+#define S_LOG "astore"
+/* Re-sealing takes rows in batches of at most this many rows or bytes, one
+ * transaction each, so that memory stays bounded whatever the history. */
+#define S_RESEAL_ROWS 256
+#define S_RESEAL_BYTES (8u * 1024 * 1024)
+#define S_AAD_MAX 512
+
 struct ml_astore {
     sqlite3 *db;
     sqlite3_stmt *stmt[S_NSTMT];
     int in_tx;
+    const ml_keyring_t *keys; /* borrowed; NULL: values in clear */
+    /* Why the last call failed when it was not SQLite's doing (a value
+     * that does not open); cleared by the next call that reads values. */
+    char err[300];
 };
 
 const char *ml_astore_errmsg(const ml_astore_t *st)
 {
+    if (st && st->err[0])
+        return st->err;
     return st && st->db ? sqlite3_errmsg(st->db) : "no database";
 }
 
-/* Brings an older database up to S_SCHEMA_VERSION in one transaction, and
- * refuses one written by a newer agent. Returns an SQLITE_* code (*msg set
- * for errors of our own). */
+const ml_keyring_t *ml_astore_keys(const ml_astore_t *st)
+{
+    return st->keys;
+}
+
+char *ml_astore_aad(char *out, size_t cap, const char *prefix, const char *key, int64_t sub)
+{
+    if (sub >= 0)
+        snprintf(out, cap, "%s%s/%lld", prefix ? prefix : "", key ? key : "", (long long)sub);
+    else
+        snprintf(out, cap, "%s%s", prefix ? prefix : "", key ? key : "");
+    return out;
+}
+
+int ml_astore_bind(ml_astore_t *st, sqlite3_stmt *s, int i, const void *v, size_t len, int as_text,
+                   const char *aad)
+{
+    if (!st->keys) {
+        if (as_text)
+            sqlite3_bind_text64(s, i, v, len, SQLITE_STATIC, SQLITE_UTF8);
+        else
+            sqlite3_bind_blob64(s, i, v ? v : "", len, SQLITE_STATIC);
+        return 0;
+    }
+    uint8_t *sealed = NULL;
+    size_t n = 0;
+    int rc = ml_seal(st->keys, v, len, (const uint8_t *)aad, strlen(aad), &sealed, &n);
+    if (rc < 0) {
+        snprintf(st->err, sizeof st->err, "cannot seal %s: %s", aad, ml_strerror(rc));
+        return rc;
+    }
+    /* SQLite owns the copy from here, and frees it even if binding fails. */
+    sqlite3_bind_blob64(s, i, sealed, n, free);
+    return 0;
+}
+
+int ml_astore_column(ml_astore_t *st, sqlite3_stmt *s, int col, const char *aad, const uint8_t **v,
+                     size_t *len, uint8_t **owned)
+{
+    *owned = NULL;
+    int type = sqlite3_column_type(s, col);
+    const uint8_t *d = type == SQLITE_BLOB ? sqlite3_column_blob(s, col)
+                                           : (const uint8_t *)sqlite3_column_text(s, col);
+    size_t n = (size_t)sqlite3_column_bytes(s, col);
+    if (!d) {
+        d = (const uint8_t *)"";
+        n = 0;
+    }
+    /* Only a BLOB can be sealed: text stored in clear that happens to
+     * start with the magic is still text. */
+    if (type != SQLITE_BLOB || !ml_is_sealed(d, n)) {
+        *v = d;
+        *len = n;
+        return 0;
+    }
+    int rc = st->keys ? ml_open(st->keys, d, n, (const uint8_t *)aad, strlen(aad), owned, len)
+                      : ML_ENOTFOUND;
+    if (rc == 0) {
+        *v = *owned;
+        return 0;
+    }
+    char id[17] = "";
+    ml_sealed_key_id(d, n, id);
+    if (rc == ML_ENOTFOUND)
+        snprintf(st->err, sizeof st->err,
+                 "%s is sealed under key %s, which is neither store_key nor in store_old_keys", aad,
+                 id);
+    else if (rc == ML_EPROTO)
+        snprintf(st->err, sizeof st->err,
+                 "%s does not authenticate under key %s: damaged, or moved from another row", aad,
+                 id);
+    else
+        snprintf(st->err, sizeof st->err, "cannot open %s: %s", aad, ml_strerror(rc));
+    ml_log(ML_LOG_ERROR, S_LOG, "%s", st->err);
+    return rc;
+}
+
+/* Brings an older database up to S_SCHEMA_VERSION (S_SCHEMA_SEALED with
+ * keys) in one transaction, and refuses one written by a newer agent, or a
+ * sealed one without keys. Returns an SQLITE_* code (*msg set for errors of
+ * our own). */
 static int s_migrate(ml_astore_t *st, char **msg)
 {
     sqlite3_stmt *s = NULL;
@@ -161,12 +266,19 @@ static int s_migrate(ml_astore_t *st, char **msg)
     if (sqlite3_step(s) == SQLITE_ROW)
         version = sqlite3_column_int(s, 0);
     sqlite3_finalize(s);
-    if (version > S_SCHEMA_VERSION) {
+    if (version > S_SCHEMA_SEALED) {
         *msg = sqlite3_mprintf("schema version %d is newer than this agent's (%d)", version,
-                               S_SCHEMA_VERSION);
+                               S_SCHEMA_SEALED);
         return SQLITE_ERROR;
     }
-    if (version == S_SCHEMA_VERSION)
+    if (version == S_SCHEMA_SEALED && !st->keys) {
+        *msg = sqlite3_mprintf("it holds sealed payloads (it was opened with store_key before); "
+                               "without the key it cannot be read: set store_key (and "
+                               "store_old_keys) in [agent]");
+        return SQLITE_ERROR;
+    }
+    int want = st->keys ? S_SCHEMA_SEALED : S_SCHEMA_VERSION;
+    if (version == want)
         return SQLITE_OK;
     /* A table created just now by s_schema has the columns already; one
      * from version 0 lacks them. */
@@ -178,7 +290,7 @@ static int s_migrate(ml_astore_t *st, char **msg)
     if (!has && (rc = sqlite3_exec(st->db, s_migrate_v1, NULL, NULL, msg)) != SQLITE_OK)
         goto failed;
     char sql[64];
-    snprintf(sql, sizeof sql, "PRAGMA user_version = %d", S_SCHEMA_VERSION);
+    snprintf(sql, sizeof sql, "PRAGMA user_version = %d", want);
     if ((rc = sqlite3_exec(st->db, sql, NULL, NULL, msg)) != SQLITE_OK)
         goto failed;
     return sqlite3_exec(st->db, "COMMIT", NULL, NULL, msg);
@@ -194,6 +306,21 @@ struct sqlite3 *ml_astore_db(ml_astore_t *st)
 
 int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen)
 {
+    return ml_astore_open_sealed(path, NULL, out, err, errlen);
+}
+
+/* The envelope columns of agent.db, with the message id as associated
+ * data. */
+static const ml_astore_reseal_t s_reseal[] = {
+    {"outbox envelope", "SELECT id, 0, envelope FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?3",
+     "UPDATE outbox SET envelope = ?1 WHERE id = ?2", NULL, 0},
+    {"inbox envelope", "SELECT id, 0, envelope FROM inbox WHERE id > ?1 ORDER BY id LIMIT ?3",
+     "UPDATE inbox SET envelope = ?1 WHERE id = ?2", NULL, 0},
+};
+
+int ml_astore_open_sealed(const char *path, const ml_keyring_t *keys, ml_astore_t **out, char *err,
+                          size_t errlen)
+{
     int rc = ML_ESTORE;
     char *msg = NULL;
     ml_astore_t *st = calloc(1, sizeof *st);
@@ -201,6 +328,7 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
         snprintf(err, errlen, "%s: out of memory", path);
         return ML_ENOMEM;
     }
+    st->keys = keys;
     if (sqlite3_open_v2(path, &st->db,
                         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
                         NULL) != SQLITE_OK) {
@@ -221,6 +349,14 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
                  msg ? msg : ml_astore_errmsg(st));
         goto out;
     }
+    /* secure_delete: what a re-sealed or deleted value leaves behind is
+     * overwritten with zeros rather than left in a free page. */
+    if (keys && (sqlite3_exec(st->db, "PRAGMA secure_delete=ON", NULL, NULL, &msg) != SQLITE_OK ||
+                 sqlite3_exec(st->db, s_keys_table, NULL, NULL, &msg) != SQLITE_OK)) {
+        snprintf(err, errlen, "%s: cannot set up database: %s", path,
+                 msg ? msg : ml_astore_errmsg(st));
+        goto out;
+    }
     for (int i = 0; i < S_NSTMT; i++) {
         if (sqlite3_prepare_v3(st->db, s_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &st->stmt[i],
                                NULL) != SQLITE_OK) {
@@ -228,12 +364,200 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
             goto out;
         }
     }
+    char rerr[512];
+    if ((rc = ml_astore_reseal(st, "astore", s_reseal, sizeof s_reseal / sizeof s_reseal[0], rerr,
+                               sizeof rerr)) < 0) {
+        snprintf(err, errlen, "%s: %s", path, rerr);
+        rc = rc == ML_ESTORE ? ML_ESTORE : ML_ECONFIG;
+        goto out;
+    }
     *out = st;
     st = NULL;
     rc = 0;
 out:
     sqlite3_free(msg);
     ml_astore_destroy(&st);
+    return rc;
+}
+
+/* One value waiting to be written back by s_reseal_batch. */
+typedef struct {
+    char *key;
+    int64_t sub;
+    uint8_t *sealed;
+    size_t len;
+} s_reseal_row_t;
+
+/* Reads one batch of column c after the cursor (key, sub) and seals what
+ * needs it, then writes those values back; all in the caller's
+ * transaction. *seen is the number of rows read (0: the column is done),
+ * *changed grows by the values re-sealed. */
+static int s_reseal_batch(ml_astore_t *st, const ml_astore_reseal_t *c, sqlite3_stmt *sel,
+                          sqlite3_stmt *upd, char **key, int64_t *sub, size_t *seen,
+                          int64_t *changed, char *err, size_t errlen)
+{
+    s_reseal_row_t rows[S_RESEAL_ROWS];
+    size_t n = 0, bytes = 0;
+    int rc = 0, step = SQLITE_DONE;
+    *seen = 0;
+    sqlite3_bind_text(sel, 1, *key ? *key : "", -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int64(sel, 2, *sub);
+    sqlite3_bind_int64(sel, 3, S_RESEAL_ROWS);
+    while (n < S_RESEAL_ROWS && bytes < S_RESEAL_BYTES &&
+           (step = sqlite3_step(sel)) == SQLITE_ROW) {
+        const char *k = (const char *)sqlite3_column_text(sel, 0);
+        int64_t sk = sqlite3_column_int64(sel, 1);
+        char *kc = strdup(k ? k : "");
+        if (!kc) {
+            rc = ML_ENOMEM;
+            break;
+        }
+        free(*key);
+        *key = kc;
+        *sub = sk;
+        (*seen)++;
+        int type = sqlite3_column_type(sel, 2);
+        if (type == SQLITE_NULL)
+            continue;
+        const uint8_t *d = type == SQLITE_BLOB ? sqlite3_column_blob(sel, 2)
+                                               : (const uint8_t *)sqlite3_column_text(sel, 2);
+        size_t dn = (size_t)sqlite3_column_bytes(sel, 2);
+        if (type == SQLITE_BLOB && ml_keyring_is_current(st->keys, d, dn))
+            continue;
+        char aad[S_AAD_MAX];
+        if (c->prefix)
+            ml_astore_aad(aad, sizeof aad, c->prefix, kc, c->has_sub ? sk : -1);
+        else
+            ml_astore_aad(aad, sizeof aad, NULL, kc, -1);
+        const uint8_t *plain = d ? d : (const uint8_t *)"";
+        size_t plen = d ? dn : 0;
+        uint8_t *opened = NULL;
+        if (type == SQLITE_BLOB && ml_is_sealed(d, dn)) {
+            if ((rc = ml_astore_column(st, sel, 2, aad, &plain, &plen, &opened)) < 0) {
+                ml_seterr(err, errlen, "%s %s", c->what, st->err);
+                break;
+            }
+        }
+        uint8_t *sealed = NULL;
+        size_t slen = 0;
+        rc = ml_seal(st->keys, plain, plen, (const uint8_t *)aad, strlen(aad), &sealed, &slen);
+        if (opened) {
+            OPENSSL_cleanse(opened, plen);
+            free(opened);
+        }
+        if (rc < 0) {
+            ml_seterr(err, errlen, "cannot seal %s %s: %s", c->what, aad, ml_strerror(rc));
+            break;
+        }
+        if (!(rows[n].key = strdup(kc))) {
+            free(sealed);
+            rc = ML_ENOMEM;
+            break;
+        }
+        rows[n].sub = sk;
+        rows[n].sealed = sealed;
+        rows[n].len = slen;
+        bytes += slen;
+        n++;
+    }
+    if (rc == 0 && n < S_RESEAL_ROWS && bytes < S_RESEAL_BYTES && step != SQLITE_DONE) {
+        ml_seterr(err, errlen, "cannot read the %ss: %s", c->what, sqlite3_errmsg(st->db));
+        rc = ML_ESTORE;
+    }
+    sqlite3_reset(sel);
+    sqlite3_clear_bindings(sel);
+    /* Written after the read is over: changing rows under a running SELECT
+     * is not something to rely on. */
+    for (size_t i = 0; i < n; i++) {
+        if (rc == 0) {
+            sqlite3_bind_blob64(upd, 1, rows[i].sealed, rows[i].len, SQLITE_STATIC);
+            sqlite3_bind_text(upd, 2, rows[i].key, -1, SQLITE_STATIC);
+            if (sqlite3_bind_parameter_count(upd) >= 3)
+                sqlite3_bind_int64(upd, 3, rows[i].sub);
+            if (sqlite3_step(upd) != SQLITE_DONE) {
+                ml_seterr(err, errlen, "cannot re-seal %s %s: %s", c->what, rows[i].key,
+                          sqlite3_errmsg(st->db));
+                rc = ML_ESTORE;
+            } else {
+                (*changed)++;
+            }
+            sqlite3_reset(upd);
+            sqlite3_clear_bindings(upd);
+        }
+        free(rows[i].key);
+        free(rows[i].sealed);
+    }
+    return rc;
+}
+
+/* Whether part was re-sealed under the current key already: 1, 0, or
+ * ML_ESTORE. */
+static int s_resealed(ml_astore_t *st, const char *part, int record)
+{
+    sqlite3_stmt *s = NULL;
+    const char *sql = record ? "INSERT OR REPLACE INTO store_keys (part, key_id) VALUES (?1, ?2)"
+                             : "SELECT 1 FROM store_keys WHERE part = ?1 AND key_id = ?2";
+    if (sqlite3_prepare_v2(st->db, sql, -1, &s, NULL) != SQLITE_OK)
+        return ML_ESTORE;
+    sqlite3_bind_text(s, 1, part, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, ml_keyring_current_id(st->keys), -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    sqlite3_finalize(s);
+    if (rc == SQLITE_ROW)
+        return 1;
+    return rc == SQLITE_DONE ? 0 : ML_ESTORE;
+}
+
+int ml_astore_reseal(ml_astore_t *st, const char *part, const ml_astore_reseal_t *cols, size_t n,
+                     char *err, size_t errlen)
+{
+    if (!st->keys)
+        return 0;
+    int rc = s_resealed(st, part, 0);
+    if (rc != 0) {
+        if (rc < 0)
+            ml_seterr(err, errlen, "cannot read store_keys: %s", sqlite3_errmsg(st->db));
+        return rc < 0 ? rc : 0;
+    }
+    int64_t changed = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        sqlite3_stmt *sel = NULL, *upd = NULL;
+        char *key = NULL;
+        int64_t sub = INT64_MIN;
+        size_t seen = 1;
+        if (sqlite3_prepare_v2(st->db, cols[i].select, -1, &sel, NULL) != SQLITE_OK ||
+            sqlite3_prepare_v2(st->db, cols[i].update, -1, &upd, NULL) != SQLITE_OK) {
+            ml_seterr(err, errlen, "cannot prepare the re-sealing of %ss: %s", cols[i].what,
+                      sqlite3_errmsg(st->db));
+            rc = ML_ESTORE;
+        }
+        while (rc == 0 && seen > 0) {
+            if ((rc = ml_astore_begin(st)) < 0) {
+                ml_seterr(err, errlen, "cannot begin: %s", sqlite3_errmsg(st->db));
+                break;
+            }
+            rc = s_reseal_batch(st, &cols[i], sel, upd, &key, &sub, &seen, &changed, err, errlen);
+            if (rc < 0) {
+                ml_astore_rollback(st);
+            } else if ((rc = ml_astore_commit(st)) < 0) {
+                ml_seterr(err, errlen, "cannot commit re-sealed %ss: %s", cols[i].what,
+                          sqlite3_errmsg(st->db));
+            }
+        }
+        free(key);
+        sqlite3_finalize(sel);
+        sqlite3_finalize(upd);
+    }
+    if (rc == 0 && s_resealed(st, part, 1) < 0) {
+        ml_seterr(err, errlen, "cannot write store_keys: %s", sqlite3_errmsg(st->db));
+        rc = ML_ESTORE;
+    }
+    if (rc == 0 && changed > 0) {
+        /* The WAL still holds the pages as they were; empty it. */
+        sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        ml_log(ML_LOG_INFO, S_LOG, "%s: re-sealed %lld stored value(s) under key %s", part,
+               (long long)changed, ml_keyring_current_id(st->keys));
+    }
     return rc;
 }
 
@@ -296,9 +620,13 @@ int ml_astore_outbox_add(ml_astore_t *st, const char *id, const char *file_name,
                          const uint8_t *envelope, size_t len, int64_t now_ms)
 {
     sqlite3_stmt *s = st->stmt[S_OUT_ADD];
+    st->err[0] = '\0';
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 2, file_name, -1, SQLITE_STATIC);
-    sqlite3_bind_blob64(s, 3, envelope, len, SQLITE_STATIC);
+    if (ml_astore_bind(st, s, 3, envelope, len, 0, id) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     sqlite3_bind_int64(s, 4, now_ms);
     int rc = sqlite3_step(s);
     sqlite3_reset(s);
@@ -322,9 +650,13 @@ static void s_bind_opt(sqlite3_stmt *s, int i, const char *v)
 int ml_astore_outbox_insert(ml_astore_t *st, const ml_outbox_new_t *r, int64_t now_ms)
 {
     sqlite3_stmt *s = st->stmt[S_OUT_INSERT];
+    st->err[0] = '\0';
     sqlite3_bind_text(s, 1, r->id, -1, SQLITE_STATIC);
     s_bind_opt(s, 2, r->file_name);
-    sqlite3_bind_blob64(s, 3, r->envelope, r->envelope_len, SQLITE_STATIC);
+    if (ml_astore_bind(st, s, 3, r->envelope, r->envelope_len, 0, r->id) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     sqlite3_bind_int64(s, 4, now_ms);
     s_bind_opt(s, 5, r->case_id);
     s_bind_opt(s, 6, r->blob_path);
@@ -389,15 +721,21 @@ int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const ch
     return exists ? 0 : ML_ENOTFOUND;
 }
 
-static void s_outbox_row(sqlite3_stmt *s, ml_outbox_row_t *r)
+/* Fills r from the current row; a sealed envelope is opened into *owned
+ * (the caller frees it after the callback). Returns 0 or what
+ * ml_astore_column returns. */
+static int s_outbox_row(ml_astore_t *st, sqlite3_stmt *s, ml_outbox_row_t *r, uint8_t **owned)
 {
     r->seq = sqlite3_column_int64(s, 0);
     r->id = (const char *)sqlite3_column_text(s, 1);
+    if (!r->id)
+        r->id = "";
+    int rc = ml_astore_column(st, s, 3, r->id, &r->envelope, &r->envelope_len, owned);
+    if (rc < 0)
+        return rc;
     r->file_name = (const char *)sqlite3_column_text(s, 2);
     if (!r->file_name)
         r->file_name = "";
-    r->envelope = sqlite3_column_blob(s, 3);
-    r->envelope_len = (size_t)sqlite3_column_bytes(s, 3);
     r->state = sqlite3_column_int(s, 4);
     r->reason = (const char *)sqlite3_column_text(s, 5);
     if (!r->reason)
@@ -416,6 +754,7 @@ static void s_outbox_row(sqlite3_stmt *s, ml_outbox_row_t *r)
         r->blob_path = "";
     if (!r->hold_for)
         r->hold_for = "";
+    return 0;
 }
 
 /* Steps an outbox query, calling cb per row. Returns ML_ENOTFOUND when
@@ -424,11 +763,22 @@ static int s_outbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_outb
                          void *arg)
 {
     int rc = 0, n = 0, step;
+    st->err[0] = '\0';
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         ml_outbox_row_t r;
-        s_outbox_row(s, &r);
+        uint8_t *owned = NULL;
+        if (s_outbox_row(st, s, &r, &owned) < 0) {
+            /* Logged where it was found; to the caller it is a store
+             * that cannot give what it holds. */
+            rc = ML_ESTORE;
+            break;
+        }
         n++;
         rc = cb(&r, arg);
+        if (owned) {
+            OPENSSL_cleanse(owned, r.envelope_len);
+            free(owned);
+        }
         if (rc != 0)
             break;
     }
@@ -438,7 +788,6 @@ static int s_outbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_outb
         rc = ML_ENOTFOUND;
     sqlite3_reset(s);
     sqlite3_clear_bindings(s);
-    (void)st;
     return rc;
 }
 
@@ -535,12 +884,16 @@ int ml_astore_inbox_add(ml_astore_t *st, const char *id, int64_t received_at, co
                         const char *sender, int kind, const uint8_t *envelope, size_t len)
 {
     sqlite3_stmt *s = st->stmt[S_IN_ADD];
+    st->err[0] = '\0';
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 2, received_at);
     sqlite3_bind_text(s, 3, case_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 4, sender, -1, SQLITE_STATIC);
     sqlite3_bind_int(s, 5, kind);
-    sqlite3_bind_blob64(s, 6, envelope, len, SQLITE_STATIC);
+    if (ml_astore_bind(st, s, 6, envelope, len, 0, id) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     if (s_exec(st, s) < 0)
         return ML_ESTORE;
     return sqlite3_changes(st->db) > 0 ? 1 : 0;
@@ -555,18 +908,25 @@ int ml_astore_inbox_set_spooled(ml_astore_t *st, const char *id)
     return sqlite3_changes(st->db) > 0 ? 0 : ML_ENOTFOUND;
 }
 
-static int s_inbox_walk(sqlite3_stmt *s, int want_one, ml_inbox_row_cb cb, void *arg)
+static int s_inbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_inbox_row_cb cb,
+                        void *arg)
 {
     int rc = 0, n = 0, step;
+    st->err[0] = '\0';
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         ml_inbox_row_t r;
+        uint8_t *owned = NULL;
         r.id = (const char *)sqlite3_column_text(s, 0);
+        if (!r.id)
+            r.id = "";
+        if (ml_astore_column(st, s, 5, r.id, &r.envelope, &r.envelope_len, &owned) < 0) {
+            rc = ML_ESTORE;
+            break;
+        }
         r.received_at = sqlite3_column_int64(s, 1);
         r.case_id = (const char *)sqlite3_column_text(s, 2);
         r.sender = (const char *)sqlite3_column_text(s, 3);
         r.kind = sqlite3_column_int(s, 4);
-        r.envelope = sqlite3_column_blob(s, 5);
-        r.envelope_len = (size_t)sqlite3_column_bytes(s, 5);
         r.spooled = sqlite3_column_int(s, 6);
         if (!r.case_id)
             r.case_id = "";
@@ -574,6 +934,10 @@ static int s_inbox_walk(sqlite3_stmt *s, int want_one, ml_inbox_row_cb cb, void 
             r.sender = "";
         n++;
         rc = cb(&r, arg);
+        if (owned) {
+            OPENSSL_cleanse(owned, r.envelope_len);
+            free(owned);
+        }
         if (rc != 0)
             break;
     }
@@ -588,14 +952,14 @@ static int s_inbox_walk(sqlite3_stmt *s, int want_one, ml_inbox_row_cb cb, void 
 
 int ml_astore_inbox_unspooled(ml_astore_t *st, ml_inbox_row_cb cb, void *arg)
 {
-    return s_inbox_walk(st->stmt[S_IN_UNSPOOLED], 0, cb, arg);
+    return s_inbox_walk(st, st->stmt[S_IN_UNSPOOLED], 0, cb, arg);
 }
 
 int ml_astore_inbox_get(ml_astore_t *st, const char *id, ml_inbox_row_cb cb, void *arg)
 {
     sqlite3_stmt *s = st->stmt[S_IN_GET];
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
-    return s_inbox_walk(s, 1, cb, arg);
+    return s_inbox_walk(st, s, 1, cb, arg);
 }
 
 int ml_astore_inbox_count(ml_astore_t *st, int64_t *n)

@@ -4,6 +4,14 @@
  * inbox (messages delivered to this node, deduplicated by message id). A commit returns only once
  * the data is on disk, which is what lets the agent answer Ack and the spool move files.
  *
+ * Opened with a keyring (store_key), every stored envelope is sealed with
+ * AES-256-GCM (ml_crypt.h) under the message id as associated data, and
+ * opened again as it is read: callers see plaintext either way. Values
+ * stored in clear before a key was configured, or sealed under an older
+ * key, are re-sealed under the current key when the store is opened, so
+ * that turning encryption on or rotating the key loses nothing and leaves
+ * nothing behind in clear.
+ *
  * Transactions are explicit (ml_astore_begin/commit) so that callers group
  * a whole batch (one outbox scan, one loop iteration of deliveries) into
  * one fsync. Loop thread only; not thread-safe. */
@@ -12,6 +20,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "ml_crypt.h"
 
 typedef struct ml_astore ml_astore_t;
 
@@ -86,9 +96,23 @@ typedef struct {
 typedef int (*ml_outbox_row_cb)(const ml_outbox_row_t *row, void *arg);
 typedef int (*ml_inbox_row_cb)(const ml_inbox_row_t *row, void *arg);
 
-/* Opens (creating if needed) the database at path and its schema. Returns
- * 0, or ML_ESTORE with a sentence in err. */
+/* Opens (creating if needed) the database at path and its schema, storing
+ * everything in clear. A database that holds sealed values (opened with a
+ * key before) is refused: without the key it cannot be read. Returns 0, or
+ * ML_ESTORE / ML_ECONFIG with a sentence in err. */
 int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen);
+/* Like ml_astore_open, but with keys (borrowed; must outlive the store; NULL
+ * is ml_astore_open) every envelope is sealed as it is written. The first
+ * open under a new current key re-seals what is stored in clear or under an
+ * older key, in batches of one transaction each (O(stored bytes), once per
+ * key), then truncates the WAL; it sets PRAGMA secure_delete so that
+ * overwritten values do not linger in free pages. A value sealed under a key
+ * the keyring lacks, or one that does not authenticate, is refused with err
+ * naming the row and the key id. Returns 0, ML_ESTORE or ML_ECONFIG. */
+int ml_astore_open_sealed(const char *path, const ml_keyring_t *keys, ml_astore_t **out, char *err,
+                          size_t errlen);
+/* The keyring the store seals with (borrowed), or NULL. */
+const ml_keyring_t *ml_astore_keys(const ml_astore_t *st);
 /* Closes the database; safe on NULL and twice; clears *self_p. An open
  * transaction is rolled back. */
 void ml_astore_destroy(ml_astore_t **self_p);
@@ -98,6 +122,48 @@ const char *ml_astore_errmsg(const ml_astore_t *st);
  * and take part in its transactions (istore). Borrowed. */
 struct sqlite3;
 struct sqlite3 *ml_astore_db(ml_astore_t *st);
+
+/* ---- sealing, for modules with tables of their own in agent.db ---- */
+
+struct sqlite3_stmt;
+/* Binds len bytes at v to parameter i of s: sealed under the current key
+ * with aad (a BLOB) when the store has keys, else as TEXT (as_text) or a
+ * BLOB. A sealed copy belongs to SQLite, which frees it when the binding
+ * is cleared. Returns 0, ML_ENOMEM or ML_ETLS. */
+int ml_astore_bind(ml_astore_t *st, struct sqlite3_stmt *s, int i, const void *v, size_t len,
+                   int as_text, const char *aad);
+/* Reads column col of s's current row: a sealed BLOB is opened with aad
+ * into *owned (malloc'd, the caller frees it; NUL-terminated) and *v points
+ * at it; anything else is returned as stored (*owned NULL, *v borrowed
+ * until the next step, "" for NULL). A value that does not open is logged
+ * with what names it (aad) and refused: ML_ENOTFOUND (a key the keyring
+ * lacks, or no keyring), ML_EPROTO (damaged or moved), ML_ENOMEM. */
+int ml_astore_column(ml_astore_t *st, struct sqlite3_stmt *s, int col, const char *aad,
+                     const uint8_t **v, size_t *len, uint8_t **owned);
+/* Writes the associated data of a sealed column into out: prefix (for
+ * example "img_in.reason:") then key, then "/sub" when sub >= 0. Returns
+ * out. */
+char *ml_astore_aad(char *out, size_t cap, const char *prefix, const char *key, int64_t sub);
+
+/* One column to re-seal (ml_astore_reseal). select has ?1 (TEXT key), ?2
+ * (INTEGER sub-key) and ?3 (a limit), and returns (key, sub, value) for
+ * the rows after (?1, ?2) in key order; update sets the value ?1 of the row
+ * (?2, ?3). The associated data is ml_astore_aad(prefix, key, sub), or key
+ * alone when prefix is NULL (sub is then ignored). */
+typedef struct {
+    const char *what; /* "outbox envelope", for messages */
+    const char *select;
+    const char *update;
+    const char *prefix;
+    int has_sub; /* the sub-key is part of the associated data */
+} ml_astore_reseal_t;
+/* Re-seals, under the current key, every value of the n columns that is in
+ * clear or sealed under another key, unless part (a name of the caller's)
+ * was already done under this key; then records it. No-op without keys.
+ * Returns 0, ML_ESTORE, ML_ENOTFOUND or ML_EPROTO (err names the row and,
+ * for an unknown key, its id). */
+int ml_astore_reseal(ml_astore_t *st, const char *part, const ml_astore_reseal_t *cols, size_t n,
+                     char *err, size_t errlen);
 
 /* Transactions. begin/commit return 0 or ML_ESTORE; a failed commit leaves
  * no transaction open (it is rolled back). rollback is safe without one. */

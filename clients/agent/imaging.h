@@ -60,8 +60,8 @@ typedef struct {
     uint32_t next_chunk;     /* and chunk index */
 } ml_aimg_progress_t;
 
-/* Opens the imaging tables and installs the spool hooks. Returns 0,
- * ML_ESTORE or ML_ENOMEM with a sentence in err. */
+/* Opens the imaging tables (ml_istore_open) and installs the spool hooks.
+ * Returns 0, ML_ESTORE, ML_ECONFIG or ML_ENOMEM with a sentence in err. */
 int ml_aimg_new(const ml_aimg_config_t *cfg, ml_aimg_t **out, char *err, size_t errlen);
 /* Frees the module once no staging work runs (after ml_aimg_stop and the
  * loop has run dry); safe on NULL and twice; clears *self_p. */

@@ -2,16 +2,34 @@
  * prepared once on the astore's connection; every SQLITE_* result becomes
  * an ML_E* code here. The caller brackets the writes with
  * ml_astore_begin/commit so that a chunk's record commits together with
- * the inbox rows and outbox rows of the same loop iteration. */
+ * the inbox rows and outbox rows of the same loop iteration.
+ *
+ * When the astore has keys, the columns that carry what a clinic wrote or
+ * what identifies a study are sealed like the envelopes (ml_astore_bind,
+ * ml_astore_column), each under associated data naming its table, column
+ * and row ("img_in.reason:<case>", "img_in_object.file_name:<case>/<idx>";
+ * an orphan chunk under its message id): the study, series and instance
+ * UIDs, an object's file name, a transfer's reason (free text from the
+ * clinic or the reading centre) and early chunks (their data holds the
+ * DICOM header). Ids, node names, counters, sizes and digests stay in clear:
+ * the queries select and join on them. */
 #include "istore.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <sqlite3.h>
 
 #include "ml_common.h"
+
+#define S_AAD_MAX 512
+#define S_P_STUDY "img_in.study_uid:"
+#define S_P_REASON "img_in.reason:"
+#define S_P_FILE "img_in_object.file_name:"
+#define S_P_SOP "img_in_object.sop_uid:"
+#define S_P_SERIES "img_in_object.series_uid:"
 
 enum {
     S_OUT_ADD,
@@ -49,7 +67,7 @@ enum {
     "coalesce(reason, ''), coalesce(folder, ''), opened_at"
 #define S_OBJ_COLS                                                                                 \
     "idx, file_name, size, chunks, sha256, coalesce(sop_uid, ''), coalesce(series_uid, ''), "      \
-    "good, verified, coalesce(verified_at, 0), attempts"
+    "good, verified, coalesce(verified_at, 0), attempts, case_id"
 
 static const char *const s_sql[S_NSTMT] = {
     [S_OUT_ADD] = "INSERT INTO img_out (case_id, consult_id, recipient, priority, blob_dir, "
@@ -148,9 +166,72 @@ static const char s_schema[] = "CREATE TABLE IF NOT EXISTS img_out ("
                                "CREATE INDEX IF NOT EXISTS img_orphan_case ON img_orphan(case_id);";
 
 struct ml_istore {
-    sqlite3 *db; /* borrowed from the astore */
+    ml_astore_t *st; /* borrowed */
+    sqlite3 *db;     /* the astore's connection */
     sqlite3_stmt *stmt[S_NSTMT];
 };
+
+/* The sealed columns, for ml_astore_reseal. */
+static const ml_astore_reseal_t s_reseal[] = {
+    {"img_in study UID",
+     "SELECT case_id, 0, study_uid FROM img_in WHERE case_id > ?1 ORDER BY case_id LIMIT ?3",
+     "UPDATE img_in SET study_uid = ?1 WHERE case_id = ?2", S_P_STUDY, 0},
+    {"img_in reason",
+     "SELECT case_id, 0, reason FROM img_in WHERE case_id > ?1 ORDER BY case_id LIMIT ?3",
+     "UPDATE img_in SET reason = ?1 WHERE case_id = ?2", S_P_REASON, 0},
+    {"img_in_object file name",
+     "SELECT case_id, idx, file_name FROM img_in_object WHERE (case_id, idx) > (?1, ?2) "
+     "ORDER BY case_id, idx LIMIT ?3",
+     "UPDATE img_in_object SET file_name = ?1 WHERE case_id = ?2 AND idx = ?3", S_P_FILE, 1},
+    {"img_in_object SOP instance UID",
+     "SELECT case_id, idx, sop_uid FROM img_in_object WHERE (case_id, idx) > (?1, ?2) "
+     "ORDER BY case_id, idx LIMIT ?3",
+     "UPDATE img_in_object SET sop_uid = ?1 WHERE case_id = ?2 AND idx = ?3", S_P_SOP, 1},
+    {"img_in_object series UID",
+     "SELECT case_id, idx, series_uid FROM img_in_object WHERE (case_id, idx) > (?1, ?2) "
+     "ORDER BY case_id, idx LIMIT ?3",
+     "UPDATE img_in_object SET series_uid = ?1 WHERE case_id = ?2 AND idx = ?3", S_P_SERIES, 1},
+    {"img_orphan envelope",
+     "SELECT id, 0, envelope FROM img_orphan WHERE id > ?1 ORDER BY id LIMIT ?3",
+     "UPDATE img_orphan SET envelope = ?1 WHERE id = ?2", NULL, 0},
+};
+
+/* Binds text v (NULL: SQL NULL) to parameter i, sealed under aad prefix,
+ * key and sub (sub < 0: none) when the store has keys. Returns 0 or
+ * ML_ESTORE. */
+static int s_bind_text(ml_istore_t *is, sqlite3_stmt *s, int i, const char *v, const char *prefix,
+                       const char *key, int64_t sub)
+{
+    if (!v) {
+        sqlite3_bind_null(s, i);
+        return 0;
+    }
+    char aad[S_AAD_MAX];
+    ml_astore_aad(aad, sizeof aad, prefix, key, sub);
+    return ml_astore_bind(is->st, s, i, v, strlen(v), 1, aad) < 0 ? ML_ESTORE : 0;
+}
+
+/* Copies column col, opened when sealed, into out (truncated to cap).
+ * Returns 0 or ML_ESTORE (it does not open; logged by the astore). */
+static int s_open_text(ml_istore_t *is, sqlite3_stmt *s, int col, const char *prefix,
+                       const char *key, int64_t sub, char *out, size_t cap)
+{
+    char aad[S_AAD_MAX];
+    const uint8_t *v = NULL;
+    size_t n = 0;
+    uint8_t *owned = NULL;
+    ml_astore_aad(aad, sizeof aad, prefix, key, sub);
+    if (ml_astore_column(is->st, s, col, aad, &v, &n, &owned) < 0) {
+        out[0] = '\0';
+        return ML_ESTORE;
+    }
+    snprintf(out, cap, "%.*s", (int)(n < cap ? n : cap - 1), (const char *)v);
+    if (owned) {
+        OPENSSL_cleanse(owned, n);
+        free(owned);
+    }
+    return 0;
+}
 
 int ml_istore_open(ml_astore_t *st, ml_istore_t **out, char *err, size_t errlen)
 {
@@ -160,6 +241,7 @@ int ml_istore_open(ml_astore_t *st, ml_istore_t **out, char *err, size_t errlen)
         ml_seterr(err, errlen, "out of memory");
         return ML_ENOMEM;
     }
+    is->st = st;
     is->db = ml_astore_db(st);
     if (sqlite3_exec(is->db, s_schema, NULL, NULL, &msg) != SQLITE_OK) {
         ml_seterr(err, errlen, "cannot create the imaging tables: %s",
@@ -174,6 +256,12 @@ int ml_istore_open(ml_astore_t *st, ml_istore_t **out, char *err, size_t errlen)
                       sqlite3_errmsg(is->db));
             goto failed;
         }
+    }
+    int rc =
+        ml_astore_reseal(st, "istore", s_reseal, sizeof s_reseal / sizeof s_reseal[0], err, errlen);
+    if (rc < 0) {
+        ml_istore_destroy(&is);
+        return rc == ML_ESTORE ? ML_ESTORE : ML_ECONFIG;
     }
     *out = is;
     return 0;
@@ -213,14 +301,15 @@ static void s_text(char *out, size_t cap, sqlite3_stmt *s, int col)
 /* Steps a query; for each row fill(row) then cb. Returns ML_ENOTFOUND when
  * want_one and no row, cb's value, 0 or ML_ESTORE. */
 typedef void (*s_any_fn)(void);
-typedef int (*s_row_fn)(sqlite3_stmt *s, s_any_fn cb, void *arg);
+typedef int (*s_row_fn)(ml_istore_t *is, sqlite3_stmt *s, s_any_fn cb, void *arg);
 
-static int s_walk(sqlite3_stmt *s, int want_one, s_row_fn fn, s_any_fn cb, void *arg)
+static int s_walk(ml_istore_t *is, sqlite3_stmt *s, int want_one, s_row_fn fn, s_any_fn cb,
+                  void *arg)
 {
     int rc = 0, n = 0, step;
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         n++;
-        if ((rc = fn(s, cb, arg)) != 0)
+        if ((rc = fn(is, s, cb, arg)) != 0)
             break;
     }
     if (rc == 0 && step != SQLITE_DONE && step != SQLITE_ROW)
@@ -234,8 +323,9 @@ static int s_walk(sqlite3_stmt *s, int want_one, s_row_fn fn, s_any_fn cb, void 
 
 /* ---- img_out ---- */
 
-static int s_out_row(sqlite3_stmt *s, s_any_fn cb, void *arg)
+static int s_out_row(ml_istore_t *is, sqlite3_stmt *s, s_any_fn cb, void *arg)
 {
+    (void)is;
     ml_img_out_t o;
     memset(&o, 0, sizeof o);
     s_text(o.case_id, sizeof o.case_id, s, 0);
@@ -280,7 +370,7 @@ int ml_istore_out_get(ml_istore_t *is, const char *case_id, ml_img_out_t *o)
 {
     sqlite3_stmt *s = is->stmt[S_OUT_GET];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    return s_walk(s, 1, s_out_row, (s_any_fn)s_copy_out_cb, o);
+    return s_walk(is, s, 1, s_out_row, (s_any_fn)s_copy_out_cb, o);
 }
 
 int ml_istore_out_set_assigned(ml_istore_t *is, const char *case_id, const char *node,
@@ -308,12 +398,12 @@ int ml_istore_out_walk(ml_istore_t *is, int state, ml_img_out_cb cb, void *arg)
     sqlite3_stmt *s = is->stmt[state < 0 ? S_OUT_WALK_ALL : S_OUT_WALK];
     if (state >= 0)
         sqlite3_bind_int(s, 1, state);
-    return s_walk(s, 0, s_out_row, (s_any_fn)cb, arg);
+    return s_walk(is, s, 0, s_out_row, (s_any_fn)cb, arg);
 }
 
 /* ---- img_in ---- */
 
-static int s_in_row(sqlite3_stmt *s, s_any_fn cb, void *arg)
+static int s_in_row(ml_istore_t *is, sqlite3_stmt *s, s_any_fn cb, void *arg)
 {
     ml_img_in_t t;
     memset(&t, 0, sizeof t);
@@ -321,12 +411,13 @@ static int s_in_row(sqlite3_stmt *s, s_any_fn cb, void *arg)
     s_text(t.consult_id, sizeof t.consult_id, s, 1);
     s_text(t.sender, sizeof t.sender, s, 2);
     t.priority = sqlite3_column_int(s, 3);
-    s_text(t.study_uid, sizeof t.study_uid, s, 4);
+    if (s_open_text(is, s, 4, S_P_STUDY, t.case_id, -1, t.study_uid, sizeof t.study_uid) < 0 ||
+        s_open_text(is, s, 9, S_P_REASON, t.case_id, -1, t.reason, sizeof t.reason) < 0)
+        return ML_ESTORE;
     t.chunk_size = (uint32_t)sqlite3_column_int64(s, 5);
     t.objects = (uint32_t)sqlite3_column_int64(s, 6);
     t.total_bytes = (uint64_t)sqlite3_column_int64(s, 7);
     t.state = sqlite3_column_int(s, 8);
-    s_text(t.reason, sizeof t.reason, s, 9);
     s_text(t.folder, sizeof t.folder, s, 10);
     t.opened_at = sqlite3_column_int64(s, 11);
     return ((ml_img_in_cb)cb)(&t, arg);
@@ -345,16 +436,16 @@ int ml_istore_in_add(ml_istore_t *is, const ml_img_in_t *t, int64_t now_ms)
     sqlite3_bind_text(s, 2, t->consult_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 3, t->sender, -1, SQLITE_STATIC);
     sqlite3_bind_int(s, 4, t->priority);
-    sqlite3_bind_text(s, 5, t->study_uid, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 6, t->chunk_size);
     sqlite3_bind_int64(s, 7, t->objects);
     sqlite3_bind_int64(s, 8, (sqlite3_int64)t->total_bytes);
     sqlite3_bind_int(s, 9, t->state);
-    if (t->reason[0])
-        sqlite3_bind_text(s, 10, t->reason, -1, SQLITE_STATIC);
-    else
-        sqlite3_bind_null(s, 10);
     sqlite3_bind_int64(s, 11, now_ms);
+    if (s_bind_text(is, s, 5, t->study_uid, S_P_STUDY, t->case_id, -1) < 0 ||
+        s_bind_text(is, s, 10, t->reason[0] ? t->reason : NULL, S_P_REASON, t->case_id, -1) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     int rc = s_exec(is, s);
     return rc < 0 ? rc : 0;
 }
@@ -363,7 +454,7 @@ int ml_istore_in_get(ml_istore_t *is, const char *case_id, ml_img_in_t *t)
 {
     sqlite3_stmt *s = is->stmt[S_IN_GET];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    return s_walk(s, 1, s_in_row, (s_any_fn)s_copy_in_cb, t);
+    return s_walk(is, s, 1, s_in_row, (s_any_fn)s_copy_in_cb, t);
 }
 
 int ml_istore_in_set_state(ml_istore_t *is, const char *case_id, int state, const char *reason,
@@ -372,10 +463,10 @@ int ml_istore_in_set_state(ml_istore_t *is, const char *case_id, int state, cons
     sqlite3_stmt *s = is->stmt[S_IN_STATE];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
     sqlite3_bind_int(s, 2, state);
-    if (reason)
-        sqlite3_bind_text(s, 3, reason, -1, SQLITE_STATIC);
-    else
-        sqlite3_bind_null(s, 3);
+    if (s_bind_text(is, s, 3, reason, S_P_REASON, case_id, -1) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     if (folder)
         sqlite3_bind_text(s, 4, folder, -1, SQLITE_STATIC);
     else
@@ -390,22 +481,26 @@ int ml_istore_in_walk(ml_istore_t *is, int state, ml_img_in_cb cb, void *arg)
     sqlite3_stmt *s = is->stmt[state < 0 ? S_IN_WALK_ALL : S_IN_WALK];
     if (state >= 0)
         sqlite3_bind_int(s, 1, state);
-    return s_walk(s, 0, s_in_row, (s_any_fn)cb, arg);
+    return s_walk(is, s, 0, s_in_row, (s_any_fn)cb, arg);
 }
 
 /* ---- img_in_object ---- */
 
-static int s_obj_row(sqlite3_stmt *s, s_any_fn cb, void *arg)
+static int s_obj_row(ml_istore_t *is, sqlite3_stmt *s, s_any_fn cb, void *arg)
 {
     ml_img_obj_t o;
     memset(&o, 0, sizeof o);
     o.idx = (uint32_t)sqlite3_column_int64(s, 0);
-    s_text(o.file_name, sizeof o.file_name, s, 1);
+    const char *case_id = (const char *)sqlite3_column_text(s, 11);
+    if (!case_id)
+        case_id = "";
+    if (s_open_text(is, s, 1, S_P_FILE, case_id, o.idx, o.file_name, sizeof o.file_name) < 0 ||
+        s_open_text(is, s, 5, S_P_SOP, case_id, o.idx, o.sop_uid, sizeof o.sop_uid) < 0 ||
+        s_open_text(is, s, 6, S_P_SERIES, case_id, o.idx, o.series_uid, sizeof o.series_uid) < 0)
+        return ML_ESTORE;
     o.size = (uint64_t)sqlite3_column_int64(s, 2);
     o.chunks = (uint32_t)sqlite3_column_int64(s, 3);
     s_text(o.sha256, sizeof o.sha256, s, 4);
-    s_text(o.sop_uid, sizeof o.sop_uid, s, 5);
-    s_text(o.series_uid, sizeof o.series_uid, s, 6);
     o.good = (uint32_t)sqlite3_column_int64(s, 7);
     o.verified = sqlite3_column_int(s, 8);
     o.verified_at = sqlite3_column_int64(s, 9);
@@ -424,12 +519,15 @@ int ml_istore_obj_add(ml_istore_t *is, const char *case_id, const ml_img_obj_t *
     sqlite3_stmt *s = is->stmt[S_OBJ_ADD];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 2, o->idx);
-    sqlite3_bind_text(s, 3, o->file_name, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 4, (sqlite3_int64)o->size);
     sqlite3_bind_int64(s, 5, o->chunks);
     sqlite3_bind_text(s, 6, o->sha256, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 7, o->sop_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 8, o->series_uid, -1, SQLITE_STATIC);
+    if (s_bind_text(is, s, 3, o->file_name, S_P_FILE, case_id, o->idx) < 0 ||
+        s_bind_text(is, s, 7, o->sop_uid, S_P_SOP, case_id, o->idx) < 0 ||
+        s_bind_text(is, s, 8, o->series_uid, S_P_SERIES, case_id, o->idx) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     int rc = s_exec(is, s);
     return rc < 0 ? rc : 0;
 }
@@ -438,7 +536,7 @@ int ml_istore_obj_walk(ml_istore_t *is, const char *case_id, ml_img_obj_cb cb, v
 {
     sqlite3_stmt *s = is->stmt[S_OBJ_WALK];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    return s_walk(s, 0, s_obj_row, (s_any_fn)cb, arg);
+    return s_walk(is, s, 0, s_obj_row, (s_any_fn)cb, arg);
 }
 
 int ml_istore_obj_get(ml_istore_t *is, const char *case_id, uint32_t idx, ml_img_obj_t *o)
@@ -446,7 +544,7 @@ int ml_istore_obj_get(ml_istore_t *is, const char *case_id, uint32_t idx, ml_img
     sqlite3_stmt *s = is->stmt[S_OBJ_GET];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 2, idx);
-    return s_walk(s, 1, s_obj_row, (s_any_fn)s_copy_obj_cb, o);
+    return s_walk(is, s, 1, s_obj_row, (s_any_fn)s_copy_obj_cb, o);
 }
 
 static int s_obj_exec(ml_istore_t *is, int which, const char *case_id, uint32_t idx, int64_t now_ms)
@@ -520,24 +618,37 @@ int ml_istore_orphan_add(ml_istore_t *is, const char *id, const char *case_id, c
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 2, case_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(s, 3, now_ms);
-    sqlite3_bind_blob64(s, 4, env, len, SQLITE_STATIC);
+    if (ml_astore_bind(is->st, s, 4, env, len, 0, id) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
     int rc = s_exec(is, s);
     return rc < 0 ? rc : rc > 0;
 }
 
-static int s_orphan_row(sqlite3_stmt *s, s_any_fn cb, void *arg)
+static int s_orphan_row(ml_istore_t *is, sqlite3_stmt *s, s_any_fn cb, void *arg)
 {
     const char *id = (const char *)sqlite3_column_text(s, 0);
-    const uint8_t *env = sqlite3_column_blob(s, 1);
-    size_t len = (size_t)sqlite3_column_bytes(s, 1);
-    return ((ml_img_orphan_cb)cb)(id ? id : "", env, len, arg);
+    const uint8_t *env = NULL;
+    size_t len = 0;
+    uint8_t *owned = NULL;
+    if (!id)
+        id = "";
+    if (ml_astore_column(is->st, s, 1, id, &env, &len, &owned) < 0)
+        return ML_ESTORE;
+    int rc = ((ml_img_orphan_cb)cb)(id, env, len, arg);
+    if (owned) {
+        OPENSSL_cleanse(owned, len);
+        free(owned);
+    }
+    return rc;
 }
 
 int ml_istore_orphan_walk(ml_istore_t *is, const char *case_id, ml_img_orphan_cb cb, void *arg)
 {
     sqlite3_stmt *s = is->stmt[S_ORPHAN_WALK];
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    return s_walk(s, 0, s_orphan_row, (s_any_fn)cb, arg);
+    return s_walk(is, s, 0, s_orphan_row, (s_any_fn)cb, arg);
 }
 
 int ml_istore_orphan_drop(ml_istore_t *is, const char *case_id)

@@ -81,7 +81,11 @@ typedef int (*ml_img_obj_cb)(const ml_img_obj_t *o, void *arg);
 typedef int (*ml_img_orphan_cb)(const char *id, const uint8_t *env, size_t len, void *arg);
 
 /* Creates the tables if needed and prepares the statements on st's
- * connection. Returns 0 or ML_ESTORE with a sentence in err. */
+ * connection. When st has keys, the study, series and instance UIDs, object
+ * file names, transfer reasons and orphan chunks are sealed like st's
+ * envelopes, and what is in clear or under an older key is re-sealed here
+ * (ml_astore_reseal). Returns 0, or ML_ESTORE / ML_ECONFIG (a value sealed
+ * under a key st lacks, or damaged) with a sentence in err. */
 int ml_istore_open(ml_astore_t *st, ml_istore_t **out, char *err, size_t errlen);
 /* Safe on NULL and twice; clears *self_p. Call before closing st (its
  * statements must be finalized before the connection closes). */

@@ -13,6 +13,7 @@
 #include "aconfig.h"
 #include "agent.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 
 #ifndef ML_VERSION
 #define ML_VERSION "0.1.0"
@@ -27,14 +28,18 @@ typedef struct {
 static void s_usage(FILE *f)
 {
     fprintf(f, "usage: medlink-agent --config FILE\n"
+               "       medlink-agent --generate-key PATH\n"
                "       medlink-agent --version | --help\n"
                "\n"
                "Store-and-forward agent of a medlink node. Reads the [agent] section of FILE\n"
                "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, heartbeat_ms,\n"
-               "scan_ms, max_record, send_window, send_window_bytes, chunk_size). Drop\n"
+               "scan_ms, max_record, send_window, send_window_bytes, chunk_size, store_key,\n"
+               "store_old_keys). Drop\n"
                "NAME.json into spool_dir/outbox/ to send (an imaging consult with its DICOM\n"
                "files in outbox/NAME.d/); delivered messages appear as\n"
-               "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n");
+               "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n"
+               "--generate-key writes a new random store key file (mode 0600; never\n"
+               "overwrites) for store_key.\n");
 }
 
 static void s_signal_cb(uv_signal_t *h, int signum)
@@ -50,13 +55,22 @@ static void s_signal_cb(uv_signal_t *h, int signum)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+                                         {"generate-key", required_argument, NULL, 'g'},
                                          {"version", no_argument, NULL, 'V'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     const char *config = NULL;
     int c;
-    while ((c = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
+    char err[1024];
+    while ((c = getopt_long(argc, argv, "c:g:Vh", opts, NULL)) != -1) {
         switch (c) {
+        case 'g':
+            if (ml_keyring_generate_file(optarg, err, sizeof err) < 0) {
+                fprintf(stderr, "medlink-agent: %s\n", err);
+                return 1;
+            }
+            printf("wrote %s (mode 0600); set store_key = %s in [agent]\n", optarg, optarg);
+            return 0;
         case 'c':
             config = optarg;
             break;
@@ -76,7 +90,6 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    char err[1024];
     ml_aconfig_t cfg;
     if (ml_aconfig_load(config, &cfg, err, sizeof err) < 0) {
         fprintf(stderr, "medlink-agent: %s\n", err);
