@@ -211,8 +211,10 @@ int ml_astore_bind(ml_astore_t *st, sqlite3_stmt *s, int i, const void *v, size_
     return 0;
 }
 
-int ml_astore_column(ml_astore_t *st, sqlite3_stmt *s, int col, const char *aad, const uint8_t **v,
-                     size_t *len, uint8_t **owned)
+/* ml_astore_column; logs a value that does not open when log is set (the
+ * re-sealing at open reports it through err instead). */
+static int s_column(ml_astore_t *st, sqlite3_stmt *s, int col, const char *aad, const uint8_t **v,
+                    size_t *len, uint8_t **owned, int log)
 {
     *owned = NULL;
     int type = sqlite3_column_type(s, col);
@@ -248,8 +250,15 @@ int ml_astore_column(ml_astore_t *st, sqlite3_stmt *s, int col, const char *aad,
                  id);
     else
         snprintf(st->err, sizeof st->err, "cannot open %s: %s", aad, ml_strerror(rc));
-    ml_log(ML_LOG_ERROR, S_LOG, "%s", st->err);
+    if (log)
+        ml_log(ML_LOG_ERROR, S_LOG, "%s", st->err);
     return rc;
+}
+
+int ml_astore_column(ml_astore_t *st, sqlite3_stmt *s, int col, const char *aad, const uint8_t **v,
+                     size_t *len, uint8_t **owned)
+{
+    return s_column(st, s, col, aad, v, len, owned, 1);
 }
 
 /* Brings an older database up to S_SCHEMA_VERSION (S_SCHEMA_SEALED with
@@ -433,7 +442,7 @@ static int s_reseal_batch(ml_astore_t *st, const ml_astore_reseal_t *c, sqlite3_
         size_t plen = d ? dn : 0;
         uint8_t *opened = NULL;
         if (type == SQLITE_BLOB && ml_is_sealed(d, dn)) {
-            if ((rc = ml_astore_column(st, sel, 2, aad, &plain, &plen, &opened)) < 0) {
+            if ((rc = s_column(st, sel, 2, aad, &plain, &plen, &opened, 0)) < 0) {
                 ml_seterr(err, errlen, "%s %s", c->what, st->err);
                 break;
             }

@@ -3,8 +3,16 @@
  * rejected/ with a reason, broker answers move files to sent/ or
  * rejected/, deliveries are stored once and written once to inbox/, and
  * start-up recovery finishes what a crash interrupted. Real SQLite files
- * and real folders in a temp dir. */
+ * and real folders in a temp dir.
+ *
+ * Encryption at rest (suite astore_sealed): with store_key, no patient name
+ * is found in the bytes of agent.db or its WAL, while a store without a key
+ * shows it (so the search is known to work); a rotated keyring reads
+ * everything; a store written in clear and then opened with a key reads its
+ * old rows and no longer holds them in clear; a sealed value moved to
+ * another row does not open; the [agent] keys and the start-up log. */
 #include <dirent.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,9 +21,14 @@
 
 #include <criterion/criterion.h>
 #include <jansson.h>
+#include <sqlite3.h>
+#include <uv.h>
 
+#include "aconfig.h"
+#include "agent.h"
 #include "astore.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_env.h"
 #include "spool.h"
 #include "support.h"
@@ -494,4 +507,461 @@ Test(spool, scan_batch_is_bounded)
     cr_assert_eq(ml_spool_scan(s_sp, 100, &st), 0);
     cr_assert_eq(st.queued, 20);
     cr_assert_eq(s_outbox_count(ML_OUTBOX_PENDING), 30);
+}
+
+/* ---- encryption at rest ---- */
+
+/* Names that occur nowhere else, so that finding one in a file means the
+ * patient data is there in clear. */
+#define NAME_OUT "Ouyang Xiuying Q7ZP"
+#define NAME_IN "Shangguan Wanrou K3VD"
+
+static char s_key_a[700], s_key_b[700];
+static ml_keyring_t *s_keys;
+
+static void s_open_with(const ml_keyring_t *keys)
+{
+    char err[512], db[700];
+    snprintf(db, sizeof db, "%s/agent.db", s_dir);
+    cr_assert_eq(ml_astore_open_sealed(db, keys, &s_store, err, sizeof err), 0, "%s", err);
+    ml_spool_config_t cfg = {s_spool, NODE, 4194304, s_store};
+    cr_assert_eq(ml_spool_new(&cfg, &s_sp, err, sizeof err), 0, "%s", err);
+}
+
+static void s_reopen(const ml_keyring_t *keys)
+{
+    s_close();
+    s_open_with(keys);
+}
+
+/* Opening that is expected to fail: returns rc, err filled. */
+static int s_open_fails(const ml_keyring_t *keys, char *err, size_t errlen)
+{
+    char db[700];
+    ml_astore_t *st = NULL;
+    snprintf(db, sizeof db, "%s/agent.db", s_dir);
+    int rc = ml_astore_open_sealed(db, keys, &st, err, errlen);
+    cr_assert_null(st);
+    return rc;
+}
+
+static ml_keyring_t *s_ring(const char *current, const char *old)
+{
+    ml_keyring_t *kr = NULL;
+    char err[512];
+    const char *olds[1] = {old};
+    cr_assert_eq(ml_keyring_load(current, olds, old ? 1 : 0, &kr, err, sizeof err), 0, "%s", err);
+    return kr;
+}
+
+static void s_sealed_setup(void)
+{
+    char err[512];
+    ml_log_set_level(ML_LOG_ERROR);
+    ml_test_tmpdir(s_dir, sizeof s_dir);
+    snprintf(s_spool, sizeof s_spool, "%s/spool", s_dir);
+    snprintf(s_key_a, sizeof s_key_a, "%s/a.key", s_dir);
+    snprintf(s_key_b, sizeof s_key_b, "%s/b.key", s_dir);
+    cr_assert_eq(ml_keyring_generate_file(s_key_a, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(ml_keyring_generate_file(s_key_b, err, sizeof err), 0, "%s", err);
+    s_keys = s_ring(s_key_a, NULL);
+    s_open_with(s_keys);
+}
+
+static void s_sealed_teardown(void)
+{
+    s_close();
+    ml_keyring_destroy(&s_keys);
+    ml_test_sh("rm -rf '%s'", s_dir);
+}
+
+TestSuite(astore_sealed, .init = s_sealed_setup, .fini = s_sealed_teardown);
+
+/* 1 if needle occurs in the bytes of agent.db, agent.db-wal or
+ * agent.db-journal (whichever exist). */
+static int s_db_has(const char *needle)
+{
+    static const char *const sfx[] = {"", "-wal", "-journal", "-shm"};
+    for (size_t i = 0; i < sizeof sfx / sizeof sfx[0]; i++) {
+        char p[800], *data = NULL;
+        size_t n = 0;
+        snprintf(p, sizeof p, "%s/agent.db%s", s_dir, sfx[i]);
+        if (access(p, F_OK) != 0)
+            continue;
+        cr_assert_eq(ml_read_file(p, 256u << 20, &data, &n), 0, "cannot read %s", p);
+        int found = memmem(data, n, needle, strlen(needle)) != NULL;
+        free(data);
+        if (found)
+            return 1;
+    }
+    return 0;
+}
+
+static size_t s_db_bytes(const char *sfx)
+{
+    char p[800];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/agent.db%s", s_dir, sfx);
+    return stat(p, &st) == 0 ? (size_t)st.st_size : 0;
+}
+
+/* What a test stored, to check it reads back. */
+typedef struct {
+    int n_out;
+    char in_id[4][ML_ULID_LEN + 1];
+    int n_in;
+} traffic_t;
+
+/* Stores patient data every way the spool does: three referral files
+ * (outbox rows; one Accepted, one refused, one pending) and two
+ * deliveries (inbox rows). */
+static void s_traffic(traffic_t *t, const char *tag)
+{
+    char *ref = s_referral(NAME_OUT);
+    for (int i = 0; i < 3; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "%s-%d.json", tag, i);
+        s_drop(name, ref);
+    }
+    free(ref);
+    ml_spool_scan_stats_t st;
+    cr_assert_eq(ml_spool_scan(s_sp, 100, &st), 0);
+    cr_assert_eq(st.queued, 3);
+    rows_t rows = s_pending();
+    cr_assert_geq(rows.n, 3);
+    ml_spool_result_t res[2] = {{rows.id[rows.n - 3], 1, NULL},
+                                {rows.id[rows.n - 2], 0, "NACK_FORBIDDEN: route not allowed"}};
+    cr_assert_eq(ml_spool_settle(s_sp, res, 2), 0);
+    t->n_out += 3;
+
+    for (int i = 0; i < 2; i++) {
+        char *id = t->in_id[t->n_in];
+        uint8_t *b;
+        size_t l;
+        ml_ulid_new(id);
+        s_delivery(id, NAME_IN, &b, &l);
+        ml_spool_msg_t m = {
+            id, id, "township.fengle.clinic", MEDLINK__V1__KIND__KIND_REFERRAL, b, l, -1, 0};
+        cr_assert_eq(ml_spool_receive(s_sp, &m, 1), 0);
+        cr_assert_eq(m.inserted, 1);
+        free(b);
+        t->n_in++;
+    }
+}
+
+typedef struct {
+    int rows;
+    int names;
+} names_t;
+
+/* Counts outbox rows and those whose stored envelope names NAME_OUT. */
+static int s_name_cb(const ml_outbox_row_t *r, void *arg)
+{
+    names_t *c = arg;
+    ml_envelope_t *e = NULL;
+    c->rows++;
+    cr_assert_eq(ml_env_unpack(r->envelope, r->envelope_len, &e), 0, "row %s", r->id);
+    if (e->referral && strcmp(e->referral->patient->name, NAME_OUT) == 0)
+        c->names++;
+    ml_env_free(&e);
+    return 0;
+}
+
+static int s_in_name_cb(const ml_inbox_row_t *r, void *arg)
+{
+    ml_envelope_t *e = NULL;
+    cr_assert_eq(ml_env_unpack(r->envelope, r->envelope_len, &e), 0, "row %s", r->id);
+    cr_assert_str_eq(e->referral->patient->name, NAME_IN);
+    cr_assert_str_eq(e->id, r->id);
+    ml_env_free(&e);
+    return 1;
+}
+
+/* Everything t stored reads back as it was written. */
+static void s_reads_back(const traffic_t *t)
+{
+    int64_t n = 0;
+    cr_assert_eq(ml_astore_outbox_count(s_store, -1, &n), 0);
+    cr_assert_eq(n, t->n_out);
+    rows_t rows = {0};
+    cr_assert_eq(ml_astore_outbox_pending(s_store, 0, 100, s_row_cb, &rows), 0);
+    for (int i = 0; i < rows.n; i++) {
+        names_t c = {0};
+        cr_assert_eq(ml_astore_outbox_get(s_store, rows.id[i], s_name_cb, &c), 0);
+        cr_assert_eq(c.names, 1);
+    }
+    /* Every row, settled ones included, through the file-name index. */
+    names_t all = {0};
+    char *files[] = {"a-0.json", "a-1.json", "a-2.json", "b-0.json", "b-1.json", "b-2.json"};
+    for (int i = 0; i < t->n_out && i < 6; i++)
+        cr_assert_eq(ml_astore_outbox_by_file(s_store, files[i], s_name_cb, &all), 0, "%s",
+                     files[i]);
+    cr_assert_eq(all.names, t->n_out < 6 ? t->n_out : 6);
+    cr_assert_eq(ml_astore_inbox_count(s_store, &n), 0);
+    cr_assert_eq(n, t->n_in);
+    for (int i = 0; i < t->n_in; i++)
+        cr_assert_eq(ml_astore_inbox_get(s_store, t->in_id[i], s_in_name_cb, NULL), 1);
+}
+
+Test(spool, payloads_are_in_clear_without_a_key)
+{
+    /* The control for the tests below: the search finds what is there. */
+    traffic_t t = {0};
+    s_traffic(&t, "a");
+    cr_assert(s_db_has(NAME_OUT), "the outbox envelope holds the name in clear");
+    cr_assert(s_db_has(NAME_IN), "the inbox envelope holds the name in clear");
+    s_reads_back(&t);
+}
+
+Test(astore_sealed, no_patient_name_in_the_database_files)
+{
+    traffic_t t = {0};
+    s_traffic(&t, "a");
+    cr_assert_gt(s_db_bytes("-wal"), 0, "the rows are in the WAL, not yet checkpointed");
+    cr_assert_not(s_db_has(NAME_OUT), "outbox envelope in clear in agent.db or its WAL");
+    cr_assert_not(s_db_has(NAME_IN), "inbox envelope in clear in agent.db or its WAL");
+    cr_assert_not(s_db_has("130102195903127718"), "health card number in clear");
+    s_reads_back(&t);
+
+    /* The spool is the hospital system's side: plaintext by design. */
+    char *sent = s_slurp("sent", "a-0.json");
+    cr_assert(sent && strstr(sent, NAME_OUT), "sent/a-0.json is the envelope as sent");
+    free(sent);
+    char name[64];
+    snprintf(name, sizeof name, "%s.json", t.in_id[0]);
+    char *in = s_slurp("inbox", name);
+    cr_assert(in && strstr(in, NAME_IN));
+    free(in);
+
+    /* Closed: checkpointed into agent.db, the WAL gone. */
+    s_close();
+    cr_assert_gt(s_db_bytes(""), 0);
+    cr_assert_not(s_db_has(NAME_OUT));
+    cr_assert_not(s_db_has(NAME_IN));
+    s_open_with(s_keys);
+    s_reads_back(&t);
+}
+
+Test(astore_sealed, rotation_reads_everything_and_retires_the_old_key)
+{
+    traffic_t t = {0};
+    s_traffic(&t, "a");
+    ml_keyring_t *rotated = s_ring(s_key_b, s_key_a);
+    ml_keyring_t *b_only = s_ring(s_key_b, NULL);
+    ml_keyring_t *a_only = s_ring(s_key_a, NULL);
+
+    /* A store sealed under A cannot be opened with B alone: refused at
+     * open, naming A's key id, rather than failing message by message. */
+    s_close();
+    char err[512];
+    cr_assert_eq(s_open_fails(b_only, err, sizeof err), ML_ECONFIG);
+    cr_assert(strstr(err, ml_keyring_current_id(a_only)), "names the missing key: %s", err);
+    cr_assert(strstr(err, "neither store_key nor in store_old_keys"), "%s", err);
+
+    /* Rotation: B current, A listed as old. */
+    s_open_with(rotated);
+    s_reads_back(&t);
+    s_traffic(&t, "b");
+    s_reads_back(&t);
+    cr_assert_not(s_db_has(NAME_OUT));
+
+    /* The open under B re-sealed what A had sealed: A may go. */
+    s_reopen(b_only);
+    s_reads_back(&t);
+
+    /* And now it is A that is not enough. */
+    s_close();
+    cr_assert_eq(s_open_fails(a_only, err, sizeof err), ML_ECONFIG);
+    cr_assert(strstr(err, ml_keyring_current_id(b_only)), "%s", err);
+    ml_keyring_destroy(&rotated);
+    ml_keyring_destroy(&a_only);
+    /* The store borrows its keyring: teardown closes it before freeing
+     * s_keys. */
+    ml_keyring_destroy(&s_keys);
+    s_keys = b_only;
+    s_open_with(s_keys);
+    s_reads_back(&t);
+}
+
+Test(astore_sealed, store_written_in_clear_is_read_and_sealed_once_a_key_is_set)
+{
+    /* Start again without a key, as an agent did before store_key. */
+    s_close();
+    ml_test_sh("rm -rf '%s/agent.db' '%s/agent.db-wal' '%s/agent.db-shm' '%s'", s_dir, s_dir, s_dir,
+               s_spool);
+    s_open_with(NULL);
+    traffic_t t = {0};
+    s_traffic(&t, "a");
+    s_close();
+    cr_assert(s_db_has(NAME_OUT), "written in clear");
+    cr_assert(s_db_has(NAME_IN));
+
+    /* The key is configured: the old rows still read, and are sealed. */
+    s_open_with(s_keys);
+    s_reads_back(&t);
+    cr_assert_not(s_db_has(NAME_OUT), "re-sealed, and the clear copy not left in a free page");
+    cr_assert_not(s_db_has(NAME_IN));
+    s_traffic(&t, "b");
+    s_reads_back(&t);
+    s_close();
+    cr_assert_not(s_db_has(NAME_OUT));
+    cr_assert_not(s_db_has(NAME_IN));
+
+    /* Once sealed, an agent without the key refuses the store instead of
+     * taking sealed bytes for envelopes. */
+    char err[512];
+    cr_assert_eq(s_open_fails(NULL, err, sizeof err), ML_ESTORE);
+    cr_assert(strstr(err, "sealed") && strstr(err, "store_key"), "%s", err);
+    s_open_with(s_keys);
+    s_reads_back(&t);
+}
+
+Test(astore_sealed, value_moved_to_another_row_does_not_open)
+{
+    traffic_t t = {0};
+    s_traffic(&t, "a");
+    /* Someone with write access to agent.db swaps two inbox envelopes. */
+    char db[700];
+    sqlite3 *h = NULL;
+    snprintf(db, sizeof db, "%s/agent.db", s_dir);
+    cr_assert_eq(sqlite3_open(db, &h), SQLITE_OK);
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "UPDATE inbox SET envelope = (SELECT envelope FROM inbox WHERE id = '%s') "
+             "WHERE id = '%s'",
+             t.in_id[1], t.in_id[0]);
+    cr_assert_eq(sqlite3_exec(h, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(h);
+    cr_assert_eq(ml_astore_inbox_get(s_store, t.in_id[1], s_in_name_cb, NULL), 1);
+    cr_assert_eq(ml_astore_inbox_get(s_store, t.in_id[0], s_in_name_cb, NULL), ML_ESTORE);
+    cr_assert(strstr(ml_astore_errmsg(s_store), "does not authenticate"), "%s",
+              ml_astore_errmsg(s_store));
+    cr_assert(strstr(ml_astore_errmsg(s_store), t.in_id[0]), "names the row: %s",
+              ml_astore_errmsg(s_store));
+    /* The next good read clears the message. */
+    cr_assert_eq(ml_astore_inbox_get(s_store, t.in_id[1], s_in_name_cb, NULL), 1);
+    cr_assert_null(strstr(ml_astore_errmsg(s_store), "does not authenticate"));
+}
+
+static void s_write_ini(const char *path, const char *extra)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "[agent]\nnode_id = " NODE "\nbroker = tcp://127.0.0.1:1\nca = pki/ca.crt\n"
+             "cert = pki/" NODE ".crt\nkey = pki/" NODE ".key\ndata_dir = data\n"
+             "spool_dir = spool\n%s",
+             extra);
+    cr_assert_eq(ml_write_file_atomic(path, text, strlen(text)), 0);
+}
+
+Test(astore_sealed, config_keys)
+{
+    char ini[700], err[512];
+    ml_aconfig_t cfg;
+    snprintf(ini, sizeof ini, "%s/agent.ini", s_dir);
+
+    s_write_ini(ini, "");
+    cr_assert_eq(ml_aconfig_load(ini, &cfg, err, sizeof err), 0, "%s", err);
+    cr_assert_null(cfg.store_key, "optional");
+    cr_assert_eq(cfg.n_store_old_keys, 0);
+    ml_aconfig_clear(&cfg);
+
+    s_write_ini(ini, "store_key = keys/2026.key\n"
+                     "store_old_keys = keys/2025.key  /etc/medlink/2024.key\n");
+    cr_assert_eq(ml_aconfig_load(ini, &cfg, err, sizeof err), 0, "%s", err);
+    char want[800];
+    snprintf(want, sizeof want, "%s/keys/2026.key", s_dir);
+    cr_assert_str_eq(cfg.store_key, want, "relative to the config file");
+    cr_assert_eq(cfg.n_store_old_keys, 2);
+    snprintf(want, sizeof want, "%s/keys/2025.key", s_dir);
+    cr_assert_str_eq(cfg.store_old_keys[0], want);
+    cr_assert_str_eq(cfg.store_old_keys[1], "/etc/medlink/2024.key");
+    ml_aconfig_clear(&cfg);
+    ml_aconfig_clear(&cfg);
+
+    s_write_ini(ini, "store_old_keys = keys/2025.key\n");
+    cr_assert_eq(ml_aconfig_load(ini, &cfg, err, sizeof err), ML_ECONFIG);
+    cr_assert(strstr(err, "store_old_keys needs store_key"), "%s", err);
+    cr_assert(strstr(err, ini), "names the file: %s", err);
+}
+
+/* Starts and stops a real agent (no broker listening) with stderr in a
+ * file; returns ml_agent_new's rc and the log in *log (malloc'd). */
+static int s_agent_start(const char *extra, char **log, char *err, size_t errlen)
+{
+    char ini[700], logp[700];
+    static const char *const nodes[] = {NODE, NULL};
+    char pki[700];
+    snprintf(pki, sizeof pki, "%s/pki", s_dir);
+    if (access(pki, F_OK) != 0) {
+        cr_assert_eq(ml_mkdirs(pki), 0);
+        ml_test_pki(pki, "Test Community CA", nodes);
+    }
+    snprintf(ini, sizeof ini, "%s/agent.ini", s_dir);
+    snprintf(logp, sizeof logp, "%s/agent.log", s_dir);
+    s_write_ini(ini, extra);
+    ml_aconfig_t cfg;
+    cr_assert_eq(ml_aconfig_load(ini, &cfg, err, errlen), 0, "%s", err);
+
+    fflush(stderr);
+    int saved = dup(2);
+    int fd = open(logp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    cr_assert(saved >= 0 && fd >= 0);
+    dup2(fd, 2);
+    close(fd);
+    ml_log_set_level(ML_LOG_INFO);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_agent_t *a = NULL;
+    int rc = ml_agent_new(&loop, &cfg, &a, err, errlen);
+    if (rc == 0) {
+        ml_agent_stop(a);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        ml_agent_destroy(&a);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    ml_log_set_level(ML_LOG_ERROR);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    ml_aconfig_clear(&cfg);
+    cr_assert_eq(ml_read_file(logp, 1 << 20, log, NULL), 0);
+    return rc;
+}
+
+Test(astore_sealed, agent_start_up_says_whether_payloads_are_sealed)
+{
+    char err[1024] = "", *log = NULL;
+    s_close();
+    cr_assert_eq(s_agent_start("", &log, err, sizeof err), 0, "%s", err);
+    cr_assert(strstr(log, "no store_key: message payloads (patient data) are stored in clear"),
+              "%s", log);
+    cr_assert(strstr(log, " warn "), "a warning: %s", log);
+    free(log);
+
+    /* With a key, on the same data_dir (written in clear just now). */
+    char extra[1600];
+    snprintf(extra, sizeof extra, "store_key = %s\nstore_old_keys = %s\n", s_key_b, s_key_a);
+    cr_assert_eq(s_agent_start(extra, &log, err, sizeof err), 0, "%s", err);
+    ml_keyring_t *b = s_ring(s_key_b, NULL);
+    char want[200];
+    snprintf(want, sizeof want, "sealed with AES-256-GCM under key %s", ml_keyring_current_id(b));
+    cr_assert(strstr(log, want), "%s", log);
+    cr_assert_null(strstr(log, "stored in clear"), "%s", log);
+    free(log);
+
+    /* Back to no key: the sealed store is refused, with the reason. */
+    cr_assert_eq(s_agent_start("", &log, err, sizeof err), ML_ESTORE);
+    cr_assert(strstr(err, "store_key"), "%s", err);
+    free(log);
+
+    /* A key file others can read is refused before anything is opened. */
+    cr_assert_eq(chmod(s_key_b, 0644), 0);
+    cr_assert_neq(s_agent_start(extra, &log, err, sizeof err), 0);
+    cr_assert(strstr(err, "chmod 600"), "%s", err);
+    free(log);
+    ml_keyring_destroy(&b);
+    cr_assert_eq(chmod(s_key_b, 0600), 0);
+    s_open_with(s_keys);
 }
