@@ -117,12 +117,13 @@ int ml_frame_reader_feed(ml_frame_reader_t *self, const uint8_t *data, size_t le
         }
         size_t body = s_get_be32(self->buf + self->hdr);
         size_t missing = ML_FRAME_HEADER + body - have;
-        take = missing < len ? missing : len;
+        int whole = missing <= len;
+        take = whole ? missing : len;
         memcpy(self->buf + self->end, data, take);
         self->end += take;
         data += take;
         len -= take;
-        if (take == missing)
+        if (whole)
             self->hdr = self->end;
     }
     return 0;

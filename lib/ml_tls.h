@@ -84,8 +84,7 @@ const char *ml_tls_session_peer_id(const ml_tls_session_t *s);
  * X no longer verifies: certificate revoked"), ML_EINVAL without a
  * verified peer, ML_ENOMEM. Meant for SIGHUP: closing the live sessions of
  * revoked nodes. */
-int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err,
-                           size_t errlen);
+int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err, size_t errlen);
 /* The last failure as a sentence (borrowed, never NULL). */
 const char *ml_tls_session_error(const ml_tls_session_t *s);
 

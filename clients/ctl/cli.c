@@ -364,7 +364,7 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
         lopts[i].flag = NULL;
         lopts[i].val = 256 + (int)i;
     }
-    memset(&lopts[S_N_OPTS], 0, sizeof lopts[S_N_OPTS]);
+    lopts[S_N_OPTS] = (struct option){0}; /* getopt_long's terminator */
     o->timeout_s = 10;
     int c;
     opterr = 0;

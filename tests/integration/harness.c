@@ -7,8 +7,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -241,6 +245,11 @@ static int s_agent_index(h_world_t *w, const char *node)
 
 int h_agent_start(h_world_t *w, const char *node)
 {
+    return h_agent_start_at(w, node, w->endpoint);
+}
+
+int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
+{
     char bin[600], cfg[700], log[700], buf[4096];
     h_bin("medlink-agent", bin, sizeof bin);
     snprintf(cfg, sizeof cfg, "%s/agent-%s.ini", w->dir, node);
@@ -250,7 +259,7 @@ int h_agent_start(h_world_t *w, const char *node)
              "ca = pki/ca.crt\ncert = pki/%s.crt\n"
              "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
              "heartbeat_ms = 1000\nscan_ms = 100\n",
-             node, w->endpoint, node, node, node, node);
+             node, endpoint, node, node, node, node);
     s_write(cfg, buf);
     int i = s_agent_index(w, node);
     if (i < 0) {
@@ -290,11 +299,199 @@ void h_agent_kill(h_world_t *w, const char *node)
         s_stop(&w->agents[i], SIGKILL);
 }
 
+static void s_link_stop(h_world_t *w);
+
 void h_world_fini(h_world_t *w)
 {
     for (int i = 0; i < w->n_agents; i++)
         s_stop(&w->agents[i], SIGKILL);
     s_stop(&w->broker, SIGKILL);
+    s_link_stop(w);
+}
+
+/* ---- the slow link ------------------------------------------------------ */
+
+#define S_LINK_PAIRS 8
+#define S_LINK_BUF 65536
+
+/* One agent connection: a is the agent's side, b the broker's. */
+typedef struct {
+    int a, b; /* -1 when the slot is free */
+    uint8_t up[S_LINK_BUF], down[S_LINK_BUF];
+    size_t up_len, down_len;
+} s_pair_t;
+
+struct h_link {
+    int lfd;
+    int broker_port;
+    long up_bps;
+    atomic_int stop;
+    pthread_t thread;
+    s_pair_t pairs[S_LINK_PAIRS];
+};
+
+static void s_pair_close(s_pair_t *p)
+{
+    if (p->a >= 0)
+        close(p->a);
+    if (p->b >= 0)
+        close(p->b);
+    p->a = p->b = -1;
+    p->up_len = p->down_len = 0;
+}
+
+static void s_link_accept(struct h_link *l)
+{
+    int a = accept(l->lfd, NULL, NULL);
+    if (a < 0)
+        return;
+    s_pair_t *p = NULL;
+    for (int i = 0; i < S_LINK_PAIRS && !p; i++)
+        if (l->pairs[i].a < 0)
+            p = &l->pairs[i];
+    int b = p ? socket(AF_INET, SOCK_STREAM, 0) : -1;
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)l->broker_port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    /* A blocking connect to the local broker: the kernel completes it
+     * from the listen backlog even while medlinkd is stopped. */
+    if (b < 0 || connect(b, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(a);
+        if (b >= 0)
+            close(b);
+        return;
+    }
+    fcntl(a, F_SETFL, fcntl(a, F_GETFL) | O_NONBLOCK);
+    fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
+    p->a = a;
+    p->b = b;
+}
+
+/* Moves bytes from fd into buf (at most max); 0 when the side is still
+ * there, -1 when it closed or failed. */
+static int s_link_read(int fd, uint8_t *buf, size_t *len, size_t max)
+{
+    ssize_t n = recv(fd, buf + *len, max, 0);
+    if (n > 0)
+        *len += (size_t)n;
+    return n > 0 || (n < 0 && (errno == EAGAIN || errno == EINTR)) ? 0 : -1;
+}
+
+static int s_link_write(int fd, uint8_t *buf, size_t *len)
+{
+    ssize_t n = send(fd, buf, *len, MSG_NOSIGNAL);
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : -1;
+    memmove(buf, buf + n, *len - (size_t)n);
+    *len -= (size_t)n;
+    return 0;
+}
+
+/* The relay's thread: one poll loop over the listening socket and every
+ * pair, waking at least every 5 ms to refill the upstream token bucket. */
+static void *s_link_run(void *arg)
+{
+    struct h_link *l = arg;
+    const double burst = (double)l->up_bps / 20.0;
+    double tokens = burst;
+    long last = s_now_ms();
+    while (!atomic_load(&l->stop)) {
+        long now = s_now_ms();
+        tokens += (double)(now - last) * (double)l->up_bps / 1000.0;
+        if (tokens > burst)
+            tokens = burst;
+        last = now;
+        struct pollfd pf[1 + 2 * S_LINK_PAIRS];
+        int slot[1 + 2 * S_LINK_PAIRS];
+        int n = 0;
+        pf[n++] = (struct pollfd){.fd = l->lfd, .events = POLLIN};
+        for (int i = 0; i < S_LINK_PAIRS; i++) {
+            s_pair_t *p = &l->pairs[i];
+            if (p->a < 0)
+                continue;
+            short ea = p->down_len > 0 ? POLLOUT : 0, eb = p->up_len > 0 ? POLLOUT : 0;
+            if (p->up_len < S_LINK_BUF && tokens >= 1)
+                ea |= POLLIN;
+            if (p->down_len < S_LINK_BUF)
+                eb |= POLLIN;
+            slot[n] = i;
+            pf[n++] = (struct pollfd){.fd = p->a, .events = ea};
+            slot[n] = i;
+            pf[n++] = (struct pollfd){.fd = p->b, .events = eb};
+        }
+        if (poll(pf, (nfds_t)n, 5) <= 0)
+            continue;
+        if (pf[0].revents & POLLIN)
+            s_link_accept(l);
+        for (int k = 1; k < n; k += 2) {
+            s_pair_t *p = &l->pairs[slot[k]];
+            const struct pollfd *pa = &pf[k], *pb = &pf[k + 1];
+            int dead = 0;
+            size_t room = S_LINK_BUF - p->up_len;
+            size_t max = tokens < (double)room ? (size_t)tokens : room;
+            /* An earlier pair may have spent the bucket since the poll:
+             * then this one waits (a read of 0 bytes would look like EOF). */
+            if ((pa->revents & POLLIN) && max > 0) {
+                size_t before = p->up_len;
+                dead |= s_link_read(p->a, p->up, &p->up_len, max);
+                tokens -= (double)(p->up_len - before);
+            }
+            if (pb->revents & POLLIN)
+                dead |= s_link_read(p->b, p->down, &p->down_len, S_LINK_BUF - p->down_len);
+            if (!dead && (pb->revents & POLLOUT))
+                dead |= s_link_write(p->b, p->up, &p->up_len);
+            if (!dead && (pa->revents & POLLOUT))
+                dead |= s_link_write(p->a, p->down, &p->down_len);
+            /* A hang-up or error reported without POLLIN (the agent's side
+             * while the bucket is empty) ends the pair too. */
+            if ((pa->revents | pb->revents) & (POLLERR | POLLNVAL))
+                dead = 1;
+            if (((pa->revents & POLLHUP) && !(pa->revents & POLLIN)) ||
+                ((pb->revents & POLLHUP) && !(pb->revents & POLLIN)))
+                dead = 1;
+            if (dead)
+                s_pair_close(p);
+        }
+    }
+    for (int i = 0; i < S_LINK_PAIRS; i++)
+        s_pair_close(&l->pairs[i]);
+    return NULL;
+}
+
+void h_link_start(h_world_t *w, long up_bytes_per_s)
+{
+    cr_assert_null(w->link, "one slow link per world");
+    cr_assert_gt(up_bytes_per_s, 0);
+    struct h_link *l = calloc(1, sizeof *l);
+    cr_assert_not_null(l);
+    for (int i = 0; i < S_LINK_PAIRS; i++)
+        l->pairs[i].a = l->pairs[i].b = -1;
+    l->broker_port = w->port;
+    l->up_bps = up_bytes_per_s;
+    atomic_init(&l->stop, 0);
+    l->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(l->lfd >= 0 && bind(l->lfd, (struct sockaddr *)&a, sizeof a) == 0 &&
+                  listen(l->lfd, 16) == 0,
+              "slow link: %s", strerror(errno));
+    socklen_t al = sizeof a;
+    getsockname(l->lfd, (struct sockaddr *)&a, &al);
+    fcntl(l->lfd, F_SETFL, fcntl(l->lfd, F_GETFL) | O_NONBLOCK);
+    snprintf(w->link_endpoint, sizeof w->link_endpoint, "tcp://127.0.0.1:%d", ntohs(a.sin_port));
+    cr_assert_eq(pthread_create(&l->thread, NULL, s_link_run, l), 0);
+    w->link = l;
+}
+
+static void s_link_stop(h_world_t *w)
+{
+    struct h_link *l = w->link;
+    if (!l)
+        return;
+    atomic_store(&l->stop, 1);
+    pthread_join(l->thread, NULL);
+    close(l->lfd);
+    free(l);
+    w->link = NULL;
 }
 
 void h_spool(const h_world_t *w, const char *node, const char *sub, char *out, size_t len)
@@ -367,12 +564,15 @@ char *h_run(int *status, const char *fmt, ...)
     cr_assert(p, "popen");
     size_t cap = 4096, len = 0;
     char *out = malloc(cap);
+    cr_assert_not_null(out);
     size_t n;
     while ((n = fread(out + len, 1, cap - len - 1, p)) > 0) {
         len += n;
         if (cap - len < 1024) {
             cap *= 2;
-            out = realloc(out, cap);
+            char *bigger = realloc(out, cap);
+            cr_assert_not_null(bigger, "out of memory reading the output of %s", cmd);
+            out = bigger;
         }
     }
     out[len] = '\0';

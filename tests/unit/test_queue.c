@@ -24,7 +24,7 @@ Test(queue, priority_then_seq_order)
     }
     cr_assert_eq(ml_queue_len(&q), 7);
     cr_assert_eq(ml_queue_oldest(&q), 1001);
-    int64_t want[] = {4, 7, 2, 5, 1, 3, 6};
+    const int64_t want[] = {4, 7, 2, 5, 1, 3, 6};
     for (int i = 0; i < 7; i++) {
         ml_qitem_t out;
         cr_assert_eq(ml_queue_pop(&q, &out), 1);
