@@ -30,6 +30,8 @@ typedef struct {
     char agent_ids[8][64];
     int n_agents;
     int broker_starts;
+    struct h_link *link;    /* the slow link, once h_link_start made it */
+    char link_endpoint[64]; /* where agents connect to go through it */
 } h_world_t;
 
 /* Makes the folder, PKI (CA + broker, county, two clinics, ops) and the
@@ -47,6 +49,16 @@ void h_broker_kill(h_world_t *w);
 
 /* Writes an agent config for node and starts it; returns its index. */
 int h_agent_start(h_world_t *w, const char *node);
+/* The same, with the agent connecting to endpoint instead of the broker's
+ * (w->link_endpoint: through the slow link). */
+int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint);
+/* A slow uplink, as a township's: a TCP relay on 127.0.0.1, run by a thread
+ * of the test, that passes bytes towards the broker at most up_bytes_per_s
+ * (bursts of 50 ms) and the other way unthrottled. An agent started with
+ * h_agent_start_at(w, node, w->link_endpoint) goes through it; when either
+ * side closes, the relay drops the other side and whatever it held, as a
+ * broken link would. Asserts on failure; h_world_fini stops it. */
+void h_link_start(h_world_t *w, long up_bytes_per_s);
 void h_agent_stop(h_world_t *w, const char *node);
 void h_agent_kill(h_world_t *w, const char *node);
 
