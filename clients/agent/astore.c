@@ -38,6 +38,9 @@ enum {
     S_OUT_CASE_STATS,
     S_OUT_CASE_FIRST,
     S_OUT_CASE_DROP,
+    S_OUT_HELD_IDS,
+    S_OUT_CASE_IDS,
+    S_OUT_DROP_ONE,
     S_NSTMT
 };
 
@@ -46,6 +49,11 @@ enum {
     "coalesce(case_id, ''), coalesce(blob_path, ''), coalesce(blob_off, 0), "                      \
     "coalesce(blob_len, 0), coalesce(hold_for, ''), held"
 #define S_IN_COLS "id, received_at, case_id, sender, kind, envelope, spooled"
+
+/* A refusal reason may quote a peer's free text (an ImagingUpdate's
+ * reason), so with keys it is sealed like the envelope, under its row's
+ * id: "outbox.reason:<id>". */
+#define S_P_REASON "outbox.reason:"
 
 static const char *const s_sql[S_NSTMT] = {
     [S_BEGIN] = "BEGIN IMMEDIATE",
@@ -86,6 +94,13 @@ static const char *const s_sql[S_NSTMT] = {
                          "NOT NULL AND state = 0 ORDER BY seq LIMIT 1",
     [S_OUT_CASE_DROP] = "UPDATE outbox SET state = 2, held = 0, reason = ?2, updated_at = ?3 "
                         "WHERE case_id = ?1 AND blob_path IS NOT NULL AND state = 0",
+    /* With keys every refused row gets its own sealed reason: the rows
+     * S_OUT_CASCADE and S_OUT_CASE_DROP would change, one by one. */
+    [S_OUT_HELD_IDS] = "SELECT id FROM outbox WHERE held = 1 AND hold_for = ?1 AND state = 0",
+    [S_OUT_CASE_IDS] = "SELECT id FROM outbox WHERE case_id = ?1 AND blob_path IS NOT NULL AND "
+                       "state = 0",
+    [S_OUT_DROP_ONE] = "UPDATE outbox SET state = 2, held = 0, reason = ?2, updated_at = ?3 "
+                       "WHERE id = ?1 AND state = 0",
 };
 
 /* The schema (version 1). An outbox row is either an ordinary message
@@ -323,6 +338,8 @@ int ml_astore_open(const char *path, ml_astore_t **out, char *err, size_t errlen
 static const ml_astore_reseal_t s_reseal[] = {
     {"outbox envelope", "SELECT id, 0, envelope FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?3",
      "UPDATE outbox SET envelope = ?1 WHERE id = ?2", NULL, 0},
+    {"outbox reason", "SELECT id, 0, reason FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?3",
+     "UPDATE outbox SET reason = ?1 WHERE id = ?2", S_P_REASON, 0},
     {"inbox envelope", "SELECT id, 0, envelope FROM inbox WHERE id > ?1 ORDER BY id LIMIT ?3",
      "UPDATE inbox SET envelope = ?1 WHERE id = ?2", NULL, 0},
 };
@@ -688,33 +705,110 @@ int ml_astore_outbox_insert(ml_astore_t *st, const ml_outbox_new_t *r, int64_t n
     return ML_ESTORE;
 }
 
+/* Binds a refusal reason (NULL: SQL NULL) for row id, sealed with keys.
+ * Returns 0 or ML_ESTORE (the statement's bindings cleared). */
+static int s_bind_reason(ml_astore_t *st, sqlite3_stmt *s, int i, const char *id,
+                         const char *reason)
+{
+    char aad[S_AAD_MAX];
+    if (!reason) {
+        sqlite3_bind_null(s, i);
+        return 0;
+    }
+    ml_astore_aad(aad, sizeof aad, S_P_REASON, id, -1);
+    if (ml_astore_bind(st, s, i, reason, strlen(reason), 1, aad) < 0) {
+        sqlite3_clear_bindings(s);
+        return ML_ESTORE;
+    }
+    return 0;
+}
+
+/* Refuses with reason every pending row that bulk (?1 = key, ?2 = reason,
+ * ?3 = now) would: in one statement in clear; with keys row by row, the
+ * ids read first by ids (?1 = key), so that each reason is sealed under its
+ * own row. Returns the number of rows changed or ML_ESTORE. O(rows). */
+static int s_refuse(ml_astore_t *st, int bulk, int ids, const char *key, const char *reason,
+                    int64_t now_ms)
+{
+    if (!st->keys) {
+        sqlite3_stmt *s = st->stmt[bulk];
+        sqlite3_bind_text(s, 1, key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, reason, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 3, now_ms);
+        if (s_exec(st, s) < 0)
+            return ML_ESTORE;
+        return sqlite3_changes(st->db);
+    }
+    char **v = NULL;
+    size_t n = 0, cap = 0;
+    int rc = 0, step;
+    sqlite3_stmt *q = st->stmt[ids];
+    sqlite3_bind_text(q, 1, key, -1, SQLITE_STATIC);
+    while ((step = sqlite3_step(q)) == SQLITE_ROW) {
+        const char *id = (const char *)sqlite3_column_text(q, 0);
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            char **g = realloc(v, ncap * sizeof *g);
+            if (!g) {
+                rc = ML_ESTORE;
+                break;
+            }
+            v = g;
+            cap = ncap;
+        }
+        if (!(v[n] = strdup(id ? id : ""))) {
+            rc = ML_ESTORE;
+            break;
+        }
+        n++;
+    }
+    if (rc == 0 && step != SQLITE_DONE)
+        rc = ML_ESTORE;
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    int changed = 0;
+    sqlite3_stmt *u = st->stmt[S_OUT_DROP_ONE];
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        sqlite3_bind_text(u, 1, v[i], -1, SQLITE_STATIC);
+        if (s_bind_reason(st, u, 2, v[i], reason) < 0) {
+            rc = ML_ESTORE;
+            break;
+        }
+        sqlite3_bind_int64(u, 3, now_ms);
+        if (s_exec(st, u) < 0)
+            rc = ML_ESTORE;
+        else
+            changed += sqlite3_changes(st->db);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+    return rc < 0 ? rc : changed;
+}
+
 int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const char *reason,
                             int64_t now_ms)
 {
     sqlite3_stmt *s = st->stmt[S_OUT_SETTLE];
+    st->err[0] = '\0';
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_int(s, 2, state);
-    if (reason)
-        sqlite3_bind_text(s, 3, reason, -1, SQLITE_STATIC);
-    else
-        sqlite3_bind_null(s, 3);
+    if (s_bind_reason(st, s, 3, id, reason) < 0)
+        return ML_ESTORE;
     sqlite3_bind_int64(s, 4, now_ms);
     if (s_exec(st, s) < 0)
         return ML_ESTORE;
     if (sqlite3_changes(st->db) > 0) {
         /* Rows waiting for this one go now, or share its fate. */
-        sqlite3_stmt *h = st->stmt[state == ML_OUTBOX_ACCEPTED ? S_OUT_RELEASE : S_OUT_CASCADE];
-        char why[1200];
-        sqlite3_bind_text(h, 1, id, -1, SQLITE_STATIC);
-        if (state != ML_OUTBOX_ACCEPTED) {
-            snprintf(why, sizeof why, "not sent: message %s, which it waits for, was refused (%s)",
-                     id, reason && *reason ? reason : "no reason given");
-            sqlite3_bind_text(h, 2, why, -1, SQLITE_TRANSIENT);
-            sqlite3_bind_int64(h, 3, now_ms);
+        if (state == ML_OUTBOX_ACCEPTED) {
+            sqlite3_stmt *h = st->stmt[S_OUT_RELEASE];
+            sqlite3_bind_text(h, 1, id, -1, SQLITE_STATIC);
+            return s_exec(st, h) < 0 ? ML_ESTORE : 1;
         }
-        if (s_exec(st, h) < 0)
-            return ML_ESTORE;
-        return 1;
+        char why[1200];
+        snprintf(why, sizeof why, "not sent: message %s, which it waits for, was refused (%s)", id,
+                 reason && *reason ? reason : "no reason given");
+        return s_refuse(st, S_OUT_CASCADE, S_OUT_HELD_IDS, id, why, now_ms) < 0 ? ML_ESTORE : 1;
     }
     /* Nothing changed: either settled already or unknown. */
     int64_t exists = 0;
@@ -730,10 +824,11 @@ int ml_astore_outbox_settle(ml_astore_t *st, const char *id, int state, const ch
     return exists ? 0 : ML_ENOTFOUND;
 }
 
-/* Fills r from the current row; a sealed envelope is opened into *owned
- * (the caller frees it after the callback). Returns 0 or what
- * ml_astore_column returns. */
-static int s_outbox_row(ml_astore_t *st, sqlite3_stmt *s, ml_outbox_row_t *r, uint8_t **owned)
+/* Fills r from the current row; a sealed envelope and reason are opened
+ * into *owned and *owned_reason (the caller frees them after the callback,
+ * also on failure). Returns 0 or what ml_astore_column returns. */
+static int s_outbox_row(ml_astore_t *st, sqlite3_stmt *s, ml_outbox_row_t *r, uint8_t **owned,
+                        uint8_t **owned_reason)
 {
     r->seq = sqlite3_column_int64(s, 0);
     r->id = (const char *)sqlite3_column_text(s, 1);
@@ -746,9 +841,12 @@ static int s_outbox_row(ml_astore_t *st, sqlite3_stmt *s, ml_outbox_row_t *r, ui
     if (!r->file_name)
         r->file_name = "";
     r->state = sqlite3_column_int(s, 4);
-    r->reason = (const char *)sqlite3_column_text(s, 5);
-    if (!r->reason)
-        r->reason = "";
+    char aad[S_AAD_MAX];
+    size_t rlen = 0;
+    ml_astore_aad(aad, sizeof aad, S_P_REASON, r->id, -1);
+    if ((rc = ml_astore_column(st, s, 5, aad, (const uint8_t **)&r->reason, &rlen, owned_reason)) <
+        0)
+        return rc;
     r->created_at = sqlite3_column_int64(s, 6);
     r->updated_at = sqlite3_column_int64(s, 7);
     r->case_id = (const char *)sqlite3_column_text(s, 8);
@@ -775,10 +873,11 @@ static int s_outbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_outb
     st->err[0] = '\0';
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         ml_outbox_row_t r;
-        uint8_t *owned = NULL;
-        if (s_outbox_row(st, s, &r, &owned) < 0) {
+        uint8_t *owned = NULL, *owned_reason = NULL;
+        if (s_outbox_row(st, s, &r, &owned, &owned_reason) < 0) {
             /* Logged where it was found; to the caller it is a store
              * that cannot give what it holds. */
+            free(owned);
             rc = ML_ESTORE;
             break;
         }
@@ -788,6 +887,7 @@ static int s_outbox_walk(ml_astore_t *st, sqlite3_stmt *s, int want_one, ml_outb
             OPENSSL_cleanse(owned, r.envelope_len);
             free(owned);
         }
+        free(owned_reason);
         if (rc != 0)
             break;
     }
@@ -861,13 +961,8 @@ int ml_astore_outbox_case_first(ml_astore_t *st, const char *case_id, ml_outbox_
 int ml_astore_outbox_case_drop(ml_astore_t *st, const char *case_id, const char *reason,
                                int64_t now_ms)
 {
-    sqlite3_stmt *s = st->stmt[S_OUT_CASE_DROP];
-    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 2, reason, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(s, 3, now_ms);
-    if (s_exec(st, s) < 0)
-        return ML_ESTORE;
-    return sqlite3_changes(st->db);
+    st->err[0] = '\0';
+    return s_refuse(st, S_OUT_CASE_DROP, S_OUT_CASE_IDS, case_id, reason, now_ms);
 }
 
 static int s_count(ml_astore_t *st, sqlite3_stmt *s, int64_t *n)

@@ -5,8 +5,10 @@
  * the data is on disk, which is what lets the agent answer Ack and the spool move files.
  *
  * Opened with a keyring (store_key), every stored envelope is sealed with
- * AES-256-GCM (ml_crypt.h) under the message id as associated data, and
- * opened again as it is read: callers see plaintext either way. Values
+ * AES-256-GCM (ml_crypt.h) under the message id as associated data, and so
+ * is an outbox row's refusal reason (under "outbox.reason:<id>": it may
+ * quote a peer's free text); both are opened again as they are read, so
+ * callers see plaintext either way. Values
  * stored in clear before a key was configured, or sealed under an older
  * key, are re-sealed under the current key when the store is opened, so
  * that turning encryption on or rotating the key loses nothing and leaves

@@ -515,6 +515,8 @@ Test(spool, scan_batch_is_bounded)
  * patient data is there in clear. */
 #define NAME_OUT "Ouyang Xiuying Q7ZP"
 #define NAME_IN "Shangguan Wanrou K3VD"
+/* A refusal reason may quote what a peer wrote. */
+#define REASON "NACK_FORBIDDEN: Zhuge Liang 5XQ may not be referred there"
 
 static char s_key_a[700], s_key_b[700];
 static ml_keyring_t *s_keys;
@@ -629,8 +631,7 @@ static void s_traffic(traffic_t *t, const char *tag)
     cr_assert_eq(st.queued, 3);
     rows_t rows = s_pending();
     cr_assert_geq(rows.n, 3);
-    ml_spool_result_t res[2] = {{rows.id[rows.n - 3], 1, NULL},
-                                {rows.id[rows.n - 2], 0, "NACK_FORBIDDEN: route not allowed"}};
+    ml_spool_result_t res[2] = {{rows.id[rows.n - 3], 1, NULL}, {rows.id[rows.n - 2], 0, REASON}};
     cr_assert_eq(ml_spool_settle(s_sp, res, 2), 0);
     t->n_out += 3;
 
@@ -677,6 +678,14 @@ static int s_in_name_cb(const ml_inbox_row_t *r, void *arg)
     return 1;
 }
 
+static int s_reason_cb(const ml_outbox_row_t *r, void *arg)
+{
+    (void)arg;
+    cr_assert_eq(r->state, ML_OUTBOX_REJECTED);
+    cr_assert_str_eq(r->reason, REASON);
+    return 1;
+}
+
 /* Everything t stored reads back as it was written. */
 static void s_reads_back(const traffic_t *t)
 {
@@ -697,6 +706,7 @@ static void s_reads_back(const traffic_t *t)
         cr_assert_eq(ml_astore_outbox_by_file(s_store, files[i], s_name_cb, &all), 0, "%s",
                      files[i]);
     cr_assert_eq(all.names, t->n_out < 6 ? t->n_out : 6);
+    cr_assert_eq(ml_astore_outbox_by_file(s_store, "a-1.json", s_reason_cb, NULL), 1);
     cr_assert_eq(ml_astore_inbox_count(s_store, &n), 0);
     cr_assert_eq(n, t->n_in);
     for (int i = 0; i < t->n_in; i++)
@@ -710,6 +720,7 @@ Test(spool, payloads_are_in_clear_without_a_key)
     s_traffic(&t, "a");
     cr_assert(s_db_has(NAME_OUT), "the outbox envelope holds the name in clear");
     cr_assert(s_db_has(NAME_IN), "the inbox envelope holds the name in clear");
+    cr_assert(s_db_has(REASON), "and the refusal reason");
     s_reads_back(&t);
 }
 
@@ -721,6 +732,7 @@ Test(astore_sealed, no_patient_name_in_the_database_files)
     cr_assert_not(s_db_has(NAME_OUT), "outbox envelope in clear in agent.db or its WAL");
     cr_assert_not(s_db_has(NAME_IN), "inbox envelope in clear in agent.db or its WAL");
     cr_assert_not(s_db_has("130102195903127718"), "health card number in clear");
+    cr_assert_not(s_db_has("Zhuge Liang"), "refusal reason in clear");
     s_reads_back(&t);
 
     /* The spool is the hospital system's side: plaintext by design. */
@@ -795,12 +807,14 @@ Test(astore_sealed, store_written_in_clear_is_read_and_sealed_once_a_key_is_set)
     s_close();
     cr_assert(s_db_has(NAME_OUT), "written in clear");
     cr_assert(s_db_has(NAME_IN));
+    cr_assert(s_db_has("Zhuge Liang"));
 
     /* The key is configured: the old rows still read, and are sealed. */
     s_open_with(s_keys);
     s_reads_back(&t);
     cr_assert_not(s_db_has(NAME_OUT), "re-sealed, and the clear copy not left in a free page");
     cr_assert_not(s_db_has(NAME_IN));
+    cr_assert_not(s_db_has("Zhuge Liang"));
     s_traffic(&t, "b");
     s_reads_back(&t);
     s_close();
