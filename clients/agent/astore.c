@@ -842,11 +842,12 @@ static int s_outbox_row(ml_astore_t *st, sqlite3_stmt *s, ml_outbox_row_t *r, ui
         r->file_name = "";
     r->state = sqlite3_column_int(s, 4);
     char aad[S_AAD_MAX];
+    const uint8_t *reason = NULL;
     size_t rlen = 0;
     ml_astore_aad(aad, sizeof aad, S_P_REASON, r->id, -1);
-    if ((rc = ml_astore_column(st, s, 5, aad, (const uint8_t **)&r->reason, &rlen, owned_reason)) <
-        0)
+    if ((rc = ml_astore_column(st, s, 5, aad, &reason, &rlen, owned_reason)) < 0)
         return rc;
+    r->reason = (const char *)reason;
     r->created_at = sqlite3_column_int64(s, 6);
     r->updated_at = sqlite3_column_int64(s, 7);
     r->case_id = (const char *)sqlite3_column_text(s, 8);
