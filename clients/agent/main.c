@@ -34,12 +34,12 @@ static void s_usage(FILE *f)
                "Store-and-forward agent of a medlink node. Reads the [agent] section of FILE\n"
                "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, heartbeat_ms,\n"
                "scan_ms, max_record, send_window, send_window_bytes, chunk_size, store_key,\n"
-               "store_old_keys). Drop\n"
-               "NAME.json into spool_dir/outbox/ to send (an imaging consult with its DICOM\n"
-               "files in outbox/NAME.d/); delivered messages appear as\n"
+               "store_old_keys). Drop NAME.json into spool_dir/outbox/ to send (an imaging\n"
+               "consult with its DICOM files in outbox/NAME.d/); delivered messages appear as\n"
                "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n"
-               "--generate-key writes a new random store key file (mode 0600; never\n"
-               "overwrites) for store_key.\n");
+               "\n"
+               "--generate-key writes a new random key file for store_key (64 hex digits,\n"
+               "mode 0600) and never overwrites an existing file.\n");
 }
 
 static void s_signal_cb(uv_signal_t *h, int signum)
@@ -69,7 +69,7 @@ int main(int argc, char **argv)
                 fprintf(stderr, "medlink-agent: %s\n", err);
                 return 1;
             }
-            printf("wrote %s (mode 0600); set store_key = %s in [agent]\n", optarg, optarg);
+            printf("wrote %s (mode 0600): name it as store_key in [agent]\n", optarg);
             return 0;
         case 'c':
             config = optarg;
