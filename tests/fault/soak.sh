@@ -1,0 +1,685 @@
+#!/usr/bin/env bash
+# medlink fault injection: bounded, self-stopping soak runs of the real
+# medlinkd and medlink-agent processes on 127.0.0.1, with a real PKI
+# (deploy/pki.sh), real spool folders and SQLite files, under a steady load
+# of whole clinical workflows (tests/fault/fault-driver: referrals and their
+# updates, imaging consults with small DICOM studies, rehab down-transfers).
+# After each scenario every daemon is stopped cleanly and
+# tests/fault/fault-check reads the agents' agent.db, the broker's broker.db
+# and the spool folders: every message the broker accepted was delivered
+# exactly once, in order per (sender, recipient, priority), nothing is left
+# pending or refused, every case replays through legal lifecycle steps and
+# ends where its plan leads, every study arrived with its SHA-256 digests.
+#
+#   tests/fault/soak.sh [--quick] [--build DIR] [--seed N] [--keep]
+#                       [--results FILE] [scenario...]
+#
+# Scenarios (all by default):
+#   broker-kill  SIGKILL medlinkd at random points (20 times; --quick 3);
+#   agent-kill   SIGKILL a random agent at random points (20; --quick 3);
+#   link-cut     every agent reaches the broker through fault-proxy; links
+#                black-hole (SIGSTOP of the proxy), are reset mid-transfer,
+#                go down for seconds, agents and the broker freeze
+#                (SIGSTOP/SIGCONT) (20 events; --quick 5);
+#   disk-full    broker.db on a small tmpfs the script mounts (root and
+#                mount(8) needed; otherwise max_store_bytes): the broker
+#                refuses with Nack(STORE_FULL), keeps delivering its backlog,
+#                loses nothing; the tmpfs grows and it accepts again
+#                (3 episodes; --quick 1);
+#   disk-quota   the same with [broker] max_store_bytes, recovered by a
+#                restart with a larger quota (2 episodes; --quick 1);
+#   crowd        1,000 concurrent clients (600 good, 200 sending garbage, 100
+#                stalling mid-handshake, 100 with certificates of another
+#                CA): the good ones' throughput against a clean run of the
+#                same 600 (must stay within 2x), the broker's VmHWM (must
+#                stay bounded).
+#
+# One summary line per scenario: "scenario runs messages lost duplicated
+# max_rss" (max_rss: the broker's largest VmHWM). Exits non-zero if any
+# invariant failed. Every process it starts is tracked by PID and ended on
+# exit; every wait is bounded; nothing leaves 127.0.0.0/8.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+QUICK=0
+BUILD=""
+KEEP=0
+SEED=${SOAK_SEED:-$(($(date +%s) % 100000))}
+RESULTS=""
+ALL=(broker-kill agent-kill link-cut disk-full disk-quota crowd)
+WANT=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick) QUICK=1; shift ;;
+    --build) BUILD=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    --results) RESULTS=$2; shift 2 ;;
+    -h | --help) sed -n '2,37p' "$0"; exit 0 ;;
+    -*) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
+    *)
+        case " ${ALL[*]} " in *" $1 "*) WANT+=("$1") ;; *) echo "soak.sh: unknown scenario $1 (${ALL[*]})" >&2; exit 2 ;; esac
+        shift
+        ;;
+    esac
+done
+[ ${#WANT[@]} -gt 0 ] || WANT=("${ALL[@]}")
+RANDOM=$SEED
+
+# ---- build ------------------------------------------------------------------
+# Only the programs the soak runs are built: a test file someone is in the
+# middle of writing must not stop it. --build DIR uses (and updates) an
+# existing build tree.
+TARGETS=(medlinkd medlink-agent fault-driver fault-check fault-proxy)
+case " ${WANT[*]} " in *" crowd "*) TARGETS+=(fault-crowd) ;; esac
+if [ -z "$BUILD" ]; then
+    BUILD="$ROOT/build-fault"
+    cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DML_BUILD_TESTS=ON >/dev/null
+fi
+if [ -f "$BUILD/CMakeCache.txt" ]; then
+    cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" >"${TMPDIR:-/tmp}/soak-build.$$.log" 2>&1 || {
+        tail -n 30 "${TMPDIR:-/tmp}/soak-build.$$.log" >&2
+        echo "soak.sh: build failed" >&2
+        exit 2
+    }
+    rm -f "${TMPDIR:-/tmp}/soak-build.$$.log"
+fi
+MEDLINKD="$BUILD/broker/medlinkd"
+AGENT="$BUILD/clients/agent/medlink-agent"
+DRIVER="$BUILD/tests/fault/fault-driver"
+CHECK="$BUILD/tests/fault/fault-check"
+PROXY="$BUILD/tests/fault/fault-proxy"
+CROWD="$BUILD/tests/fault/fault-crowd"
+for b in "$MEDLINKD" "$AGENT" "$DRIVER" "$CHECK" "$PROXY"; do
+    [ -x "$b" ] || { echo "soak.sh: missing $b" >&2; exit 2; }
+done
+command -v sqlite3 >/dev/null || { echo "soak.sh: needs the sqlite3 command line" >&2; exit 2; }
+
+# ---- processes ---------------------------------------------------------------
+W=$(mktemp -d "${TMPDIR:-/tmp}/mlsoak.XXXXXX")
+PIDS=()   # every process this script started and has not reaped
+MOUNTS=() # every file system it mounted
+FAILED=0
+SUMMARY=()
+
+track() { PIDS+=("$1"); }
+untrack() {
+    local p keep=()
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]+"${keep[@]}"}")
+}
+cleanup() {
+    local p m
+    for p in "${PIDS[@]+"${PIDS[@]}"}"; do
+        kill -CONT "$p" 2>/dev/null || true
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$p" 2>/dev/null || true; done
+    for m in "${MOUNTS[@]+"${MOUNTS[@]}"}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+    if [ "$KEEP" = 1 ] || [ "$FAILED" != 0 ]; then
+        echo "soak.sh: logs and data kept in $W" >&2
+    else
+        rm -rf "$W"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say() { printf '%s soak: %s\n' "$(date +%T)" "$*" >&2; }
+fail() {
+    say "FAILED: $*"
+    FAILED=1
+    SFAIL=1
+}
+rnd() { echo $(($1 + RANDOM % ($2 - $1 + 1))); } # rnd LO HI
+msleep() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 30000))
+        port_open "$p" || { echo "$p"; return; }
+    done
+}
+hwm_kib() { awk '$1=="VmHWM:" {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+q() { sqlite3 -cmd ".timeout 3000" "$1" "$2" 2>/dev/null || echo "?"; }
+
+# wait_exit PID SECONDS: waits for a child to exit; SIGKILL after SECONDS.
+# Sets WAIT_RC to its exit status (137 when it had to be killed). Not to be
+# called in $(...): a subshell cannot reap this shell's children.
+wait_exit() {
+    local pid=$1 t=$(($2 * 10)) rc=0
+    while kill -0 "$pid" 2>/dev/null && [ "$t" -gt 0 ]; do
+        sleep 0.1
+        t=$((t - 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -CONT "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    # bash reports a job killed by a signal ("Killed") on its stderr after
+    # the wait returns: stderr points elsewhere until the next command.
+    exec 4>&2 2>/dev/null
+    wait "$pid" || rc=$?
+    untrack "$pid"
+    exec 2>&4 4>&-
+    WAIT_RC=$rc
+}
+
+# ---- the community -------------------------------------------------------------
+BROKER_ID=medlinkd.soak
+HOSP=county.soak.hospital
+CLINICS=(township.a.clinic township.b.clinic)
+READERS=(reading.a.imaging reading.b.imaging)
+AGENTS=("$HOSP" "${CLINICS[@]}" "${READERS[@]}")
+say "seed $SEED, work folder $W, build $BUILD"
+"$ROOT/deploy/pki.sh" --dir "$W/pki" --ca-name "medlink soak CA" "$BROKER_ID" "${AGENTS[@]}" >"$W/pki.log" 2>&1 ||
+    { cat "$W/pki.log" >&2; echo "soak.sh: pki.sh failed" >&2; exit 2; }
+
+# world_new NAME [EXTRA_BROKER_INI]: a fresh folder with configs; sets D, PORT.
+world_new() {
+    D="$W/$1"
+    mkdir -p "$D/data/broker"
+    PORT=$(free_port)
+    local a
+    {
+        printf '[broker]\nid = %s\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s/data/broker\n' "$BROKER_ID" "$PORT" "$D"
+        printf 'ca = %s/pki/ca.crt\ncert = %s/pki/%s.crt\nkey = %s/pki/%s.key\n' "$W" "$W" "$BROKER_ID" "$W" "$BROKER_ID"
+        printf 'log_level = info\nheartbeat_ms = 1000\nsession_timeout_ms = 5000\nhandshake_timeout_ms = 3000\n'
+        printf '%s\n\n' "${2:-}"
+        printf '[node %s]\nrole = COUNTY_HOSPITAL\ncommunity = soak\n\n' "$HOSP"
+        for a in "${CLINICS[@]}"; do printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = soak\n\n' "$a"; done
+        for a in "${READERS[@]}"; do printf '[node %s]\nrole = IMAGING_CENTRE\ncommunity = soak\nservices = imaging.ct\n\n' "$a"; done
+        printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\nREFERRAL_UPDATE = COUNTY_HOSPITAL\n'
+        printf 'IMAGING_CONSULT = IMAGING_CENTRE\nIMAGING_CHUNK = IMAGING_CENTRE\nIMAGING_UPDATE = IMAGING_CENTRE\n'
+        printf 'DOWN_TRANSFER_UPDATE = COUNTY_HOSPITAL\n\n'
+        printf '[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\nDOWN_TRANSFER = TOWNSHIP_CLINIC\n\n'
+        printf '[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC\nIMAGING_REPORT = TOWNSHIP_CLINIC\n'
+        printf 'IMAGING_RESEND = TOWNSHIP_CLINIC\n'
+    } >"$D/medlinkd.ini"
+    for a in "${AGENTS[@]}"; do agent_config "$a" "$PORT"; done
+    BPID=""
+    declare -gA APID=()
+    declare -gA XPID=()
+    BROKER_HWM=0
+    AGENT_HWM=0
+    BROKER_STARTS=0
+}
+
+# agent_config NODE PORT: the agent reaches the broker at 127.0.0.1:PORT.
+agent_config() {
+    printf '[agent]\nnode_id = %s\nbroker = tcp://127.0.0.1:%s\nbroker_id = %s\n' "$1" "$2" "$BROKER_ID" >"$D/agent-$1.ini"
+    printf 'ca = %s/pki/ca.crt\ncert = %s/pki/%s.crt\nkey = %s/pki/%s.key\n' "$W" "$W" "$1" "$W" "$1" >>"$D/agent-$1.ini"
+    printf 'data_dir = %s/data/%s\nspool_dir = %s/spool/%s\nlog_level = info\n' "$D" "$1" "$D" "$1" >>"$D/agent-$1.ini"
+    printf 'heartbeat_ms = 1000\nscan_ms = 100\nchunk_size = 32768\n' >>"$D/agent-$1.ini"
+}
+
+broker_start() {
+    "$MEDLINKD" --config "$D/medlinkd.ini" >>"$D/broker.log" 2>&1 &
+    BPID=$!
+    track "$BPID"
+    BROKER_STARTS=$((BROKER_STARTS + 1))
+    local t=150
+    while ! port_open "$PORT"; do
+        kill -0 "$BPID" 2>/dev/null || { fail "medlinkd exited at start-up (see $D/broker.log)"; tail -n 5 "$D/broker.log" >&2; return 1; }
+        t=$((t - 1))
+        [ "$t" -gt 0 ] || { fail "medlinkd did not listen within 15 s"; return 1; }
+        sleep 0.1
+    done
+}
+broker_note_hwm() {
+    local h
+    h=$(hwm_kib "$BPID")
+    [ "${h:-0}" -gt "$BROKER_HWM" ] && BROKER_HWM=$h
+    return 0
+}
+broker_kill() {
+    broker_note_hwm
+    kill -CONT "$BPID" 2>/dev/null || true
+    kill -KILL "$BPID" 2>/dev/null || true
+    wait_exit "$BPID" 10
+    BPID=""
+}
+broker_stop() {
+    broker_note_hwm
+    kill -TERM "$BPID" 2>/dev/null || true
+    wait_exit "$BPID" 30
+    BPID=""
+    local rc=$WAIT_RC
+    [ "$rc" = 0 ] || fail "medlinkd did not exit cleanly on SIGTERM (status $rc)"
+}
+
+agent_start() {
+    "$AGENT" --config "$D/agent-$1.ini" >>"$D/agent-$1.log" 2>&1 &
+    APID[$1]=$!
+    track "${APID[$1]}"
+    local t=100
+    while [ ! -d "$D/spool/$1/outbox" ] && [ "$t" -gt 0 ]; do
+        sleep 0.1
+        t=$((t - 1))
+    done
+    [ -d "$D/spool/$1/outbox" ] || fail "agent $1 did not make its spool folder"
+}
+agent_note_hwm() {
+    local h
+    h=$(hwm_kib "${APID[$1]}")
+    [ "${h:-0}" -gt "$AGENT_HWM" ] && AGENT_HWM=$h
+    return 0
+}
+agent_kill() {
+    agent_note_hwm "$1"
+    kill -CONT "${APID[$1]}" 2>/dev/null || true
+    kill -KILL "${APID[$1]}" 2>/dev/null || true
+    wait_exit "${APID[$1]}" 10
+    APID[$1]=""
+}
+agent_stop() {
+    [ -n "${APID[$1]:-}" ] || return 0
+    agent_note_hwm "$1"
+    kill -TERM "${APID[$1]}" 2>/dev/null || true
+    wait_exit "${APID[$1]}" 30
+    APID[$1]=""
+    local rc=$WAIT_RC
+    [ "$rc" = 0 ] || fail "agent $1 did not exit cleanly on SIGTERM (status $rc)"
+}
+
+# driver_start ARGS...: the hospital systems, with the load of this scenario.
+driver_start() {
+    local IFS=,
+    "$DRIVER" --world "$D" --out "$D" --hospital "$HOSP" --clinics "${CLINICS[*]}" \
+        --readers "${READERS[*]}" --seed "$RANDOM" "$@" >"$D/driver.out" 2>&1 &
+    DPID=$!
+    track "$DPID"
+}
+# driver_finish SECONDS: ends the load phase and waits for the drain.
+driver_finish() {
+    kill -USR1 "$DPID" 2>/dev/null || true
+    wait_exit "$DPID" "$1"
+    local rc=$WAIT_RC
+    DRIVER_LINE=$(head -n 1 "$D/driver.out")
+    [ "$rc" = 0 ] || { fail "the driver did not see every case to its end (status $rc)"; sed -n '2,12p' "$D/driver.out" >&2; }
+}
+
+# settle SECONDS: waits until nothing is pending anywhere (every outbox row
+# settled, nothing queued in the broker, every inbox row spooled), seen
+# twice in a row.
+settle() {
+    local end=$((SECONDS + $1)) calm=0 a n
+    while [ "$SECONDS" -lt "$end" ]; do
+        n=$(q "$D/data/broker/broker.db" "select count(*) from messages where state = 0")
+        for a in "${AGENTS[@]}"; do
+            n="$n$(q "$D/data/$a/agent.db" "select (select count(*) from outbox where state = 0) + (select count(*) from inbox where spooled = 0)")"
+        done
+        if [ "$(echo "$n" | tr -d 0)" = "" ]; then
+            calm=$((calm + 1))
+            [ "$calm" -ge 2 ] && return 0
+        else
+            calm=0
+        fi
+        sleep 1
+    done
+    say "not settled after $1 s (queued/pending per db: $n)"
+    return 0
+}
+
+# check SCENARIO RUNS: stops every daemon cleanly, runs fault-check, prints
+# the summary line.
+check() {
+    local name=$1 runs=$2 a
+    for a in "${AGENTS[@]}"; do agent_stop "$a"; done
+    broker_stop
+    for a in "${!XPID[@]}"; do
+        [ -n "${XPID[$a]}" ] || continue
+        kill -CONT "${XPID[$a]}" 2>/dev/null || true
+        kill -TERM "${XPID[$a]}" 2>/dev/null || true
+        wait_exit "${XPID[$a]}" 5
+    done
+    local IFS=,
+    set +e
+    "$CHECK" --world "$D" --broker-id "$BROKER_ID" --nodes "${AGENTS[*]}" --cases "$D/cases.tsv" \
+        >"$D/check.out" 2>&1
+    local rc=$?
+    set -e
+    unset IFS
+    local line
+    line=$(grep '^check ' "$D/check.out" || echo "check failed to run")
+    [ "$rc" = 0 ] || { fail "$name: invariants failed"; grep -v '^check ' "$D/check.out" | head -n 40 >&2; }
+    # What the logs say besides: chunks that overtook their consult (the
+    # broker's order), sanitizer reports.
+    local early sani
+    early=$(cat "$D"/agent-*.log | grep -c "arrived before its consult" || true)
+    sani=$(cat "$D"/*.log | grep -c -E "AddressSanitizer|LeakSanitizer|runtime error:" || true)
+    [ "$early" = 0 ] || fail "$name: $early chunk(s) arrived before their consult"
+    [ "$sani" = 0 ] || fail "$name: sanitizer reports in the logs"
+    local v
+    v() { echo "$line" | awk -v k="$1" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}'; }
+    local msgs lost dups
+    msgs=$(v messages)
+    lost=$(($(v lost) + $(v undelivered) + $(v dead)))
+    dups=$(v duplicated)
+    summary "$name" "$runs" "$msgs" "$lost" "$dups" "$BROKER_HWM"
+    say "$name: $DRIVER_LINE"
+    say "$name: $line"
+    say "$name: agents' max VmHWM $((AGENT_HWM / 1024)) MiB; chunks before consult $early; broker starts $BROKER_STARTS ${EXTRA_NOTE:-}"
+    DETAILS+=("$name | $DRIVER_LINE | $line | agent_hwm_kib $AGENT_HWM broker_starts $BROKER_STARTS ${EXTRA_NOTE:-}")
+}
+
+summary() {
+    local l
+    l=$(printf '%-12s %5s %9s %5s %10s %7s MiB' "$1" "$2" "$3" "$4" "$5" "$(($6 / 1024))")
+    SUMMARY+=("$l${SFAIL:+  FAILED}")
+    echo "$l${SFAIL:+  FAILED}"
+}
+
+start_all() {
+    local a
+    broker_start
+    for a in "${AGENTS[@]}"; do agent_start "$a"; done
+}
+
+DETAILS=()
+if [ "$QUICK" = 1 ]; then
+    N_KILLS=3; N_CUTS=5; N_FULL=1; N_QUOTA=1; RATE=3; DRAIN=150
+else
+    N_KILLS=20; N_CUTS=20; N_FULL=3; N_QUOTA=2; RATE=4; DRAIN=300
+fi
+
+# ---- scenarios ---------------------------------------------------------------
+
+scenario_broker_kill() {
+    world_new broker-kill
+    start_all
+    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --big 5
+    local i
+    for i in $(seq "$N_KILLS"); do
+        msleep "$(rnd 1500 6000)"
+        say "broker-kill: SIGKILL $i of $N_KILLS"
+        broker_kill
+        msleep "$(rnd 0 1500)"
+        broker_start || return 0
+    done
+    msleep 2000
+    driver_finish $((DRAIN + 30))
+    settle 120
+    check broker-kill "$N_KILLS"
+}
+
+scenario_agent_kill() {
+    world_new agent-kill
+    start_all
+    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --big 5
+    local i a
+    for i in $(seq "$N_KILLS"); do
+        msleep "$(rnd 1500 6000)"
+        a=${AGENTS[$((RANDOM % ${#AGENTS[@]}))]}
+        say "agent-kill: SIGKILL $i of $N_KILLS: $a"
+        agent_kill "$a"
+        msleep "$(rnd 0 1500)"
+        agent_start "$a"
+    done
+    msleep 2000
+    driver_finish $((DRAIN + 30))
+    settle 120
+    check agent-kill "$N_KILLS"
+}
+
+scenario_link_cut() {
+    world_new link-cut
+    local a p
+    # Each agent reaches the broker through its own breakable link.
+    for a in "${AGENTS[@]}"; do
+        p=$(free_port)
+        agent_config "$a" "$p"
+        "$PROXY" --listen "$p" --to "$PORT" >>"$D/proxy-$a.log" 2>&1 &
+        XPID[$a]=$!
+        track "${XPID[$a]}"
+    done
+    start_all
+    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --big 20
+    local i what ms
+    for i in $(seq "$N_CUTS"); do
+        msleep "$(rnd 1000 4000)"
+        a=${AGENTS[$((RANDOM % ${#AGENTS[@]}))]}
+        ms=$(rnd 1000 8000)
+        case $((RANDOM % 5)) in
+        0) what="link of $a black-holed for $ms ms"
+           kill -STOP "${XPID[$a]}"; msleep "$ms"; kill -CONT "${XPID[$a]}" ;;
+        1) what="connections of $a reset"
+           kill -USR1 "${XPID[$a]}" ;;
+        2) what="link of $a down for $ms ms"
+           kill -USR2 "${XPID[$a]}"; msleep "$ms"; kill -USR2 "${XPID[$a]}" ;;
+        3) ms=$(rnd 1000 6000); what="agent $a frozen for $ms ms"
+           kill -STOP "${APID[$a]}"; msleep "$ms"; kill -CONT "${APID[$a]}" ;;
+        4) ms=$(rnd 1000 6000); what="broker frozen for $ms ms"
+           kill -STOP "$BPID"; msleep "$ms"; kill -CONT "$BPID" ;;
+        esac
+        say "link-cut: $i of $N_CUTS: $what"
+    done
+    msleep 2000
+    driver_finish $((DRAIN + 30))
+    settle 120
+    check link-cut "$N_CUTS"
+}
+
+# Counts the transient "store full" refusals the clinics' agents logged.
+store_full_nacks() {
+    cat "$D"/agent-*.log 2>/dev/null | grep -c "store full" || true
+}
+inbox_rows() { q "$D/data/$1/agent.db" "select count(*) from inbox"; }
+
+# wait_store_full SECONDS: until the agents log new "store full" refusals.
+wait_store_full() {
+    local before=$1 end=$((SECONDS + $2))
+    while [ "$SECONDS" -lt "$end" ]; do
+        [ "$(store_full_nacks)" -gt "$before" ] && return 0
+        sleep 0.5
+    done
+    return 1
+}
+# wait_store_free SECONDS: until no new refusal for 5 s and new messages
+# are being accepted (broker.db grows).
+wait_store_free() {
+    local end=$((SECONDS + $1)) last n quiet=0 m0 m1
+    last=$(store_full_nacks)
+    m0=$(q "$DB" "select max(seq) from messages")
+    while [ "$SECONDS" -lt "$end" ]; do
+        sleep 1
+        n=$(store_full_nacks)
+        if [ "$n" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; last=$n; fi
+        m1=$(q "$DB" "select max(seq) from messages")
+        [ "$quiet" -ge 5 ] && [ "${m1:-0}" != "${m0:-0}" ] && return 0
+    done
+    return 1
+}
+
+# One episode: the hospital's agent goes offline so the broker holds a
+# backlog for it; the load fills the store until the broker refuses; while
+# it is full the hospital comes back and must get its backlog; then space
+# returns (grow) and acceptance must resume.
+disk_episode() {
+    local k=$1 grow=$2 before got0 got1 nacks0 nacks1
+    agent_stop "$HOSP"
+    before=$(store_full_nacks)
+    if ! wait_store_full "$before" 120; then
+        fail "disk episode $k: the store never filled (no store full refusal in 120 s)"
+        agent_start "$HOSP"
+        return 0
+    fi
+    nacks0=$(store_full_nacks)
+    got0=$(inbox_rows "$HOSP")
+    agent_start "$HOSP"
+    sleep 8
+    got1=$(inbox_rows "$HOSP")
+    nacks1=$(store_full_nacks)
+    say "disk episode $k: full; the hospital received $((got1 - got0)) message(s) from the backlog in 8 s while $((nacks1 - nacks0)) more refusal(s) were logged"
+    [ "$((got1 - got0))" -gt 0 ] || fail "disk episode $k: nothing delivered while the store was full"
+    [ "$((nacks1 - nacks0))" -gt 0 ] || say "disk episode $k: (no refusal during the delivery window)"
+    DELIVERED_FULL=$((DELIVERED_FULL + got1 - got0))
+    $grow
+    if wait_store_free 90; then
+        say "disk episode $k: space returned; accepting again"
+    else
+        fail "disk episode $k: the broker did not accept again within 90 s"
+    fi
+}
+
+grow_tmpfs() {
+    SIZE_MB=$((SIZE_MB + GROW_MB))
+    mount -o "remount,size=${SIZE_MB}m" "$D/data/broker"
+    say "disk-full: tmpfs grown to ${SIZE_MB} MiB ($(df -h "$D/data/broker" | awk 'NR==2 {print $3 " used"}'))"
+}
+
+grow_quota() {
+    QUOTA_MB=$((QUOTA_MB + GROW_MB))
+    broker_stop
+    sed -i "s/^max_store_bytes = .*/max_store_bytes = $((QUOTA_MB * 1024 * 1024))/" "$D/medlinkd.ini"
+    broker_start
+    say "disk-quota: broker restarted with max_store_bytes = ${QUOTA_MB} MiB"
+}
+
+can_mount() {
+    [ "$(id -u)" = 0 ] || return 1
+    mkdir -p "$W/mnt-probe"
+    mount -t tmpfs -o size=1m tmpfs "$W/mnt-probe" 2>/dev/null || return 1
+    umount "$W/mnt-probe"
+    rmdir "$W/mnt-probe"
+}
+
+scenario_disk_full() {
+    local mode=$1 n
+    if [ "$mode" = tmpfs ] && ! can_mount; then
+        say "disk-full: cannot mount a tmpfs (not root, or no mount permission): using max_store_bytes instead"
+        mode=quota
+    fi
+    SIZE_MB=12
+    QUOTA_MB=8
+    GROW_MB=10
+    DELIVERED_FULL=0
+    if [ "$mode" = tmpfs ]; then
+        world_new disk-full
+        mount -t tmpfs -o "size=${SIZE_MB}m,mode=0750" tmpfs "$D/data/broker"
+        MOUNTS+=("$D/data/broker")
+        n=$N_FULL
+    else
+        world_new disk-quota "max_store_bytes = $((QUOTA_MB * 1024 * 1024))"
+        n=$N_QUOTA
+    fi
+    DB="$D/data/broker/broker.db"
+    start_all
+    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --big 25 --mix 40,45,15
+    local k
+    for k in $(seq "$n"); do
+        if [ "$mode" = tmpfs ]; then disk_episode "$k" grow_tmpfs; else disk_episode "$k" grow_quota; fi
+    done
+    # The last episode's growth leaves room for the drain.
+    if [ "$mode" = tmpfs ]; then SIZE_MB=$((SIZE_MB + 64)); mount -o "remount,size=${SIZE_MB}m" "$D/data/broker"; fi
+    if [ "$mode" = quota ]; then GROW_MB=64; grow_quota; fi
+    driver_finish $((DRAIN + 30))
+    settle 120
+    EXTRA_NOTE="mode $mode; store full refusals $(store_full_nacks); delivered while full $DELIVERED_FULL"
+    check "$([ "$mode" = tmpfs ] && echo disk-full || echo disk-quota)" "$n"
+    EXTRA_NOTE=""
+    if [ "$mode" = tmpfs ]; then
+        umount "$D/data/broker" || umount -l "$D/data/broker" || true
+        MOUNTS=()
+    fi
+}
+
+# ---- crowd ---------------------------------------------------------------------
+scenario_crowd() {
+    [ -x "$CROWD" ] || { fail "crowd: missing $CROWD"; return 0; }
+    local good=600 garbage=200 stall=100 wrong=100 count=20 secs=30
+    if [ "$QUICK" = 1 ]; then count=10; fi
+    D="$W/crowd"
+    mkdir -p "$D/data/broker"
+    BROKER_HWM=0
+    AGENT_HWM=0
+    BROKER_STARTS=0
+    local ids=() i
+    for i in $(seq 1 "$good"); do ids+=("$(printf 'township.c%04d.clinic' "$i")"); done
+    say "crowd: making $good node certificates and a second CA"
+    "$ROOT/deploy/pki.sh" --dir "$D/pki" --ca-name "medlink soak crowd CA" "$BROKER_ID" county.crowd.hospital "${ids[@]}" >"$D/pki.log" 2>&1 ||
+        { fail "crowd: pki.sh failed"; return 0; }
+    "$ROOT/deploy/pki.sh" --dir "$D/other" --ca-name "some other CA" $(for i in $(seq 1 20); do printf 'township.c%04d.clinic ' "$i"; done) >>"$D/pki.log" 2>&1 ||
+        { fail "crowd: pki.sh (other CA) failed"; return 0; }
+    PORT=$(free_port)
+    {
+        printf '[broker]\nid = %s\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s/data/broker\n' "$BROKER_ID" "$PORT" "$D"
+        printf 'ca = %s/pki/ca.crt\ncert = %s/pki/%s.crt\nkey = %s/pki/%s.key\n' "$D" "$D" "$BROKER_ID" "$D" "$BROKER_ID"
+        printf 'log_level = warn\nheartbeat_ms = 2000\nhandshake_timeout_ms = 3000\n\n'
+        printf '[node county.crowd.hospital]\nrole = COUNTY_HOSPITAL\ncommunity = crowd\n\n'
+        for i in "${ids[@]}"; do printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = crowd\n\n' "$i"; done
+        printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\n\n[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\n'
+    } >"$D/medlinkd.ini"
+    ulimit -n 16384 2>/dev/null || true
+    local run rate0="" rate1="" hwm0=0 hwm1=0 line
+    for run in clean mixed; do
+        rm -rf "$D/data/broker" && mkdir -p "$D/data/broker"
+        BROKER_HWM=0
+        broker_start || return 0
+        local bad=""
+        if [ "$run" = mixed ]; then
+            "$CROWD" bad --broker "tcp://127.0.0.1:$PORT" --pki "$D/pki" --other-pki "$D/other" \
+                --garbage "$garbage" --stall "$stall" --wrong "$wrong" --seconds $((secs * 4)) \
+                >"$D/bad.out" 2>"$D/bad.log" &
+            bad=$!
+            track "$bad"
+            sleep 5
+        fi
+        set +e
+        "$CROWD" good --broker "tcp://127.0.0.1:$PORT" --pki "$D/pki" --clients "$good" \
+            --count "$count" --seconds $((secs * 3)) >"$D/good-$run.out" 2>"$D/good-$run.log"
+        local rc=$?
+        set -e
+        line=$(grep '^good ' "$D/good-$run.out" || echo "good failed")
+        [ "$rc" = 0 ] || fail "crowd $run: the good clients failed ($line)"
+        if [ -n "$bad" ]; then
+            broker_note_hwm
+            kill -TERM "$bad" 2>/dev/null || true
+            wait_exit "$bad" 15
+            say "crowd: bad clients: $(cat "$D/bad.out" | head -n 1)"
+        fi
+        broker_stop
+        local rate
+        rate=$(echo "$line" | awk '{for (i = 1; i < NF; i++) if ($i == "accepted_per_s") print $(i + 1)}')
+        say "crowd $run: $line; broker VmHWM $((BROKER_HWM / 1024)) MiB"
+        if [ "$run" = clean ]; then rate0=$rate; hwm0=$BROKER_HWM; else rate1=$rate; hwm1=$BROKER_HWM; fi
+    done
+    local ratio msgs lost
+    ratio=$(awk -v a="${rate0:-0}" -v b="${rate1:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }')
+    say "crowd: good clients' throughput clean ${rate0:-?}/s, mixed ${rate1:-?}/s: slowdown x$ratio; broker VmHWM clean $((hwm0 / 1024)) MiB, mixed $((hwm1 / 1024)) MiB"
+    awk -v r="$ratio" 'BEGIN { exit !(r != "inf" && r + 0 <= 2.0) }' || fail "crowd: good clients slowed down more than 2x (x$ratio)"
+    # Bounded: the crowd may cost the broker memory, but not without limit.
+    [ "$hwm1" -le $((hwm0 * 2 + 65536)) ] || fail "crowd: broker VmHWM $((hwm1 / 1024)) MiB with the crowd, $((hwm0 / 1024)) MiB without"
+    msgs=$(($(echo "$line" | awk '{for (i = 1; i < NF; i++) if ($i == "accepted") print $(i + 1)}') * 2))
+    lost=$(echo "$line" | awk '{for (i = 1; i < NF; i++) if ($i == "lost") print $(i + 1)}')
+    BROKER_HWM=$hwm1
+    summary crowd 2 "$msgs" "${lost:-?}" 0 "$hwm1"
+    DETAILS+=("crowd | ratio $ratio | clean_rate $rate0 mixed_rate $rate1 | hwm_clean_kib $hwm0 hwm_mixed_kib $hwm1")
+}
+
+# ---- run -------------------------------------------------------------------------
+printf '%-12s %5s %9s %5s %10s %11s\n' scenario runs messages lost duplicated max_rss
+for s in "${WANT[@]}"; do
+    SFAIL=""
+    say "=== $s"
+    case $s in
+    broker-kill) scenario_broker_kill ;;
+    agent-kill) scenario_agent_kill ;;
+    link-cut) scenario_link_cut ;;
+    disk-full) scenario_disk_full tmpfs ;;
+    disk-quota) scenario_disk_full quota ;;
+    crowd) scenario_crowd ;;
+    esac
+done
+echo
+for l in "${SUMMARY[@]}"; do echo "$l"; done
+if [ -n "$RESULTS" ]; then
+    {
+        echo "# tests/fault/soak.sh $([ "$QUICK" = 1 ] && echo --quick) seed $SEED, $(date -u +%FT%TZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)"
+        printf '%-12s %5s %9s %5s %10s %11s\n' scenario runs messages lost duplicated max_rss
+        for l in "${SUMMARY[@]}"; do echo "$l"; done
+        for l in "${DETAILS[@]}"; do echo "# $l"; done
+    } >"$RESULTS"
+fi
+exit "$FAILED"
