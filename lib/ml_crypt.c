@@ -184,6 +184,11 @@ int ml_keyring_load(const char *current, const char *const *old, size_t n_old, m
     }
     for (size_t i = 0; i <= n_old; i++) {
         const char *path = i == 0 ? current : old[i - 1];
+        if (!path || !*path) {
+            ml_seterr(err, errlen, "old key %zu: no file given", i);
+            rc = ML_EINVAL;
+            goto out;
+        }
         if ((rc = s_read_key(path, k.key, err, errlen)) < 0)
             goto out;
         if ((rc = s_key_id(k.key, k.id)) < 0) {

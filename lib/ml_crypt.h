@@ -25,9 +25,12 @@
 
 typedef struct ml_keyring ml_keyring_t;
 
-/* Loads the current key file and n_old older ones. Returns 0, or ML_EIO /
- * ML_EINVAL with err naming the file and what is wrong ("not 64 hex
- * digits", "readable by others (mode 0644): chmod 600"). */
+/* Loads the current key file and n_old older ones (a key listed twice is
+ * kept once). A key file must be a regular file of 64 hex digits, white
+ * space around them allowed, that neither group nor others may read or
+ * write (0600 or 0400). Returns 0, or ML_EIO / ML_EINVAL with err naming the
+ * file and what is wrong ("not 64 hex digits", "readable by group or others
+ * (mode 0644): chmod 600 FILE"). */
 int ml_keyring_load(const char *current, const char *const *old, size_t n_old, ml_keyring_t **out,
                     char *err, size_t errlen);
 /* Frees the keys (wiped first); safe on NULL and twice; clears *self_p. */
@@ -50,7 +53,8 @@ int ml_sealed_key_id(const uint8_t *sealed, size_t len, char out[17]);
  * (no random bytes), with err saying which. */
 int ml_keyring_generate_file(const char *path, char *err, size_t errlen);
 
-/* 1 if data starts like a sealed value. */
+/* 1 if data starts with ML_SEAL_MAGIC and is long enough to be a sealed
+ * value, else 0. O(1). */
 int ml_is_sealed(const uint8_t *data, size_t len);
 
 /* Seals len bytes with the current key into a malloc'd buffer (*out, the
@@ -60,9 +64,10 @@ int ml_seal(const ml_keyring_t *kr, const uint8_t *plain, size_t len, const uint
             size_t aad_len, uint8_t **out, size_t *out_len);
 /* Opens a sealed value with whichever key sealed it. Returns 0 (*out
  * malloc'd, the caller's, with a NUL byte after its *out_len bytes so that
- * sealed text can be used as a C string), ML_EINVAL (not a sealed value), ML_ENOTFOUND (sealed
- * under a key this keyring does not have), ML_EPROTO (it does not authenticate: damaged, or moved
- * to another row), ML_ENOMEM. */
+ * sealed text can be used as a C string), ML_EINVAL (not a sealed value),
+ * ML_ENOTFOUND (sealed under a key this keyring does not have), ML_EPROTO
+ * (it does not authenticate: damaged, or moved to another row; nothing of
+ * it is returned), ML_ENOMEM. */
 int ml_open(const ml_keyring_t *kr, const uint8_t *sealed, size_t len, const uint8_t *aad,
             size_t aad_len, uint8_t **out, size_t *out_len);
 
