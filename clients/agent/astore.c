@@ -391,7 +391,7 @@ int ml_astore_open_sealed(const char *path, const ml_keyring_t *keys, ml_astore_
         }
     }
     char rerr[512];
-    if ((rc = ml_astore_reseal(st, "astore", s_reseal, sizeof s_reseal / sizeof s_reseal[0], rerr,
+    if ((rc = ml_astore_reseal(st, "messages", s_reseal, sizeof s_reseal / sizeof s_reseal[0], rerr,
                                sizeof rerr)) < 0) {
         snprintf(err, errlen, "%s: %s", path, rerr);
         rc = rc == ML_ESTORE ? ML_ESTORE : ML_ECONFIG;
@@ -581,8 +581,8 @@ int ml_astore_reseal(ml_astore_t *st, const char *part, const ml_astore_reseal_t
     if (rc == 0 && changed > 0) {
         /* The WAL still holds the pages as they were; empty it. */
         sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
-        ml_log(ML_LOG_INFO, S_LOG, "%s: re-sealed %lld stored value(s) under key %s", part,
-               (long long)changed, ml_keyring_current_id(st->keys));
+        ml_log(ML_LOG_INFO, S_LOG, "re-sealed %lld stored value(s) (%s) under key %s",
+               (long long)changed, part, ml_keyring_current_id(st->keys));
     }
     return rc;
 }

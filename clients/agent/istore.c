@@ -257,8 +257,8 @@ int ml_istore_open(ml_astore_t *st, ml_istore_t **out, char *err, size_t errlen)
             goto failed;
         }
     }
-    int rc =
-        ml_astore_reseal(st, "istore", s_reseal, sizeof s_reseal / sizeof s_reseal[0], err, errlen);
+    int rc = ml_astore_reseal(st, "imaging", s_reseal, sizeof s_reseal / sizeof s_reseal[0], err,
+                              errlen);
     if (rc < 0) {
         ml_istore_destroy(&is);
         return rc == ML_ESTORE ? ML_ESTORE : ML_ECONFIG;
