@@ -602,6 +602,7 @@ Test(env, imaging_consult_uids)
     }
     char uid[66];
     memset(uid, '1', sizeof uid - 1);
+    uid[65] = '\0'; /* for the 65-character case below */
     uid[64] = '\0';
     s_use_consult();
     s_ic.study_instance_uid = uid;
