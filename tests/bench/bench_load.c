@@ -104,7 +104,8 @@ typedef struct {
     /* Clinic: what it sends, strided over the clinics sending that class. */
     long next_ref, ref_stride;
     long next_study, study_stride;
-    int obj, chunk; /* next chunk of the current study; obj < 0: its consult */
+    int obj, chunk;  /* next chunk of the current study; obj < 0: its consult */
+    long consult_ok; /* the last study whose consult the broker accepted */
     /* Hospital (updates) and reading centre (study reports). */
     s_owed_t *owed;
     size_t owed_head, owed_len, owed_cap;
@@ -450,6 +451,11 @@ static int s_next(s_load_t *L, s_node_t *n, s_out_t *out)
                 rc = s_build_consult(L, n, n->next_study, out);
                 n->obj = 0;
                 n->chunk = 0;
+            } else if (n->consult_ok != n->next_study) {
+                /* As the agent does: a study's chunks go once its consult
+                 * is accepted (a consult refused for a while, a busy
+                 * broker, must not leave its chunks without a case). */
+                return 0;
             } else {
                 rc = s_build_chunk(L, n, n->next_study, n->obj, n->chunk, out);
                 if ((uint32_t)++n->chunk == L->obj[n->obj].chunks) {
@@ -648,6 +654,8 @@ static void s_on_answer(s_node_t *n, const ml_envelope_t *env)
                 continue; /* answered twice (a resend): already settled */
             if (++L->accepted[e->cls] == L->expect[e->cls])
                 L->t_acc[e->cls] = bench_ns();
+            if (e->cls == C_CONSULT)
+                n->consult_ok = e->a;
             s_settle(n, e);
         }
         L->duplicates += (long)env->accepted->n_duplicate_ids;
@@ -992,6 +1000,7 @@ static void s_node_init(s_load_t *L, s_node_t *n, int role, const char *id)
     n->L = L;
     n->role = role;
     n->obj = -1;
+    n->consult_ok = -1;
     snprintf(n->id, sizeof n->id, "%s", id);
     n->tls = s_tls(L->o.pki, n->id);
     uv_timer_init(&L->loop, &n->retry);
