@@ -35,6 +35,7 @@
 #include "broker_int.h"
 #include "cases.h"
 #include "ml_channel.h"
+#include "ml_crypt.h"
 #include "ml_frame.h"
 
 static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
@@ -1239,7 +1240,19 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
         goto fail;
     }
     snprintf(path, sizeof path, "%s/broker.db", b->cfg->data_dir);
-    ml_store_opts_t so = {.max_bytes = b->cfg->max_store_bytes};
+    if (b->cfg->store_key) {
+        rc = ml_keyring_load(b->cfg->store_key, (const char *const *)b->cfg->store_old_keys,
+                             b->cfg->n_store_old_keys, &b->keys, err, errlen);
+        if (rc != 0)
+            goto fail;
+        ml_log(ML_LOG_INFO, "store", "payloads are sealed with AES-256-GCM under key %s (%s)",
+               ml_keyring_current_id(b->keys), b->cfg->store_key);
+    } else {
+        ml_log(ML_LOG_WARN, "store",
+               "no store_key: message payloads are stored in clear in %s/broker.db",
+               b->cfg->data_dir);
+    }
+    ml_store_opts_t so = {.max_bytes = b->cfg->max_store_bytes, .keys = b->keys};
     rc = ml_store_open(loop, path, &so, &b->store, err, errlen);
     if (rc != 0)
         goto fail;
@@ -1388,6 +1401,7 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
     s_keep_startup_key("ca", &b->cfg->ca, &nc->ca);
     s_keep_startup_key("cert", &b->cfg->cert, &nc->cert);
     s_keep_startup_key("key", &b->cfg->key, &nc->key);
+    s_keep_startup_key("store_key", &b->cfg->store_key, &nc->store_key);
     if (nc->max_store_bytes != b->cfg->max_store_bytes)
         ml_log(ML_LOG_WARN, "broker",
                "reload: [broker] max_store_bytes changed; it applies after a restart");
@@ -1551,6 +1565,7 @@ void ml_broker_destroy(ml_broker_t **self_p)
     }
     /* Queues and windows point into the case table: they go first. */
     ml_tls_ctx_destroy(&b->tls);
+    ml_keyring_destroy(&b->keys);
     for (size_t i = 0; b->nodes && i < b->n_nodes; i++) {
         ml_queue_close(&b->nodes[i]->queue);
         free(b->nodes[i]->inflight);

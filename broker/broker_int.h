@@ -138,6 +138,7 @@ struct ml_broker {
     uv_loop_t *loop;
     ml_broker_config_t *cfg;
     ml_tls_ctx_t *tls;
+    ml_keyring_t *keys; /* seals what the store writes, or NULL */
     ml_store_t *store;
     void *zctx;
     void *router;

@@ -144,6 +144,8 @@ static const char *const s_broker_keys[] = {"id",
                                             "max_delivery_attempts",
                                             "max_store_bytes",
                                             "handshakes_per_s",
+                                            "store_key",
+                                            "store_old_keys",
                                             "node_rate",
                                             "node_queue_bytes",
                                             "timer_ms",
@@ -275,7 +277,8 @@ static int s_load_broker(struct s_load *ld)
         (rc = s_get_str(ld, "ca", 1, 1, NULL, &c->ca)) != 0 ||
         (rc = s_get_str(ld, "cert", 1, 1, NULL, &c->cert)) != 0 ||
         (rc = s_get_str(ld, "key", 1, 1, NULL, &c->key)) != 0 ||
-        (rc = s_get_str(ld, "crl", 0, 1, NULL, &c->crl)) != 0)
+        (rc = s_get_str(ld, "crl", 0, 1, NULL, &c->crl)) != 0 ||
+        (rc = s_get_str(ld, "store_key", 0, 1, NULL, &c->store_key)) != 0)
         return rc;
     if (!s_node_id_valid(c->broker_id))
         return s_fail(ld, ML_ECONFIG,
@@ -334,6 +337,28 @@ static int s_load_broker(struct s_load *ld)
     if (c->session_buffer < c->max_record)
         return s_fail(ld, ML_ECONFIG, "[%s] session_buffer (%ld) must be at least max_record (%ld)",
                       S_BROKER, c->session_buffer, c->max_record);
+    const char *old = ml_ini_get(ld->ini, S_BROKER, "store_old_keys", NULL);
+    if (old && *old) {
+        if (!c->store_key)
+            return s_fail(ld, ML_ECONFIG,
+                          "[%s] store_old_keys needs store_key (the key that seals from now on)",
+                          S_BROKER);
+        if (s_words(old, &c->store_old_keys, &c->n_store_old_keys) != 0)
+            return s_fail(ld, ML_ECONFIG, "[%s] store_old_keys: cannot read \"%s\"", S_BROKER, old);
+        for (size_t i = 0; i < c->n_store_old_keys; i++) {
+            char *p = c->store_old_keys[i];
+            if (p[0] == '/')
+                continue;
+            const char *dir = ml_ini_dir(ld->ini);
+            size_t n = strlen(dir) + strlen(p) + 2;
+            char *full = malloc(n);
+            if (!full)
+                return s_fail(ld, ML_ENOMEM, "out of memory");
+            snprintf(full, n, "%s/%s", dir, p);
+            free(p);
+            c->store_old_keys[i] = full;
+        }
+    }
     return s_get_bool(ld, S_BROKER, "notify_delivered", 1, &c->notify_delivered);
 }
 
@@ -655,6 +680,8 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
     free(c->cert);
     free(c->key);
     free(c->crl);
+    free(c->store_key);
+    s_words_free(c->store_old_keys, c->n_store_old_keys);
     free(c);
     *self_p = NULL;
 }

@@ -106,7 +106,10 @@ typedef struct {
     char *ca;
     char *cert;
     char *key;
-    char *crl; /* NULL when not configured */
+    char *crl;             /* NULL when not configured */
+    char *store_key;       /* key file sealing stored payloads, or NULL */
+    char **store_old_keys; /* older key files that still open what they sealed */
+    size_t n_store_old_keys;
     int log_level;
     long max_record;
     long heartbeat_ms;

@@ -41,6 +41,7 @@
 #include <sqlite3.h>
 
 #include "ml_common.h"
+#include "ml_crypt.h"
 
 #define S_COMPONENT "store"
 #define S_SCHEMA_VERSION 2
@@ -79,8 +80,9 @@ typedef struct ml_store_req {
     int priority;
     int64_t created_at;
     int64_t deadline;
-    const uint8_t *envelope; /* never NULL for a put, even when empty */
+    const uint8_t *envelope; /* never NULL for a put, even when empty (sealed with a key) */
     size_t envelope_len;
+    size_t plain_len; /* the envelope's own length (the size column) */
     const char *reason;
     int attempts;
     int fresh; /* a put whose id cannot be a duplicate */
@@ -99,6 +101,7 @@ struct ml_store {
     int batch_max;
     int64_t max_bytes;
     int64_t page_size;
+    const ml_keyring_t *keys; /* seal envelopes and details (NULL: clear) */
     int mu_ok;
     int async_ok;
 
@@ -402,7 +405,9 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          "SELECT seq, id, case_id, sender, recipient, kind, priority, accepted_at,"
          " size, deadline, attempts FROM messages WHERE state = 0"
          " ORDER BY priority DESC, seq ASC"},
-        {st->rd, &st->fetch, "SELECT envelope FROM bodies WHERE seq = ?1"},
+        {st->rd, &st->fetch,
+         "SELECT b.envelope, m.id FROM bodies b JOIN messages m ON m.seq = b.seq"
+         " WHERE b.seq = ?1"},
         {st->rd, &st->rd_lookup, "SELECT seq, state FROM messages WHERE id = ?1"},
         {st->rd, &st->rd_case, "SELECT " S_CASE_COLS " FROM cases WHERE case_id = ?1"},
     };
@@ -586,7 +591,10 @@ static int s_case_write(ml_store_t *st, const ml_store_caseop_t *op, int *denied
         s_bind_opt_text(ev, 6, e->to_state);
         s_bind_opt_text(ev, 7, e->message_id);
         s_bind_opt_text(ev, 8, e->kind);
-        s_bind_opt_text(ev, 9, e->detail);
+        if (e->detail_len)
+            sqlite3_bind_blob64(ev, 9, e->detail, e->detail_len, SQLITE_STATIC);
+        else
+            s_bind_opt_text(ev, 9, e->detail);
         if ((src = s_run(ev)) != SQLITE_DONE)
             return src;
     }
@@ -711,7 +719,7 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
     sqlite3_bind_int64(s, 9, now);
     /* r->envelope is never NULL, so an empty envelope is stored as an empty
      * blob, not as NULL. */
-    sqlite3_bind_int64(s, 10, (sqlite3_int64)r->envelope_len);
+    sqlite3_bind_int64(s, 10, (sqlite3_int64)r->plain_len);
     src = s_run(s);
     if (src != SQLITE_DONE)
         return src;
@@ -979,6 +987,7 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     st->loop = loop;
     st->batch_max = opts && opts->batch_max > 0 ? opts->batch_max : S_BATCH_MAX_DEFAULT;
     st->max_bytes = opts && opts->max_bytes > 0 ? opts->max_bytes : 0;
+    st->keys = opts ? opts->keys : NULL;
 
     if ((rc = s_open_writer(st, err, errlen)) != 0)
         goto out;
@@ -1117,9 +1126,28 @@ static size_t s_strsize(const char *s)
     return s ? strlen(s) + 1 : 0;
 }
 
+/* Seals a timeline detail (bound to its case) when the store has keys.
+ * Returns the sealed value (malloc'd) or NULL (no key, no detail, or out of
+ * memory: then *fail is set). */
+static uint8_t *s_seal_detail(const ml_store_t *st, const char *case_id, const char *detail,
+                              size_t *len, int *fail)
+{
+    uint8_t *out = NULL;
+    *len = 0;
+    if (!st->keys || !detail || !*detail)
+        return NULL;
+    if (ml_seal(st->keys, (const uint8_t *)detail, strlen(detail), (const uint8_t *)case_id,
+                strlen(case_id), &out, len) != 0) {
+        *fail = 1;
+        return NULL;
+    }
+    return out;
+}
+
 /* Deep-copies n case changes into one allocation: the array, then the
- * events, then every string. Returns NULL out of memory. */
-static ml_store_caseop_t *s_ops_dup(const ml_store_caseop_t *ops, size_t n)
+ * events, then every string (details sealed when the store has keys).
+ * Returns NULL out of memory. */
+static ml_store_caseop_t *s_ops_dup(const ml_store_t *st, const ml_store_caseop_t *ops, size_t n)
 {
     size_t size = n * sizeof *ops, nev = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1132,7 +1160,7 @@ static ml_store_caseop_t *s_ops_dup(const ml_store_caseop_t *ops, size_t n)
             const ml_store_event_t *e = &ops[i].events[j];
             size += s_strsize(e->node) + s_strsize(e->event) + s_strsize(e->from_state) +
                     s_strsize(e->to_state) + s_strsize(e->message_id) + s_strsize(e->kind) +
-                    s_strsize(e->detail);
+                    s_strsize(e->detail) + (st->keys ? ML_SEAL_OVERHEAD : 0);
         }
         nev += ops[i].n_events;
     }
@@ -1161,7 +1189,23 @@ static ml_store_caseop_t *s_ops_dup(const ml_store_caseop_t *ops, size_t n)
             e->to_state = s_copy_str(&p, e->to_state);
             e->message_id = s_copy_str(&p, e->message_id);
             e->kind = s_copy_str(&p, e->kind);
-            e->detail = s_copy_str(&p, e->detail);
+            size_t slen = 0;
+            int fail = 0;
+            uint8_t *sealed = s_seal_detail(st, ops[i].row.case_id, e->detail, &slen, &fail);
+            if (fail) {
+                free(out);
+                return NULL;
+            }
+            if (sealed) {
+                memcpy(p, sealed, slen);
+                e->detail = p;
+                e->detail_len = slen;
+                p += slen;
+                free(sealed);
+            } else {
+                e->detail = s_copy_str(&p, e->detail);
+                e->detail_len = 0;
+            }
         }
         evs += ops[i].n_events;
     }
@@ -1174,13 +1218,24 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
         return ML_EINVAL;
     if (st->closed)
         return ML_ECLOSED;
-    size_t size = sizeof(ml_store_req_t) + strlen(m->id) + 1 + m->envelope_len;
+    /* Sealed here, on the loop thread: the store thread is the serial path
+     * every Accepted waits on. */
+    uint8_t *sealed = NULL;
+    size_t sealed_len = 0;
+    if (st->keys && ml_seal(st->keys, m->envelope, m->envelope_len, (const uint8_t *)m->id,
+                            strlen(m->id), &sealed, &sealed_len) != 0)
+        return ML_ENOMEM;
+    const uint8_t *body = sealed ? sealed : m->envelope;
+    size_t body_len = sealed ? sealed_len : m->envelope_len;
+    size_t size = sizeof(ml_store_req_t) + strlen(m->id) + 1 + body_len;
     const char *strs[] = {m->case_id, m->sender, m->recipient};
     for (size_t i = 0; i < 3; i++)
         size += strs[i] ? strlen(strs[i]) + 1 : 0;
     ml_store_req_t *r = malloc(size);
-    if (!r)
+    if (!r) {
+        free(sealed);
         return ML_ENOMEM;
+    }
     *r = (ml_store_req_t){.op = S_OP_PUT,
                           .cb = cb,
                           .arg = arg,
@@ -1189,20 +1244,22 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
                           .created_at = m->created_at,
                           .deadline = m->deadline,
                           .fresh = m->fresh,
-                          .envelope_len = m->envelope_len};
+                          .envelope_len = body_len,
+                          .plain_len = m->envelope_len};
     char *p = (char *)(r + 1);
     /* The envelope goes first: its pointer is then never NULL, even for an
      * empty envelope, which keeps SQLite from binding NULL. */
-    if (m->envelope_len)
-        memcpy(p, m->envelope, m->envelope_len);
+    if (body_len)
+        memcpy(p, body, body_len);
+    free(sealed);
     r->envelope = (const uint8_t *)p;
-    p += m->envelope_len;
+    p += body_len;
     r->id = s_copy_str(&p, m->id);
     r->case_id = s_copy_str(&p, m->case_id);
     r->sender = s_copy_str(&p, m->sender);
     r->recipient = s_copy_str(&p, m->recipient);
     if (m->n_ops > 0) {
-        if (!(r->ops = s_ops_dup(m->ops, m->n_ops))) {
+        if (!(r->ops = s_ops_dup(st, m->ops, m->n_ops))) {
             free(r);
             return ML_ENOMEM;
         }
@@ -1228,7 +1285,7 @@ int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_o
     r->op = S_OP_CASE;
     r->cb = cb;
     r->arg = arg;
-    if (!(r->ops = s_ops_dup(ops, n_ops))) {
+    if (!(r->ops = s_ops_dup(st, ops, n_ops))) {
         free(r);
         return ML_ENOMEM;
     }
@@ -1348,6 +1405,22 @@ int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len)
      * comes back as NULL with length 0. */
     const void *data = sqlite3_column_blob(s, 0);
     size_t n = (size_t)sqlite3_column_bytes(s, 0);
+    if (ml_is_sealed(data, n)) {
+        const char *id = (const char *)sqlite3_column_text(s, 1);
+        rc = st->keys
+                 ? ml_open(st->keys, data, n, (const uint8_t *)id, id ? strlen(id) : 0, blob, len)
+                 : ML_ENOTFOUND;
+        if (rc != 0) {
+            ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: message %s (seq %lld) cannot be opened: %s",
+                   st->path, id ? id : "?", (long long)seq,
+                   rc == ML_ENOTFOUND ? "sealed under a key that is not in store_key / "
+                                        "store_old_keys"
+                   : rc == ML_EPROTO  ? "it does not authenticate (damaged on disk)"
+                                      : ml_strerror(rc));
+            rc = rc == ML_ENOMEM ? ML_ENOMEM : ML_ESTORE;
+        }
+        goto out;
+    }
     uint8_t *copy = malloc(n ? n : 1);
     if (!copy) {
         rc = ML_ENOMEM;
@@ -1476,6 +1549,8 @@ int ml_store_cases_query(ml_store_t *st, int kind, int state, int64_t overdue_at
 typedef struct {
     ml_store_event_cb cb;
     void *arg;
+    const ml_store_t *st;
+    const char *case_id;
 } s_event_walk_t;
 
 static void s_event_row(sqlite3_stmt *s, void *arg)
@@ -1489,9 +1564,28 @@ static void s_event_row(sqlite3_stmt *s, void *arg)
         .to_state = (const char *)sqlite3_column_text(s, 4),
         .message_id = (const char *)sqlite3_column_text(s, 5),
         .kind = (const char *)sqlite3_column_text(s, 6),
-        .detail = (const char *)sqlite3_column_text(s, 7),
     };
+    uint8_t *plain = NULL;
+    const void *d = sqlite3_column_blob(s, 7);
+    size_t n = (size_t)sqlite3_column_bytes(s, 7);
+    if (ml_is_sealed(d, n)) {
+        size_t plen = 0;
+        uint8_t *out = NULL;
+        if (w->st->keys && ml_open(w->st->keys, d, n, (const uint8_t *)w->case_id,
+                                   strlen(w->case_id), &out, &plen) == 0) {
+            plain = malloc(plen + 1);
+            if (plain) {
+                memcpy(plain, out, plen);
+                plain[plen] = '\0';
+            }
+            free(out);
+        }
+        e.detail = plain ? (const char *)plain : "(sealed under a key this broker does not have)";
+    } else {
+        e.detail = (const char *)sqlite3_column_text(s, 7);
+    }
     w->cb(w->arg, &e);
+    free(plain);
 }
 
 int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb cb, void *arg)
@@ -1505,7 +1599,7 @@ int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb 
                      &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
-    s_event_walk_t w = {cb, arg};
+    s_event_walk_t w = {cb, arg, st, case_id};
     return s_read_all(st, s, "reading a timeline", s_event_row, &w);
 }
 

@@ -60,6 +60,7 @@ typedef struct {
     const char *message_id;
     const char *kind;
     const char *detail;
+    size_t detail_len; /* the store's own use (a sealed detail); 0 for callers */
 } ml_store_event_t;
 
 /* A change to one case, applied in the same transaction as the message it
@@ -127,10 +128,18 @@ typedef struct {
     int64_t deadline;
 } ml_store_dead_t;
 
+typedef struct ml_keyring ml_keyring_t;
+
 typedef struct {
     int batch_max;     /* most requests per transaction (default 4096) */
     int64_t max_bytes; /* refuse puts with ML_EFULL once the database
                           file exceeds this (0 = no limit) */
+    /* When set (borrowed; outlives the store), every envelope and every
+     * timeline detail is sealed with AES-256-GCM (ml_crypt.h) before it is
+     * written, bound to its message id / case id; values sealed under an
+     * older key of the ring still open, and plaintext rows written before a
+     * key was configured are still read. */
+    const ml_keyring_t *keys;
 } ml_store_opts_t;
 
 /* Called on the loop thread once the put is settled: rc 0 with the row's

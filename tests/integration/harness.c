@@ -92,6 +92,9 @@ void h_world_init(h_world_t *w, const char *extra)
                   src ? src : ".", w->pki, H_BROKER, H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS, H_CITY,
                   H_READ_A, H_READ_B, w->dir);
     cr_assert_eq(rc, 0, "pki.sh failed, see %s/pki.log", w->dir);
+    /* Every store of the test community seals patient data at rest. */
+    rc = s_sh("umask 077 && openssl rand -hex 32 >'%s/broker-store.key'", w->pki);
+    cr_assert_eq(rc, 0, "cannot make the broker's store key");
     w->port = s_free_port();
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
     char path[700], buf[8192];
@@ -104,6 +107,7 @@ void h_world_init(h_world_t *w, const char *extra)
              "ca = pki/ca.crt\n"
              "cert = pki/%s.crt\n"
              "key = pki/%s.key\n"
+             "store_key = pki/broker-store.key\n"
              "log_level = info\n"
              "heartbeat_ms = 1000\n"
              "session_timeout_ms = 5000\n"
@@ -254,12 +258,16 @@ int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
     h_bin("medlink-agent", bin, sizeof bin);
     snprintf(cfg, sizeof cfg, "%s/agent-%s.ini", w->dir, node);
     snprintf(log, sizeof log, "%s/agent-%s.log", w->dir, node);
+    int krc = s_sh("test -f '%s/store-%s.key' || (umask 077 && openssl rand -hex 32 "
+                   ">'%s/store-%s.key')",
+                   w->pki, node, w->pki, node);
+    cr_assert_eq(krc, 0, "cannot make the store key of %s", node);
     snprintf(buf, sizeof buf,
              "[agent]\nnode_id = %s\nbroker = %s\nbroker_id = " H_BROKER "\n"
              "ca = pki/ca.crt\ncert = pki/%s.crt\n"
              "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
-             "heartbeat_ms = 1000\nscan_ms = 100\n",
-             node, endpoint, node, node, node, node);
+             "heartbeat_ms = 1000\nscan_ms = 100\nstore_key = pki/store-%s.key\n",
+             node, endpoint, node, node, node, node, node);
     s_write(cfg, buf);
     int i = s_agent_index(w, node);
     if (i < 0) {
