@@ -117,6 +117,13 @@ mkdir -p "$RUN/logs"
 "$ROOT/deploy/pki.sh" --dir "$RUN/pki" --ca-name "Zhaozhou county medical community CA" \
     "$BROKER_ID" "${AGENTS[@]}"
 
+# Store keys: every store seals patient data at rest (AES-256-GCM).
+mkdir -p "$RUN/keys"
+(umask 077 && openssl rand -hex 32 >"$RUN/keys/medlinkd.store.key")
+for n in "${AGENTS[@]}"; do
+    "$AGENT" --generate-key "$RUN/keys/$n.store.key" >/dev/null
+done
+
 PORT=${MEDLINK_DEMO_PORT:-7400}
 while port_busy "$PORT"; do PORT=$((PORT + 1)); done
 for f in "$ROOT"/deploy/config/*.ini; do
