@@ -3,6 +3,7 @@
 # it. Used by demo.sh and test.sh; safe to run again.
 #
 #   deploy/setup.sh [--build-dir DIR] [--fresh] [--no-build] [-- CMAKE_ARGS...]
+#   ML_SETUP_EXTRA="pkg ..." installs those Debian packages too.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +24,11 @@ done
 PKGS=(build-essential cmake pkg-config openssl sqlite3
       libuv1-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libssl-dev
       libcriterion-dev libsqlite3-dev libinih-dev libjansson-dev)
+# Tools some callers need on top (deploy/test.sh asks for clang-format,
+# cppcheck and valgrind for its check stages, and clang with its libFuzzer
+# runtime, libclang-rt-14-dev, for the fuzz stage): ML_SETUP_EXTRA="a b".
+read -ra extra_pkgs <<<"${ML_SETUP_EXTRA:-}"
+PKGS+=("${extra_pkgs[@]}")
 
 missing=()
 for p in "${PKGS[@]}"; do
