@@ -1,19 +1,19 @@
 /* fault-crowd: many clients of one medlinkd at once, good and bad, for the
  * soak's crowd scenario (tests/fault/soak.sh).
  *
- *   fault-crowd good --broker EP --pki DIR --clients N [--seconds S]
- *                    [--window W] [--connect-timeout S]
+ *   fault-crowd good --broker EP --pki DIR --clients N --count M
+ *                    [--seconds S] [--window W] [--connect-timeout S]
  *       N clinics (township.cNNNN.clinic, each its own libmedlink channel,
  *       certificate and mutual TLS session, each from its own source
- *       address 127.1.x.y) connect; once all are up, each sends referrals to
- *       county.crowd.hospital for S seconds with at most W unanswered (the
- *       agent's send window), resending after a transient Nack or a
- *       reconnect. The hospital (one channel) acknowledges every delivery;
- *       the clinics acknowledge the broker's notices. Prints one line:
- *       "good clients N up U connect_s C accepted A accepted_per_s R p50_ms
- *       P p99_ms Q delivered D lost L nacks K reconnects X refused Y"; exit 0
- *       when every client came up, nothing was refused for good and every
- *       accepted referral reached the hospital.
+ *       address 127.1.x.y) connect; once all are up, each sends M referrals
+ *       to county.crowd.hospital (S seconds at most) with at most W
+ *       unanswered (the agent's send window), resending after a transient
+ *       Nack or a reconnect. The throughput is the referrals Accepted per
+ *       second from the first send to the last Accepted. The hospital (one channel) acknowledges
+ * every delivery; the clinics acknowledge the broker's notices. Prints one line: "good clients N up
+ * U connect_s C accepted A accepted_per_s R p50_ms P p99_ms Q delivered D lost L nacks K reconnects
+ * X refused Y"; exit 0 when every client came up, nothing was refused for good and every accepted
+ * referral reached the hospital.
  *
  *   fault-crowd bad --broker EP --pki DIR --other-pki DIR --garbage G
  *                   --stall S --wrong X [--seconds S] [--addrs K]
@@ -67,7 +67,7 @@ struct s_cli {
     s_out_t win[S_MAX_WINDOW];
     int n_win;
     int retry_due;
-    long accepted, reconnects;
+    long made, accepted, reconnects;
     char (*acks)[ML_ULID_LEN + 1];
     size_t n_acks, cap_acks;
 };
@@ -83,10 +83,11 @@ static struct {
     int n_cli;
     s_cli_t hosp;
     int window;
+    long count;
     int seconds;
     int connect_timeout;
     int phase;
-    uint64_t t0, t_run, t_run_end, t_phase;
+    uint64_t t0, t_run, t_run_end, t_phase, t_last_acc;
     long accepted_run, nacks, refused, delivered, delivered_dups;
     uint64_t *lat;
     size_t n_lat, cap_lat;
@@ -228,9 +229,11 @@ static void s_fill(s_cli_t *c)
 {
     if (!c->up || c->hospital || G.phase != PH_RUN)
         return;
-    while (c->n_win < G.window)
+    while (c->n_win < G.window && c->made < G.count) {
         if (s_fill_one(c) != 0)
             break;
+        c->made++;
+    }
 }
 
 static void s_resend(s_cli_t *c)
@@ -301,6 +304,7 @@ static void s_on_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
                 G.accepted_total++;
                 if (G.phase == PH_RUN) {
                     G.accepted_run++;
+                    G.t_last_acc = now;
                     s_lat_add(now - c->win[i].sent_ns);
                 }
                 free(c->win[i].buf);
@@ -418,7 +422,8 @@ static void s_good_tick(uv_timer_t *t)
         }
         break;
     case PH_RUN:
-        if (now - G.t_run >= (uint64_t)G.seconds * 1000000000ull) {
+        if (G.accepted_run >= G.count * G.n_cli ||
+            now - G.t_run >= (uint64_t)G.seconds * 1000000000ull) {
             G.phase = PH_DRAIN;
             G.t_run_end = now;
             G.t_phase = now;
@@ -486,18 +491,19 @@ static int s_good(int n)
         up += G.cli[i].ever_up;
         reconnects += G.cli[i].reconnects;
     }
-    double run_s = G.t_run_end > G.t_run ? (double)(G.t_run_end - G.t_run) / 1e9 : 0;
+    double run_s = G.t_last_acc > G.t_run ? (double)(G.t_last_acc - G.t_run) / 1e9 : 0;
     qsort(G.lat, G.n_lat, sizeof *G.lat, s_cmp_u64);
     double p50 = G.n_lat ? (double)G.lat[G.n_lat / 2] / 1e6 : 0;
     double p99 = G.n_lat ? (double)G.lat[(G.n_lat * 99) / 100] / 1e6 : 0;
     long lost = G.accepted_total - G.delivered;
-    printf("good clients %d up %d connect_s %.1f accepted %ld accepted_per_s %.0f p50_ms %.1f "
+    printf("good clients %d up %d connect_s %.1f run_s %.1f accepted %ld accepted_per_s %.0f "
+           "p50_ms %.1f "
            "p99_ms %.1f delivered %ld lost %ld duplicated %ld nacks %ld reconnects %ld refused "
            "%ld\n",
-           n, up, G.t_run ? (double)(G.t_run - G.t0) / 1e9 : -1.0, G.accepted_total,
+           n, up, G.t_run ? (double)(G.t_run - G.t0) / 1e9 : -1.0, run_s, G.accepted_total,
            run_s > 0 ? (double)G.accepted_run / run_s : 0.0, p50, p99, G.delivered, lost,
            G.delivered_dups, G.nacks, reconnects, G.refused);
-    int ok = up == n && G.t_run_end && G.refused == 0 && lost == 0;
+    int ok = up == n && G.accepted_run >= G.count * n && G.refused == 0 && lost == 0;
 
     for (int i = 0; i < n; i++)
         ml_channel_destroy(&G.cli[i].ch);
@@ -695,7 +701,8 @@ int main(int argc, char **argv)
     const char *mode = argv[1], *other = NULL;
     int clients = 600, garbage = 0, stall = 0, wrong = 0, addrs = 10;
     G.window = 4;
-    G.seconds = 20;
+    G.count = 100;
+    G.seconds = 300;
     G.connect_timeout = 120;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -710,6 +717,8 @@ int main(int argc, char **argv)
             other = v;
         else if (!strcmp(a, "--clients"))
             clients = atoi(v);
+        else if (!strcmp(a, "--count"))
+            G.count = atol(v);
         else if (!strcmp(a, "--window"))
             G.window = atoi(v);
         else if (!strcmp(a, "--seconds"))

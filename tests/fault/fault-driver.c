@@ -26,13 +26,13 @@
  *
  *   fault-driver --world DIR --hospital ID --clinics ID,ID --readers ID,ID
  *                --out DIR [--rate CASES_PER_S] [--duration S] [--drain S]
- *                [--seed N] [--mix R,I,T] [--big PERCENT]
+ *                [--idle S] [--seed N] [--mix R,I,T] [--big PERCENT]
  *
  * SIGUSR1 ends the load phase early (no new cases; answers go on); the
- * driver exits once every case reached its planned end (0) or the drain
- * time passed (3). SIGTERM stops it at once (4). It writes DIR/cases.tsv
- * (token, kind, plan, case id, expected final state, done) and prints one
- * line of figures. */
+ * driver exits once every case reached its planned end (0), or with 3 when
+ * the drain time passed or nothing moved for the idle time. SIGTERM stops it at once (4). It writes
+ * DIR/cases.tsv (token, kind, plan, case id, expected final state, done) and prints one line of
+ * figures. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -131,7 +131,7 @@ static void s_map_put(s_map_t *m, const char *key, int64_t val)
 typedef struct {
     char id[64];
     int role;
-    char spool[S_PATH];
+    char spool[S_PATH + 80];
     s_map_t seen;     /* inbox names read -> inode */
     s_map_t deferred; /* inbox names waiting for their case -> first try (ms) */
     long files;       /* inbox files read */
@@ -167,7 +167,7 @@ static struct {
     int hospital;
     int clinics[S_MAX_NODES], n_clinics;
     double rate;
-    int duration_s, drain_s;
+    int duration_s, drain_s, idle_s;
     int mix[3]; /* referral, imaging, down-transfer weights */
     int big_pct;
     unsigned seed;
@@ -259,7 +259,10 @@ static int s_add_node(const char *id, int role)
     s_node_t *n = &G.nodes[G.n_nodes];
     snprintf(n->id, sizeof n->id, "%s", id);
     n->role = role;
-    snprintf(n->spool, sizeof n->spool, "%s/spool/%s", G.world, id);
+    /* Through a local: G.world and n->spool are both inside G. */
+    char spool[sizeof n->spool];
+    snprintf(spool, sizeof spool, "%s/spool/%s", G.world, id);
+    memcpy(n->spool, spool, sizeof spool);
     return G.n_nodes++;
 }
 
@@ -410,7 +413,8 @@ static char *s_patient(int token)
 
 static int s_token_of(json_t *payload)
 {
-    const char *name = json_string_value(json_object_get(json_object_get(payload, "patient"), "name"));
+    const char *name =
+        json_string_value(json_object_get(json_object_get(payload, "patient"), "name"));
     int token = 0;
     if (!name || sscanf(name, "Soak %d", &token) != 1)
         return 0;
@@ -511,7 +515,7 @@ static void s_el_str(s_buf_t *b, uint16_t g, uint16_t e, const char *vr, const c
 static void s_write_dicom(const char *path, const char *study_uid, int token, int index,
                           size_t pixels)
 {
-    char sop[96], series[96];
+    char sop[128], series[128];
     snprintf(sop, sizeof sop, "%s.%d", study_uid, 100 + index);
     snprintf(series, sizeof series, "%s.1", study_uid);
     s_buf_t b = {0};
@@ -714,7 +718,7 @@ static void s_clinic_down_answers(s_case_t *c)
  * is there with the digest the manifest gives. */
 static int s_study_ok(const char *dir)
 {
-    char path[S_PATH * 2];
+    char path[S_PATH * 3];
     snprintf(path, sizeof path, "%s/manifest.json", dir);
     json_error_t jerr;
     json_t *m = json_load_file(path, 0, &jerr);
@@ -892,11 +896,11 @@ static int s_study(int node, const char *dir, const char *case_id)
                "artefacts\"}");
         return S_READ;
     }
-    char *payload = s_fmt("\"imagingReport\": {\"studyInstanceUid\": \"%s\", \"findings\": "
-                          "\"soak findings\", \"impression\": \"soak impression\", \"reader\": "
-                          "{\"name\": \"Dr. Soak\"}, \"signedAt\": \"%" PRId64
-                          "\", \"criticalFinding\": %s}",
-                          c->study_uid, ml_now_ms(), s_between(0, 99) < 15 ? "true" : "false");
+    char *payload =
+        s_fmt("\"imagingReport\": {\"studyInstanceUid\": \"%s\", \"findings\": "
+              "\"soak findings\", \"impression\": \"soak impression\", \"reader\": "
+              "{\"name\": \"Dr. Soak\"}, \"signedAt\": \"%" PRId64 "\", \"criticalFinding\": %s}",
+              c->study_uid, ml_now_ms(), s_between(0, 99) < 15 ? "true" : "false");
     s_step(ml_mono_ms(), node, c, 1, payload);
     free(payload);
     return S_READ;
@@ -1021,6 +1025,7 @@ int main(int argc, char **argv)
     G.rate = 2.0;
     G.duration_s = 60;
     G.drain_s = 180;
+    G.idle_s = 60;
     G.mix[0] = 50;
     G.mix[1] = 30;
     G.mix[2] = 20;
@@ -1047,6 +1052,8 @@ int main(int argc, char **argv)
             G.duration_s = atoi(v);
         else if (!strcmp(a, "--drain"))
             G.drain_s = atoi(v);
+        else if (!strcmp(a, "--idle"))
+            G.idle_s = atoi(v);
         else if (!strcmp(a, "--seed"))
             G.seed = (unsigned)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--big"))
@@ -1060,7 +1067,8 @@ int main(int argc, char **argv)
     }
     if (!G.world[0] || !G.out[0] || !hospital || !clinics || !readers || G.rate <= 0)
         s_die("usage: fault-driver --world DIR --out DIR --hospital ID --clinics ID,.. "
-              "--readers ID,.. [--rate R] [--duration S] [--drain S] [--seed N] [--mix R,I,T] "
+              "--readers ID,.. [--rate R] [--duration S] [--drain S] [--idle S] [--seed N] [--mix "
+              "R,I,T] "
               "[--big PCT]");
     G.hospital = s_add_node(hospital, R_HOSPITAL);
     s_split(clinics, R_CLINIC);
@@ -1078,6 +1086,8 @@ int main(int argc, char **argv)
 
     int64_t start = ml_mono_ms(), next_case = start, last_scan = 0, drain_from = 0;
     int64_t load_end = start + (int64_t)G.duration_s * 1000;
+    int64_t last_progress_at = start;
+    long last_progress = -1;
     int rc = 0;
     for (;;) {
         int64_t now = ml_mono_ms();
@@ -1109,11 +1119,21 @@ int main(int argc, char **argv)
         }
         if (drain_from) {
             int open = 0;
+            long progress = G.dropped_files;
             for (int i = 0; i < G.n_cases; i++)
                 open += !G.cases[i].done;
+            for (int i = 0; i < G.n_nodes; i++)
+                progress += G.nodes[i].files;
             if (open == 0 && G.n_heap == 0)
                 break;
-            if (now - drain_from > (int64_t)G.drain_s * 1000) {
+            /* Nothing read, nothing written for idle_s: what is left is
+             * stuck (a refused step), waiting longer shows nothing new. */
+            if (progress != last_progress) {
+                last_progress = progress;
+                last_progress_at = now;
+            }
+            if (now - drain_from > (int64_t)G.drain_s * 1000 ||
+                now - last_progress_at > (int64_t)G.idle_s * 1000) {
                 rc = 3;
                 break;
             }
@@ -1133,8 +1153,8 @@ int main(int argc, char **argv)
            "files_dropped %ld inbox_read %ld studies_ok %ld studies_bad %ld respooled %ld "
            "notices %ld escalations %ld unknown %ld gave_up %ld\n",
            G.n_cases, by_kind[0], by_kind[1], by_kind[2], done, (long)G.n_cases - done,
-           G.dropped_files, inbox, G.studies_ok, G.study_bad, G.respooled, G.notices,
-           G.escalations, G.unknown, G.gave_up);
+           G.dropped_files, inbox, G.studies_ok, G.study_bad, G.respooled, G.notices, G.escalations,
+           G.unknown, G.gave_up);
     int shown = 0;
     for (int i = 0; i < G.n_cases && shown < 20; i++) {
         const s_case_t *c = &G.cases[i];
