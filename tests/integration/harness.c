@@ -24,6 +24,8 @@
 
 #include <criterion/criterion.h>
 
+#include "ml_crypt.h"
+
 void h_sleep_ms(int ms)
 {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -669,4 +671,16 @@ char *h_wait_json(const h_world_t *w, const char *node, const char *sub, const c
             return p;
         h_sleep_ms(50);
     }
+}
+
+ml_keyring_t *h_store_keys(const h_world_t *w, const char *node)
+{
+    char path[800], err[300];
+    if (strcmp(node, H_BROKER) == 0)
+        snprintf(path, sizeof path, "%s/broker-store.key", w->pki);
+    else
+        snprintf(path, sizeof path, "%s/store-%s.key", w->pki, node);
+    ml_keyring_t *keys = NULL;
+    cr_assert_eq(ml_keyring_load(path, NULL, 0, &keys, err, sizeof err), 0, "%s", err);
+    return keys;
 }

@@ -88,6 +88,10 @@ const char *h_bin(const char *name, char *out, size_t len);
 void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len);
 /* A referral JSON (Envelope form) to `to`, with a given patient name. */
 char *h_referral_json(const char *to, const char *patient, const char *priority);
+/* The keyring a store of the world seals with (h_world_init and
+ * h_agent_start give every store a key): the broker's for H_BROKER, else
+ * node's agent's. The caller destroys it. Asserts on failure. */
+struct ml_keyring *h_store_keys(const h_world_t *w, const char *node);
 /* Sum of matches of needle in a log file of the world (broker.log, agent-<node>.log). */
 int h_log_contains(const h_world_t *w, const char *log, const char *needle);
 void h_sleep_ms(int ms);

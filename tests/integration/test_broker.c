@@ -16,6 +16,7 @@
 #include "harness.h"
 #include "ml_channel.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_env.h"
 #include "ml_tls.h"
 
@@ -147,19 +148,32 @@ static int s_inbox_order(char names[][32], int max)
     snprintf(path, sizeof path, "%s/data/%s/agent.db", W.dir, H_COUNTY);
     sqlite3 *db;
     cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    /* The agent's store seals each envelope, bound to its message id. */
+    ml_keyring_t *keys = h_store_keys(&W, H_COUNTY);
     sqlite3_stmt *st;
-    cr_assert_eq(sqlite3_prepare_v2(db, "SELECT envelope FROM inbox ORDER BY rowid", -1, &st, NULL),
-                 SQLITE_OK);
+    cr_assert_eq(
+        sqlite3_prepare_v2(db, "SELECT id, envelope FROM inbox ORDER BY rowid", -1, &st, NULL),
+        SQLITE_OK);
     int n = 0;
     while (sqlite3_step(st) == SQLITE_ROW && n < max) {
+        const char *id = (const char *)sqlite3_column_text(st, 0);
+        const uint8_t *data = sqlite3_column_blob(st, 1);
+        size_t len = (size_t)sqlite3_column_bytes(st, 1);
+        uint8_t *plain = NULL;
+        if (ml_is_sealed(data, len)) {
+            cr_assert_eq(ml_open(keys, data, len, (const uint8_t *)id, strlen(id), &plain, &len), 0,
+                         "inbox row %s does not open", id);
+            data = plain;
+        }
         ml_envelope_t *e;
-        cr_assert_eq(
-            ml_env_unpack(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0), &e), 0);
+        cr_assert_eq(ml_env_unpack(data, len, &e), 0);
         snprintf(names[n++], 32, "%s", e->referral->patient->name);
         ml_env_free(&e);
+        free(plain);
     }
     sqlite3_finalize(st);
     sqlite3_close(db);
+    ml_keyring_destroy(&keys);
     return n;
 }
 

@@ -7,9 +7,9 @@
  *     agent killed, then the link frozen long enough for every session to
  *     die) resumes without storing any chunk twice, with identical SHA-256
  *     at the end;
- *   - a chunk damaged in the broker's store is caught by the reading
- *     centre's SHA-256 check, asked for again, and the study still arrives
- *     intact. */
+ *   - a chunk damaged before the broker sealed it into its store is caught
+ *     by the reading centre's SHA-256 check, asked for again, and the study
+ *     still arrives intact. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +23,7 @@
 #include "client.h"
 #include "harness.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_imaging.h"
 
 #define STUDY_UID "1.2.826.0.1.3680043.8.498.7001"
@@ -379,30 +380,49 @@ Test(study, damaged_chunk_detected_and_asked_for_again)
     cli_close(&ops);
     h_broker_stop(&W);
 
-    /* One byte of one stored chunk's data rots on the broker's disk. */
+    /* One byte of one stored chunk's data is damaged. The broker's store
+     * is sealed (AES-256-GCM, bound to the message id), so damage to the
+     * bytes on its disk would be caught by the broker itself; what only the
+     * reading centre's SHA-256 can catch is a chunk damaged before it was
+     * sealed. The test makes one: it opens the stored chunk with the
+     * broker's key, flips a byte of its data and seals it again. */
     char db[800];
     snprintf(db, sizeof db, "%s/data/broker/broker.db", W.dir);
     sqlite3 *sq = NULL;
     cr_assert_eq(sqlite3_open(db, &sq), SQLITE_OK);
     sqlite3_stmt *st = NULL;
     cr_assert_eq(sqlite3_prepare_v2(sq,
-                                    "SELECT b.seq, b.envelope FROM bodies b JOIN messages m ON "
-                                    "m.seq = b.seq WHERE m.kind = 23 AND m.case_id = ?1 "
+                                    "SELECT b.seq, b.envelope, m.id FROM bodies b JOIN messages m "
+                                    "ON m.seq = b.seq WHERE m.kind = 23 AND m.case_id = ?1 "
                                     "ORDER BY b.seq LIMIT 1 OFFSET 1",
                                     -1, &st, NULL),
                  SQLITE_OK);
     sqlite3_bind_text(st, 1, case_id, -1, SQLITE_STATIC);
     cr_assert_eq(sqlite3_step(st), SQLITE_ROW, "no stored chunk found");
     sqlite3_int64 seq = sqlite3_column_int64(st, 0);
-    int n = sqlite3_column_bytes(st, 1);
-    uint8_t *blob = malloc((size_t)n);
-    memcpy(blob, sqlite3_column_blob(st, 1), (size_t)n);
+    const uint8_t *stored = sqlite3_column_blob(st, 1);
+    size_t stored_len = (size_t)sqlite3_column_bytes(st, 1);
+    char msg_id[64];
+    snprintf(msg_id, sizeof msg_id, "%s", (const char *)sqlite3_column_text(st, 2));
+    ml_keyring_t *keys = h_store_keys(&W, H_BROKER);
+    uint8_t *plain = NULL;
+    size_t plain_len = stored_len;
+    cr_assert(ml_is_sealed(stored, stored_len), "the broker's store should be sealed");
+    cr_assert_eq(ml_open(keys, stored, stored_len, (const uint8_t *)msg_id, strlen(msg_id), &plain,
+                         &plain_len),
+                 0, "the stored chunk %s does not open", msg_id);
     sqlite3_finalize(st);
-    blob[n / 2] ^= 0x5a; /* inside the chunk's data, which is most of the envelope */
+    plain[plain_len / 2] ^= 0x5a; /* inside the chunk's data, which is most of the envelope */
+    uint8_t *blob = NULL;
+    size_t n = 0;
+    cr_assert_eq(
+        ml_seal(keys, plain, plain_len, (const uint8_t *)msg_id, strlen(msg_id), &blob, &n), 0);
+    free(plain);
+    ml_keyring_destroy(&keys);
     cr_assert_eq(
         sqlite3_prepare_v2(sq, "UPDATE bodies SET envelope = ?1 WHERE seq = ?2", -1, &st, NULL),
         SQLITE_OK);
-    sqlite3_bind_blob(st, 1, blob, n, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 1, blob, (int)n, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, seq);
     cr_assert_eq(sqlite3_step(st), SQLITE_DONE);
     sqlite3_finalize(st);
