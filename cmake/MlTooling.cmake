@@ -43,7 +43,6 @@ set(ML_CPPCHECK_ARGS
   --quiet
   --template=gcc
   -j ${ML_NCPU}
-  --cppcheck-build-dir=${PROJECT_BINARY_DIR}/cppcheck
   # Not gnu.cfg: the project uses next to no GNU extension (memmem in two
   # tests), and cppcheck 2.10's gnu.cfg marks accept4()'s addrlen not-null,
   # although accept(2) documents accept4(fd, NULL, NULL, flags).
@@ -62,7 +61,6 @@ set(ML_CPPCHECK_ARGS
   -I ${PROJECT_BINARY_DIR}/proto/gen)
 if(ML_CPPCHECK)
   add_custom_target(cppcheck
-    COMMAND ${CMAKE_COMMAND} -E make_directory ${PROJECT_BINARY_DIR}/cppcheck
     COMMAND ${ML_CPPCHECK} ${ML_CPPCHECK_ARGS} ${ML_SOURCE_DIRS}
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR}
     COMMENT "cppcheck: analysing ${ML_SOURCE_DIRS}"
