@@ -197,11 +197,14 @@ static const char s_schema[] =
     " escalations INTEGER, follow_ups INTEGER, closed INTEGER,"
     " n_objects INTEGER, chunks_expected INTEGER, chunks INTEGER, dup_chunks INTEGER,"
     " chunk_bytes INTEGER, fired INTEGER, version INTEGER) WITHOUT ROWID;"
+    /* Keyed by (case, the version its change made, its place in that
+     * change) WITHOUT ROWID: one B-tree to write per event instead of a
+     * table and an index, and a case's timeline is one range in it. */
     "CREATE TABLE IF NOT EXISTS case_events ("
-    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " case_id TEXT NOT NULL, at INTEGER, node TEXT, event TEXT, from_state TEXT,"
-    " to_state TEXT, message_id TEXT, kind TEXT, detail TEXT);"
-    "CREATE INDEX IF NOT EXISTS case_events_case ON case_events(case_id, seq);"
+    " case_id TEXT NOT NULL, version INTEGER NOT NULL, n INTEGER NOT NULL,"
+    " at INTEGER, node TEXT, event TEXT, from_state TEXT,"
+    " to_state TEXT, message_id TEXT, kind TEXT, detail TEXT,"
+    " PRIMARY KEY (case_id, version, n)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS messages_dead ON messages(dead_at) WHERE state = 2;"
     "";
 
@@ -390,7 +393,7 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          "UPDATE cases SET version = ?2 WHERE case_id = ?1 AND version = ?2 - 1"},
         {st->wr, &st->event_insert,
          "INSERT INTO case_events (case_id, at, node, event, from_state, to_state, message_id,"
-         " kind, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"},
+         " kind, detail, version, n) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"},
         {st->wr, &st->replay,
          "UPDATE messages SET state = 0, attempts = 0, deadline = 0, dead_reason = NULL,"
          " dead_at = NULL WHERE seq = ?1 AND state = 2"},
@@ -595,6 +598,8 @@ static int s_case_write(ml_store_t *st, const ml_store_caseop_t *op, int *denied
             sqlite3_bind_blob64(ev, 9, e->detail, e->detail_len, SQLITE_STATIC);
         else
             s_bind_opt_text(ev, 9, e->detail);
+        sqlite3_bind_int64(ev, 10, op->row.version);
+        sqlite3_bind_int64(ev, 11, (sqlite3_int64)i);
         if ((src = s_run(ev)) != SQLITE_DONE)
             return src;
     }
@@ -1595,7 +1600,7 @@ int ml_store_case_events(ml_store_t *st, const char *case_id, ml_store_event_cb 
         return ML_EINVAL;
     if (s_prepare_rd(st,
                      "SELECT at, node, event, from_state, to_state, message_id, kind, detail"
-                     " FROM case_events WHERE case_id = ?1 ORDER BY seq",
+                     " FROM case_events WHERE case_id = ?1 ORDER BY version, n",
                      &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
