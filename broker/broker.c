@@ -421,6 +421,17 @@ void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns)
         uint8_t *blob = it.blob;
         size_t len = it.size;
         int rc = blob ? 0 : ml_store_fetch(b->store, it.seq, &blob, &len);
+        if (rc == ML_EPROTO || rc == ML_ECONFIG) {
+            /* It will never read: a dead letter (replayable once the key
+             * is back in the config), not a queue stuck behind it. */
+            ml_bk_dead_letter(b, ns, &it,
+                              rc == ML_EPROTO
+                                  ? "unreadable: its stored envelope does not authenticate "
+                                    "(damaged on disk)"
+                                  : "unreadable: sealed under a key that store_key / "
+                                    "store_old_keys do not name");
+            continue;
+        }
         if (rc != 0) {
             /* The index says queued but the row cannot be read: leave it
              * queued and try again on the next pump rather than lose it. */

@@ -1422,7 +1422,9 @@ int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len)
                                         "store_old_keys"
                    : rc == ML_EPROTO  ? "it does not authenticate (damaged on disk)"
                                       : ml_strerror(rc));
-            rc = rc == ML_ENOMEM ? ML_ENOMEM : ML_ESTORE;
+            /* Damaged on disk, or sealed under a key the config no
+             * longer names: reading again will not help. */
+            rc = rc == ML_ENOMEM ? ML_ENOMEM : rc == ML_ENOTFOUND ? ML_ECONFIG : ML_EPROTO;
         }
         goto out;
     }

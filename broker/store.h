@@ -216,8 +216,10 @@ int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void 
 int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_row_t *row),
                           void *arg);
 /* Reads the serialised envelope of seq into a malloc'd buffer (the
- * caller's). Synchronous, loop thread; O(log n). Returns 0, ML_ENOTFOUND or
- * ML_ESTORE. */
+ * caller's), opening it when it is sealed. Synchronous, loop thread;
+ * O(log n). Returns 0, ML_ENOTFOUND (no such row), ML_EPROTO (a sealed
+ * envelope that does not authenticate: damaged on disk), ML_ECONFIG (sealed
+ * under a key neither store_key nor store_old_keys names) or ML_ESTORE. */
 int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len);
 
 typedef struct {

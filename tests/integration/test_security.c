@@ -354,3 +354,50 @@ Test(security, no_patient_name_in_clear_in_any_store_and_key_rotation)
     h_broker_stop(&W);
     cr_assert_geq(h_log_contains(&W, "broker.log", "sealed with AES-256-GCM under key"), 2);
 }
+
+/* A sealed envelope damaged on the broker's disk does not authenticate:
+ * it becomes a dead letter with that reason (the queue behind it goes
+ * on), never a delivery of damaged bytes. */
+Test(security, envelope_damaged_at_rest_becomes_a_dead_letter)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_XINZHAN);
+    char *ref = h_referral_json(H_COUNTY, "Damaged On Disk", NULL);
+    h_drop(&W, H_XINZHAN, "a-damaged.json", ref); /* outbox files go in name order */
+    free(ref);
+    ref = h_referral_json(H_COUNTY, "Behind The Damaged One", NULL);
+    h_drop(&W, H_XINZHAN, "b-behind.json", ref);
+    free(ref);
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", 2, 20000), 2);
+    h_broker_stop(&W);
+    char db[800];
+    snprintf(db, sizeof db, "%s/data/broker/broker.db", W.dir);
+    int st = -1;
+    /* Flip one byte in the middle of the first referral's sealed body. */
+    char *out = h_run(&st,
+                      "sqlite3 '%s' \"UPDATE bodies SET envelope = substr(envelope, 1, 100) || "
+                      "x'00' || substr(envelope, 102) WHERE seq = (SELECT min(seq) FROM "
+                      "messages WHERE kind = 20)\" 2>&1",
+                      db);
+    cr_assert_eq(st, 0, "sqlite3: %s", out);
+    free(out);
+    h_broker_start(&W);
+    h_agent_start(&W, H_COUNTY);
+    char *p = h_wait_json(&W, H_COUNTY, "inbox", "Behind The Damaged One", 20000);
+    cr_assert(p, "the message behind the damaged one was not delivered");
+    free(p);
+    cr_assert_null(h_find_json(&W, H_COUNTY, "inbox", "Damaged On Disk"));
+    cli_t ops;
+    cli_open(&ops, &W, H_OPS, 0);
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
+    const Medlink__V1__AdminReply *rep = cli_admin(&ops, &rq);
+    cr_assert_eq(rep->n_dead_letter, 1);
+    cr_assert(strstr(rep->dead_letter[0]->reason, "does not authenticate"), "%s",
+              rep->dead_letter[0]->reason);
+    cli_close(&ops);
+    h_agent_stop(&W, H_COUNTY);
+    h_agent_stop(&W, H_XINZHAN);
+    h_broker_stop(&W);
+}
