@@ -27,19 +27,30 @@ static void s_on_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
         if (c->n_got < CLI_MAX)
             s_keep(&c->got[c->n_got++], env);
         Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
+        Medlink__V1__Nack nack = MEDLINK__V1__NACK__INIT;
         char *ids[1] = {env->id};
-        ack.n_message_ids = 1;
-        ack.message_ids = ids;
         char id[ML_ULID_LEN + 1];
         ml_ulid_new(id);
         ml_envelope_t a = MEDLINK__V1__ENVELOPE__INIT;
         a.id = id;
-        a.kind = MEDLINK__V1__KIND__KIND_ACK;
         a.from = c->node;
         a.to = H_BROKER;
-        a.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACK;
-        a.ack = &ack;
-        ml_channel_send(ch, &a);
+        if (c->answer == CLI_ACK) {
+            ack.n_message_ids = 1;
+            ack.message_ids = ids;
+            a.kind = MEDLINK__V1__KIND__KIND_ACK;
+            a.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACK;
+            a.ack = &ack;
+            ml_channel_send(ch, &a);
+        } else if (c->answer == CLI_REFUSE) {
+            nack.message_id = env->id;
+            nack.code = MEDLINK__V1__NACK_CODE__NACK_REFUSED;
+            nack.reason = "the local system cannot file this message";
+            a.kind = MEDLINK__V1__KIND__KIND_NACK;
+            a.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_NACK;
+            a.nack = &nack;
+            ml_channel_send(ch, &a);
+        }
     } else if (c->n < CLI_MAX) {
         s_keep(&c->replies[c->n++], env);
     }

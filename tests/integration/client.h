@@ -18,6 +18,7 @@
 #include "ml_tls.h"
 
 #define CLI_MAX 2048
+enum { CLI_ACK = 0, CLI_IGNORE = 1, CLI_REFUSE = 2 };
 
 typedef struct {
     uv_loop_t loop;
@@ -26,6 +27,7 @@ typedef struct {
     ml_channel_t *ch;
     char node[64];
     int deliveries;
+    int answer; /* deliveries: CLI_ACK (default), CLI_IGNORE or CLI_REFUSE (a Nack) */
     int up;
     int downs;
     ml_envelope_t *replies[CLI_MAX]; /* everything that is not a delivery */

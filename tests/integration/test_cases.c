@@ -663,3 +663,69 @@ Test(cases, dead_letter_listed_replayed_and_delivered)
     h_agent_stop(&W, H_XINZHAN);
     h_broker_stop(&W);
 }
+
+/* The other ways to the dead-letter queue: a recipient that never
+ * acknowledges (max_delivery_attempts), and one that refuses a delivery
+ * with a Nack. Both are escalated to the sender, and nothing is resent
+ * for ever. */
+Test(cases, unacknowledged_and_refused_deliveries_become_dead_letters)
+{
+    h_world_init(&W, "ack_timeout_ms = 300\nmax_delivery_attempts = 3\n");
+    h_broker_start(&W);
+    cli_t clinic, hosp, city, ops;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&ops, &W, H_OPS, 0);
+    cli_start(&hosp, &W, H_COUNTY, 0, H_BROKER, 1);
+    hosp.answer = CLI_IGNORE;
+    cr_assert(cli_run_until(&hosp, cli_is_up, NULL, 10000));
+    cli_start(&city, &W, H_CITY, 0, H_BROKER, 1);
+    city.answer = CLI_REFUSE;
+    cr_assert(cli_run_until(&city, cli_is_up, NULL, 10000));
+
+    cli_referral_t a, b;
+    cli_referral(&a, H_XINZHAN, H_COUNTY, "Never Acked", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &a.env), a.id);
+    cli_referral(&b, H_XINZHAN, H_CITY, "Refused By Recipient", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &b.env), b.id);
+
+    const Medlink__V1__AdminReply *rep = NULL;
+    for (int waited = 0; waited < 20000; waited += 100) {
+        Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+        rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
+        rep = cli_admin(&ops, &rq);
+        if (rep->n_dead_letter == 2)
+            break;
+        cli_run_until(&hosp, cli_got_n, (int[]){1000}, 100);
+    }
+    cr_assert_eq(rep->n_dead_letter, 2, "dead letters: %zu", rep->n_dead_letter);
+    int attempts = 0, refused = 0;
+    for (size_t i = 0; i < rep->n_dead_letter; i++) {
+        const Medlink__V1__DeadLetter *d = rep->dead_letter[i];
+        if (strcmp(d->message_id, a.id) == 0) {
+            attempts = strstr(d->reason, "3 delivery attempts") != NULL;
+            cr_assert_eq(d->attempts, 3, "attempts %u", d->attempts);
+        } else if (strcmp(d->message_id, b.id) == 0) {
+            refused = strstr(d->reason, "refused by the recipient") &&
+                      strstr(d->reason, "cannot file this message");
+        }
+    }
+    cr_assert(attempts, "no dead letter naming the 3 delivery attempts");
+    cr_assert(refused, "no dead letter naming the recipient's refusal and its reason");
+    cr_assert_eq(hosp.n_got, 3, "the silent hospital got the referral %d times, not 3", hosp.n_got);
+    /* The clinic is told about both (escalations to the sender). */
+    int esc = 0;
+    for (int waited = 0; waited < 10000 && esc < 2; waited += 100) {
+        cli_run_until(&clinic, cli_got_n, (int[]){1000}, 100);
+        esc = 0;
+        for (int i = 0; i < clinic.n_got; i++)
+            esc += clinic.got[i]->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION &&
+                   clinic.got[i]->escalation->reason ==
+                       MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEAD_LETTER;
+    }
+    cr_assert_eq(esc, 2, "escalations to the clinic: %d", esc);
+    cli_close(&clinic);
+    cli_close(&hosp);
+    cli_close(&city);
+    cli_close(&ops);
+    h_broker_stop(&W);
+}
