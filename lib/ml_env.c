@@ -35,11 +35,53 @@ int ml_env_pack(const ml_envelope_t *e, uint8_t **out, size_t *len)
     return 0;
 }
 
+/* 1 if m or a message inside it kept an unknown field numbered 0. Field 0
+ * is not a valid protobuf field, but protobuf-c 1.4 accepts one whose tag
+ * is written as an overlong varint (82 00), keeps it as an unknown field
+ * and packs it back as 02, which it then refuses: the broker would accept
+ * and store such an envelope that no recipient can unpack (found by
+ * tests/fuzz, regression envelope/crash-adb61cb7...). O(messages in the
+ * tree); depth is bounded because the .proto files have no recursion. */
+static int s_has_field0(const ProtobufCMessage *m, int depth)
+{
+    if (!m || depth > 32)
+        return 0;
+    for (unsigned i = 0; i < m->n_unknown_fields; i++)
+        if (m->unknown_fields[i].tag == 0)
+            return 1;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    const char *base = (const char *)m;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        if (f->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            size_t n = *(const size_t *)(base + f->quantifier_offset);
+            ProtobufCMessage *const *v = *(ProtobufCMessage *const *const *)(base + f->offset);
+            for (size_t k = 0; k < n; k++)
+                if (s_has_field0(v[k], depth + 1))
+                    return 1;
+            continue;
+        }
+        /* A oneof member's pointer is only valid when it is the case set. */
+        if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+            *(const uint32_t *)(base + f->quantifier_offset) != f->id)
+            continue;
+        if (s_has_field0(*(ProtobufCMessage *const *)(base + f->offset), depth + 1))
+            return 1;
+    }
+    return 0;
+}
+
 int ml_env_unpack(const uint8_t *data, size_t len, ml_envelope_t **out)
 {
     ml_envelope_t *e = medlink__v1__envelope__unpack(NULL, len, data);
     if (!e)
         return ML_EPROTO;
+    if (s_has_field0(&e->base, 0)) {
+        medlink__v1__envelope__free_unpacked(e, NULL);
+        return ML_EPROTO;
+    }
     *out = e;
     return 0;
 }

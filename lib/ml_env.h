@@ -14,7 +14,9 @@ typedef Medlink__V1__Envelope ml_envelope_t;
 /* Serialises e into a malloc'd buffer (*out, the caller's). Returns 0 or
  * ML_ENOMEM. */
 int ml_env_pack(const ml_envelope_t *e, uint8_t **out, size_t *len);
-/* Parses len bytes. Returns 0 (free *out with ml_env_free) or ML_EPROTO. */
+/* Parses len bytes. Returns 0 (free *out with ml_env_free) or ML_EPROTO:
+ * not an Envelope, or one holding a field numbered 0 anywhere, which
+ * protobuf-c accepts but could not pack again. O(len). */
 int ml_env_unpack(const uint8_t *data, size_t len, ml_envelope_t **out);
 /* Frees an envelope from ml_env_unpack or ml_json_decode; clears *e. */
 void ml_env_free(ml_envelope_t **e);

@@ -276,6 +276,28 @@ Test(env, kind_table_round_trip_for_every_payload_case)
     cr_assert_eq(routed, 10, "REFERRAL, REFERRAL_UPDATE, 5 imaging, 2 down-transfer, ESCALATION");
 }
 
+/* Field number 0 (wire type 2, empty) with its tag as an overlong varint:
+ * protobuf-c 1.4 accepts it and packs it back as bytes it refuses, so it is
+ * refused on the way in, at the top level and inside a payload (the fuzz
+ * regression tests/fuzz/regressions/envelope/crash-adb61cb7...). */
+Test(env, unpack_refuses_field_number_zero)
+{
+    const uint8_t top[] = {0x82, 0x00, 0x00};
+    /* heartbeat (field 25, length 3) holding the same field. */
+    const uint8_t inside[] = {0xca, 0x01, 0x03, 0x82, 0x00, 0x00};
+    /* The same heartbeat with a real field instead: still fine. */
+    const uint8_t fine[] = {0xca, 0x01, 0x02, 0x08, 0x07};
+    ml_envelope_t *e = NULL;
+    cr_assert_eq(ml_env_unpack(top, sizeof top, &e), ML_EPROTO);
+    cr_assert_null(e);
+    cr_assert_eq(ml_env_unpack(inside, sizeof inside, &e), ML_EPROTO);
+    cr_assert_null(e);
+    cr_assert_eq(ml_env_unpack(fine, sizeof fine, &e), 0);
+    cr_assert_not_null(e->heartbeat);
+    cr_assert_eq(e->heartbeat->sent_at, 7);
+    ml_env_free(&e);
+}
+
 Test(env, pack_unpack_round_trip)
 {
     char err[256] = "";
