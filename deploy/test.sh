@@ -89,14 +89,16 @@ CTEST=(ctest --output-on-failure --timeout 900)
 
 # --- the stages ------------------------------------------------------------
 
-# The plain build folder is configured once, fresh, by whichever of format,
-# lint or plain comes first (format-check and cppcheck are its targets).
-CONFIGURED=0
+# The plain build folder is configured once per run of this script, fresh,
+# by whichever of format, lint or plain comes first (format-check and
+# cppcheck are its targets). Stages run in subshells, so a marker file in
+# the folder, not a variable, says it is done.
+RUN_ID="$$.$(date +%s)"
 configure_plain() {
-    if [ "$CONFIGURED" -eq 0 ]; then
+    if [ "$(cat "$BUILD/.test-sh-run" 2>/dev/null)" != "$RUN_ID" ]; then
         rm -rf "$BUILD"
         cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DML_WERROR=ON >/dev/null
-        CONFIGURED=1
+        echo "$RUN_ID" >"$BUILD/.test-sh-run"
     fi
 }
 
@@ -175,12 +177,10 @@ valgrind_one() { # TEST_BINARY LOG_DIR
 }
 
 stage_valgrind() {
-    # Up to date already after the plain stage; built (or brought up to
-    # date) here when that stage was skipped.
-    if [ "$CONFIGURED" -eq 0 ] && [ -f "$BUILD/CMakeCache.txt" ]; then
-        CONFIGURED=1
-    fi
-    configure_plain
+    # Up to date already after the plain stage; when that stage was
+    # skipped, an existing build folder is brought up to date, or a fresh
+    # one is made.
+    if [ ! -f "$BUILD/CMakeCache.txt" ]; then configure_plain; fi
     cmake --build "$BUILD" -j "$NPROC"
     local logs="$BUILD/valgrind" jobs="${ML_CI_JOBS:-$NPROC}" tests=() t
     rm -rf "$logs"
