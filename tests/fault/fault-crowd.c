@@ -529,7 +529,7 @@ static struct {
     int n_wrong;
     uint8_t hello[4096];
     size_t hello_len;
-    long garbage_frames, stall_hellos, wrong_up, wrong_attempts;
+    long garbage_frames, stall_hellos, wrong_up;
     unsigned seed;
 } B;
 
@@ -613,8 +613,6 @@ static void s_wrong_state(ml_channel_t *ch, int up, const char *reason, void *ar
     if (up) {
         B.wrong_up++;
         fprintf(stderr, "fault-crowd: %s with a foreign certificate got a session!\n", c->node);
-    } else {
-        B.wrong_attempts++;
     }
 }
 
@@ -681,9 +679,8 @@ static int s_bad(const char *other, int garbage, int stall, int wrong, int addrs
     uv_signal_init(&G.loop, &G.sigterm);
     uv_signal_start(&G.sigterm, s_on_sigterm, SIGTERM);
     uv_run(&G.loop, UV_RUN_DEFAULT);
-    printf("bad garbage %d stall %d wrong %d garbage_frames %ld stall_hellos %ld "
-           "wrong_attempts %ld wrong_up %ld\n",
-           garbage, stall, wrong, B.garbage_frames, B.stall_hellos, B.wrong_attempts, B.wrong_up);
+    printf("bad garbage %d stall %d wrong %d garbage_frames %ld stall_hellos %ld wrong_up %ld\n",
+           garbage, stall, wrong, B.garbage_frames, B.stall_hellos, B.wrong_up);
     fflush(stdout);
     for (int i = 0; i < B.n_raw; i++)
         zmq_close(B.raw[i].sock);

@@ -299,25 +299,30 @@ driver_finish() {
     [ "$rc" = 0 ] || { fail "the driver did not see every case to its end (status $rc)"; sed -n '2,12p' "$D/driver.out" >&2; }
 }
 
-# settle SECONDS: waits until nothing is pending anywhere (every outbox row
-# settled, nothing queued in the broker, every inbox row spooled), seen
-# twice in a row.
+# settle SECONDS: waits until nothing is pending at the agents (every
+# outbox row settled, every inbox row spooled) and the broker's queue
+# (messages in state 0) no longer changes, seen three times in a row. The
+# queue need not be empty: a delivered mark lost to a full disk leaves a
+# message queued in broker.db that only a restart delivers again (see
+# docs/reliability.md); fault-check reports those.
 settle() {
-    local end=$((SECONDS + $1)) calm=0 a n
+    local end=$((SECONDS + $1)) calm=0 a n b last=""
     while [ "$SECONDS" -lt "$end" ]; do
-        n=$(q "$D/data/broker/broker.db" "select count(*) from messages where state = 0")
+        b=$(q "$D/data/broker/broker.db" "select count(*) from messages where state = 0")
+        n=""
         for a in "${AGENTS[@]}"; do
             n="$n$(q "$D/data/$a/agent.db" "select (select count(*) from outbox where state = 0) + (select count(*) from inbox where spooled = 0)")"
         done
-        if [ "$(echo "$n" | tr -d 0)" = "" ]; then
+        if [ "$(echo "$n" | tr -d 0)" = "" ] && [ "$b" != "?" ] && [ "$b" = "$last" ]; then
             calm=$((calm + 1))
             [ "$calm" -ge 2 ] && return 0
         else
             calm=0
         fi
+        last=$b
         sleep 1
     done
-    say "not settled after $1 s (queued/pending per db: $n)"
+    say "not settled after $1 s (broker queue $b, agents' pending/unspooled: $n)"
     return 0
 }
 
@@ -388,13 +393,20 @@ fi
 
 # ---- scenarios ---------------------------------------------------------------
 
+# Time before the next SIGKILL: mostly 1.5-6 s of steady load; one time in
+# four 0.1-1 s, while the restarted process is still recovering (start-up
+# scan, resends after reconnects, re-spooling).
+kill_gap() {
+    if [ $((RANDOM % 4)) = 0 ]; then msleep "$(rnd 100 1000)"; else msleep "$(rnd 1500 6000)"; fi
+}
+
 scenario_broker_kill() {
     world_new broker-kill
     start_all
     driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --idle "$IDLE" --big 5
     local i
     for i in $(seq "$N_KILLS"); do
-        msleep "$(rnd 1500 6000)"
+        kill_gap
         say "broker-kill: SIGKILL $i of $N_KILLS"
         broker_kill
         msleep "$(rnd 0 1500)"
@@ -412,7 +424,7 @@ scenario_agent_kill() {
     driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --idle "$IDLE" --big 5
     local i a
     for i in $(seq "$N_KILLS"); do
-        msleep "$(rnd 1500 6000)"
+        kill_gap
         a=${AGENTS[$((RANDOM % ${#AGENTS[@]}))]}
         say "agent-kill: SIGKILL $i of $N_KILLS: $a"
         agent_kill "$a"
@@ -478,28 +490,37 @@ wait_store_full() {
     done
     return 1
 }
-# wait_store_free SECONDS: until no new refusal for 5 s and new messages
-# are being accepted (broker.db grows).
-wait_store_free() {
-    local end=$((SECONDS + $1)) last n quiet=0 m0 m1
-    last=$(store_full_nacks)
-    m0=$(q "$DB" "select max(seq) from messages")
+pending_rows() {
+    local a n t=0
+    for a in "${AGENTS[@]}"; do
+        n=$(q "$D/data/$a/agent.db" "select count(*) from outbox where state = 0")
+        [ "$n" = "?" ] || t=$((t + n))
+    done
+    echo "$t"
+}
+max_seq() { q "$DB" "select coalesce(max(seq), 0) from messages"; }
+
+# wait_recovered SEQ PENDING SECONDS: until the broker stores new messages
+# again (max(seq) beyond SEQ) and the agents' backlog of refused messages
+# has gone through (their pending rows below half of PENDING).
+wait_recovered() {
+    local end=$((SECONDS + $3)) s p
     while [ "$SECONDS" -lt "$end" ]; do
         sleep 1
-        n=$(store_full_nacks)
-        if [ "$n" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; last=$n; fi
-        m1=$(q "$DB" "select max(seq) from messages")
-        [ "$quiet" -ge 5 ] && [ "${m1:-0}" != "${m0:-0}" ] && return 0
+        s=$(max_seq)
+        p=$(pending_rows)
+        [ "$s" != "?" ] && [ "$s" -gt "$1" ] && [ "$p" -le $(($2 / 2)) ] && return 0
     done
+    say "not recovered: max(seq) $s (was $1), pending rows $p (were $2)"
     return 1
 }
 
 # One episode: the hospital's agent goes offline so the broker holds a
 # backlog for it; the load fills the store until the broker refuses; while
 # it is full the hospital comes back and must get its backlog; then space
-# returns (grow) and acceptance must resume.
+# returns (grow) and the refused messages must go through.
 disk_episode() {
-    local k=$1 grow=$2 before got0 got1 nacks0 nacks1
+    local k=$1 grow=$2 before got0 got1 nacks0 nacks1 seq0 pend0 t0
     agent_stop "$HOSP"
     before=$(store_full_nacks)
     if ! wait_store_full "$before" 120; then
@@ -513,15 +534,18 @@ disk_episode() {
     sleep 8
     got1=$(inbox_rows "$HOSP")
     nacks1=$(store_full_nacks)
-    say "disk episode $k: full; the hospital received $((got1 - got0)) message(s) from the backlog in 8 s while $((nacks1 - nacks0)) more refusal(s) were logged"
+    say "disk episode $k: full; the hospital received $((got1 - got0)) message(s) of its backlog in 8 s while $((nacks1 - nacks0)) more refusal(s) were logged"
     [ "$((got1 - got0))" -gt 0 ] || fail "disk episode $k: nothing delivered while the store was full"
     [ "$((nacks1 - nacks0))" -gt 0 ] || say "disk episode $k: (no refusal during the delivery window)"
     DELIVERED_FULL=$((DELIVERED_FULL + got1 - got0))
+    seq0=$(max_seq)
+    pend0=$(pending_rows)
+    t0=$SECONDS
     $grow
-    if wait_store_free 90; then
-        say "disk episode $k: space returned; accepting again"
+    if wait_recovered "$seq0" "$pend0" 60; then
+        say "disk episode $k: space returned; accepting again, $pend0 pending row(s) went through in $((SECONDS - t0)) s"
     else
-        fail "disk episode $k: the broker did not accept again within 90 s"
+        fail "disk episode $k: the refused messages did not go through within 60 s of space returning"
     fi
 }
 
@@ -553,9 +577,11 @@ scenario_disk_full() {
         say "disk-full: cannot mount a tmpfs (not root, or no mount permission): using max_store_bytes instead"
         mode=quota
     fi
+    # The load below writes about 1 MB/s into broker.db (imaging chunks
+    # mostly); each episode's growth takes a little while to fill again.
     SIZE_MB=12
     QUOTA_MB=8
-    GROW_MB=10
+    GROW_MB=16
     DELIVERED_FULL=0
     if [ "$mode" = tmpfs ]; then
         world_new disk-full
@@ -568,14 +594,15 @@ scenario_disk_full() {
     fi
     DB="$D/data/broker/broker.db"
     start_all
-    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --idle "$IDLE" --big 25 --mix 40,45,15
+    driver_start --rate "$RATE" --duration 3600 --drain "$DRAIN" --idle "$IDLE" --big 10 --mix 40,45,15
     local k
     for k in $(seq "$n"); do
         if [ "$mode" = tmpfs ]; then disk_episode "$k" grow_tmpfs; else disk_episode "$k" grow_quota; fi
     done
-    # The last episode's growth leaves room for the drain.
-    if [ "$mode" = tmpfs ]; then SIZE_MB=$((SIZE_MB + 64)); mount -o "remount,size=${SIZE_MB}m" "$D/data/broker"; fi
-    if [ "$mode" = quota ]; then GROW_MB=64; grow_quota; fi
+    # No new cases from here on, and room for the drain.
+    kill -USR1 "$DPID" 2>/dev/null || true
+    GROW_MB=256
+    if [ "$mode" = tmpfs ]; then grow_tmpfs; else grow_quota; fi
     driver_finish $((DRAIN + 30))
     settle 120
     EXTRA_NOTE="mode $mode; store full refusals $(store_full_nacks); delivered while full $DELIVERED_FULL"
