@@ -584,8 +584,17 @@ static void s_check_cases(sqlite3 *db)
         s_n_cases++;
     }
     sqlite3_finalize(st);
-    sqlite3_stmt *ev = s_prepare(db, "SELECT node, event, from_state, to_state, message_id "
-                                     "FROM case_events WHERE case_id = ?1 ORDER BY seq");
+    /* Schema 1 numbered events with seq; schema 2 keys them (case, version,
+     * n): the order of the timeline either way. */
+    st = s_prepare(db, "SELECT count(*) FROM pragma_table_info('case_events') "
+                       "WHERE name = 'version'");
+    int keyed = sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0) > 0;
+    sqlite3_finalize(st);
+    sqlite3_stmt *ev = s_prepare(db, keyed ? "SELECT node, event, from_state, to_state, message_id "
+                                             "FROM case_events WHERE case_id = ?1 "
+                                             "ORDER BY version, n"
+                                           : "SELECT node, event, from_state, to_state, message_id "
+                                             "FROM case_events WHERE case_id = ?1 ORDER BY seq");
     for (long i = 0; i < s_n_cases; i++) {
         G.cases++;
         if (ml_case_rank(s_cases[i].kind, s_cases[i].state) == 0) {

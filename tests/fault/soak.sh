@@ -740,7 +740,9 @@ echo
 for l in "${SUMMARY[@]}"; do echo "$l"; done
 if [ -n "$RESULTS" ]; then
     {
-        echo "# tests/fault/soak.sh $([ "$QUICK" = 1 ] && echo --quick) seed $SEED, $(date -u +%FT%TZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)"
+        src="an export"
+        [ -e "$ROOT/.git" ] && src="commit $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- broker clients lib proto 2>/dev/null || echo ' with local changes')"
+        echo "# tests/fault/soak.sh $([ "$QUICK" = 1 ] && echo --quick) seed $SEED, $(date -u +%FT%TZ), source: $src"
         printf '%-12s %5s %9s %5s %10s %11s\n' scenario runs messages lost duplicated max_rss
         for l in "${SUMMARY[@]}"; do echo "$l"; done
         for l in "${DETAILS[@]}"; do echo "# $l"; done
