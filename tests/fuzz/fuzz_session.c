@@ -11,16 +11,20 @@
  * short enough to run out, escalation and a fallback hospital), a CA and
  * the broker's certificate made by deploy/pki.sh, data_dir on /dev/shm
  * when there is one. Every S_RESET_EVERY inputs the broker is destroyed
- * (which exercises its shutdown) and made again on an empty store, so the
- * state it carries from one input to the next stays bounded.
+ * (which exercises its shutdown) and made again, alternately on the store
+ * it left (start-up: the open cases and queued messages the fuzzer made are
+ * loaded back) and on an empty one, so the state it carries from one input
+ * to the next stays bounded.
  *
  * Input: segments. A segment starts with a byte whose low 3 bits pick one
  * of the seven nodes (the session is that node's, as if its certificate
  * had been verified), then a 16-bit big-endian length and that many bytes
  * of the decrypted stream (fewer at the end of the input). The value 7
  * picks an action instead: run the deadline timer now, run the loop once,
- * wait for the store, close every session, or feed a segment for a node
- * that is not registered. After each segment the loop runs once
+ * wait for the store, close every session, feed a segment for a node that
+ * is not registered, or reload the configuration (SIGHUP) with a second
+ * one that drops a node, a service and a deadline, or back (an input that
+ * leaves the second one in force is reloaded back after it). After each segment the loop runs once
  * (UV_RUN_NOWAIT) so store answers interleave with input as they would.
  *
  * After the input: the store is waited for (every put answered), then
@@ -128,19 +132,34 @@ static const char s_config[] =
     "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC COUNTY_HOSPITAL CITY_HOSPITAL\n"
     "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC COUNTY_HOSPITAL CITY_HOSPITAL\n";
 
+/* The second configuration: s_config without the village clinic, without
+ * reading.zhaozhou.imaging's service, with a longer emergency deadline. */
+static const struct {
+    const char *from, *to;
+} s_alt_edits[] = {
+    {"[node village.beiwang.clinic]\nrole = VILLAGE_CLINIC\ncommunity = zhaozhou\n", ""},
+    {"community = zhaozhou\nservices = imaging.ct\n", "community = zhaozhou\n"},
+    {"referral.emergency = ACCEPTED 1ms\n", "referral.emergency = ACCEPTED 2h\n"},
+};
+
 static char s_dir[512];
 static char s_ini[600];
+static char *s_alt;  /* the second configuration's text */
+static int s_alt_on; /* it is the one loaded */
+static unsigned long s_resets;
 static uv_loop_t s_loop;
 static ml_broker_t *s_broker;
 static unsigned long s_inputs;
 static uint8_t s_filler[ML_FRAME_HEADER + S_MAX_RECORD + ML_FRAME_HEADER];
 
-static void s_broker_start(void)
+/* Starts the broker; wipe: on an empty store (else on the one left). */
+static void s_broker_start(int wipe)
 {
     char err[1024], data[700];
     ml_broker_config_t *cfg = NULL;
     snprintf(data, sizeof data, "%s/data", s_dir);
-    ml_fuzz_rmtree(data);
+    if (wipe)
+        ml_fuzz_rmtree(data);
     if (ml_broker_config_load(s_ini, &cfg, err, sizeof err) != 0)
         S_FAIL("config: %s", err);
     if (ml_broker_new(&s_loop, &cfg, &s_broker, err, sizeof err) != 0)
@@ -160,8 +179,57 @@ static void s_cleanup(void)
         s_broker_stop();
         uv_loop_close(&s_loop);
     }
+    free(s_alt);
     if (s_dir[0])
         ml_fuzz_rmtree(s_dir);
+}
+
+/* Builds the second configuration from the first. */
+static char *s_make_alt(void)
+{
+    char *t = strdup(s_config);
+    for (size_t i = 0; t && i < sizeof s_alt_edits / sizeof s_alt_edits[0]; i++) {
+        char *at = strstr(t, s_alt_edits[i].from);
+        if (!at)
+            S_FAIL("the second configuration cannot be made (edit %zu)", i);
+        size_t a = strlen(s_alt_edits[i].from), b = strlen(s_alt_edits[i].to);
+        memmove(at + b, at + a, strlen(at + a) + 1);
+        memcpy(at, s_alt_edits[i].to, b);
+    }
+    return t;
+}
+
+static void s_close_session_of(const char *node);
+
+/* Reloads with the other configuration, as SIGHUP does. A reload closes
+ * the sessions of the nodes it removes, but not plaintext ones
+ * (ml_broker_reload skips them), so this closes them first: a removed
+ * node's session must not live on into a later reload that adds it back. */
+static void s_reload(void)
+{
+    if (!s_alt_on) {
+        char *ids[64];
+        size_t n = 0;
+        for (ml_session_t *x = s_broker->sessions; x && n < 64; x = x->next) {
+            char sect[300];
+            if (!x->sink || x->state == S_CLOSED || !x->peer_id)
+                continue;
+            snprintf(sect, sizeof sect, "[node %s]", x->peer_id);
+            if (!strstr(s_alt, sect) && (ids[n] = strdup(x->peer_id)))
+                n++;
+        }
+        for (size_t i = 0; i < n; i++) {
+            s_close_session_of(ids[i]);
+            free(ids[i]);
+        }
+    }
+    s_alt_on = !s_alt_on;
+    const char *text = s_alt_on ? s_alt : s_config;
+    ml_fuzz_write_file(s_ini, text, strlen(text));
+    char err[1024];
+    if (ml_broker_reload(s_broker, err, sizeof err) != 0)
+        S_FAIL("reload of a good configuration failed: %s", err);
+    uv_run(&s_loop, UV_RUN_NOWAIT);
 }
 
 static void s_init(void)
@@ -179,9 +247,11 @@ static void s_init(void)
     snprintf(s_ini, sizeof s_ini, "%s/medlinkd.ini", s_dir);
     ml_fuzz_write_file(s_ini, s_config, sizeof s_config - 1);
     memset(s_filler, 0xff, sizeof s_filler);
+    if (!(s_alt = s_make_alt()))
+        S_FAIL("out of memory");
     if (uv_loop_init(&s_loop) != 0)
         S_FAIL("uv_loop_init");
-    s_broker_start();
+    s_broker_start(1);
 }
 
 /* Runs the loop until every put queued for the store has been answered
@@ -205,9 +275,15 @@ static void s_run_timer(void)
     uv_run(&s_loop, UV_RUN_NOWAIT);
 }
 
-/* Closes every plaintext session still open: an oversize header ends a
- * stream at a record boundary; a partial record is first completed by the
- * filler (at most max_record bytes), whose next header is oversize. */
+/* Closes node's plaintext session: an oversize header ends a stream at a
+ * record boundary; a partial record is first completed by the filler (at
+ * most max_record bytes), whose next header is oversize. */
+static void s_close_session_of(const char *node)
+{
+    (void)ml_broker_feed_plaintext(s_broker, node, s_filler, sizeof s_filler);
+}
+
+/* Closes every plaintext session still open. */
 static void s_close_sessions(void)
 {
     char *ids[64];
@@ -217,7 +293,7 @@ static void s_close_sessions(void)
             if ((ids[n] = strdup(s->peer_id)))
                 n++;
     for (size_t i = 0; i < n; i++) {
-        (void)ml_broker_feed_plaintext(s_broker, ids[i], s_filler, sizeof s_filler);
+        s_close_session_of(ids[i]);
         free(ids[i]);
     }
     uv_run(&s_loop, UV_RUN_NOWAIT);
@@ -248,7 +324,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         s_init();
     if (++s_inputs % S_RESET_EVERY == 0) {
         s_broker_stop();
-        s_broker_start();
+        s_broker_start(++s_resets % 2 == 0);
     }
     ml_fuzz_in_t in = {data, size};
     for (int seg = 0; in.n > 0 && seg < S_MAX_SEGMENTS; seg++) {
@@ -258,7 +334,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uv_run(&s_loop, UV_RUN_NOWAIT);
             continue;
         }
-        switch ((sel >> 3) % 5) {
+        switch ((sel >> 3) % 6) {
         case 0:
             s_run_timer();
             break;
@@ -272,12 +348,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             s_drain();
             s_close_sessions();
             break;
-        default:
+        case 4:
             s_feed("unknown.clinic", &in);
+            break;
+        default:
+            s_drain();
+            s_reload();
             break;
         }
     }
     s_drain();
+    if (s_alt_on)
+        s_reload();
     s_close_sessions();
     s_drain();
     return 0;

@@ -55,7 +55,7 @@ static const char *const s_node[] = {
     "reading.zhaozhou.imaging",
 };
 /* fuzz_session.c's actions (node byte 7 | action << 3). */
-enum { A_TIMER = 0, A_LOOP = 1, A_DRAIN = 2, A_CLOSE = 3, A_UNKNOWN = 4 };
+enum { A_TIMER = 0, A_LOOP = 1, A_DRAIN = 2, A_CLOSE = 3, A_UNKNOWN = 4, A_RELOAD = 5 };
 
 static const char *s_out;
 static size_t s_files;
@@ -777,13 +777,14 @@ static void s_session_seeds(void)
         seg(&s, CLINIC, recs(2, m_hello(CLINIC, 1), m_ack(CLINIC, ack, 2)));
         act(&s, A_DRAIN);
         seg(&s, CLINIC,
-            recs(7, m_dupdate(d, CLINIC, s_node[COUNTY], DS_(ACCEPTED), 0),
+            recs(8, m_dupdate(d, CLINIC, s_node[COUNTY], DS_(ACCEPTED), 0),
                  m_dupdate(d, CLINIC, s_node[COUNTY], DS_(ARRIVED), 0),
                  m_dupdate(d, CLINIC, s_node[COUNTY], DS_(FOLLOW_UP), 1),
                  m_dupdate(d, CLINIC, s_node[COUNTY], DS_(FOLLOW_UP), 3),
                  m_dupdate(d, CLINIC, s_node[COUNTY], DS_(FOLLOW_UP), 2),
                  m_dupdate(d, CLINIC, s_node[COUNTY], DS_(COMPLETED), 0),
-                 m_dupdate(d2, CLINIC, s_node[COUNTY], DS_(ACCEPTED), 0)));
+                 m_dupdate(d2, CLINIC, s_node[COUNTY], DS_(ACCEPTED), 0),
+                 m_dupdate(d2, CLINIC, s_node[COUNTY], DS_(ARRIVED), 0)));
         act(&s, A_TIMER);
         seg(&s, CLINIC, recs(1, m_referral(r, CLINIC, s_node[COUNTY], PR_(URGENT), d2)));
         act(&s, A_DRAIN);
@@ -848,6 +849,9 @@ static void s_session_seeds(void)
         b_put(&bad, "\x00\x10\x00\x01", 4);
         seg(&s, CLINIC, bad);
         seg(&s, COUNTY, recs(1, m_rupdate(r, COUNTY, s_node[CLINIC], RS_(ACCEPTED), NULL)));
+        seg(&s, CLINIC,
+            recs(2, m_hello(CLINIC, 1),
+                 m_rupdate(r, CLINIC, s_node[COUNTY], RS_(SCHEDULED), NULL)));
         b_u8(&s, ACTION | A_UNKNOWN << 3);
         buf_t u = recs(1, m_hello(CLINIC, 1));
         b_u16(&s, (unsigned)u.n);
@@ -855,6 +859,34 @@ static void s_session_seeds(void)
         act(&s, A_CLOSE);
         act(&s, A_LOOP);
         s_write_buf("session", "refusals", s);
+        memset(&s, 0, sizeof s);
+    }
+    /* A reload that removes the village clinic with messages queued for it
+     * and a service with a case open on it, then one that brings them back. */
+    {
+        char *r = s_id(), *c = s_id();
+        study_t st;
+        const uint64_t sizes[] = {100};
+        s_study(&st, 4096, sizes, 1);
+        seg(&s, COUNTY, recs(2, m_hello(COUNTY, 1), m_down(r, COUNTY, s_node[VILLAGE])));
+        seg(&s, CLINIC,
+            recs(3, m_hello(CLINIC, 1), m_consult(c, CLINIC, "imaging.ct", PR_(URGENT), &st),
+                 m_chunk(c, CLINIC, "imaging.ct", PR_(URGENT), &st, 0, 0)));
+        seg(&s, VILLAGE, recs(1, m_hello(VILLAGE, 1)));
+        act(&s, A_DRAIN);
+        act(&s, A_RELOAD);
+        seg(&s, VILLAGE, recs(1, m_hello(VILLAGE, 1)));
+        seg(&s, READING2,
+            recs(2, m_hello(READING2, 1),
+                 m_iupdate(c, READING2, s_node[CLINIC], IS_(STUDY_RECEIVED), NULL)));
+        seg(&s, OPS,
+            recs(3, m_hello(OPS, 1), m_admin(OP_(STATUS), NULL, NULL, 0, NULL, NULL, 0),
+                 m_admin(OP_(DLQ_LIST), NULL, NULL, 0, NULL, NULL, 0)));
+        act(&s, A_RELOAD);
+        seg(&s, VILLAGE, recs(1, m_hello(VILLAGE, 1)));
+        act(&s, A_DRAIN);
+        s_study_free(&st);
+        s_write_buf("session", "reload", s);
         memset(&s, 0, sizeof s);
     }
 }
