@@ -28,6 +28,7 @@
  *                --out DIR [--rate CASES_PER_S] [--duration S] [--drain S]
  *                [--idle S] [--seed N] [--mix R,I,T] [--big PERCENT]
  *
+ * SIGUSR2 pauses opening new cases, and resumes it (answers go on).
  * SIGUSR1 ends the load phase early (no new cases; answers go on); the
  * driver exits once every case reached its planned end (0), or with 3 when
  * the drain time passed or nothing moved for the idle time. SIGTERM stops it at once (4). It writes
@@ -184,11 +185,16 @@ static struct {
     FILE *log;
 } G;
 
-static volatile sig_atomic_t s_stop_load, s_stop_now;
+static volatile sig_atomic_t s_stop_load, s_stop_now, s_toggle_pause;
 
 static void s_on_usr1(int sig)
 {
     s_stop_load = 1;
+}
+
+static void s_on_usr2(int sig)
+{
+    s_toggle_pause = 1;
 }
 
 static void s_on_term(int sig)
@@ -1079,6 +1085,7 @@ int main(int argc, char **argv)
     if (G.log)
         setvbuf(G.log, NULL, _IOLBF, 0);
     signal(SIGUSR1, s_on_usr1);
+    signal(SIGUSR2, s_on_usr2);
     signal(SIGTERM, s_on_term);
     signal(SIGINT, s_on_term);
     s_logf("driver starts: seed %u, %.2f cases/s for %d s, drain %d s", G.seed, G.rate,
@@ -1087,6 +1094,7 @@ int main(int argc, char **argv)
     int64_t start = ml_mono_ms(), next_case = start, last_scan = 0, drain_from = 0;
     int64_t load_end = start + (int64_t)G.duration_s * 1000;
     int64_t last_progress_at = start;
+    int paused = 0;
     long last_progress = -1;
     int rc = 0;
     for (;;) {
@@ -1095,8 +1103,14 @@ int main(int argc, char **argv)
             rc = 4;
             break;
         }
+        if (s_toggle_pause) {
+            s_toggle_pause = 0;
+            paused = !paused;
+            next_case = now; /* no burst of the cases a pause skipped */
+            s_logf(paused ? "new cases paused" : "new cases resumed");
+        }
         int loading = !s_stop_load && now < load_end;
-        if (loading) {
+        if (loading && !paused) {
             while (next_case <= now) {
                 s_open_random();
                 /* Exponential gaps: a Poisson stream of new cases. */
