@@ -41,11 +41,12 @@ static void s_stop_cb(uv_signal_t *h, int signum)
  * ml_broker_reload); a file that does not load changes nothing. */
 static void s_reload_cb(uv_signal_t *h, int signum)
 {
-    char err[512];
     (void)h;
     ml_log(ML_LOG_INFO, "broker", "received %s; reloading the configuration", strsignal(signum));
-    if (s_broker)
+    if (s_broker) {
+        char err[512];
         ml_broker_reload(s_broker, err, sizeof err);
+    }
 }
 
 static void s_usage(FILE *f)

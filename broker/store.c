@@ -450,8 +450,9 @@ static void s_release(ml_store_t *st)
                               &st->purge_body,  &st->purge_msg, &st->sp_begin,     &st->sp_rollback,
                               &st->sp_release,  &st->rd_lookup, &st->rd_case};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
-        sqlite3_finalize(*stmts[i]);
-        *stmts[i] = NULL;
+        sqlite3_stmt **slot = stmts[i];
+        sqlite3_finalize(*slot);
+        *slot = NULL;
     }
     /* The reader goes first so that the writer is the last connection: the
      * last one to close checkpoints the WAL into the database and removes
