@@ -24,41 +24,6 @@
 
 #define S_FAIL(...) ml_fuzz_fail("fuzz_envelope", __VA_ARGS__)
 
-/* 1 if m or a message inside it kept an unknown field numbered 0. Known
- * issue "pb-field0" (docs/security.md): protobuf-c 1.4 accepts field
- * number 0 when its tag is an overlong varint (82 00), keeps it as an
- * unknown field and packs it back as 02, which it then refuses, so the
- * envelope unpacks but its repacked form does not. */
-static int s_has_field0(const ProtobufCMessage *m, int depth)
-{
-    if (!m || depth > 64)
-        return 0;
-    for (unsigned i = 0; i < m->n_unknown_fields; i++)
-        if (m->unknown_fields[i].tag == 0)
-            return 1;
-    const ProtobufCMessageDescriptor *d = m->descriptor;
-    const char *base = (const char *)m;
-    for (unsigned i = 0; i < d->n_fields; i++) {
-        const ProtobufCFieldDescriptor *f = &d->fields[i];
-        if (f->type != PROTOBUF_C_TYPE_MESSAGE)
-            continue;
-        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
-            size_t n = *(const size_t *)(base + f->quantifier_offset);
-            ProtobufCMessage *const *arr = *(ProtobufCMessage *const *const *)(base + f->offset);
-            for (size_t k = 0; k < n; k++)
-                if (s_has_field0(arr[k], depth + 1))
-                    return 1;
-            continue;
-        }
-        if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
-            *(const uint32_t *)(base + f->quantifier_offset) != f->id)
-            continue;
-        if (s_has_field0(*(ProtobufCMessage *const *)(base + f->offset), depth + 1))
-            return 1;
-    }
-    return 0;
-}
-
 /* Encodes, decodes and re-encodes msg; aborts when the mapping disagrees
  * with itself. */
 static void s_json_roundtrip(const ProtobufCMessage *msg, int flags)
@@ -95,10 +60,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char err[512], err2[512];
     if (ml_env_unpack(data, size, &e) != 0)
         return 0;
-    if (ml_fuzz_known("pb-field0") && s_has_field0(&e->base, 0)) {
-        ml_env_free(&e);
-        return 0;
-    }
 
     /* Names never fail, whatever the numbers. */
     if (!ml_kind_name((int)e->kind) || !ml_priority_name((int)e->priority))

@@ -23,8 +23,9 @@
  * picks an action instead: run the deadline timer now, run the loop once,
  * wait for the store, close every session, feed a segment for a node that
  * is not registered, or reload the configuration (SIGHUP) with a second
- * one that drops a node, a service and a deadline, or back (an input that
- * leaves the second one in force is reloaded back after it). After each segment the loop runs once
+ * one that drops a node, a service and a deadline, or back (twice at most
+ * per input; an input that leaves the second one in force is reloaded
+ * back after it). After each segment the loop runs once
  * (UV_RUN_NOWAIT) so store answers interleave with input as they would.
  *
  * After the input: the store is waited for (every put answered), then
@@ -302,6 +303,25 @@ static void s_close_sessions(void)
             S_FAIL("session of %s did not close on an oversize record", s->peer_id);
 }
 
+/* What must hold between segments: no node has more deliveries in flight
+ * than its window, nor a negative count of sessions; idle (every session
+ * closed): no node is online, has a delivering session or anything in
+ * flight (closing requeues it), and no session is counted live. */
+static void s_check(int idle)
+{
+    for (size_t i = 0; i < s_broker->n_nodes; i++) {
+        const ml_nodestate_t *ns = s_broker->nodes[i];
+        if (ns->n_inflight > (size_t)s_broker->cfg->delivery_window || ns->online < 0)
+            S_FAIL("node %s: %zu in flight (window %ld), online %d", ns->node->id, ns->n_inflight,
+                   s_broker->cfg->delivery_window, ns->online);
+        if (idle && (ns->online != 0 || ns->deliver || ns->n_inflight != 0))
+            S_FAIL("node %s with every session closed: online %d, deliver %p, %zu in flight",
+                   ns->node->id, ns->online, (void *)ns->deliver, ns->n_inflight);
+    }
+    if (idle && s_broker->n_live != 0)
+        S_FAIL("%zu session(s) counted live with every session closed", s_broker->n_live);
+}
+
 static void s_feed(const char *node, ml_fuzz_in_t *in)
 {
     size_t want = ml_fuzz_u16(in), got;
@@ -327,11 +347,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         s_broker_start(++s_resets % 2 == 0);
     }
     ml_fuzz_in_t in = {data, size};
+    int reloads = 0;
     for (int seg = 0; in.n > 0 && seg < S_MAX_SEGMENTS; seg++) {
         uint8_t sel = ml_fuzz_u8(&in);
         if ((sel & 7) != 7) {
             s_feed(s_nodes[sel & 7], &in);
             uv_run(&s_loop, UV_RUN_NOWAIT);
+            s_check(0);
             continue;
         }
         switch ((sel >> 3) % 6) {
@@ -352,8 +374,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             s_feed("unknown.clinic", &in);
             break;
         default:
-            s_drain();
-            s_reload();
+            /* At most there and back in one input: a reload costs a
+             * whole configuration load, and more of them add nothing. */
+            if (reloads++ < 2) {
+                s_drain();
+                s_reload();
+            }
             break;
         }
     }
@@ -362,5 +388,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         s_reload();
     s_close_sessions();
     s_drain();
+    s_check(1);
     return 0;
 }
