@@ -565,7 +565,9 @@ static void s_open_imaging(int clinic)
     snprintf(c->study_uid, sizeof c->study_uid, "1.2.826.0.1.3680043.8.498.%d.%d", (int)getpid(),
              c->token);
     char dir[S_PATH + 64], path[S_PATH + 128];
-    snprintf(dir, sizeof dir, "%s/outbox/img-%06d.d", G.nodes[clinic].spool, c->token);
+    if (snprintf(dir, sizeof dir, "%s/outbox/img-%06d.d", G.nodes[clinic].spool, c->token) >=
+        (int)sizeof dir)
+        s_die("spool path too long: %s", G.nodes[clinic].spool);
     if (ml_mkdirs(dir) != 0)
         s_die("cannot make %s", dir);
     int objects = s_between(1, 3);
@@ -867,7 +869,7 @@ static int s_at_reader(int node, json_t *j, const char *from, const char *case_i
         }
         s_bind_case(c, case_id);
         c->to = node;
-        snprintf(c->last, sizeof c->last, "consult at %s", G.nodes[node].id);
+        snprintf(c->last, sizeof c->last, "consult at %.40s", G.nodes[node].id);
         return S_READ;
     }
     if ((p = json_object_get(j, "imagingUpdate"))) {
@@ -895,7 +897,7 @@ static int s_study(int node, const char *dir, const char *case_id)
     } else {
         G.studies_ok++;
     }
-    snprintf(c->last, sizeof c->last, "study published at %s", G.nodes[node].id);
+    snprintf(c->last, sizeof c->last, "study published at %.32s", G.nodes[node].id);
     if (c->plan == 'J') {
         s_step(ml_mono_ms(), node, c, 1,
                "\"imagingUpdate\": {\"status\": \"IMAGING_REJECTED\", \"reason\": \"motion "
@@ -948,7 +950,8 @@ static void s_scan(int node)
 {
     s_node_t *n = &G.nodes[node];
     char dir[S_PATH + 16];
-    snprintf(dir, sizeof dir, "%s/inbox", n->spool);
+    if (snprintf(dir, sizeof dir, "%s/inbox", n->spool) >= (int)sizeof dir)
+        s_die("spool path too long: %s", n->spool);
     for (int pass = 0; pass < 2; pass++) {
         DIR *d = opendir(dir);
         if (!d)
