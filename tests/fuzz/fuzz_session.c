@@ -20,20 +20,22 @@
  * of the seven nodes (the session is that node's, as if its certificate
  * had been verified), then a 16-bit big-endian length and that many bytes
  * of the decrypted stream (fewer at the end of the input). The value 7
- * picks an action instead: run the deadline timer now, run the loop once,
- * wait for the store, close every session, feed a segment for a node that
- * is not registered, or reload the configuration (SIGHUP) with a second
- * one that drops a node, a service and a deadline, or back (twice at most
- * per input; an input that leaves the second one in force is reloaded
- * back after it). After each segment the loop runs once
- * (UV_RUN_NOWAIT) so store answers interleave with input as they would.
+ * picks an action instead, by the byte's upper bits ((byte >> 3) % 6): run the deadline timer now,
+ * run the loop once, wait for the store, close every session, feed a segment for a node that is not
+ * registered, or reload the configuration (SIGHUP) with a second one that drops a node, a service
+ * and a deadline, or back (twice at most per input; an input that leaves the second one in force is
+ * reloaded back after it). After each segment the loop runs once (UV_RUN_NOWAIT) so store answers
+ * interleave with input as they would.
  *
  * After the input: the store is waited for (every put answered), then
  * every session still open is closed by feeding it an oversize record
  * header, so the next input starts each node with a fresh session that
- * must say Hello first. What the broker carries over is its store and its
- * cases; a crash that needs them may not replay from its input alone (the
- * replay test then passes while the bug stays: check the fuzzer's log). */
+ * must say Hello first. Checked, aborting when broken: every put is
+ * answered, no node has more deliveries in flight than its window, every
+ * session closes on an oversize record, and once all are closed no node is
+ * online or has anything in flight. What the broker carries over is its
+ * store and its cases; a crash that needs them may not replay from its
+ * input alone (replay the working corpus before it in the same process). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
