@@ -38,6 +38,8 @@
 # max_rss" (max_rss: the broker's largest VmHWM). Exits non-zero if any
 # invariant failed. Every process it starts is tracked by PID and ended on
 # exit; every wait is bounded; nothing leaves 127.0.0.0/8.
+# pipefail is on: a pipeline whose reader stops early (head) fails when
+# its writer gets SIGPIPE, so readers here read to the end (sed -n).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -345,7 +347,7 @@ check() {
     unset IFS
     local line
     line=$(grep '^check ' "$D/check.out" || echo "check failed to run")
-    [ "$rc" = 0 ] || { fail "$name: invariants failed"; grep -v '^check ' "$D/check.out" | head -n 40 >&2; }
+    [ "$rc" = 0 ] || { fail "$name: invariants failed"; grep -v '^check ' "$D/check.out" | sed -n '1,40p' >&2; }
     # What the logs say besides: chunks that overtook their consult (the
     # broker's order), sanitizer reports.
     local early sani dropped
@@ -710,7 +712,7 @@ scenario_crowd() {
     local refusals
     refusals=$(grep "refused session" "$D/broker-mixed.log" | sed -e 's/.*refused session [0-9a-f]*: //' \
         -e 's/TLS handshake failed: TLS handshake failed: /TLS: /' -e 's/[0-9.]\{7,\}/ADDR/g' |
-        sort | uniq -c | sort -rn | awk '{n = $1; $1 = ""; printf "%s%d x%s", sep, n, $0; sep = "; "}')
+        sort | uniq -c | sort -rn | awk '{n = $1; $1 = ""; printf "%s%d x%s", sep, n, $0; sep = "; "}' || true)
     say "crowd: sessions the broker refused in the mixed run: $refusals"
     local rate_clean ratio
     rate_clean=$(awk -v a="${rates_clean[0]:-0}" -v b="${rates_clean[1]:-0}" 'BEGIN { printf "%.0f", (a + b) / 2 }')
