@@ -130,6 +130,7 @@ static void s_session_free(ml_broker_t *b, ml_session_t *s)
     free(s->peer_id);
     free(s->out);
     free(s->acc);
+    free(s->holds);
     free(s);
 }
 
@@ -319,6 +320,35 @@ static void s_send_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id,
         s_emit_accepted(b, s);
     else
         s_mark_dirty(b, s);
+}
+
+struct ml_hold {
+    char to[256];
+    char id[ML_ULID_LEN + 1];
+};
+
+/* The held message id for `to`, or NULL. O(holds), a handful at most. */
+static struct ml_hold *s_hold_find(ml_session_t *s, const char *to)
+{
+    for (size_t i = 0; i < s->n_holds; i++)
+        if (strcmp(s->holds[i].to, to) == 0)
+            return &s->holds[i];
+    return NULL;
+}
+
+void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                          int code, const char *reason)
+{
+    if (msg_id && *msg_id && to && *to && s->state == S_READY && !s_hold_find(s, to)) {
+        struct ml_hold *h = realloc(s->holds, (s->n_holds + 1) * sizeof *h);
+        if (h) {
+            s->holds = h;
+            h = &s->holds[s->n_holds++];
+            snprintf(h->to, sizeof h->to, "%s", to);
+            snprintf(h->id, sizeof h->id, "%s", msg_id);
+        }
+    }
+    ml_bk_refuse(b, s, msg_id, code, reason);
 }
 
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code, const char *reason)
@@ -597,18 +627,19 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
         if (rc == ML_EFULL)
-            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
-                         "store full: the broker cannot accept new messages until space is freed");
+            ml_bk_refuse_for_now(
+                b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
+                "store full: the broker cannot accept new messages until space is freed");
         else if (rc == ML_EDENIED)
-            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
-                         "the case changed while this message was being stored; retry");
+            ml_bk_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
+                                 "the case changed while this message was being stored; retry");
         else if (rc == ML_EDUP)
             ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_INVALID,
                          "case_id is already in use by another case; a new case needs a new "
                          "case_id");
         else
-            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_STORE,
-                         "store error: the message was not stored, retry later");
+            ml_bk_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE,
+                                 "store error: the message was not stored, retry later");
     } else if (!s) {
         ml_log(ML_LOG_ERROR, "router", "the broker's own message %s was not stored: %s", p->id,
                ml_strerror(rc));
@@ -638,6 +669,7 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
     p->action = m->action;
     p->chunk_bytes = m->chunk_bytes;
     p->notice = m->notice;
+    snprintf(p->to, sizeof p->to, "%s", m->to ? m->to : "");
     p->has_ops = m->n_ops > 0;
     /* Keep a copy for a connected recipient while the cache has room. */
     if (rs->deliver && b->cache_bytes + m->len <= S_CACHE_BYTES) {
@@ -737,6 +769,21 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     char err[512];
     const char *id = env->id;
     int kind_was_set = env->kind != MEDLINK__V1__KIND__KIND_UNSPECIFIED;
+    struct ml_hold *h = env->to ? s_hold_find(s, env->to) : NULL;
+    if (h) {
+        if (!id || strcmp(id, h->id) != 0) {
+            /* Not logged one by one: a busy broker would log every
+             * message behind the held one. */
+            snprintf(err, sizeof err,
+                     "held: message %s to %s was refused for now and must come again first, "
+                     "so that order is kept; retry",
+                     h->id, h->to);
+            b->refused_total++;
+            s_send_nack(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+            return;
+        }
+        *h = s->holds[--s->n_holds]; /* it came again: released */
+    }
     if (strcmp(env->from, s->peer_id) != 0) {
         snprintf(err, sizeof err, "from '%s' differs from the authenticated node '%s'", env->from,
                  s->peer_id);
@@ -761,7 +808,7 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         snprintf(err, sizeof err,
                  "rate limit: node %s may send %ld messages per second; retry later", ns->node->id,
                  b->cfg->node_rate);
-        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+        ml_bk_refuse_for_now(b, s, id, env->to, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
         return;
     }
     ns->rate_tokens -= 1.0;

@@ -89,6 +89,12 @@ struct ml_session {
     ml_session_t *dirty_next;
     int dirty;
     int sink; /* a plaintext session of ml_broker_feed_plaintext: output is dropped */
+    /* Per recipient (as addressed), the first message of this session
+     * refused for now (a transient Nack): until it comes again, every later
+     * message to that recipient is refused for now too, so that the order
+     * per (sender, recipient) survives a busy or full broker. */
+    struct ml_hold *holds;
+    size_t n_holds;
     int state;
     int deliveries;
     uint64_t serial;
@@ -132,6 +138,7 @@ struct ml_put {
     int action;      /* ML_BK_AFTER_* */
     int chunk_bytes; /* an imaging chunk's data bytes (counters) */
     int notice;      /* the broker's own message (ML_QI_NOTICE) */
+    char to[256];    /* as the sender addressed it (holds, see ml_session) */
 };
 
 struct ml_broker {
@@ -197,6 +204,11 @@ int ml_bk_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
 /* Logs a refusal and answers the peer with a Nack. */
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                   const char *reason);
+/* A refusal for now (a transient code: RATE_LIMITED, STORE, STORE_FULL,
+ * CONFLICT) of a message to `to`: also holds the session's later messages
+ * to `to` until this one comes again (see ml_session.holds). */
+void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                          int code, const char *reason);
 /* The state of a registered node, or NULL (also for a removed one).
  * O(nodes). */
 ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);
@@ -219,6 +231,7 @@ typedef struct {
     int64_t deadline;
     const uint8_t *rec; /* the serialised envelope as it will be delivered */
     size_t len;
+    const char *to; /* as the sender addressed it (a node or a service) */
     const ml_store_caseop_t *ops;
     size_t n_ops;
     ml_case_t *cs;     /* the case it belongs to (the put takes a reference) */

@@ -402,12 +402,14 @@ static int s_known_id(ml_broker_t *b, ml_session_t *s, const char *id)
     return 0;
 }
 
-static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const char *id, int rc)
+static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env, int rc)
 {
     if (rc == ML_EAGAIN)
-        ml_bk_refuse(b, s, id, NACK_(RATE_LIMITED), "broker busy: store backlog full, retry later");
+        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(RATE_LIMITED),
+                             "broker busy: store backlog full, retry later");
     else
-        ml_bk_refuse(b, s, id, NACK_(STORE), "store unavailable, retry later");
+        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(STORE),
+                             "store unavailable, retry later");
 }
 
 /* Hands a resent message to the store without case changes; the store
@@ -427,10 +429,11 @@ static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *e
         .deadline = env->deadline,
         .rec = rec,
         .len = len,
+        .to = env->to,
     };
     int rc = ml_bk_submit(b, &m);
     if (rc != 0)
-        s_refuse_submit(b, s, env->id, rc);
+        s_refuse_submit(b, s, env, rc);
 }
 
 /* ------------------------------------------------------------------ */
@@ -588,7 +591,7 @@ static int s_quota_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *
     snprintf(err, sizeof err,
              "quota: %s has %llu bytes waiting, over its node_queue_bytes of %ld; retry later",
              to->node->id, (unsigned long long)to->queue.bytes, b->cfg->node_queue_bytes);
-    ml_bk_refuse(b, s, env->id, NACK_(RATE_LIMITED), err);
+    ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(RATE_LIMITED), err);
     return 1;
 }
 
@@ -714,7 +717,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     if (!c || ml_casetab_add(&b->cases, c) != 0) {
         ml_case_free(c);
         ml_bk_case_release(b, lc);
-        ml_bk_refuse(b, s, env->id, NACK_(STORE), "out of memory");
+        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(STORE), "out of memory");
         return;
     }
     c->kind = (uint8_t)ck;
@@ -808,6 +811,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
+            .to = env->to,
             .ops = ops,
             .n_ops = n_ops,
             .cs = c,
@@ -825,7 +829,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         if (lc)
             s_unsnap(b, lc, &lc_snap);
         ml_bk_case_release(b, lc);
-        s_refuse_submit(b, s, env->id, rc);
+        s_refuse_submit(b, s, env, rc);
         return;
     }
     ml_bk_case_release(b, lc);
@@ -1047,6 +1051,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
+            .to = env->to,
             .ops = &op,
             .n_ops = 1,
             .cs = c,
@@ -1058,7 +1063,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     free(owned);
     if (rc != 0) {
         s_unsnap(b, c, &snap); /* nothing reached the store */
-        s_refuse_submit(b, s, env->id, rc);
+        s_refuse_submit(b, s, env, rc);
     }
 out:
     ml_bk_case_release(b, c);

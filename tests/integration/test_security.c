@@ -199,20 +199,33 @@ Test(security, limits_give_clear_errors)
     cli_open(&clinic, &W, H_XINZHAN, 0);
 
     /* node_rate: 20 messages a second from one node; the rest are refused
-     * as transient (the agent would send them again later). */
-    int accepted = 0, limited = 0;
+     * as transient (the agent would send them again later). The first one
+     * refused holds the rest ("held"), so that the sender's order is kept:
+     * nothing behind it is taken until it comes again. */
+    int accepted = 0, limited = 0, held = 0;
+    static cli_referral_t rr[60];
+    int first_refused = -1;
     for (int i = 0; i < 60; i++) {
-        cli_referral_t r;
-        cli_referral(&r, H_XINZHAN, H_COUNTY, "Rate Patient", 0);
-        ml_envelope_t *rep = cli_send_wait(&clinic, &r.env);
+        cli_referral(&rr[i], H_XINZHAN, H_COUNTY, "Rate Patient", 0);
+        ml_envelope_t *rep = cli_send_wait(&clinic, &rr[i].env);
         if (rep->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED) {
+            cr_assert_lt(first_refused, 0, "message %d accepted behind a refused one", i);
             accepted++;
-        } else {
+        } else if (first_refused < 0) {
             cli_expect_nack(rep, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, "rate limit");
+            first_refused = i;
             limited++;
+        } else {
+            cli_expect_nack(rep, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, "held");
+            held++;
         }
     }
-    cr_assert(accepted >= 20 && limited > 0, "accepted %d, rate-limited %d", accepted, limited);
+    cr_assert(accepted >= 20 && limited == 1 && held > 0, "accepted %d, rate-limited %d, held %d",
+              accepted, limited, held);
+    /* Sent again in order, after a second, they go through. */
+    h_sleep_ms(1100);
+    for (int i = first_refused; i < first_refused + 10; i++)
+        cli_expect_accepted(cli_send_wait(&clinic, &rr[i].env), rr[i].id);
 
     /* node_queue_bytes: the county hospital is offline; once 1 MiB waits
      * for it, its senders are refused until it catches up. */
