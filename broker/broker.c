@@ -640,7 +640,18 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         else
             ml_bk_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE,
                                  "store error: the message was not stored, retry later");
-    } else if (!s) {
+    } else if (p->own && rc != ML_EDUP && !p->has_ops && p->blob) {
+        /* A forwarded referral, a notice: nothing else will make it again,
+         * so it is kept and stored again by the flow timer. (A message
+         * carrying a case change is remade from the case instead: its
+         * change is read back from the store and redone.) */
+        ml_log(ML_LOG_WARN, "router", "the broker's own message %s was not stored (%s); retrying",
+               p->id, ml_strerror(rc));
+        p->prev = NULL;
+        p->next = b->retry_own;
+        b->retry_own = p;
+        return;
+    } else if (p->own) {
         ml_log(ML_LOG_ERROR, "router", "the broker's own message %s was not stored: %s", p->id,
                ml_strerror(rc));
     }
@@ -669,10 +680,13 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
     p->action = m->action;
     p->chunk_bytes = m->chunk_bytes;
     p->notice = m->notice;
+    p->own = m->session == NULL;
     snprintf(p->to, sizeof p->to, "%s", m->to ? m->to : "");
     p->has_ops = m->n_ops > 0;
-    /* Keep a copy for a connected recipient while the cache has room. */
-    if (rs->deliver && b->cache_bytes + m->len <= S_CACHE_BYTES) {
+    /* Keep a copy for a connected recipient while the cache has room, and
+     * always of the broker's own messages (stored again if the store
+     * refuses them). */
+    if ((rs->deliver && b->cache_bytes + m->len <= S_CACHE_BYTES) || !m->session) {
         p->blob = malloc(m->len ? m->len : 1);
         if (p->blob) {
             memcpy(p->blob, m->rec, m->len);
@@ -718,6 +732,51 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
         (*head)->prev = p;
     *head = p;
     return 0;
+}
+
+void ml_bk_retry_own(ml_broker_t *b)
+{
+    ml_put_t *p = b->retry_own;
+    b->retry_own = NULL;
+    while (p) {
+        ml_put_t *next = p->next;
+        ml_envelope_t *env = NULL;
+        if (!p->recipient->removed && ml_env_unpack(p->blob, p->size, &env) == 0) {
+            ml_bk_msg_t m = {
+                .recipient = p->recipient,
+                .id = env->id,
+                .case_id = env->case_id,
+                .sender = env->from,
+                .kind = p->kind,
+                .priority = p->priority,
+                .created_at = env->created_at,
+                .deadline = p->deadline,
+                .rec = p->blob,
+                .len = p->size,
+                .to = p->to,
+                .cs = p->cs,
+                .notice = p->notice,
+                .fresh = 1,
+            };
+            if (ml_bk_submit(b, &m) != 0) {
+                /* Still no room for it: the next tick tries again. */
+                ml_env_free(&env);
+                p->next = b->retry_own;
+                b->retry_own = p;
+                p = next;
+                continue;
+            }
+        } else {
+            ml_log(ML_LOG_ERROR, "router", "the broker's own message %s is given up: %s", p->id,
+                   p->recipient->removed ? "its recipient was removed" : "it does not decode");
+        }
+        ml_env_free(&env);
+        ml_bk_case_release(b, p->cs); /* the new put holds its own reference */
+        ml_bk_case_release(b, p->linked);
+        s_cache_release(b, &p->blob, p->size);
+        free(p);
+        p = next;
+    }
 }
 
 int ml_bk_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
@@ -1618,6 +1677,12 @@ void ml_broker_destroy(ml_broker_t **self_p)
     while (b->orphans) {
         ml_put_t *p = b->orphans;
         b->orphans = p->next;
+        free(p->blob);
+        free(p);
+    }
+    while (b->retry_own) {
+        ml_put_t *p = b->retry_own;
+        b->retry_own = p->next;
         free(p->blob);
         free(p);
     }

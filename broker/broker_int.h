@@ -139,6 +139,7 @@ struct ml_put {
     int chunk_bytes; /* an imaging chunk's data bytes (counters) */
     int notice;      /* the broker's own message (ML_QI_NOTICE) */
     char to[256];    /* as the sender addressed it (holds, see ml_session) */
+    int own;         /* the broker's own message: stored again until it is */
 };
 
 struct ml_broker {
@@ -170,6 +171,7 @@ struct ml_broker {
     uint64_t puts_pending;
     uint64_t puts_pending_bytes;
     ml_put_t *orphans;    /* puts whose session closed before the commit */
+    ml_put_t *retry_own;  /* the broker's own messages a full store refused: sent again */
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
 
     ml_casetab_t cases;
@@ -245,6 +247,10 @@ typedef struct {
 /* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),
  * ML_ENOMEM / ML_ECLOSED; the caller then refuses the message. */
 int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m);
+
+/* Stores again the broker's own messages a failing store refused (a
+ * forwarded referral, a notice, an escalation copy). Timer, loop thread. */
+void ml_bk_retry_own(ml_broker_t *b);
 
 /* Sends the broker's own message env (a notification, an escalation, a
  * forwarded referral) to recipient: fills id (when empty), from (when

@@ -1400,6 +1400,8 @@ static void s_flow_timer_cb(uv_timer_t *t)
 {
     ml_broker_t *b = t->data;
     int64_t now = ml_now_ms();
+    if (b->retry_own)
+        ml_bk_retry_own(b);
     /* Messages past their own deadline leave the queues of offline nodes
      * too (a connected node's queue is also checked as it is pumped). */
     for (size_t i = 0; i < b->n_nodes; i++) {
