@@ -469,6 +469,56 @@ static void s_deadline_step(ml_broker_t *b, ml_case_t *c, int old, int64_t now)
 /* ------------------------------------------------------------------ */
 /* Escalations and notices                                             */
 
+typedef struct {
+    ml_broker_t *b;
+    ml_case_t *c;
+} s_change_t;
+
+/* The callback argument of a broker-made change: holds a reference to the
+ * case until the store has answered. NULL out of memory (the change is
+ * then stored without an answer). */
+static s_change_t *s_change_arg(ml_broker_t *b, ml_case_t *c)
+{
+    s_change_t *x = c ? malloc(sizeof *x) : NULL;
+    if (x) {
+        x->b = b;
+        x->c = c;
+        c->refs++;
+    }
+    return x;
+}
+
+static void s_resync(ml_broker_t *b, ml_case_t *c);
+static void s_change_done(void *arg, int rc, int64_t seq, int duplicate);
+
+static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n)
+{
+    s_change_t *x = s_change_arg(b, c);
+    if (ml_store_case_apply(b->store, ops, n, x ? s_change_done : NULL, x) != 0 && x) {
+        ml_bk_case_release(b, c);
+        free(x);
+    }
+}
+
+/* A change the broker made by itself was committed, or not: then the case
+ * is read back from the store (and, for a deadline, fires again). */
+static void s_change_done(void *arg, int rc, int64_t seq, int duplicate)
+{
+    s_change_t *x = arg;
+    (void)seq;
+    (void)duplicate;
+    if (!x)
+        return;
+    if (rc != 0) {
+        ml_log(ML_LOG_WARN, "cases",
+               "case %s: the broker's own change was not stored (%s); reloading", x->c->id,
+               ml_strerror(rc));
+        s_resync(x->b, x->c);
+    }
+    ml_bk_case_release(x->b, x->c);
+    free(x);
+}
+
 static int s_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
 {
     if (b->cfg->n_escalate_to == 0)
@@ -480,8 +530,11 @@ static int s_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
 }
 
 /* Sends an Escalation to the ops nodes and to also_to (when not one of
- * them), carrying ops (the case change that goes with it) on the first.
- * Without any recipient the change is stored alone. */
+ * them), after queueing ops (the case change that goes with it). The
+ * change and the messages are separate store requests: the messages carry
+ * no change, so that a store refusing them (a full disk) only delays them
+ * (ml_bk_retry_own), and a change that fails is read back from the store
+ * and made again (a deadline fires again). */
 static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *detail,
                        const char *expected, const char *message_id, const char *redirected_to,
                        ml_nodestate_t *also_to, const ml_store_caseop_t *ops, size_t n_ops)
@@ -498,6 +551,8 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
     esc.message_id = (char *)(message_id ? message_id : "");
     esc.detail = (char *)(detail ? detail : "");
     int sent = 0;
+    if (n_ops > 0)
+        s_apply(b, c, ops, n_ops);
     for (size_t i = 0; i <= b->n_nodes; i++) {
         ml_nodestate_t *ns = i < b->n_nodes ? b->nodes[i] : also_to;
         if (!ns || ns->removed || (i < b->n_nodes && !s_is_ops(b, ns)) ||
@@ -510,11 +565,9 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
         env.priority = c && c->priority == MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY
                            ? MEDLINK__V1__PRIORITY__PRIORITY_EMERGENCY
                            : MEDLINK__V1__PRIORITY__PRIORITY_URGENT;
-        if (ml_bk_emit(b, &env, ns, NULL, sent ? NULL : ops, sent ? 0 : n_ops) == 0)
+        if (ml_bk_emit(b, &env, ns, NULL, NULL, 0) == 0)
             sent++;
     }
-    if (!sent && n_ops > 0)
-        ml_store_case_apply(b->store, ops, n_ops, NULL, NULL);
     ml_log(ML_LOG_WARN, "escalation", "case %s: %s (told %d node(s))", c ? c->id : "-",
            detail ? detail : "", sent);
 }
@@ -1140,8 +1193,9 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
     ml_bk_case_release(b, lc);
 }
 
-/* Stores a change the broker makes by itself, with a notice to the opener
- * when there is one to send. */
+/* Stores a change the broker makes by itself, and sends the opener a
+ * notice when there is one (a separate message without the change, so a
+ * full store only delays it: ml_bk_retry_own). */
 static void s_broker_change(ml_broker_t *b, ml_case_t *c, const ml_store_event_t *ev,
                             ml_envelope_t *notice)
 {
@@ -1149,11 +1203,10 @@ static void s_broker_change(ml_broker_t *b, ml_case_t *c, const ml_store_event_t
     c->version++;
     c->updated_at = ev ? ev->at : ml_now_ms();
     s_row(b, c, &op.row);
+    s_apply(b, c, &op, 1);
     ml_nodestate_t *opener = s_node_at(b, c->opener);
-    if (notice && opener && b->cfg->notify_delivered &&
-        ml_bk_emit(b, notice, opener, c, &op, 1) == 0)
-        return;
-    ml_store_case_apply(b->store, &op, 1, NULL, NULL);
+    if (notice && opener && b->cfg->notify_delivered)
+        ml_bk_emit(b, notice, opener, c, NULL, 0);
 }
 
 void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it)
