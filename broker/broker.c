@@ -645,7 +645,8 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
          * so it is kept and stored again by the flow timer. (A message
          * carrying a case change is remade from the case instead: its
          * change is read back from the store and redone.) */
-        ml_log(ML_LOG_WARN, "router", "the broker's own message %s was not stored (%s); retrying",
+        ml_log(ML_LOG_WARN, "router",
+               "the broker's own message %s could not be stored yet (%s); storing it again shortly",
                p->id, ml_strerror(rc));
         p->prev = NULL;
         p->next = b->retry_own;

@@ -830,7 +830,8 @@ out:
 /* Settles one batch: fills every put's rc, seq and duplicate. Returns the
  * number of requests that failed and counts committed transactions. Store
  * thread. */
-static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *transactions)
+static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *transactions,
+                               int *marks_failed)
 {
     int has_puts = 0, has_marks = 0;
     for (ml_store_req_t *r = batch; r; r = r->next) {
@@ -860,6 +861,7 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
     uint64_t failed = 0;
     for (ml_store_req_t *r = batch; r; r = r->next)
         failed += s_has_result(r->op) ? r->rc != 0 : mark_rc != 0;
+    *marks_failed = has_marks && mark_rc != 0;
     return failed;
 }
 
@@ -912,14 +914,26 @@ static void s_thread_main(void *arg)
         uv_mutex_unlock(&st->mu);
 
         uint64_t transactions = 0;
-        uint64_t failed = s_settle_batch(st, batch, &transactions);
+        int marks_failed = 0;
+        uint64_t failed = s_settle_batch(st, batch, &transactions, &marks_failed);
 
         uv_mutex_lock(&st->mu);
         st->stats.transactions += transactions;
         st->stats.failures += failed;
         int notify = 0;
+        ml_store_req_t *again = NULL, **again_tail = &again; /* marks to retry */
         for (ml_store_req_t *r = batch, *next; r; r = next) {
             next = r->next;
+            if (marks_failed && !s_has_result(r->op)) {
+                /* A delivered, dead, replay or purge mark that did not
+                 * commit (a full disk) goes again with the next group:
+                 * dropped, a delivered message would stay queued in the
+                 * store and be delivered again after a restart. */
+                r->next = NULL;
+                *again_tail = r;
+                again_tail = &r->next;
+                continue;
+            }
             if (!s_has_result(r->op) || (r->op == S_OP_CASE && !r->cb)) {
                 s_req_free(r);
                 continue;
@@ -936,10 +950,27 @@ static void s_thread_main(void *arg)
             st->done_tail = r;
             notify = 1;
         }
+        if (again) {
+            /* Back at the head, in their order, ahead of newer requests. */
+            ml_store_req_t *end = again;
+            uint64_t n_again = 1;
+            while (end->next) {
+                end = end->next;
+                n_again++;
+            }
+            end->next = st->head;
+            if (!st->head)
+                st->tail = end;
+            st->head = again;
+            st->stats.queue_len += n_again;
+        }
         /* uv_async_send is safe from any thread; the handle outlives this
          * thread because ml_store_close joins it before uv_close. */
         if (notify)
             uv_async_send(&st->async);
+        if (again && !st->stopping)
+            /* The disk is full: give it a moment rather than spin. */
+            uv_cond_timedwait(&st->cv, &st->mu, 100u * 1000000u);
     }
     uv_mutex_unlock(&st->mu);
 }
