@@ -336,6 +336,16 @@ static struct ml_hold *s_hold_find(ml_session_t *s, const char *to)
     return NULL;
 }
 
+const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len)
+{
+    if (!env->to)
+        return "";
+    if (env->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK)
+        return env->to;
+    snprintf(buf, len, "%s (chunks)", env->to);
+    return buf;
+}
+
 void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
                           int code, const char *reason)
 {
@@ -829,7 +839,8 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     char err[512];
     const char *id = env->id;
     int kind_was_set = env->kind != MEDLINK__V1__KIND__KIND_UNSPECIFIED;
-    struct ml_hold *h = env->to ? s_hold_find(s, env->to) : NULL;
+    char hkey[300];
+    struct ml_hold *h = env->to ? s_hold_find(s, ml_bk_hold_key(env, hkey, sizeof hkey)) : NULL;
     if (h) {
         if (!id || strcmp(id, h->id) != 0) {
             /* Not logged one by one: a busy broker would log every
@@ -868,7 +879,8 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         snprintf(err, sizeof err,
                  "rate limit: node %s may send %ld messages per second; retry later", ns->node->id,
                  b->cfg->node_rate);
-        ml_bk_refuse_for_now(b, s, id, env->to, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+        ml_bk_refuse_for_now(b, s, id, ml_bk_hold_key(env, hkey, sizeof hkey),
+                             MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
         return;
     }
     ns->rate_tokens -= 1.0;

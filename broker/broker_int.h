@@ -211,6 +211,10 @@ void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
  * to `to` until this one comes again (see ml_session.holds). */
 void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
                           int code, const char *reason);
+/* What a hold is kept under for env: its `to`, with imaging chunks apart
+ * (agents send chunks as a stream of their own, behind their other
+ * messages, so a held chunk must not hold a referral, nor the reverse). */
+const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len);
 /* The state of a registered node, or NULL (also for a removed one).
  * O(nodes). */
 ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);

@@ -404,11 +404,12 @@ static int s_known_id(ml_broker_t *b, ml_session_t *s, const char *id)
 
 static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env, int rc)
 {
+    char k[300];
     if (rc == ML_EAGAIN)
-        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(RATE_LIMITED),
+        ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(RATE_LIMITED),
                              "broker busy: store backlog full, retry later");
     else
-        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(STORE),
+        ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(STORE),
                              "store unavailable, retry later");
 }
 
@@ -417,6 +418,7 @@ static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const ml_envelope_t
 static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
                                const uint8_t *rec, size_t len, ml_nodestate_t *recipient)
 {
+    char hold_key[300];
     ml_bk_msg_t m = {
         .session = s,
         .recipient = recipient ? recipient : s->ns,
@@ -429,7 +431,7 @@ static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *e
         .deadline = env->deadline,
         .rec = rec,
         .len = len,
-        .to = env->to,
+        .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
     };
     int rc = ml_bk_submit(b, &m);
     if (rc != 0)
@@ -644,7 +646,8 @@ static int s_quota_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *
     snprintf(err, sizeof err,
              "quota: %s has %llu bytes waiting, over its node_queue_bytes of %ld; retry later",
              to->node->id, (unsigned long long)to->queue.bytes, b->cfg->node_queue_bytes);
-    ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(RATE_LIMITED), err);
+    char k[300];
+    ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(RATE_LIMITED), err);
     return 1;
 }
 
@@ -677,7 +680,7 @@ static int s_repack(ml_envelope_t *env, const uint8_t **rec, size_t *len, uint8_
 static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
                          size_t len, int repack)
 {
-    char err[512];
+    char err[512], hold_key[300];
     int64_t now = ml_now_ms();
     int ck = ml_case_kind_of_message(env->kind);
     ml_nodestate_t *sender = s->ns;
@@ -770,7 +773,9 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     if (!c || ml_casetab_add(&b->cases, c) != 0) {
         ml_case_free(c);
         ml_bk_case_release(b, lc);
-        ml_bk_refuse_for_now(b, s, env->id, env->to, NACK_(STORE), "out of memory");
+        char k[300];
+        ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(STORE),
+                             "out of memory");
         return;
     }
     c->kind = (uint8_t)ck;
@@ -864,7 +869,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
-            .to = env->to,
+            .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
             .ops = ops,
             .n_ops = n_ops,
             .cs = c,
@@ -965,7 +970,7 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
 static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
                            size_t len, int repack)
 {
-    char err[512];
+    char err[512], hold_key[300];
     int64_t now = ml_now_ms();
     ml_nodestate_t *sender = s->ns;
     int ck = ml_case_kind_of_message(env->kind);
@@ -1104,7 +1109,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
-            .to = env->to,
+            .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
             .ops = &op,
             .n_ops = 1,
             .cs = c,

@@ -567,6 +567,11 @@ static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
         }
         a->backoff_ms = 0;
         a->pump_due = 1;
+        /* Progress: rows refused for now go again soon, not at the end of
+         * a long back-off. */
+        if (uv_is_active((uv_handle_t *)&a->pump_timer) &&
+            uv_timer_get_due_in(&a->pump_timer) > S_RETRY_MIN_MS)
+            uv_timer_start(&a->pump_timer, s_pump_timer_cb, S_RETRY_MIN_MS, 0);
         return;
     }
     const Medlink__V1__Nack *n = env->nack;
@@ -581,7 +586,12 @@ static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
             return;
     }
     if (s_is_transient(n->code)) {
-        a->backoff_ms = a->backoff_ms ? a->backoff_ms * 2 : S_RETRY_MIN_MS;
+        /* One doubling per round of retries: a busy broker refuses (or
+         * holds) a whole window at once, which is one refusal, not many. */
+        if (!a->backoff_ms)
+            a->backoff_ms = S_RETRY_MIN_MS;
+        else if (!uv_is_active((uv_handle_t *)&a->pump_timer))
+            a->backoff_ms *= 2;
         if (a->backoff_ms > S_RETRY_MAX_MS)
             a->backoff_ms = S_RETRY_MAX_MS;
         ml_log(ML_LOG_WARN, S_LOG, "message %s refused for now (%s: %s); retrying in %u ms", id,
