@@ -734,6 +734,10 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
         p->linked = m->linked;
         p->linked->refs++;
     }
+    if (p->has_ops) {
+        ml_bk_case_pending(p->cs);
+        ml_bk_case_pending(p->linked);
+    }
     b->puts_pending++;
     b->puts_pending_bytes += p->size;
     ml_put_t **head = m->session ? &m->session->puts : &b->orphans;

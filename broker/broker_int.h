@@ -292,6 +292,9 @@ void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *
 void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason);
 /* Drops a case reference (frees a final or gone case nobody needs). */
 void ml_bk_case_release(ml_broker_t *b, ml_case_t *c);
+/* One more change of c handed to the store (answered in
+ * ml_bk_flow_committed or by the store's callback). */
+void ml_bk_case_pending(ml_case_t *c);
 /* Starts the deadline and expiry timer. */
 void ml_bk_flow_start(ml_broker_t *b);
 /* Records an event the broker makes by itself (a replay, a delivery) in

@@ -42,11 +42,21 @@ ml_case_t *ml_case_new(const char *id)
     return c;
 }
 
+void ml_redo_free(ml_redo_t *r)
+{
+    while (r) {
+        ml_redo_t *next = r->next;
+        free(r);
+        r = next;
+    }
+}
+
 void ml_case_free(ml_case_t *c)
 {
     if (!c)
         return;
     free(c->linked);
+    ml_redo_free(c->redo);
     free(c);
 }
 

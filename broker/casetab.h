@@ -11,6 +11,20 @@
 
 #include "ml_common.h"
 
+/* A delivery acknowledged while its case could not take the change (the
+ * case was being read back, or the change was not stored): the broker
+ * records it again later (flow.c). */
+typedef struct ml_redo {
+    struct ml_redo *next;
+    uint32_t node;    /* index of the node that acknowledged */
+    uint8_t kind;     /* the message's kind */
+    uint8_t notified; /* the opener was told already */
+    char id[ML_ULID_LEN + 1];
+} ml_redo_t;
+
+/* Frees a list of ml_redo_t. */
+void ml_redo_free(ml_redo_t *r);
+
 typedef struct ml_case {
     struct ml_case *hnext;
     int64_t opened_at;
@@ -23,6 +37,8 @@ typedef struct ml_case {
     uint32_t chunks;
     uint32_t dup_chunks;
     uint32_t refs;       /* queued messages and store requests pointing here */
+    uint32_t pending;    /* changes of this case handed to the store, not answered yet */
+    struct ml_redo *redo; /* the broker's own changes to make again (flow.c) */
     uint32_t opener;     /* index into the broker's nodes */
     uint32_t target;     /* index into the broker's nodes */
     const char *service; /* borrowed from the config, or NULL */
@@ -36,6 +52,8 @@ typedef struct ml_case {
     uint8_t fired;  /* the running deadline has been escalated */
     uint8_t closed; /* in a final state */
     uint8_t gone;   /* not in the store (its opening failed): drop when unreferenced */
+    uint8_t stale;  /* a change was not stored: memory is read back from the store once
+                     * pending is 0, and no new change is taken until then */
     char opening_id[ML_ULID_LEN + 1];
     char id[]; /* NUL-terminated */
 } ml_case_t;

@@ -287,6 +287,52 @@ static void s_resync(ml_broker_t *b, ml_case_t *c)
     s_target_count(b, c, +1);
 }
 
+void ml_bk_case_pending(ml_case_t *c)
+{
+    if (c)
+        c->pending++;
+}
+
+/* The store answered one change of c (failed: it was not made as the broker
+ * made it in memory). Changes handed to the store after it were checked
+ * against it, so they fail too (their versions follow it); memory is read
+ * back only once every one of them has been answered. Reading it earlier
+ * would take in a store that is about to move (a change still queued would
+ * land on top of what was read, and memory would lag the store by it), and
+ * a message checked against that memory could then be stored on top of a
+ * change that never was. Until then the case takes no new change
+ * (s_stale_refuse). */
+static void s_settle(ml_broker_t *b, ml_case_t *c, int failed)
+{
+    if (!c)
+        return;
+    if (c->pending > 0)
+        c->pending--;
+    if (failed)
+        c->stale = 1;
+    if (c->stale && c->pending == 0) {
+        c->stale = 0;
+        s_resync(b, c);
+    }
+}
+
+/* A message for a case that is being read back is refused for now: the
+ * sender sends it again (after the rest of what it sent to that node, which
+ * the refusal holds). Returns 1 when refused. */
+static int s_stale_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env,
+                          const ml_case_t *c)
+{
+    if (!c || !c->stale)
+        return 0;
+    char k[300], err[200];
+    snprintf(err, sizeof err,
+             "case %s is being read back from the store after a change that was not stored; "
+             "retry",
+             c->id);
+    ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(CONFLICT), err);
+    return 1;
+}
+
 /* ------------------------------------------------------------------ */
 /* Reading messages                                                    */
 
@@ -474,6 +520,8 @@ static void s_deadline_step(ml_broker_t *b, ml_case_t *c, int old, int64_t now)
 typedef struct {
     ml_broker_t *b;
     ml_case_t *c;
+    ml_redo_t redo; /* a delivery to record again if the change fails */
+    int has_redo;
 } s_change_t;
 
 /* The callback argument of a broker-made change: holds a reference to the
@@ -493,13 +541,41 @@ static s_change_t *s_change_arg(ml_broker_t *b, ml_case_t *c)
 static void s_resync(ml_broker_t *b, ml_case_t *c);
 static void s_change_done(void *arg, int rc, int64_t seq, int duplicate);
 
-static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n)
+static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n,
+                    const ml_redo_t *redo)
 {
     s_change_t *x = s_change_arg(b, c);
-    if (ml_store_case_apply(b->store, ops, n, x ? s_change_done : NULL, x) != 0 && x) {
-        ml_bk_case_release(b, c);
-        free(x);
+    if (x) {
+        x->redo = redo ? *redo : (ml_redo_t){0};
+        x->has_redo = redo != NULL;
     }
+    if (ml_store_case_apply(b->store, ops, n, x ? s_change_done : NULL, x) != 0) {
+        if (x) {
+            ml_bk_case_release(b, c);
+            free(x);
+        }
+        return;
+    }
+    if (x)
+        ml_bk_case_pending(c);
+}
+
+/* Keeps an acknowledged delivery whose change could not be made, to be
+ * recorded again by the flow timer once the case is back in step. */
+static void s_redo_push(ml_case_t *c, const ml_redo_t *r)
+{
+    ml_redo_t *n = malloc(sizeof *n);
+    if (!n) {
+        ml_log(ML_LOG_ERROR, "cases", "case %s: out of memory: delivery of %s not recorded",
+               c->id, r->id);
+        return;
+    }
+    *n = *r;
+    n->next = NULL;
+    ml_redo_t **tail = &c->redo;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = n;
 }
 
 /* A change the broker made by itself was committed, or not: then the case
@@ -515,8 +591,10 @@ static void s_change_done(void *arg, int rc, int64_t seq, int duplicate)
         ml_log(ML_LOG_WARN, "cases",
                "case %s: the broker's own change was not stored (%s); reloading", x->c->id,
                ml_strerror(rc));
-        s_resync(x->b, x->c);
+        if (x->has_redo && !x->c->gone)
+            s_redo_push(x->c, &x->redo);
     }
+    s_settle(x->b, x->c, rc != 0);
     ml_bk_case_release(x->b, x->c);
     free(x);
 }
@@ -554,7 +632,7 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
     esc.detail = (char *)(detail ? detail : "");
     int sent = 0;
     if (n_ops > 0)
-        s_apply(b, c, ops, n_ops);
+        s_apply(b, c, ops, n_ops, NULL);
     for (size_t i = 0; i <= b->n_nodes; i++) {
         ml_nodestate_t *ns = i < b->n_nodes ? b->nodes[i] : also_to;
         if (!ns || ns->removed || (i < b->n_nodes && !s_is_ops(b, ns)) ||
@@ -764,6 +842,10 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             return;
         }
         lc->refs++; /* held while this function works on it */
+        if (s_stale_refuse(b, s, env, lc)) {
+            ml_bk_case_release(b, lc);
+            return;
+        }
     }
     s_snap_t lc_snap;
     if (lc)
@@ -995,6 +1077,8 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
         return;
     }
     c->refs++; /* held while this function works on it */
+    if (s_stale_refuse(b, s, env, c))
+        goto out;
     int party = s_party(b, c, sender);
     int st = s_msg_state(env);
     int code = 0;
@@ -1170,11 +1254,21 @@ static void s_notify_rereferred(ml_broker_t *b, ml_case_t *dt, ml_case_t *ref)
 void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
 {
     ml_case_t *c = p->cs, *lc = p->linked;
+    if (p->has_ops) {
+        /* A failure, or a resend whose first copy made the change already
+         * (an opening sent again after its case left memory, say): memory
+         * follows the store. (A chunk the broker had already only moved the
+         * version on, as memory did; its count is taken back below.) */
+        int failed = rc != 0 || (duplicate && p->kind != K_(IMAGING_CHUNK));
+        if (rc != 0)
+            ml_log(ML_LOG_WARN, "cases",
+                   "case %s: change with message %s not stored (%s); reloading", c ? c->id : "-",
+                   p->id, ml_strerror(rc));
+        s_settle(b, c, failed);
+        s_settle(b, lc, failed);
+    }
     if (rc != 0 && p->has_ops) {
-        ml_log(ML_LOG_WARN, "cases", "case %s: change with message %s not stored (%s); reloading",
-               c ? c->id : "-", p->id, ml_strerror(rc));
-        s_resync(b, c);
-        s_resync(b, lc);
+        /* read back above */
     } else if (rc == 0 && duplicate && c && p->kind == K_(IMAGING_CHUNK)) {
         /* A chunk the broker already had: it does not count twice. */
         if (c->chunks > 0)
@@ -1183,11 +1277,7 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
         c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
         c->dup_chunks++;
     } else if (rc == 0 && duplicate && p->has_ops) {
-        /* A resend whose first copy made the change already (an opening
-         * sent again after its case left memory, say): memory follows the
-         * store. */
-        s_resync(b, c);
-        s_resync(b, lc);
+        /* read back above */
     } else if (rc == 0 && !duplicate) {
         if (p->action == ML_BK_AFTER_FORWARD && c)
             s_forward_opening(b, c);
@@ -1202,47 +1292,54 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
  * notice when there is one (a separate message without the change, so a
  * full store only delays it: ml_bk_retry_own). */
 static void s_broker_change(ml_broker_t *b, ml_case_t *c, const ml_store_event_t *ev,
-                            ml_envelope_t *notice)
+                            ml_envelope_t *notice, ml_redo_t *redo)
 {
     ml_store_caseop_t op = {.events = ev, .n_events = ev ? 1 : 0};
     c->version++;
     c->updated_at = ev ? ev->at : ml_now_ms();
     s_row(b, c, &op.row);
-    s_apply(b, c, &op, 1);
     ml_nodestate_t *opener = s_node_at(b, c->opener);
-    if (notice && opener && b->cfg->notify_delivered)
+    int notify = notice && opener && b->cfg->notify_delivered;
+    if (redo)
+        redo->notified = redo->notified || notify;
+    s_apply(b, c, &op, 1, redo);
+    if (notify)
         ml_bk_emit(b, notice, opener, c, NULL, 0);
 }
 
-void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it)
+/* Records that ns acknowledged a message of case c (moving a referral to
+ * DELIVERED, a consult to ASSIGNED). A case being read back takes it later
+ * (the flow timer), as does one whose change is not stored. */
+static void s_delivered(ml_broker_t *b, ml_case_t *c, ml_nodestate_t *ns, ml_redo_t *r)
 {
-    ml_case_t *c = it->cs;
-    if (!c || c->gone || (it->flags & ML_QI_NOTICE) || it->kind == K_(IMAGING_CHUNK))
+    if (c->stale) {
+        s_redo_push(c, r);
         return;
+    }
     int64_t now = ml_now_ms();
-    uint32_t idx = ml_bk_node_index(b, ns);
+    uint32_t idx = r->node;
     char detail[300];
-    snprintf(detail, sizeof detail, "%s acknowledged %s %s", ns->node->id, ml_kind_name(it->kind),
-             it->id);
+    snprintf(detail, sizeof detail, "%s acknowledged %s %s", ns->node->id, ml_kind_name(r->kind),
+             r->id);
     ml_store_event_t ev = {
         .at = now,
         .node = ns->node->id,
         .event = "delivered",
         .from_state = ml_case_state_name(c->kind, c->state),
         .to_state = ml_case_state_name(c->kind, c->state),
-        .message_id = it->id,
-        .kind = ml_kind_name(it->kind),
+        .message_id = r->id,
+        .kind = ml_kind_name(r->kind),
         .detail = detail,
     };
     int next = -1;
-    if (ml_case_opens(it->kind) && idx == c->target) {
+    if (ml_case_opens(r->kind) && idx == c->target) {
         if (c->kind == ML_CASE_REFERRAL)
             next = REF_(DELIVERED);
         else if (c->kind == ML_CASE_IMAGING)
             next = IMG_(ASSIGNED);
     }
     if (next < 0 || ml_case_check(c->kind, c->state, next, ML_PARTY_BROKER, NULL, 0) != 0) {
-        s_broker_change(b, c, &ev, NULL);
+        s_broker_change(b, c, &ev, NULL, r);
         return;
     }
     int old = c->state;
@@ -1271,7 +1368,37 @@ void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *
         env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE;
         env.imaging_update = &iu;
     }
-    s_broker_change(b, c, &ev, &env);
+    s_broker_change(b, c, &ev, r->notified ? NULL : &env, r);
+}
+
+void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it)
+{
+    ml_case_t *c = it->cs;
+    if (!c || c->gone || (it->flags & ML_QI_NOTICE) || it->kind == K_(IMAGING_CHUNK))
+        return;
+    ml_redo_t r = {.node = ml_bk_node_index(b, ns), .kind = it->kind};
+    snprintf(r.id, sizeof r.id, "%s", it->id);
+    s_delivered(b, c, ns, &r);
+}
+
+/* Deliveries whose record could not be made before: made now that the
+ * case is in step with the store. */
+static void s_redo(ml_broker_t *b, ml_case_t *c)
+{
+    ml_redo_t *list = c->redo;
+    c->redo = NULL;
+    while (list) {
+        ml_redo_t *r = list;
+        list = r->next;
+        ml_nodestate_t *ns = s_node_at(b, r->node);
+        if (ns && !c->gone) {
+            if (c->stale)
+                s_redo_push(c, r);
+            else
+                s_delivered(b, c, ns, r);
+        }
+        free(r);
+    }
 }
 
 void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason)
@@ -1418,12 +1545,27 @@ typedef struct {
     ml_case_t **due;
     size_t n, cap;
     int64_t now;
+    ml_case_t **redo; /* cases with deliveries to record again */
+    size_t n_redo, cap_redo;
 } s_due_t;
 
 static void s_collect_due(ml_case_t *c, void *arg)
 {
     s_due_t *d = arg;
-    if (c->closed || c->gone || !c->deadline_at || c->fired || c->deadline_at > d->now)
+    if (c->redo && !c->stale && !c->gone) {
+        if (d->n_redo == d->cap_redo) {
+            size_t cap = d->cap_redo ? d->cap_redo * 2 : 16;
+            ml_case_t **p = realloc(d->redo, cap * sizeof *p);
+            if (!p)
+                return; /* the next tick takes it */
+            d->redo = p;
+            d->cap_redo = cap;
+        }
+        d->redo[d->n_redo++] = c;
+    }
+    /* A case being read back fires once it is in step again. */
+    if (c->closed || c->gone || c->stale || !c->deadline_at || c->fired ||
+        c->deadline_at > d->now)
         return;
     if (d->n == d->cap) {
         size_t cap = d->cap ? d->cap * 2 : 16;
@@ -1466,8 +1608,15 @@ static void s_flow_timer_cb(uv_timer_t *t)
         s_expire_t x = {b, b->nodes[i], now};
         ml_queue_filter(&b->nodes[i]->queue, s_keep_unexpired, s_expired_cb, &x);
     }
-    s_due_t d = {NULL, 0, 0, now};
+    s_due_t d = {.now = now};
     ml_casetab_each(&b->cases, s_collect_due, &d);
+    for (size_t i = 0; i < d.n_redo; i++)
+        d.redo[i]->refs++;
+    for (size_t i = 0; i < d.n_redo; i++) {
+        s_redo(b, d.redo[i]);
+        ml_bk_case_release(b, d.redo[i]);
+    }
+    free(d.redo);
     for (size_t i = 0; i < d.n; i++) {
         d.due[i]->refs++;
         s_deadline_missed(b, d.due[i], now);
@@ -1502,7 +1651,7 @@ void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char
         .kind = kind ? ml_kind_name(kind) : "",
         .detail = detail,
     };
-    s_broker_change(b, c, &ev, NULL);
+    s_broker_change(b, c, &ev, NULL, NULL);
 }
 
 typedef struct {
