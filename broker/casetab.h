@@ -36,13 +36,13 @@ typedef struct ml_case {
     uint32_t chunks_expected;
     uint32_t chunks;
     uint32_t dup_chunks;
-    uint32_t refs;       /* queued messages and store requests pointing here */
-    uint32_t pending;    /* changes of this case handed to the store, not answered yet */
+    uint32_t refs;        /* queued messages and store requests pointing here */
+    uint32_t pending;     /* changes of this case handed to the store, not answered yet */
     struct ml_redo *redo; /* the broker's own changes to make again (flow.c) */
-    uint32_t opener;     /* index into the broker's nodes */
-    uint32_t target;     /* index into the broker's nodes */
-    const char *service; /* borrowed from the config, or NULL */
-    char *linked;        /* malloc'd case id, or NULL */
+    uint32_t opener;      /* index into the broker's nodes */
+    uint32_t target;      /* index into the broker's nodes */
+    const char *service;  /* borrowed from the config, or NULL */
+    char *linked;         /* malloc'd case id, or NULL */
     uint16_t escalations;
     uint16_t follow_ups;
     uint8_t kind;

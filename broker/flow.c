@@ -566,8 +566,8 @@ static void s_redo_push(ml_case_t *c, const ml_redo_t *r)
 {
     ml_redo_t *n = malloc(sizeof *n);
     if (!n) {
-        ml_log(ML_LOG_ERROR, "cases", "case %s: out of memory: delivery of %s not recorded",
-               c->id, r->id);
+        ml_log(ML_LOG_ERROR, "cases", "case %s: out of memory: delivery of %s not recorded", c->id,
+               r->id);
         return;
     }
     *n = *r;
@@ -1564,8 +1564,7 @@ static void s_collect_due(ml_case_t *c, void *arg)
         d->redo[d->n_redo++] = c;
     }
     /* A case being read back fires once it is in step again. */
-    if (c->closed || c->gone || c->stale || !c->deadline_at || c->fired ||
-        c->deadline_at > d->now)
+    if (c->closed || c->gone || c->stale || !c->deadline_at || c->fired || c->deadline_at > d->now)
         return;
     if (d->n == d->cap) {
         size_t cap = d->cap ? d->cap * 2 : 16;
