@@ -589,9 +589,13 @@ scenario_disk_full() {
     fi
     # The load below writes about 1 MB/s into broker.db (imaging chunks
     # mostly); each episode's growth takes a little while to fill again.
+    # Each episode's growth must hold the backlog refused while the store
+    # was full (up to ~700 rows by the third episode, imaging objects of up
+    # to 1.5 MiB among them): with 16 MiB the third episode's backlog filled
+    # the store again at once and the agents waited out 60 s back-offs.
     SIZE_MB=12
     QUOTA_MB=8
-    GROW_MB=16
+    GROW_MB=32
     DELIVERED_FULL=0
     RECOVERY_S=""
     if [ "$mode" = tmpfs ]; then
