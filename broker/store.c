@@ -871,6 +871,7 @@ static void s_ckpt_main(void *arg)
 {
     pthread_setname_np(pthread_self(), "ml-ckpt");
     ml_store_t *st = arg;
+    long failing = 0;
     uv_mutex_lock(&st->mu);
     while (!st->stopping) {
         uv_cond_timedwait(&st->ckpt_cv, &st->mu, (uint64_t)S_CKPT_MS * 1000000u);
@@ -879,9 +880,17 @@ static void s_ckpt_main(void *arg)
         uv_mutex_unlock(&st->mu);
         int nlog = 0, nckpt = 0;
         int src = sqlite3_wal_checkpoint_v2(st->ck, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog, &nckpt);
-        if (src != SQLITE_OK && src != SQLITE_BUSY)
-            ml_log(ML_LOG_WARN, S_COMPONENT, "checkpoint of %s: %s", st->path,
-                   sqlite3_errmsg(st->ck));
+        /* Once per episode: a full disk fails every attempt (every
+         * S_CKPT_MS) until space returns. */
+        if (src != SQLITE_OK && src != SQLITE_BUSY) {
+            if (failing++ == 0)
+                ml_log(ML_LOG_WARN, S_COMPONENT, "checkpoint of %s: %s (retrying quietly)",
+                       st->path, sqlite3_errmsg(st->ck));
+        } else if (src == SQLITE_OK && failing) {
+            ml_log(ML_LOG_INFO, S_COMPONENT, "checkpoint of %s works again after %ld failure(s)",
+                   st->path, failing);
+            failing = 0;
+        }
         uv_mutex_lock(&st->mu);
     }
     uv_mutex_unlock(&st->mu);
