@@ -280,6 +280,14 @@ static void s_resync(ml_broker_t *b, ml_case_t *c)
     if (rc == ML_ENOTFOUND) {
         ml_casetab_remove(&b->cases, c);
         c->gone = 1;
+        /* Deliveries waiting to be recorded have no case to go to. */
+        while (c->redo) {
+            ml_redo_t *r = c->redo;
+            c->redo = r->next;
+            free(r);
+            if (c->refs > 0)
+                c->refs--; /* the caller holds one: no eviction here */
+        }
         return;
     }
     if (rc != 0)
@@ -561,7 +569,9 @@ static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, 
 }
 
 /* Keeps an acknowledged delivery whose change could not be made, to be
- * recorded again by the flow timer once the case is back in step. */
+ * recorded again by the flow timer once the case is back in step. Each
+ * entry holds a reference, so a case that closes meanwhile stays in memory
+ * until its deliveries are recorded. */
 static void s_redo_push(ml_case_t *c, const ml_redo_t *r)
 {
     ml_redo_t *n = malloc(sizeof *n);
@@ -576,6 +586,7 @@ static void s_redo_push(ml_case_t *c, const ml_redo_t *r)
     while (*tail)
         tail = &(*tail)->next;
     *tail = n;
+    c->refs++;
 }
 
 /* A change the broker made by itself was committed, or not: then the case
@@ -1382,7 +1393,7 @@ void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *
 }
 
 /* Deliveries whose record could not be made before: made now that the
- * case is in step with the store. */
+ * case is in step with the store. The caller holds a reference to c. */
 static void s_redo(ml_broker_t *b, ml_case_t *c)
 {
     ml_redo_t *list = c->redo;
@@ -1398,6 +1409,8 @@ static void s_redo(ml_broker_t *b, ml_case_t *c)
                 s_delivered(b, c, ns, r);
         }
         free(r);
+        if (c->refs > 0)
+            c->refs--; /* the entry's; the caller's keeps c alive */
     }
 }
 
