@@ -1691,6 +1691,7 @@ void ml_broker_destroy(ml_broker_t **self_p)
      * not called: the senders get no Accepted and will resend, which the
      * unique id turns into a duplicate). */
     ml_store_close(&b->store);
+    ml_bk_flow_free_changes(b);
     while (b->orphans) {
         ml_put_t *p = b->orphans;
         b->orphans = p->next;

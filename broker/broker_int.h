@@ -170,8 +170,10 @@ struct ml_broker {
     int open_handles;
     uint64_t puts_pending;
     uint64_t puts_pending_bytes;
-    ml_put_t *orphans;    /* puts whose session closed before the commit */
-    ml_put_t *retry_own;  /* the broker's own messages a full store refused: sent again */
+    ml_put_t *orphans;   /* puts whose session closed before the commit */
+    ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */
+    struct s_change
+        *changes;         /* the broker's own case changes the store has not answered (flow.c) */
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
 
     ml_casetab_t cases;
@@ -295,6 +297,9 @@ void ml_bk_case_release(ml_broker_t *b, ml_case_t *c);
 /* One more change of c handed to the store (answered in
  * ml_bk_flow_committed or by the store's callback). */
 void ml_bk_case_pending(ml_case_t *c);
+/* Frees what the broker's own unanswered case changes hold (after the
+ * store is closed: their callbacks never come). */
+void ml_bk_flow_free_changes(ml_broker_t *b);
 /* Starts the deadline and expiry timer. */
 void ml_bk_flow_start(ml_broker_t *b);
 /* Records an event the broker makes by itself (a replay, a delivery) in

@@ -525,19 +525,40 @@ static void s_deadline_step(ml_broker_t *b, ml_case_t *c, int old, int64_t now)
 /* ------------------------------------------------------------------ */
 /* Escalations and notices                                             */
 
-typedef struct {
+typedef struct s_change {
+    struct s_change *prev, *next; /* in b->changes until the store answers */
     ml_broker_t *b;
     ml_case_t *c;
     ml_redo_t redo; /* a delivery to record again if the change fails */
     int has_redo;
 } s_change_t;
 
+static void s_change_unlink(s_change_t *x)
+{
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        x->b->changes = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    x->prev = x->next = NULL;
+}
+
+void ml_bk_flow_free_changes(ml_broker_t *b)
+{
+    while (b->changes) {
+        s_change_t *x = b->changes;
+        s_change_unlink(x);
+        free(x); /* its case goes with the case table */
+    }
+}
+
 /* The callback argument of a broker-made change: holds a reference to the
  * case until the store has answered. NULL out of memory (the change is
  * then stored without an answer). */
 static s_change_t *s_change_arg(ml_broker_t *b, ml_case_t *c)
 {
-    s_change_t *x = c ? malloc(sizeof *x) : NULL;
+    s_change_t *x = c ? calloc(1, sizeof *x) : NULL;
     if (x) {
         x->b = b;
         x->c = c;
@@ -564,8 +585,14 @@ static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, 
         }
         return;
     }
-    if (x)
+    if (x) {
+        x->prev = NULL;
+        x->next = b->changes;
+        if (b->changes)
+            b->changes->prev = x;
+        b->changes = x;
         ml_bk_case_pending(c);
+    }
 }
 
 /* Keeps an acknowledged delivery whose change could not be made, to be
@@ -598,6 +625,7 @@ static void s_change_done(void *arg, int rc, int64_t seq, int duplicate)
     (void)duplicate;
     if (!x)
         return;
+    s_change_unlink(x);
     if (rc != 0) {
         ml_log(ML_LOG_WARN, "cases",
                "case %s: the broker's own change was not stored (%s); reloading", x->c->id,
