@@ -346,8 +346,7 @@ const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len)
     return buf;
 }
 
-void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
-                          int code, const char *reason)
+void ml_bk_hold_also(ml_session_t *s, const char *to, const char *msg_id)
 {
     if (msg_id && *msg_id && to && *to && s->state == S_READY && !s_hold_find(s, to)) {
         struct ml_hold *h = realloc(s->holds, (s->n_holds + 1) * sizeof *h);
@@ -358,7 +357,30 @@ void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, c
             snprintf(h->id, sizeof h->id, "%s", msg_id);
         }
     }
+}
+
+void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                          int code, const char *reason)
+{
+    ml_bk_hold_also(s, to, msg_id);
     ml_bk_refuse(b, s, msg_id, code, reason);
+}
+
+int ml_bk_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id)
+{
+    struct ml_hold *h = to && *to ? s_hold_find(s, to) : NULL;
+    if (!h || (msg_id && strcmp(msg_id, h->id) == 0))
+        return 0;
+    /* Not logged one by one: a busy broker would log every message behind
+     * the held one. */
+    char err[512];
+    snprintf(err, sizeof err,
+             "held: message %s to %s was refused for now and must come again first, so that "
+             "order is kept; retry",
+             h->id, h->to);
+    b->refused_total++;
+    s_send_nack(b, s, msg_id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+    return 1;
 }
 
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code, const char *reason)
@@ -636,6 +658,10 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         if (s && s->state == S_READY)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
+        /* A message to a service is held under the node it went to too. */
+        if (rc != ML_EDUP && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
+            strcmp(p->to, p->recipient->node->id) != 0)
+            ml_bk_hold_also(s, p->recipient->node->id, p->id);
         if (rc == ML_EFULL)
             ml_bk_refuse_for_now(
                 b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
@@ -844,20 +870,14 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
     const char *id = env->id;
     int kind_was_set = env->kind != MEDLINK__V1__KIND__KIND_UNSPECIFIED;
     char hkey[300];
-    struct ml_hold *h = env->to ? s_hold_find(s, ml_bk_hold_key(env, hkey, sizeof hkey)) : NULL;
-    if (h) {
-        if (!id || strcmp(id, h->id) != 0) {
-            /* Not logged one by one: a busy broker would log every
-             * message behind the held one. */
-            snprintf(err, sizeof err,
-                     "held: message %s to %s was refused for now and must come again first, "
-                     "so that order is kept; retry",
-                     h->id, h->to);
-            b->refused_total++;
-            s_send_nack(b, s, id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
-            return;
-        }
-        *h = s->holds[--s->n_holds]; /* it came again: released */
+    if (env->to && ml_bk_held(b, s, ml_bk_hold_key(env, hkey, sizeof hkey), id))
+        return;
+    /* It came again: every hold it made is released. */
+    for (size_t i = 0; id && *id && i < s->n_holds;) {
+        if (strcmp(s->holds[i].id, id) == 0)
+            s->holds[i] = s->holds[--s->n_holds];
+        else
+            i++;
     }
     if (strcmp(env->from, s->peer_id) != 0) {
         snprintf(err, sizeof err, "from '%s' differs from the authenticated node '%s'", env->from,

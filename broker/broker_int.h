@@ -217,6 +217,13 @@ void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, c
  * (agents send chunks as a stream of their own, behind their other
  * messages, so a held chunk must not hold a referral, nor the reverse). */
 const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len);
+/* Holds the session's later messages to `to` too until msg_id comes again
+ * (a message addressed to a service is held under the node it went to as
+ * well: the session's messages to that node keep their order). */
+void ml_bk_hold_also(ml_session_t *s, const char *to, const char *msg_id);
+/* 1 when the session's messages to `to` are held for another message than
+ * msg_id: the peer has been told (a transient Nack). 0 otherwise. */
+int ml_bk_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id);
 /* The state of a registered node, or NULL (also for a removed one).
  * O(nodes). */
 ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);

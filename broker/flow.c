@@ -848,8 +848,15 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         ml_bk_refuse(b, s, env->id, NACK_(INVALID), "a node cannot open a case with itself");
         return;
     }
-    if (s_quota_refuse(b, s, env, rs))
+    /* Addressed to a service, it joins the sender's stream to the node it
+     * goes to: a message to that node refused for now holds it too. */
+    if (service && ml_bk_held(b, s, rs->node->id, env->id))
         return;
+    if (s_quota_refuse(b, s, env, rs)) {
+        if (service)
+            ml_bk_hold_also(s, rs->node->id, env->id);
+        return;
+    }
 
     /* A referral back up from a rehab down-transfer closes that case. */
     ml_case_t *lc = NULL;
@@ -1008,6 +1015,8 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         if (lc)
             s_unsnap(b, lc, &lc_snap);
         ml_bk_case_release(b, lc);
+        if (service)
+            ml_bk_hold_also(s, rs->node->id, env->id);
         s_refuse_submit(b, s, env, rc);
         return;
     }
