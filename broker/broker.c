@@ -745,6 +745,7 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
         .ops = m->ops,
         .n_ops = m->n_ops,
         .fresh = m->fresh,
+        .stream = m->session ? m->session->serial : 0,
     };
     int rc = ml_store_put(b->store, &sm, s_put_done, p);
     if (rc != 0) {

@@ -53,7 +53,7 @@
  * statement fails with SQLITE_BUSY and is reported as ML_ESTORE. */
 #define S_BUSY_MS 5000
 
-enum { S_OP_PUT, S_OP_DELIVERED, S_OP_DEAD, S_OP_CASE, S_OP_REPLAY, S_OP_PURGE };
+enum { S_OP_PUT, S_OP_DELIVERED, S_OP_DEAD, S_OP_CASE, S_OP_REPLAY, S_OP_PURGE, S_OP_REOPEN };
 
 /* Puts and case changes have results and callbacks; marks do not. */
 static int s_has_result(int op)
@@ -85,7 +85,9 @@ typedef struct ml_store_req {
     size_t plain_len; /* the envelope's own length (the size column) */
     const char *reason;
     int attempts;
-    int fresh; /* a put whose id cannot be a duplicate */
+    int fresh;       /* a put whose id cannot be a duplicate */
+    uint64_t stream; /* see ml_store_msg_t.stream; for S_OP_REOPEN, the stream */
+    uint64_t gen;    /* the closing of its stream a failed put belongs to */
     /* Case changes (one allocation of their own, see s_ops_dup). */
     ml_store_caseop_t *ops;
     size_t n_ops;
@@ -154,6 +156,15 @@ struct ml_store {
     sqlite3_stmt *sp_release;
     int disk_full;  /* the last batch failed with SQLITE_FULL */
     int quota_full; /* the last put was refused for max_bytes */
+    /* Closed streams (store thread; see ml_store_msg_t.stream): a handful
+     * at most, one per sender whose put failed and whose failure the loop
+     * has not seen yet. Reopened by S_OP_REOPEN for the same closing. */
+    struct s_closed {
+        uint64_t stream, gen;
+        int rc;
+    } * closed_streams;
+    size_t n_closed, cap_closed;
+    uint64_t close_gen;
 };
 
 static const char s_schema[] =
@@ -477,6 +488,7 @@ static void s_release(ml_store_t *st)
 
 static void s_free(ml_store_t *st)
 {
+    free(st->closed_streams);
     free(st->path);
     free(st);
 }
@@ -789,6 +801,48 @@ static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
     }
 }
 
+static struct s_closed *s_closed_find(ml_store_t *st, uint64_t stream)
+{
+    for (size_t i = 0; stream && i < st->n_closed; i++)
+        if (st->closed_streams[i].stream == stream)
+            return &st->closed_streams[i];
+    return NULL;
+}
+
+/* A put failed for now: its stream closes (if it is not closed already),
+ * and the put records which closing it belongs to. Store thread. */
+static void s_stream_close(ml_store_t *st, ml_store_req_t *r)
+{
+    if (!r->stream || r->op != S_OP_PUT)
+        return;
+    struct s_closed *c = s_closed_find(st, r->stream);
+    if (!c) {
+        if (st->n_closed == st->cap_closed) {
+            size_t cap = st->cap_closed ? st->cap_closed * 2 : 8;
+            struct s_closed *n = realloc(st->closed_streams, cap * sizeof *n);
+            if (!n)
+                return; /* out of memory: order is then only kept by the loop's holds */
+            st->closed_streams = n;
+            st->cap_closed = cap;
+        }
+        c = &st->closed_streams[st->n_closed++];
+        *c = (struct s_closed){r->stream, ++st->close_gen, r->rc};
+    }
+    r->gen = c->gen;
+}
+
+static void s_stream_reopen(ml_store_t *st, uint64_t stream, uint64_t gen)
+{
+    struct s_closed *c = s_closed_find(st, stream);
+    if (c && c->gen == gen)
+        *c = st->closed_streams[--st->n_closed];
+}
+
+static int s_transient(int rc)
+{
+    return rc == ML_EFULL || rc == ML_ESTORE || rc == ML_EDENIED;
+}
+
 /* Runs the batch as one write transaction. With with_puts = 0 the puts are
  * skipped (a retry of the marks alone after the puts broke the first try).
  * Returns 0 once committed, or ML_EFULL / ML_ESTORE after rolling back, in
@@ -801,8 +855,16 @@ static int s_exec_batch(ml_store_t *st, ml_store_req_t *batch, int with_puts)
     if (src != SQLITE_DONE)
         goto out;
     for (ml_store_req_t *r = batch; r; r = r->next) {
-        if (r->op == S_OP_PUT) {
+        struct s_closed *cl = r->op == S_OP_PUT && with_puts ? s_closed_find(st, r->stream) : NULL;
+        if (cl) {
+            r->rc = cl->rc; /* not tried: its stream is closed */
+            src = SQLITE_DONE;
+        } else if (r->op == S_OP_PUT) {
             src = with_puts ? s_insert(st, r, now) : SQLITE_DONE;
+            /* Refused on its own (quota, case version): the stream's next
+             * puts, in this group too, are not tried. */
+            if (with_puts && src == SQLITE_DONE && s_transient(r->rc))
+                s_stream_close(st, r);
         } else if (r->op == S_OP_CASE) {
             int applied;
             src = with_puts ? s_cases_apply(st, r, &applied) : SQLITE_DONE;
@@ -859,8 +921,11 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
             (*transactions)++;
     }
     uint64_t failed = 0;
-    for (ml_store_req_t *r = batch; r; r = r->next)
+    for (ml_store_req_t *r = batch; r; r = r->next) {
         failed += s_has_result(r->op) ? r->rc != 0 : mark_rc != 0;
+        if (s_has_result(r->op) && s_transient(r->rc))
+            s_stream_close(st, r);
+    }
     *marks_failed = has_marks && mark_rc != 0;
     return failed;
 }
@@ -908,10 +973,26 @@ static void s_thread_main(void *arg)
         if (!st->head)
             break; /* stopping, and everything queued is committed */
 
-        /* Take up to batch_max requests; the rest wait for the next group. */
+        if (st->head->op == S_OP_REOPEN) {
+            /* The loop has run the callback of the put that closed this
+             * stream (and held the sender's later messages): what comes
+             * after this is tried again. */
+            ml_store_req_t *r = st->head;
+            st->head = r->next;
+            if (!st->head)
+                st->tail = NULL;
+            st->stats.queue_len--;
+            uv_mutex_unlock(&st->mu);
+            s_stream_reopen(st, r->stream, r->gen);
+            s_req_free(r);
+            uv_mutex_lock(&st->mu);
+            continue;
+        }
+        /* Take up to batch_max requests; the rest wait for the next group.
+         * A reopening ends the group: what comes after it is tried. */
         ml_store_req_t *batch = st->head, *last = st->head;
         uint64_t n = 1;
-        while (last->next && n < (uint64_t)st->batch_max) {
+        while (last->next && last->next->op != S_OP_REOPEN && n < (uint64_t)st->batch_max) {
             last = last->next;
             n++;
         }
@@ -984,6 +1065,24 @@ static void s_thread_main(void *arg)
     uv_mutex_unlock(&st->mu);
 }
 
+static int s_enqueue(ml_store_t *st, ml_store_req_t *r);
+
+/* Loop thread: reopens a stream once the callback of the put that closed
+ * it has run, behind everything handed to the store until then. */
+static void s_queue_reopen(ml_store_t *st, uint64_t stream, uint64_t gen)
+{
+    ml_store_req_t *r = calloc(1, sizeof *r);
+    if (!r) {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: out of memory reopening a sender's stream",
+               st->path);
+        return;
+    }
+    r->op = S_OP_REOPEN;
+    r->stream = stream;
+    r->gen = gen;
+    s_enqueue(st, r); /* frees it when closing */
+}
+
 /* Loop thread: runs the callbacks of every settled put, in request order. */
 static void s_async_cb(uv_async_t *h)
 {
@@ -992,6 +1091,7 @@ static void s_async_cb(uv_async_t *h)
     ml_store_req_t *r = st->done_head;
     st->done_head = st->done_tail = NULL;
     uv_mutex_unlock(&st->mu);
+    uint64_t last_gen = 0;
 
     while (r) {
         ml_store_req_t *next = r->next;
@@ -1004,6 +1104,12 @@ static void s_async_cb(uv_async_t *h)
                 uv_unref((uv_handle_t *)&st->async);
             if (r->cb)
                 r->cb(r->arg, r->rc, r->rc == 0 ? r->seq : 0, r->duplicate);
+            /* The callback has held the sender's later messages: its
+             * stream can take puts again, behind those queued so far. A
+             * put refused by the same closing reopens nothing new. */
+            if (r->gen && !st->closed && r->gen != last_gen)
+                s_queue_reopen(st, r->stream, r->gen);
+            last_gen = r->gen ? r->gen : last_gen;
         }
         s_req_free(r);
         r = next;
@@ -1290,6 +1396,7 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
                           .created_at = m->created_at,
                           .deadline = m->deadline,
                           .fresh = m->fresh,
+                          .stream = m->stream,
                           .envelope_len = body_len,
                           .plain_len = m->envelope_len};
     char *p = (char *)(r + 1);

@@ -93,6 +93,13 @@ typedef struct {
     const ml_store_caseop_t *ops; /* case changes that commit with it (copied) */
     size_t n_ops;
     int fresh; /* 1: an id the broker just made, never a duplicate (saves a lookup) */
+    /* The sender's stream (non-zero: the broker passes its session's
+     * serial). Once a put of a stream fails for now (room, I/O, a case
+     * version), the stream's later puts fail the same way without being
+     * tried, until the loop has run that failure's callback: a put queued
+     * behind the failed one cannot commit ahead of it (a full disk frees
+     * a little room between groups), so the sender's order holds. */
+    uint64_t stream;
 } ml_store_msg_t;
 
 /* A pending (queued, undelivered) message as listed at start-up. Strings

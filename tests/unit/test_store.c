@@ -990,3 +990,68 @@ Test(store, dead_letters_listed_replayed_and_purged)
     scan_free(&sc);
     close_all(&loop, &st);
 }
+
+/* A put refused for now (here: a stale case version) closes its sender's
+ * stream: the stream's puts queued behind it are refused the same way
+ * without being tried, even those that would have been stored, until the
+ * loop has run the refused put's callback. Another stream is not held up,
+ * and the stream takes puts again afterwards. */
+Test(store, a_refused_put_closes_its_stream_until_its_callback_ran)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char path[600];
+    db_path(path, sizeof path);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    char ids[6][ML_ULID_LEN + 1];
+    for (int i = 0; i < 6; i++)
+        ml_ulid_new(ids[i]);
+    ml_store_event_t ev = {.at = 1, .node = "clinic-a", .event = "opened", .message_id = ids[0]};
+    ml_store_caseop_t op = {
+        .row = case_row("case-1", 1, 1, 0), .open = 1, .events = &ev, .n_events = 1};
+    cr_assert_eq(put_with_case(&loop, st, ids[0], &op).rc, 0);
+
+    static put_rec_t rec[5];
+    int order[8];
+    put_log_t log = {.order = order, .cap = 8};
+    uint8_t env[64];
+    make_envelope(env, sizeof env, 3);
+    /* 1: stream 7, a change expecting version 4 of a case at version 1. */
+    ml_store_event_t ev2 = {.at = 2, .node = "hospital-b", .event = "REFERRAL_ACCEPTED"};
+    ml_store_caseop_t stale = {.row = case_row("case-1", 3, 5, 0), .events = &ev2, .n_events = 1};
+    ml_store_msg_t m = make_msg(ids[1], 0, env, sizeof env);
+    m.ops = &stale;
+    m.n_ops = 1;
+    m.stream = 7;
+    rec[0] = (put_rec_t){.log = &log, .index = 0};
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &rec[0]), 0);
+    /* 2: stream 7 again, a plain message that would be stored; 3: stream
+     * 9; 4: no stream. All queued before any callback runs. */
+    const uint64_t streams[] = {7, 9, 0};
+    for (int i = 1; i <= 3; i++) {
+        m = make_msg(ids[i + 1], 0, env, sizeof env);
+        m.stream = streams[i - 1];
+        rec[i] = (put_rec_t){.log = &log, .index = i};
+        cr_assert_eq(ml_store_put(st, &m, put_cb, &rec[i]), 0);
+    }
+    while (log.ncalls < 4)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_eq(rec[0].rc, ML_EDENIED);
+    cr_assert_eq(rec[1].rc, ML_EDENIED, "a put behind a refused one of its stream was tried: %s",
+                 ml_strerror(rec[1].rc));
+    cr_assert_eq(rec[2].rc, 0, "another stream was held up: %s", ml_strerror(rec[2].rc));
+    cr_assert_eq(rec[3].rc, 0);
+    int64_t seq;
+    cr_assert_eq(ml_store_lookup(st, ids[2], &seq, NULL), ML_ENOTFOUND);
+
+    /* The callbacks ran: the stream is open again. */
+    m = make_msg(ids[5], 0, env, sizeof env);
+    m.stream = 7;
+    rec[4] = (put_rec_t){.log = &log, .index = 4};
+    cr_assert_eq(ml_store_put(st, &m, put_cb, &rec[4]), 0);
+    while (!rec[4].called)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_eq(rec[4].rc, 0, "the stream stayed closed: %s", ml_strerror(rec[4].rc));
+    cr_assert_eq(ml_store_lookup(st, ids[5], &seq, NULL), 0);
+    close_all(&loop, &st);
+}
