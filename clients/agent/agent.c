@@ -108,6 +108,11 @@ struct ml_agent {
      * (ML_OUTBOX_MESSAGES, ML_OUTBOX_CHUNKS). */
     int64_t cursor[2];
     uint32_t backoff_ms;
+    /* A row was refused for now: nothing newer is sent until the retry
+     * timer resends from the first pending row, so that the refused rows go
+     * ahead of everything queued after them (the broker holds the rest of
+     * the window it refused, but not rows sent after that hold ends). */
+    int waiting;
     s_idset_t inflight;
     /* This session's sending, for the log line when it ends. */
     uint64_t sent_msgs, sent_chunks, sent_chunk_bytes;
@@ -507,7 +512,7 @@ static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
 static void s_pump(ml_agent_t *a)
 {
     a->pump_due = 0;
-    if (!a->up || a->stopping)
+    if (!a->up || a->stopping || a->waiting)
         return;
     for (int stream = ML_OUTBOX_MESSAGES; stream <= ML_OUTBOX_CHUNKS; stream++) {
         for (;;) {
@@ -539,6 +544,7 @@ static void s_pump_timer_cb(uv_timer_t *t)
     /* Start from the first pending row again: rows refused for now
      * (transient Nack) are behind the cursor. Rows in flight are skipped. */
     a->cursor[ML_OUTBOX_MESSAGES] = a->cursor[ML_OUTBOX_CHUNKS] = 0;
+    a->waiting = 0;
     s_pump(a);
 }
 
@@ -586,6 +592,7 @@ static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
             return;
     }
     if (s_is_transient(n->code)) {
+        a->waiting = 1;
         /* One doubling per round of retries: a busy broker refuses (or
          * holds) a whole window at once, which is one refusal, not many. */
         if (!a->backoff_ms)
@@ -630,6 +637,7 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
      * drops duplicates by id and answers them again. */
     s_idset_clear(&a->inflight);
     a->cursor[ML_OUTBOX_MESSAGES] = a->cursor[ML_OUTBOX_CHUNKS] = 0;
+    a->waiting = 0; /* a new session resends every pending row, in order */
     a->up = up;
     if (up) {
         const Medlink__V1__Welcome *w = ml_channel_welcome(ch);
