@@ -1592,39 +1592,39 @@ static void s_deadline_missed(ml_broker_t *b, ml_case_t *c, int64_t now)
 }
 
 typedef struct {
-    ml_case_t **due;
+    ml_case_t **v;
     size_t n, cap;
+} s_cases_t;
+
+/* Appends c; out of memory, the next tick takes it. */
+static void s_cases_push(s_cases_t *l, ml_case_t *c)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 16;
+        ml_case_t **p = realloc(l->v, cap * sizeof *p);
+        if (!p)
+            return;
+        l->v = p;
+        l->cap = cap;
+    }
+    l->v[l->n++] = c;
+}
+
+typedef struct {
+    s_cases_t due;
+    s_cases_t redo; /* cases with deliveries to record again */
     int64_t now;
-    ml_case_t **redo; /* cases with deliveries to record again */
-    size_t n_redo, cap_redo;
 } s_due_t;
 
 static void s_collect_due(ml_case_t *c, void *arg)
 {
     s_due_t *d = arg;
-    if (c->redo && !c->stale && !c->gone) {
-        if (d->n_redo == d->cap_redo) {
-            size_t cap = d->cap_redo ? d->cap_redo * 2 : 16;
-            ml_case_t **p = realloc(d->redo, cap * sizeof *p);
-            if (!p)
-                return; /* the next tick takes it */
-            d->redo = p;
-            d->cap_redo = cap;
-        }
-        d->redo[d->n_redo++] = c;
-    }
+    if (c->redo && !c->stale && !c->gone)
+        s_cases_push(&d->redo, c);
     /* A case being read back fires once it is in step again. */
-    if (c->closed || c->gone || c->stale || !c->deadline_at || c->fired || c->deadline_at > d->now)
-        return;
-    if (d->n == d->cap) {
-        size_t cap = d->cap ? d->cap * 2 : 16;
-        ml_case_t **p = realloc(d->due, cap * sizeof *p);
-        if (!p)
-            return; /* the next tick takes it */
-        d->due = p;
-        d->cap = cap;
-    }
-    d->due[d->n++] = c;
+    if (!(c->closed || c->gone || c->stale || !c->deadline_at || c->fired ||
+          c->deadline_at > d->now))
+        s_cases_push(&d->due, c);
 }
 
 typedef struct {
@@ -1659,19 +1659,22 @@ static void s_flow_timer_cb(uv_timer_t *t)
     }
     s_due_t d = {.now = now};
     ml_casetab_each(&b->cases, s_collect_due, &d);
-    for (size_t i = 0; i < d.n_redo; i++)
-        d.redo[i]->refs++;
-    for (size_t i = 0; i < d.n_redo; i++) {
-        s_redo(b, d.redo[i]);
-        ml_bk_case_release(b, d.redo[i]);
-    }
-    free(d.redo);
-    for (size_t i = 0; i < d.n; i++) {
-        d.due[i]->refs++;
-        s_deadline_missed(b, d.due[i], now);
-        ml_bk_case_release(b, d.due[i]);
-    }
-    free(d.due);
+    /* Every case collected is held until both lists are done: one list's
+     * work must not free a case the other still names. */
+    for (size_t i = 0; i < d.redo.n; i++)
+        d.redo.v[i]->refs++;
+    for (size_t i = 0; i < d.due.n; i++)
+        d.due.v[i]->refs++;
+    for (size_t i = 0; i < d.redo.n; i++)
+        s_redo(b, d.redo.v[i]);
+    for (size_t i = 0; i < d.due.n; i++)
+        s_deadline_missed(b, d.due.v[i], now);
+    for (size_t i = 0; i < d.redo.n; i++)
+        ml_bk_case_release(b, d.redo.v[i]);
+    for (size_t i = 0; i < d.due.n; i++)
+        ml_bk_case_release(b, d.due.v[i]);
+    free(d.redo.v);
+    free(d.due.v);
 }
 
 void ml_bk_flow_start(ml_broker_t *b)
