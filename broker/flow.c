@@ -1315,17 +1315,13 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
         s_settle(b, c, failed);
         s_settle(b, lc, failed);
     }
-    if (rc != 0 && p->has_ops) {
-        /* read back above */
-    } else if (rc == 0 && duplicate && c && p->kind == K_(IMAGING_CHUNK)) {
+    if (rc == 0 && duplicate && c && p->kind == K_(IMAGING_CHUNK)) {
         /* A chunk the broker already had: it does not count twice. */
         if (c->chunks > 0)
             c->chunks--;
         uint64_t n = (uint64_t)p->chunk_bytes;
         c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
         c->dup_chunks++;
-    } else if (rc == 0 && duplicate && p->has_ops) {
-        /* read back above */
     } else if (rc == 0 && !duplicate) {
         if (p->action == ML_BK_AFTER_FORWARD && c)
             s_forward_opening(b, c);

@@ -56,22 +56,10 @@ done
 
 # --- what the build needs ---------------------------------------------------
 
-missing=()
-for p in clang libclang-rt-14-dev; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$p")
-    fi
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "fuzz.sh: installing ${missing[*]}"
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
-fi
-# The project's own dependencies (and nothing built: that happens below).
-"$ROOT/deploy/setup.sh" --no-build
+# The project's own dependencies, and clang with its fuzzer runtime (nothing
+# built: that happens below).
+ML_SETUP_EXTRA="${ML_SETUP_EXTRA:+$ML_SETUP_EXTRA }clang libclang-rt-14-dev" \
+    "$ROOT/deploy/setup.sh" --no-build
 
 # -O1 with asserts on (RelWithDebInfo would define NDEBUG): an internal
 # invariant that breaks is a finding too.

@@ -92,6 +92,17 @@ static int s_wait_log(const char *log, const char *needle, int ms)
     return 0;
 }
 
+/* The broker's dead-letter queue holds exactly one message, whose reason
+ * names `why`. */
+static void s_expect_one_dead_letter(cli_t *ops, const char *why)
+{
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
+    const Medlink__V1__AdminReply *rep = cli_admin(ops, &rq);
+    cr_assert_eq(rep->n_dead_letter, 1);
+    cr_assert(strstr(rep->dead_letter[0]->reason, why), "%s", rep->dead_letter[0]->reason);
+}
+
 Test(security, revoked_node_closed_at_reload_and_refused_after)
 {
     h_world_init(&W, "crl = pki/crl.pem\n");
@@ -168,11 +179,7 @@ Test(security, registry_and_acl_reload)
               "the message queued for the removed node did not become a dead letter");
     cli_t ops;
     cli_open(&ops, &W, H_OPS, 0);
-    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
-    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
-    const Medlink__V1__AdminReply *rep = cli_admin(&ops, &rq);
-    cr_assert_eq(rep->n_dead_letter, 1);
-    cr_assert(strstr(rep->dead_letter[0]->reason, H_FENGLE), "%s", rep->dead_letter[0]->reason);
+    s_expect_one_dead_letter(&ops, H_FENGLE);
     /* The new clinic may connect and refer now; Fengle may not. */
     cli_t newc;
     cli_open(&newc, &W, "township.newtown.clinic", 0);
@@ -403,12 +410,7 @@ Test(security, envelope_damaged_at_rest_becomes_a_dead_letter)
     cr_assert_null(h_find_json(&W, H_COUNTY, "inbox", "Damaged On Disk"));
     cli_t ops;
     cli_open(&ops, &W, H_OPS, 0);
-    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
-    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
-    const Medlink__V1__AdminReply *rep = cli_admin(&ops, &rq);
-    cr_assert_eq(rep->n_dead_letter, 1);
-    cr_assert(strstr(rep->dead_letter[0]->reason, "does not authenticate"), "%s",
-              rep->dead_letter[0]->reason);
+    s_expect_one_dead_letter(&ops, "does not authenticate");
     cli_close(&ops);
     h_agent_stop(&W, H_COUNTY);
     h_agent_stop(&W, H_XINZHAN);
