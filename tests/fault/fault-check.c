@@ -26,7 +26,12 @@
  *     the SHA-256 digests the clinic computed.
  *
  *   fault-check --world DIR --broker-id ID --nodes ID,ID,... [--cases FILE]
- *               [--broker-db FILE] [--quiet]
+ *               [--broker-db FILE] [--exclude ID,ID,...] [--quiet]
+ *
+ * --exclude names nodes whose traffic is not judged (the soak's hostile
+ * clinic and the hospital it floods): every message they sent or were sent,
+ * and every case they opened or were the target of, is left out of every
+ * check and counted as "excluded".
  *
  * Prints "check messages N lost L duplicated D ..." and up to 20 lines per
  * kind of failure; exits 1 when any invariant fails, 2 on usage or I/O
@@ -141,7 +146,10 @@ static struct {
     long n_msgs;
     s_map_t by_id; /* message id -> index in msgs */
     int quiet;
+    char *exclude[S_MAX_NODES];
+    int n_exclude;
 
+    long excluded, excluded_cases;
     long messages, from_agents, notices, chunks;
     long lost, duplicated, order, order_broker, unsettled, rejected, dead, undelivered, unmarked;
     long phantom;
@@ -207,6 +215,14 @@ static int s_node_index(const char *id)
     return -1;
 }
 
+static int s_excluded(const char *id)
+{
+    for (int i = 0; i < G.n_exclude; i++)
+        if (strcmp(G.exclude[i], id) == 0)
+            return 1;
+    return 0;
+}
+
 /* ---- loading ------------------------------------------------------------ */
 
 static void s_load_broker(sqlite3 *db)
@@ -215,9 +231,26 @@ static void s_load_broker(sqlite3 *db)
     long n = sqlite3_step(st) == SQLITE_ROW ? (long)sqlite3_column_int64(st, 0) : 0;
     sqlite3_finalize(st);
     G.msgs = calloc((size_t)n + 1, sizeof *G.msgs);
-    st = s_prepare(db, "SELECT seq, id, sender, recipient, priority, kind, state, case_id "
+    st = s_prepare(db, "SELECT seq, id, sender, recipient, priority, kind, state, case_id, "
+                       "coalesce((SELECT opener || ' ' || coalesce(target, '') FROM cases c "
+                       "WHERE c.case_id = messages.case_id), '') "
                        "FROM messages ORDER BY seq");
     while (sqlite3_step(st) == SQLITE_ROW && G.n_msgs < n) {
+        const char *snd = (const char *)sqlite3_column_text(st, 2);
+        const char *rcp = (const char *)sqlite3_column_text(st, 3);
+        const char *parties = (const char *)sqlite3_column_text(st, 8);
+        if (G.n_exclude && (s_excluded(snd ? snd : "") || s_excluded(rcp ? rcp : ""))) {
+            G.excluded++;
+            continue;
+        }
+        if (G.n_exclude && parties && *parties) {
+            char a[256] = "", b[256] = "";
+            sscanf(parties, "%255s %255s", a, b);
+            if (s_excluded(a) || s_excluded(b)) {
+                G.excluded++;
+                continue;
+            }
+        }
         s_msg_t *m = &G.msgs[G.n_msgs];
         m->seq = sqlite3_column_int64(st, 0);
         m->id = s_col(st, 1);
@@ -573,6 +606,14 @@ static void s_check_cases(sqlite3 *db)
     st = s_prepare(db, "SELECT case_id, kind, state, coalesce(opener, ''), coalesce(target, ''),"
                        " coalesce(dup_chunks, 0) FROM cases");
     while (sqlite3_step(st) == SQLITE_ROW && s_n_cases < n) {
+        if (G.n_exclude) {
+            const char *o = (const char *)sqlite3_column_text(st, 3);
+            const char *t = (const char *)sqlite3_column_text(st, 4);
+            if (s_excluded(o ? o : "") || s_excluded(t ? t : "")) {
+                G.excluded_cases++;
+                continue;
+            }
+        }
         s_case_t *c = &s_cases[s_n_cases];
         c->case_id = s_col(st, 0);
         c->kind = sqlite3_column_int(st, 1);
@@ -756,12 +797,18 @@ int main(int argc, char **argv)
             cases = v;
         else if (!strcmp(a, "--broker-db"))
             snprintf(G.broker_db, sizeof G.broker_db, "%s", v);
-        else
+        else if (!strcmp(a, "--exclude")) {
+            char *ex = strdup(v), *sv = NULL;
+            for (char *t = strtok_r(ex, ",", &sv); t && G.n_exclude < S_MAX_NODES;
+                 t = strtok_r(NULL, ",", &sv))
+                G.exclude[G.n_exclude++] = strdup(t);
+            free(ex);
+        } else
             s_die("unknown option %s", a);
     }
     if (!G.world[0] || !G.broker_id || !nodes)
         s_die("usage: fault-check --world DIR --broker-id ID --nodes ID,ID,... [--cases FILE] "
-              "[--broker-db FILE] [--quiet]");
+              "[--broker-db FILE] [--exclude ID,...] [--quiet]");
     if (!G.broker_db[0])
         snprintf(G.broker_db, sizeof G.broker_db, "%s/data/broker/broker.db", G.world);
     char *copy = strdup(nodes), *save = NULL;
@@ -792,16 +839,19 @@ int main(int argc, char **argv)
            "order %ld order_broker %ld unsettled %ld rejected %ld dead %ld undelivered %ld "
            "unmarked %ld phantom %ld cases %ld events %ld transitions %ld bad_cases %ld "
            "expected_cases %ld "
-           "stuck %ld studies %ld studies_bad %ld dup_chunks %ld moot_chunks %ld\n",
+           "stuck %ld studies %ld studies_bad %ld dup_chunks %ld moot_chunks %ld excluded %ld "
+           "excluded_cases %ld\n",
            G.messages, G.from_agents, G.notices, G.chunks, G.lost, G.duplicated, G.order,
            G.order_broker, G.unsettled, G.rejected, G.dead, G.undelivered, G.unmarked, G.phantom,
            G.cases, G.events, G.transitions, G.bad_cases, G.expected_cases, G.stuck, G.studies,
-           G.studies_bad, G.dup_chunks, G.moot_chunks);
+           G.studies_bad, G.dup_chunks, G.moot_chunks, G.excluded, G.excluded_cases);
     long bad = G.lost + G.duplicated + G.order + G.order_broker + G.unsettled + G.rejected +
                G.dead + G.undelivered + G.unmarked + G.phantom + G.bad_cases + G.stuck +
                G.studies_bad;
     sqlite3_close(bdb);
     for (int i = 0; i < G.n_nodes; i++)
         sqlite3_close(G.nodes[i].db);
+    for (int i = 0; i < G.n_exclude; i++)
+        free(G.exclude[i]);
     return bad ? 1 : 0;
 }

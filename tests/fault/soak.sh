@@ -32,7 +32,18 @@
 #                stalling mid-handshake, 100 with certificates of another
 #                CA): the good ones' throughput against a clean run of the
 #                same 600 (must stay within 2x), the broker's VmHWM (must
-#                stay bounded).
+#                stay bounded);
+#   hostile-clinic
+#                one registered clinic (tests/fault/fault-hostile) attacks at
+#                its rate limit for the whole run (open cases that never
+#                close, invalid UTF-8, reused message ids, resend floods,
+#                48 KiB fields, forged case ids, probes of other cases, never
+#                acknowledging) while the good clinics run their workflows:
+#                run clean, then with the attacker; the good clinics must
+#                keep >= 50% of their clean throughput, lose and reorder
+#                nothing (fault-check, the attacker's traffic excluded), and
+#                the broker's VmHWM must stay under the bound in
+#                docs/reliability.md.
 #
 # One summary line per scenario: "scenario runs messages lost duplicated
 # max_rss" (max_rss: the broker's largest VmHWM). Exits non-zero if any
@@ -48,7 +59,7 @@ BUILD=""
 KEEP=0
 SEED=${SOAK_SEED:-$(($(date +%s) % 100000))}
 RESULTS=""
-ALL=(broker-kill agent-kill link-cut disk-full disk-quota crowd)
+ALL=(broker-kill agent-kill link-cut disk-full disk-quota crowd hostile-clinic)
 WANT=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -57,7 +68,7 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --results) RESULTS=$2; shift 2 ;;
-    -h | --help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
     *)
         case " ${ALL[*]} " in *" $1 "*) WANT+=("$1") ;; *) echo "soak.sh: unknown scenario $1 (${ALL[*]})" >&2; exit 2 ;; esac
@@ -74,6 +85,7 @@ RANDOM=$SEED
 # existing build tree.
 TARGETS=(medlinkd medlink-agent fault-driver fault-check fault-proxy)
 case " ${WANT[*]} " in *" crowd "*) TARGETS+=(fault-crowd) ;; esac
+case " ${WANT[*]} " in *" hostile-clinic "*) TARGETS+=(fault-hostile fault-crowd) ;; esac
 if [ -z "$BUILD" ]; then
     BUILD="$ROOT/build-fault"
     cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DML_BUILD_TESTS=ON >/dev/null
@@ -92,6 +104,7 @@ DRIVER="$BUILD/tests/fault/fault-driver"
 CHECK="$BUILD/tests/fault/fault-check"
 PROXY="$BUILD/tests/fault/fault-proxy"
 CROWD="$BUILD/tests/fault/fault-crowd"
+HOSTILE_BIN="$BUILD/tests/fault/fault-hostile"
 for b in "$MEDLINKD" "$AGENT" "$DRIVER" "$CHECK" "$PROXY"; do
     [ -x "$b" ] || { echo "soak.sh: missing $b" >&2; exit 2; }
 done
@@ -179,8 +192,18 @@ HOSP=county.soak.hospital
 CLINICS=(township.a.clinic township.b.clinic)
 READERS=(reading.a.imaging reading.b.imaging)
 AGENTS=("$HOSP" "${CLINICS[@]}" "${READERS[@]}")
+# The hostile-clinic scenario's attacker and the hospital it floods (a real
+# agent whose hospital system never answers).
+HOSTILE=township.hostile.clinic
+SINK=county.sink.hospital
+# ... and the clinics that measure the good throughput there
+# (tests/fault/fault-crowd good: windowed senders, as agents are).
+CROWD_HOSP=county.crowd.hospital
+CROWD_IDS=()
+for i in $(seq 1 20); do CROWD_IDS+=("$(printf 'township.c%04d.clinic' "$i")"); done
+CHECK_ARGS=()
 say "seed $SEED, work folder $W, build $BUILD"
-"$ROOT/deploy/pki.sh" --dir "$W/pki" --ca-name "medlink soak CA" "$BROKER_ID" "${AGENTS[@]}" >"$W/pki.log" 2>&1 ||
+"$ROOT/deploy/pki.sh" --dir "$W/pki" --ca-name "medlink soak CA" "$BROKER_ID" "${AGENTS[@]}" "$HOSTILE" "$SINK" "$CROWD_HOSP" "${CROWD_IDS[@]}" >"$W/pki.log" 2>&1 ||
     { cat "$W/pki.log" >&2; echo "soak.sh: pki.sh failed" >&2; exit 2; }
 
 # world_new NAME [EXTRA_BROKER_INI]: a fresh folder with configs; sets D, PORT.
@@ -341,7 +364,7 @@ check() {
     local IFS=,
     set +e
     "$CHECK" --world "$D" --broker-id "$BROKER_ID" --nodes "${AGENTS[*]}" --cases "$D/cases.tsv" \
-        >"$D/check.out" 2>&1
+        "${CHECK_ARGS[@]}" >"$D/check.out" 2>&1
     local rc=$?
     set -e
     unset IFS
@@ -389,9 +412,15 @@ start_all() {
 DETAILS=()
 if [ "$QUICK" = 1 ]; then
     N_KILLS=3; N_CUTS=5; N_FULL=1; N_QUOTA=1; RATE=3; DRAIN=150; IDLE=30
+    HRATE=4; HDUR=20; HCOUNT=1500
 else
     N_KILLS=20; N_CUTS=20; N_FULL=3; N_QUOTA=2; RATE=4; DRAIN=300; IDLE=60
+    HRATE=4; HDUR=90; HCOUNT=5000
 fi
+# The hostile clinic's rate limit (the broker's node_rate in that world),
+# and the bound on the broker's VmHWM while it attacks.
+HOSTILE_RATE=2000
+HOSTILE_MAX_RSS_MIB=192
 
 # ---- scenarios ---------------------------------------------------------------
 
@@ -737,6 +766,104 @@ scenario_crowd() {
     DETAILS+=("crowd | good 600 x $count referrals per run | rate_clean ${rates_clean[*]} rate_mixed $rate_mixed ratio $ratio | hwm_clean_kib $hwm_clean hwm_mixed_kib $hwm_mixed crowd_alone_rss_mib ${crowd_rss[*]} | $(head -n 1 "$D/bad.out") | refused: $refusals")
 }
 
+# hostile_run NAME ATTACK: one run of the good clinics with the attacker
+# (ATTACK=1) or without: the driver's workflows at HRATE cases/s for HDUR s
+# through the agents, and beside them 20 windowed clinics
+# (fault-crowd good) sending referrals as fast as the broker accepts them,
+# whose rate is the throughput compared. Sets RUN_RATE (their referrals
+# accepted per second), RUN_HWM (the broker's VmHWM, KiB), HOSTILE_LINE.
+hostile_run() {
+    local name=$1 attack=$2
+    world_new "$name" "$HOSTILE_INI"
+    agent_config "$SINK" "$PORT"
+    start_all || return 1
+    agent_start "$SINK"
+    local hpid=""
+    HOSTILE_LINE="-"
+    if [ "$attack" = 1 ]; then
+        "$HOSTILE_BIN" --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --node "$HOSTILE" \
+            --broker-id "$BROKER_ID" --sink "$SINK" --victim "${CLINICS[0]}" \
+            --seconds $((HDUR + DRAIN + 120)) >"$D/hostile.out" 2>"$D/hostile.log" &
+        hpid=$!
+        track "$hpid"
+        sleep 3 # the attack is under way before the good clinics start
+    fi
+    driver_start --rate "$HRATE" --duration "$HDUR" --drain "$DRAIN" --idle "$IDLE" --big 5
+    set +e
+    timeout 600 "$CROWD" good --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --clients "${#CROWD_IDS[@]}" \
+        --count "$HCOUNT" --seconds "$HDUR" >"$D/good.out" 2>"$D/good.log"
+    local crc=$?
+    set -e
+    local gline
+    gline=$(grep '^good ' "$D/good.out" || echo "good failed")
+    [ "$crc" = 0 ] || fail "$name: the windowed good clinics failed ($gline)"
+    RUN_RATE=$(field accepted_per_s "$gline")
+    say "$name: $gline"
+    while kill -0 "$DPID" 2>/dev/null; do
+        broker_note_hwm
+        sleep 1
+    done
+    wait_exit "$DPID" 5
+    local rc=$WAIT_RC
+    DRIVER_LINE=$(head -n 1 "$D/driver.out")
+    [ "$rc" = 0 ] || { fail "$name: the driver did not see every case to its end (status $rc)"; sed -n '2,12p' "$D/driver.out" >&2; }
+    if [ -n "$hpid" ]; then
+        broker_note_hwm
+        wait_exit "$hpid" 15 TERM
+        HOSTILE_LINE=$(head -n 1 "$D/hostile.out" 2>/dev/null || echo "hostile printed nothing")
+        [ "$WAIT_RC" = 0 ] || fail "$name: the attacker never got a session or sent nothing ($WAIT_RC): $HOSTILE_LINE"
+        say "$name: $HOSTILE_LINE"
+    fi
+    settle 120
+    agent_stop "$SINK"
+    RUN_HWM=$BROKER_HWM
+    return 0
+}
+
+scenario_hostile_clinic() {
+    [ -x "$HOSTILE_BIN" ] || { fail "hostile-clinic: missing $HOSTILE_BIN"; return 0; }
+    [ -x "$CROWD" ] || { fail "hostile-clinic: missing $CROWD"; return 0; }
+    local clean_rate clean_hwm a
+    HOSTILE_INI=$(
+        printf 'node_rate = %s\n\n' "$HOSTILE_RATE"
+        printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = soak\n\n' "$HOSTILE"
+        printf '[node %s]\nrole = COUNTY_HOSPITAL\ncommunity = soak\n\n' "$SINK" "$CROWD_HOSP"
+        for a in "${CROWD_IDS[@]}"; do printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = soak\n\n' "$a"; done
+    )
+    # fault-check judges the agents' traffic; the windowed clinics check
+    # their own (every accepted referral delivered, nothing refused).
+    local crowd_list
+    crowd_list=$(IFS=,; echo "${CROWD_IDS[*]}")
+    CHECK_ARGS=(--exclude "$CROWD_HOSP,$crowd_list")
+    hostile_run hostile-clean 0 || return 0
+    clean_rate=$RUN_RATE
+    clean_hwm=$RUN_HWM
+    check hostile-clean 1
+    CHECK_ARGS=(--exclude "$HOSTILE,$SINK,$CROWD_HOSP,$crowd_list")
+    hostile_run hostile-clinic 1 || return 0
+    # The attack leaves cases open and messages for the attacker queued:
+    # what the broker holds of it at the end.
+    local held
+    held=$(q "$D/data/broker/broker.db" "select count(*) || ' messages, ' || coalesce(sum(size), 0) || ' bytes' from messages where sender = '$HOSTILE' or recipient = '$HOSTILE'")
+    EXTRA_NOTE="attacker: $HOSTILE_LINE; broker holds of it: $held"
+    check hostile-clinic 1
+    EXTRA_NOTE=""
+    CHECK_ARGS=()
+    local ratio
+    ratio=$(awk -v a="$clean_rate" -v b="$RUN_RATE" 'BEGIN { printf "%.2f", (a > 0) ? b / a : 0 }')
+    say "hostile-clinic: good clinics' referrals accepted per s: clean $clean_rate, attacked $RUN_RATE: x$ratio of clean; broker VmHWM clean $((clean_hwm / 1024)) MiB, attacked $((RUN_HWM / 1024)) MiB (bound $HOSTILE_MAX_RSS_MIB MiB)"
+    DETAILS+=("hostile-clinic | workflows $HRATE cases/s for $HDUR s, 20 windowed clinics x $HCOUNT | clean $clean_rate/s attacked $RUN_RATE/s ratio $ratio | hwm_clean_kib $clean_hwm hwm_attacked_kib $RUN_HWM | $HOSTILE_LINE | held $held")
+    awk -v r="$ratio" 'BEGIN { exit !(r + 0 >= 0.5) }' || fail "hostile-clinic: good clinics kept only x$ratio of their clean throughput (< 0.5)"
+    # Every record of the attacks the broker must refuse was refused.
+    local acc k v
+    acc=$(field accepted_by_attack "$HOSTILE_LINE")
+    for k in utf8 reuse resend forge probe; do
+        v=$(echo "$acc" | tr ',' '\n' | sed -n "s/^$k://p")
+        [ "${v:-0}" = 0 ] || fail "hostile-clinic: the broker accepted ${v} '$k' record(s) of the attacker"
+    done
+    [ "$RUN_HWM" -le $((HOSTILE_MAX_RSS_MIB * 1024)) ] || fail "hostile-clinic: broker VmHWM $((RUN_HWM / 1024)) MiB over the bound of $HOSTILE_MAX_RSS_MIB MiB"
+}
+
 # ---- run -------------------------------------------------------------------------
 printf '%-12s %5s %9s %5s %10s %11s\n' scenario runs messages lost duplicated max_rss
 for s in "${WANT[@]}"; do
@@ -749,6 +876,7 @@ for s in "${WANT[@]}"; do
     disk-full) scenario_disk_full tmpfs ;;
     disk-quota) scenario_disk_full quota ;;
     crowd) scenario_crowd ;;
+    hostile-clinic) scenario_hostile_clinic ;;
     esac
 done
 echo
