@@ -299,3 +299,50 @@ Test(clock, clock_agent_expired_cert_logs_error)
     h_agent_stop(&W, H_XINZHAN);
     h_broker_stop(&W);
 }
+
+Test(clock, clock_ctl_revoked_cert_fails_fast)
+{
+    h_world_init(&W, "crl = pki/crl.pem\n");
+    s_sh("'%s/deploy/pki.sh' --dir '%s' --revoke %s >>'%s/pki.log' 2>&1", s_src(), W.pki, H_OPS,
+         W.dir);
+    h_broker_start(&W);
+    char cfg[800];
+    h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
+    int st = -1;
+    int64_t ms = 0;
+    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    cr_assert_eq(st, 3, "medlinkctl with a revoked certificate: exit %d, want 3:\n%s", st, out);
+    cr_assert(strstr(out, "own certificate revoked"), "the reason is not named:\n%s", out);
+    cr_assert_lt(ms, 10000, "medlinkctl took %lld ms (--timeout 30)", (long long)ms);
+    free(out);
+    cr_assert(S_WAIT_LINE("broker.log", 10000, "refused session", "CN '" H_OPS "'", "revoked"),
+              "the broker's refusal does not name CN " H_OPS " and 'revoked' in %s/broker.log",
+              W.dir);
+    h_broker_stop(&W);
+}
+
+Test(clock, clock_ctl_unknown_ca_fails_fast)
+{
+    h_world_init(&W, NULL);
+    /* Another community's CA signs a certificate with the same node id. */
+    s_sh("'%s/deploy/pki.sh' --dir '%s/other-pki' --ca-name 'another CA' %s >>'%s/pki.log' 2>&1",
+         s_src(), W.dir, H_OPS, W.dir);
+    h_broker_start(&W);
+    char cfg[800];
+    h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
+    s_sh("sed -i 's|^cert = .*|cert = other-pki/%s.crt|; s|^key = .*|key = other-pki/%s.key|' "
+         "'%s'",
+         H_OPS, H_OPS, cfg);
+    int st = -1;
+    int64_t ms = 0;
+    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    cr_assert_eq(st, 3, "medlinkctl with a certificate of another CA: exit %d, want 3:\n%s", st,
+                 out);
+    cr_assert(strstr(out, "unknown CA"), "the reason is not named:\n%s", out);
+    cr_assert_lt(ms, 10000, "medlinkctl took %lld ms (--timeout 30)", (long long)ms);
+    free(out);
+    cr_assert(S_WAIT_LINE("broker.log", 10000, "refused session", "CN '" H_OPS "'", "unknown CA"),
+              "the broker's refusal does not name CN " H_OPS " and 'unknown CA' in %s/broker.log",
+              W.dir);
+    h_broker_stop(&W);
+}
