@@ -505,11 +505,6 @@ int64_t ml_tls_ctx_own_not_after(const ml_tls_ctx_t *ctx)
     return ctx->own_not_after;
 }
 
-int ml_tls_ctx_crl_expired(const ml_tls_ctx_t *ctx)
-{
-    return ctx->crl_file && ctx->crl_next && ctx->crl_next <= ml_now_ms();
-}
-
 size_t ml_tls_ctx_expiry(const ml_tls_ctx_t *ctx, ml_tls_expiry_t *out, size_t cap)
 {
     size_t n = 0;

@@ -56,9 +56,6 @@ typedef struct {
 size_t ml_tls_ctx_expiry(const ml_tls_ctx_t *ctx, ml_tls_expiry_t *out, size_t cap);
 /* notAfter of this context's own certificate, in Unix ms. */
 int64_t ml_tls_ctx_own_not_after(const ml_tls_ctx_t *ctx);
-/* The CRL in force has passed its nextUpdate: every peer check fails with
- * "CRL has expired" until a fresh CRL is loaded. 0 without a CRL. */
-int ml_tls_ctx_crl_expired(const ml_tls_ctx_t *ctx);
 
 /* Why a handshake failed, as far as it matters for what to do next. The
  * PEER_ kinds are this side's verdict on the peer's certificate; the

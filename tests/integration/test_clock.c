@@ -69,7 +69,7 @@ static char *s_ctl(int *st, int64_t *ms, const char *cfg, const char *args)
 
 /* 1 when a line of the log has every one of the (NULL-terminated)
  * needles. */
-static int s_log_line_has(const char *log, ...)
+static int s_log_line_has(const char *log, const char *const *needles)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/%s", W.dir, log);
@@ -77,13 +77,12 @@ static int s_log_line_has(const char *log, ...)
     if (!text)
         return 0;
     int found = 0;
-    for (char *line = strtok(text, "\n"); line && !found; line = strtok(NULL, "\n")) {
-        va_list ap;
-        va_start(ap, log);
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line && !found;
+         line = strtok_r(NULL, "\n", &save)) {
         int all = 1;
-        for (const char *n = va_arg(ap, const char *); n; n = va_arg(ap, const char *))
-            all = all && strstr(line, n) != NULL;
-        va_end(ap);
+        for (size_t k = 0; needles[k] && all; k++)
+            all = strstr(line, needles[k]) != NULL;
         found = all;
     }
     free(text);
@@ -91,14 +90,17 @@ static int s_log_line_has(const char *log, ...)
 }
 
 /* Waits up to timeout_ms for a log line holding every needle. */
+static int s_wait_line(const char *log, int timeout_ms, const char *const *needles)
+{
+    int64_t deadline = ml_mono_ms() + timeout_ms;
+    int ok;
+    while (!(ok = s_log_line_has(log, needles)) && ml_mono_ms() < deadline)
+        h_sleep_ms(50);
+    return ok;
+}
+
 #define S_WAIT_LINE(log, timeout_ms, ...)                                                          \
-    ({                                                                                             \
-        int64_t dl_ = ml_mono_ms() + (timeout_ms);                                                 \
-        int ok_ = 0;                                                                               \
-        while (!(ok_ = s_log_line_has(log, __VA_ARGS__, NULL)) && ml_mono_ms() < dl_)              \
-            h_sleep_ms(50);                                                                        \
-        ok_;                                                                                       \
-    })
+    s_wait_line(log, timeout_ms, (const char *const[]){__VA_ARGS__, NULL})
 
 /* Re-issues node's certificate valid only in January 2020: expired. */
 static void s_expire_node_cert(const char *node)
