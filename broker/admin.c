@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "broker_int.h"
+#include "expiry.h"
 #include "cases.h"
 
 #define S_LIMIT_DEFAULT 100
@@ -133,6 +134,23 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
     st.session = sip;
     st.n_node = n_nodes;
     st.node = nip;
+    /* The clock: what expires, and whether it is inside crl_warn_days. */
+    ml_bk_expiry_t ex[16];
+    Medlink__V1__Expiry ei[16], *eip[16];
+    size_t n_ex = ml_bk_expiry_list(b->tls, b->cfg->crl_warn_days, now, ex, 16);
+    if (n_ex > 16)
+        n_ex = 16;
+    for (size_t i = 0; i < n_ex; i++) {
+        medlink__v1__expiry__init(&ei[i]);
+        ei[i].what = ex[i].what;
+        ei[i].not_after = ex[i].not_after;
+        ei[i].days_left = ex[i].days_left;
+        ei[i].warning = ex[i].state != ML_BK_EXPIRY_OK;
+        ei[i].expired = ex[i].state == ML_BK_EXPIRY_PAST;
+        eip[i] = &ei[i];
+    }
+    st.n_expiry = n_ex;
+    st.expiry = eip;
     reply.broker_status = &st;
     s_send(b, s, &reply);
 out:

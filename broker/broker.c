@@ -34,6 +34,7 @@
 
 #include "broker_int.h"
 #include "cases.h"
+#include "expiry.h"
 #include "ml_channel.h"
 #include "ml_crypt.h"
 #include "ml_frame.h"
@@ -1030,13 +1031,35 @@ static void s_established(ml_broker_t *b, ml_session_t *s)
     s->state = S_AWAIT_HELLO;
 }
 
+/* Logs a refused TLS handshake naming the peer's CN (when it presented a
+ * certificate) and the reason: expired, revoked, unknown CA, CRL expired.
+ * A CRL past its nextUpdate refuses everyone, so that one is an ERROR. */
+static void s_log_refused_tls(const ml_session_t *s)
+{
+    ml_tls_fail_t f = ml_tls_session_fail_kind(s->tls);
+    const char *cn = ml_tls_session_peer_cn(s->tls);
+    char who[300];
+    if (cn && *cn)
+        snprintf(who, sizeof who, "CN '%s'", cn);
+    else
+        snprintf(who, sizeof who, "no certificate");
+    if (f == ML_TLS_FAIL_CRL_EXPIRED)
+        ml_log(ML_LOG_ERROR, "session",
+               "refused session %s (%s): CRL expired: the CRL in force is past its next "
+               "update, so every handshake fails until a fresh one is loaded (deploy/pki.sh "
+               "--crl, then systemctl reload medlinkd): %s",
+               s->peer_hex, who, ml_tls_session_error(s->tls));
+    else
+        ml_log(ML_LOG_WARN, "session", "refused session %s (%s): %s: %s", s->peer_hex, who,
+               ml_tls_fail_name(f), ml_tls_session_error(s->tls));
+}
+
 static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t len)
 {
     s->last_rx = ml_mono_ms();
     if (ml_tls_session_feed(s->tls, data, len) != 0) {
         if (s->state == S_HANDSHAKE) {
-            ml_log(ML_LOG_WARN, "session", "refused session %s: TLS handshake failed: %s",
-                   s->peer_hex, ml_tls_session_error(s->tls));
+            s_log_refused_tls(s);
             b->refused_total++;
             /* Let the alert reach the peer so it can log a reason too. */
             s_send_cipher(b, s);
@@ -1049,8 +1072,7 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
     if (s->state == S_HANDSHAKE) {
         int rc = ml_tls_session_handshake(s->tls);
         if (rc < 0) {
-            ml_log(ML_LOG_WARN, "session", "refused session %s: TLS handshake failed: %s",
-                   s->peer_hex, ml_tls_session_error(s->tls));
+            s_log_refused_tls(s);
             b->refused_total++;
             s_send_cipher(b, s);
             s_session_close(b, s, NULL);
@@ -1312,6 +1334,7 @@ static void s_housekeeping_cb(uv_timer_t *t)
             ml_bk_pump(b, ns);
         }
     }
+    ml_bk_expiry_tick(b);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1466,6 +1489,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
            "%s listening on %s; %zu nodes registered; %zu message(s) "
            "queued and %zu case(s) open from the store",
            b->cfg->broker_id, b->endpoint, b->n_nodes, queued, b->cases.count);
+    ml_bk_expiry_log(b, "at start");
     *out = b;
     return 0;
 fail : {
@@ -1672,6 +1696,7 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
            "session(s) closed",
            b->cfg->path, b->cfg->n_nodes, added, removed, b->cfg->crl ? b->cfg->crl : "none",
            closed);
+    ml_bk_expiry_log(b, "after reload");
     return 0;
 }
 

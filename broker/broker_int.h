@@ -197,6 +197,8 @@ struct ml_broker {
     uint64_t refused_total;
     uint64_t dead_total;
     int64_t max_sessions_logged;
+    int64_t expiry_checked_at; /* Unix ms of the last expiry check (expiry.c) */
+    int64_t expiry_logged_at;  /* Unix ms of the last expiry warnings logged */
     uint8_t *rxbuf;
 };
 

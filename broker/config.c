@@ -150,6 +150,7 @@ static const char *const s_broker_keys[] = {"id",
                                             "node_queue_bytes",
                                             "timer_ms",
                                             "notify_delivered",
+                                            "crl_warn_days",
                                             NULL};
 
 static const char *const s_node_keys[] = {"role", "community", "name", "services", NULL};
@@ -319,6 +320,7 @@ static int s_load_broker(struct s_load *ld)
         {"node_rate", 5000, 1, 10000000, offsetof(ml_broker_config_t, node_rate)},
         {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
          offsetof(ml_broker_config_t, node_queue_bytes)},
+        {"crl_warn_days", 7, 0, 3650, offsetof(ml_broker_config_t, crl_warn_days)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

@@ -20,6 +20,7 @@
  *   session_buffer = 8388608    ; max bytes buffered per session
  *   delivery_window = 256       ; unacked deliveries in flight per node
  *   ack_timeout_ms = 30000      ; resend unacked deliveries after this
+ *   crl_warn_days = 7           ; warn before the CRL, certificate or CA expire
  *
  *   [node county.zhaozhou.hospital]
  *   role = COUNTY_HOSPITAL
@@ -126,6 +127,7 @@ typedef struct {
     long node_queue_bytes;      /* bytes waiting for one recipient before senders are refused */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
+    long crl_warn_days;         /* warn this many days before the CRL, certificate or CA expire */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */

@@ -8,7 +8,9 @@
 #
 #   pki.sh --dir DIR [--ca-name NAME] [--days N] [--force] NODE_ID...
 #   pki.sh --dir DIR --revoke NODE_ID      (then writes a fresh CRL)
-#   pki.sh --dir DIR --crl                 (writes a fresh CRL, valid 30 days)
+#   pki.sh --dir DIR --crl [--crl-days N]  (writes a fresh CRL, valid 30 days)
+# A CRL past its next update makes medlinkd refuse every handshake, so
+# --crl is meant to run from a timer (deploy/systemd/medlink-crl.timer).
 set -euo pipefail
 
 PROG=${0##*/}
@@ -19,7 +21,7 @@ usage() {
     cat <<EOF
 usage: $PROG --dir DIR [--ca-name NAME] [--days N] [--force] NODE_ID...
        $PROG --dir DIR --revoke NODE_ID [--revoke NODE_ID...]
-       $PROG --dir DIR --crl
+       $PROG --dir DIR --crl [--crl-days N]
 
 Creates DIR/ca.key + DIR/ca.crt (unless DIR/ca.crt exists) and, for each
 NODE_ID, DIR/NODE_ID.key + DIR/NODE_ID.crt signed by that CA (CN=NODE_ID,
@@ -34,6 +36,12 @@ DIR/crl.pem; --crl only rewrites DIR/crl.pem.
                   the superseded certificate is revoked
   --revoke ID     revoke DIR/ID.crt and write a fresh DIR/crl.pem
   --crl           write a fresh DIR/crl.pem (valid $CRL_DAYS days)
+  --crl-days N    validity of the CRL written by this run (default $CRL_DAYS);
+                  medlinkd warns crl_warn_days (7) before it runs out
+  --not-before T, --not-after T
+                  validity of the node certificates made by this run, as
+                  YYYYMMDDHHMMSSZ (UTC) instead of now + --days: for drills
+                  and tests of expired certificates
 EOF
 }
 
@@ -49,6 +57,9 @@ force=0
 gen_crl=0
 revoke=()
 nodes=()
+crl_days=$CRL_DAYS
+not_before=""
+not_after=""
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -80,6 +91,21 @@ while [ $# -gt 0 ]; do
         gen_crl=1
         shift
         ;;
+    --crl-days)
+        [ $# -ge 2 ] || die "--crl-days needs a value"
+        crl_days=$2
+        shift 2
+        ;;
+    --not-before)
+        [ $# -ge 2 ] || die "--not-before needs a value"
+        not_before=$2
+        shift 2
+        ;;
+    --not-after)
+        [ $# -ge 2 ] || die "--not-after needs a value"
+        not_after=$2
+        shift 2
+        ;;
     -h | --help)
         usage
         exit 0
@@ -106,6 +132,11 @@ done
 }
 [ -n "$ca_name" ] || die "--ca-name must not be empty"
 [[ "$days" =~ ^[1-9][0-9]{0,5}$ ]] || die "--days must be a positive number of days, not '$days'"
+[[ "$crl_days" =~ ^[1-9][0-9]{0,4}$ ]] || die "--crl-days must be a positive number of days, not '$crl_days'"
+for t in "$not_before" "$not_after"; do
+    [ -z "$t" ] || [[ "$t" =~ ^[0-9]{14}Z$ ]] ||
+        die "--not-before/--not-after take YYYYMMDDHHMMSSZ (UTC), not '$t'"
+done
 command -v openssl >/dev/null 2>&1 || die "the openssl command is not installed"
 
 # Node ids become file names and DNS names, so keep them to DNS characters.
@@ -211,7 +242,7 @@ new_key() {
 write_crl() {
     [ -f ca.key ] || die "$dir_shown/ca.key is missing: cannot sign a CRL"
     run "writing the CRL" openssl ca -batch -config ca/openssl.cnf -gencrl \
-        -crldays "$CRL_DAYS" -out "$tmp/crl.pem"
+        -crldays "$crl_days" -out "$tmp/crl.pem"
     # Rename, so that a daemon reloading the CRL never reads half a file.
     mv -f -- "$tmp/crl.pem" crl.pem
     made crl.pem
@@ -290,8 +321,11 @@ authorityKeyIdentifier = keyid, issuer
 EOF
     run "making the request for $id" openssl req -new -config ca/openssl.cnf \
         -key "$keyfile" -subj "/CN=$id" -out "$tmp/$id.csr"
+    validity=(-days "$days")
+    [ -z "$not_before" ] || validity+=(-startdate "$not_before")
+    [ -z "$not_after" ] || validity+=(-enddate "$not_after")
     run "signing the certificate for $id" openssl ca -batch -config ca/openssl.cnf \
-        -rand_serial -notext -days "$days" -extfile "$tmp/$id.ext" \
+        -rand_serial -notext "${validity[@]}" -extfile "$tmp/$id.ext" \
         -in "$tmp/$id.csr" -out "$tmp/$id.crt"
     # A re-issued certificate supersedes the old one, whose key may be
     # about to be thrown away: revoke it so that it cannot be used.

@@ -67,6 +67,7 @@ struct ml_channel {
     int64_t conn_started;
     uint32_t backoff;
     uint8_t *rxbuf;
+    char fatal[1024]; /* set before s_teardown: the failure needs an operator */
 };
 
 static void s_teardown(ml_channel_t *ch, const char *reason);
@@ -310,12 +311,11 @@ static void s_sock_cb(ml_zwatch_t *w, void *zsock, void *arg)
             if (rc == 1) {
                 const char *peer = ml_tls_session_peer_id(ch->tls);
                 if (ch->broker_id && (!peer || strcmp(peer, ch->broker_id) != 0)) {
-                    char why[512];
-                    snprintf(why, sizeof why,
-                             "the server's certificate names '%s', not the expected broker '%s'",
+                    snprintf(ch->fatal, sizeof ch->fatal,
+                             "broker CN mismatch: the server's certificate names '%s', not the "
+                             "expected broker '%s' (broker_id)",
                              peer ? peer : "", ch->broker_id);
-                    ml_log(ML_LOG_ERROR, "channel", "%s: %s", ch->node_id, why);
-                    s_teardown(ch, why);
+                    s_teardown(ch, ch->fatal);
                     return;
                 }
                 s_send_hello(ch);
@@ -376,17 +376,81 @@ static void s_close_mon(ml_channel_t *ch)
     }
 }
 
+/* Words for a certificate failure that retrying cannot fix, saying what
+ * the operator has to do. The peer refusing our certificate as expired is
+ * either our certificate (we can see its date) or the broker's CRL past
+ * its next update (OpenSSL sends the same alert for both). */
+static void s_fatal_words(ml_channel_t *ch, ml_tls_fail_t f, const char *detail, char *out,
+                          size_t len)
+{
+    char date[40];
+    int64_t own = ml_tls_ctx_own_not_after(ch->cfg.tls);
+    ml_time_format(own, date, sizeof date);
+    switch (f) {
+    case ML_TLS_FAIL_REFUSED_EXPIRED:
+        if (own && own <= ml_now_ms())
+            ml_seterr(out, len,
+                      "own certificate expired: the certificate of %s expired on %s; the broker "
+                      "refused it (%s)",
+                      ch->node_id, date, detail);
+        else
+            ml_seterr(out, len,
+                      "the broker refused our certificate as expired, yet it is valid until %s: "
+                      "the broker's CRL has probably expired (see the broker's log) (%s)",
+                      date, detail);
+        break;
+    case ML_TLS_FAIL_REFUSED_REVOKED:
+        ml_seterr(out, len,
+                  "own certificate revoked: the broker refused the certificate of %s (%s)",
+                  ch->node_id, detail);
+        break;
+    case ML_TLS_FAIL_REFUSED_UNKNOWN_CA:
+        ml_seterr(out, len, "unknown CA: the broker does not trust the CA of our certificate (%s)",
+                  detail);
+        break;
+    case ML_TLS_FAIL_PEER_UNKNOWN_CA:
+        ml_seterr(out, len, "unknown CA: the broker's certificate is not signed by our CA (%s)",
+                  detail);
+        break;
+    case ML_TLS_FAIL_PEER_EXPIRED:
+        ml_seterr(out, len, "the broker's certificate has expired or is not valid yet (%s)",
+                  detail);
+        break;
+    case ML_TLS_FAIL_PEER_REVOKED:
+        ml_seterr(out, len, "the broker's certificate is revoked (%s)", detail);
+        break;
+    default:
+        ml_seterr(out, len, "%s (%s)", ml_tls_fail_name(f), detail);
+        break;
+    }
+}
+
 /* Throws the connection away and schedules a reconnect. */
 static void s_teardown(ml_channel_t *ch, const char *reason)
 {
     /* reason often points into the TLS session destroyed below: copy it. */
-    char why[256];
+    char why[1024];
     snprintf(why, sizeof why, "%s", reason ? reason : "unknown reason");
     reason = why;
     int was_up = ch->state == S_UP;
-    if (ch->state != S_DOWN || ch->sock)
+    ml_tls_fail_t f = ch->tls ? ml_tls_session_fail_kind(ch->tls) : ML_TLS_FAIL_NONE;
+    int fatal = ch->fatal[0] != '\0';
+    if (!fatal && ml_tls_fail_permanent(f) && !ch->destroyed) {
+        s_fatal_words(ch, f, why, ch->fatal, sizeof ch->fatal);
+        fatal = 1;
+    }
+    if (fatal) {
+        snprintf(why, sizeof why, "%s", ch->fatal);
+        ch->fatal[0] = '\0';
+        /* Retrying cannot help until an operator acts: say so loudly
+         * (on_fatal's owner does, when there is one), and try again
+         * slowly in case one has. */
+        ml_log(ch->cfg.on_fatal ? ML_LOG_INFO : ML_LOG_ERROR, "channel",
+               "%s: connection refused, retrying will not help: %s", ch->node_id, reason);
+    } else if (ch->state != S_DOWN || ch->sock) {
         ml_log(was_up ? ML_LOG_WARN : ML_LOG_INFO, "channel", "%s: connection dropped: %s",
                ch->node_id, reason);
+    }
     ch->conn_no++;
     ml_zwatch_destroy(&ch->watch);
     if (ch->sock) {
@@ -405,8 +469,15 @@ static void s_teardown(ml_channel_t *ch, const char *reason)
         ch->cfg.on_state(ch, 0, reason, ch->cfg.arg);
     if (ch->destroyed)
         return;
+    if (fatal && ch->cfg.on_fatal) {
+        ch->cfg.on_fatal(ch, reason, ch->cfg.arg);
+        if (ch->destroyed)
+            return;
+    }
     uv_timer_start(&ch->retry_timer, s_retry_cb, ch->backoff, 0);
-    uint32_t max = ch->cfg.reconnect_ms * 8;
+    uint32_t max = fatal ? ch->cfg.fatal_backoff_ms : ch->cfg.reconnect_ms * 8;
+    if (max < ch->cfg.reconnect_ms * 8)
+        max = ch->cfg.reconnect_ms * 8;
     ch->backoff = ch->backoff * 2 > max ? max : ch->backoff * 2;
 }
 
@@ -516,6 +587,8 @@ int ml_channel_new(uv_loop_t *loop, void *zctx, const ml_channel_config_t *cfg, 
         ch->cfg.timeout_ms = ch->cfg.heartbeat_ms * 3;
     if (!ch->cfg.reconnect_ms)
         ch->cfg.reconnect_ms = 200;
+    if (!ch->cfg.fatal_backoff_ms)
+        ch->cfg.fatal_backoff_ms = 60000;
     if (!ch->cfg.max_record)
         ch->cfg.max_record = ML_FRAME_DEFAULT_MAX;
     if (!ch->cfg.max_buffered)

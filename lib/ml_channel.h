@@ -48,6 +48,16 @@ typedef struct {
     void (*on_envelope)(ml_channel_t *ch, ml_envelope_t *env, void *arg);
     /* The channel came up (Welcome received) or went down. */
     void (*on_state)(ml_channel_t *ch, int up, const char *reason, void *arg);
+    /* A connection attempt failed in a way that retrying cannot fix until
+     * an operator acts: our certificate expired or revoked, a CA the other
+     * side does not know, the broker's certificate expired or not ours, a
+     * broker CN other than broker_id, a CRL past its next update. The
+     * reason names the kind ("own certificate expired", "unknown CA",
+     * "broker CN mismatch", ...). The channel keeps retrying, backing off
+     * up to fatal_backoff_ms; without on_fatal it logs the reason as an
+     * ERROR itself. May destroy the channel. */
+    void (*on_fatal)(ml_channel_t *ch, const char *reason, void *arg);
+    uint32_t fatal_backoff_ms; /* longest back-off after such a failure (default 60000) */
     void *arg;
 } ml_channel_config_t;
 

@@ -43,8 +43,12 @@
 
 struct ml_tls_ctx {
     SSL_CTX *ssl_ctx;
-    STACK_OF(X509) * cas; /* trust anchors, kept to rebuild the store */
-    char *ca_file;        /* for error messages */
+    STACK_OF(X509) * cas;  /* trust anchors, kept to rebuild the store */
+    char *ca_file;         /* for error messages */
+    char *cert_file;       /* for the expiry list */
+    char *crl_file;        /* the CRL in force, NULL for none */
+    int64_t own_not_after; /* Unix ms */
+    int64_t crl_next;      /* Unix ms: earliest nextUpdate of the CRL in force, 0 if none */
     int is_server;
     char own_id[ML_TLS_ID_MAX];
 };
@@ -57,7 +61,9 @@ struct ml_tls_session {
     int established;
     int failed;      /* a fatal error happened; only take_out still works */
     int peer_closed; /* close_notify received */
+    ml_tls_fail_t fail;
     char peer_id[ML_TLS_ID_MAX];
+    char seen_cn[ML_TLS_ID_MAX]; /* CN the peer presented, verified or not */
     char err[512];
 };
 
@@ -134,6 +140,17 @@ static int s_subject_cn(X509 *cert, char *out, size_t len)
     out[n] = '\0';
     OPENSSL_free(utf8);
     return 0;
+}
+
+/* An ASN1 time as Unix ms. ASN1_TIME_diff against "now" avoids timegm,
+ * which C11 does not have; a second of skew does not matter here. */
+static int64_t s_asn1_ms(const ASN1_TIME *t)
+{
+    int days = 0, secs = 0;
+    if (!t || !ASN1_TIME_diff(&days, &secs, NULL, t))
+        return 0;
+    /* ASN1_TIME_diff counts from time(NULL): whole seconds. */
+    return (ml_now_ms() / 1000 + (int64_t)days * 86400 + secs) * 1000;
 }
 
 /* Reads every PEM certificate (want_crls == 0) or CRL (want_crls == 1) of
@@ -215,7 +232,7 @@ out:
  * certificate CRL", "CRL has expired"), which is much harder to diagnose
  * than refusing the file now. */
 static int s_check_crl(STACK_OF(X509) * cas, const char *ca_file, X509_CRL *crl, const char *path,
-                       char *err, size_t errlen)
+                       int allow_expired, char *err, size_t errlen)
 {
     int signed_ok = 0;
     for (int i = 0; i < sk_X509_num(cas) && !signed_ok; i++) {
@@ -231,7 +248,7 @@ static int s_check_crl(STACK_OF(X509) * cas, const char *ca_file, X509_CRL *crl,
         return ML_ETLS;
     }
     const ASN1_TIME *next = X509_CRL_get0_nextUpdate(crl);
-    if (next && X509_cmp_current_time(next) <= 0) {
+    if (!allow_expired && next && X509_cmp_current_time(next) <= 0) {
         ml_seterr(err, errlen, "CRL file %s has expired (past its next update); issue a new one",
                   path);
         return ML_ETLS;
@@ -244,14 +261,18 @@ static int s_check_crl(STACK_OF(X509) * cas, const char *ca_file, X509_CRL *crl,
 }
 
 /* Builds a verification store from the CA certificates and, when crl_file
- * is set, the CRLs in it with revocation checks for the whole chain. */
+ * is set, the CRLs in it with revocation checks for the whole chain.
+ * *crl_next gets the earliest nextUpdate (0 without one). allow_expired
+ * takes a CRL past its nextUpdate (at start-up: see ml_tls_ctx_new). */
 static int s_build_store(STACK_OF(X509) * cas, const char *ca_file, const char *crl_file,
-                         X509_STORE **out, char *err, size_t errlen)
+                         int allow_expired, X509_STORE **out, int64_t *crl_next, char *err,
+                         size_t errlen)
 {
     int rc = ML_ENOMEM;
     X509_STORE *store = NULL;
     STACK_OF(X509_CRL) *crls = NULL;
 
+    *crl_next = 0;
     store = X509_STORE_new();
     if (!store) {
         ml_seterr(err, errlen, "out of memory building the TLS verification store");
@@ -272,9 +293,12 @@ static int s_build_store(STACK_OF(X509) * cas, const char *ca_file, const char *
             goto out;
         for (int i = 0; i < sk_X509_CRL_num(crls); i++) {
             X509_CRL *crl = sk_X509_CRL_value(crls, i);
-            rc = s_check_crl(cas, ca_file, crl, crl_file, err, errlen);
+            rc = s_check_crl(cas, ca_file, crl, crl_file, allow_expired, err, errlen);
             if (rc < 0)
                 goto out;
+            int64_t next = s_asn1_ms(X509_CRL_get0_nextUpdate(crl));
+            if (next && (!*crl_next || next < *crl_next))
+                *crl_next = next;
             if (!X509_STORE_add_crl(store, crl)) {
                 rc = ML_ENOMEM;
                 ml_seterr(err, errlen, "out of memory loading CRL file %s", crl_file);
@@ -319,6 +343,20 @@ static int s_load_key(const char *path, EVP_PKEY **out, char *err, size_t errlen
     return 0;
 }
 
+/* Notes the CN of the certificate the peer presents, before the verdict,
+ * so that a refusal can say whose certificate it refused. The verdict
+ * itself is OpenSSL's (ok is passed through). Called for every
+ * certificate of the chain; the leaf is X509_STORE_CTX_get0_cert. */
+static int s_verify_cb(int ok, X509_STORE_CTX *vc)
+{
+    SSL *ssl = X509_STORE_CTX_get_ex_data(vc, SSL_get_ex_data_X509_STORE_CTX_idx());
+    ml_tls_session_t *s = ssl ? SSL_get_app_data(ssl) : NULL;
+    X509 *leaf = X509_STORE_CTX_get0_cert(vc);
+    if (s && !s->seen_cn[0] && leaf && s_subject_cn(leaf, s->seen_cn, sizeof s->seen_cn) < 0)
+        s->seen_cn[0] = '\0';
+    return ok;
+}
+
 int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, size_t errlen)
 {
     int rc = ML_ETLS;
@@ -343,7 +381,9 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
 
     rc = ML_ENOMEM;
     ctx = calloc(1, sizeof *ctx);
-    if (!ctx || !(ctx->ca_file = strdup(cfg->ca_file))) {
+    if (!ctx || !(ctx->ca_file = strdup(cfg->ca_file)) ||
+        !(ctx->cert_file = strdup(cfg->cert_file)) ||
+        (cfg->crl_file && *cfg->crl_file && !(ctx->crl_file = strdup(cfg->crl_file)))) {
         ml_seterr(err, errlen, "out of memory creating the TLS context");
         goto out;
     }
@@ -374,6 +414,7 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
         goto out;
     }
     cert = SSL_CTX_get0_certificate(ctx->ssl_ctx);
+    ctx->own_not_after = s_asn1_ms(X509_get0_notAfter(cert));
     rc = s_load_key(cfg->key_file, &key, err, errlen);
     if (rc < 0)
         goto out;
@@ -397,7 +438,12 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
         goto out;
     }
 
-    rc = s_build_store(ctx->cas, ctx->ca_file, cfg->crl_file, &store, err, errlen);
+    /* A CRL past its nextUpdate is taken at start-up: every peer is then
+     * refused ("CRL expired", fail-closed), but the daemon runs, says so
+     * loudly, and a reload with a fresh CRL restores service without a
+     * restart (docs/security.md). A reload never installs one. */
+    rc = s_build_store(ctx->cas, ctx->ca_file, cfg->crl_file, 1, &store, &ctx->crl_next, err,
+                       errlen);
     if (rc < 0)
         goto out;
     rc = ML_ETLS;
@@ -408,7 +454,8 @@ int ml_tls_ctx_new(const ml_tls_config_t *cfg, ml_tls_ctx_t **out, char *err, si
     }
     /* Mutual authentication is the point: a peer without a certificate is
      * refused outright, on both sides. */
-    SSL_CTX_set_verify(ctx->ssl_ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    SSL_CTX_set_verify(ctx->ssl_ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                       s_verify_cb);
 
     if (ctx->is_server) {
         /* No resumption: every connection proves its certificate afresh
@@ -442,6 +489,8 @@ void ml_tls_ctx_destroy(ml_tls_ctx_t **self_p)
     SSL_CTX_free(ctx->ssl_ctx);
     sk_X509_pop_free(ctx->cas, X509_free);
     free(ctx->ca_file);
+    free(ctx->cert_file);
+    free(ctx->crl_file);
     free(ctx);
     *self_p = NULL;
 }
@@ -451,24 +500,71 @@ const char *ml_tls_ctx_own_id(const ml_tls_ctx_t *ctx)
     return ctx->own_id;
 }
 
+int64_t ml_tls_ctx_own_not_after(const ml_tls_ctx_t *ctx)
+{
+    return ctx->own_not_after;
+}
+
+size_t ml_tls_ctx_expiry(const ml_tls_ctx_t *ctx, ml_tls_expiry_t *out, size_t cap)
+{
+    size_t n = 0;
+    if (n < cap) {
+        snprintf(out[n].what, sizeof out[n].what, "certificate %s (CN %s)", ctx->cert_file,
+                 ctx->own_id);
+        out[n].not_after = ctx->own_not_after;
+    }
+    n++;
+    for (int i = 0; i < sk_X509_num(ctx->cas); i++, n++) {
+        if (n >= cap)
+            continue;
+        X509 *ca = sk_X509_value(ctx->cas, i);
+        char cn[ML_TLS_ID_MAX];
+        if (s_subject_cn(ca, cn, sizeof cn) < 0)
+            snprintf(cn, sizeof cn, "?");
+        snprintf(out[n].what, sizeof out[n].what, "CA certificate %s (CN %s)", ctx->ca_file, cn);
+        out[n].not_after = s_asn1_ms(X509_get0_notAfter(ca));
+    }
+    if (ctx->crl_file) {
+        if (n < cap) {
+            snprintf(out[n].what, sizeof out[n].what, "CRL %s (next update)", ctx->crl_file);
+            out[n].not_after = ctx->crl_next;
+        }
+        n++;
+    }
+    ERR_clear_error();
+    return n;
+}
+
 int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, size_t errlen)
 {
     int rc;
     X509_STORE *store = NULL;
     char why[256];
+    int64_t next = 0;
+    char *path = NULL;
 
     ml_seterr(err, errlen, "no error");
-    rc = s_build_store(ctx->cas, ctx->ca_file, crl_file, &store, err, errlen);
+    rc = s_build_store(ctx->cas, ctx->ca_file, crl_file, 0, &store, &next, err, errlen);
     if (rc < 0)
         goto out;
+    if (crl_file && *crl_file && !(path = strdup(crl_file))) {
+        ml_seterr(err, errlen, "out of memory loading CRL file %s", crl_file);
+        rc = ML_ENOMEM;
+        goto out;
+    }
     if (!SSL_CTX_set1_verify_cert_store(ctx->ssl_ctx, store)) {
         s_openssl_reason(why, sizeof why);
         ml_seterr(err, errlen, "cannot install the CRL from %s: %s", crl_file, why);
         rc = ML_ETLS;
         goto out;
     }
+    free(ctx->crl_file);
+    ctx->crl_file = path;
+    path = NULL;
+    ctx->crl_next = next;
     rc = 0;
 out:
+    free(path);
     X509_STORE_free(store); /* the context holds its own reference */
     ERR_clear_error();
     return rc;
@@ -526,6 +622,8 @@ ml_tls_session_t *ml_tls_session_new(ml_tls_ctx_t *ctx)
         ERR_clear_error();
         return NULL;
     }
+    /* The verify callback finds the session through the SSL. */
+    SSL_set_app_data(s->ssl, s);
     /* An empty read BIO means "more later", not end of stream. */
     BIO_set_mem_eof_return(s->rbio, -1);
     SSL_set_bio(s->ssl, s->rbio, s->wbio);
@@ -562,6 +660,81 @@ static int s_is_cert_alert(int reason)
     }
 }
 
+/* The failure kind of an X509 verification error of the peer's chain. */
+static ml_tls_fail_t s_fail_of_verify(long vr)
+{
+    switch (vr) {
+    case X509_V_ERR_CERT_HAS_EXPIRED:
+    case X509_V_ERR_CERT_NOT_YET_VALID:
+        return ML_TLS_FAIL_PEER_EXPIRED;
+    case X509_V_ERR_CERT_REVOKED:
+        return ML_TLS_FAIL_PEER_REVOKED;
+    case X509_V_ERR_CRL_HAS_EXPIRED:
+        return ML_TLS_FAIL_CRL_EXPIRED;
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+    case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+    case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+    case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+    case X509_V_ERR_CERT_UNTRUSTED:
+    case X509_V_ERR_CERT_SIGNATURE_FAILURE:
+        return ML_TLS_FAIL_PEER_UNKNOWN_CA;
+    default:
+        return ML_TLS_FAIL_PEER_BAD;
+    }
+}
+
+/* The failure kind of an alert the peer sent about our certificate. */
+static ml_tls_fail_t s_fail_of_alert(int reason)
+{
+    switch (reason) {
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+        return ML_TLS_FAIL_REFUSED_EXPIRED;
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED:
+        return ML_TLS_FAIL_REFUSED_REVOKED;
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+        return ML_TLS_FAIL_REFUSED_UNKNOWN_CA;
+    default:
+        return ML_TLS_FAIL_REFUSED_OTHER;
+    }
+}
+
+const char *ml_tls_fail_name(ml_tls_fail_t f)
+{
+    switch (f) {
+    case ML_TLS_FAIL_NONE:
+        return "no failure";
+    case ML_TLS_FAIL_OTHER:
+        return "TLS error";
+    case ML_TLS_FAIL_PEER_EXPIRED:
+        return "expired";
+    case ML_TLS_FAIL_PEER_REVOKED:
+        return "revoked";
+    case ML_TLS_FAIL_PEER_UNKNOWN_CA:
+        return "unknown CA";
+    case ML_TLS_FAIL_PEER_BAD:
+        return "certificate not accepted";
+    case ML_TLS_FAIL_CRL_EXPIRED:
+        return "CRL expired";
+    case ML_TLS_FAIL_NO_PEER_CERT:
+        return "no certificate";
+    case ML_TLS_FAIL_REFUSED_EXPIRED:
+        return "our certificate refused as expired";
+    case ML_TLS_FAIL_REFUSED_REVOKED:
+        return "our certificate refused as revoked";
+    case ML_TLS_FAIL_REFUSED_UNKNOWN_CA:
+        return "our certificate refused: unknown CA";
+    case ML_TLS_FAIL_REFUSED_OTHER:
+        return "our certificate refused";
+    }
+    return "TLS error";
+}
+
+int ml_tls_fail_permanent(ml_tls_fail_t f)
+{
+    return f != ML_TLS_FAIL_NONE && f != ML_TLS_FAIL_OTHER;
+}
+
 /* Records the failure behind ssl_err as a sentence, marks the session dead
  * and returns ML_ETLS. Must run before anything else touches the OpenSSL
  * error queue. */
@@ -574,21 +747,30 @@ static int s_fail(ml_tls_session_t *s, int ssl_err)
         char why[256];
         s_openssl_reason(why, sizeof why);
         long vr = SSL_get_verify_result(s->ssl);
+        s->fail = ML_TLS_FAIL_OTHER;
         if (ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == SSL_R_CERTIFICATE_VERIFY_FAILED &&
             vr != X509_V_OK) {
             /* The X509 reason says what was wrong with the peer's chain. */
+            s->fail = s_fail_of_verify(vr);
             snprintf(s->err, sizeof s->err, "%s: %s: %s", what, why,
                      X509_verify_cert_error_string(vr));
         } else if (ERR_GET_LIB(e) == ERR_LIB_SSL && s_is_cert_alert(ERR_GET_REASON(e))) {
+            s->fail = s_fail_of_alert(ERR_GET_REASON(e));
             snprintf(s->err, sizeof s->err, "%s: %s (the peer refused our certificate)", what, why);
+        } else if (ERR_GET_LIB(e) == ERR_LIB_SSL &&
+                   ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE) {
+            s->fail = ML_TLS_FAIL_NO_PEER_CERT;
+            snprintf(s->err, sizeof s->err, "%s: %s", what, why);
         } else {
             snprintf(s->err, sizeof s->err, "%s: %s", what, why);
         }
     } else if (ssl_err == SSL_ERROR_SYSCALL) {
+        s->fail = ML_TLS_FAIL_OTHER;
         /* Memory BIOs make no system calls; this means OpenSSL gave up
          * without queueing a reason, e.g. out of memory. */
         snprintf(s->err, sizeof s->err, "%s: internal error (out of memory?)", what);
     } else {
+        s->fail = ML_TLS_FAIL_OTHER;
         snprintf(s->err, sizeof s->err, "%s: unexpected OpenSSL state %d", what, ssl_err);
     }
     ERR_clear_error();
@@ -604,15 +786,18 @@ static int s_on_established(ml_tls_session_t *s)
     X509 *peer = SSL_get0_peer_certificate(s->ssl);
     s->failed = 1;
     if (vr != X509_V_OK) {
+        s->fail = s_fail_of_verify(vr);
         snprintf(s->err, sizeof s->err, "TLS handshake failed: certificate verify failed: %s",
                  X509_verify_cert_error_string(vr));
         return ML_ETLS;
     }
     if (!peer) {
+        s->fail = ML_TLS_FAIL_NO_PEER_CERT;
         snprintf(s->err, sizeof s->err, "TLS handshake failed: the peer sent no certificate");
         return ML_ETLS;
     }
     if (s_subject_cn(peer, s->peer_id, sizeof s->peer_id) < 0) {
+        s->fail = ML_TLS_FAIL_PEER_BAD;
         s->peer_id[0] = '\0';
         snprintf(s->err, sizeof s->err,
                  "TLS handshake failed: the peer certificate has no usable subject CN");
@@ -677,6 +862,7 @@ int ml_tls_session_feed(ml_tls_session_t *s, const uint8_t *data, size_t len)
         int n = BIO_write(s->rbio, data, chunk);
         if (n <= 0) {
             s->failed = 1;
+            s->fail = ML_TLS_FAIL_OTHER;
             snprintf(s->err, sizeof s->err, "TLS input could not be buffered (out of memory)");
             ERR_clear_error();
             return ML_ETLS;
@@ -768,6 +954,16 @@ void ml_tls_session_close(ml_tls_session_t *s)
 const char *ml_tls_session_peer_id(const ml_tls_session_t *s)
 {
     return s->established && s->peer_id[0] ? s->peer_id : NULL;
+}
+
+ml_tls_fail_t ml_tls_session_fail_kind(const ml_tls_session_t *s)
+{
+    return s->failed ? s->fail : ML_TLS_FAIL_NONE;
+}
+
+const char *ml_tls_session_peer_cn(const ml_tls_session_t *s)
+{
+    return s->established && s->peer_id[0] ? s->peer_id : s->seen_cn;
 }
 
 const char *ml_tls_session_error(const ml_tls_session_t *s)

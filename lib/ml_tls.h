@@ -42,6 +42,46 @@ const char *ml_tls_ctx_own_id(const ml_tls_ctx_t *ctx);
  * SIGHUP; loop thread only. */
 int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, size_t errlen);
 
+/* One dated thing a context depends on: its own certificate, a CA
+ * certificate, or the CRL. */
+typedef struct {
+    char what[400];    /* e.g. "CRL pki/crl.pem (next update)" */
+    int64_t not_after; /* Unix ms: notAfter, or the CRL's nextUpdate; 0 if it has none */
+} ml_tls_expiry_t;
+
+/* Lists what expires: this node's certificate, each CA certificate, and the
+ * CRL in force (its earliest nextUpdate), in that order. Writes up to cap
+ * entries into out and returns how many there are (may be more than cap).
+ * O(CAs). */
+size_t ml_tls_ctx_expiry(const ml_tls_ctx_t *ctx, ml_tls_expiry_t *out, size_t cap);
+/* notAfter of this context's own certificate, in Unix ms. */
+int64_t ml_tls_ctx_own_not_after(const ml_tls_ctx_t *ctx);
+
+/* Why a handshake failed, as far as it matters for what to do next. The
+ * PEER_ kinds are this side's verdict on the peer's certificate; the
+ * REFUSED_ kinds are the peer's verdict on ours, learnt from its alert. */
+typedef enum {
+    ML_TLS_FAIL_NONE = 0,           /* no failure */
+    ML_TLS_FAIL_OTHER,              /* protocol or internal: retrying may help */
+    ML_TLS_FAIL_PEER_EXPIRED,       /* the peer's certificate expired (or is not yet valid) */
+    ML_TLS_FAIL_PEER_REVOKED,       /* the peer's certificate is on our CRL */
+    ML_TLS_FAIL_PEER_UNKNOWN_CA,    /* the peer's chain does not lead to our CA */
+    ML_TLS_FAIL_PEER_BAD,           /* another verification failure of the peer's chain */
+    ML_TLS_FAIL_CRL_EXPIRED,        /* our CRL is past its nextUpdate: every peer fails */
+    ML_TLS_FAIL_NO_PEER_CERT,       /* the peer sent no certificate */
+    ML_TLS_FAIL_REFUSED_EXPIRED,    /* the peer says our certificate expired */
+    ML_TLS_FAIL_REFUSED_REVOKED,    /* the peer says our certificate is revoked */
+    ML_TLS_FAIL_REFUSED_UNKNOWN_CA, /* the peer does not know our CA */
+    ML_TLS_FAIL_REFUSED_OTHER,      /* the peer refused our certificate otherwise */
+} ml_tls_fail_t;
+
+/* A short name for logs: "expired", "revoked", "unknown CA", "CRL
+ * expired", ... (static, never NULL). */
+const char *ml_tls_fail_name(ml_tls_fail_t f);
+/* 1 when retrying the same handshake cannot help before an operator acts
+ * (a certificate or CRL matter), 0 for NONE and OTHER. */
+int ml_tls_fail_permanent(ml_tls_fail_t f);
+
 /* Creates a session (server or client, as the context says). The server's
  * identity is checked by its certificate chain and CN (see
  * ml_tls_session_peer_id), not by a host name. Returns NULL on allocation
@@ -85,6 +125,12 @@ const char *ml_tls_session_peer_id(const ml_tls_session_t *s);
  * verified peer, ML_ENOMEM. Meant for SIGHUP: closing the live sessions of
  * revoked nodes. */
 int ml_tls_session_recheck(const ml_tls_session_t *s, ml_tls_ctx_t *ctx, char *err, size_t errlen);
+/* The kind of the last failure (ML_TLS_FAIL_NONE while all is well). */
+ml_tls_fail_t ml_tls_session_fail_kind(const ml_tls_session_t *s);
+/* The subject CN of the certificate the peer presented, whether or not it
+ * verified (borrowed; "" when the peer sent none or its CN is unusable).
+ * For logs only: an unverified CN proves nothing. */
+const char *ml_tls_session_peer_cn(const ml_tls_session_t *s);
 /* The last failure as a sentence (borrowed, never NULL). */
 const char *ml_tls_session_error(const ml_tls_session_t *s);
 

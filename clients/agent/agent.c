@@ -630,6 +630,20 @@ static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
     ml_log(ML_LOG_DEBUG, S_LOG, "ignored a %s record from the broker", ml_kind_name(env->kind));
 }
 
+/* The broker cannot be reached for a reason that retrying will not fix
+ * (a certificate, CA, CRL or broker identity matter): an ERROR for the
+ * operator. The channel keeps trying, backing off up to a minute, so that
+ * fixing the certificate is enough. */
+static void s_on_fatal(ml_channel_t *ch, const char *reason, void *arg)
+{
+    (void)ch;
+    (void)arg;
+    ml_log(ML_LOG_ERROR, S_LOG,
+           "cannot connect to the broker, and retrying will not help until this is fixed: %s "
+           "(still retrying, at most once a minute)",
+           reason);
+}
+
 static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
 {
     ml_agent_t *a = arg;
@@ -888,6 +902,7 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     ccfg.deliveries = 1;
     ccfg.on_envelope = s_on_envelope;
     ccfg.on_state = s_on_state;
+    ccfg.on_fatal = s_on_fatal;
     ccfg.arg = a;
     if ((rc = ml_channel_new(loop, a->zctx, &ccfg, &a->ch)) < 0) {
         snprintf(err, errlen, "cannot start the channel to %s: %s", cfg->broker, ml_strerror(rc));

@@ -235,7 +235,9 @@ void ctl_cli_usage(FILE *f, ctl_cmd_t cmd)
             if (s_opts[i].cmds == S_ALL)
                 s_print_opt(f, &s_opts[i]);
         fprintf(f, "\n'medlinkctl COMMAND --help' lists a command's options.\n"
-                   "exit status: 0 ok, 1 refused or failed (reason on stderr), 2 usage error\n");
+                   "exit status: 0 ok, 1 refused or failed (reason on stderr), 2 usage error,\n"
+                   "3 TLS refusal that retrying cannot fix (expired or revoked certificate,\n"
+                   "unknown CA, broker CN mismatch)\n");
         return;
     }
     for (size_t i = 0; i < S_N_CMDS; i++) {

@@ -2,14 +2,17 @@
  * which command takes which option (and gives --help its text), the parsed
  * request (ctl_opts_t), the connection settings merged from the flags and
  * the [ctl] section of --config, and how a failure is reported: one line on
- * stderr and an exit code (0 ok, 1 refused or failed, 2 usage). */
+ * stderr and an exit code (0 ok, 1 refused or failed, 2 usage, 3 TLS
+ * refusal that retrying cannot fix). */
 #ifndef CTL_CLI_H
 #define CTL_CLI_H
 
 #include <stddef.h>
 #include <stdio.h>
 
-enum { CTL_EXIT_OK = 0, CTL_EXIT_FAIL = 1, CTL_EXIT_USAGE = 2 };
+/* CTL_EXIT_TLS: the TLS session cannot be made and retrying will not help
+ * (own certificate expired or revoked, unknown CA, broker CN mismatch). */
+enum { CTL_EXIT_OK = 0, CTL_EXIT_FAIL = 1, CTL_EXIT_USAGE = 2, CTL_EXIT_TLS = 3 };
 
 typedef enum {
     CTL_CMD_NONE = 0,

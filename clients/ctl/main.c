@@ -61,6 +61,12 @@ static int s_identity(ctl_opts_t *o, ml_tls_ctx_t **tls)
     return CTL_EXIT_OK;
 }
 
+/* The exit status of a session that failed (reason already on stderr). */
+static int s_exit_of(int rc)
+{
+    return rc == ML_ETLS ? CTL_EXIT_TLS : CTL_EXIT_FAIL;
+}
+
 static int s_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls)
 {
     Medlink__V1__AdminRequest req;
@@ -86,7 +92,7 @@ static int s_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls)
     if (rc == ML_EDENIED)
         return ctl_print_refused(o, &res);
     if (rc < 0)
-        return CTL_EXIT_FAIL;
+        return s_exit_of(rc);
     rc = ctl_print_admin(o, reply->admin_reply);
     ml_env_free(&reply);
     return rc;
@@ -127,7 +133,7 @@ static int s_send_one(const ctl_opts_t *o, ml_tls_ctx_t *tls)
     if (rc == ML_EDENIED)
         rc = ctl_print_refused(o, &res);
     else if (rc < 0)
-        rc = CTL_EXIT_FAIL;
+        rc = s_exit_of(rc);
     else
         rc = ctl_print_accepted(o, e, &res);
 out:
@@ -184,7 +190,7 @@ static int s_send_imaging(const ctl_opts_t *o, ml_tls_ctx_t *tls)
                      "it stopped",
                      c->case_id, (unsigned long long)res.accepted,
                      (unsigned long long)(1 + ctl_study_chunks(st)));
-        rc = rc == ML_EDENIED ? ctl_print_refused(o, &res) : CTL_EXIT_FAIL;
+        rc = rc == ML_EDENIED ? ctl_print_refused(o, &res) : s_exit_of(rc);
     }
     ctl_study_destroy(&st);
     return rc;

@@ -178,6 +178,22 @@ static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     printf("messages  accepted %llu, delivered %llu, refused %llu\n",
            (unsigned long long)st->accepted_total, (unsigned long long)st->delivered_total,
            (unsigned long long)st->refused_total);
+    /* The clock: a CRL past its next update refuses every node, so what
+     * is about to expire is said first, one line each. */
+    for (size_t i = 0; i < st->n_expiry; i++) {
+        const Medlink__V1__Expiry *e = st->expiry[i];
+        if (!e->warning)
+            continue;
+        ml_time_format(e->not_after, b, sizeof b);
+        if (e->expired)
+            printf("WARNING   %s EXPIRED on %s: handshakes it affects are refused\n",
+                   s_or(e->what, "?"), b);
+        else if (e->days_left < 1)
+            printf("WARNING   %s expires in less than a day, on %s\n", s_or(e->what, "?"), b);
+        else
+            printf("WARNING   %s expires in %lld day(s), on %s\n", s_or(e->what, "?"),
+                   (long long)e->days_left, b);
+    }
     printf("\n%-32s %-16s %-8s %-10s %7s %8s %9s\n", "NODE", "ROLE", "STATE", "LAST SEEN", "QUEUE",
            "OLDEST", "IN FLIGHT");
     for (size_t i = 0; i < st->n_node; i++) {

@@ -238,6 +238,20 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
     s_pump(ss);
 }
 
+/* The TLS session cannot be made for a reason retrying will not fix (our
+ * certificate expired or revoked, an unknown CA, the broker's CN not
+ * broker_id): end at once with that reason instead of waiting out
+ * --timeout. */
+static void s_on_fatal(ml_channel_t *ch, const char *reason, void *arg)
+{
+    s_sess_t *ss = arg;
+    (void)ch;
+    if (ss->done)
+        return;
+    ctl_fail(CTL_EXIT_TLS, "cannot connect to broker %s: %s", ss->o->broker, reason);
+    s_finish(ss, ML_ETLS);
+}
+
 static int s_lists(char **ids, size_t n, const char *id)
 {
     for (size_t i = 0; i < n; i++)
@@ -398,6 +412,7 @@ static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
     cc.deliveries = 0;
     cc.on_envelope = s_on_envelope;
     cc.on_state = s_on_state;
+    cc.on_fatal = s_on_fatal;
     cc.arg = ss;
     if ((rc = ml_channel_new(&ss->loop, ss->zctx, &cc, &ss->ch)) < 0) {
         ctl_fail(CTL_EXIT_FAIL, "cannot connect to %s: %s", o->broker, ml_strerror(rc));

@@ -54,14 +54,17 @@ typedef struct {
 /* Sends req to the broker (to = the broker id from Welcome) and waits for
  * the AdminReply. On success *reply is the reply envelope (the caller's,
  * ml_env_free). Returns 0; ML_EDENIED when a Nack refused it (res says
- * why, nothing printed); another ML_E* after saying why on stderr
- * (timeout, TLS, connection). */
+ * why, nothing printed); ML_ETLS at once when the TLS session cannot be
+ * made and retrying will not help (expired or revoked certificate,
+ * unknown CA, broker CN mismatch); another ML_E* after saying why on
+ * stderr (timeout, connection). */
 int ctl_session_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls, const Medlink__V1__AdminRequest *req,
                       ml_envelope_t **reply, ctl_result_t *res);
 
 /* Sends every message of src and waits until each is Accepted. Returns 0;
  * ML_EDENIED when a Nack refused one (res says which and why, nothing
- * printed); another ML_E* after saying why on stderr. */
+ * printed); ML_ETLS as ctl_session_admin; another ML_E* after saying why
+ * on stderr. */
 int ctl_session_send(const ctl_opts_t *o, ml_tls_ctx_t *tls, const ctl_source_t *src,
                      ctl_result_t *res);
 

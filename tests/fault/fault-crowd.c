@@ -667,6 +667,9 @@ static int s_bad(const char *other, int garbage, int stall, int wrong, int addrs
                                   .broker_id = S_BROKER_ID,
                                   .software = "fault-crowd-wrong",
                                   .heartbeat_ms = 2000,
+                                  /* Keep the pressure: a real client backs off
+                                   * to a minute after an unknown-CA refusal. */
+                                  .fatal_backoff_ms = 1600,
                                   .on_envelope = s_wrong_env,
                                   .on_state = s_wrong_state,
                                   .arg = c};
