@@ -311,6 +311,41 @@ Test(security, f3_resend_indexes_deduped_and_bounded)
     h_broker_stop(&W);
 }
 
+/* A resend that names a chunk still on its way is not queued again: the
+ * clinic's uplink is slow (128 KiB/s), so a chunk sent again stays in
+ * flight for about two seconds, and the same request comes twice at once. */
+Test(security, f3_resend_of_a_queued_chunk_not_queued_twice)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_link_start(&W, 128L * 1024);
+    h_agent_start_at(&W, H_XINZHAN, W.link_endpoint);
+    cli_t rc;
+    cli_open(&rc, &W, H_READ_A, 1);
+    /* One object of 300 KiB: 2 chunks. */
+    s_drop_study(H_XINZHAN, "f3q", 1, 300 * 1024);
+    cr_assert(cli_run_until(&rc, s_has_consult, NULL, 30000), "no consult reached the centre");
+    const ml_envelope_t *consult = s_got(&rc, MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CONSULT);
+    char case_id[130];
+    snprintf(case_id, sizeof case_id, "%s", consult->case_id);
+    int total = (int)consult->imaging_consult->object[0]->chunks;
+    cr_assert_eq(total, 2);
+    cr_assert_eq(s_settle_chunks(&rc, total), total);
+
+    uint32_t idx[1] = {0};
+    for (int i = 0; i < 3; i++) {
+        ml_envelope_t *r = s_resend(&rc, case_id, H_XINZHAN, 0, idx, 1);
+        cr_assert_eq(r->payload_case, MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED);
+    }
+    cr_assert_eq(s_settle_chunks(&rc, total + 1), total + 1,
+                 "a chunk asked for three times while in flight was sent more than once");
+    cr_assert_geq(h_log_contains(&W, "agent-" H_XINZHAN ".log", "1 already queued"), 1,
+                  "the clinic did not log the chunk as already queued");
+    cli_close(&rc);
+    h_agent_stop(&W, H_XINZHAN);
+    h_broker_stop(&W);
+}
+
 /* A consult for a raw clinic: object i has chunks[i] chunks of 4 KiB. */
 typedef struct {
     char id[ML_ULID_LEN + 1];
