@@ -6,6 +6,8 @@
  *     indexes in one ImagingResend. The broker refuses indexes the consult
  *     does not declare; of valid duplicates the clinic sends each chunk
  *     once, and no more than the study's chunk count per resend window.
+ *   - F3: over a slow uplink, a chunk asked for again while it is still in
+ *     flight is not queued a second time;
  *   - F3: the broker checks every index against the stored consult and
  *     takes a resend only from the case's reading centre.
  *   - F9: a study whose chunks never complete is expired by the real
