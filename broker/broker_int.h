@@ -280,6 +280,7 @@ enum {
     ML_BK_AFTER_NONE = 0,
     ML_BK_AFTER_FORWARD = 1,    /* forward the case's referral to its (new) target */
     ML_BK_AFTER_REREFERRED = 2, /* tell the down-transfer's hospital it went back up */
+    ML_BK_AFTER_EXPIRED = 3,    /* the study expired at the reading centre: dead letter */
 };
 
 /* Loads the open cases from the store into b->cases (start-up). Returns 0

@@ -56,6 +56,7 @@ void ml_case_free(ml_case_t *c)
     if (!c)
         return;
     free(c->linked);
+    free(c->obj_chunks);
     ml_redo_free(c->redo);
     free(c);
 }

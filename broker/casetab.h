@@ -43,6 +43,8 @@ typedef struct ml_case {
     uint32_t target;      /* index into the broker's nodes */
     const char *service;  /* borrowed from the config, or NULL */
     char *linked;         /* malloc'd case id, or NULL */
+    uint32_t *obj_chunks; /* imaging: chunks of each of the n_objects objects, read from the
+                           * stored consult on the first ImagingResend (flow.c), or NULL */
     uint16_t escalations;
     uint16_t follow_ups;
     uint8_t kind;

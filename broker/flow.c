@@ -1025,6 +1025,37 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
            ml_kind_name(env->kind), detail);
 }
 
+/* The chunk count of each object of imaging case c, read from its stored
+ * consult (the opening message) the first time an ImagingResend needs it
+ * and kept with the case: n_objects words, bounded by what one consult
+ * record can list. Synchronous read on the loop thread, O(consult size)
+ * once per case in memory. Returns 0, or ML_ENOTFOUND / ML_EPROTO /
+ * ML_ESTORE / ML_ENOMEM (the resend cannot be checked now). */
+static int s_object_chunks(ml_broker_t *b, ml_case_t *c)
+{
+    if (c->obj_chunks || c->n_objects == 0)
+        return 0;
+    int64_t seq = 0;
+    uint8_t *blob = NULL;
+    size_t len = 0;
+    ml_envelope_t *e = NULL;
+    int rc = ml_store_lookup(b->store, c->opening_id, &seq, NULL);
+    if (rc == 0)
+        rc = ml_store_fetch(b->store, seq, &blob, &len);
+    if (rc == 0)
+        rc = ml_env_unpack(blob, len, &e) < 0 ? ML_EPROTO : 0;
+    free(blob);
+    if (rc == 0 && (e->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CONSULT ||
+                    e->imaging_consult->n_object != c->n_objects))
+        rc = ML_EPROTO;
+    if (rc == 0 && !(c->obj_chunks = calloc(c->n_objects, sizeof *c->obj_chunks)))
+        rc = ML_ENOMEM;
+    for (uint32_t i = 0; rc == 0 && i < c->n_objects; i++)
+        c->obj_chunks[i] = e->imaging_consult->object[i]->chunks;
+    ml_env_free(&e);
+    return rc;
+}
+
 /* Checks that go beyond the lifecycle table: what the message asks must
  * fit this case. Returns 0, or a Nack code with err filled in. */
 static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *env, int st,
@@ -1075,6 +1106,13 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
             return NACK_(INVALID);
         }
         break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE:
+        if (env->imaging_update->incoming_expired && st != IMG_(REJECTED)) {
+            snprintf(err, errlen,
+                     "imaging_update.incoming_expired is set only with IMAGING_REJECTED");
+            return NACK_(INVALID);
+        }
+        break;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK:
         if (env->imaging_chunk->object_index >= c->n_objects) {
             snprintf(err, errlen,
@@ -1089,6 +1127,27 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
                      "imaging_resend.object_index %u: the consult of case %s has %u object(s)",
                      env->imaging_resend->object_index, c->id, c->n_objects);
             return NACK_(INVALID);
+        }
+        /* Every index must name a chunk the consult declared: a resend
+         * makes the clinic upload again, so one that asks for chunks that
+         * do not exist is refused here rather than left to the clinic
+         * (F3). Duplicates are the clinic's to fold. */
+        if (s_object_chunks(b, c) != 0) {
+            snprintf(err, errlen, "the consult of case %s cannot be read to check the resend",
+                     c->id);
+            return NACK_(STORE);
+        } else {
+            const Medlink__V1__ImagingResend *r = env->imaging_resend;
+            uint32_t n = c->obj_chunks[r->object_index];
+            for (size_t i = 0; i < r->n_chunk_index; i++) {
+                if (r->chunk_index[i] >= n) {
+                    snprintf(err, errlen,
+                             "imaging_resend.chunk_index[%zu] %u: object %u of case %s has %u "
+                             "chunk(s)",
+                             i, r->chunk_index[i], r->object_index, c->id, n);
+                    return NACK_(INVALID);
+                }
+            }
         }
         break;
     default:
@@ -1183,6 +1242,9 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
         s_target_count(b, c, -1);
         c->state = (uint8_t)st;
         c->closed = (uint8_t)ml_case_terminal(ck, st);
+        if (env->payload_case == MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE &&
+            env->imaging_update->incoming_expired)
+            action = ML_BK_AFTER_EXPIRED;
         if (redirect) {
             c->target = ml_bk_node_index(b, redirect);
             action = ML_BK_AFTER_FORWARD;
@@ -1299,6 +1361,36 @@ static void s_notify_rereferred(ml_broker_t *b, ml_case_t *dt, ml_case_t *ref)
     ml_bk_emit(b, &env, hospital, dt, NULL, 0);
 }
 
+/* The reading centre expired c's study (IMAGING_REJECTED with
+ * incoming_expired, now stored): the consult it was delivered becomes a dead
+ * letter, which escalates to ops and the requesting clinic as any dead
+ * letter does (ml_bk_dead_letter), and shows in `medlinkctl dlq`. */
+static void s_study_expired(ml_broker_t *b, ml_case_t *c)
+{
+    ml_nodestate_t *centre = s_node_at(b, c->target);
+    int64_t seq = 0;
+    if (!centre || ml_store_lookup(b->store, c->opening_id, &seq, NULL) != 0) {
+        ml_log(ML_LOG_ERROR, "cases", "case %s: the study expired, but its consult %s is not found",
+               c->id, c->opening_id);
+        return;
+    }
+    char why[400];
+    snprintf(why, sizeof why,
+             "the study did not arrive whole at %s within its incoming_expire_s; its partial "
+             "files are deleted there",
+             centre->node->id);
+    ml_store_mark_dead_delivered(b->store, seq, why);
+    ml_qitem_t it;
+    memset(&it, 0, sizeof it);
+    it.seq = seq;
+    it.kind = K_(IMAGING_CONSULT);
+    it.priority = c->priority;
+    it.cs = c;
+    c->refs++; /* the item's; ml_bk_dead_letter releases it */
+    snprintf(it.id, sizeof it.id, "%s", c->opening_id);
+    ml_bk_dead_letter(b, centre, &it, why);
+}
+
 void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
 {
     ml_case_t *c = p->cs, *lc = p->linked;
@@ -1327,6 +1419,8 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
             s_forward_opening(b, c);
         else if (p->action == ML_BK_AFTER_REREFERRED && c && lc)
             s_notify_rereferred(b, lc, c);
+        else if (p->action == ML_BK_AFTER_EXPIRED && c)
+            s_study_expired(b, c);
     }
     ml_bk_case_release(b, c);
     ml_bk_case_release(b, lc);

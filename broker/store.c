@@ -53,7 +53,16 @@
  * statement fails with SQLITE_BUSY and is reported as ML_ESTORE. */
 #define S_BUSY_MS 5000
 
-enum { S_OP_PUT, S_OP_DELIVERED, S_OP_DEAD, S_OP_CASE, S_OP_REPLAY, S_OP_PURGE, S_OP_REOPEN };
+enum {
+    S_OP_PUT,
+    S_OP_DELIVERED,
+    S_OP_DEAD,
+    S_OP_CASE,
+    S_OP_REPLAY,
+    S_OP_PURGE,
+    S_OP_REOPEN,
+    S_OP_DEAD_DELIVERED
+};
 
 /* Puts and case changes have results and callbacks; marks do not. */
 static int s_has_result(int op)
@@ -143,6 +152,7 @@ struct ml_store {
     sqlite3_stmt *insert_body;
     sqlite3_stmt *delivered;
     sqlite3_stmt *dead;
+    sqlite3_stmt *dead_delivered;
     sqlite3_stmt *page_count;
     sqlite3_stmt *case_insert;
     sqlite3_stmt *case_update;
@@ -389,6 +399,12 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->dead,
          "UPDATE messages SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
          " WHERE seq = ?1 AND state = 0"},
+        /* An imaging consult whose study never arrived whole (F9): it was
+         * delivered, but what it stands for was not. Asked for explicitly
+         * (ml_store_mark_dead_delivered), never by a late mark. */
+        {st->wr, &st->dead_delivered,
+         "UPDATE messages SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
+         " WHERE seq = ?1 AND state IN (0, 1)"},
         {st->wr, &st->page_count, "PRAGMA page_count"},
         {st->wr, &st->case_insert,
          "INSERT OR IGNORE INTO cases (" S_CASE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,"
@@ -454,12 +470,12 @@ static void s_free_list(ml_store_req_t *r)
  * connections, the queues, the mutex. Runs with no store thread alive. */
 static void s_release(ml_store_t *st)
 {
-    sqlite3_stmt **stmts[] = {&st->scan,        &st->fetch,     &st->begin,        &st->commit,
-                              &st->rollback,    &st->insert,    &st->lookup,       &st->insert_body,
-                              &st->delivered,   &st->dead,      &st->page_count,   &st->case_insert,
-                              &st->case_update, &st->case_bump, &st->event_insert, &st->replay,
-                              &st->purge_body,  &st->purge_msg, &st->sp_begin,     &st->sp_rollback,
-                              &st->sp_release,  &st->rd_lookup, &st->rd_case};
+    sqlite3_stmt **stmts[] = {
+        &st->scan,       &st->fetch,       &st->begin,       &st->commit,        &st->rollback,
+        &st->insert,     &st->lookup,      &st->insert_body, &st->delivered,     &st->dead,
+        &st->page_count, &st->case_insert, &st->case_update, &st->case_bump,     &st->event_insert,
+        &st->replay,     &st->purge_body,  &st->purge_msg,   &st->sp_begin,      &st->sp_rollback,
+        &st->sp_release, &st->rd_lookup,   &st->rd_case,     &st->dead_delivered};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
         sqlite3_stmt **slot = stmts[i];
         sqlite3_finalize(*slot);
@@ -781,7 +797,8 @@ static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
         sqlite3_bind_int64(s, 2, now);
         return s_run(s);
     case S_OP_DEAD:
-        s = st->dead;
+    case S_OP_DEAD_DELIVERED:
+        s = r->op == S_OP_DEAD ? st->dead : st->dead_delivered;
         sqlite3_bind_int64(s, 1, r->seq);
         sqlite3_bind_text(s, 2, r->reason, -1, SQLITE_STATIC);
         sqlite3_bind_int(s, 3, r->attempts);
@@ -1470,7 +1487,7 @@ int ml_store_mark_delivered(ml_store_t *st, int64_t seq)
     return s_mark_req(st, S_OP_DELIVERED, seq, NULL);
 }
 
-int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int attempts)
+static int s_dead_req(ml_store_t *st, int op, int64_t seq, const char *reason, int attempts)
 {
     if (!st)
         return ML_EINVAL;
@@ -1480,10 +1497,20 @@ int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int atte
     ml_store_req_t *r = malloc(size);
     if (!r)
         return ML_ENOMEM;
-    *r = (ml_store_req_t){.op = S_OP_DEAD, .seq = seq, .attempts = attempts};
+    *r = (ml_store_req_t){.op = op, .seq = seq, .attempts = attempts};
     char *p = (char *)(r + 1);
     r->reason = s_copy_str(&p, reason);
     return s_enqueue(st, r);
+}
+
+int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int attempts)
+{
+    return s_dead_req(st, S_OP_DEAD, seq, reason, attempts);
+}
+
+int ml_store_mark_dead_delivered(ml_store_t *st, int64_t seq, const char *reason)
+{
+    return s_dead_req(st, S_OP_DEAD_DELIVERED, seq, reason, 0);
 }
 
 int ml_store_replay(ml_store_t *st, int64_t seq)

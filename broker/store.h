@@ -178,6 +178,10 @@ int ml_store_mark_delivered(ml_store_t *st, int64_t seq);
 /* Queues "seq is a dead letter" with a reason and the number of delivery
  * attempts made. */
 int ml_store_mark_dead(ml_store_t *st, int64_t seq, const char *reason, int attempts);
+/* Queues "seq is a dead letter" for a message queued or already delivered:
+ * an imaging consult whose study never arrived whole at its reading centre
+ * (the centre expired it), so that ops staff see it in the dead letters. */
+int ml_store_mark_dead_delivered(ml_store_t *st, int64_t seq, const char *reason);
 /* Queues "dead letter seq is queued again": state back to queued, attempts
  * and deadline cleared. Only a dead row changes. */
 int ml_store_replay(ml_store_t *st, int64_t seq);

@@ -145,6 +145,16 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
     if (rc < 0)
         goto out;
     cfg->send_window_bytes = (size_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "resend_window_s", 3600, 1, 7L * 24 * 3600, &v, err,
+                         errlen);
+    if (rc < 0)
+        goto out;
+    cfg->resend_window_s = (uint32_t)v;
+    rc = ml_ini_get_long(ini, S_SECTION, "incoming_expire_s", 72L * 3600, 1, 365L * 24 * 3600, &v,
+                         err, errlen);
+    if (rc < 0)
+        goto out;
+    cfg->incoming_expire_s = (uint32_t)v;
     if ((rc = s_get_str(ini, path, "store_key", 0, 1, NULL, &cfg->store_key, err, errlen)) < 0)
         goto out;
     const char *old = ml_ini_get(ini, S_SECTION, "store_old_keys", NULL);

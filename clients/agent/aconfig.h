@@ -32,6 +32,12 @@ typedef struct {
     char *store_key;
     char **store_old_keys;
     size_t n_store_old_keys;
+    /* Imaging limits: per consult this node sent, at most the study's
+     * chunk count is sent again per resend_window_s (default 3600); a study
+     * still incomplete in incoming/ incoming_expire_s after its consult
+     * arrived (default 259200, 72 h) is deleted and refused. */
+    uint32_t resend_window_s;
+    uint32_t incoming_expire_s;
 } ml_aconfig_t;
 
 /* Loads the [agent] section of path into cfg (zeroed first). Required keys:

@@ -856,7 +856,9 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
                              .spool = a->spool,
                              .loop = loop,
                              .wake = s_wake_cb,
-                             .arg = a};
+                             .arg = a,
+                             .resend_window_s = cfg->resend_window_s,
+                             .incoming_expire_s = cfg->incoming_expire_s};
     if ((rc = ml_aimg_new(&icfg, &a->img, err, errlen)) < 0)
         goto out;
     /* Imaging first: it clears leftovers in blobs/ that a consult staged

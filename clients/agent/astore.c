@@ -959,6 +959,27 @@ int ml_astore_outbox_case_first(ml_astore_t *st, const char *case_id, ml_outbox_
     return s_outbox_walk(st, s, 1, cb, arg);
 }
 
+int ml_astore_outbox_case_pending_offsets(ml_astore_t *st, const char *case_id,
+                                          const char *blob_path,
+                                          void (*cb)(uint64_t blob_off, void *arg), void *arg)
+{
+    /* Rare (one call per resend request), so prepared here rather than
+     * kept: it reads only clear columns, never an envelope to open. */
+    sqlite3_stmt *s = NULL;
+    if (sqlite3_prepare_v2(st->db,
+                           "SELECT blob_off FROM outbox WHERE case_id = ?1 AND blob_path = ?2 "
+                           "AND state = 0",
+                           -1, &s, NULL) != SQLITE_OK)
+        return ML_ESTORE;
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 2, blob_path, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+        cb((uint64_t)sqlite3_column_int64(s, 0), arg);
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : ML_ESTORE;
+}
+
 int ml_astore_outbox_case_drop(ml_astore_t *st, const char *case_id, const char *reason,
                                int64_t now_ms)
 {

@@ -211,6 +211,13 @@ int ml_astore_outbox_case_stats(ml_astore_t *st, const char *case_id, ml_outbox_
  * Returns cb's value, ML_ENOTFOUND or ML_ESTORE. */
 int ml_astore_outbox_case_first(ml_astore_t *st, const char *case_id, ml_outbox_row_cb cb,
                                 void *arg);
+/* Calls cb with the blob_off of every pending chunk row (queued or in
+ * flight, held or not) of case_id whose blob is blob_path: the chunks of
+ * that object a resend must not queue twice. Returns 0 or ML_ESTORE.
+ * O(chunk rows of the case). */
+int ml_astore_outbox_case_pending_offsets(ml_astore_t *st, const char *case_id,
+                                          const char *blob_path,
+                                          void (*cb)(uint64_t blob_off, void *arg), void *arg);
 /* Refuses every pending chunk row of case_id with reason (the case is
  * over: reported, cancelled, refused). Returns the number of rows changed
  * or ML_ESTORE. */

@@ -51,6 +51,11 @@
 #define S_MAX_ATTEMPTS 3
 /* Chunk indexes per ImagingResend (keeps the record small). */
 #define S_RESEND_MAX 4096
+/* Defaults of the agent's resend_window_s and incoming_expire_s. */
+#define S_RESEND_WINDOW_S 3600u
+#define S_INCOMING_EXPIRE_S (72u * 3600)
+/* Between two looks for expired incoming studies. */
+#define S_EXPIRE_CHECK_MS 1000
 
 #define K_(x) MEDLINK__V1__KIND__KIND_##x
 #define P_(x) MEDLINK__V1__ENVELOPE__PAYLOAD_##x
@@ -101,6 +106,15 @@ typedef struct {
     uint32_t chunk;
 } s_bad_t;
 
+/* Resend budget of one consult this node sent (F3): chunks queued again in
+ * the current window. Kept in memory only: a restart of this agent is not
+ * something the peer asking for resends can cause. */
+typedef struct {
+    char case_id[129];
+    int64_t window_start; /* ml_mono_ms */
+    uint64_t used;        /* chunks queued again since window_start */
+} s_resend_t;
+
 /* A growable array of fixed-size records. */
 typedef struct {
     void *v;
@@ -127,6 +141,12 @@ struct ml_aimg {
     int stopping;
 
     s_vec_t progs; /* s_prog_t */
+
+    /* Resend limits (clinic) and incoming expiry (reading centre). */
+    int64_t resend_window_ms;
+    int64_t incoming_expire_ms;
+    int64_t expire_check_at; /* ml_mono_ms of the next look */
+    s_vec_t resends;         /* s_resend_t */
 
     /* One receive batch. */
     s_vec_t touched;  /* s_touch_t: objects with new good chunks */
@@ -1136,6 +1156,18 @@ static void s_prog_drop(ml_aimg_t *img, const char *case_id)
     }
 }
 
+static void s_resend_drop(ml_aimg_t *img, const char *case_id)
+{
+    for (size_t i = 0; i < img->resends.n; i++) {
+        s_resend_t *r = s_vec_at(&img->resends, i);
+        if (strcmp(r->case_id, case_id) == 0) {
+            *r = *(s_resend_t *)s_vec_at(&img->resends, img->resends.n - 1);
+            img->resends.n--;
+            return;
+        }
+    }
+}
+
 typedef struct {
     ml_envelope_t *e;
 } s_env_box_t;
@@ -1241,6 +1273,7 @@ static void s_drop_files(ml_aimg_t *img)
         if (s_blob_dir(img, case_id, rel, sizeof rel, abs, sizeof abs) == 0)
             s_remove_dir(abs, "blob copies");
         s_prog_drop(img, case_id);
+        s_resend_drop(img, case_id);
     }
     for (size_t i = 0; i < img->drop_in.n; i++) {
         char dir[S_PATH];
@@ -1391,13 +1424,69 @@ void ml_aimg_log_resume(ml_aimg_t *img)
     ml_istore_out_walk(img->is, ML_IMG_OUT_ACTIVE, s_resume_cb, img);
 }
 
+/* The resend budget record of case_id, made when first needed; NULL out
+ * of memory. Records whose window has passed are reused first, which keeps
+ * the vector no larger than the consults asked for within one window. */
+static s_resend_t *s_resend_budget(ml_aimg_t *img, const char *case_id, int64_t now)
+{
+    s_resend_t *free_slot = NULL;
+    for (size_t i = 0; i < img->resends.n; i++) {
+        s_resend_t *r = s_vec_at(&img->resends, i);
+        if (strcmp(r->case_id, case_id) == 0) {
+            if (now - r->window_start >= img->resend_window_ms) {
+                r->window_start = now;
+                r->used = 0;
+            }
+            return r;
+        }
+        if (!free_slot && now - r->window_start >= img->resend_window_ms)
+            free_slot = r;
+    }
+    s_resend_t *r = free_slot ? free_slot : s_vec_push(&img->resends);
+    if (!r)
+        return NULL;
+    snprintf(r->case_id, sizeof r->case_id, "%s", case_id);
+    r->window_start = now;
+    r->used = 0;
+    return r;
+}
+
+static int s_cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Marks, in a byte per chunk, the chunks of one object still queued. */
+typedef struct {
+    uint8_t *queued;
+    uint32_t chunks;
+    uint32_t chunk_size;
+} s_queued_map_t;
+
+static void s_queued_off_cb(uint64_t off, void *arg)
+{
+    s_queued_map_t *m = arg;
+    uint64_t k = m->chunk_size ? off / m->chunk_size : 0;
+    if (k < m->chunks)
+        m->queued[k] = 1;
+}
+
 /* An ImagingResend for a case this node sent: the listed chunks are queued
- * again as new messages from the blob copy. */
+ * again as new messages from the blob copy. A resend request is peer input
+ * that makes this node upload, so it is bounded (F3): the indexes are
+ * deduplicated, those beyond the object's chunk count are ignored, a chunk
+ * still queued or in flight is not queued twice, and per consult at most
+ * the study's chunk count is queued again per resend window; what exceeds
+ * that is refused with a log line. Cost O(k log k + chunk rows of the
+ * case) for k listed indexes. */
 static int s_on_resend(ml_aimg_t *img, const ml_envelope_t *e)
 {
     const Medlink__V1__ImagingResend *r = e->imaging_resend;
     ml_img_out_t o;
     s_env_box_t box = {NULL};
+    uint32_t *want = NULL;
+    s_queued_map_t map = {NULL, 0, 0};
     int rc = ml_istore_out_get(img->is, e->case_id, &o);
     if (rc == ML_ENOTFOUND || (rc == 0 && o.state != ML_IMG_OUT_ACTIVE)) {
         ml_log(ML_LOG_WARN, S_LOG, "case %s: %s asked for chunks again, but %s", e->case_id,
@@ -1429,9 +1518,34 @@ static int s_on_resend(ml_aimg_t *img, const ml_envelope_t *e)
         goto out;
     }
     s_join(abs, sizeof abs, img->data_dir, path);
+
+    /* The distinct chunk indexes that exist, in order. */
+    size_t n_want = 0, beyond = 0;
+    if (r->n_chunk_index > 0 && !(want = malloc(r->n_chunk_index * sizeof *want))) {
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < r->n_chunk_index; i++) {
+        if (r->chunk_index[i] < obj->chunks)
+            want[n_want++] = r->chunk_index[i];
+        else
+            beyond++;
+    }
+    if (n_want > 1)
+        qsort(want, n_want, sizeof *want, s_cmp_u32);
+    size_t n_unique = 0;
+    for (size_t i = 0; i < n_want; i++)
+        if (n_unique == 0 || want[n_unique - 1] != want[i])
+            want[n_unique++] = want[i];
+    if (beyond > 0)
+        ml_log(ML_LOG_WARN, S_LOG,
+               "case %s: %s asked for %zu chunk index(es) of object %u beyond its %u chunk(s); "
+               "ignored",
+               e->case_id, e->from, beyond, r->object_index, obj->chunks);
+
     /* Asked for every chunk: the whole object failed its digest there.
      * If our copy is what is wrong, sending it again cannot help. */
-    if (r->n_chunk_index >= obj->chunks) {
+    if (obj->chunks > 0 && n_unique >= obj->chunks) {
         char sha[ML_SHA256_HEX + 1];
         uint64_t size = 0;
         if (ml_sha256_file(abs, sha, &size) < 0 || size != obj->size ||
@@ -1444,13 +1558,40 @@ static int s_on_resend(ml_aimg_t *img, const ml_envelope_t *e)
             goto out;
         }
     }
-    int64_t now = ml_now_ms();
-    uint32_t queued = 0;
+
+    /* A chunk still queued or in flight goes out anyway: a second copy
+     * would only be stored as a duplicate. */
+    map.chunks = obj->chunks;
+    map.chunk_size = c->chunk_size;
+    if (n_unique > 0) {
+        if (!(map.queued = calloc(obj->chunks, 1))) {
+            rc = ML_ENOMEM;
+            goto out;
+        }
+        if ((rc = ml_astore_outbox_case_pending_offsets(img->store, e->case_id, path,
+                                                        s_queued_off_cb, &map)) < 0)
+            goto out;
+    }
+
+    int64_t now = ml_now_ms(), mono = ml_mono_ms();
+    s_resend_t *budget = s_resend_budget(img, e->case_id, mono);
+    if (!budget) {
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    uint64_t limit = o.chunks > 0 ? o.chunks : obj->chunks;
+    uint32_t queued = 0, already = 0, over = 0;
     uint64_t bytes = 0;
-    for (size_t i = 0; i < r->n_chunk_index; i++) {
-        uint32_t k = r->chunk_index[i];
-        if (k >= obj->chunks)
+    for (size_t i = 0; i < n_unique; i++) {
+        uint32_t k = want[i];
+        if (map.queued[k]) {
+            already++;
             continue;
+        }
+        if (budget->used >= limit) {
+            over++;
+            continue;
+        }
         char id[ML_ULID_LEN + 1];
         uint8_t *tpl = NULL;
         size_t tlen = 0;
@@ -1470,18 +1611,29 @@ static int s_on_resend(ml_aimg_t *img, const ml_envelope_t *e)
         free(tpl);
         if (rc < 0)
             goto out;
+        map.queued[k] = 1;
+        budget->used++;
         queued++;
         bytes += len;
     }
     img->queued += queued > 0;
     s_prog_drop(img, e->case_id);
+    if (over > 0)
+        ml_log(ML_LOG_WARN, S_LOG,
+               "case %s: refused to send %u chunk(s) of object %u again for %s: the resend limit "
+               "of this consult (%llu chunk(s) per %lld s, resend_window_s) is reached",
+               e->case_id, over, r->object_index, e->from, (unsigned long long)limit,
+               (long long)(img->resend_window_ms / 1000));
     ml_log(ML_LOG_INFO, S_LOG,
-           "case %s: %s asked for %zu chunk(s) of object %u again (%s); %u queued, %llu bytes",
+           "case %s: %s asked for %zu chunk(s) of object %u again (%s); %zu distinct, %u queued "
+           "(%llu bytes), %u already queued",
            e->case_id, e->from, r->n_chunk_index, r->object_index,
-           r->reason && *r->reason ? r->reason : "no reason given", queued,
-           (unsigned long long)bytes);
+           r->reason && *r->reason ? r->reason : "no reason given", n_unique, queued,
+           (unsigned long long)bytes, already);
     rc = 0;
 out:
+    free(want);
+    free(map.queued);
     ml_env_free(&box.e);
     return rc;
 }
@@ -2537,9 +2689,90 @@ out:
     return rc < 0 ? ML_ESTORE : 0;
 }
 
+/* Transfers still receiving whose consult arrived before cutoff. */
+typedef struct {
+    int64_t cutoff;
+    s_vec_t cases; /* char[129] */
+} s_expire_ctx_t;
+
+static int s_expired_cb(const ml_img_in_t *t, void *arg)
+{
+    s_expire_ctx_t *x = arg;
+    return t->opened_at <= x->cutoff ? s_case_push(&x->cases, t->case_id) : 0;
+}
+
+/* Ends one expired transfer inside the caller's transaction: its chunk
+ * records go, the transfer is marked refused, and IMAGING_REJECTED with
+ * incoming_expired goes back to the clinic, which the broker turns into a
+ * dead letter and an escalation (F9). The .part files go after the commit
+ * (drop_in). */
+static int s_expire_one(ml_aimg_t *img, const char *case_id)
+{
+    ml_img_in_t t;
+    int rc = ml_istore_in_get(img->is, case_id, &t);
+    if (rc < 0 || t.state != ML_IMG_IN_RECEIVING)
+        return rc == ML_ENOTFOUND ? 0 : rc;
+    char reason[512];
+    snprintf(reason, sizeof reason,
+             "the study did not arrive whole within %lld s (incoming_expire_s); its partial files "
+             "are deleted",
+             (long long)(img->incoming_expire_ms / 1000));
+    if ((rc = ml_istore_in_forget_chunks(img->is, case_id)) < 0 ||
+        (rc = ml_istore_in_set_state(img->is, case_id, ML_IMG_IN_REJECTED, reason, NULL,
+                                     ml_now_ms())) < 0)
+        return rc;
+    Medlink__V1__ImagingUpdate u = MEDLINK__V1__IMAGING_UPDATE__INIT;
+    u.status = ST_(REJECTED);
+    u.reason = reason;
+    u.incoming_expired = 1;
+    if ((rc = s_queue_update(img, case_id, t.sender, t.priority, &u, "IMAGING_REJECTED")) < 0)
+        return rc;
+    ml_log(ML_LOG_WARN, S_LOG, "case %s: incoming study %s from %s expired: %s", case_id,
+           t.study_uid, t.sender, reason);
+    return s_case_push(&img->drop_in, case_id);
+}
+
+/* Looks for expired incoming studies at most every S_EXPIRE_CHECK_MS;
+ * O(transfers receiving) per look. Each is ended in a transaction of its
+ * own, so that one failure does not keep the others. */
+static void s_expire_incoming(ml_aimg_t *img)
+{
+    int64_t mono = ml_mono_ms();
+    if (mono < img->expire_check_at)
+        return;
+    img->expire_check_at = mono + S_EXPIRE_CHECK_MS;
+    s_expire_ctx_t x = {ml_now_ms() - img->incoming_expire_ms, {NULL, 0, 0, 129}};
+    if (ml_istore_in_walk(img->is, ML_IMG_IN_RECEIVING, s_expired_cb, &x) < 0) {
+        s_vec_free(&x.cases);
+        return;
+    }
+    for (size_t i = 0; i < x.cases.n; i++) {
+        const char *case_id = s_vec_at(&x.cases, i);
+        if (ml_astore_begin(img->store) != 0)
+            break;
+        int rc = s_expire_one(img, case_id);
+        if (rc < 0 || ml_astore_commit(img->store) != 0) {
+            ml_astore_rollback(img->store);
+            img->drop_in.n = 0;
+            ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot expire the incoming study: %s", case_id,
+                   rc < 0 ? ml_strerror(rc) : ml_astore_errmsg(img->store));
+            continue;
+        }
+        s_drop_files(img);
+    }
+    s_vec_free(&x.cases);
+}
+
 void ml_aimg_tick(ml_aimg_t *img)
 {
-    if (!img || !img->retry || ml_mono_ms() < img->retry_at)
+    if (!img)
+        return;
+    s_expire_incoming(img);
+    if (img->queued && img->wake && !img->retry) {
+        img->queued = 0;
+        img->wake(img->arg);
+    }
+    if (!img->retry || ml_mono_ms() < img->retry_at)
         return;
     img->retry = 0;
     img->retry_at = ml_mono_ms() + S_RETRY_MS;
@@ -2594,6 +2827,11 @@ int ml_aimg_new(const ml_aimg_config_t *cfg, ml_aimg_t **out, char *err, size_t 
     img->arg = cfg->arg;
     atomic_init(&img->cancel, 0);
     img->progs.size = sizeof(s_prog_t);
+    img->resends.size = sizeof(s_resend_t);
+    img->resend_window_ms =
+        1000LL * (cfg->resend_window_s ? cfg->resend_window_s : S_RESEND_WINDOW_S);
+    img->incoming_expire_ms =
+        1000LL * (cfg->incoming_expire_s ? cfg->incoming_expire_s : S_INCOMING_EXPIRE_S);
     img->touched.size = sizeof(s_touch_t);
     img->parts.size = sizeof(s_part_t);
     img->bad.size = sizeof(s_bad_t);
@@ -2631,6 +2869,7 @@ void ml_aimg_destroy(ml_aimg_t **self_p)
     for (size_t i = 0; i < img->progs.n; i++)
         s_prog_clear(s_vec_at(&img->progs, i));
     s_vec_free(&img->progs);
+    s_vec_free(&img->resends);
     s_vec_free(&img->touched);
     s_vec_free(&img->parts);
     s_vec_free(&img->bad);

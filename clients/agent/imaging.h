@@ -45,6 +45,12 @@ typedef struct {
     uv_loop_t *loop;         /* staging runs on its thread pool; NULL: in ml_aimg_run_jobs */
     void (*wake)(void *arg); /* rows were added to the outbox (pump) */
     void *arg;
+    /* Resend limit (clinic): per consult, at most the study's chunk count
+     * is queued again per this many seconds; 0 = 3600. */
+    uint32_t resend_window_s;
+    /* Incoming expiry (reading centre): a study not complete this many
+     * seconds after its consult arrived is deleted and refused; 0 = 72 h. */
+    uint32_t incoming_expire_s;
 } ml_aimg_config_t;
 
 /* Sending progress of one case (ml_aimg_progress). */
@@ -71,7 +77,11 @@ void ml_aimg_destroy(ml_aimg_t **self_p);
  * publishes transfers a crash interrupted. Returns 0 or ML_ESTORE. */
 int ml_aimg_recover(ml_aimg_t *img);
 /* Retries publications that failed (a full disk, say), at most every 10 s;
- * cheap when there is nothing to retry. Call from a timer. */
+ * cheap when there is nothing to retry. At most every second, also ends the
+ * incoming transfers whose consult arrived more than incoming_expire_s ago
+ * and that are still not published: their partial files and chunk records
+ * are deleted and IMAGING_REJECTED (incoming_expired) goes to the clinic.
+ * Call from a timer. */
 void ml_aimg_tick(ml_aimg_t *img);
 /* Lets staging work run on the loop's thread pool (consults found until
  * now wait in a queue): call once nothing can fail any more, because a

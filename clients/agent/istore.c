@@ -659,6 +659,19 @@ int ml_istore_orphan_drop(ml_istore_t *is, const char *case_id)
     return rc < 0 ? rc : 0;
 }
 
+int ml_istore_in_forget_chunks(ml_istore_t *is, const char *case_id)
+{
+    /* Rare (a study expiring), so prepared here rather than kept. */
+    sqlite3_stmt *s = NULL;
+    if (sqlite3_prepare_v2(is->db, "DELETE FROM img_in_chunk WHERE case_id = ?1", -1, &s, NULL) !=
+        SQLITE_OK)
+        return ML_ESTORE;
+    sqlite3_bind_text(s, 1, case_id, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : ML_ESTORE;
+}
+
 int ml_istore_orphan_count(ml_istore_t *is, int64_t *n)
 {
     sqlite3_stmt *s = is->stmt[S_ORPHAN_COUNT];

@@ -133,6 +133,10 @@ int ml_istore_chunk_get(ml_istore_t *is, const char *case_id, uint32_t idx, uint
 int ml_istore_chunk_put(ml_istore_t *is, const char *case_id, uint32_t idx, uint32_t chunk,
                         int good, uint32_t bad_count, int64_t now_ms);
 
+/* Deletes the chunk records of a transfer (its study expired: the .part
+ * files they describe are deleted too). */
+int ml_istore_in_forget_chunks(ml_istore_t *is, const char *case_id);
+
 /* Returns 1 inserted, 0 already there. */
 int ml_istore_orphan_add(ml_istore_t *is, const char *id, const char *case_id, const uint8_t *env,
                          size_t len, int64_t now_ms);

@@ -249,9 +249,20 @@ static int s_agent_index(h_world_t *w, const char *node)
     return -1;
 }
 
+/* Extra agent config lines for the next h_agent_start_at (h_agent_start_ini). */
+static const char *s_agent_extra;
+
 int h_agent_start(h_world_t *w, const char *node)
 {
     return h_agent_start_at(w, node, w->endpoint);
+}
+
+int h_agent_start_ini(h_world_t *w, const char *node, const char *extra_ini)
+{
+    s_agent_extra = extra_ini;
+    int i = h_agent_start_at(w, node, w->endpoint);
+    s_agent_extra = NULL;
+    return i;
 }
 
 int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
@@ -270,6 +281,10 @@ int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
              "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
              "heartbeat_ms = 1000\nscan_ms = 100\nstore_key = pki/store-%s.key\n",
              node, endpoint, node, node, node, node, node);
+    if (s_agent_extra) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, sizeof buf - n, "%s", s_agent_extra);
+    }
     s_write(cfg, buf);
     int i = s_agent_index(w, node);
     if (i < 0) {

@@ -49,6 +49,9 @@ void h_broker_kill(h_world_t *w);
 
 /* Writes an agent config for node and starts it; returns its index. */
 int h_agent_start(h_world_t *w, const char *node);
+/* The same, with extra lines (e.g. "incoming_expire_s = 3\n") appended to
+ * the agent's [agent] section. */
+int h_agent_start_ini(h_world_t *w, const char *node, const char *extra_ini);
 /* The same, with the agent connecting to endpoint instead of the broker's
  * (w->link_endpoint: through the slow link). */
 int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint);
