@@ -97,12 +97,23 @@ void ml_spool_destroy(ml_spool_t **self_p);
 void ml_spool_set_hooks(ml_spool_t *sp, const ml_spool_hooks_t *hooks);
 /* spool_dir (borrowed). */
 const char *ml_spool_dir(const ml_spool_t *sp);
+/* The held fd of a spool folder ("outbox", "pending", "sent", "rejected",
+ * "inbox"), borrowed: open and create files there relative to it (see
+ * ml_dir_open and friends in ml_common.h). The fd may be replaced by the
+ * next scan (a folder made again): use it on the loop thread, and open a
+ * folder of your own from it for longer work. Returns it or ML_EINVAL. */
+int ml_spool_folder_fd(const ml_spool_t *sp, const char *folder);
 
 /* The folder of a staged consult: pending/NAME.d for pending/NAME.json,
  * written into out. If a crash left the folder in outbox/ it is moved into
  * pending/ first. Returns 0, ML_ENOTFOUND (no folder: the consult is to be
  * refused) or ML_EINVAL. */
 int ml_spool_staged_dir(ml_spool_t *sp, const char *name, char *out, size_t len);
+/* ml_spool_staged_dir, and then opens that folder (O_NOFOLLOW, relative to
+ * pending/'s held fd) for the caller to read the study through. Returns
+ * the fd (the caller's) or ML_ENOTFOUND (no folder, or it is a link) or
+ * ML_EINVAL. */
+int ml_spool_staged_open(ml_spool_t *sp, const char *name, char *out, size_t len);
 /* The staged consult pending/name is stored: forget it. */
 void ml_spool_staged_done(ml_spool_t *sp, const char *name);
 /* The staged consult cannot be sent: pending/name and its folder go to
