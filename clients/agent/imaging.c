@@ -411,9 +411,10 @@ static int s_list_study(s_job_t *job, char ***out, size_t *count)
         }
         if (!S_ISREG(st.st_mode)) {
             ml_seterr(job->reason, sizeof job->reason,
-                      "%s/%s: not a regular file (sub-folders and links are not taken; put every "
-                      "DICOM file directly in %s)",
-                      dname, de->d_name, dname);
+                      "%s/%s: is a %s, not a regular file (sub-folders, links and FIFOs are not "
+                      "taken, links are never followed; put every DICOM file itself directly in "
+                      "%s)",
+                      dname, de->d_name, ml_file_type_name((unsigned)st.st_mode), dname);
             rc = ML_EINVAL;
             goto out;
         }
