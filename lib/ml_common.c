@@ -236,13 +236,17 @@ int ml_write_file_atomic(const char *path, const void *data, size_t len)
 int ml_dir_open(int dfd, const char *name)
 {
     int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    return fd < 0 ? ML_EIO : fd;
+    if (fd < 0)
+        return ML_EIO;
+    return fd;
 }
 
 int ml_file_create_excl(int dfd, const char *name, unsigned mode)
 {
     int fd = openat(dfd, name, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY | O_CLOEXEC, (mode_t)mode);
-    return fd < 0 ? ML_EIO : fd;
+    if (fd < 0)
+        return ML_EIO;
+    return fd;
 }
 
 int ml_file_open_regular(int dfd, const char *name, struct stat *st)
