@@ -435,7 +435,7 @@ Test(security, f2_study_file_swapped_for_symlink)
     h_broker_stop(&W);
 }
 
-/* A link (to the agent's key) or a FIFO already in NAME.d: the consult is
+/* A link (to the agent's key), a FIFO or a hard-linked file in NAME.d: the consult is
  * refused with a reason naming the file and what it is; the FIFO does not
  * block the agent (the next message is still taken). */
 Test(security, f2_study_link_and_fifo_refused)
@@ -465,6 +465,17 @@ Test(security, f2_study_link_and_fifo_refused)
     s_write_dicom(p, 2, 4096, NULL);
     h_drop(&W, H_XINZHAN, "piped.json", json);
 
+    /* A hard link (here to a DICOM file outside the spool; it could be
+     * one to a file its writer may not read). */
+    char outside[900];
+    snprintf(outside, sizeof outside, "%s/outside.dcm", W.dir);
+    s_write_dicom(outside, 3, 4096, NULL);
+    snprintf(dir, sizeof dir, "%s/hard.d", outbox);
+    cr_assert_eq(ml_mkdirs(dir), 0);
+    snprintf(p, sizeof p, "%s/IM0001.dcm", dir);
+    cr_assert_eq(link(outside, p), 0, "link: %s", strerror(errno));
+    h_drop(&W, H_XINZHAN, "hard.json", json);
+
     char err[900];
     s_path(err, sizeof err, H_XINZHAN, "rejected", "linked.json.error");
     cr_assert(s_wait_path(err, 30000), "linked.json was never refused");
@@ -475,6 +486,11 @@ Test(security, f2_study_link_and_fifo_refused)
     cr_assert(s_wait_path(err, 30000), "piped.json was never refused");
     why = s_read(err, NULL);
     cr_assert(why && strstr(why, "IM0001.dcm") && strstr(why, "FIFO"), "reason: %s", why);
+    free(why);
+    s_path(err, sizeof err, H_XINZHAN, "rejected", "hard.json.error");
+    cr_assert(s_wait_path(err, 30000), "hard.json was never refused");
+    why = s_read(err, NULL);
+    cr_assert(why && strstr(why, "IM0001.dcm") && strstr(why, "hard link"), "reason: %s", why);
     free(why);
 
     /* Not blocked: a referral after them is still sent. */
