@@ -2,6 +2,7 @@
  * medlink program. */
 #include "ml_common.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -201,15 +202,134 @@ int ml_ulid_valid(const char *s)
 
 int ml_write_file_atomic(const char *path, const void *data, size_t len)
 {
-    char tmp[4096];
-    int rc = ML_EIO;
-    int fd = -1;
-    int n = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    if (n < 0 || (size_t)n >= sizeof tmp)
+    char dir[4096];
+    int n = snprintf(dir, sizeof dir, "%s", path);
+    if (n < 0 || (size_t)n >= sizeof dir)
         return ML_EINVAL;
-    fd = open(tmp, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0640);
+    const char *name = path;
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        name = path + (slash - dir) + 1;
+        if (slash == dir)
+            slash[1] = '\0';
+        else
+            *slash = '\0';
+    } else {
+        strcpy(dir, ".");
+    }
+    if (!*name) {
+        errno = EISDIR;
+        return ML_EIO;
+    }
+    /* The folder is the caller's (it may be a link an operator made); the
+     * file inside is created safely by ml_write_file_at. */
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return ML_EIO;
+    int rc = ml_write_file_at(dfd, name, data, len, 0640);
+    int saved = errno;
+    close(dfd);
+    errno = saved;
+    return rc;
+}
+
+int ml_dir_open(int dfd, const char *name)
+{
+    int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return ML_EIO;
+    return fd;
+}
+
+int ml_file_create_excl(int dfd, const char *name, unsigned mode)
+{
+    int fd = openat(dfd, name, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY | O_CLOEXEC, (mode_t)mode);
+    if (fd < 0)
+        return ML_EIO;
+    return fd;
+}
+
+int ml_file_open_regular(int dfd, const char *name, struct stat *st)
+{
+    struct stat local;
+    if (!st)
+        st = &local;
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+     * writer for ever, stalling the whole agent loop. */
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return ML_EIO;
+    if (fstat(fd, st) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return ML_EIO;
+    }
+    if (!S_ISREG(st->st_mode)) {
+        close(fd);
+        errno = EINVAL;
+        return ML_EINVAL;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    return fd;
+}
+
+const char *ml_file_type_name(unsigned st_mode)
+{
+    mode_t m = (mode_t)st_mode;
+    if (S_ISREG(m))
+        return "regular file";
+    if (S_ISDIR(m))
+        return "directory";
+    if (S_ISLNK(m))
+        return "symbolic link";
+    if (S_ISFIFO(m))
+        return "FIFO";
+    if (S_ISSOCK(m))
+        return "socket";
+    return "device";
+}
+
+/* The temporary name for name: hidden, ending in .tmp (so no spool scan
+ * takes it), with 64 random bits so that nobody can plant something at it
+ * in advance. The stem is cut so the result fits NAME_MAX. */
+static int s_tmp_name(const char *name, char *out, size_t len)
+{
+    uint8_t r[8];
+    char hex[17];
+    static const char digits[] = "0123456789abcdef";
+    if (RAND_bytes(r, sizeof r) != 1) {
+        errno = EIO;
+        return ML_EIO;
+    }
+    for (int i = 0; i < 8; i++) {
+        hex[2 * i] = digits[r[i] >> 4];
+        hex[2 * i + 1] = digits[r[i] & 15];
+    }
+    hex[16] = '\0';
+    int n = snprintf(out, len, ".%.200s.%s.tmp", name, hex);
+    return (n < 0 || (size_t)n >= len) ? ML_EINVAL : 0;
+}
+
+int ml_write_file_at(int dfd, const char *name, const void *data, size_t len, unsigned mode)
+{
+    char tmp[256];
+    int fd = -1;
+    int made = 0;
+    /* A clash with a random name means someone is guessing; a few tries
+     * still succeed unless that someone is very lucky. */
+    for (int attempt = 0; attempt < 4 && fd < 0; attempt++) {
+        if (s_tmp_name(name, tmp, sizeof tmp) < 0)
+            return ML_EIO;
+        fd = ml_file_create_excl(dfd, tmp, mode);
+        if (fd < 0 && errno != EEXIST)
+            return ML_EIO;
+    }
+    if (fd < 0)
+        return ML_EIO;
+    made = 1;
     const uint8_t *p = data;
     size_t left = len;
     while (left > 0) {
@@ -229,34 +349,105 @@ int ml_write_file_atomic(const char *path, const void *data, size_t len)
         goto out;
     }
     fd = -1;
-    if (rename(tmp, path) != 0)
+    if (renameat(dfd, tmp, dfd, name) != 0)
         goto out;
     /* fsync the folder so the rename itself survives a crash. */
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) {
-        if (slash == dir)
-            slash[1] = '\0';
-        else
-            *slash = '\0';
-    } else {
-        strcpy(dir, ".");
-    }
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
+    (void)fsync(dfd);
     return 0;
 out : {
     int saved = errno;
     if (fd >= 0)
         close(fd);
-    unlink(tmp);
+    if (made)
+        unlinkat(dfd, tmp, 0);
+    errno = saved;
+}
+    return ML_EIO;
+}
+
+int ml_read_file_at(int dfd, const char *name, size_t max, char **out, size_t *len,
+                    unsigned *st_mode)
+{
+    struct stat st;
+    int rc = ML_EIO;
+    char *buf = NULL;
+    int fd = ml_file_open_regular(dfd, name, &st);
+    if (fd == ML_EINVAL && st_mode)
+        *st_mode = (unsigned)st.st_mode;
+    if (fd < 0)
+        return fd;
+    if (st_mode)
+        *st_mode = (unsigned)st.st_mode;
+    if ((uint64_t)st.st_size > max) {
+        rc = ML_ETOOBIG;
+        goto out;
+    }
+    size_t size = (size_t)st.st_size;
+    if (!(buf = malloc(size + 1))) {
+        rc = ML_ENOMEM;
+        goto out;
+    }
+    size_t got = 0;
+    while (got < size) {
+        ssize_t r = pread(fd, buf + got, size - got, (off_t)got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            goto out;
+        if (r == 0)
+            break; /* shrank since the fstat: read what is there */
+        got += (size_t)r;
+    }
+    buf[got] = '\0';
+    *out = buf;
+    buf = NULL;
+    if (len)
+        *len = got;
+    rc = 0;
+out : {
+    int saved = errno;
+    free(buf);
+    close(fd);
     errno = saved;
 }
     return rc;
+}
+
+static int s_rmtree_at(int dfd, const char *name, int depth)
+{
+    if (unlinkat(dfd, name, 0) == 0 || errno == ENOENT)
+        return 0;
+    if (errno != EISDIR && errno != EPERM)
+        return ML_EIO;
+    if (depth > 8) {
+        errno = ELOOP;
+        return ML_EIO;
+    }
+    int fd = ml_dir_open(dfd, name);
+    if (fd < 0)
+        return errno == ENOENT ? 0 : ML_EIO;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return ML_EIO;
+    }
+    int rc = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (s_rmtree_at(dirfd(d), de->d_name, depth + 1) < 0)
+            rc = ML_EIO;
+    }
+    closedir(d);
+    if (unlinkat(dfd, name, AT_REMOVEDIR) != 0 && errno != ENOENT)
+        rc = ML_EIO;
+    return rc;
+}
+
+int ml_rmtree_at(int dfd, const char *name)
+{
+    return s_rmtree_at(dfd, name, 0);
 }
 
 int ml_read_file(const char *path, size_t max, char **out, size_t *len)

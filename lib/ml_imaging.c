@@ -551,15 +551,23 @@ int ml_dicom_probe_buf(const uint8_t *buf, size_t len, uint64_t file_size, ml_di
 
 int ml_dicom_probe(const char *path, ml_dicom_info_t *info, char *err, size_t errlen)
 {
-    int rc = ML_EIO;
-    uint8_t *buf = NULL;
-    struct stat st;
     memset(info, 0, sizeof *info);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         ml_seterr(err, errlen, "cannot open: %s", strerror(errno));
         return ML_EIO;
     }
+    int rc = ml_dicom_probe_fd(fd, info, err, errlen);
+    close(fd);
+    return rc;
+}
+
+int ml_dicom_probe_fd(int fd, ml_dicom_info_t *info, char *err, size_t errlen)
+{
+    int rc = ML_EIO;
+    uint8_t *buf = NULL;
+    struct stat st;
+    memset(info, 0, sizeof *info);
     if (fstat(fd, &st) != 0) {
         ml_seterr(err, errlen, "cannot stat: %s", strerror(errno));
         goto out;
@@ -582,7 +590,6 @@ int ml_dicom_probe(const char *path, ml_dicom_info_t *info, char *err, size_t er
     }
     rc = ml_dicom_probe_buf(buf, n, size, info, err, errlen);
 out:
-    close(fd);
     free(buf);
     return rc;
 }

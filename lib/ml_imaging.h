@@ -43,6 +43,10 @@ typedef struct {
  * what is wrong ("not a DICOM Part 10 file: no DICM marker at byte 128",
  * "no SOP Instance UID (0008,0018)"). Reads at most the first 1 MiB. */
 int ml_dicom_probe(const char *path, ml_dicom_info_t *info, char *err, size_t errlen);
+/* The same on an open fd (read with pread from offset 0; the fd's position
+ * is not used): for a file opened once and then hashed and copied from the
+ * same fd, so that what is probed is what is sent. */
+int ml_dicom_probe_fd(int fd, ml_dicom_info_t *info, char *err, size_t errlen);
 /* The same on bytes already read: buf holds the first len bytes of a file of
  * file_size bytes (len < file_size when only a window was read; a length
  * running past the window then ends the walk quietly, while one running

@@ -67,7 +67,8 @@ typedef struct s_job {
     uv_work_t work;
     ml_aimg_t *img;
     char *name;            /* pending/<name> */
-    char dir[S_PATH];      /* its NAME.d */
+    char dir[S_PATH];      /* its NAME.d (for messages) */
+    int dfd;               /* NAME.d, opened once (O_NOFOLLOW); -1 when not yet */
     char blob_rel[200];    /* "blobs/<case dir>" */
     char blob_abs[S_PATH]; /* data_dir/blob_rel */
     ml_envelope_t *env;    /* the consult; the worker fills its objects */
@@ -242,7 +243,7 @@ static int s_join(char *out, size_t len, const char *a, const char *b)
 
 static void s_fsync_path(const char *path)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return;
     if (fsync(fd) != 0)
@@ -250,37 +251,32 @@ static void s_fsync_path(const char *path)
     close(fd);
 }
 
-/* rm -rf, for the agent's own folders (flat in practice). */
-static int s_rmtree(const char *path, int depth)
+/* rm -rf of path: its folder is opened (refusing a link as the last
+ * component) and the tree is removed through directory fds with unlinkat
+ * (ml_rmtree_at), so a link planted anywhere inside, or swapped in while
+ * it runs, is removed itself and never followed. */
+static int s_rmtree(const char *path)
 {
-    struct stat st;
-    if (lstat(path, &st) != 0)
+    char parent[S_PATH];
+    if (s_fmt(parent, sizeof parent, "%s", path) < 0)
+        return ML_EIO;
+    char *slash = strrchr(parent, '/');
+    if (!slash || !slash[1])
+        return ML_EINVAL;
+    *slash = '\0';
+    int dfd = ml_dir_open(AT_FDCWD, parent[0] ? parent : "/");
+    if (dfd < 0)
         return errno == ENOENT ? 0 : ML_EIO;
-    if (!S_ISDIR(st.st_mode))
-        return unlink(path) == 0 ? 0 : ML_EIO;
-    if (depth > 8)
-        return ML_EIO;
-    int rc = 0;
-    DIR *d = opendir(path);
-    if (!d)
-        return ML_EIO;
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-            continue;
-        char p[S_PATH];
-        if (s_join(p, sizeof p, path, de->d_name) < 0 || s_rmtree(p, depth + 1) < 0)
-            rc = ML_EIO;
-    }
-    closedir(d);
-    if (rmdir(path) != 0)
-        rc = ML_EIO;
+    int rc = ml_rmtree_at(dfd, slash + 1);
+    int saved = errno;
+    close(dfd);
+    errno = saved;
     return rc;
 }
 
 static void s_remove_dir(const char *path, const char *what)
 {
-    if (s_rmtree(path, 0) < 0)
+    if (s_rmtree(path) < 0)
         ml_log(ML_LOG_WARN, S_LOG, "cannot delete %s %s: %s", what, path, strerror(errno));
 }
 
@@ -407,31 +403,38 @@ static void s_free_names(char **names, size_t n)
  * with '.' skipped. A sub-folder is refused (reason set). */
 static int s_list_study(s_job_t *job, char ***out, size_t *count)
 {
-    DIR *d = opendir(job->dir);
+    /* A fresh open file description of NAME.d: the listing has its own
+     * position, and job->dfd stays for the openat of each file. */
+    int lfd = openat(job->dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *d = lfd >= 0 ? fdopendir(lfd) : NULL;
     const char *dname = strrchr(job->dir, '/') ? strrchr(job->dir, '/') + 1 : job->dir;
     char **names = NULL;
     size_t n = 0, cap = 0;
     int rc = 0;
     if (!d) {
         ml_seterr(job->reason, sizeof job->reason, "cannot read %s: %s", dname, strerror(errno));
+        if (lfd >= 0)
+            close(lfd);
         return ML_EIO;
     }
     struct dirent *de;
     while ((de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.')
             continue;
-        char p[S_PATH];
         struct stat st;
-        if (s_join(p, sizeof p, job->dir, de->d_name) < 0 || lstat(p, &st) != 0) {
+        /* A first look, for an early and clear refusal; what counts is the
+         * fstat of the fd each file is then read through (s_open_study). */
+        if (fstatat(job->dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
             ml_seterr(job->reason, sizeof job->reason, "%s/%s: cannot read", dname, de->d_name);
             rc = ML_EIO;
             goto out;
         }
         if (!S_ISREG(st.st_mode)) {
             ml_seterr(job->reason, sizeof job->reason,
-                      "%s/%s: not a regular file (sub-folders and links are not taken; put every "
-                      "DICOM file directly in %s)",
-                      dname, de->d_name, dname);
+                      "%s/%s: is a %s, not a regular file (sub-folders, links and FIFOs are not "
+                      "taken, links are never followed; put every DICOM file itself directly in "
+                      "%s)",
+                      dname, de->d_name, ml_file_type_name((unsigned)st.st_mode), dname);
             rc = ML_EINVAL;
             goto out;
         }
@@ -465,13 +468,54 @@ out:
     return rc;
 }
 
-/* Copies src to dst (through dst.tmp, fsync'd, renamed) while hashing it.
- * Stops early when the agent is stopping. */
-static int s_copy_hash(s_job_t *job, const char *src, const char *dst, uint64_t *size,
+/* Opens file name of NAME.d once for probing, hashing and copying: no
+ * link is followed and a FIFO does not block (ml_file_open_regular), and
+ * the fd must be a regular file with one link. The owner is not checked
+ * (the hospital system's account writes these files), but a second hard
+ * link is refused: it is the one way left to put a file the writer cannot
+ * read itself (the agent's key, its database) into the study. Returns the
+ * fd or a negative ML_E* with job->reason set. */
+static int s_open_study(s_job_t *job, const char *name, struct stat *st)
+{
+    const char *dname = strrchr(job->dir, '/') ? strrchr(job->dir, '/') + 1 : job->dir;
+    int fd = ml_file_open_regular(job->dfd, name, st);
+    if (fd == ML_EINVAL) {
+        ml_seterr(job->reason, sizeof job->reason,
+                  "%s/%s: is a %s, not a regular file (put every DICOM file itself directly in "
+                  "%s)",
+                  dname, name, ml_file_type_name((unsigned)st->st_mode), dname);
+        return ML_EINVAL;
+    }
+    if (fd < 0 && errno == ELOOP) {
+        ml_seterr(job->reason, sizeof job->reason,
+                  "%s/%s: is a symbolic link; links in the spool are never followed (copy the "
+                  "DICOM file itself into %s)",
+                  dname, name, dname);
+        return ML_EINVAL;
+    }
+    if (fd < 0) {
+        ml_seterr(job->reason, sizeof job->reason, "%s/%s: cannot open: %s", dname, name,
+                  strerror(errno));
+        return ML_EIO;
+    }
+    if (st->st_nlink > 1) {
+        ml_seterr(job->reason, sizeof job->reason,
+                  "%s/%s: has %lu hard links; study files must be copied into %s, not linked",
+                  dname, name, (unsigned long)st->st_nlink, dname);
+        close(fd);
+        return ML_EINVAL;
+    }
+    return fd;
+}
+
+/* Copies the open file in (from offset 0, with pread) to dst_name in the
+ * blob folder bfd (through a new dst_name.tmp, fsync'd, renamed) while
+ * hashing it. Stops early when the agent is stopping. */
+static int s_copy_hash(s_job_t *job, int in, int bfd, const char *dst_name, uint64_t *size,
                        char sha[ML_SHA256_HEX + 1])
 {
-    int rc = ML_EIO, in = -1, out = -1, made = 0;
-    char tmp[S_PATH];
+    int rc = ML_EIO, out = -1, made = 0;
+    char tmp[256];
     uint8_t *buf = NULL;
     uint64_t total = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -479,13 +523,14 @@ static int s_copy_hash(s_job_t *job, const char *src, const char *dst, uint64_t 
         rc = ML_ENOMEM;
         goto out;
     }
-    if (s_fmt(tmp, sizeof tmp, "%s.tmp", dst) < 0) {
+    if (s_fmt(tmp, sizeof tmp, "%s.tmp", dst_name) < 0) {
         errno = ENAMETOOLONG;
         goto out;
     }
-    if ((in = open(src, O_RDONLY | O_CLOEXEC)) < 0)
-        goto out;
-    if ((out = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0640)) < 0)
+    /* The blob folder is the agent's own and was made empty for this job:
+     * anything at the name is a leftover, never to be written through. */
+    unlinkat(bfd, tmp, 0);
+    if ((out = ml_file_create_excl(bfd, tmp, 0640)) < 0)
         goto out;
     made = 1;
     if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1)
@@ -495,7 +540,7 @@ static int s_copy_hash(s_job_t *job, const char *src, const char *dst, uint64_t 
             rc = ML_ECLOSED;
             goto out;
         }
-        ssize_t r = read(in, buf, S_COPY_BLOCK);
+        ssize_t r = pread(in, buf, S_COPY_BLOCK, (off_t)total);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -533,18 +578,16 @@ static int s_copy_hash(s_job_t *job, const char *src, const char *dst, uint64_t 
         goto out;
     }
     out = -1;
-    if (rename(tmp, dst) != 0)
+    if (renameat(bfd, tmp, bfd, dst_name) != 0)
         goto out;
     *size = total;
     rc = 0;
 out : {
     int saved = errno;
-    if (in >= 0)
-        close(in);
     if (out >= 0)
         close(out);
     if (rc < 0 && made)
-        unlink(tmp);
+        unlinkat(bfd, tmp, 0);
     free(buf);
     EVP_MD_CTX_free(ctx);
     errno = saved;
@@ -577,9 +620,11 @@ static Medlink__V1__DicomObject *s_object_new(void)
 }
 
 /* Staging work, on a thread-pool thread (or the caller's, in tests): never
- * touches the store or the spool. Probes every file first (a bad file
- * refuses the consult before anything is copied), then copies and hashes,
- * then fills in the consult and validates it. */
+ * touches the store or the spool. Each file is opened once (s_open_study),
+ * and probed, hashed and copied through that one fd, so a file swapped
+ * for a link (to the agent's key) after the listing is either refused or
+ * never seen: what is sent is what was checked. Then the consult is filled
+ * in and validated. */
 static void s_stage_run(s_job_t *job)
 {
     char **names = NULL;
@@ -590,6 +635,7 @@ static void s_stage_run(s_job_t *job)
     Medlink__V1__ImagingConsult *c = job->env->imaging_consult;
     const char *dname = strrchr(job->dir, '/') ? strrchr(job->dir, '/') + 1 : job->dir;
     char err[512];
+    int sfd = -1, bfd = -1;
 
     job->rc = s_list_study(job, &names, &n);
     if (job->rc < 0)
@@ -646,15 +692,25 @@ static void s_stage_run(s_job_t *job)
             order[i] = i;
     }
 
+    if (ml_mkdirs(job->blob_abs) < 0 || (bfd = ml_dir_open(AT_FDCWD, job->blob_abs)) < 0) {
+        job->rc = ML_EIO;
+        ml_seterr(job->reason, sizeof job->reason, "cannot create %s: %s", job->blob_abs,
+                  strerror(errno));
+        goto out;
+    }
+    uint64_t total = 0;
     for (size_t i = 0; i < n; i++) {
-        char p[S_PATH];
+        char dst[64], sha[ML_SHA256_HEX + 1];
         const char *name = names[order[i]];
         ml_dicom_info_t *in = &info[i];
-        if (s_join(p, sizeof p, job->dir, name) < 0) {
-            ml_seterr(job->reason, sizeof job->reason, "%s/%s: path too long", dname, name);
+        uint64_t size = 0;
+        struct stat st;
+        if ((sfd = s_open_study(job, name, &st)) < 0) {
+            job->rc = sfd == ML_EIO ? ML_EIO : ML_EINVAL;
+            sfd = -1;
             goto out;
         }
-        int rc = ml_dicom_probe(p, in, err, sizeof err);
+        int rc = ml_dicom_probe_fd(sfd, in, err, sizeof err);
         if (rc < 0) {
             job->rc = rc == ML_ENOMEM ? ML_EIO : rc;
             ml_seterr(job->reason, sizeof job->reason, "%s/%s: %s", dname, name, err);
@@ -685,22 +741,10 @@ static void s_stage_run(s_job_t *job)
                       dname, name, in->sop_instance_uid, i, given->sop_instance_uid);
             goto out;
         }
-    }
-
-    if (ml_mkdirs(job->blob_abs) < 0) {
-        job->rc = ML_EIO;
-        ml_seterr(job->reason, sizeof job->reason, "cannot create %s: %s", job->blob_abs,
-                  strerror(errno));
-        goto out;
-    }
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++) {
-        char src[S_PATH], dst[S_PATH], sha[ML_SHA256_HEX + 1];
-        const char *name = names[order[i]];
-        uint64_t size = 0;
-        s_join(src, sizeof src, job->dir, name);
-        s_fmt(dst, sizeof dst, "%s/%zu.dcm", job->blob_abs, i);
-        int rc = s_copy_hash(job, src, dst, &size, sha);
+        s_fmt(dst, sizeof dst, "%zu.dcm", i);
+        rc = s_copy_hash(job, sfd, bfd, dst, &size, sha);
+        close(sfd);
+        sfd = -1;
         if (rc == ML_ECLOSED) {
             job->rc = rc;
             ml_seterr(job->reason, sizeof job->reason, "the agent is stopping");
@@ -712,7 +756,6 @@ static void s_stage_run(s_job_t *job)
                       job->blob_abs, strerror(errno));
             goto out;
         }
-        const Medlink__V1__DicomObject *given = c->n_object ? c->object[i] : NULL;
         if (given && ((given->size && given->size != size) ||
                       (given->sha256 && *given->sha256 && strcmp(given->sha256, sha) != 0))) {
             ml_seterr(job->reason, sizeof job->reason,
@@ -743,7 +786,8 @@ static void s_stage_run(s_job_t *job)
         objs[i] = o;
         total += size;
     }
-    s_fsync_path(job->blob_abs);
+    if (fsync(bfd) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "fsync %s: %s", job->blob_abs, strerror(errno));
 
     /* Fill in the consult. */
     s_free_objects(c->object, c->n_object);
@@ -778,6 +822,10 @@ nomem:
     job->rc = ML_EIO;
     ml_seterr(job->reason, sizeof job->reason, "out of memory");
 out:
+    if (sfd >= 0)
+        close(sfd);
+    if (bfd >= 0)
+        close(bfd);
     s_free_names(names, n);
     free(info);
     free(order);
@@ -790,6 +838,8 @@ static void s_job_free(s_job_t *job)
     if (!job)
         return;
     free(job->name);
+    if (job->dfd >= 0)
+        close(job->dfd);
     ml_env_free(&job->env);
     free(job);
 }
@@ -961,7 +1011,13 @@ static int s_precheck(ml_aimg_t *img, s_job_t *job)
         ml_spool_staged_retry(img->spool, job->name);
         return 1;
     }
-    rc = ml_spool_staged_dir(img->spool, job->name, job->dir, sizeof job->dir);
+    if (job->dfd >= 0) {
+        close(job->dfd);
+        job->dfd = -1;
+    }
+    rc = ml_spool_staged_open(img->spool, job->name, job->dir, sizeof job->dir);
+    if (rc >= 0)
+        job->dfd = rc;
     if (rc < 0) {
         size_t n = strlen(job->name);
         ml_seterr(job->reason, sizeof job->reason,
@@ -1058,6 +1114,7 @@ static void s_consult_cb(void *arg, const char *name, ml_envelope_t *env)
         ml_spool_staged_retry(img->spool, name);
         return;
     }
+    job->dfd = -1;
     job->img = img;
     job->env = env;
     job->chunk_size = img->chunk_size;
@@ -1811,7 +1868,7 @@ static int s_part_fd(ml_aimg_t *img, const char *case_id, uint32_t idx)
         return -1;
     if (ml_mkdirs(dir) < 0)
         return -1;
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+    int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (fd < 0)
         return -1;
     s_part_t *p = s_vec_push(&img->parts);
@@ -2124,7 +2181,7 @@ static int s_verify(ml_aimg_t *img, const ml_img_in_t *t, const ml_img_obj_t *o)
     if (s_part_path(img, t->case_id, o->idx, path, sizeof path) < 0)
         return 0;
     if (stat(path, &st) == 0 && (uint64_t)st.st_size > o->size) {
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        int fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0 || ftruncate(fd, (off_t)o->size) != 0 || fsync(fd) != 0)
             ml_log(ML_LOG_WARN, S_LOG, "case %s: cannot trim %s: %s", t->case_id, path,
                    strerror(errno));
@@ -2156,15 +2213,17 @@ static int s_collect_obj_cb(const ml_img_obj_t *o, void *arg)
     return 0;
 }
 
-/* Copies src to dst with fsync (publication across file systems). */
-static int s_copy_file(const char *src, const char *dst)
+/* Copies src in folder sfd to a new dst in folder dfd with fsync
+ * (publication across file systems). Neither name is followed if it is a
+ * link; dst must not exist. */
+static int s_copy_file(int sfd, const char *src, int dfd, const char *dst)
 {
     int rc = ML_EIO, in = -1, out = -1;
     uint8_t *buf = malloc(S_COPY_BLOCK);
     if (!buf)
         return ML_ENOMEM;
-    if ((in = open(src, O_RDONLY | O_CLOEXEC)) < 0 ||
-        (out = open(dst, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0640)) < 0)
+    if ((in = ml_file_open_regular(sfd, src, NULL)) < 0 ||
+        (out = ml_file_create_excl(dfd, dst, 0640)) < 0)
         goto out;
     for (;;) {
         ssize_t r = read(in, buf, S_COPY_BLOCK);
@@ -2274,72 +2333,88 @@ fail:
 }
 
 /* Builds inbox/study-<case>/ under a hidden name and renames it into place.
- * An existing final folder means an earlier run got this far. Returns 0 or
- * ML_EIO. */
+ * An existing final folder means an earlier run got this far. inbox/ is
+ * writable by the hospital system, so everything happens relative to the
+ * spool's held inbox/ fd and to an fd of the folder just made (mkdirat,
+ * then opened with O_NOFOLLOW and checked to be ours): a link planted at
+ * the hidden name is removed, never followed. Returns 0 or ML_EIO. */
 static int s_publish(ml_aimg_t *img, const ml_img_in_t *t, const s_objs_t *objs, char *folder,
                      size_t flen)
 {
-    char cd[160], inbox[S_PATH], final[S_PATH], tmp[S_PATH];
+    char cd[160], tmp[S_PATH], incoming[S_PATH];
     char *manifest = NULL;
-    int rc = ML_EIO;
+    int rc = ML_EIO, tfd = -1, pfd = -1, made = 0;
     struct stat st;
     s_case_dir(t->case_id, cd);
     snprintf(folder, flen, "study-%s", cd);
-    if (s_join(inbox, sizeof inbox, img->spool_dir, "inbox") < 0 ||
-        s_join(final, sizeof final, inbox, folder) < 0)
+    int ifd = ml_spool_folder_fd(img->spool, "inbox");
+    if (ifd < 0 || s_fmt(tmp, sizeof tmp, ".%s.tmp", folder) < 0 ||
+        s_incoming_dir(img, t->case_id, incoming, sizeof incoming) < 0)
         return ML_EIO;
-    if (s_fmt(tmp, sizeof tmp, "%s/.%s.tmp", inbox, folder) < 0)
-        return ML_EIO;
-    if (lstat(final, &st) == 0 && S_ISDIR(st.st_mode))
+    if (fstatat(ifd, folder, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode))
         return 0;
-    s_rmtree(tmp, 0);
-    if (mkdir(tmp, 0750) != 0) {
-        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot create %s: %s", t->case_id, tmp,
+    ml_rmtree_at(ifd, tmp);
+    if (mkdirat(ifd, tmp, 0750) != 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot create inbox/%s: %s", t->case_id, tmp,
                strerror(errno));
         return ML_EIO;
     }
+    made = 1;
+    if ((tfd = ml_dir_open(ifd, tmp)) < 0 || fstat(tfd, &st) != 0 || st.st_uid != geteuid()) {
+        ml_log(ML_LOG_ERROR, S_LOG,
+               "case %s: inbox/%s was replaced while the study was being placed in it; will retry",
+               t->case_id, tmp);
+        goto out;
+    }
+    if ((pfd = ml_dir_open(AT_FDCWD, incoming)) < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot open %s: %s", t->case_id, incoming,
+               strerror(errno));
+        goto out;
+    }
     for (size_t i = 0; i < objs->n; i++) {
-        char src[S_PATH], dst[S_PATH];
+        char part[32];
         const ml_img_obj_t *o = &objs->v[i];
-        if (s_part_path(img, t->case_id, o->idx, src, sizeof src) < 0 ||
-            s_join(dst, sizeof dst, tmp, o->file_name) < 0)
-            goto out;
+        snprintf(part, sizeof part, "%u.part", o->idx);
         /* A hard link shares the fsync'd .part; another file system means
-         * a copy. */
-        if (link(src, dst) != 0) {
+         * a copy. linkat without AT_SYMLINK_FOLLOW links the entry itself. */
+        if (linkat(pfd, part, tfd, o->file_name, 0) != 0) {
             if ((errno != EXDEV && errno != EPERM && errno != ENOTSUP && errno != EMLINK) ||
-                s_copy_file(src, dst) < 0) {
-                ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot place %s in %s: %s", t->case_id,
+                s_copy_file(pfd, part, tfd, o->file_name) < 0) {
+                ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot place %s in inbox/%s: %s", t->case_id,
                        o->file_name, tmp, strerror(errno));
                 goto out;
             }
         }
     }
-    char mpath[S_PATH];
-    if (!(manifest = s_manifest(img, t, objs)) ||
-        s_join(mpath, sizeof mpath, tmp, "manifest.json") < 0) {
+    if (!(manifest = s_manifest(img, t, objs))) {
         ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot build the manifest", t->case_id);
         goto out;
     }
     size_t mlen = strlen(manifest);
     manifest[mlen++] = '\n'; /* json_dumps leaves room: it was NUL */
-    if (ml_write_file_atomic(mpath, manifest, mlen) < 0) {
-        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot write %s: %s", t->case_id, mpath,
-               strerror(errno));
+    if (ml_write_file_at(tfd, "manifest.json", manifest, mlen, 0640) < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot write inbox/%s/manifest.json: %s", t->case_id,
+               tmp, strerror(errno));
         goto out;
     }
-    s_fsync_path(tmp);
-    if (rename(tmp, final) != 0) {
-        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot rename %s to %s: %s", t->case_id, tmp, final,
-               strerror(errno));
+    if (fsync(tfd) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "fsync inbox/%s: %s", tmp, strerror(errno));
+    if (renameat(ifd, tmp, ifd, folder) != 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "case %s: cannot rename inbox/%s to inbox/%s: %s", t->case_id,
+               tmp, folder, strerror(errno));
         goto out;
     }
-    s_fsync_path(inbox);
+    if (fsync(ifd) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "fsync inbox/: %s", strerror(errno));
     rc = 0;
 out:
     free(manifest);
-    if (rc < 0)
-        s_rmtree(tmp, 0);
+    if (tfd >= 0)
+        close(tfd);
+    if (pfd >= 0)
+        close(pfd);
+    if (rc < 0 && made)
+        ml_rmtree_at(ifd, tmp);
     return rc;
 }
 
@@ -2656,17 +2731,20 @@ int ml_aimg_recover(ml_aimg_t *img)
         goto out;
     s_gc(img, "incoming", &c.cases);
     /* Half-built study folders (hidden names) are built again. */
-    char inbox[S_PATH];
-    if (s_join(inbox, sizeof inbox, img->spool_dir, "inbox") == 0) {
-        DIR *d = opendir(inbox);
+    int ifd = ml_spool_folder_fd(img->spool, "inbox");
+    int lfd = ifd >= 0 ? openat(ifd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    if (lfd >= 0) {
+        DIR *d = fdopendir(lfd);
+        if (!d)
+            close(lfd);
         struct dirent *de;
         while (d && (de = readdir(d)) != NULL) {
             size_t n = strlen(de->d_name);
             if (strncmp(de->d_name, ".study-", 7) == 0 && n > 4 &&
                 strcmp(de->d_name + n - 4, ".tmp") == 0) {
-                char p[S_PATH];
-                if (s_join(p, sizeof p, inbox, de->d_name) == 0)
-                    s_remove_dir(p, "half-built study folder");
+                if (ml_rmtree_at(ifd, de->d_name) < 0)
+                    ml_log(ML_LOG_WARN, S_LOG, "cannot delete half-built study folder inbox/%s: %s",
+                           de->d_name, strerror(errno));
             }
         }
         if (d)

@@ -2,7 +2,16 @@
  * outbox rows, moves them along as the broker answers, and writes delivered
  * messages into inbox/. Every rename stays inside spool_dir (one file
  * system, so renames are atomic) and the folders are fsync'd after each
- * batch of renames so that a crash cannot undo a move the store relies on. */
+ * batch of renames so that a crash cannot undo a move the store relies on.
+ *
+ * The hospital system (or anyone who can write the spool) may plant links,
+ * FIFOs and folders under any name. So every folder is held open as a
+ * directory fd from the start (a folder that is a symbolic link is
+ * refused), every file is opened relative to it with O_NOFOLLOW and
+ * O_NONBLOCK and checked with fstat on that fd, every file the agent writes
+ * is created new (O_EXCL) under a random name and renamed in (see
+ * ml_write_file_at), and every move is a renameat between two held folders.
+ * A non-regular *.json in outbox/ is reported and moved to rejected/. */
 #include "spool.h"
 
 #include <dirent.h>
@@ -26,6 +35,15 @@ static const char *const s_folder[S_NFOLDERS] = {"outbox", "pending", "sent", "r
 
 struct ml_spool {
     char *dir;
+    /* spool_dir and its five folders, held open (O_NOFOLLOW for the
+     * folders). s_refresh reopens a folder that was replaced by a real one. */
+    int root;
+    int dfd[S_NFOLDERS];
+    /* An error about a folder is logged once, not every scan. */
+    int folder_warned[S_NFOLDERS];
+    /* outbox/ names that could not be moved to rejected/ (logged once). */
+    char **odd;
+    size_t n_odd;
     char *node_id;
     size_t max_record;
     ml_astore_t *store;
@@ -72,32 +90,73 @@ static int s_path(const ml_spool_t *sp, int folder, const char *name, char *out,
 
 static void s_fsync_dir(const ml_spool_t *sp, int folder)
 {
-    char p[S_PATH_MAX];
-    if (s_path(sp, folder, NULL, p, sizeof p) < 0)
-        return;
-    int fd = open(p, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    if (fsync(fd) != 0)
-        ml_log(ML_LOG_WARN, S_LOG, "fsync %s: %s", p, strerror(errno));
-    close(fd);
+    if (fsync(sp->dfd[folder]) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "fsync %s/: %s", s_folder[folder], strerror(errno));
 }
 
 static int s_exists(const ml_spool_t *sp, int folder, const char *name)
 {
-    char p[S_PATH_MAX];
     struct stat st;
-    if (s_path(sp, folder, name, p, sizeof p) < 0)
-        return 1;
-    return lstat(p, &st) == 0;
+    return fstatat(sp->dfd[folder], name, &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
+/* renameat between two held folders: moves the entry itself (a link stays
+ * a link, never its target). */
 static int s_rename(const ml_spool_t *sp, int from, const char *name, int to, const char *to_name)
 {
-    char a[S_PATH_MAX], b[S_PATH_MAX];
-    if (s_path(sp, from, name, a, sizeof a) < 0 || s_path(sp, to, to_name, b, sizeof b) < 0)
-        return ML_EINVAL;
-    return rename(a, b) == 0 ? 0 : ML_EIO;
+    return renameat(sp->dfd[from], name, sp->dfd[to], to_name) == 0 ? 0 : ML_EIO;
+}
+
+/* Opens (and creates when missing) folder i of spool_dir, refusing a
+ * symbolic link. Returns the fd or ML_EIO with a sentence in err. */
+static int s_open_folder(int root, int i, char *err, size_t errlen)
+{
+    if (mkdirat(root, s_folder[i], 0750) != 0 && errno != EEXIST) {
+        snprintf(err, errlen, "cannot create spool folder %s/: %s", s_folder[i], strerror(errno));
+        return ML_EIO;
+    }
+    int fd = ml_dir_open(root, s_folder[i]);
+    if (fd < 0) {
+        if (errno == ELOOP || errno == ENOTDIR)
+            snprintf(err, errlen,
+                     "spool folder %s/ is not a real folder (a symbolic link or a file); refused: "
+                     "replace it by a folder",
+                     s_folder[i]);
+        else
+            snprintf(err, errlen, "cannot open spool folder %s/: %s", s_folder[i], strerror(errno));
+        return ML_EIO;
+    }
+    return fd;
+}
+
+/* A folder deleted and made again (by an operator cleaning up) must be
+ * followed to its new inode, or the agent would scan an empty, unlinked
+ * folder for ever; a folder replaced by a link is refused (the old fd is
+ * kept and the swap is logged once). O(5) fstatat. */
+static void s_refresh(ml_spool_t *sp)
+{
+    for (int i = 0; i < S_NFOLDERS; i++) {
+        struct stat held, now;
+        if (fstat(sp->dfd[i], &held) != 0)
+            continue;
+        int gone = fstatat(sp->root, s_folder[i], &now, AT_SYMLINK_NOFOLLOW) != 0;
+        if (!gone && now.st_dev == held.st_dev && now.st_ino == held.st_ino) {
+            sp->folder_warned[i] = 0;
+            continue;
+        }
+        char err[S_ERR_MAX];
+        int fd = s_open_folder(sp->root, i, err, sizeof err);
+        if (fd < 0) {
+            if (!sp->folder_warned[i])
+                ml_log(ML_LOG_ERROR, S_LOG, "%s; still using the folder opened before", err);
+            sp->folder_warned[i] = 1;
+            continue;
+        }
+        ml_log(ML_LOG_WARN, S_LOG, "spool folder %s/ was replaced; using the new one", s_folder[i]);
+        close(sp->dfd[i]);
+        sp->dfd[i] = fd;
+        sp->folder_warned[i] = 0;
+    }
 }
 
 /* The folder that travels with NAME.json: NAME.d (an imaging consult's
@@ -114,11 +173,8 @@ static int s_companion(const char *name, char *out, size_t len)
 
 static int s_is_dir(const ml_spool_t *sp, int folder, const char *name)
 {
-    char p[S_PATH_MAX];
     struct stat st;
-    if (s_path(sp, folder, name, p, sizeof p) < 0)
-        return 0;
-    return lstat(p, &st) == 0 && S_ISDIR(st.st_mode);
+    return fstatat(sp->dfd[folder], name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
 }
 
 /* Moves folder/NAME.d along with folder/NAME.json when there is one. A
@@ -160,44 +216,99 @@ static void s_free_names(char **names, size_t n)
     free(names);
 }
 
-/* Lists the wanted regular files of a folder in name order, at most max.
- * O(N log N) in the folder size. */
-static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, size_t *count)
+/* A wanted name in outbox/ that is not a regular file. */
+typedef struct {
+    char *name;
+    unsigned mode;
+} s_odd_t;
+
+static void s_free_odd(s_odd_t *odd, size_t n)
 {
-    char p[S_PATH_MAX];
+    for (size_t i = 0; i < n; i++)
+        free(odd[i].name);
+    free(odd);
+}
+
+static int s_push_name(char ***names, size_t *n, size_t *cap, const char *name)
+{
+    if (*n == *cap) {
+        size_t ncap = *cap ? *cap * 2 : 64;
+        char **nn = realloc(*names, ncap * sizeof *nn);
+        if (!nn)
+            return ML_ENOMEM;
+        *names = nn;
+        *cap = ncap;
+    }
+    if (!((*names)[*n] = strdup(name)))
+        return ML_ENOMEM;
+    (*n)++;
+    return 0;
+}
+
+/* Lists the wanted regular files of a folder in name order, at most max.
+ * When odd is not NULL, wanted names that are something else (a link, a
+ * FIFO, a folder: never opened here) are listed there with their type.
+ * O(N log N) in the folder size. */
+static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, size_t *count,
+                  s_odd_t **odd, size_t *nodd)
+{
     int rc = ML_EIO;
     char **names = NULL;
-    size_t n = 0, cap = 0;
+    size_t n = 0, cap = 0, no = 0, ocap = 0;
+    s_odd_t *os = NULL;
     DIR *d = NULL;
 
     *out = NULL;
     *count = 0;
-    if (s_path(sp, folder, NULL, p, sizeof p) < 0)
-        return ML_EINVAL;
-    d = opendir(p);
-    if (!d)
+    if (odd) {
+        *odd = NULL;
+        *nodd = 0;
+    }
+    /* A fresh open file description of the held folder, so the listing has
+     * its own position (fdopendir takes the fd). */
+    int fd = openat(sp->dfd[folder], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
         goto out;
+    if (!(d = fdopendir(fd))) {
+        close(fd);
+        goto out;
+    }
     struct dirent *de;
     while ((de = readdir(d)) != NULL) {
         if (!s_wanted(de->d_name))
             continue;
-        if (de->d_type != DT_REG && de->d_type != DT_UNKNOWN)
-            continue;
-        if (n == cap) {
-            size_t ncap = cap ? cap * 2 : 64;
-            char **nn = realloc(names, ncap * sizeof *nn);
-            if (!nn) {
+        unsigned mode = 0;
+        if (de->d_type == DT_REG) {
+            mode = S_IFREG;
+        } else {
+            struct stat st;
+            if (fstatat(sp->dfd[folder], de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+                continue; /* gone since readdir */
+            mode = (unsigned)st.st_mode;
+        }
+        if (!S_ISREG(mode)) {
+            if (!odd)
+                continue;
+            if (no == ocap) {
+                size_t ncap = ocap ? ocap * 2 : 8;
+                s_odd_t *nn = realloc(os, ncap * sizeof *nn);
+                if (!nn) {
+                    rc = ML_ENOMEM;
+                    goto out;
+                }
+                os = nn;
+                ocap = ncap;
+            }
+            if (!(os[no].name = strdup(de->d_name))) {
                 rc = ML_ENOMEM;
                 goto out;
             }
-            names = nn;
-            cap = ncap;
+            os[no++].mode = mode;
+            continue;
         }
-        if (!(names[n] = strdup(de->d_name))) {
-            rc = ML_ENOMEM;
+        if ((rc = s_push_name(&names, &n, &cap, de->d_name)) < 0)
             goto out;
-        }
-        n++;
+        rc = ML_EIO;
     }
     if (n > 0)
         qsort(names, n, sizeof *names, s_cmp_str);
@@ -210,9 +321,16 @@ static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, siz
     *count = n;
     names = NULL;
     n = 0;
+    if (odd) {
+        *odd = os;
+        *nodd = no;
+        os = NULL;
+        no = 0;
+    }
     rc = 0;
 out:
     s_free_names(names, n);
+    s_free_odd(os, no);
     if (d)
         closedir(d);
     return rc;
@@ -277,11 +395,11 @@ int ml_spool_fill(ml_envelope_t *e, const char *node_id, char *err, size_t errle
     return 0;
 }
 
-int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len)
+/* inbox/'s file name for a message id, into safe[256]. */
+static int s_inbox_name(const char *id, char safe[256])
 {
-    char safe[256];
     size_t n = strlen(id);
-    if (n == 0 || n >= sizeof safe - 6)
+    if (n == 0 || n >= 256 - 6)
         return ML_EINVAL;
     /* Ids from a correct broker are ULIDs; anything else is made harmless
      * so a hostile id can never name a path outside inbox/. */
@@ -292,7 +410,14 @@ int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t 
         safe[i] = ok ? c : '_';
     }
     memcpy(safe + n, ".json", 6);
-    return s_path(sp, S_INBOX, safe, out, len);
+    return 0;
+}
+
+int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len)
+{
+    char safe[256];
+    int rc = s_inbox_name(id, safe);
+    return rc < 0 ? rc : s_path(sp, S_INBOX, safe, out, len);
 }
 
 /* Renders a stored envelope as pretty JSON with a final newline. */
@@ -332,16 +457,12 @@ out:
 static int s_write_rendered(const ml_spool_t *sp, int folder, const char *name, const uint8_t *blob,
                             size_t len)
 {
-    char p[S_PATH_MAX];
     char *json = NULL;
     size_t jlen = 0;
-    int rc = s_path(sp, folder, name, p, sizeof p);
+    int rc = s_render(blob, len, &json, &jlen);
     if (rc < 0)
         return rc;
-    rc = s_render(blob, len, &json, &jlen);
-    if (rc < 0)
-        return rc;
-    rc = ml_write_file_atomic(p, json, jlen);
+    rc = ml_write_file_at(sp->dfd[folder], name, json, jlen, 0640);
     free(json);
     return rc;
 }
@@ -405,7 +526,6 @@ static int s_reject(ml_spool_t *sp, int folder, const char *name, const char *id
                     const char *reason)
 {
     int rc = ML_ENOMEM;
-    char p[S_PATH_MAX];
     char *target = s_unique(sp, name, id, 0);
     char *ename = NULL;
     if (!target)
@@ -416,10 +536,8 @@ static int s_reject(ml_spool_t *sp, int folder, const char *name, const char *id
     snprintf(ename, cap, "%s.error", target);
     char text[S_ERR_MAX + 16];
     int tn = snprintf(text, sizeof text, "%s\n", reason);
-    if ((rc = s_path(sp, S_REJECTED, ename, p, sizeof p)) < 0)
-        goto out;
-    if ((rc = ml_write_file_atomic(p, text, (size_t)tn)) < 0) {
-        ml_log(ML_LOG_ERROR, S_LOG, "cannot write %s: %s", p, strerror(errno));
+    if ((rc = ml_write_file_at(sp->dfd[S_REJECTED], ename, text, (size_t)tn, 0640)) < 0) {
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot write rejected/%s: %s", ename, strerror(errno));
         goto out;
     }
     if ((rc = s_rename(sp, folder, name, S_REJECTED, target)) < 0) {
@@ -446,24 +564,81 @@ static void s_item_clear(s_item_t *it)
     memset(it, 0, sizeof *it);
 }
 
+/* The reason given for a spool entry that is not a regular file. */
+static void s_not_regular(unsigned mode, char *err, size_t errlen)
+{
+    if (S_ISLNK((mode_t)mode))
+        snprintf(err, errlen,
+                 "is a symbolic link; links in the spool are never followed (write the file "
+                 "itself, then rename it into outbox/)");
+    else
+        snprintf(err, errlen,
+                 "is a %s, not a regular file; it was not read (write the message as a regular "
+                 "file, then rename it into outbox/)",
+                 ml_file_type_name(mode));
+}
+
+/* The offset of the first byte of text that is not well-formed UTF-8
+ * (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF), or
+ * len when it all is. O(len). */
+static size_t s_utf8_bad(const unsigned char *t, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        unsigned c = t[i];
+        size_t k;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            k = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            k = 2;
+            if (c == 0xE0)
+                lo = 0xA0;
+            else if (c == 0xED)
+                hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            k = 3;
+            if (c == 0xF0)
+                lo = 0x90;
+            else if (c == 0xF4)
+                hi = 0x8F;
+        } else {
+            return i;
+        }
+        if (i + k >= len)
+            return i; /* cut short at the end */
+        if (t[i + 1] < lo || t[i + 1] > hi)
+            return i;
+        for (size_t j = 2; j <= k; j++)
+            if (t[i + j] < 0x80 || t[i + j] > 0xBF)
+                return i;
+        i += k + 1;
+    }
+    return len;
+}
+
 /* Reads, decodes, fills in and validates folder/name. Returns 0 with the
  * item filled, or ML_EINVAL with a reason in err (reject the file), or
- * ML_ENOMEM. */
+ * ML_ENOMEM. The file is opened once, without following a link or waiting
+ * on a FIFO, and what is parsed is what that fd holds. */
 static int s_prepare(ml_spool_t *sp, int folder, const char *name, s_item_t *it, char *err,
                      size_t errlen)
 {
-    char p[S_PATH_MAX];
     char *text = NULL;
     size_t len = 0;
+    unsigned mode = 0;
     ml_envelope_t *e = NULL;
-    int rc = s_path(sp, folder, name, p, sizeof p);
-    if (rc < 0) {
-        snprintf(err, errlen, "file name is too long");
-        return ML_EINVAL;
-    }
-    rc = ml_read_file(p, 2 * sp->max_record, &text, &len);
+    int rc = ml_read_file_at(sp->dfd[folder], name, 2 * sp->max_record, &text, &len, &mode);
     if (rc == ML_ETOOBIG) {
         snprintf(err, errlen, "file is larger than %zu bytes (2 x max_record)", 2 * sp->max_record);
+        rc = ML_EINVAL;
+        goto out;
+    } else if (rc == ML_EINVAL || (rc == ML_EIO && errno == ELOOP)) {
+        /* Swapped since the listing: a link (ELOOP) or a FIFO or folder. */
+        s_not_regular(rc == ML_EINVAL ? mode : (unsigned)S_IFLNK, err, errlen);
         rc = ML_EINVAL;
         goto out;
     } else if (rc < 0) {
@@ -471,9 +646,28 @@ static int s_prepare(ml_spool_t *sp, int folder, const char *name, s_item_t *it,
         rc = rc == ML_ENOMEM ? rc : ML_EINVAL;
         goto out;
     }
+    /* Windows tools like to start UTF-8 with a byte order mark; it carries
+     * nothing, so it is dropped. Anything that is not UTF-8 (GBK from a
+     * Chinese-locale export, Latin-1) would otherwise fail later with a
+     * JSON error that names no cause. */
+    const char *body = text;
+    size_t blen = len;
+    if (blen >= 3 && memcmp(body, "\xEF\xBB\xBF", 3) == 0) {
+        body += 3;
+        blen -= 3;
+    }
+    size_t bad = s_utf8_bad((const unsigned char *)body, blen);
+    if (bad < blen) {
+        snprintf(err, errlen,
+                 "file is not UTF-8 (GBK?): byte 0x%02X at offset %zu is not valid UTF-8; spool "
+                 "files must be saved as UTF-8",
+                 (unsigned char)body[bad], bad + (size_t)(body - text));
+        rc = ML_EINVAL;
+        goto out;
+    }
     char derr[S_ERR_MAX - 32];
     ProtobufCMessage *m = NULL;
-    rc = ml_json_decode(&medlink__v1__envelope__descriptor, text, len, &m, derr, sizeof derr);
+    rc = ml_json_decode(&medlink__v1__envelope__descriptor, body, blen, &m, derr, sizeof derr);
     if (rc < 0) {
         snprintf(err, errlen, "not a valid message: %s", derr);
         rc = ML_EINVAL;
@@ -764,10 +958,8 @@ static void s_finish(ml_spool_t *sp, const s_row_t *r)
         /* sent/NAME is the envelope as it was sent, with the id, caseId,
          * from and createdAt the agent filled in: that is how the local
          * system learns which case a referral it wrote became. */
-        char p[S_PATH_MAX];
         if (s_write_rendered(sp, S_SENT, r->file_name, r->env, r->len) == 0) {
-            if (s_path(sp, S_PENDING, r->file_name, p, sizeof p) == 0 && unlink(p) != 0 &&
-                errno != ENOENT)
+            if (unlinkat(sp->dfd[S_PENDING], r->file_name, 0) != 0 && errno != ENOENT)
                 ml_log(ML_LOG_ERROR, S_LOG, "cannot remove pending/%s: %s", r->file_name,
                        strerror(errno));
         } else if (s_rename(sp, S_PENDING, r->file_name, S_SENT, r->file_name) < 0 &&
@@ -846,7 +1038,7 @@ static int s_reconcile(ml_spool_t *sp)
 {
     char **names = NULL;
     size_t n = 0, k = 0;
-    int rc = s_list(sp, S_PENDING, (size_t)-1, &names, &n);
+    int rc = s_list(sp, S_PENDING, (size_t)-1, &names, &n, NULL, NULL);
     if (rc < 0) {
         ml_log(ML_LOG_ERROR, S_LOG, "cannot list pending/: %s", strerror(errno));
         return rc;
@@ -893,17 +1085,17 @@ out:
 
 static int s_spool_one(ml_spool_t *sp, const char *id, const uint8_t *blob, size_t len)
 {
-    char p[S_PATH_MAX];
+    char name[256];
     char *json = NULL;
     size_t jlen = 0;
-    int rc = ml_spool_inbox_path(sp, id, p, sizeof p);
+    int rc = s_inbox_name(id, name);
     if (rc < 0)
         return rc;
     if ((rc = s_render(blob, len, &json, &jlen)) < 0)
         return rc;
-    rc = ml_write_file_atomic(p, json, jlen);
+    rc = ml_write_file_at(sp->dfd[S_INBOX], name, json, jlen, 0640);
     if (rc < 0)
-        ml_log(ML_LOG_ERROR, S_LOG, "cannot write %s: %s", p, strerror(errno));
+        ml_log(ML_LOG_ERROR, S_LOG, "cannot write inbox/%s: %s", name, strerror(errno));
     free(json);
     return rc;
 }
@@ -1092,22 +1284,69 @@ int ml_spool_recover(ml_spool_t *sp)
     return rc < 0 ? rc : rc2;
 }
 
+static int s_odd_known(const ml_spool_t *sp, const char *name)
+{
+    for (size_t i = 0; i < sp->n_odd; i++)
+        if (strcmp(sp->odd[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+/* A *.json in outbox/ that is a link, FIFO, folder or device: it is never
+ * opened. It is moved (the entry itself: renameat moves a link, not its
+ * target) to rejected/ with a NAME.error saying what it is; when even that
+ * fails it stays, and the failure is logged once. */
+static void s_report_odd(ml_spool_t *sp, const s_odd_t *o, ml_spool_scan_stats_t *stats)
+{
+    char why[S_ERR_MAX];
+    if (s_odd_known(sp, o->name))
+        return;
+    s_not_regular(o->mode, why, sizeof why);
+    ml_log(ML_LOG_WARN, S_LOG, "outbox/%s %s", o->name, why);
+    if (s_reject(sp, S_OUTBOX, o->name, NULL, why) == 0) {
+        if (stats)
+            stats->rejected++;
+        return;
+    }
+    ml_log(ML_LOG_ERROR, S_LOG,
+           "outbox/%s (a %s) cannot be moved to rejected/; it is left in outbox/ and ignored "
+           "until removed",
+           o->name, ml_file_type_name(o->mode));
+    if (sp->n_odd < 256) {
+        char **nn = realloc(sp->odd, (sp->n_odd + 1) * sizeof *nn);
+        if (nn) {
+            sp->odd = nn;
+            if ((nn[sp->n_odd] = strdup(o->name)) != NULL)
+                sp->n_odd++;
+        }
+    }
+}
+
 int ml_spool_scan(ml_spool_t *sp, size_t max_files, ml_spool_scan_stats_t *stats)
 {
     char **names = NULL;
-    size_t n = 0;
+    size_t n = 0, nodd = 0;
+    s_odd_t *odd = NULL;
     int rc;
     if (stats)
         memset(stats, 0, sizeof *stats);
+    s_refresh(sp);
     if (sp->need_reconcile && (rc = s_reconcile(sp)) < 0)
         return rc;
     if (sp->need_respool)
         s_respool(sp);
-    rc = s_list(sp, S_OUTBOX, max_files, &names, &n);
+    rc = s_list(sp, S_OUTBOX, max_files, &names, &n, &odd, &nodd);
     if (rc < 0) {
         ml_log(ML_LOG_ERROR, S_LOG, "cannot list outbox/: %s", strerror(errno));
         return rc;
     }
+    for (size_t i = 0; i < nodd; i++)
+        s_report_odd(sp, &odd[i], stats);
+    if (nodd) {
+        s_fsync_dir(sp, S_OUTBOX);
+        s_fsync_dir(sp, S_REJECTED);
+    }
+    s_free_odd(odd, nodd);
     rc = n ? s_ingest(sp, S_OUTBOX, names, n, stats) : 0;
     s_free_names(names, n);
     return rc;
@@ -1125,10 +1364,19 @@ int ml_spool_new(const ml_spool_config_t *cfg, ml_spool_t **out, char *err, size
         goto nomem;
     sp->max_record = cfg->max_record;
     sp->store = cfg->store;
+    sp->root = -1;
+    for (int i = 0; i < S_NFOLDERS; i++)
+        sp->dfd[i] = -1;
+    /* spool_dir itself is the operator's choice (it may be a link they
+     * made); the folders inside are where others write. */
+    if (ml_mkdirs(sp->dir) < 0 ||
+        (sp->root = open(sp->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+        snprintf(err, errlen, "cannot open spool_dir %s: %s", sp->dir, strerror(errno));
+        rc = ML_EIO;
+        goto out;
+    }
     for (int i = 0; i < S_NFOLDERS; i++) {
-        char p[S_PATH_MAX];
-        if (s_path(sp, i, NULL, p, sizeof p) < 0 || ml_mkdirs(p) < 0) {
-            snprintf(err, errlen, "cannot create spool folder %s: %s", p, strerror(errno));
+        if ((sp->dfd[i] = s_open_folder(sp->root, i, err, errlen)) < 0) {
             rc = ML_EIO;
             goto out;
         }
@@ -1147,6 +1395,14 @@ void ml_spool_destroy(ml_spool_t **self_p)
     if (!self_p || !*self_p)
         return;
     ml_spool_t *sp = *self_p;
+    for (int i = 0; i < S_NFOLDERS; i++)
+        if (sp->dfd[i] >= 0)
+            close(sp->dfd[i]);
+    if (sp->root >= 0)
+        close(sp->root);
+    for (size_t i = 0; i < sp->n_odd; i++)
+        free(sp->odd[i]);
+    free(sp->odd);
     for (size_t i = 0; i < sp->n_staging; i++)
         free(sp->staging[i]);
     free(sp->staging);
@@ -1167,6 +1423,26 @@ void ml_spool_set_hooks(ml_spool_t *sp, const ml_spool_hooks_t *hooks)
 const char *ml_spool_dir(const ml_spool_t *sp)
 {
     return sp->dir;
+}
+
+int ml_spool_folder_fd(const ml_spool_t *sp, const char *folder)
+{
+    for (int i = 0; i < S_NFOLDERS; i++)
+        if (strcmp(s_folder[i], folder) == 0)
+            return sp->dfd[i];
+    return ML_EINVAL;
+}
+
+int ml_spool_staged_open(ml_spool_t *sp, const char *name, char *out, size_t len)
+{
+    char dir[S_PATH_MAX];
+    int rc = ml_spool_staged_dir(sp, name, out, len);
+    if (rc < 0)
+        return rc;
+    if ((rc = s_companion(name, dir, sizeof dir)) < 0)
+        return rc;
+    int fd = ml_dir_open(sp->dfd[S_PENDING], dir);
+    return fd < 0 ? ML_ENOTFOUND : fd;
 }
 
 /* A ULID is 26 characters of Crockford base32. */

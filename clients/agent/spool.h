@@ -8,7 +8,11 @@
  *   spool_dir/pending/   taken by the agent, stored in its outbox table,
  *                        waiting for the broker's answer
  *   spool_dir/sent/      accepted (durably stored) by the broker
- *   spool_dir/rejected/  refused; NAME.error next to it says why
+ *   spool_dir/rejected/  refused; NAME.error next to it says why (also a
+ *                        *.json dropped in outbox/ that is not a regular
+ *                        file: a FIFO, folder or link, moved as it is, never
+ *                        opened; and a file that is not UTF-8; a UTF-8 byte
+ *                        order mark is dropped)
  *   spool_dir/inbox/     messages delivered to this node, one
  *                        <message id>.json each, written atomically
  *
@@ -22,7 +26,13 @@
  *
  * Crash safety: a file is renamed into pending/ before its row commits, and
  * rows are settled before the file leaves pending/, so ml_spool_recover can
- * always finish the work from what it finds in pending/ and the store. This
+ * always finish the work from what it finds in pending/ and the store.
+ *
+ * Anyone who can write the spool may plant links and FIFOs: the folders are
+ * held open (a folder that is a link is refused by ml_spool_new), every file
+ * is opened relative to them without following links or blocking, and every
+ * file written is created new under a random name (see ml_common.h and
+ * docs/security.md, "Files the local system can write"). This
  * module never touches the network; the agent feeds it the broker's answers
  * and deliveries. Loop thread only. */
 #ifndef ML_SPOOL_H
@@ -87,8 +97,9 @@ typedef struct {
     int ack;      /* out (imaging chunks only): 1 when it may be acknowledged */
 } ml_spool_msg_t;
 
-/* Creates the spool and its five folders. Returns 0, ML_EIO or ML_ENOMEM
- * with a sentence in err. */
+/* Creates the spool and its five folders and holds them open. Returns 0,
+ * ML_EIO (also: a folder is a symbolic link, refused) or ML_ENOMEM with a
+ * sentence in err. */
 int ml_spool_new(const ml_spool_config_t *cfg, ml_spool_t **out, char *err, size_t errlen);
 /* Frees the spool; safe on NULL and twice; clears *self_p. */
 void ml_spool_destroy(ml_spool_t **self_p);
@@ -97,12 +108,23 @@ void ml_spool_destroy(ml_spool_t **self_p);
 void ml_spool_set_hooks(ml_spool_t *sp, const ml_spool_hooks_t *hooks);
 /* spool_dir (borrowed). */
 const char *ml_spool_dir(const ml_spool_t *sp);
+/* The held fd of a spool folder ("outbox", "pending", "sent", "rejected",
+ * "inbox"), borrowed: open and create files there relative to it (see
+ * ml_dir_open and friends in ml_common.h). The fd may be replaced by the
+ * next scan (a folder made again): use it on the loop thread, and open a
+ * folder of your own from it for longer work. Returns it or ML_EINVAL. */
+int ml_spool_folder_fd(const ml_spool_t *sp, const char *folder);
 
 /* The folder of a staged consult: pending/NAME.d for pending/NAME.json,
  * written into out. If a crash left the folder in outbox/ it is moved into
  * pending/ first. Returns 0, ML_ENOTFOUND (no folder: the consult is to be
  * refused) or ML_EINVAL. */
 int ml_spool_staged_dir(ml_spool_t *sp, const char *name, char *out, size_t len);
+/* ml_spool_staged_dir, and then opens that folder (O_NOFOLLOW, relative to
+ * pending/'s held fd) for the caller to read the study through. Returns
+ * the fd (the caller's) or ML_ENOTFOUND (no folder, or it is a link) or
+ * ML_EINVAL. */
+int ml_spool_staged_open(ml_spool_t *sp, const char *name, char *out, size_t len);
 /* The staged consult pending/name is stored: forget it. */
 void ml_spool_staged_done(ml_spool_t *sp, const char *name);
 /* The staged consult cannot be sent: pending/name and its folder go to

@@ -979,3 +979,52 @@ Test(astore_sealed, agent_start_up_says_whether_payloads_are_sealed)
     cr_assert_eq(chmod(s_key_b, 0600), 0);
     s_open_with(s_keys);
 }
+
+/* F1: a spool folder that is a symbolic link is refused at start (writes
+ * into it would land wherever it points); one replaced by a link while the
+ * agent runs is not followed (the folder opened at start is kept), and one
+ * deleted and made again is followed to the new folder. */
+Test(spool, f1_symlinked_spool_folder_refused)
+{
+    char elsewhere[700], p[1200], err[512];
+    s_close();
+    snprintf(elsewhere, sizeof elsewhere, "%s/elsewhere", s_dir);
+    cr_assert_eq(mkdir(elsewhere, 0750), 0);
+    snprintf(p, sizeof p, "%s/inbox", s_spool);
+    cr_assert_eq(rmdir(p), 0);
+    cr_assert_eq(symlink(elsewhere, p), 0);
+    char db[700];
+    snprintf(db, sizeof db, "%s/agent.db", s_dir);
+    cr_assert_eq(ml_astore_open(db, &s_store, err, sizeof err), 0, "%s", err);
+    ml_spool_config_t cfg = {s_spool, NODE, 4194304, s_store};
+    cr_assert_eq(ml_spool_new(&cfg, &s_sp, err, sizeof err), ML_EIO);
+    cr_assert(strstr(err, "inbox/") && strstr(err, "symbolic link"), "%s", err);
+    cr_assert_null(s_sp);
+    ml_astore_destroy(&s_store);
+    cr_assert_eq(unlink(p), 0);
+    s_open();
+
+    /* outbox/ swapped for a link to elsewhere: a file there is not taken. */
+    char old[1200];
+    snprintf(p, sizeof p, "%s/outbox", s_spool);
+    snprintf(old, sizeof old, "%s/outbox.old", s_spool);
+    cr_assert_eq(rename(p, old), 0);
+    cr_assert_eq(symlink(elsewhere, p), 0);
+    char *ref = s_referral("Link Patient");
+    char f[1200];
+    snprintf(f, sizeof f, "%s/planted.json", elsewhere);
+    cr_assert_eq(ml_write_file_atomic(f, ref, strlen(ref)), 0);
+    ml_spool_scan_stats_t st;
+    cr_assert_eq(ml_spool_scan(s_sp, 100, &st), 0);
+    cr_assert_eq(st.queued, 0);
+    cr_assert_eq(access(f, F_OK), 0, "the file behind the link was taken");
+
+    /* outbox/ made again as a real folder: followed. */
+    cr_assert_eq(unlink(p), 0);
+    cr_assert_eq(mkdir(p, 0750), 0);
+    s_drop("again.json", ref);
+    free(ref);
+    cr_assert_eq(ml_spool_scan(s_sp, 100, &st), 0);
+    cr_assert_eq(st.queued, 1);
+    cr_assert(s_exists("pending", "again.json"));
+}
