@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_check.h"
+
 typedef struct ml_tls_ctx ml_tls_ctx_t;
 typedef struct ml_tls_session ml_tls_session_t;
 
@@ -41,6 +43,15 @@ const char *ml_tls_ctx_own_id(const ml_tls_ctx_t *ctx);
  * expired) comes back with a sentence naming the file in err. Meant for
  * SIGHUP; loop thread only. */
 int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, size_t errlen);
+
+/* For --check-config: checks that the CA, certificate and CRL files of cfg
+ * exist and are readable and that the private key file is private
+ * (ml_check_file), then, if they all are, builds the context (the CA loads,
+ * the key matches the certificate: X509_check_private_key, the CRL is
+ * current) and destroys it again. Each problem is added to c, each line
+ * starting with prefix (e.g. "medlinkd.ini: [broker]"). Returns 0 or
+ * ML_ECONFIG. */
+int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, ml_check_t *c);
 
 /* Creates a session (server or client, as the context says). The server's
  * identity is checked by its certificate chain and CN (see
