@@ -114,8 +114,8 @@ int ml_check_endpoint(const char *ep, int bind, char *err, size_t errlen)
         ml_seterr(err, errlen,
                   "the endpoint's host \"%.*s\" is not a host name, an IPv4 address or "
                   "[IPv6]%s (e.g. %s)",
-                  (int)(hlen > 64 ? 64 : hlen), *host == '[' ? host + 1 : host,
-                  bind ? " or *" : "", example);
+                  (int)(hlen > 64 ? 64 : hlen), *host == '[' ? host + 1 : host, bind ? " or *" : "",
+                  example);
         return ML_ECONFIG;
     }
     const char *port = colon + 1;
@@ -171,7 +171,7 @@ int ml_check_file(ml_check_t *c, const char *what, const char *path, int flags)
         ml_check_add(c, "%s = %s: not a regular file", what, path);
         rc = ML_ECONFIG;
     } else if (flags == ML_CHECK_PRIVATE &&
-               ml_check_private_fd(fd, path, "private file", err, sizeof err) != 0) {
+               ml_check_private_fd(fd, path, "file", err, sizeof err) != 0) {
         ml_check_add(c, "%s: %s", what, err);
         rc = ML_ECONFIG;
     }

@@ -455,7 +455,8 @@ struct s_report {
     int n, left_out;
 };
 
-static void s_report(struct s_report *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void s_report(struct s_report *r, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 static void s_report(struct s_report *r, const char *fmt, ...)
 {
@@ -499,8 +500,8 @@ int ml_ini_check(const ml_ini_t *ini, const ml_ini_key_t *schema, char *err, siz
         const struct s_entry *e = &ini->entries[ei++];
         if (!*e->section) {
             if (!s_schema_knows(schema, "", e->key))
-                s_report(&r, "%s:%d: %s: key outside any section (expected %s first)",
-                         ini->path, e->line, e->key, expected);
+                s_report(&r, "%s:%d: %s: key outside any section (expected %s first)", ini->path,
+                         e->line, e->key, expected);
         } else if (s_schema_knows(schema, e->section, NULL) &&
                    !s_schema_knows(schema, e->section, e->key)) {
             /* Keys of an unknown section are not reported again. */
@@ -508,7 +509,6 @@ int ml_ini_check(const ml_ini_t *ini, const ml_ini_key_t *schema, char *err, siz
         }
     }
     if (r.left_out && err && errlen)
-        snprintf(err + r.used, errlen - r.used, "%s(and %d more)", r.used ? "\n" : "",
-                 r.left_out);
+        snprintf(err + r.used, errlen - r.used, "%s(and %d more)", r.used ? "\n" : "", r.left_out);
     return r.n ? ML_ECONFIG : 0;
 }

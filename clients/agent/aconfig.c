@@ -24,24 +24,12 @@
  * scan_msec is not silently left at its default. A new key is one row here,
  * next to the code below that reads it. */
 static const ml_ini_key_t s_schema[] = {
-    {S_SECTION, "node_id"},
-    {S_SECTION, "broker"},
-    {S_SECTION, "broker_id"},
-    {S_SECTION, "ca"},
-    {S_SECTION, "cert"},
-    {S_SECTION, "key"},
-    {S_SECTION, "data_dir"},
-    {S_SECTION, "spool_dir"},
-    {S_SECTION, "log_level"},
-    {S_SECTION, "heartbeat_ms"},
-    {S_SECTION, "scan_ms"},
-    {S_SECTION, "max_record"},
-    {S_SECTION, "send_window"},
-    {S_SECTION, "chunk_size"},
-    {S_SECTION, "send_window_bytes"},
-    {S_SECTION, "store_key"},
-    {S_SECTION, "store_old_keys"},
-    {NULL, NULL},
+    {S_SECTION, "node_id"},      {S_SECTION, "broker"},         {S_SECTION, "broker_id"},
+    {S_SECTION, "ca"},           {S_SECTION, "cert"},           {S_SECTION, "key"},
+    {S_SECTION, "data_dir"},     {S_SECTION, "spool_dir"},      {S_SECTION, "log_level"},
+    {S_SECTION, "heartbeat_ms"}, {S_SECTION, "scan_ms"},        {S_SECTION, "max_record"},
+    {S_SECTION, "send_window"},  {S_SECTION, "chunk_size"},     {S_SECTION, "send_window_bytes"},
+    {S_SECTION, "store_key"},    {S_SECTION, "store_old_keys"}, {NULL, NULL},
 };
 
 /* Copies a required string key into *out; relative paths (when is_path) are

@@ -119,8 +119,8 @@ int main(int argc, char **argv)
         ml_aconfig_clear(&cfg);
         if (problems.n) {
             ml_check_print(&problems, "medlink-agent", stderr);
-            fprintf(stderr, "medlink-agent: %s is not valid (%d problem%s)\n", config,
-                    problems.n, problems.n == 1 ? "" : "s");
+            fprintf(stderr, "medlink-agent: %s is not valid (%d problem%s)\n", config, problems.n,
+                    problems.n == 1 ? "" : "s");
             return 1;
         }
         printf("medlink-agent: %s is valid\n", config);
