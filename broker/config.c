@@ -123,6 +123,7 @@ static int s_get_str(struct s_load *ld, const char *key, int required, int is_pa
 /* Every section and key medlinkd reads (see ml_ini_check): a key missing
  * here is refused with "FILE:LINE: [broker] KEY: unknown key", so a new key
  * is one row here, next to the code below that reads it. */
+/* clang-format off */
 static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "id"},
     {S_BROKER, "listen"},
@@ -162,6 +163,7 @@ static const ml_ini_key_t s_schema[] = {
     {"community *", "fallback"},
     {NULL, NULL},
 };
+/* clang-format on */
 
 /* yes/no, true/false, on/off, 1/0 (case-insensitive); def when absent. */
 static int s_get_bool(struct s_load *ld, const char *section, const char *key, int def, int *out)

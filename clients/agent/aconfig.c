@@ -23,14 +23,30 @@
  * refused with "FILE:LINE: [agent] KEY: unknown key", so that a misspelt
  * scan_msec is not silently left at its default. A new key is one row here,
  * next to the code below that reads it. */
+/* One row per line (clang-format would pack them), so that a key added on
+ * another branch merges as one line. */
+/* clang-format off */
 static const ml_ini_key_t s_schema[] = {
-    {S_SECTION, "node_id"},      {S_SECTION, "broker"},         {S_SECTION, "broker_id"},
-    {S_SECTION, "ca"},           {S_SECTION, "cert"},           {S_SECTION, "key"},
-    {S_SECTION, "data_dir"},     {S_SECTION, "spool_dir"},      {S_SECTION, "log_level"},
-    {S_SECTION, "heartbeat_ms"}, {S_SECTION, "scan_ms"},        {S_SECTION, "max_record"},
-    {S_SECTION, "send_window"},  {S_SECTION, "chunk_size"},     {S_SECTION, "send_window_bytes"},
-    {S_SECTION, "store_key"},    {S_SECTION, "store_old_keys"}, {NULL, NULL},
+    {S_SECTION, "node_id"},
+    {S_SECTION, "broker"},
+    {S_SECTION, "broker_id"},
+    {S_SECTION, "ca"},
+    {S_SECTION, "cert"},
+    {S_SECTION, "key"},
+    {S_SECTION, "data_dir"},
+    {S_SECTION, "spool_dir"},
+    {S_SECTION, "log_level"},
+    {S_SECTION, "heartbeat_ms"},
+    {S_SECTION, "scan_ms"},
+    {S_SECTION, "max_record"},
+    {S_SECTION, "send_window"},
+    {S_SECTION, "chunk_size"},
+    {S_SECTION, "send_window_bytes"},
+    {S_SECTION, "store_key"},
+    {S_SECTION, "store_old_keys"},
+    {NULL, NULL},
 };
+/* clang-format on */
 
 /* Copies a required string key into *out; relative paths (when is_path) are
  * joined to the config file's folder. */

@@ -446,10 +446,19 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
  * or section is refused with "FILE:LINE: [ctl] KEY: unknown key", so that a
  * misspelt brokr_id does not silently leave the broker unpinned. A new key
  * is one row here, next to ctl_cli_connection, which reads them. */
+/* One row per line (clang-format would pack them), so that a key added on
+ * another branch merges as one line. */
+/* clang-format off */
 static const ml_ini_key_t s_schema[] = {
-    {"ctl", "node_id"}, {"ctl", "broker"}, {"ctl", "broker_id"}, {"ctl", "ca"},
-    {"ctl", "cert"},    {"ctl", "key"},    {NULL, NULL},
+    {"ctl", "node_id"},
+    {"ctl", "broker"},
+    {"ctl", "broker_id"},
+    {"ctl", "ca"},
+    {"ctl", "cert"},
+    {"ctl", "key"},
+    {NULL, NULL},
 };
+/* clang-format on */
 
 /* flag value, else the [ctl] key (a path joined to the file's folder). */
 static int s_merge(char **out, const char *flag, const ml_ini_t *ini, const char *key, int is_path)
