@@ -195,7 +195,9 @@ int ml_check_dir(ml_check_t *c, const char *what, const char *path)
      * program will create the rest. */
     int missing = 0;
     while (stat(buf, &st) != 0) {
-        if (errno != ENOENT) {
+        /* ENOTDIR: a file stands where a parent folder should; walking up
+         * finds it and says so below. */
+        if (errno != ENOENT && errno != ENOTDIR) {
             ml_check_add(c, "%s = %s: %s: %s", what, path, buf, strerror(errno));
             return ML_ECONFIG;
         }
