@@ -742,7 +742,7 @@ int ml_broker_config_check(const ml_broker_config_t *cfg, ml_check_t *c)
     int n = c->n;
     snprintf(prefix, sizeof prefix, "%s: [%s]", cfg->path, S_BROKER);
     ml_tls_config_t tls = {cfg->ca, cfg->cert, cfg->key, cfg->crl, 1};
-    ml_tls_check(&tls, prefix, c);
+    ml_tls_check(&tls, prefix, NULL, c);
     if (cfg->store_key) {
         int bad = 0;
         char what[700];

@@ -794,7 +794,7 @@ const char *ml_tls_session_error(const ml_tls_session_t *s)
     return s->err;
 }
 
-int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, ml_check_t *c)
+int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, const char *node_id, ml_check_t *c)
 {
     char what[256], err[1024];
     int bad = 0;
@@ -815,10 +815,16 @@ int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, ml_check_t *c)
      * by building the very context the program would run with. */
     ml_tls_ctx_t *ctx = NULL;
     int rc = ml_tls_ctx_new(cfg, &ctx, err, sizeof err);
-    ml_tls_ctx_destroy(&ctx);
     if (rc < 0) {
         ml_check_add(c, "%s: %s", prefix, err);
         return ML_ECONFIG;
     }
-    return 0;
+    const char *cn = ml_tls_ctx_own_id(ctx);
+    if (node_id && cn && strcmp(cn, node_id) != 0) {
+        ml_check_add(c, "%s node_id = %s, but certificate %s is for %s", prefix, node_id,
+                     cfg->cert_file, cn);
+        rc = ML_ECONFIG;
+    }
+    ml_tls_ctx_destroy(&ctx);
+    return rc < 0 ? ML_ECONFIG : 0;
 }

@@ -48,10 +48,11 @@ int ml_tls_ctx_reload_crl(ml_tls_ctx_t *ctx, const char *crl_file, char *err, si
  * exist and are readable and that the private key file is private
  * (ml_check_file), then, if they all are, builds the context (the CA loads,
  * the key matches the certificate: X509_check_private_key, the CRL is
- * current) and destroys it again. Each problem is added to c, each line
- * starting with prefix (e.g. "medlinkd.ini: [broker]"). Returns 0 or
- * ML_ECONFIG. */
-int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, ml_check_t *c);
+ * current) and destroys it again; with node_id, the certificate's CN must
+ * be node_id. Each problem is added to c, each line starting with prefix
+ * (e.g. "medlinkd.ini: [broker]"). Returns 0 or ML_ECONFIG. */
+int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, const char *node_id,
+                 ml_check_t *c);
 
 /* Creates a session (server or client, as the context says). The server's
  * identity is checked by its certificate chain and CN (see

@@ -220,7 +220,7 @@ int ml_aconfig_check(const ml_aconfig_t *cfg, const char *path, ml_check_t *c)
     int n = c->n;
     snprintf(prefix, sizeof prefix, "%s: [%s]", path, S_SECTION);
     ml_tls_config_t tls = {cfg->ca, cfg->cert, cfg->key, NULL, 0};
-    ml_tls_check(&tls, prefix, c);
+    ml_tls_check(&tls, prefix, cfg->node_id, c);
     if (cfg->store_key) {
         int bad = 0;
         snprintf(what, sizeof what, "%s store_key", prefix);

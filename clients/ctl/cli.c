@@ -534,7 +534,7 @@ int ctl_cli_check_config(ctl_opts_t *o)
     ml_check_init(&problems);
     snprintf(prefix, sizeof prefix, "%s: [ctl]", o->config);
     ml_tls_config_t tls = {o->ca, o->cert, o->key, NULL, 0};
-    ml_tls_check(&tls, prefix, &problems);
+    ml_tls_check(&tls, prefix, o->node, &problems);
     if (problems.n) {
         ml_check_print(&problems, "medlinkctl", stderr);
         return ctl_fail(CTL_EXIT_FAIL, "%s is not valid (%d problem%s)", o->config, problems.n,

@@ -256,6 +256,20 @@ Test(config, check_key_cert_mismatch)
     s_has(out, "does not match certificate file");
     free(out);
 
+    /* A matching pair, but of another node than node_id: the start would
+     * refuse it, so the check does too. */
+    char key[800];
+    snprintf(key, sizeof key, "%s/pki/%s.key", W.dir, H_FENGLE);
+    snprintf(cmd, sizeof cmd, "sed -i 's#^key = .*#key = %s#' '%s'", key, ini);
+    int st = -1;
+    free(h_run(&st, "%s", cmd));
+    cr_assert_eq(st, 0);
+    snprintf(cmd, sizeof cmd, "'%s' --check-config '%s'", s_agent, ini);
+    out = s_expect(1, cmd);
+    s_has(out, "node_id = " H_XINZHAN ", but certificate");
+    s_has(out, "is for " H_FENGLE);
+    free(out);
+
     s_ctl_ini(W.endpoint, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --check-config --cert '%s/pki/%s.crt'", s_ctl,
              ini, W.dir, H_COUNTY);
