@@ -303,7 +303,6 @@ out:
  * error instead of OpenSSL silently dropping the certificate. */
 static int s_load_key(const char *path, EVP_PKEY **out, char *err, size_t errlen)
 {
-    char why[256];
     /* The key is read from the fd whose mode was checked (F12): a private
      * key that group or others can read is refused at start, as store keys
      * are, rather than used. */
@@ -329,6 +328,7 @@ static int s_load_key(const char *path, EVP_PKEY **out, char *err, size_t errlen
     *out = PEM_read_bio_PrivateKey(bio, NULL, s_no_password_cb, NULL);
     BIO_free(bio);
     if (!*out) {
+        char why[256];
         s_openssl_reason(why, sizeof why);
         ml_seterr(err, errlen,
                   "cannot load private key file %s: %s (expected an unencrypted PEM key)", path,
