@@ -16,9 +16,12 @@
 #include <string.h>
 #include <strings.h>
 
+#include "ml_check.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_env.h"
 #include "ml_ini.h"
+#include "ml_tls.h"
 
 #define S_BROKER "broker"
 #define S_NODE_ID_MAX 255
@@ -117,62 +120,51 @@ static int s_get_str(struct s_load *ld, const char *key, int required, int is_pa
     return 0;
 }
 
-static int s_is_one_of(const char *key, const char *const *keys)
-{
-    for (size_t i = 0; keys[i]; i++)
-        if (strcmp(keys[i], key) == 0)
-            return 1;
-    return 0;
-}
-
-static const char *const s_broker_keys[] = {"id",
-                                            "listen",
-                                            "data_dir",
-                                            "ca",
-                                            "cert",
-                                            "key",
-                                            "crl",
-                                            "log_level",
-                                            "max_record",
-                                            "heartbeat_ms",
-                                            "session_timeout_ms",
-                                            "handshake_timeout_ms",
-                                            "max_sessions",
-                                            "session_buffer",
-                                            "delivery_window",
-                                            "ack_timeout_ms",
-                                            "max_delivery_attempts",
-                                            "max_store_bytes",
-                                            "handshakes_per_s",
-                                            "store_key",
-                                            "store_old_keys",
-                                            "node_rate",
-                                            "node_queue_bytes",
-                                            "timer_ms",
-                                            "notify_delivered",
-                                            "crl_warn_days",
-                                            NULL};
-
-static const char *const s_node_keys[] = {"role", "community", "name", "services", NULL};
-
-static const char *const s_escalation_keys[] = {"notify", "redirect_emergency", NULL};
-static const char *const s_community_keys[] = {"fallback", NULL};
-
-static int s_check_key_cb(const char *key, const char *value, void *arg)
-{
-    struct s_load *ld = arg;
-    const char *const *keys = s_node_keys;
-    if (strcmp(ld->section, S_BROKER) == 0)
-        keys = s_broker_keys;
-    else if (strcmp(ld->section, "escalation") == 0)
-        keys = s_escalation_keys;
-    else if (strncmp(ld->section, "community ", 10) == 0)
-        keys = s_community_keys;
-    (void)value;
-    if (!s_is_one_of(key, keys))
-        return s_fail(ld, ML_ECONFIG, "[%s] %s: unknown key", ld->section, key);
-    return 0;
-}
+/* Every section and key medlinkd reads (see ml_ini_check): a key missing
+ * here is refused with "FILE:LINE: [broker] KEY: unknown key", so a new key
+ * is one row here, next to the code below that reads it. */
+/* clang-format off */
+static const ml_ini_key_t s_schema[] = {
+    {S_BROKER, "id"},
+    {S_BROKER, "listen"},
+    {S_BROKER, "data_dir"},
+    {S_BROKER, "ca"},
+    {S_BROKER, "cert"},
+    {S_BROKER, "key"},
+    {S_BROKER, "crl"},
+    {S_BROKER, "log_level"},
+    {S_BROKER, "max_record"},
+    {S_BROKER, "heartbeat_ms"},
+    {S_BROKER, "session_timeout_ms"},
+    {S_BROKER, "handshake_timeout_ms"},
+    {S_BROKER, "max_sessions"},
+    {S_BROKER, "session_buffer"},
+    {S_BROKER, "delivery_window"},
+    {S_BROKER, "ack_timeout_ms"},
+    {S_BROKER, "max_delivery_attempts"},
+    {S_BROKER, "max_store_bytes"},
+    {S_BROKER, "handshakes_per_s"},
+    {S_BROKER, "store_key"},
+    {S_BROKER, "store_old_keys"},
+    {S_BROKER, "node_rate"},
+    {S_BROKER, "node_queue_bytes"},
+    {S_BROKER, "timer_ms"},
+    {S_BROKER, "notify_delivered"},
+    {S_BROKER, "crl_warn_days"},
+    {"node *", "role"},
+    {"node *", "community"},
+    {"node *", "name"},
+    {"node *", "services"},
+    /* Keys of [acl ROLE] are message kinds and keys of [deadlines] are
+     * KIND[.PRIORITY]: their parsers below check them. */
+    {"acl *", "*"},
+    {"deadlines", "*"},
+    {"escalation", "notify"},
+    {"escalation", "redirect_emergency"},
+    {"community *", "fallback"},
+    {NULL, NULL},
+};
+/* clang-format on */
 
 /* yes/no, true/false, on/off, 1/0 (case-insensitive); def when absent. */
 static int s_get_bool(struct s_load *ld, const char *section, const char *key, int def, int *out)
@@ -270,8 +262,6 @@ static int s_load_broker(struct s_load *ld)
     ml_broker_config_t *c = ld->cfg;
     int rc;
     ld->section = S_BROKER;
-    if ((rc = ml_ini_keys(ld->ini, S_BROKER, s_check_key_cb, ld)) != 0)
-        return rc;
     if ((rc = s_get_str(ld, "id", 1, 0, "medlinkd", &c->broker_id)) != 0 ||
         (rc = s_get_str(ld, "listen", 1, 0, NULL, &c->listen)) != 0 ||
         (rc = s_get_str(ld, "data_dir", 1, 1, NULL, &c->data_dir)) != 0 ||
@@ -281,6 +271,15 @@ static int s_load_broker(struct s_load *ld)
         (rc = s_get_str(ld, "crl", 0, 1, NULL, &c->crl)) != 0 ||
         (rc = s_get_str(ld, "store_key", 0, 1, NULL, &c->store_key)) != 0)
         return rc;
+    char why[256];
+    if (ml_check_endpoint(c->listen, 1, why, sizeof why) != 0) {
+        /* Checked here, at start: zmq_bind would only say "Invalid
+         * argument". */
+        ml_seterr(ld->err, ld->errlen, "%s:%d: [%s] listen = %s: %s", c->path,
+                  ml_ini_line(ld->ini, S_BROKER, "listen"), S_BROKER, c->listen, why);
+        ld->rc = ML_ECONFIG;
+        return ML_ECONFIG;
+    }
     if (!s_node_id_valid(c->broker_id))
         return s_fail(ld, ML_ECONFIG,
                       "[%s] id \"%s\" may only contain letters, digits, '.', '_' and '-'", S_BROKER,
@@ -384,8 +383,6 @@ static int s_node_cb(const ml_ini_t *ini, const char *section, const char *name,
         return s_fail(ld, ML_ECONFIG,
                       "[%s]: node id \"%s\" must be 1 to %d letters, digits, '.', '_' or '-'",
                       section, name, S_NODE_ID_MAX);
-    if ((rc = ml_ini_keys(ini, section, s_check_key_cb, ld)) != 0)
-        return rc;
     /* ml_ini refuses a repeated section header; this catches the same id
      * written with different spacing ("node a" and "node  a"). */
     if (ml_broker_config_node(c, name))
@@ -525,10 +522,8 @@ static int s_check_node_ref(struct s_load *ld, const char *section, const char *
 static int s_load_escalation(struct s_load *ld)
 {
     ml_broker_config_t *c = ld->cfg;
+    int rc;
     ld->section = "escalation";
-    int rc = ml_ini_keys(ld->ini, "escalation", s_check_key_cb, ld);
-    if (rc != 0)
-        return rc;
     const char *notify = ml_ini_get(ld->ini, "escalation", "notify", NULL);
     if (notify && *notify) {
         if (s_words(notify, &c->escalate_to, &c->n_escalate_to) != 0)
@@ -544,10 +539,8 @@ static int s_community_cb(const ml_ini_t *ini, const char *section, const char *
 {
     struct s_load *ld = arg;
     ml_broker_config_t *c = ld->cfg;
+    int rc;
     ld->section = section;
-    int rc = ml_ini_keys(ini, section, s_check_key_cb, ld);
-    if (rc != 0)
-        return rc;
     ml_community_t *grown = realloc(c->communities, (c->n_communities + 1) * sizeof *grown);
     if (!grown)
         return s_fail(ld, ML_ENOMEM, "out of memory");
@@ -629,6 +622,10 @@ int ml_broker_config_load(const char *path, ml_broker_config_t **out, char *err,
     if (rc != 0)
         goto out;
     ld.ini = ini;
+    /* Unknown sections and keys first: a misspelt [brokr] would otherwise
+     * surface as "[broker] listen is required", pointing at the wrong line. */
+    if ((rc = ml_ini_check(ini, s_schema, err, errlen)) != 0)
+        goto out;
     if ((rc = s_load_broker(&ld)) != 0)
         goto out;
     if ((rc = ml_ini_sections(ini, "node", s_node_cb, &ld)) != 0)
@@ -739,4 +736,32 @@ const ml_deadline_rule_t *ml_broker_config_deadline(const ml_broker_config_t *cf
         priority >= ML_CFG_PRIORITIES)
         return &none;
     return &cfg->deadlines[case_kind][priority];
+}
+
+int ml_broker_config_check(const ml_broker_config_t *cfg, ml_check_t *c)
+{
+    char prefix[600], err[1024];
+    int n = c->n;
+    snprintf(prefix, sizeof prefix, "%s: [%s]", cfg->path, S_BROKER);
+    ml_tls_config_t tls = {cfg->ca, cfg->cert, cfg->key, cfg->crl, 1};
+    ml_tls_check(&tls, prefix, NULL, c);
+    if (cfg->store_key) {
+        int bad = 0;
+        char what[700];
+        snprintf(what, sizeof what, "%s store_key", prefix);
+        bad |= ml_check_file(c, what, cfg->store_key, ML_CHECK_PRIVATE);
+        snprintf(what, sizeof what, "%s store_old_keys", prefix);
+        for (size_t i = 0; i < cfg->n_store_old_keys; i++)
+            bad |= ml_check_file(c, what, cfg->store_old_keys[i], ML_CHECK_PRIVATE);
+        ml_keyring_t *kr = NULL;
+        /* The files are there and private: now their contents. */
+        if (!bad && ml_keyring_load(cfg->store_key, (const char *const *)cfg->store_old_keys,
+                                    cfg->n_store_old_keys, &kr, err, sizeof err) != 0)
+            ml_check_add(c, "%s store_key: %s", prefix, err);
+        ml_keyring_destroy(&kr);
+    }
+    char what[700];
+    snprintf(what, sizeof what, "%s data_dir", prefix);
+    ml_check_dir(c, what, cfg->data_dir);
+    return c->n > n ? ML_ECONFIG : 0;
 }

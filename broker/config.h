@@ -60,6 +60,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_check.h"
+
 enum {
     ML_ROLE_UNKNOWN = 0,
     ML_ROLE_TOWNSHIP_CLINIC,
@@ -147,6 +149,13 @@ typedef struct {
  * key, duplicate node, out-of-range number...). */
 int ml_broker_config_load(const char *path, ml_broker_config_t **out, char *err, size_t errlen);
 void ml_broker_config_destroy(ml_broker_config_t **self_p);
+
+/* What medlinkd --check-config adds to loading: every file cfg names
+ * exists and is readable, the TLS key and the store keys are private
+ * (mode 0600 or 0400), the key matches the certificate, the CA and CRL
+ * load, the store keys are key files, and data_dir is (or can be made) a
+ * writable folder. Each problem is added to c. Returns 0 or ML_ECONFIG. */
+int ml_broker_config_check(const ml_broker_config_t *cfg, ml_check_t *c);
 
 /* Looks a node up by id. O(n) over the registry; NULL when unknown. */
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id);

@@ -130,6 +130,11 @@ for f in "$ROOT"/deploy/config/*.ini; do
     sed "s#tcp://127.0.0.1:7400#tcp://127.0.0.1:$PORT#" "$f" >"$RUN/$(basename "$f")"
 done
 echo "configs in $RUN (broker on tcp://127.0.0.1:$PORT)"
+# Every file each config names exists, keys are private and match their
+# certificates: the same check an operator runs before a start.
+"$MEDLINKD" --check-config "$RUN/medlinkd.ini"
+for n in "${AGENTS[@]}"; do "$AGENT" --check-config "$RUN/agent-$n.ini"; done
+"$CTL" --check-config "$RUN/ctl-ops.ini"
 
 step "3. Start medlinkd and six agents"
 "$MEDLINKD" --config "$RUN/medlinkd.ini" >"$RUN/logs/medlinkd.log" 2>&1 &

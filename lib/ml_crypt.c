@@ -17,6 +17,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "ml_check.h"
 #include "ml_common.h"
 
 #define S_KEY_LEN 32
@@ -90,7 +91,6 @@ static int s_key_id(const uint8_t key[S_KEY_LEN], uint8_t id[S_ID_LEN])
 static int s_read_key(const char *path, uint8_t key[S_KEY_LEN], char *err, size_t errlen)
 {
     char buf[S_FILE_MAX + 1];
-    struct stat st;
     ssize_t got;
     size_t len = 0;
     int rc = ML_EIO;
@@ -99,24 +99,11 @@ static int s_read_key(const char *path, uint8_t key[S_KEY_LEN], char *err, size_
         ml_seterr(err, errlen, "%s: cannot open key file: %s", path, strerror(errno));
         return ML_EIO;
     }
-    if (fstat(fd, &st) != 0) {
-        ml_seterr(err, errlen, "%s: cannot stat key file: %s", path, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        ml_seterr(err, errlen, "%s: not a regular file", path);
-        rc = ML_EINVAL;
-        goto out;
-    }
     /* Anyone who can read the key can read every stored payload, and anyone
      * who can write it can make the store unreadable: owner only. */
-    if (st.st_mode & 077) {
-        ml_seterr(err, errlen, "%s: %s by group or others (mode %04o): chmod 600 %s", path,
-                  (st.st_mode & 044) ? "readable" : "writable or executable",
-                  (unsigned)(st.st_mode & 07777), path);
-        rc = ML_EINVAL;
+    if ((rc = ml_check_private_fd(fd, path, "store key file", err, errlen)) != 0)
         goto out;
-    }
+    rc = ML_EIO;
     while (len < sizeof buf && (got = read(fd, buf + len, sizeof buf - len)) != 0) {
         if (got < 0) {
             if (errno == EINTR)

@@ -384,3 +384,131 @@ const char *ml_ini_dir(const ml_ini_t *ini)
 {
     return ini->dir;
 }
+
+const char *ml_ini_path(const ml_ini_t *ini)
+{
+    return ini->path;
+}
+
+int ml_ini_line(const ml_ini_t *ini, const char *section, const char *key)
+{
+    const struct s_entry *e = s_find(ini, section, key);
+    return e ? e->line : 0;
+}
+
+/* 1 if the section pattern of a schema row ("broker", or "node *" for
+ * every "node NAME") covers section. */
+static int s_pattern_matches(const char *pattern, const char *section)
+{
+    size_t n = strlen(pattern);
+    if (n >= 2 && pattern[n - 1] == '*' && pattern[n - 2] == ' ') {
+        /* "node *": the prefix, white space, then a non-empty name, as
+         * ml_ini_sections() walks them. */
+        size_t plen = n - 2;
+        if (strncmp(section, pattern, plen) != 0 || !isspace((unsigned char)section[plen]))
+            return 0;
+        const char *name = section + plen;
+        while (isspace((unsigned char)*name))
+            name++;
+        return *name != '\0';
+    }
+    return strcmp(pattern, section) == 0;
+}
+
+/* 1 if some row covers section (and, when key is not NULL, that key). */
+static int s_schema_knows(const ml_ini_key_t *schema, const char *section, const char *key)
+{
+    for (const ml_ini_key_t *r = schema; r->section; r++) {
+        if (!s_pattern_matches(r->section, section))
+            continue;
+        if (!key || strcmp(r->key, "*") == 0 || strcmp(r->key, key) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Writes the distinct sections of schema as "[broker], [node NAME]". */
+static void s_schema_sections(const ml_ini_key_t *schema, char *out, size_t len)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    for (const ml_ini_key_t *r = schema; r->section; r++) {
+        int seen = 0;
+        for (const ml_ini_key_t *q = schema; q < r; q++)
+            seen |= strcmp(q->section, r->section) == 0;
+        if (seen)
+            continue;
+        size_t n = strlen(r->section);
+        int star = n >= 2 && r->section[n - 1] == '*';
+        int w = snprintf(out + used, len - used, "%s[%.*s%s]", used ? ", " : "",
+                         (int)(star ? n - 1 : n), r->section, star ? "NAME" : "");
+        if (w < 0 || (size_t)w >= len - used)
+            return;
+        used += (size_t)w;
+    }
+}
+
+/* Appends one problem line to err; counts the lines that did not fit. */
+struct s_report {
+    char *err;
+    size_t errlen, used;
+    int n, left_out;
+};
+
+static void s_report(struct s_report *r, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void s_report(struct s_report *r, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    r->n++;
+    /* Keep room for the "and N more" line. */
+    size_t need = strlen(line) + (r->used ? 1 : 0);
+    if (r->left_out || !r->err || r->used + need + 48 >= r->errlen) {
+        r->left_out++;
+        return;
+    }
+    snprintf(r->err + r->used, r->errlen - r->used, "%s%s", r->used ? "\n" : "", line);
+    r->used += need;
+}
+
+int ml_ini_check(const ml_ini_t *ini, const ml_ini_key_t *schema, char *err, size_t errlen)
+{
+    struct s_report r = {.err = err, .errlen = errlen};
+    char expected[256];
+    s_schema_sections(schema, expected, sizeof expected);
+    if (err && errlen)
+        err[0] = '\0';
+    /* Headers and keys in file order: sections[] and entries[] are each in
+     * file order, so merge them by line. */
+    size_t si = 0, ei = 0;
+    while (si < ini->n_sections || ei < ini->n_entries) {
+        int take_section =
+            si < ini->n_sections &&
+            (ei >= ini->n_entries || ini->sections[si].line <= ini->entries[ei].line);
+        if (take_section) {
+            const struct s_section *s = &ini->sections[si++];
+            if (!s_schema_knows(schema, s->name, NULL))
+                s_report(&r, "%s:%d: [%s]: unknown section (expected %s)", ini->path, s->line,
+                         s->name, expected);
+            continue;
+        }
+        const struct s_entry *e = &ini->entries[ei++];
+        if (!*e->section) {
+            if (!s_schema_knows(schema, "", e->key))
+                s_report(&r, "%s:%d: %s: key outside any section (expected %s first)", ini->path,
+                         e->line, e->key, expected);
+        } else if (s_schema_knows(schema, e->section, NULL) &&
+                   !s_schema_knows(schema, e->section, e->key)) {
+            /* Keys of an unknown section are not reported again. */
+            s_report(&r, "%s:%d: [%s] %s: unknown key", ini->path, e->line, e->section, e->key);
+        }
+    }
+    if (r.left_out && err && errlen)
+        snprintf(err + r.used, errlen - r.used, "%s(and %d more)", r.used ? "\n" : "", r.left_out);
+    return r.n ? ML_ECONFIG : 0;
+}

@@ -36,5 +36,34 @@ int ml_ini_keys(const ml_ini_t *ini, const char *section,
 
 /* The folder of the loaded file (for resolving relative paths), borrowed. */
 const char *ml_ini_dir(const ml_ini_t *ini);
+/* The path the file was loaded from, as given to ml_ini_load (borrowed). */
+const char *ml_ini_path(const ml_ini_t *ini);
+/* The line of the entry ml_ini_get would return for section/key, or 0 when
+ * the key is absent; for "FILE:LINE:" in a loader's own messages. */
+int ml_ini_line(const ml_ini_t *ini, const char *section, const char *key);
+
+/* Strict configuration: each program declares, in one table next to the
+ * code that reads them, the sections and keys it knows. A row is
+ *   {"broker", "listen"}   the key listen of section [broker]
+ *   {"node *", "role"}     the key role of every section [node NAME]
+ *   {"acl *", "*"}         any key of every [acl NAME] (its parser checks
+ *                          the keys itself, e.g. message kinds)
+ * and the table ends with {NULL, NULL}. Adding a key to a program is one
+ * row in its table. */
+typedef struct {
+    const char *section;
+    const char *key;
+} ml_ini_key_t;
+
+/* Checks every section header and key of ini against schema, so that a
+ * misspelt key or section is an error instead of a default silently kept.
+ * Returns 0, or ML_ECONFIG with err holding one line per problem, in file
+ * order, separated by '\n':
+ *   FILE:LINE: [brokr]: unknown section (expected [broker], [node NAME])
+ *   FILE:LINE: [agent] scan_msec: unknown key
+ *   FILE:LINE: scan_ms: key outside any section (expected [agent] first)
+ * When err is too small the last line says how many problems were left
+ * out. O(entries x rows). */
+int ml_ini_check(const ml_ini_t *ini, const ml_ini_key_t *schema, char *err, size_t errlen);
 
 #endif

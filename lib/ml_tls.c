@@ -23,11 +23,13 @@
 #include "ml_tls.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/bio.h>
 #include <openssl/err.h>
@@ -37,6 +39,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
 
+#include "ml_check.h"
 #include "ml_common.h"
 
 #define ML_TLS_ID_MAX 256
@@ -324,16 +327,32 @@ out:
  * error instead of OpenSSL silently dropping the certificate. */
 static int s_load_key(const char *path, EVP_PKEY **out, char *err, size_t errlen)
 {
-    char why[256];
-    BIO *bio = BIO_new_file(path, "r");
-    if (!bio) {
-        s_openssl_reason(why, sizeof why);
-        ml_seterr(err, errlen, "cannot open private key file %s: %s", path, why);
+    /* The key is read from the fd whose mode was checked (F12): a private
+     * key that group or others can read is refused at start, as store keys
+     * are, rather than used. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) {
+        ml_seterr(err, errlen, "cannot open private key file %s: %s", path, strerror(errno));
         return ML_ECONFIG;
+    }
+    if (ml_check_private_fd(fd, path, "private key file", err, errlen) != 0) {
+        close(fd);
+        return ML_ECONFIG;
+    }
+    FILE *fp = fdopen(fd, "r");
+    BIO *bio = fp ? BIO_new_fp(fp, BIO_CLOSE) : NULL;
+    if (!bio) {
+        ml_seterr(err, errlen, "cannot read private key file %s: out of memory", path);
+        if (fp)
+            fclose(fp);
+        else
+            close(fd);
+        return ML_ENOMEM;
     }
     *out = PEM_read_bio_PrivateKey(bio, NULL, s_no_password_cb, NULL);
     BIO_free(bio);
     if (!*out) {
+        char why[256];
         s_openssl_reason(why, sizeof why);
         ml_seterr(err, errlen,
                   "cannot load private key file %s: %s (expected an unencrypted PEM key)", path,
@@ -969,4 +988,39 @@ const char *ml_tls_session_peer_cn(const ml_tls_session_t *s)
 const char *ml_tls_session_error(const ml_tls_session_t *s)
 {
     return s->err;
+}
+
+int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, const char *node_id, ml_check_t *c)
+{
+    char what[256], err[1024];
+    int bad = 0;
+    snprintf(what, sizeof what, "%s ca", prefix);
+    bad |= ml_check_file(c, what, cfg->ca_file, ML_CHECK_READABLE);
+    snprintf(what, sizeof what, "%s cert", prefix);
+    bad |= ml_check_file(c, what, cfg->cert_file, ML_CHECK_READABLE);
+    snprintf(what, sizeof what, "%s key", prefix);
+    bad |= ml_check_file(c, what, cfg->key_file, ML_CHECK_PRIVATE);
+    if (cfg->crl_file && *cfg->crl_file) {
+        snprintf(what, sizeof what, "%s crl", prefix);
+        bad |= ml_check_file(c, what, cfg->crl_file, ML_CHECK_READABLE);
+    }
+    if (bad)
+        return ML_ECONFIG;
+    /* Every file is there: now what only OpenSSL can tell (the CA parses,
+     * the key matches the certificate, the CRL is the CA's and current),
+     * by building the very context the program would run with. */
+    ml_tls_ctx_t *ctx = NULL;
+    int rc = ml_tls_ctx_new(cfg, &ctx, err, sizeof err);
+    if (rc < 0) {
+        ml_check_add(c, "%s: %s", prefix, err);
+        return ML_ECONFIG;
+    }
+    const char *cn = ml_tls_ctx_own_id(ctx);
+    if (node_id && cn && strcmp(cn, node_id) != 0) {
+        ml_check_add(c, "%s node_id = %s, but certificate %s is for %s", prefix, node_id,
+                     cfg->cert_file, cn);
+        rc = ML_ECONFIG;
+    }
+    ml_tls_ctx_destroy(&ctx);
+    return rc < 0 ? ML_ECONFIG : 0;
 }

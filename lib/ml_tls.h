@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_check.h"
+
 typedef struct ml_tls_ctx ml_tls_ctx_t;
 typedef struct ml_tls_session ml_tls_session_t;
 
@@ -81,6 +83,16 @@ const char *ml_tls_fail_name(ml_tls_fail_t f);
 /* 1 when retrying the same handshake cannot help before an operator acts
  * (a certificate or CRL matter), 0 for NONE and OTHER. */
 int ml_tls_fail_permanent(ml_tls_fail_t f);
+
+/* For --check-config: checks that the CA, certificate and CRL files of cfg
+ * exist and are readable and that the private key file is private
+ * (ml_check_file), then, if they all are, builds the context (the CA loads,
+ * the key matches the certificate: X509_check_private_key, the CRL is
+ * current) and destroys it again; with node_id, the certificate's CN must
+ * be node_id. Each problem is added to c, each line starting with prefix
+ * (e.g. "medlinkd.ini: [broker]"). Returns 0 or ML_ECONFIG. */
+int ml_tls_check(const ml_tls_config_t *cfg, const char *prefix, const char *node_id,
+                 ml_check_t *c);
 
 /* Creates a session (server or client, as the context says). The server's
  * identity is checked by its certificate chain and CN (see

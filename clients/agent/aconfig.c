@@ -7,14 +7,48 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ml_check.h"
 #include "ml_common.h"
+#include "ml_crypt.h"
 #include "ml_imaging.h"
 #include "ml_ini.h"
+#include "ml_tls.h"
 
 #define S_SECTION "agent"
 /* Room for the envelope around an ImagingChunk's data: ids, node names,
  * the study UID and the digest take well under this. */
 #define S_CHUNK_OVERHEAD 4096u
+
+/* Every key the agent reads (see ml_ini_check): any other key or section is
+ * refused with "FILE:LINE: [agent] KEY: unknown key", so that a misspelt
+ * scan_msec is not silently left at its default. A new key is one row here,
+ * next to the code below that reads it. */
+/* One row per line (clang-format would pack them), so that a key added on
+ * another branch merges as one line. */
+/* clang-format off */
+static const ml_ini_key_t s_schema[] = {
+    {S_SECTION, "node_id"},
+    {S_SECTION, "broker"},
+    {S_SECTION, "broker_id"},
+    {S_SECTION, "ca"},
+    {S_SECTION, "cert"},
+    {S_SECTION, "key"},
+    {S_SECTION, "data_dir"},
+    {S_SECTION, "spool_dir"},
+    {S_SECTION, "log_level"},
+    {S_SECTION, "heartbeat_ms"},
+    {S_SECTION, "scan_ms"},
+    {S_SECTION, "max_record"},
+    {S_SECTION, "send_window"},
+    {S_SECTION, "chunk_size"},
+    {S_SECTION, "send_window_bytes"},
+    {S_SECTION, "store_key"},
+    {S_SECTION, "store_old_keys"},
+    {S_SECTION, "resend_window_s"},
+    {S_SECTION, "incoming_expire_s"},
+    {NULL, NULL},
+};
+/* clang-format on */
 
 /* Copies a required string key into *out; relative paths (when is_path) are
  * joined to the config file's folder. */
@@ -91,6 +125,8 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
     rc = ml_ini_load(path, &ini, err, errlen);
     if (rc < 0)
         goto out;
+    if ((rc = ml_ini_check(ini, s_schema, err, errlen)) < 0)
+        goto out;
 
     if ((rc = s_get_str(ini, path, "node_id", 1, 0, NULL, &cfg->node_id, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "broker", 1, 0, NULL, &cfg->broker, err, errlen)) < 0 ||
@@ -101,6 +137,17 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
         (rc = s_get_str(ini, path, "data_dir", 1, 1, NULL, &cfg->data_dir, err, errlen)) < 0 ||
         (rc = s_get_str(ini, path, "spool_dir", 1, 1, NULL, &cfg->spool_dir, err, errlen)) < 0)
         goto out;
+
+    /* Checked here, at start: a bare "127.0.0.1:7400" would otherwise make
+     * every connection attempt fail with "Invalid argument", which reads
+     * like a network error and is retried for ever. */
+    char why[256];
+    if (ml_check_endpoint(cfg->broker, 0, why, sizeof why) < 0) {
+        snprintf(err, errlen, "%s:%d: [%s] broker = %s: %s", path,
+                 ml_ini_line(ini, S_SECTION, "broker"), S_SECTION, cfg->broker, why);
+        rc = ML_ECONFIG;
+        goto out;
+    }
 
     const char *level = ml_ini_get(ini, S_SECTION, "log_level", "info");
     if (ml_log_parse_level(level, &cfg->log_level) < 0) {
@@ -177,6 +224,34 @@ out:
         ml_aconfig_clear(cfg);
     ml_ini_destroy(&ini);
     return rc;
+}
+
+int ml_aconfig_check(const ml_aconfig_t *cfg, const char *path, ml_check_t *c)
+{
+    char prefix[600], what[700], err[1024];
+    int n = c->n;
+    snprintf(prefix, sizeof prefix, "%s: [%s]", path, S_SECTION);
+    ml_tls_config_t tls = {cfg->ca, cfg->cert, cfg->key, NULL, 0};
+    ml_tls_check(&tls, prefix, cfg->node_id, c);
+    if (cfg->store_key) {
+        int bad = 0;
+        snprintf(what, sizeof what, "%s store_key", prefix);
+        bad |= ml_check_file(c, what, cfg->store_key, ML_CHECK_PRIVATE);
+        snprintf(what, sizeof what, "%s store_old_keys", prefix);
+        for (size_t i = 0; i < cfg->n_store_old_keys; i++)
+            bad |= ml_check_file(c, what, cfg->store_old_keys[i], ML_CHECK_PRIVATE);
+        ml_keyring_t *kr = NULL;
+        /* The files are there and private: now their contents. */
+        if (!bad && ml_keyring_load(cfg->store_key, (const char *const *)cfg->store_old_keys,
+                                    cfg->n_store_old_keys, &kr, err, sizeof err) < 0)
+            ml_check_add(c, "%s store_key: %s", prefix, err);
+        ml_keyring_destroy(&kr);
+    }
+    snprintf(what, sizeof what, "%s data_dir", prefix);
+    ml_check_dir(c, what, cfg->data_dir);
+    snprintf(what, sizeof what, "%s spool_dir", prefix);
+    ml_check_dir(c, what, cfg->spool_dir);
+    return c->n > n ? ML_ECONFIG : 0;
 }
 
 void ml_aconfig_clear(ml_aconfig_t *cfg)

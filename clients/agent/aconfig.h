@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ml_check.h"
+
 typedef struct {
     char *node_id;   /* our node id (the CN of our certificate) */
     char *broker;    /* ZeroMQ endpoint, e.g. "tcp://127.0.0.1:7400" */
@@ -48,6 +50,13 @@ typedef struct {
  * ML_ECONFIG / ML_ENOMEM with a sentence in err naming the file and key.
  * On failure cfg holds nothing to free. */
 int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errlen);
+/* What medlink-agent --check-config adds to loading: every file cfg names
+ * exists and is readable, the TLS key and the store keys are private
+ * (mode 0600 or 0400), the key matches the certificate, the CA loads, the
+ * store keys are key files, and data_dir and spool_dir are (or can be made)
+ * writable folders. path is the file cfg came from, for the messages.
+ * Each problem is added to c. Returns 0 or ML_ECONFIG. */
+int ml_aconfig_check(const ml_aconfig_t *cfg, const char *path, ml_check_t *c);
 /* Frees the strings of cfg; safe on a zeroed or already cleared cfg. */
 void ml_aconfig_clear(ml_aconfig_t *cfg);
 

@@ -27,7 +27,8 @@ typedef struct {
 
 static void s_usage(FILE *f)
 {
-    fprintf(f, "usage: medlink-agent --config FILE\n"
+    fprintf(f, "usage: medlink-agent --config FILE [--check-config]\n"
+               "       medlink-agent --check-config FILE\n"
                "       medlink-agent --generate-key PATH\n"
                "       medlink-agent --version | --help\n"
                "\n"
@@ -37,6 +38,11 @@ static void s_usage(FILE *f)
                "store_old_keys). Drop NAME.json into spool_dir/outbox/ to send (an imaging\n"
                "consult with its DICOM files in outbox/NAME.d/); delivered messages appear as\n"
                "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n"
+               "\n"
+               "--check-config loads FILE as a start would, checks every file it names (exists,\n"
+               "readable, private keys mode 0600, the key matches the certificate, the CA\n"
+               "loads) and the folders, prints each problem and exits 1, or prints \"valid\"\n"
+               "and exits 0.\n"
                "\n"
                "--generate-key writes a new random key file for store_key (64 hex digits,\n"
                "mode 0600) and never overwrites an existing file.\n");
@@ -56,12 +62,13 @@ int main(int argc, char **argv)
 {
     static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
                                          {"generate-key", required_argument, NULL, 'g'},
+                                         {"check-config", optional_argument, NULL, 'k'},
                                          {"version", no_argument, NULL, 'V'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     const char *config = NULL;
-    int c;
-    char err[1024];
+    int c, check = 0;
+    char err[8192];
     while ((c = getopt_long(argc, argv, "c:g:Vh", opts, NULL)) != -1) {
         switch (c) {
         case 'g':
@@ -74,6 +81,11 @@ int main(int argc, char **argv)
         case 'c':
             config = optarg;
             break;
+        case 'k':
+            check = 1;
+            if (optarg)
+                config = optarg;
+            break;
         case 'V':
             printf("medlink-agent %s\n", ML_VERSION);
             return 0;
@@ -85,15 +97,34 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    /* "--check-config FILE", as well as "--config FILE --check-config". */
+    if (check && !config && optind == argc - 1)
+        config = argv[optind++];
     if (!config || optind != argc) {
         s_usage(stderr);
         return 2;
     }
 
     ml_aconfig_t cfg;
+    ml_check_t problems;
+    ml_check_init(&problems);
     if (ml_aconfig_load(config, &cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "medlink-agent: %s\n", err);
+        /* One line per problem (unknown keys come all at once). */
+        ml_check_add_lines(&problems, err);
+        ml_check_print(&problems, "medlink-agent", stderr);
         return 1;
+    }
+    if (check) {
+        ml_aconfig_check(&cfg, config, &problems);
+        ml_aconfig_clear(&cfg);
+        if (problems.n) {
+            ml_check_print(&problems, "medlink-agent", stderr);
+            fprintf(stderr, "medlink-agent: %s is not valid (%d problem%s)\n", config, problems.n,
+                    problems.n == 1 ? "" : "s");
+            return 1;
+        }
+        printf("medlink-agent: %s is valid\n", config);
+        return 0;
     }
     ml_log_set_level(cfg.log_level);
     /* A broken pipe is an error to report, never a reason to die. */

@@ -12,8 +12,10 @@
 #include <string.h>
 #include <strings.h>
 
+#include "ml_check.h"
 #include "ml_common.h"
 #include "ml_ini.h"
+#include "ml_tls.h"
 
 #define S_BIT(c) (1u << (c))
 #define S_ALL (~0u)
@@ -57,6 +59,8 @@ static const s_opt_t s_opts[] = {
     {"dry-run", S_FLAG, S_O(dry_run), S_ALL, 0, NULL,
      "build and validate the request, print it as JSON, do not connect"},
     {"verbose", S_FLAG, S_O(verbose), S_ALL, 0, NULL, "log the connection's progress on stderr"},
+    {"check-config", S_FLAG, S_O(check_config), S_ALL, 0, NULL,
+     "check --config FILE (or --check-config FILE) and exit: no command"},
     {"help", S_FLAG, S_O(help), S_ALL, 0, NULL, "this text; after a command, its options"},
     {"version", S_FLAG, S_O(version), S_ALL, 0, NULL, "print the version"},
     /* cases, dlq */
@@ -399,6 +403,17 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
         return CTL_EXIT_OK;
     if (o->help && optind == argc)
         return CTL_EXIT_OK;
+    if (o->check_config) {
+        /* "--check-config FILE" as well as "--config FILE --check-config";
+         * no command is run. */
+        if (!o->config && optind == argc - 1)
+            o->config = argv[optind++];
+        if (optind != argc)
+            return ctl_fail(CTL_EXIT_USAGE, "--check-config takes one FILE and no command");
+        if (!o->config)
+            return ctl_fail(CTL_EXIT_USAGE, "--check-config needs a FILE (or --config FILE)");
+        return CTL_EXIT_OK;
+    }
     int rc = s_command(o, argv + optind, argc - optind);
     if (o->help)
         return CTL_EXIT_OK;
@@ -429,6 +444,24 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
     return CTL_EXIT_OK;
 }
 
+/* Every key medlinkctl reads from --config (see ml_ini_check): any other key
+ * or section is refused with "FILE:LINE: [ctl] KEY: unknown key", so that a
+ * misspelt brokr_id does not silently leave the broker unpinned. A new key
+ * is one row here, next to ctl_cli_connection, which reads them. */
+/* One row per line (clang-format would pack them), so that a key added on
+ * another branch merges as one line. */
+/* clang-format off */
+static const ml_ini_key_t s_schema[] = {
+    {"ctl", "node_id"},
+    {"ctl", "broker"},
+    {"ctl", "broker_id"},
+    {"ctl", "ca"},
+    {"ctl", "cert"},
+    {"ctl", "key"},
+    {NULL, NULL},
+};
+/* clang-format on */
+
 /* flag value, else the [ctl] key (a path joined to the file's folder). */
 static int s_merge(char **out, const char *flag, const ml_ini_t *ini, const char *key, int is_path)
 {
@@ -454,8 +487,15 @@ int ctl_cli_connection(ctl_opts_t *o)
     ml_ini_t *ini = NULL;
     char err[1024];
     int rc = CTL_EXIT_OK;
-    if (o->config && ml_ini_load(o->config, &ini, err, sizeof err) < 0)
-        return ctl_fail(CTL_EXIT_USAGE, "%s", err);
+    if (o->config && (ml_ini_load(o->config, &ini, err, sizeof err) < 0 ||
+                      ml_ini_check(ini, s_schema, err, sizeof err) < 0)) {
+        ml_check_t problems;
+        ml_check_init(&problems);
+        ml_check_add_lines(&problems, err);
+        ml_check_print(&problems, "medlinkctl", stderr);
+        ml_ini_destroy(&ini);
+        return CTL_EXIT_USAGE;
+    }
     if (s_merge(&o->broker, o->f_broker, ini, "broker", 0) < 0 ||
         s_merge(&o->broker_id, o->f_broker_id, ini, "broker_id", 0) < 0 ||
         s_merge(&o->node, o->f_node, ini, "node_id", 0) < 0 ||
@@ -471,10 +511,39 @@ int ctl_cli_connection(ctl_opts_t *o)
                           : !o->cert   ? "--cert (or cert in [ctl])"
                           : !o->key    ? "--key (or key in [ctl])"
                                        : NULL;
-    if (missing)
+    char why[256];
+    if (missing) {
         rc = ctl_fail(CTL_EXIT_USAGE, "missing %s", missing);
+    } else if (o->broker && ml_check_endpoint(o->broker, 0, why, sizeof why) < 0) {
+        /* Checked before connecting: a bare "127.0.0.1:7400" would only
+         * give "Invalid argument" after the timeout. */
+        if (o->f_broker)
+            rc = ctl_fail(CTL_EXIT_USAGE, "--broker %s: %s", o->broker, why);
+        else
+            rc = ctl_fail(CTL_EXIT_USAGE, "%s:%d: [ctl] broker = %s: %s", o->config,
+                          ml_ini_line(ini, "ctl", "broker"), o->broker, why);
+    }
     ml_ini_destroy(&ini);
     return rc;
+}
+
+int ctl_cli_check_config(ctl_opts_t *o)
+{
+    if (ctl_cli_connection(o) != CTL_EXIT_OK)
+        return ctl_fail(CTL_EXIT_FAIL, "%s is not valid", o->config);
+    ml_check_t problems;
+    char prefix[600];
+    ml_check_init(&problems);
+    snprintf(prefix, sizeof prefix, "%s: [ctl]", o->config);
+    ml_tls_config_t tls = {o->ca, o->cert, o->key, NULL, 0};
+    ml_tls_check(&tls, prefix, o->node, &problems);
+    if (problems.n) {
+        ml_check_print(&problems, "medlinkctl", stderr);
+        return ctl_fail(CTL_EXIT_FAIL, "%s is not valid (%d problem%s)", o->config, problems.n,
+                        problems.n == 1 ? "" : "s");
+    }
+    printf("medlinkctl: %s is valid\n", o->config);
+    return CTL_EXIT_OK;
 }
 
 void ctl_cli_close(ctl_opts_t *o)

@@ -47,6 +47,7 @@ typedef struct {
     const char *timeout;
     int timeout_s;
     int json, verbose, dry_run, help, version;
+    int check_config; /* --check-config [FILE]: check the connection settings, no command */
 
     ctl_cmd_t cmd;
     const char *cmd_name; /* as typed, e.g. "send imaging" */
@@ -92,6 +93,11 @@ void ctl_cli_usage(FILE *f, ctl_cmd_t cmd);
  * relative to the file's folder). Returns CTL_EXIT_OK, or CTL_EXIT_USAGE /
  * CTL_EXIT_FAIL after saying why. */
 int ctl_cli_connection(ctl_opts_t *o);
+/* --check-config: ctl_cli_connection, then every file it names exists and
+ * is readable, the key is private (mode 0600 or 0400) and matches the
+ * certificate, and the CA loads. Prints each problem on stderr, or
+ * "FILE is valid" on stdout. Returns CTL_EXIT_OK or CTL_EXIT_FAIL. */
+int ctl_cli_check_config(ctl_opts_t *o);
 /* Frees what ctl_cli_parse and ctl_cli_connection allocated. */
 void ctl_cli_close(ctl_opts_t *o);
 

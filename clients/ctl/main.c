@@ -211,6 +211,10 @@ int main(int argc, char **argv)
         ctl_cli_usage(stdout, o.cmd);
         goto out;
     }
+    if (o.check_config) {
+        rc = ctl_cli_check_config(&o);
+        goto out;
+    }
     if ((rc = ctl_cli_connection(&o)) != CTL_EXIT_OK)
         goto out;
     /* Errors only, unless asked: the channel's progress lines would drown

@@ -186,3 +186,105 @@ Test(ini, dir_is_the_files_folder)
     cr_assert_str_eq(ml_ini_dir(ini), real);
     ml_ini_destroy(&ini);
 }
+
+/* The schema checker of strict configuration (ml_ini_check). */
+static const ml_ini_key_t s_schema[] = {
+    {"broker", "id"}, {"broker", "listen"}, {"node *", "role"},
+    {"acl *", "*"},   {"deadlines", "*"},   {NULL, NULL},
+};
+
+static void s_check(const char *text, int want_rc, const char *want)
+{
+    ml_ini_t *ini = s_load_ok(text);
+    char err[2048] = "x";
+    int rc = ml_ini_check(ini, s_schema, err, sizeof err);
+    cr_assert_eq(rc, want_rc, "rc %d for:\n%s\nerr: %s", rc, text, err);
+    if (want)
+        cr_assert(strstr(err, want), "error \"%s\" does not contain \"%s\"", err, want);
+    else
+        cr_assert_str_eq(err, "");
+    ml_ini_destroy(&ini);
+}
+
+Test(ini, check_accepts_every_key_of_the_schema)
+{
+    s_check("; comment\n[broker]\nid = b\nlisten = tcp://127.0.0.1:1\n\n[node a.b]\nrole = OPS\n"
+            "[node  c]\nrole = OPS\n[acl OPS]\nREFERRAL = OPS\nANYTHING = x\n[deadlines]\n"
+            "referral = ACCEPTED 1m\n",
+            0, NULL);
+    /* An empty file and sections without keys are fine. */
+    s_check("", 0, NULL);
+    s_check("[broker]\n[deadlines]\n", 0, NULL);
+}
+
+Test(ini, check_unknown_key_names_file_line_section_and_key)
+{
+    s_check("[broker]\nid = b\n\nhearbeat_ms = 5\n", ML_ECONFIG,
+            "test.ini:4: [broker] hearbeat_ms: unknown key");
+    /* A key of another section is unknown where it stands. */
+    s_check("[broker]\nid = b\n[node a]\nrole = OPS\nlisten = x\n", ML_ECONFIG,
+            "test.ini:5: [node a] listen: unknown key");
+    /* A continuation line belongs to its key and is no key of its own. */
+    s_check("[broker]\nid = b\n  more = text\n", 0, NULL);
+}
+
+Test(ini, check_unknown_section_lists_the_known_ones)
+{
+    s_check("[broker]\nid = b\n[brokr]\nid = c\n", ML_ECONFIG,
+            "test.ini:3: [brokr]: unknown section (expected [broker], [node NAME], [acl NAME], "
+            "[deadlines])");
+    /* "node *" needs a name, and a prefix is not a name. */
+    s_check("[node]\nrole = OPS\n", ML_ECONFIG, "test.ini:1: [node]: unknown section");
+    s_check("[nodes a]\nrole = OPS\n", ML_ECONFIG, "test.ini:1: [nodes a]: unknown section");
+    /* The keys of an unknown section are not reported once more. */
+    ml_ini_t *ini = s_load_ok("[brokr]\nid = c\nlisten = d\n");
+    char err[1024];
+    cr_assert_eq(ml_ini_check(ini, s_schema, err, sizeof err), ML_ECONFIG);
+    cr_assert_null(strstr(err, "unknown key"), "%s", err);
+    cr_assert_null(strchr(err, '\n'), "one line expected: %s", err);
+    ml_ini_destroy(&ini);
+}
+
+Test(ini, check_key_outside_any_section)
+{
+    s_check("id = b\n[broker]\n", ML_ECONFIG,
+            "test.ini:1: id: key outside any section (expected [broker]");
+}
+
+Test(ini, check_reports_every_problem_in_file_order)
+{
+    ml_ini_t *ini = s_load_ok("[broker]\nidd = 1\n[brokr]\n[broker2]\n[node a]\nrol = x\n");
+    char err[1024];
+    cr_assert_eq(ml_ini_check(ini, s_schema, err, sizeof err), ML_ECONFIG);
+    const char *a = strstr(err, "test.ini:2: [broker] idd: unknown key");
+    const char *b = strstr(err, "test.ini:3: [brokr]: unknown section");
+    const char *c = strstr(err, "test.ini:4: [broker2]: unknown section");
+    const char *d = strstr(err, "test.ini:6: [node a] rol: unknown key");
+    cr_assert(a && b && c && d && a < b && b < c && c < d, "%s", err);
+    ml_ini_destroy(&ini);
+
+    /* A small buffer keeps whole lines and says how many were left out. */
+    char text[4096] = "[broker]\n";
+    for (int i = 0; i < 40; i++) {
+        char line[32];
+        snprintf(line, sizeof line, "bad%d = 1\n", i);
+        strcat(text, line);
+    }
+    ini = s_load_ok(text);
+    char small[300];
+    cr_assert_eq(ml_ini_check(ini, s_schema, small, sizeof small), ML_ECONFIG);
+    cr_assert(strstr(small, "test.ini:2: [broker] bad0: unknown key"), "%s", small);
+    cr_assert(strstr(small, "more)"), "%s", small);
+    ml_ini_destroy(&ini);
+}
+
+Test(ini, line_of_a_key)
+{
+    ml_ini_t *ini = s_load_ok("[broker]\nid = a\n\nlisten = x\nid = b\n");
+    cr_assert_eq(ml_ini_line(ini, "broker", "listen"), 4);
+    /* The line of the value ml_ini_get returns: the last one. */
+    cr_assert_eq(ml_ini_line(ini, "broker", "id"), 5);
+    cr_assert_eq(ml_ini_line(ini, "broker", "nothing"), 0);
+    cr_assert(strstr(ml_ini_path(ini), "test.ini"));
+    ml_ini_destroy(&ini);
+}
