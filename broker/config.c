@@ -150,6 +150,12 @@ static const char *const s_broker_keys[] = {"id",
                                             "node_queue_bytes",
                                             "timer_ms",
                                             "notify_delivered",
+                                            "retention_days",
+                                            "timeline_retention_days",
+                                            "retention_seconds",
+                                            "timeline_retention_seconds",
+                                            "retention_interval_s",
+                                            "retention_batch",
                                             NULL};
 
 static const char *const s_node_keys[] = {"role", "community", "name", "services", NULL};
@@ -319,6 +325,15 @@ static int s_load_broker(struct s_load *ld)
         {"node_rate", 5000, 1, 10000000, offsetof(ml_broker_config_t, node_rate)},
         {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
          offsetof(ml_broker_config_t, node_queue_bytes)},
+        {"retention_days", 30, -1, 36500, offsetof(ml_broker_config_t, retention_days)},
+        {"timeline_retention_days", 3650, -1, 36500,
+         offsetof(ml_broker_config_t, timeline_retention_days)},
+        {"retention_seconds", -1, -1, 36500L * 86400,
+         offsetof(ml_broker_config_t, retention_seconds)},
+        {"timeline_retention_seconds", -1, -1, 36500L * 86400,
+         offsetof(ml_broker_config_t, timeline_retention_seconds)},
+        {"retention_interval_s", 60, 1, 86400, offsetof(ml_broker_config_t, retention_interval_s)},
+        {"retention_batch", 1000, 10, 100000, offsetof(ml_broker_config_t, retention_batch)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

@@ -126,6 +126,16 @@ typedef struct {
     long node_queue_bytes;      /* bytes waiting for one recipient before senders are refused */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
+    /* Retention (docs/operations.md): delivered messages go retention_days
+     * after their case became final, final cases' timelines
+     * timeline_retention_days after (-1 = keep for ever). The *_seconds
+     * keys override the days for tests and benchmarks (-1 = not set). */
+    long retention_days;
+    long timeline_retention_days;
+    long retention_seconds;
+    long timeline_retention_seconds;
+    long retention_interval_s; /* how often pruning runs */
+    long retention_batch;      /* rows per pruning transaction */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */
