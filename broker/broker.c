@@ -1349,15 +1349,10 @@ static void s_load_pending(void *arg, const ml_store_row_t *row)
 
 /* The store's retention from the configuration: the *_seconds keys,
  * when set, win over the days (tests and benchmarks). */
+/* The store's retention from the configuration. */
 static void s_retention_opts(const ml_broker_config_t *cfg, ml_store_opts_t *so)
 {
-    long days = cfg->retention_days, tdays = cfg->timeline_retention_days;
-    so->retention_ms = cfg->retention_seconds >= 0 ? cfg->retention_seconds * 1000L
-                       : days >= 0                 ? days * 86400000L
-                                                   : -1;
-    so->timeline_ms = cfg->timeline_retention_seconds >= 0 ? cfg->timeline_retention_seconds * 1000L
-                      : tdays >= 0                         ? tdays * 86400000L
-                                                           : -1;
+    ml_broker_config_retention(cfg, &so->retention_ms, &so->timeline_ms);
     so->prune_interval_ms = cfg->retention_interval_s * 1000L;
     so->prune_batch = (int)cfg->retention_batch;
 }

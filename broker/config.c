@@ -701,6 +701,19 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
     *self_p = NULL;
 }
 
+void ml_broker_config_retention(const ml_broker_config_t *cfg, int64_t *retention_ms,
+                                int64_t *timeline_ms)
+{
+    long d = cfg->retention_days, td = cfg->timeline_retention_days;
+    *retention_ms = cfg->retention_seconds >= 0 ? (int64_t)cfg->retention_seconds * 1000
+                    : d >= 0                    ? (int64_t)d * 86400000
+                                                : -1;
+    *timeline_ms = cfg->timeline_retention_seconds >= 0
+                       ? (int64_t)cfg->timeline_retention_seconds * 1000
+                   : td >= 0 ? (int64_t)td * 86400000
+                             : -1;
+}
+
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id)
 {
     if (!cfg || !id)

@@ -156,6 +156,11 @@ typedef struct {
 int ml_broker_config_load(const char *path, ml_broker_config_t **out, char *err, size_t errlen);
 void ml_broker_config_destroy(ml_broker_config_t **self_p);
 
+/* The retention periods in ms (-1 = kept for ever): the *_seconds keys
+ * when set, else the *_days ones. */
+void ml_broker_config_retention(const ml_broker_config_t *cfg, int64_t *retention_ms,
+                                int64_t *timeline_ms);
+
 /* Looks a node up by id. O(n) over the registry; NULL when unknown. */
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id);
 

@@ -1656,6 +1656,13 @@ void ml_store_close(ml_store_t **self_p)
            st->path, (unsigned long long)st->stats.puts, (unsigned long long)st->stats.transactions,
            (unsigned long long)st->stats.duplicates, (unsigned long long)st->stats.failures);
 
+    /* Runs retention was asked for and did not finish: their callers
+     * hear ML_ECLOSED now, so that they can free what they passed. */
+    ml_store_req_t *lists[] = {st->prune_wait, st->prune_asked, st->done_head};
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++)
+        for (ml_store_req_t *r = lists[i]; r; r = r->next)
+            if (r->op == S_OP_PRUNE && r->prune_cb)
+                r->prune_cb(r->arg, ML_ECLOSED, &r->pruned);
     s_release(st);
     uv_close((uv_handle_t *)&st->async, s_async_close_cb);
 }
