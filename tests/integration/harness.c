@@ -249,6 +249,8 @@ static int s_agent_index(h_world_t *w, const char *node)
     return -1;
 }
 
+const char *h_agent_extra_ini;
+
 int h_agent_start(h_world_t *w, const char *node)
 {
     return h_agent_start_at(w, node, w->endpoint);
@@ -270,6 +272,10 @@ int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
              "key = pki/%s.key\ndata_dir = data/%s\nspool_dir = spool/%s\nlog_level = info\n"
              "heartbeat_ms = 1000\nscan_ms = 100\nstore_key = pki/store-%s.key\n",
              node, endpoint, node, node, node, node, node);
+    if (h_agent_extra_ini) {
+        size_t used = strlen(buf);
+        snprintf(buf + used, sizeof buf - used, "%s\n", h_agent_extra_ini);
+    }
     s_write(cfg, buf);
     int i = s_agent_index(w, node);
     if (i < 0) {
