@@ -33,16 +33,36 @@
 #define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
 
 static h_world_t W;
+/* A client of the test: waiting turns its loop (and every other open
+ * client's), so that their sessions keep their heartbeats while the test
+ * watches broker.db. NULL: plain sleeps. */
+static cli_t *s_any;
 
 static void s_teardown(void)
 {
     h_agent_extra_ini = NULL;
+    s_any = NULL;
     h_world_fini(&W);
 }
 
 TestSuite(retention, .fini = s_teardown, .timeout = 600);
 
 /* ---- helpers ------------------------------------------------------------ */
+
+static int s_never(cli_t *c, void *arg)
+{
+    (void)c;
+    (void)arg;
+    return 0;
+}
+
+static void s_pause(int ms)
+{
+    if (s_any)
+        cli_run_until(s_any, s_never, NULL, ms);
+    else
+        h_sleep_ms(ms);
+}
 
 static void s_db_path(char *out, size_t len)
 {
@@ -77,7 +97,7 @@ static long long s_wait_q(const char *sql, const char *text, long long want, int
     for (int waited = 0; waited <= ms; waited += 200) {
         if ((v = s_q(sql, text)) == want)
             return v;
-        h_sleep_ms(200);
+        s_pause(200);
     }
     return v;
 }
@@ -198,6 +218,7 @@ Test(retention, retention_delivered_bodies_pruned_after_final)
     h_broker_start(&W);
     cli_t clinic, hosp, ops;
     cli_open(&clinic, &W, H_XINZHAN, 1);
+    s_any = &clinic;
     cli_open(&hosp, &W, H_COUNTY, 1);
     cli_open(&ops, &W, H_OPS, 0);
 
@@ -229,10 +250,12 @@ Test(retention, retention_delivered_bodies_pruned_after_final)
     cr_assert_str_eq(rep->case_info->state, "REFERRAL_REJECTED");
     cr_assert_geq(rep->case_info->n_timeline, 2);
     /* The open case keeps its delivered referral, body and all. */
-    cr_assert_eq(s_q(s_msgs_of_case, open), 1);
-    cr_assert_eq(s_q(s_bodies_of_case, open), 1);
+    /* (the referral and its delivery notice) */
+    cr_assert_eq(s_q(s_msgs_of_case, open), 2);
+    cr_assert_eq(s_q(s_bodies_of_case, open), 2);
     cr_assert(h_log_contains(&W, "broker.log", "retention:") > 0);
 
+    s_any = NULL;
     cli_close(&clinic);
     cli_close(&hosp);
     cli_close(&ops);
@@ -247,6 +270,7 @@ Test(retention, retention_chunk_bodies_dropped_after_study_received)
     h_broker_start(&W);
     cli_t clinic, centre;
     cli_open(&clinic, &W, H_XINZHAN, 1);
+    s_any = &clinic;
     cli_open(&centre, &W, H_READ_A, 1);
 
     enum { CHUNK = 4096, N_CHUNKS = 3 };
@@ -315,7 +339,7 @@ Test(retention, retention_chunk_bodies_dropped_after_study_received)
     const char chunk_rows[] = "SELECT count(*) FROM messages WHERE case_id = ?1 AND kind = 23";
     /* Delivered, but the study is not received yet: the bodies stay (the
      * centre may still ask for a chunk again). */
-    h_sleep_ms(2500);
+    s_pause(2500);
     cr_assert_eq(s_q(chunk_bodies, id), N_CHUNKS, "chunk bodies went before STUDY_RECEIVED");
 
     char uid[ML_ULID_LEN + 1];
@@ -346,6 +370,7 @@ Test(retention, retention_chunk_bodies_dropped_after_study_received)
     cr_assert_geq(s_q(s_events_of_case, id), 2);
     cr_assert_eq(s_q("SELECT chunks FROM cases WHERE case_id = ?1", id), N_CHUNKS);
 
+    s_any = NULL;
     cli_close(&clinic);
     cli_close(&centre);
     h_broker_stop(&W);
@@ -361,6 +386,7 @@ Test(retention, retention_file_shrinks)
     h_broker_start(&W);
     cli_t clinic, hosp;
     cli_open(&clinic, &W, H_XINZHAN, 1);
+    s_any = &clinic;
     cli_open(&hosp, &W, H_COUNTY, 1);
     char ops_cfg[800];
     h_ctl_config(&W, H_OPS, ops_cfg, sizeof ops_cfg);
@@ -406,13 +432,99 @@ Test(retention, retention_file_shrinks)
         size = s_file_size(path);
         if (size <= pages_after * page_size)
             break;
-        h_sleep_ms(200);
+        s_pause(200);
     }
     cr_assert_leq(size, pages_after * page_size, "broker.db is %lld bytes, %lld pages expected",
                   size, pages_after);
 
+    s_any = NULL;
     cli_close(&clinic);
     cli_close(&hosp);
+    h_broker_stop(&W);
+}
+
+/* ---- the agent ------------------------------------------------------------ */
+
+/* One integer from an agent's agent.db. */
+static long long s_agent_q(const char *node, const char *sql)
+{
+    char path[800];
+    snprintf(path, sizeof path, "%s/data/%s/agent.db", W.dir, node);
+    sqlite3 *db = NULL;
+    cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    sqlite3_stmt *s = NULL;
+    cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_step(s), SQLITE_ROW, "%s", sqlite3_errmsg(db));
+    long long v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    sqlite3_close(db);
+    return v;
+}
+
+Test(retention, retention_agent_sent_folder)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    /* The clinic keeps sent/ files and settled rows 3 s; the county keeps
+     * sent/ for ever (sent_retention_days = 0, the default) and its rows 3 s. */
+    h_agent_extra_ini = "sent_retention_seconds = 3\nretention_seconds = 3\n"
+                        "retention_interval_s = 1";
+    h_agent_start(&W, H_XINZHAN);
+    h_agent_extra_ini = "retention_seconds = 3\nretention_interval_s = 1";
+    h_agent_start(&W, H_COUNTY);
+    h_agent_extra_ini = NULL;
+
+    char *ref = h_referral_json(H_COUNTY, "Retention Agent", NULL);
+    h_drop(&W, H_XINZHAN, "referral-ret.json", ref);
+    free(ref);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 20000), 1, "referral not in inbox");
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", 1, 10000), 1, "file not moved to sent/");
+    cr_assert_eq(s_agent_q(H_XINZHAN, "SELECT count(*) FROM outbox WHERE state = 1"), 1);
+    /* The county answers; its sent/ keeps the file (no sent retention). */
+    char *path = h_find_json(&W, H_COUNTY, "inbox", "Retention Agent");
+    cr_assert_not_null(path);
+    json_error_t jerr;
+    json_t *j = json_load_file(path, 0, &jerr);
+    cr_assert(j);
+    char upd[1024];
+    snprintf(upd, sizeof upd,
+             "{\"to\": \"%s\", \"caseId\": \"%s\", \"referralUpdate\": {\"status\": "
+             "\"REFERRAL_ACCEPTED\"}}",
+             H_XINZHAN, json_string_value(json_object_get(j, "caseId")));
+    json_decref(j);
+    free(path);
+    h_drop(&W, H_COUNTY, "update-ret.json", upd);
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "sent", 1, 10000), 1);
+
+    /* Within a few seconds the clinic's sent/ is empty again and its
+     * settled outbox row is gone; the county's spooled inbox row is gone
+     * while the inbox/ file (the hospital system's to take) stays. */
+    int left = 1;
+    for (int waited = 0; waited < 30000 && left; waited += 200) {
+        h_sleep_ms(200);
+        left = h_count(&W, H_XINZHAN, "sent");
+    }
+    cr_assert_eq(left, 0, "sent/ still holds %d file(s)", left);
+    long long rows = -1;
+    for (int waited = 0; waited < 30000 && rows != 0; waited += 200) {
+        rows = s_agent_q(H_XINZHAN, "SELECT count(*) FROM outbox");
+        if (rows)
+            h_sleep_ms(200);
+    }
+    cr_assert_eq(rows, 0, "%lld settled outbox row(s) left", rows);
+    for (int waited = 0; waited < 30000 && rows != 0; waited += 200) {
+        rows = s_agent_q(H_COUNTY, "SELECT count(*) FROM inbox");
+        if (rows)
+            h_sleep_ms(200);
+    }
+    cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 1, "the inbox/ file must stay");
+    h_sleep_ms(4000);
+    cr_assert_eq(h_count(&W, H_COUNTY, "sent"), 1, "sent_retention_days = 0 keeps sent/");
+    cr_assert(h_log_contains(&W, "agent-" H_XINZHAN ".log", "retention:") > 0);
+
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
     h_broker_stop(&W);
 }
 
@@ -424,6 +536,7 @@ Test(retention, store_stats_and_prune_ctl)
     h_broker_start(&W);
     cli_t clinic, hosp;
     cli_open(&clinic, &W, H_XINZHAN, 1);
+    s_any = &clinic;
     cli_open(&hosp, &W, H_COUNTY, 1);
     char ops_cfg[800], clinic_cfg[800];
     h_ctl_config(&W, H_OPS, ops_cfg, sizeof ops_cfg);
@@ -488,6 +601,7 @@ Test(retention, store_stats_and_prune_ctl)
     cr_assert(strstr(out, "removed") && strstr(out, "freed"), "%s", out);
     free(out);
 
+    s_any = NULL;
     cli_close(&clinic);
     cli_close(&hosp);
     h_broker_stop(&W);
@@ -502,6 +616,7 @@ Test(retention, f9_queue_bytes_counts_store_bytes)
     h_broker_start(&W);
     cli_t clinic;
     cli_open(&clinic, &W, H_XINZHAN, 1);
+    s_any = &clinic;
     enum { N = 800, NOTES = 700 };
     int accepted = 0, refused = 0;
     size_t env_len = 0;
@@ -532,6 +647,7 @@ Test(retention, f9_queue_bytes_counts_store_bytes)
     long expect = (long)(1048576 / ml_store_cost(env_len));
     cr_assert(accepted >= expect - 5 && accepted <= expect + 5,
               "refused after %d messages, expected about %ld", accepted, expect);
+    s_any = NULL;
     cli_close(&clinic);
     h_broker_stop(&W);
 }
