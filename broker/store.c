@@ -1412,7 +1412,9 @@ static void s_thread_main(void *arg)
 
         uint64_t transactions = 0;
         int marks_failed = 0;
+        int64_t group_at = ml_mono_ms();
         uint64_t failed = s_settle_batch(st, batch, &transactions, &marks_failed);
+        int64_t group_ms = ml_mono_ms() - group_at;
 
         uv_mutex_lock(&st->mu);
         st->stats.transactions += transactions;
@@ -1464,8 +1466,20 @@ static void s_thread_main(void *arg)
         /* Under load the queue never empties: retention then takes one
          * step between groups, so it neither starves nor holds up a group
          * for longer than one step. */
-        if (!st->stopping && !again && (st->prune_wait || s_prune_due(st, ml_mono_ms())))
-            notify |= s_prune_step(st);
+        if (!st->stopping && !again) {
+            /* Steps until they have taken as long as the group did (at
+             * least one): under a steady firehose retention then gets up
+             * to half of this thread, which is about what deleting a
+             * message costs next to storing it, so it keeps pace instead of
+             * falling ever further behind; a put waits for one more group
+             * at most. */
+            int64_t until = ml_mono_ms() + group_ms;
+            do {
+                if (!st->prune_wait && !s_prune_due(st, ml_mono_ms()))
+                    break;
+                notify |= s_prune_step(st);
+            } while (!st->head || ml_mono_ms() < until);
+        }
         /* uv_async_send is safe from any thread; the handle outlives this
          * thread because ml_store_close joins it before uv_close. */
         if (notify)

@@ -16,7 +16,8 @@
 # referrals (default 100,000) the script samples broker.db and its WAL,
 # the rows per table (sqlite3, read-only, beside the running broker) and
 # the broker's RSS, and prints one table row. After the last round it waits
-# T + 5 s and samples once more ("settled"). The table goes to stdout and to
+# until nothing is left to prune (at most T + 180 s) and samples once more
+# ("settled"). The table goes to stdout and to
 # tests/bench/results/retention.txt. Exits non-zero if a round failed.
 set -euo pipefail
 
@@ -112,8 +113,19 @@ for r in $(seq 1 $((COUNT / EVERY))); do
     sample $((r * EVERY))
 done
 T1=$(date +%s)
-sleep $((TIMELINE + 5))
+# Then idle: what the last rounds left goes within a few pruning runs (and
+# the final cases once their timeline period has passed); sampled every 5 s
+# until nothing is left to prune or 3 minutes have passed.
+sleep "$TIMELINE"
+for i in $(seq 1 36); do
+    sleep 5
+    read -r m _ c _ f <<<"$(rows)"
+    [ "$m" = 0 ] && [ "$c" = 0 ] && [ "${f:-0}" -lt 64 ] 2>/dev/null && break
+    [ "$i" -lt 36 ] && [ $((i % 6)) = 0 ] && sample "idle+$((TIMELINE + i * 5))s"
+done
+T2=$(date +%s)
 sample settled
+echo "# settled $((T2 - T1)) s after the last round" | tee -a "$OUT"
 echo "# $COUNT referrals in $((T1 - T0)) s; $FAILS failed round(s)" | tee -a "$OUT"
 grep -E ' (warn|error) ' "$W/broker.log" | head -5 || true
 kill -TERM "$BROKER_PID"
