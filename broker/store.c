@@ -1072,7 +1072,7 @@ typedef struct {
 
 static int s_prune_due(const ml_store_t *st, int64_t mono)
 {
-    if (st->prune_phase != S_PRUNE_IDLE || st->prune_asked)
+    if (st->prune_phase != S_PRUNE_IDLE || st->prune_asked || st->prune_wait)
         return 1;
     return st->prune_interval_ms > 0 && mono >= st->prune_next;
 }
@@ -1319,8 +1319,10 @@ static int s_prune_finish(ml_store_t *st, int rc, int64_t mono)
 static int s_prune_step(ml_store_t *st)
 {
     int64_t mono = ml_mono_ms();
-    /* Asked-for runs join the run in progress, or start one. */
-    while (st->prune_wait) {
+    /* Asked-for runs wait for the run in progress to end, then start a
+     * fresh one: rows the running one has already passed are looked at
+     * again, so "prune now" covers everything settled before it. */
+    while (st->prune_phase == S_PRUNE_IDLE && st->prune_wait) {
         ml_store_req_t *q = st->prune_wait;
         st->prune_wait = q->next;
         q->next = st->prune_asked;
@@ -1339,7 +1341,8 @@ static int s_prune_step(ml_store_t *st)
     int end = 0, src;
     int64_t now = ml_now_ms();
     if (phase == S_PRUNE_MESSAGES)
-        src = st->retention_ms < 0 ? (end = 1, SQLITE_DONE) : s_prune_messages(st, now, &end);
+        /* Even with messages kept for ever, chunk bodies still go. */
+        src = s_prune_messages(st, now, &end);
     else if (phase == S_PRUNE_CASES)
         src = s_prune_cases(st, now, &end);
     else

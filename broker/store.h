@@ -263,7 +263,8 @@ typedef void (*ml_store_prune_cb)(void *arg, int rc, const ml_store_pruned_t *r)
 /* Runs retention now: a whole pruning run (every table, then incremental
  * vacuum until no free page is left), in the same bounded steps as the
  * periodic one, between groups; a periodic run in progress is finished
- * first and counted. cb runs once it is done, or from ml_store_close
+ * first (not counted) and then a fresh run made, so everything settled
+ * before the call is covered. cb runs once it is done, or from ml_store_close
  * with ML_ECLOSED when the store closes first. Loop thread. Returns 0,
  * ML_ENOMEM or ML_ECLOSED. */
 int ml_store_prune(ml_store_t *st, ml_store_prune_cb cb, void *arg);
