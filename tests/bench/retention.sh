@@ -3,7 +3,7 @@
 # keep the file flat? Everything on 127.0.0.1.
 #
 #   tests/bench/retention.sh [--count N] [--every K] [--clinics C] [--size BYTES]
-#                            [--timeline-seconds T]
+#                            [--timeline-seconds T] [--keep]
 #
 # One real medlinkd runs with retention_seconds = 0 (a delivered message of
 # a final case goes at the next pruning run; retention_seconds is the test
@@ -19,6 +19,8 @@
 # until nothing is left to prune (at most T + 180 s) and samples once more
 # ("settled"). The table goes to stdout and to
 # tests/bench/results/retention.txt. Exits non-zero if a round failed.
+# --keep runs the same load with retention off (retention_days = -1,
+# timeline_retention_days = -1), for the figure to compare with.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,6 +29,7 @@ EVERY=100000
 CLINICS=4
 SIZE=512
 TIMELINE=10
+KEEP=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --count) COUNT=$2; shift 2 ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --clinics) CLINICS=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --timeline-seconds) TIMELINE=$2; shift 2 ;;
+    --keep) KEEP=1; shift ;;
     *) echo "retention.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -61,7 +65,11 @@ while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); d
     printf '[broker]\nid = medlinkd.bench\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s/data\n' "$PORT" "$W"
     printf 'ca = %s/pki/ca.crt\ncert = %s/pki/medlinkd.bench.crt\nkey = %s/pki/medlinkd.bench.key\n' "$W" "$W" "$W"
     printf 'log_level = warn\ndelivery_window = 1024\nnode_rate = 10000000\n'
-    printf 'retention_seconds = 0\ntimeline_retention_seconds = %s\nretention_interval_s = 1\n\n' "$TIMELINE"
+    if [ "$KEEP" = 1 ]; then
+        printf 'retention_days = -1\ntimeline_retention_days = -1\n\n'
+    else
+        printf 'retention_seconds = 0\ntimeline_retention_seconds = %s\nretention_interval_s = 1\n\n' "$TIMELINE"
+    fi
     printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
     for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
     printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\n\n'
@@ -97,8 +105,12 @@ sample() {
 
 FAILS=0
 {
-    echo "# tests/bench/retention.sh --count $COUNT --every $EVERY --clinics $CLINICS --size $SIZE --timeline-seconds $TIMELINE"
-    echo "# $(date -u +%FT%TZ) $(nproc) cores; retention_seconds = 0, timeline_retention_seconds = $TIMELINE, retention_interval_s = 1"
+    echo "# tests/bench/retention.sh --count $COUNT --every $EVERY --clinics $CLINICS --size $SIZE --timeline-seconds $TIMELINE$([ "$KEEP" = 1 ] && echo ' --keep (retention off)')"
+    if [ "$KEEP" = 1 ]; then
+        echo "# $(date -u +%FT%TZ) $(nproc) cores; retention_days = -1, timeline_retention_days = -1"
+    else
+        echo "# $(date -u +%FT%TZ) $(nproc) cores; retention_seconds = 0, timeline_retention_seconds = $TIMELINE, retention_interval_s = 1"
+    fi
     printf '%-10s %10s %10s %10s %9s %9s %9s %11s %9s %9s\n' referrals db_MiB wal_MiB total_MiB messages bodies cases case_events free_pg rss_MiB
 } | tee "$OUT"
 sample 0
@@ -116,8 +128,9 @@ T1=$(date +%s)
 # Then idle: what the last rounds left goes within a few pruning runs (and
 # the final cases once their timeline period has passed); sampled every 5 s
 # until nothing is left to prune or 3 minutes have passed.
-sleep "$TIMELINE"
+[ "$KEEP" = 1 ] || sleep "$TIMELINE"
 for i in $(seq 1 36); do
+    [ "$KEEP" = 1 ] && break
     sleep 5
     read -r m _ c _ f <<<"$(rows)"
     [ "$m" = 0 ] && [ "$c" = 0 ] && [ "${f:-0}" -lt 64 ] 2>/dev/null && break
