@@ -120,7 +120,8 @@ for r in $(seq 1 $((COUNT / EVERY))); do
         --pki "$W/pki" --clinics "$CLINICS" --timeout 3600 >"$W/round-$r.txt" 2>"$W/round-$r.err"; then
         FAILS=$((FAILS + 1))
         echo "round $r FAILED:" >&2
-        grep -v '^progress' "$W/round-$r.err" | tail -5 >&2
+        grep -vE '^progress|connection dropped' "$W/round-$r.err" | tail -5 >&2
+        grep -E '^(refused|retries|referrals_|updates_|notices_|other_messages|result)' "$W/round-$r.txt" >&2 || true
     fi
     sample $((r * EVERY))
 done
