@@ -572,6 +572,139 @@ static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Adm
     s_deads_free(&k);
 }
 
+/* ---- store retention (OP_STORE_STATS, OP_STORE_PRUNE) ------------------- */
+
+static void s_prune_info(const ml_store_pruned_t *r, Medlink__V1__StorePrune *p)
+{
+    p->messages = r->messages;
+    p->bodies = r->bodies;
+    p->chunk_bodies = r->chunk_bodies;
+    p->payload_bytes = r->payload_bytes;
+    p->cases = r->cases;
+    p->events = r->events;
+    p->pages_vacuumed = r->pages_vacuumed;
+    p->bytes_freed = r->bytes_freed;
+    p->free_pages = r->free_pages;
+    p->started_at = r->started_at;
+    p->took_ms = r->took_ms;
+}
+
+/* Sizes and rows of broker.db. The counts read every table once, on the
+ * loop thread: a few tens of ms for a million rows, which is why this is
+ * an ops command and not part of status. */
+static void s_store_stats(ml_broker_t *b, ml_session_t *s)
+{
+    ml_store_info_t in;
+    int rc = ml_store_info(b->store, &in);
+    if (rc != 0) {
+        s_error(b, s, "cannot read the store: %s", ml_strerror(rc));
+        return;
+    }
+    static const char *const msg_states[] = {"queued", "delivered", "dead"};
+    Medlink__V1__StoreTable t[8], *tp[8];
+    size_t n = 0;
+    for (int i = 0; i < 3; i++, n++) {
+        medlink__v1__store_table__init(&t[n]);
+        t[n].table = "messages";
+        t[n].state = (char *)msg_states[i];
+        t[n].rows = in.msg_rows[i];
+        t[n].oldest_at = in.msg_oldest[i];
+    }
+    struct {
+        const char *table, *state;
+        uint64_t rows;
+        int64_t oldest;
+    } more[] = {{"bodies", "", in.body_rows, in.body_oldest},
+                {"cases", "open", in.open_cases, in.open_oldest},
+                {"cases", "final", in.final_cases, in.final_oldest},
+                {"case_events", "", in.event_rows, in.event_oldest}};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++, n++) {
+        medlink__v1__store_table__init(&t[n]);
+        t[n].table = (char *)more[i].table;
+        t[n].state = (char *)more[i].state;
+        t[n].rows = more[i].rows;
+        t[n].oldest_at = more[i].oldest;
+    }
+    for (size_t i = 0; i < n; i++)
+        tp[i] = &t[i];
+    Medlink__V1__StorePrune last = MEDLINK__V1__STORE_PRUNE__INIT;
+    s_prune_info(&in.last, &last);
+    Medlink__V1__StoreStats st = MEDLINK__V1__STORE_STATS__INIT;
+    st.file_bytes = in.file_bytes;
+    st.wal_bytes = in.wal_bytes;
+    st.page_size = in.page_size;
+    st.page_count = in.page_count;
+    st.free_pages = in.free_pages;
+    st.auto_vacuum = (char *)(in.auto_vacuum == 2   ? "incremental"
+                              : in.auto_vacuum == 1 ? "full"
+                                                    : "none");
+    st.n_table = n;
+    st.table = tp;
+    ml_broker_config_retention(b->cfg, &st.retention_ms, &st.timeline_retention_ms);
+    st.last_prune = &last;
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.store_stats = &st;
+    s_send(b, s, &reply);
+}
+
+/* A store prune waiting for its run: the session is found again by its
+ * serial, since it may have closed (or its slot been reused) meanwhile. */
+typedef struct {
+    ml_broker_t *b;
+    uint64_t serial;
+    char who[256];
+} s_prune_wait_t;
+
+static void s_store_pruned_cb(void *arg, int rc, const ml_store_pruned_t *r)
+{
+    s_prune_wait_t *w = arg;
+    if (rc == ML_ECLOSED) {
+        free(w); /* the store is closing with the broker: nobody to answer */
+        return;
+    }
+    ml_broker_t *b = w->b;
+    ml_log(ML_LOG_INFO, "admin",
+           "store prune for %s: %llu message(s), %llu body(ies), %llu case(s) removed, %llu "
+           "bytes freed%s%s",
+           w->who, (unsigned long long)r->messages, (unsigned long long)r->bodies,
+           (unsigned long long)r->cases, (unsigned long long)r->bytes_freed, rc ? ": " : "",
+           rc ? ml_strerror(rc) : "");
+    ml_session_t *s = b->sessions;
+    while (s && !(s->serial == w->serial && s->state == S_READY))
+        s = s->next;
+    free(w);
+    if (!s)
+        return;
+    if (rc != 0) {
+        s_error(b, s, "store prune failed after removing part: %s", ml_strerror(rc));
+        return;
+    }
+    Medlink__V1__StorePrune p = MEDLINK__V1__STORE_PRUNE__INIT;
+    s_prune_info(r, &p);
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.store_prune = &p;
+    s_send(b, s, &reply);
+}
+
+/* Runs retention now. The store does it in its usual bounded steps between
+ * groups, so the answer comes when the run is over, not at once. */
+static void s_store_prune(ml_broker_t *b, ml_session_t *s)
+{
+    s_prune_wait_t *w = calloc(1, sizeof *w);
+    if (!w) {
+        s_error(b, s, "out of memory");
+        return;
+    }
+    w->b = b;
+    w->serial = s->serial;
+    snprintf(w->who, sizeof w->who, "%s", s->peer_id);
+    int rc = ml_store_prune(b->store, s_store_pruned_cb, w);
+    if (rc != 0) {
+        free(w);
+        s_error(b, s, "cannot run retention: %s", ml_strerror(rc));
+    }
+}
+
 void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     if (s->ns->node->role != ML_ROLE_OPS) {
@@ -609,6 +742,12 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_PURGE:
         s_dlq_change(b, s, rq, 0);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_STATS:
+        s_store_stats(b, s);
+        break;
+    case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_PRUNE:
+        s_store_prune(b, s);
         break;
     default:
         s_error(b, s, "unknown admin operation %d", (int)rq->op);

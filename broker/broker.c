@@ -1370,6 +1370,16 @@ static void s_load_pending(void *arg, const ml_store_row_t *row)
         ml_bk_case_release(b, it.cs);
 }
 
+/* The store's retention from the configuration: the *_seconds keys,
+ * when set, win over the days (tests and benchmarks). */
+/* The store's retention from the configuration. */
+static void s_retention_opts(const ml_broker_config_t *cfg, ml_store_opts_t *so)
+{
+    ml_broker_config_retention(cfg, &so->retention_ms, &so->timeline_ms);
+    so->prune_interval_ms = cfg->retention_interval_s * 1000L;
+    so->prune_batch = (int)cfg->retention_batch;
+}
+
 int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out, char *err,
                   size_t errlen)
 {
@@ -1431,6 +1441,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
                b->cfg->data_dir);
     }
     ml_store_opts_t so = {.max_bytes = b->cfg->max_store_bytes, .keys = b->keys};
+    s_retention_opts(b->cfg, &so);
     rc = ml_store_open(loop, path, &so, &b->store, err, errlen);
     if (rc != 0)
         goto fail;
@@ -1585,6 +1596,21 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
         ml_log(ML_LOG_WARN, "broker",
                "reload: [broker] max_store_bytes changed; it applies after a restart");
     nc->max_store_bytes = b->cfg->max_store_bytes;
+    {
+        ml_store_opts_t was = {0}, now = {0};
+        s_retention_opts(b->cfg, &was);
+        s_retention_opts(nc, &now);
+        if (was.retention_ms != now.retention_ms || was.timeline_ms != now.timeline_ms ||
+            was.prune_interval_ms != now.prune_interval_ms || was.prune_batch != now.prune_batch)
+            ml_log(ML_LOG_WARN, "broker",
+                   "reload: [broker] retention keys changed; they apply after a restart");
+    }
+    nc->retention_days = b->cfg->retention_days;
+    nc->timeline_retention_days = b->cfg->timeline_retention_days;
+    nc->retention_seconds = b->cfg->retention_seconds;
+    nc->timeline_retention_seconds = b->cfg->timeline_retention_seconds;
+    nc->retention_interval_s = b->cfg->retention_interval_s;
+    nc->retention_batch = b->cfg->retention_batch;
 
     /* The CRL first: if it cannot be loaded nothing changes. */
     if (nc->crl || b->cfg->crl) {

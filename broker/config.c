@@ -151,6 +151,12 @@ static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "timer_ms"},
     {S_BROKER, "notify_delivered"},
     {S_BROKER, "crl_warn_days"},
+    {S_BROKER, "retention_days"},
+    {S_BROKER, "timeline_retention_days"},
+    {S_BROKER, "retention_seconds"},
+    {S_BROKER, "timeline_retention_seconds"},
+    {S_BROKER, "retention_interval_s"},
+    {S_BROKER, "retention_batch"},
     {"node *", "role"},
     {"node *", "community"},
     {"node *", "name"},
@@ -320,6 +326,15 @@ static int s_load_broker(struct s_load *ld)
         {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
          offsetof(ml_broker_config_t, node_queue_bytes)},
         {"crl_warn_days", 7, 0, 3650, offsetof(ml_broker_config_t, crl_warn_days)},
+        {"retention_days", 30, -1, 36500, offsetof(ml_broker_config_t, retention_days)},
+        {"timeline_retention_days", 3650, -1, 36500,
+         offsetof(ml_broker_config_t, timeline_retention_days)},
+        {"retention_seconds", -1, -1, 36500L * 86400,
+         offsetof(ml_broker_config_t, retention_seconds)},
+        {"timeline_retention_seconds", -1, -1, 36500L * 86400,
+         offsetof(ml_broker_config_t, timeline_retention_seconds)},
+        {"retention_interval_s", 60, 1, 86400, offsetof(ml_broker_config_t, retention_interval_s)},
+        {"retention_batch", 1000, 10, 100000, offsetof(ml_broker_config_t, retention_batch)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);
@@ -683,6 +698,19 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
     s_words_free(c->store_old_keys, c->n_store_old_keys);
     free(c);
     *self_p = NULL;
+}
+
+void ml_broker_config_retention(const ml_broker_config_t *cfg, int64_t *retention_ms,
+                                int64_t *timeline_ms)
+{
+    long d = cfg->retention_days, td = cfg->timeline_retention_days;
+    *retention_ms = cfg->retention_seconds >= 0 ? (int64_t)cfg->retention_seconds * 1000
+                    : d >= 0                    ? (int64_t)d * 86400000
+                                                : -1;
+    *timeline_ms = cfg->timeline_retention_seconds >= 0
+                       ? (int64_t)cfg->timeline_retention_seconds * 1000
+                   : td >= 0 ? (int64_t)td * 86400000
+                             : -1;
 }
 
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id)

@@ -130,6 +130,16 @@ typedef struct {
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
     long crl_warn_days;         /* warn this many days before the CRL, certificate or CA expire */
+    /* Retention (docs/operations.md): delivered messages go retention_days
+     * after their case became final, final cases' timelines
+     * timeline_retention_days after (-1 = keep for ever). The *_seconds
+     * keys override the days for tests and benchmarks (-1 = not set). */
+    long retention_days;
+    long timeline_retention_days;
+    long retention_seconds;
+    long timeline_retention_seconds;
+    long retention_interval_s; /* how often pruning runs */
+    long retention_batch;      /* rows per pruning transaction */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */
@@ -156,6 +166,10 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p);
  * load, the store keys are key files, and data_dir is (or can be made) a
  * writable folder. Each problem is added to c. Returns 0 or ML_ECONFIG. */
 int ml_broker_config_check(const ml_broker_config_t *cfg, ml_check_t *c);
+/* The retention periods in ms (-1 = kept for ever): the *_seconds keys
+ * when set, else the *_days ones. */
+void ml_broker_config_retention(const ml_broker_config_t *cfg, int64_t *retention_ms,
+                                int64_t *timeline_ms);
 
 /* Looks a node up by id. O(n) over the registry; NULL when unknown. */
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id);

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "store.h"
+
 static int s_grow(ml_ring_t *r)
 {
     size_t cap = r->cap ? r->cap * 2 : 64;
@@ -51,7 +53,7 @@ int ml_queue_push(ml_queue_t *q, const ml_qitem_t *it)
         return ML_ENOMEM;
     r->items[(r->head + r->len) % r->cap] = *it;
     r->len++;
-    q->bytes += it->size;
+    q->bytes += ml_store_cost(it->size);
     return 0;
 }
 
@@ -63,7 +65,7 @@ int ml_queue_push_front(ml_queue_t *q, const ml_qitem_t *it)
     r->head = (r->head + r->cap - 1) % r->cap;
     r->items[r->head] = *it;
     r->len++;
-    q->bytes += it->size;
+    q->bytes += ml_store_cost(it->size);
     return 0;
 }
 
@@ -76,7 +78,7 @@ int ml_queue_pop(ml_queue_t *q, ml_qitem_t *out)
         *out = r->items[r->head];
         r->head = (r->head + 1) % r->cap;
         r->len--;
-        q->bytes -= out->size;
+        q->bytes -= ml_store_cost(out->size);
         return 1;
     }
     return 0;
@@ -120,7 +122,7 @@ size_t ml_queue_filter(ml_queue_t *q, int (*keep)(const ml_qitem_t *it, void *ar
                 continue;
             }
             ml_qitem_t copy = *it;
-            q->bytes -= copy.size;
+            q->bytes -= ml_store_cost(copy.size);
             n_taken++;
             taken(&copy, arg);
         }

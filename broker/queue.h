@@ -44,6 +44,9 @@ typedef struct {
 
 typedef struct {
     ml_ring_t ring[ML_PRIORITY_COUNT];
+    /* What the queued items cost in the store (ml_store_cost of each
+     * envelope: its body plus the measured per-row overhead), which is what
+     * node_queue_bytes bounds: the disk, not the envelopes alone. */
     uint64_t bytes;
 } ml_queue_t;
 

@@ -40,11 +40,16 @@
 
 #include <sqlite3.h>
 
+#include <sys/stat.h>
+
+#include "cases.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
+#include "medlink/v1/envelope.pb-c.h"
+#include "medlink/v1/imaging.pb-c.h"
 
 #define S_COMPONENT "store"
-#define S_SCHEMA_VERSION 2
+#define S_SCHEMA_VERSION 3
 #define S_BATCH_MAX_DEFAULT 4096
 /* Page cache per connection, in KiB (negative cache_size means KiB). Two
  * connections, so at most ~16 MiB of cache whatever the queue length. */
@@ -61,7 +66,8 @@ enum {
     S_OP_REPLAY,
     S_OP_PURGE,
     S_OP_REOPEN,
-    S_OP_DEAD_DELIVERED
+    S_OP_DEAD_DELIVERED,
+    S_OP_PRUNE
 };
 
 /* Puts and case changes have results and callbacks; marks do not. */
@@ -100,6 +106,9 @@ typedef struct ml_store_req {
     /* Case changes (one allocation of their own, see s_ops_dup). */
     ml_store_caseop_t *ops;
     size_t n_ops;
+    /* S_OP_PRUNE: who to tell, and what the run removed. */
+    ml_store_prune_cb prune_cb;
+    ml_store_pruned_t pruned;
 } ml_store_req_t;
 
 struct ml_store {
@@ -131,6 +140,8 @@ struct ml_store {
     ml_store_req_t *done_head, *done_tail; /* settled puts, callbacks due */
     int stopping;
     ml_store_stats_t stats;
+    ml_store_req_t *prune_wait; /* ml_store_prune calls the next run answers */
+    ml_store_pruned_t last_prune;
 
     /* Loop thread only. */
     int closed;
@@ -164,6 +175,22 @@ struct ml_store {
     sqlite3_stmt *sp_begin;
     sqlite3_stmt *sp_rollback;
     sqlite3_stmt *sp_release;
+    /* Retention (see ml_store_opts_t and s_prune_step). A run goes
+     * through the messages in seq order from a cursor, then the final
+     * cases, then vacuums, one bounded step at a time. */
+    int64_t retention_ms, timeline_ms, prune_interval_ms;
+    int prune_batch, vacuum_pages;
+    int prune_phase;      /* S_PRUNE_* */
+    int64_t prune_cursor; /* the last message seq a run has looked at */
+    int64_t prune_next;   /* monotonic ms the next periodic run is due */
+    ml_store_pruned_t prune_run;
+    ml_store_req_t *prune_asked; /* waiting for the run in progress to finish */
+    sqlite3_stmt *prune_scan;
+    sqlite3_stmt *prune_del_msg;
+    sqlite3_stmt *prune_del_body;
+    sqlite3_stmt *prune_cases;
+    sqlite3_stmt *prune_del_events;
+    sqlite3_stmt *prune_del_case;
     int disk_full;  /* the last batch failed with SQLITE_FULL */
     int quota_full; /* the last put was refused for max_bytes */
     /* Closed streams (store thread; see ml_store_msg_t.stream): a handful
@@ -227,6 +254,10 @@ static const char s_schema[] =
     " to_state TEXT, message_id TEXT, kind TEXT, detail TEXT,"
     " PRIMARY KEY (case_id, version, n)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS messages_dead ON messages(dead_at) WHERE state = 2;"
+    /* Final cases by their last change, for timeline retention: partial,
+     * so open cases (every change of which rewrites updated_at) never
+     * touch it; a case enters it once, when it becomes final. */
+    "CREATE INDEX IF NOT EXISTS cases_final ON cases(updated_at) WHERE closed = 1;"
     "";
 
 /* Version 1 had no cases (the tables above are created by the schema
@@ -303,6 +334,17 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     what = "configure";
     if ((src = s_tune(st->wr)) != SQLITE_OK)
         goto out;
+    /* Incremental auto-vacuum lets retention hand pages back to the file
+     * system in bounded steps (PRAGMA incremental_vacuum) instead of one
+     * VACUUM that would stop every write for as long as it takes. It can
+     * only be chosen before the first table exists; an older file is
+     * converted once, below. */
+    int64_t pages = 0, autovac = 0;
+    if ((src = s_query_int(st->wr, "PRAGMA page_count", &pages)) != SQLITE_OK)
+        goto out;
+    if (pages == 0 && (src = sqlite3_exec(st->wr, "PRAGMA auto_vacuum=INCREMENTAL", NULL, NULL,
+                                          NULL)) != SQLITE_OK)
+        goto out;
     /* journal_mode answers with the mode it ended up in rather than an
      * error: a file system without shared memory support keeps "delete". */
     src = sqlite3_prepare_v2(st->wr, "PRAGMA journal_mode=WAL", -1, &mode, NULL);
@@ -356,6 +398,25 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     if ((src = sqlite3_exec(st->wr, "COMMIT", NULL, NULL, NULL)) != SQLITE_OK)
         goto out;
     in_txn = 0;
+
+    /* A file made before schema version 3 has no auto-vacuum: the one
+     * VACUUM that converts it rewrites the whole file (it needs as much
+     * free disk again). If it fails the broker runs on: retention still
+     * frees pages inside the file for reuse, the file just does not
+     * shrink. */
+    if ((src = s_query_int(st->wr, "PRAGMA auto_vacuum", &autovac)) != SQLITE_OK)
+        goto out;
+    if (autovac != 2) {
+        ml_log(ML_LOG_INFO, S_COMPONENT,
+               "%s: converting to incremental auto-vacuum (a one-time VACUUM of the whole file)",
+               st->path);
+        if (sqlite3_exec(st->wr, "PRAGMA auto_vacuum=INCREMENTAL; VACUUM", NULL, NULL, NULL) !=
+            SQLITE_OK)
+            ml_log(ML_LOG_WARN, S_COMPONENT,
+                   "%s: cannot convert to incremental auto-vacuum (%s): retention frees pages "
+                   "for reuse but the file will not shrink",
+                   st->path, sqlite3_errmsg(st->wr));
+    }
 
     what = "read the page size of";
     if ((src = s_query_int(st->wr, "PRAGMA page_size", &st->page_size)) != SQLITE_OK)
@@ -431,6 +492,20 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->sp_begin, "SAVEPOINT ml_req"},
         {st->wr, &st->sp_rollback, "ROLLBACK TO ml_req"},
         {st->wr, &st->sp_release, "RELEASE ml_req"},
+        /* Retention. length() of a blob reads its size from the record
+         * header, not the blob. */
+        {st->wr, &st->prune_scan,
+         "SELECT m.seq, m.kind, m.state, m.delivered_at, c.case_id IS NOT NULL, c.closed,"
+         " c.updated_at, c.kind, c.state, b.seq IS NOT NULL, length(b.envelope)"
+         " FROM messages m LEFT JOIN cases c ON c.case_id = m.case_id"
+         " LEFT JOIN bodies b ON b.seq = m.seq WHERE m.seq > ?1 ORDER BY m.seq LIMIT ?2"},
+        {st->wr, &st->prune_del_msg, "DELETE FROM messages WHERE seq = ?1 AND state = 1"},
+        {st->wr, &st->prune_del_body, "DELETE FROM bodies WHERE seq = ?1"},
+        {st->wr, &st->prune_cases,
+         "SELECT case_id FROM cases WHERE closed = 1 AND updated_at <= ?1"
+         " ORDER BY updated_at LIMIT ?2"},
+        {st->wr, &st->prune_del_events, "DELETE FROM case_events WHERE case_id = ?1"},
+        {st->wr, &st->prune_del_case, "DELETE FROM cases WHERE case_id = ?1 AND closed = 1"},
         {st->rd, &st->scan,
          "SELECT seq, id, case_id, sender, recipient, kind, priority, accepted_at,"
          " size, deadline, attempts FROM messages WHERE state = 0"
@@ -471,11 +546,14 @@ static void s_free_list(ml_store_req_t *r)
 static void s_release(ml_store_t *st)
 {
     sqlite3_stmt **stmts[] = {
-        &st->scan,       &st->fetch,       &st->begin,       &st->commit,        &st->rollback,
-        &st->insert,     &st->lookup,      &st->insert_body, &st->delivered,     &st->dead,
-        &st->page_count, &st->case_insert, &st->case_update, &st->case_bump,     &st->event_insert,
-        &st->replay,     &st->purge_body,  &st->purge_msg,   &st->sp_begin,      &st->sp_rollback,
-        &st->sp_release, &st->rd_lookup,   &st->rd_case,     &st->dead_delivered};
+        &st->scan,           &st->fetch,          &st->begin,        &st->commit,
+        &st->rollback,       &st->insert,         &st->lookup,       &st->insert_body,
+        &st->delivered,      &st->dead,           &st->page_count,   &st->case_insert,
+        &st->case_update,    &st->case_bump,      &st->event_insert, &st->replay,
+        &st->purge_body,     &st->purge_msg,      &st->sp_begin,     &st->sp_rollback,
+        &st->sp_release,     &st->rd_lookup,      &st->rd_case,      &st->prune_scan,
+        &st->prune_del_msg,  &st->prune_del_body, &st->prune_cases,  &st->prune_del_events,
+        &st->prune_del_case, &st->dead_delivered};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
         sqlite3_stmt **slot = stmts[i];
         sqlite3_finalize(*slot);
@@ -494,6 +572,9 @@ static void s_release(ml_store_t *st)
     st->rd = st->wr = NULL;
     s_free_list(st->head);
     s_free_list(st->done_head);
+    s_free_list(st->prune_wait);
+    s_free_list(st->prune_asked);
+    st->prune_wait = st->prune_asked = NULL;
     st->head = st->tail = st->done_head = st->done_tail = NULL;
     if (st->mu_ok) {
         uv_cond_destroy(&st->cv);
@@ -978,6 +1059,314 @@ static void s_ckpt_main(void *arg)
     uv_mutex_unlock(&st->mu);
 }
 
+/* ---- retention ---------------------------------------------------------- */
+
+enum { S_PRUNE_IDLE, S_PRUNE_MESSAGES, S_PRUNE_CASES, S_PRUNE_VACUUM };
+
+/* Rows a messages step looks at per deleted row it may make: most rows of
+ * a busy store are young or in open cases, and the scan is what bounds a
+ * step's time. */
+#define S_PRUNE_SCAN_FACTOR 4
+
+/* What a messages step does with one row. */
+enum { S_KEEP, S_DROP_BODY, S_DROP_ROW };
+
+typedef struct {
+    int64_t seq;
+    int action;
+    int had_body;
+    int64_t body_len;
+    int chunk;
+} s_prune_row_t;
+
+static int s_prune_due(const ml_store_t *st, int64_t mono)
+{
+    if (st->prune_phase != S_PRUNE_IDLE || st->prune_asked || st->prune_wait)
+        return 1;
+    return st->prune_interval_ms > 0 && mono >= st->prune_next;
+}
+
+/* Decides one row of the messages scan (the columns of prune_scan). */
+static int s_prune_decide(const ml_store_t *st, sqlite3_stmt *q, int64_t now)
+{
+    int kind = sqlite3_column_int(q, 1);
+    int state = sqlite3_column_int(q, 2);
+    int64_t delivered_at = sqlite3_column_int64(q, 3);
+    int has_case = sqlite3_column_int(q, 4);
+    int closed = sqlite3_column_int(q, 5);
+    int64_t case_at = sqlite3_column_int64(q, 6);
+    int case_kind = sqlite3_column_int(q, 7);
+    int case_state = sqlite3_column_int(q, 8);
+    int has_body = sqlite3_column_int(q, 9);
+    /* Queued messages wait for their recipient and dead letters for ops
+     * (dlq replay / purge): neither is retention's to drop. */
+    if (state != ML_MSG_DELIVERED)
+        return S_KEEP;
+    if (st->retention_ms >= 0 && (!has_case || closed)) {
+        int64_t final_at = has_case && case_at > delivered_at ? case_at : delivered_at;
+        if (final_at <= now - st->retention_ms)
+            return S_DROP_ROW;
+    }
+    /* A chunk is only there to reach the reading centre: once it has the
+     * whole study (or the case is over) the broker has no use for it. */
+    if (has_body && kind == MEDLINK__V1__KIND__KIND_IMAGING_CHUNK && has_case &&
+        case_kind == ML_CASE_IMAGING &&
+        (closed ||
+         ml_case_rank(ML_CASE_IMAGING, case_state) >=
+             ml_case_rank(ML_CASE_IMAGING, MEDLINK__V1__IMAGING_STATUS__IMAGING_STUDY_RECEIVED)))
+        return S_DROP_BODY;
+    return S_KEEP;
+}
+
+/* One messages step: looks at up to S_PRUNE_SCAN_FACTOR x prune_batch rows
+ * after the cursor and deletes what retention allows, in one transaction.
+ * *end is set once the scan has reached the newest row. Returns an SQLite
+ * code, SQLITE_DONE on success. Store thread. */
+static int s_prune_messages(ml_store_t *st, int64_t now, int *end)
+{
+    size_t cap = (size_t)st->prune_batch * S_PRUNE_SCAN_FACTOR, n = 0;
+    s_prune_row_t *rows = malloc(cap * sizeof *rows);
+    if (!rows)
+        return SQLITE_NOMEM;
+    int src = s_run(st->begin);
+    if (src != SQLITE_DONE)
+        goto out;
+    /* Read first, then delete: the scan must not step over rows it is
+     * deleting. */
+    sqlite3_stmt *q = st->prune_scan;
+    sqlite3_bind_int64(q, 1, st->prune_cursor);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)cap);
+    size_t drops = 0;
+    while ((src = sqlite3_step(q)) == SQLITE_ROW) {
+        s_prune_row_t *r = &rows[n++];
+        r->seq = sqlite3_column_int64(q, 0);
+        r->action = drops < (size_t)st->prune_batch ? s_prune_decide(st, q, now) : S_KEEP;
+        r->had_body = sqlite3_column_int(q, 9);
+        r->body_len = sqlite3_column_int64(q, 10);
+        r->chunk = sqlite3_column_int(q, 1) == MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
+        if (r->action != S_KEEP)
+            drops++;
+        /* Stop the scan where the batch is full so that the cursor does
+         * not pass rows that were not decided. */
+        if (drops >= (size_t)st->prune_batch)
+            break;
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (src != SQLITE_ROW && src != SQLITE_DONE)
+        goto out;
+    *end = src == SQLITE_DONE && n < cap;
+    src = SQLITE_DONE;
+    uint64_t msgs = 0, bodies = 0, chunks = 0, bytes = 0;
+    for (size_t i = 0; i < n && src == SQLITE_DONE; i++) {
+        s_prune_row_t *r = &rows[i];
+        if (r->action == S_KEEP)
+            continue;
+        sqlite3_bind_int64(st->prune_del_body, 1, r->seq);
+        if ((src = s_run(st->prune_del_body)) != SQLITE_DONE)
+            break;
+        if (sqlite3_changes(st->wr) > 0) {
+            bodies++;
+            bytes += (uint64_t)r->body_len;
+            chunks += r->action == S_DROP_BODY;
+        }
+        if (r->action == S_DROP_ROW) {
+            sqlite3_bind_int64(st->prune_del_msg, 1, r->seq);
+            if ((src = s_run(st->prune_del_msg)) != SQLITE_DONE)
+                break;
+            msgs += (uint64_t)sqlite3_changes(st->wr);
+        }
+    }
+    if (src == SQLITE_DONE && (src = s_run(st->commit)) == SQLITE_DONE) {
+        st->prune_run.messages += msgs;
+        st->prune_run.bodies += bodies;
+        st->prune_run.chunk_bodies += chunks;
+        st->prune_run.payload_bytes += bytes;
+        if (n > 0)
+            st->prune_cursor = rows[n - 1].seq;
+    }
+out:
+    if (src != SQLITE_DONE && !sqlite3_get_autocommit(st->wr))
+        s_run(st->rollback);
+    free(rows);
+    return src;
+}
+
+/* One timelines step: deletes up to prune_batch final cases (their rows
+ * and timelines) whose last change is older than timeline_ms, and never
+ * younger than retention_ms, so that a case outlives its messages.
+ * *end is set when fewer were due. Store thread. */
+static int s_prune_cases(ml_store_t *st, int64_t now, int *end)
+{
+    *end = 1;
+    if (st->timeline_ms < 0)
+        return SQLITE_DONE;
+    int64_t keep = st->timeline_ms > st->retention_ms ? st->timeline_ms : st->retention_ms;
+    if (st->retention_ms < 0)
+        return SQLITE_DONE; /* messages are kept for ever: so are their cases */
+    size_t cap = (size_t)st->prune_batch, n = 0;
+    char **ids = calloc(cap, sizeof *ids);
+    if (!ids)
+        return SQLITE_NOMEM;
+    int src = s_run(st->begin);
+    if (src != SQLITE_DONE)
+        goto out;
+    sqlite3_stmt *q = st->prune_cases;
+    sqlite3_bind_int64(q, 1, now - keep);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)cap);
+    while (n < cap && (src = sqlite3_step(q)) == SQLITE_ROW) {
+        const char *id = (const char *)sqlite3_column_text(q, 0);
+        if (!(ids[n] = strdup(id ? id : ""))) {
+            src = SQLITE_NOMEM;
+            break;
+        }
+        n++;
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (src != SQLITE_ROW && src != SQLITE_DONE)
+        goto out;
+    *end = n < cap;
+    src = SQLITE_DONE;
+    uint64_t cases = 0, events = 0;
+    for (size_t i = 0; i < n && src == SQLITE_DONE; i++) {
+        sqlite3_bind_text(st->prune_del_events, 1, ids[i], -1, SQLITE_STATIC);
+        if ((src = s_run(st->prune_del_events)) != SQLITE_DONE)
+            break;
+        events += (uint64_t)sqlite3_changes(st->wr);
+        sqlite3_bind_text(st->prune_del_case, 1, ids[i], -1, SQLITE_STATIC);
+        if ((src = s_run(st->prune_del_case)) != SQLITE_DONE)
+            break;
+        cases += (uint64_t)sqlite3_changes(st->wr);
+    }
+    if (src == SQLITE_DONE && (src = s_run(st->commit)) == SQLITE_DONE) {
+        st->prune_run.cases += cases;
+        st->prune_run.events += events;
+    }
+out:
+    if (src != SQLITE_DONE && !sqlite3_get_autocommit(st->wr))
+        s_run(st->rollback);
+    for (size_t i = 0; i < n; i++)
+        free(ids[i]);
+    free(ids);
+    return src;
+}
+
+/* One vacuum step: gives at most vacuum_pages free pages back to the file
+ * system (each incremental_vacuum is a short write transaction of its
+ * own). *end is set when no free page is left. Store thread. */
+static int s_prune_vacuum(ml_store_t *st, int *end)
+{
+    int64_t before = 0, after = 0, free_pages = 0;
+    int src = s_query_int(st->wr, "PRAGMA page_count", &before);
+    if (src != SQLITE_OK)
+        return src;
+    char sql[64];
+    snprintf(sql, sizeof sql, "PRAGMA incremental_vacuum(%d)", st->vacuum_pages);
+    /* The pragma returns one row per page it frees; s_query_int would stop
+     * after the first, so it is stepped to the end here. */
+    sqlite3_stmt *v = NULL;
+    if ((src = sqlite3_prepare_v2(st->wr, sql, -1, &v, NULL)) != SQLITE_OK)
+        return src;
+    src = s_run(v);
+    sqlite3_finalize(v);
+    if (src != SQLITE_DONE)
+        return src;
+    if ((src = s_query_int(st->wr, "PRAGMA page_count", &after)) != SQLITE_OK ||
+        (src = s_query_int(st->wr, "PRAGMA freelist_count", &free_pages)) != SQLITE_OK)
+        return src;
+    if (before > after) {
+        st->prune_run.pages_vacuumed += (uint64_t)(before - after);
+        st->prune_run.bytes_freed += (uint64_t)((before - after) * st->page_size);
+    }
+    st->prune_run.free_pages = (uint64_t)free_pages;
+    /* No progress means the file is not incremental (a conversion that
+     * failed): stop rather than come back for ever. */
+    *end = free_pages == 0 || before == after;
+    return SQLITE_DONE;
+}
+
+/* Ends a run: records it, and hands it to every ml_store_prune waiting
+ * for it (through the done list; mu held). Store thread. */
+static int s_prune_finish(ml_store_t *st, int rc, int64_t mono)
+{
+    ml_store_pruned_t *r = &st->prune_run;
+    r->took_ms = ml_now_ms() - r->started_at;
+    st->prune_phase = S_PRUNE_IDLE;
+    st->prune_cursor = 0;
+    st->prune_next = mono + st->prune_interval_ms;
+    if (r->messages || r->bodies || r->cases || r->pages_vacuumed)
+        ml_log(ML_LOG_INFO, S_COMPONENT,
+               "retention: %llu message(s), %llu body(ies) (%llu imaging chunk(s), %llu bytes),"
+               " %llu final case(s) with %llu timeline entr(ies) removed; %llu bytes returned by"
+               " vacuum in %lld ms",
+               (unsigned long long)r->messages, (unsigned long long)r->bodies,
+               (unsigned long long)r->chunk_bodies, (unsigned long long)r->payload_bytes,
+               (unsigned long long)r->cases, (unsigned long long)r->events,
+               (unsigned long long)r->bytes_freed, (long long)r->took_ms);
+    int notify = 0;
+    st->last_prune = *r;
+    while (st->prune_asked) {
+        ml_store_req_t *q = st->prune_asked;
+        st->prune_asked = q->next;
+        q->next = NULL;
+        q->rc = rc;
+        q->pruned = *r;
+        if (st->done_tail)
+            st->done_tail->next = q;
+        else
+            st->done_head = q;
+        st->done_tail = q;
+        notify = 1;
+    }
+    return notify;
+}
+
+/* Runs one bounded step of retention (one transaction, or one vacuum
+ * step) if one is due. Called with mu held, between groups; releases it
+ * while it works. Returns 1 when the loop needs waking. Store thread. */
+static int s_prune_step(ml_store_t *st)
+{
+    int64_t mono = ml_mono_ms();
+    /* Asked-for runs wait for the run in progress to end, then start a
+     * fresh one: rows the running one has already passed are looked at
+     * again, so "prune now" covers everything settled before it. */
+    while (st->prune_phase == S_PRUNE_IDLE && st->prune_wait) {
+        ml_store_req_t *q = st->prune_wait;
+        st->prune_wait = q->next;
+        q->next = st->prune_asked;
+        st->prune_asked = q;
+    }
+    if (!s_prune_due(st, mono))
+        return 0;
+    if (st->prune_phase == S_PRUNE_IDLE) {
+        memset(&st->prune_run, 0, sizeof st->prune_run);
+        st->prune_run.started_at = ml_now_ms();
+        st->prune_cursor = 0;
+        st->prune_phase = S_PRUNE_MESSAGES;
+    }
+    int phase = st->prune_phase;
+    uv_mutex_unlock(&st->mu);
+    int end = 0, src;
+    int64_t now = ml_now_ms();
+    if (phase == S_PRUNE_MESSAGES)
+        /* Even with messages kept for ever, chunk bodies still go. */
+        src = s_prune_messages(st, now, &end);
+    else if (phase == S_PRUNE_CASES)
+        src = s_prune_cases(st, now, &end);
+    else
+        src = s_prune_vacuum(st, &end);
+    int rc = 0;
+    if (src != SQLITE_DONE)
+        rc = s_write_error(st, src);
+    uv_mutex_lock(&st->mu);
+    if (rc != 0)
+        return s_prune_finish(st, rc, mono);
+    if (end && ++st->prune_phase > S_PRUNE_VACUUM)
+        return s_prune_finish(st, 0, mono);
+    return 0;
+}
+
 static void s_thread_main(void *arg)
 {
     /* A name in top/perf: the store thread is the broker's other core. */
@@ -985,8 +1374,21 @@ static void s_thread_main(void *arg)
     ml_store_t *st = arg;
     uv_mutex_lock(&st->mu);
     for (;;) {
-        while (!st->head && !st->stopping)
-            uv_cond_wait(&st->cv, &st->mu);
+        while (!st->head && !st->stopping) {
+            /* Idle: retention gets the thread, one bounded step at a
+             * time, so a put arriving meanwhile waits for one step at
+             * most. */
+            int64_t mono = ml_mono_ms();
+            if (st->prune_wait || s_prune_due(st, mono)) {
+                if (s_prune_step(st))
+                    uv_async_send(&st->async);
+                continue;
+            }
+            if (st->prune_interval_ms > 0)
+                uv_cond_timedwait(&st->cv, &st->mu, (uint64_t)(st->prune_next - mono) * 1000000u);
+            else
+                uv_cond_wait(&st->cv, &st->mu);
+        }
         if (!st->head)
             break; /* stopping, and everything queued is committed */
 
@@ -1022,7 +1424,9 @@ static void s_thread_main(void *arg)
 
         uint64_t transactions = 0;
         int marks_failed = 0;
+        int64_t group_at = ml_mono_ms();
         uint64_t failed = s_settle_batch(st, batch, &transactions, &marks_failed);
+        int64_t group_ms = ml_mono_ms() - group_at;
 
         uv_mutex_lock(&st->mu);
         st->stats.transactions += transactions;
@@ -1070,6 +1474,23 @@ static void s_thread_main(void *arg)
                 st->tail = end;
             st->head = again;
             st->stats.queue_len += n_again;
+        }
+        /* Under load the queue never empties: retention then takes one
+         * step between groups, so it neither starves nor holds up a group
+         * for longer than one step. */
+        if (!st->stopping && !again) {
+            /* Steps until they have taken as long as the group did (at
+             * least one): under a steady firehose retention then gets up
+             * to half of this thread, which is about what deleting a
+             * message costs next to storing it, so it keeps pace instead of
+             * falling ever further behind; a put waits for one more group
+             * at most. */
+            int64_t until = ml_mono_ms() + group_ms;
+            do {
+                if (!st->prune_wait && !s_prune_due(st, ml_mono_ms()))
+                    break;
+                notify |= s_prune_step(st);
+            } while (!st->head || ml_mono_ms() < until);
         }
         /* uv_async_send is safe from any thread; the handle outlives this
          * thread because ml_store_close joins it before uv_close. */
@@ -1119,7 +1540,9 @@ static void s_async_cb(uv_async_t *h)
             assert(st->inflight > 0);
             if (--st->inflight == 0)
                 uv_unref((uv_handle_t *)&st->async);
-            if (r->cb)
+            if (r->op == S_OP_PRUNE && r->prune_cb)
+                r->prune_cb(r->arg, r->rc, &r->pruned);
+            else if (r->cb)
                 r->cb(r->arg, r->rc, r->rc == 0 ? r->seq : 0, r->duplicate);
             /* The callback has held the sender's later messages: its
              * stream can take puts again, behind those queued so far. A
@@ -1157,6 +1580,12 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     st->batch_max = opts && opts->batch_max > 0 ? opts->batch_max : S_BATCH_MAX_DEFAULT;
     st->max_bytes = opts && opts->max_bytes > 0 ? opts->max_bytes : 0;
     st->keys = opts ? opts->keys : NULL;
+    st->retention_ms = opts ? opts->retention_ms : -1;
+    st->timeline_ms = opts ? opts->timeline_ms : -1;
+    st->prune_interval_ms = opts && opts->prune_interval_ms > 0 ? opts->prune_interval_ms : 0;
+    st->prune_batch = opts && opts->prune_batch > 0 ? opts->prune_batch : 1000;
+    st->vacuum_pages = opts && opts->vacuum_pages > 0 ? opts->vacuum_pages : 256;
+    st->prune_next = ml_mono_ms() + st->prune_interval_ms;
 
     if ((rc = s_open_writer(st, err, errlen)) != 0)
         goto out;
@@ -1253,6 +1682,13 @@ void ml_store_close(ml_store_t **self_p)
            st->path, (unsigned long long)st->stats.puts, (unsigned long long)st->stats.transactions,
            (unsigned long long)st->stats.duplicates, (unsigned long long)st->stats.failures);
 
+    /* Runs retention was asked for and did not finish: their callers
+     * hear ML_ECLOSED now, so that they can free what they passed. */
+    ml_store_req_t *lists[] = {st->prune_wait, st->prune_asked, st->done_head};
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++)
+        for (ml_store_req_t *r = lists[i]; r; r = r->next)
+            if (r->op == S_OP_PRUNE && r->prune_cb)
+                r->prune_cb(r->arg, ML_ECLOSED, &r->pruned);
     s_release(st);
     uv_close((uv_handle_t *)&st->async, s_async_close_cb);
 }
@@ -1521,6 +1957,33 @@ int ml_store_replay(ml_store_t *st, int64_t seq)
 int ml_store_purge(ml_store_t *st, int64_t seq)
 {
     return s_mark_req(st, S_OP_PURGE, seq, NULL);
+}
+
+int ml_store_prune(ml_store_t *st, ml_store_prune_cb cb, void *arg)
+{
+    if (!st)
+        return ML_EINVAL;
+    if (st->closed)
+        return ML_ECLOSED;
+    ml_store_req_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return ML_ENOMEM;
+    r->op = S_OP_PRUNE;
+    r->prune_cb = cb;
+    r->arg = arg;
+    uv_mutex_lock(&st->mu);
+    if (st->stopping) {
+        uv_mutex_unlock(&st->mu);
+        free(r);
+        return ML_ECLOSED;
+    }
+    r->next = st->prune_wait;
+    st->prune_wait = r;
+    uv_cond_signal(&st->cv);
+    uv_mutex_unlock(&st->mu);
+    if (st->inflight++ == 0)
+        uv_ref((uv_handle_t *)&st->async);
+    return 0;
 }
 
 int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_row_t *row),
@@ -1881,4 +2344,84 @@ int ml_store_dead_count(ml_store_t *st, int64_t *n)
         return ML_ESTORE;
     }
     return 0;
+}
+
+/* Reads "count, oldest" from a query returning them as one row. */
+static int s_count_oldest(ml_store_t *st, const char *sql, int bind, uint64_t *n, int64_t *oldest)
+{
+    sqlite3_stmt *s = NULL;
+    if (s_prepare_rd(st, sql, &s) != 0)
+        return ML_ESTORE;
+    if (bind >= 0)
+        sqlite3_bind_int(s, 1, bind);
+    int src = sqlite3_step(s), rc = 0;
+    if (src == SQLITE_ROW) {
+        *n = (uint64_t)sqlite3_column_int64(s, 0);
+        *oldest = sqlite3_column_int64(s, 1);
+    } else {
+        ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: counting rows: %s", st->path,
+               sqlite3_errmsg(st->rd));
+        rc = ML_ESTORE;
+    }
+    sqlite3_finalize(s);
+    return rc;
+}
+
+static uint64_t s_file_size(const char *path, const char *suffix)
+{
+    char p[4096];
+    struct stat sb;
+    snprintf(p, sizeof p, "%s%s", path, suffix);
+    return stat(p, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+}
+
+int ml_store_info(ml_store_t *st, ml_store_info_t *out)
+{
+    if (!st || !out)
+        return ML_EINVAL;
+    memset(out, 0, sizeof *out);
+    out->file_bytes = s_file_size(st->path, "");
+    out->wal_bytes = s_file_size(st->path, "-wal");
+    int64_t v = 0;
+    if (s_query_int(st->rd, "PRAGMA page_size", &v) != SQLITE_OK)
+        goto fail;
+    out->page_size = (uint64_t)v;
+    if (s_query_int(st->rd, "PRAGMA page_count", &v) != SQLITE_OK)
+        goto fail;
+    out->page_count = (uint64_t)v;
+    if (s_query_int(st->rd, "PRAGMA freelist_count", &v) != SQLITE_OK)
+        goto fail;
+    out->free_pages = (uint64_t)v;
+    if (s_query_int(st->rd, "PRAGMA auto_vacuum", &v) != SQLITE_OK)
+        goto fail;
+    out->auto_vacuum = (int)v;
+    /* Every count below reads one partial index or table once; the
+     * messages ones use the state indexes where they exist. */
+    for (int state = 0; state < 3; state++)
+        if (s_count_oldest(st,
+                           "SELECT count(*), coalesce(min(accepted_at), 0) FROM messages"
+                           " WHERE state = ?1",
+                           state, &out->msg_rows[state], &out->msg_oldest[state]) != 0)
+            return ML_ESTORE;
+    if (s_count_oldest(st,
+                       "SELECT (SELECT count(*) FROM bodies), coalesce((SELECT m.accepted_at"
+                       " FROM bodies b JOIN messages m ON m.seq = b.seq ORDER BY b.seq LIMIT 1),"
+                       " 0)",
+                       -1, &out->body_rows, &out->body_oldest) != 0 ||
+        s_count_oldest(st,
+                       "SELECT count(*), coalesce(min(opened_at), 0) FROM cases WHERE closed = 0",
+                       -1, &out->open_cases, &out->open_oldest) != 0 ||
+        s_count_oldest(st,
+                       "SELECT count(*), coalesce(min(updated_at), 0) FROM cases WHERE closed = 1",
+                       -1, &out->final_cases, &out->final_oldest) != 0 ||
+        s_count_oldest(st, "SELECT count(*), coalesce(min(at), 0) FROM case_events", -1,
+                       &out->event_rows, &out->event_oldest) != 0)
+        return ML_ESTORE;
+    uv_mutex_lock(&st->mu);
+    out->last = st->last_prune;
+    uv_mutex_unlock(&st->mu);
+    return 0;
+fail:
+    ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: reading its size: %s", st->path, sqlite3_errmsg(st->rd));
+    return ML_ESTORE;
 }

@@ -147,7 +147,74 @@ typedef struct {
      * older key of the ring still open, and plaintext rows written before a
      * key was configured are still read. */
     const ml_keyring_t *keys;
+    /* Retention (docs/operations.md, "Retention"). A delivered message
+     * (its row and its body) goes once its case is final, or it has no
+     * case, and retention_ms has passed since the later of its delivery
+     * and its case's last change; < 0 keeps them for ever. A delivered
+     * imaging chunk's body goes as soon as its case has reached
+     * STUDY_RECEIVED (its row stays with the message). A final case's row
+     * and timeline go timeline_ms after its last change, never before
+     * retention_ms (< 0: kept for ever). Pruning runs every
+     * prune_interval_ms (0 = only when asked, ml_store_prune) in
+     * transactions of at most prune_batch rows (default 1000), each
+     * followed by at most vacuum_pages pages of incremental vacuum
+     * (default 256), between the store thread's groups. */
+    int64_t retention_ms;
+    int64_t timeline_ms;
+    int64_t prune_interval_ms;
+    int prune_batch;
+    int vacuum_pages;
 } ml_store_opts_t;
+
+/* What one pruning run removed. */
+typedef struct {
+    uint64_t messages;       /* message rows deleted (with their bodies) */
+    uint64_t bodies;         /* bodies deleted, chunk bodies included */
+    uint64_t chunk_bodies;   /* imaging chunk bodies dropped at STUDY_RECEIVED */
+    uint64_t payload_bytes;  /* bytes of the bodies deleted (as stored) */
+    uint64_t cases;          /* final cases deleted with their timelines */
+    uint64_t events;         /* timeline entries deleted */
+    uint64_t pages_vacuumed; /* pages returned to the file system */
+    uint64_t bytes_freed;    /* pages_vacuumed x page size: what the file shrank by */
+    uint64_t free_pages;     /* free pages left inside the file afterwards */
+    int64_t started_at;      /* Unix ms */
+    int64_t took_ms;
+} ml_store_pruned_t;
+
+/* What the database holds, for medlinkctl store stats. */
+typedef struct {
+    uint64_t file_bytes; /* broker.db */
+    uint64_t wal_bytes;  /* broker.db-wal */
+    uint64_t page_size, page_count, free_pages;
+    int auto_vacuum; /* 0 none, 1 full, 2 incremental */
+    /* Rows and the oldest row's time (Unix ms, 0 when none) per table and
+     * state: messages by state (accepted_at), bodies (their message's
+     * accepted_at), cases open / final (opened_at / updated_at), case_events
+     * (at). */
+    uint64_t msg_rows[3];
+    int64_t msg_oldest[3];
+    uint64_t body_rows;
+    int64_t body_oldest;
+    uint64_t open_cases, final_cases;
+    int64_t open_oldest, final_oldest;
+    uint64_t event_rows;
+    int64_t event_oldest;
+    ml_store_pruned_t last; /* the last pruning run (started_at 0: none yet) */
+} ml_store_info_t;
+
+/* The bytes the store holds for one message of envelope_len bytes: its
+ * body plus ML_STORE_ROW_OVERHEAD, the measured cost of the rest: the
+ * metadata row, its two index entries, B-tree page slack, and the case row
+ * and timeline entry a message usually brings. Measured once by inserting
+ * 20,000 125-byte messages into this schema (page_count growth / rows):
+ * ~205 bytes a message alone, ~510 with a case row and one timeline entry
+ * (docs/operations.md). node_queue_bytes counts this, not the envelope
+ * alone. */
+#define ML_STORE_ROW_OVERHEAD 512u
+static inline uint64_t ml_store_cost(size_t envelope_len)
+{
+    return (uint64_t)envelope_len + ML_STORE_ROW_OVERHEAD;
+}
 
 /* Called on the loop thread once the put is settled: rc 0 with the row's
  * seq (duplicate = 1 when a message with this id was already stored; seq is
@@ -192,6 +259,22 @@ int ml_store_purge(ml_store_t *st, int64_t seq);
  * ML_ESTORE as for puts; seq and duplicate are 0. */
 int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_ops,
                         ml_store_put_cb cb, void *arg);
+
+/* Called on the loop thread when a pruning run asked for with
+ * ml_store_prune has finished: rc 0 with what it removed, or ML_ESTORE /
+ * ML_EFULL (then r counts what went before the failure). */
+typedef void (*ml_store_prune_cb)(void *arg, int rc, const ml_store_pruned_t *r);
+/* Runs retention now: a whole pruning run (every table, then incremental
+ * vacuum until no free page is left), in the same bounded steps as the
+ * periodic one, between groups; a periodic run in progress is finished
+ * first (not counted) and then a fresh run made, so everything settled
+ * before the call is covered. cb runs once it is done, or from ml_store_close
+ * with ML_ECLOSED when the store closes first. Loop thread. Returns 0,
+ * ML_ENOMEM or ML_ECLOSED. */
+int ml_store_prune(ml_store_t *st, ml_store_prune_cb cb, void *arg);
+/* Fills out from committed data (the reader connection). O(rows): it
+ * counts every table. Loop thread. Returns 0 or ML_ESTORE. */
+int ml_store_info(ml_store_t *st, ml_store_info_t *out);
 
 /* ---- synchronous reads on the loop thread (committed data only) ---- */
 

@@ -46,6 +46,11 @@ static const ml_ini_key_t s_schema[] = {
     {S_SECTION, "store_old_keys"},
     {S_SECTION, "resend_window_s"},
     {S_SECTION, "incoming_expire_s"},
+    {S_SECTION, "retention_days"},
+    {S_SECTION, "retention_seconds"},
+    {S_SECTION, "sent_retention_days"},
+    {S_SECTION, "sent_retention_seconds"},
+    {S_SECTION, "retention_interval_s"},
     {NULL, NULL},
 };
 /* clang-format on */
@@ -202,6 +207,26 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
     if (rc < 0)
         goto out;
     cfg->incoming_expire_s = (uint32_t)v;
+    /* Retention: the days, unless a *_seconds key (tests) is set. */
+    long days, secs;
+    if ((rc = ml_ini_get_long(ini, S_SECTION, "retention_days", 30, -1, 36500, &days, err,
+                              errlen)) < 0 ||
+        (rc = ml_ini_get_long(ini, S_SECTION, "retention_seconds", -1, -1, 36500L * 86400, &secs,
+                              err, errlen)) < 0)
+        goto out;
+    cfg->retention_ms = secs >= 0   ? (int64_t)secs * 1000
+                        : days >= 0 ? (int64_t)days * 86400000
+                                    : -1;
+    if ((rc = ml_ini_get_long(ini, S_SECTION, "sent_retention_days", 0, 0, 36500, &days, err,
+                              errlen)) < 0 ||
+        (rc = ml_ini_get_long(ini, S_SECTION, "sent_retention_seconds", -1, -1, 36500L * 86400,
+                              &secs, err, errlen)) < 0)
+        goto out;
+    cfg->sent_retention_ms = secs >= 0 ? (int64_t)secs * 1000 : (int64_t)days * 86400000;
+    if ((rc = ml_ini_get_long(ini, S_SECTION, "retention_interval_s", 60, 1, 86400, &v, err,
+                              errlen)) < 0)
+        goto out;
+    cfg->retention_interval_ms = (int64_t)v * 1000;
     if ((rc = s_get_str(ini, path, "store_key", 0, 1, NULL, &cfg->store_key, err, errlen)) < 0)
         goto out;
     const char *old = ml_ini_get(ini, S_SECTION, "store_old_keys", NULL);

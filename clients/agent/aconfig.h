@@ -40,6 +40,15 @@ typedef struct {
      * arrived (default 259200, 72 h) is deleted and refused. */
     uint32_t resend_window_s;
     uint32_t incoming_expire_s;
+    /* Retention (docs/operations.md): settled outbox rows and spooled
+     * inbox rows go retention_ms after they settled (retention_days,
+     * default 30; -1 keeps them); files in sent/ go sent_retention_ms after
+     * they arrived there (sent_retention_days, default 0 = kept). The
+     * *_seconds keys override the days, for tests. Checked every
+     * retention_interval_ms (retention_interval_s, default 60). */
+    int64_t retention_ms;
+    int64_t sent_retention_ms;
+    int64_t retention_interval_ms;
 } ml_aconfig_t;
 
 /* Loads the [agent] section of path into cfg (zeroed first). Required keys:

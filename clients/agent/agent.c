@@ -95,6 +95,9 @@ struct ml_agent {
 
     uv_timer_t scan_timer;
     uv_timer_t pump_timer;
+    uv_timer_t retention_timer;
+    int64_t retention_ms;      /* settled rows (-1: kept) */
+    int64_t sent_retention_ms; /* sent/ files (0: kept) */
     uv_check_t check;
     uv_fs_event_t fs_event;
     int handles_open;
@@ -706,6 +709,29 @@ static void s_scan_timer_cb(uv_timer_t *t)
         s_pump(a);
 }
 
+/* Retention: settled outbox rows, spooled inbox rows and old sent/ files,
+ * in bounded batches (one transaction each) so that one tick never stalls
+ * the loop; a tick that filled its batch comes back at once. */
+#define S_PRUNE_BATCH 1000
+static void s_retention_timer_cb(uv_timer_t *t)
+{
+    ml_agent_t *a = t->data;
+    int64_t now = ml_now_ms(), o = 0, i = 0;
+    size_t files = 0;
+    if (a->retention_ms >= 0 &&
+        ml_astore_prune(a->store, now - a->retention_ms, S_PRUNE_BATCH, &o, &i) != 0)
+        ml_log(ML_LOG_WARN, S_LOG, "retention: cannot prune agent.db: %s",
+               ml_astore_errmsg(a->store));
+    if (a->sent_retention_ms > 0)
+        ml_spool_prune_sent(a->spool, now - a->sent_retention_ms, S_PRUNE_BATCH, &files);
+    if (o || i || files)
+        ml_log(ML_LOG_INFO, S_LOG,
+               "retention: %lld outbox row(s), %lld inbox row(s) and %zu sent/ file(s) removed",
+               (long long)o, (long long)i, files);
+    if (o == S_PRUNE_BATCH || i == S_PRUNE_BATCH || files == S_PRUNE_BATCH)
+        uv_timer_start(&a->retention_timer, s_retention_timer_cb, 0, uv_timer_get_repeat(t));
+}
+
 static void s_fs_event_cb(uv_fs_event_t *h, const char *name, int events, int status)
 {
     ml_agent_t *a = h->data;
@@ -750,6 +776,7 @@ void ml_agent_stop(ml_agent_t *a)
     ml_aimg_stop(a->img);
     uv_timer_stop(&a->scan_timer);
     uv_timer_stop(&a->pump_timer);
+    uv_timer_stop(&a->retention_timer);
     if (a->fs_event_on)
         uv_fs_event_stop(&a->fs_event);
     /* Commit what this iteration collected; deliveries are acked while the
@@ -761,6 +788,7 @@ void ml_agent_stop(ml_agent_t *a)
     if (a->handles_open > 0) {
         s_close(a, (uv_handle_t *)&a->scan_timer);
         s_close(a, (uv_handle_t *)&a->pump_timer);
+        s_close(a, (uv_handle_t *)&a->retention_timer);
         s_close(a, (uv_handle_t *)&a->check);
         if (a->fs_event_on)
             s_close(a, (uv_handle_t *)&a->fs_event);
@@ -915,8 +943,11 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     uv_timer_init(loop, &a->scan_timer);
     uv_timer_init(loop, &a->pump_timer);
     uv_check_init(loop, &a->check);
-    a->scan_timer.data = a->pump_timer.data = a->check.data = a;
-    a->handles_open = 3;
+    uv_timer_init(loop, &a->retention_timer);
+    a->scan_timer.data = a->pump_timer.data = a->check.data = a->retention_timer.data = a;
+    a->handles_open = 4;
+    a->retention_ms = cfg->retention_ms;
+    a->sent_retention_ms = cfg->sent_retention_ms;
     if (uv_fs_event_init(loop, &a->fs_event) == 0) {
         a->fs_event.data = a;
         a->handles_open++;
@@ -928,6 +959,8 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
     }
     uv_check_start(&a->check, s_check_cb);
     uv_timer_start(&a->scan_timer, s_scan_timer_cb, 0, a->scan_ms);
+    uv_timer_start(&a->retention_timer, s_retention_timer_cb, (uint64_t)cfg->retention_interval_ms,
+                   (uint64_t)cfg->retention_interval_ms);
     /* Consults the recovery found in pending/ are staged from now on. */
     ml_aimg_start(a->img);
 

@@ -363,9 +363,12 @@ int ml_astore_open_sealed(const char *path, const ml_keyring_t *keys, ml_astore_
     }
     /* WAL keeps readers off the writer's back; synchronous=FULL makes every
      * commit durable before we Ack or move a file, which is the whole point
-     * of the store. busy_timeout covers an operator's sqlite3 shell. */
+     * of the store. busy_timeout covers an operator's sqlite3 shell.
+     * auto_vacuum only takes on a new file (before its first table): it
+     * lets retention give pages back (ml_astore_prune). */
     if (sqlite3_exec(st->db,
-                     "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                     "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL;"
+                     " PRAGMA synchronous=FULL;"
                      "PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
                      NULL, NULL, &msg) != SQLITE_OK ||
         sqlite3_exec(st->db, s_schema, NULL, NULL, &msg) != SQLITE_OK ||
@@ -1091,4 +1094,60 @@ int ml_astore_inbox_get(ml_astore_t *st, const char *id, ml_inbox_row_cb cb, voi
 int ml_astore_inbox_count(ml_astore_t *st, int64_t *n)
 {
     return s_count(st, st->stmt[S_IN_COUNT], n);
+}
+
+/* Runs sql with ?1 = before_ms, ?2 = limit; *n = rows changed. */
+static int s_prune_one(ml_astore_t *st, const char *sql, int64_t before_ms, int64_t limit,
+                       int64_t *n)
+{
+    sqlite3_stmt *s = NULL;
+    int src = sqlite3_prepare_v2(st->db, sql, -1, &s, NULL);
+    if (src == SQLITE_OK) {
+        sqlite3_bind_int64(s, 1, before_ms);
+        sqlite3_bind_int64(s, 2, limit);
+        src = sqlite3_step(s);
+    }
+    sqlite3_finalize(s);
+    if (src != SQLITE_DONE)
+        return ML_ESTORE;
+    *n = sqlite3_changes(st->db);
+    return 0;
+}
+
+int ml_astore_prune(ml_astore_t *st, int64_t before_ms, int64_t limit, int64_t *outbox_n,
+                    int64_t *inbox_n)
+{
+    int64_t o = 0, i = 0;
+    if (!st || st->in_tx)
+        return ML_ESTORE;
+    int rc = ml_astore_begin(st);
+    if (rc != 0)
+        return rc;
+    /* Settled rows only (state 1 accepted, 2 rejected): a pending row is
+     * work still to do, and its file is in pending/. */
+    rc = s_prune_one(st,
+                     "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE state <> 0"
+                     " AND held = 0 AND updated_at <= ?1 ORDER BY seq LIMIT ?2)",
+                     before_ms, limit, &o);
+    if (rc == 0)
+        rc = s_prune_one(st,
+                         "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE spooled = 1"
+                         " AND received_at <= ?1 LIMIT ?2)",
+                         before_ms, limit, &i);
+    if (rc != 0) {
+        ml_astore_rollback(st);
+        return rc;
+    }
+    if ((rc = ml_astore_commit(st)) != 0)
+        return rc;
+    /* A file made with incremental auto-vacuum gives pages back here; on
+     * an older file the pragma does nothing and the free pages are reused
+     * by later rows. */
+    if (o || i)
+        sqlite3_exec(st->db, "PRAGMA incremental_vacuum(256)", NULL, NULL, NULL);
+    if (outbox_n)
+        *outbox_n = o;
+    if (inbox_n)
+        *inbox_n = i;
+    return 0;
 }

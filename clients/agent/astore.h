@@ -240,4 +240,14 @@ int ml_astore_inbox_get(ml_astore_t *st, const char *id, ml_inbox_row_cb cb, voi
 /* Number of inbox rows. */
 int ml_astore_inbox_count(ml_astore_t *st, int64_t *n);
 
+/* Retention: deletes at most limit settled outbox rows (accepted or
+ * rejected, updated_at <= before_ms) and at most limit inbox rows already
+ * written to inbox/ (received_at <= before_ms), in one transaction, then
+ * runs one bounded incremental vacuum step when the file allows it.
+ * Pending rows and unspooled inbox rows are never touched. Counts go to
+ * *outbox_n / *inbox_n (may be NULL). Not inside another transaction.
+ * O(limit log n). Returns 0 or ML_ESTORE. */
+int ml_astore_prune(ml_astore_t *st, int64_t before_ms, int64_t limit, int64_t *outbox_n,
+                    int64_t *inbox_n);
+
 #endif

@@ -1507,3 +1507,80 @@ void ml_spool_staged_retry(ml_spool_t *sp, const char *name)
     s_staging_del(sp, name);
     sp->need_reconcile = 1;
 }
+
+/* ---- retention of sent/ --------------------------------------------------- */
+
+/* Removes name under dirfd: a file or link with unlinkat, a folder with
+ * what it holds (depth-limited: the agent's own folders are flat), all
+ * relative to descriptors and without following a link. */
+static int s_remove_at(int at, const char *name, int depth)
+{
+    struct stat sb;
+    if (fstatat(at, name, &sb, AT_SYMLINK_NOFOLLOW) != 0)
+        return errno == ENOENT ? 0 : ML_EIO;
+    if (!S_ISDIR(sb.st_mode))
+        return unlinkat(at, name, 0) == 0 || errno == ENOENT ? 0 : ML_EIO;
+    if (depth > 8)
+        return ML_EIO;
+    int fd = openat(at, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return ML_EIO;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return ML_EIO;
+    }
+    int rc = 0;
+    struct dirent *de;
+    while (rc == 0 && (de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        rc = s_remove_at(dirfd(d), de->d_name, depth + 1);
+    }
+    closedir(d);
+    if (rc == 0 && unlinkat(at, name, AT_REMOVEDIR) != 0 && errno != ENOENT)
+        rc = ML_EIO;
+    return rc;
+}
+
+int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *removed)
+{
+    size_t n = 0;
+    if (removed)
+        *removed = 0;
+    char path[4096];
+    if (s_path(sp, S_SENT, NULL, path, sizeof path) != 0)
+        return ML_EIO;
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        ml_log(ML_LOG_WARN, S_LOG, "retention: cannot open sent/: %s", strerror(errno));
+        return ML_EIO;
+    }
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return ML_EIO;
+    }
+    struct dirent *de;
+    while (n < max && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' && (de->d_name[1] == '\0' || strcmp(de->d_name, "..") == 0))
+            continue;
+        struct stat sb;
+        if (fstatat(fd, de->d_name, &sb, AT_SYMLINK_NOFOLLOW) != 0)
+            continue;
+        /* The change time: a rename into sent/ sets it, whatever the
+         * file's own mtime (a consult folder keeps the clinic's). */
+        int64_t at = (int64_t)sb.st_ctim.tv_sec * 1000 + sb.st_ctim.tv_nsec / 1000000;
+        if (at > before_ms)
+            continue;
+        if (s_remove_at(fd, de->d_name, 0) == 0)
+            n++;
+        else
+            ml_log(ML_LOG_WARN, S_LOG, "retention: cannot remove sent/%s: %s", de->d_name,
+                   strerror(errno));
+    }
+    closedir(d);
+    if (removed)
+        *removed = n;
+    return 0;
+}

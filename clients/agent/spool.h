@@ -187,4 +187,12 @@ int ml_spool_set_str(char **field, const char *value);
  * unsafe characters replaced). Returns 0 or ML_EINVAL if it does not fit. */
 int ml_spool_inbox_path(const ml_spool_t *sp, const char *id, char *out, size_t len);
 
+/* Retention of sent/: removes at most max entries (a NAME.json, or an
+ * imaging consult's NAME.d folder with what is in it) that came into sent/
+ * (their inode change time) at or before before_ms, Unix ms. Works
+ * relative to an open sent/ descriptor and never follows a symlink (one is
+ * removed as the link it is). *removed gets the count (may be NULL).
+ * O(entries of sent/). Returns 0 or ML_EIO (the folder cannot be read). */
+int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *removed);
+
 #endif

@@ -809,6 +809,12 @@ int ctl_build_admin(const ctl_opts_t *o, Medlink__V1__AdminRequest *req)
             req->message_id = (char *)o->arg;
         req->all = o->all;
         break;
+    case CTL_CMD_STORE_STATS:
+        req->op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_STATS;
+        break;
+    case CTL_CMD_STORE_PRUNE:
+        req->op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_PRUNE;
+        break;
     default:
         return ctl_fail(CTL_EXIT_USAGE, "%s is not an admin request", o->cmd_name);
     }

@@ -166,6 +166,10 @@ static const struct {
     {CTL_CMD_DLQ_REPLAY, "dlq replay", "MESSAGE_ID | --all", "deliver dead letters again"},
     {CTL_CMD_DLQ_PURGE, "dlq purge", "MESSAGE_ID | --all",
      "delete dead letters (asks nothing: for scripts)"},
+    {CTL_CMD_STORE_STATS, "store stats", "",
+     "broker.db: file size, pages, free pages, rows by table and state, oldest rows"},
+    {CTL_CMD_STORE_PRUNE, "store prune", "",
+     "run retention now; prints what was removed and the bytes freed"},
     {CTL_CMD_SEND_REFERRAL, "send referral",
      "--to HOSPITAL (--file F.json | --patient-name N --health-card ID --reason R ...)",
      "an upward referral (opens a case)"},
@@ -310,6 +314,14 @@ static int s_command(ctl_opts_t *o, char **w, int n)
                                               : CTL_CMD_NONE;
         if (o->cmd == CTL_CMD_NONE)
             return ctl_fail(CTL_EXIT_USAGE, "expected: dlq list|show|replay|purge");
+        used = 2;
+    } else if (strcmp(w[0], "store") == 0) {
+        const char *sub = n > 1 ? w[1] : "";
+        o->cmd = strcmp(sub, "stats") == 0   ? CTL_CMD_STORE_STATS
+                 : strcmp(sub, "prune") == 0 ? CTL_CMD_STORE_PRUNE
+                                             : CTL_CMD_NONE;
+        if (o->cmd == CTL_CMD_NONE)
+            return ctl_fail(CTL_EXIT_USAGE, "expected: store stats|prune");
         used = 2;
     } else if (strcmp(w[0], "send") == 0) {
         o->cmd = CTL_CMD_SEND;

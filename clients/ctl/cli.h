@@ -29,6 +29,8 @@ typedef enum {
     CTL_CMD_SEND_DOWN_TRANSFER,
     CTL_CMD_SEND_UPDATE, /* also "send-update" */
     CTL_CMD_SEND_REPORT,
+    CTL_CMD_STORE_STATS, /* broker.db: sizes, rows by table and state */
+    CTL_CMD_STORE_PRUNE, /* run retention now */
     CTL_CMD_COUNT
 } ctl_cmd_t;
 

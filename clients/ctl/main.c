@@ -2,7 +2,7 @@
  * opens one mutually authenticated channel to the broker, makes one
  * exchange and exits:
  *
- *   status, case show, cases, dlq list|show|replay|purge
+ *   status, case show, cases, dlq list|show|replay|purge, store stats|prune
  *       one ADMIN_REQUEST -> one ADMIN_REPLY (OPS nodes only)
  *   send referral|down-transfer|update|report (send, send-update: aliases)
  *       one message -> Accepted | Nack

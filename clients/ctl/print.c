@@ -449,6 +449,85 @@ static int s_affected(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     return rc;
 }
 
+/* ---- store ---- */
+
+static void s_prune_lines(const Medlink__V1__StorePrune *p)
+{
+    char sz[32], fr[32];
+    printf("removed      %llu message%s, %llu bod%s (%llu imaging chunk%s, %s),\n"
+           "             %llu final case%s with %llu timeline entr%s\n",
+           (unsigned long long)p->messages, p->messages == 1 ? "" : "s",
+           (unsigned long long)p->bodies, p->bodies == 1 ? "y" : "ies",
+           (unsigned long long)p->chunk_bodies, p->chunk_bodies == 1 ? "" : "s",
+           s_size(p->payload_bytes, sz, sizeof sz), (unsigned long long)p->cases,
+           p->cases == 1 ? "" : "s", (unsigned long long)p->events, p->events == 1 ? "y" : "ies");
+    printf("freed        %s (%llu page%s vacuumed), %llu free page%s left, in %lld ms\n",
+           s_size(p->bytes_freed, fr, sizeof fr), (unsigned long long)p->pages_vacuumed,
+           p->pages_vacuumed == 1 ? "" : "s", (unsigned long long)p->free_pages,
+           p->free_pages == 1 ? "" : "s", (long long)p->took_ms);
+}
+
+static const char *s_retention(int64_t ms, char *buf, size_t len)
+{
+    if (ms < 0)
+        return "kept for ever";
+    if (ms % 86400000 == 0)
+        snprintf(buf, len, "%lld day%s", (long long)(ms / 86400000), ms == 86400000 ? "" : "s");
+    else
+        snprintf(buf, len, "%lld s", (long long)(ms / 1000));
+    return buf;
+}
+
+static int s_store_stats(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
+{
+    const Medlink__V1__StoreStats *st = rep->store_stats;
+    if (!st)
+        return ctl_fail(CTL_EXIT_FAIL, "the broker's answer has no store stats");
+    if (o->json)
+        return s_print_json(s_json_of(&st->base));
+    int64_t now = ml_now_ms();
+    char a[32], b[32], c[32], d[80];
+    printf("broker.db    %s (%llu pages of %llu bytes, %llu free: %s), WAL %s\n",
+           s_size(st->file_bytes, a, sizeof a), (unsigned long long)st->page_count,
+           (unsigned long long)st->page_size, (unsigned long long)st->free_pages,
+           s_size(st->free_pages * st->page_size, b, sizeof b), s_size(st->wal_bytes, c, sizeof c));
+    printf("auto_vacuum  %s\n", s_or(st->auto_vacuum, "?"));
+    printf("retention    delivered messages %s after their case is final; timelines %s\n",
+           s_retention(st->retention_ms, a, sizeof a),
+           s_retention(st->timeline_retention_ms, b, sizeof b));
+    printf("\n");
+    s_table_t t = {.cols = 4};
+    s_table_row(&t, "TABLE", "STATE", "ROWS", "OLDEST");
+    for (size_t i = 0; i < st->n_table; i++) {
+        const Medlink__V1__StoreTable *r = st->table[i];
+        char rows[32];
+        snprintf(rows, sizeof rows, "%llu", (unsigned long long)r->rows);
+        s_table_row(&t, s_or(r->table, "?"), s_or(r->state, "-"), rows,
+                    r->oldest_at ? s_when(r->oldest_at, now, d, sizeof d) : "-");
+    }
+    s_table_print(&t, "");
+    const Medlink__V1__StorePrune *p = st->last_prune;
+    printf("\n");
+    if (!p || p->started_at == 0) {
+        printf("last prune   none since the broker started\n");
+        return CTL_EXIT_OK;
+    }
+    printf("last prune   %s\n", s_when(p->started_at, now, d, sizeof d));
+    s_prune_lines(p);
+    return CTL_EXIT_OK;
+}
+
+static int s_store_prune(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
+{
+    const Medlink__V1__StorePrune *p = rep->store_prune;
+    if (!p)
+        return ctl_fail(CTL_EXIT_FAIL, "the broker's answer has no prune result");
+    if (o->json)
+        return s_print_json(s_json_of(&p->base));
+    s_prune_lines(p);
+    return CTL_EXIT_OK;
+}
+
 int ctl_print_admin(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
     if (!rep)
@@ -469,6 +548,10 @@ int ctl_print_admin(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     case CTL_CMD_DLQ_REPLAY:
     case CTL_CMD_DLQ_PURGE:
         return s_affected(o, rep);
+    case CTL_CMD_STORE_STATS:
+        return s_store_stats(o, rep);
+    case CTL_CMD_STORE_PRUNE:
+        return s_store_prune(o, rep);
     default:
         return ctl_fail(CTL_EXIT_FAIL, "%s has no admin reply", o->cmd_name);
     }

@@ -39,6 +39,7 @@ typedef struct {
     size_t window_bytes; /* bytes in flight per sender (send_window_bytes) */
     int split;           /* clinics send one class each (mixed workload) */
     int no_notices;      /* the broker is configured with notify_delivered = no */
+    int close_cases;     /* with updates: the hospital answers REJECTED (final), not ACCEPTED */
     int timeout_s;       /* give up after this long */
 } bench_load_opts_t;
 

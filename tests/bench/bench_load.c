@@ -411,7 +411,10 @@ static int s_build_update(s_load_t *L, s_node_t *n, const s_owed_t *w, s_out_t *
     char id[ML_ULID_LEN + 1], note[32];
     snprintf(note, sizeof note, "bench %ld", w->idx);
     Medlink__V1__ReferralUpdate u = MEDLINK__V1__REFERRAL_UPDATE__INIT;
-    u.status = MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED;
+    /* REJECTED is final from DELIVERED: the case closes (retention). */
+    u.status = L->o.close_cases ? MEDLINK__V1__REFERRAL_STATUS__REFERRAL_REJECTED
+                                : MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED;
+    u.reason = L->o.close_cases ? "bench: case closed" : "";
     u.notes = note;
     ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
     s_env_init(&e, n, id, w->case_id, w->to);
@@ -834,7 +837,9 @@ static void s_clinic_env(s_node_t *n, ml_envelope_t *env)
             return;
         }
         long idx = s_bench_index(u->notes, L->o.referrals);
-        if (u->status != MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED || idx < 0) {
+        int want = L->o.close_cases ? MEDLINK__V1__REFERRAL_STATUS__REFERRAL_REJECTED
+                                    : MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED;
+        if ((int)u->status != want || idx < 0) {
             L->others++;
             return;
         }

@@ -12,6 +12,7 @@
  *
  *   medlink-bench e2e     --broker EP --pki DIR --clinics N --count M
  *                         --size BYTES [--window W] [--offline] [--no-notices]
+ *                         [--close]
  *       N clinics (township.benchNN.clinic, each its own mutual-TLS channel)
  *       send M referrals in all, padded to BYTES, to county.bench.hospital,
  *       which acknowledges each delivery (an agent with an instant disk).
@@ -20,7 +21,9 @@
  *       clinic send -> hospital receive. With --offline the hospital never
  *       connects and the run ends once all M are Accepted (backlog memory).
  *       --no-notices: the broker runs with notify_delivered = no, so the
- *       run does not wait for notices.
+ *       run does not wait for notices. --close: the hospital answers each
+ *       referral with REJECTED, which closes its case (tests/bench/
+ *       retention.sh), and the run waits for those updates too.
  *
  *   medlink-bench imaging --broker EP --pki DIR --clinics N --readers R
  *                         --studies S [--objects K] [--object-size B]
@@ -85,6 +88,11 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--no-notices")) {
             o.no_notices = 1;
+            continue;
+        }
+        if (!strcmp(a, "--close")) {
+            o.updates = 1;
+            o.close_cases = 1;
             continue;
         }
         if (!v) {

@@ -251,6 +251,7 @@ static int s_agent_index(h_world_t *w, const char *node)
 
 /* Extra agent config lines for the next h_agent_start_at (h_agent_start_ini). */
 static const char *s_agent_extra;
+const char *h_agent_extra_ini;
 
 int h_agent_start(h_world_t *w, const char *node)
 {
@@ -284,6 +285,10 @@ int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
     if (s_agent_extra) {
         size_t n = strlen(buf);
         snprintf(buf + n, sizeof buf - n, "%s", s_agent_extra);
+    }
+    if (h_agent_extra_ini) {
+        size_t used = strlen(buf);
+        snprintf(buf + used, sizeof buf - used, "%s\n", h_agent_extra_ini);
     }
     s_write(cfg, buf);
     int i = s_agent_index(w, node);

@@ -47,6 +47,9 @@ void h_broker_start(h_world_t *w);
 void h_broker_stop(h_world_t *w);
 void h_broker_kill(h_world_t *w);
 
+/* Lines appended to the [agent] section of every agent config written
+ * after it is set (NULL: none); a test sets it and clears it. */
+extern const char *h_agent_extra_ini;
 /* Writes an agent config for node and starts it; returns its index. */
 int h_agent_start(h_world_t *w, const char *node);
 /* The same, with extra lines (e.g. "incoming_expire_s = 3\n") appended to
