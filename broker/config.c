@@ -150,6 +150,8 @@ static const char *const s_broker_keys[] = {"id",
                                             "node_queue_bytes",
                                             "timer_ms",
                                             "notify_delivered",
+                                            "max_preauth_sessions",
+                                            "session_output_bytes",
                                             NULL};
 
 static const char *const s_node_keys[] = {"role", "community", "name", "services", NULL};
@@ -319,6 +321,10 @@ static int s_load_broker(struct s_load *ld)
         {"node_rate", 5000, 1, 10000000, offsetof(ml_broker_config_t, node_rate)},
         {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
          offsetof(ml_broker_config_t, node_queue_bytes)},
+        {"max_preauth_sessions", 256, 1, 1000000,
+         offsetof(ml_broker_config_t, max_preauth_sessions)},
+        {"session_output_bytes", 4L * 1024 * 1024, 64 * 1024, 1L << 30,
+         offsetof(ml_broker_config_t, session_output_bytes)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

@@ -126,6 +126,8 @@ typedef struct {
     long node_queue_bytes;      /* bytes waiting for one recipient before senders are refused */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
+    long max_preauth_sessions;  /* sessions still in the TLS handshake (oldest evicted) */
+    long session_output_bytes;  /* output queued for one session before deliveries pause */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */
