@@ -1928,6 +1928,23 @@ void ml_broker_destroy(ml_broker_t **self_p)
             }
         }
     }
+    /* A session whose peer's pipe was full still holds its last output and
+     * close_notify: libzmq takes more as the peer reads, so try again for a
+     * bounded time (a peer that does not read does not hold us longer). */
+    int64_t until = ml_mono_ms() + S_SHUTDOWN_LINGER_MS;
+    for (;;) {
+        size_t left = 0;
+        for (ml_session_t *s = b->sessions; s; s = s->next) {
+            if (s->state == S_CLOSED || !s->tls || s->sink ||
+                (!s->held && ml_tls_session_pending_out(s->tls) == 0))
+                continue;
+            if (s_send_cipher(b, s) == ML_EAGAIN)
+                left++;
+        }
+        if (left == 0 || ml_mono_ms() >= until)
+            break;
+        uv_sleep(2);
+    }
     while (b->sessions) {
         ml_session_t *s = b->sessions;
         s_session_close(b, s, NULL);
