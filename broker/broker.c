@@ -103,7 +103,34 @@ static ml_session_t *s_session_new(ml_broker_t *b, const uint8_t *rid, size_t le
         b->sessions->prev = s;
     b->sessions = s;
     b->n_live++;
+    s->preauth = 1;
+    s->pa_prev = b->pa_tail;
+    if (b->pa_tail)
+        b->pa_tail->pa_next = s;
+    else
+        b->pa_head = s;
+    b->pa_tail = s;
+    b->n_preauth++;
     return s;
+}
+
+/* The session is no longer unauthenticated (its handshake ended, or it
+ * closed): it leaves the max_preauth_sessions budget. O(1). */
+static void s_preauth_leave(ml_broker_t *b, ml_session_t *s)
+{
+    if (!s->preauth)
+        return;
+    if (s->pa_prev)
+        s->pa_prev->pa_next = s->pa_next;
+    else
+        b->pa_head = s->pa_next;
+    if (s->pa_next)
+        s->pa_next->pa_prev = s->pa_prev;
+    else
+        b->pa_tail = s->pa_prev;
+    s->pa_prev = s->pa_next = NULL;
+    s->preauth = 0;
+    b->n_preauth--;
 }
 
 static void s_session_free(ml_broker_t *b, ml_session_t *s)
@@ -126,6 +153,15 @@ static void s_session_free(ml_broker_t *b, ml_session_t *s)
         if (*dp)
             *dp = s->dirty_next;
     }
+    if (s->blocked) {
+        ml_session_t **bp = &b->blocked;
+        while (*bp && *bp != s)
+            bp = &(*bp)->blocked_next;
+        if (*bp)
+            *bp = s->blocked_next;
+    }
+    s_preauth_leave(b, s);
+    free(s->held);
     ml_tls_session_destroy(&s->tls);
     ml_frame_reader_destroy(&s->reader);
     free(s->peer_id);
@@ -152,22 +188,84 @@ static void s_mark_dirty(ml_broker_t *b, ml_session_t *s)
     }
 }
 
+/* Output queued for s and not yet taken by libzmq: plaintext, ciphertext
+ * in the TLS write BIO and a frame libzmq refused. O(1). */
+static size_t s_out_queued(const ml_session_t *s)
+{
+    return s->out_len + (s->tls ? ml_tls_session_pending_out(s->tls) : 0) + s->held_len;
+}
+
+/* 1 when s may be handed more deliveries: its queued output is under
+ * session_output_bytes. A peer that does not read stops getting them (they
+ * stay queued, in the store) until what it has drains. */
+static int s_out_room(const ml_broker_t *b, const ml_session_t *s)
+{
+    return s_out_queued(s) < (size_t)b->cfg->session_output_bytes;
+}
+
+/* One frame to the peer: 0, ML_EAGAIN (its pipe is at SNDHWM: not now) or
+ * ML_ECLOSED (ROUTER_MANDATORY says the peer is gone). */
+static int s_zsend(ml_broker_t *b, ml_session_t *s, const uint8_t *buf, size_t n)
+{
+    /* The routing-id part is where libzmq checks the peer's pipe; once it
+     * is taken, the data part always is. */
+    if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
+        return zmq_errno() == EAGAIN ? ML_EAGAIN : ML_ECLOSED;
+    if (zmq_send(b->router, buf, n, ZMQ_DONTWAIT) < 0)
+        return ML_ECLOSED;
+    return 0;
+}
+
+/* Sends the session's ciphertext as frames of at most S_FRAME_MAX bytes.
+ * Returns 0 (all sent), ML_EAGAIN (the peer's pipe is full: the rest stays
+ * queued here, the frame libzmq refused in s->held, for s_blocked_cb to try
+ * again), ML_ECLOSED (peer gone) or ML_ENOMEM. A peer's pipe is bounded in
+ * frames (SNDHWM, set from session_output_bytes), what stays here in
+ * bytes (s_flush), so a peer that does not read costs a bounded amount. */
 static int s_send_cipher(ml_broker_t *b, ml_session_t *s)
 {
     uint8_t buf[S_FRAME_MAX];
+    if (s->held) {
+        int rc = s_zsend(b, s, s->held, s->held_len);
+        if (rc != 0)
+            return rc;
+        free(s->held);
+        s->held = NULL;
+        s->held_len = 0;
+    }
     while (s->tls && ml_tls_session_pending_out(s->tls) > 0) {
         size_t n = ml_tls_session_take_out(s->tls, buf, sizeof buf);
         if (n == 0)
             break;
-        if (zmq_send(b->router, s->rid, s->rid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
-            zmq_send(b->router, buf, n, ZMQ_DONTWAIT) < 0) {
-            /* EHOSTUNREACH: ROUTER_MANDATORY says the peer is gone.
-             * EAGAIN: its queue reached SNDHWM, i.e. it is not reading
-             * what we send; a stream with a hole is useless, so close. */
-            return zmq_errno() == EAGAIN ? ML_EFULL : ML_ECLOSED;
+        int rc = s_zsend(b, s, buf, n);
+        if (rc == ML_EAGAIN) {
+            /* The bytes are out of the BIO: keep them, in order, ahead of
+             * the rest (a stream with a hole would be useless). */
+            s->held = malloc(n);
+            if (!s->held)
+                return ML_ENOMEM;
+            memcpy(s->held, buf, n);
+            s->held_len = n;
         }
+        if (rc != 0)
+            return rc;
     }
     return 0;
+}
+
+static void s_blocked_cb(uv_timer_t *t);
+
+/* Puts s on the list of sessions libzmq would not take more from, tried
+ * again every S_BLOCKED_RETRY_MS while the list is not empty. O(1). */
+static void s_block(ml_broker_t *b, ml_session_t *s)
+{
+    if (s->blocked)
+        return;
+    s->blocked = 1;
+    s->blocked_next = b->blocked;
+    b->blocked = s;
+    if (!uv_is_active((uv_handle_t *)&b->blocked_timer))
+        uv_timer_start(&b->blocked_timer, s_blocked_cb, S_BLOCKED_RETRY_MS, S_BLOCKED_RETRY_MS);
 }
 
 /* Pushes buffered plaintext through TLS and out. */
@@ -195,10 +293,28 @@ static void s_flush(ml_broker_t *b, ml_session_t *s)
         s->out_len = 0;
     }
     int rc = s_send_cipher(b, s);
-    if (rc == ML_EFULL)
-        s_session_close(b, s, "peer is not reading: its send queue is full");
-    else if (rc != 0)
+    if (rc == ML_EAGAIN) {
+        /* Deliveries stop at session_output_bytes (s_out_room); only
+         * answers to what the peer sends can go past it, so a session this
+         * far past it sends and does not read. */
+        size_t q = s_out_queued(s);
+        size_t cap =
+            (size_t)b->cfg->session_output_bytes + (size_t)b->cfg->max_record + S_REPLY_SLACK;
+        if (q > cap) {
+            char why[200];
+            snprintf(why, sizeof why,
+                     "peer is not reading: %zu bytes of output queued (session_output_bytes is "
+                     "%ld)",
+                     q, b->cfg->session_output_bytes);
+            s_session_close(b, s, why);
+            return;
+        }
+        s_block(b, s);
+    } else if (rc == ML_ENOMEM) {
+        s_session_close(b, s, "out of memory queueing output");
+    } else if (rc != 0) {
         s_session_close(b, s, "peer unreachable");
+    }
 }
 
 static int s_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
@@ -462,7 +578,7 @@ void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns)
         return;
     size_t window = (size_t)b->cfg->delivery_window;
     int64_t now = ml_now_ms();
-    while (ns->n_inflight < window) {
+    while (ns->n_inflight < window && s_out_room(b, s)) {
         ml_qitem_t it;
         if (!ml_queue_pop(&ns->queue, &it))
             break;
@@ -631,7 +747,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
              * copy we hold instead of reading the row back. Same order as
              * the queue would give. */
             if (p->blob && ds && ds->state == S_READY && ml_queue_len(&ns->queue) == 0 &&
-                ns->n_inflight < (size_t)b->cfg->delivery_window) {
+                ns->n_inflight < (size_t)b->cfg->delivery_window && s_out_room(b, ds)) {
                 ml_inflight_t *f = s_inflight_add(ns);
                 if (f) {
                     it.attempts = 1;
@@ -918,6 +1034,20 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
 /* ------------------------------------------------------------------ */
 /* Session input                                                       */
 
+/* Closes old, a session of the same node as the newer session s: both
+ * ends say so in their logs (the peer gets a Nack with
+ * ML_SESSION_SUPERSEDED before close_notify, which ml_channel logs). */
+static void s_supersede(ml_broker_t *b, ml_session_t *old, ml_session_t *s)
+{
+    ml_log(ML_LOG_WARN, "session",
+           "%s session %s closed: a newer session %s of the same node took over (%s per node)",
+           s_who(old), old->peer_hex, s->peer_hex,
+           old->deliveries ? "one delivering session" : "a few sessions without deliveries");
+    s_send_nack(b, old, NULL, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, ML_SESSION_SUPERSEDED);
+    s_flush(b, old);
+    s_session_close(b, old, NULL);
+}
+
 static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     if (env->payload_case != MEDLINK__V1__ENVELOPE__PAYLOAD_HELLO) {
@@ -940,11 +1070,28 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     ns->online++;
     ns->last_seen = ml_now_ms();
     if (s->deliveries) {
-        /* The newest delivering session wins: an agent that reconnected
-         * has a fresh routing id and the old session is a dead link. */
+        /* One delivering session per node, the newest: an agent that
+         * reconnected has a fresh routing id and the old session is a dead
+         * link (or a second agent runs with this node's certificate, which
+         * both logs say). */
         if (ns->deliver && ns->deliver != s)
-            s_session_close(b, ns->deliver, "superseded by a newer session of the same node");
+            s_supersede(b, ns->deliver, s);
         ns->deliver = s;
+    } else {
+        /* Sessions without deliveries (medlinkctl next to the agent): a
+         * few at once, the newest win, so one certificate cannot hold
+         * sessions (and their output) without bound. */
+        ml_session_t *oldest = NULL;
+        size_t n = 0;
+        for (ml_session_t *x = b->sessions; x; x = x->next) {
+            if (x == s || x->ns != ns || x->state != S_READY || x->deliveries || x->sink)
+                continue;
+            n++;
+            if (!oldest || x->created < oldest->created)
+                oldest = x;
+        }
+        if (n >= S_SIDE_SESSIONS_MAX && oldest)
+            s_supersede(b, oldest, s);
     }
     ml_log(ML_LOG_INFO, "session", "%s session %s up (%s, deliveries %s)", s->peer_id, s->peer_hex,
            env->hello->software, s->deliveries ? "on" : "off");
@@ -981,6 +1128,14 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
     s->ns->last_seen = ml_now_ms();
     switch (env->payload_case) {
     case MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT: {
+        /* Answered at most twice per heartbeat_ms (a client sends one when
+         * it has sent nothing for heartbeat_ms, and any traffic keeps it
+         * happy), and not at all to a session whose output is not being
+         * read: heartbeats must not be a way to make the broker queue. */
+        int64_t now = ml_mono_ms();
+        if (now - s->hb_answered < b->cfg->heartbeat_ms / 2 || !s_out_room(b, s))
+            break;
+        s->hb_answered = now;
         Medlink__V1__Heartbeat hb = MEDLINK__V1__HEARTBEAT__INIT;
         hb.sent_at = ml_now_ms();
         ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
@@ -1016,8 +1171,24 @@ out:
 static void s_established(ml_broker_t *b, ml_session_t *s)
 {
     const char *cn = ml_tls_session_peer_id(s->tls);
+    s_preauth_leave(b, s);
     s->peer_id = strdup(cn ? cn : "");
     s->ns = cn ? ml_bk_node(b, cn) : NULL;
+    if (s->ns && b->n_auth >= (size_t)b->cfg->max_sessions && !s->ns->online) {
+        /* max_sessions counts authenticated sessions; a node that has one
+         * already may replace it (the newest wins), others wait. */
+        char err[200];
+        snprintf(err, sizeof err, "the broker is at max_sessions (%ld); retry later",
+                 b->cfg->max_sessions);
+        ml_log(ML_LOG_WARN, "session", "refused session %s of %s: %s", s->peer_hex, cn, err);
+        b->refused_total++;
+        s_send_nack(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
+        s_flush(b, s);
+        s_session_close(b, s, NULL);
+        return;
+    }
+    s->authed = 1;
+    b->n_auth++;
     if (!s->ns) {
         char err[512];
         snprintf(err, sizeof err, "certificate names unregistered node '%s'", cn ? cn : "");
@@ -1159,6 +1330,30 @@ static int s_handshake_allowed(ml_broker_t *b, const char *addr, int *log_it)
     return 0;
 }
 
+/* max_preauth_sessions handshakes are in progress: the oldest gives way
+ * to the new one. A flood of half-open handshakes then only ever holds
+ * that many slots and each for a short while, while a real node's
+ * handshake (a few round trips) completes long before it is the oldest;
+ * authenticated sessions are never touched. Logged once a second with a
+ * count, so a flood cannot flood the log. O(1). */
+static void s_preauth_evict(ml_broker_t *b)
+{
+    ml_session_t *old = b->pa_head;
+    int64_t now = ml_mono_ms();
+    b->refused_total++;
+    b->preauth_evicted++;
+    if (now - b->preauth_logged >= 1000) {
+        ml_log(ML_LOG_WARN, "session",
+               "max_preauth_sessions (%ld) handshakes in progress: evicted the oldest, %s (%lld "
+               "ms old); %llu evicted since the last such line",
+               b->cfg->max_preauth_sessions, old->peer_hex, (long long)(now - old->created),
+               (unsigned long long)b->preauth_evicted);
+        b->preauth_logged = now;
+        b->preauth_evicted = 0;
+    }
+    s_session_close(b, old, NULL);
+}
+
 static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
 {
     ml_broker_t *b = arg;
@@ -1192,7 +1387,7 @@ static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
             char why[200];
             const char *addr = zmq_msg_gets(&data, "Peer-Address");
             int log_it = 1;
-            if (b->n_live >= (size_t)b->cfg->max_sessions) {
+            if (b->n_auth >= (size_t)b->cfg->max_sessions) {
                 snprintf(why, sizeof why, "the broker is at max_sessions (%ld); retry later",
                          b->cfg->max_sessions);
                 b->refused_total++;
@@ -1214,6 +1409,8 @@ static void s_router_cb(ml_zwatch_t *w, void *zsock, void *arg)
                 s_refuse_connection(b, zmq_msg_data(&rid), rlen, why);
                 goto next;
             }
+            if (b->n_preauth >= (size_t)b->cfg->max_preauth_sessions && b->pa_head)
+                s_preauth_evict(b);
             s = s_session_new(b, zmq_msg_data(&rid), rlen);
             if (!s)
                 goto next;
@@ -1266,6 +1463,14 @@ static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason)
             b->orphans->prev = p;
         b->orphans = p;
     }
+    s_preauth_leave(b, s);
+    if (s->authed) {
+        s->authed = 0;
+        b->n_auth--;
+    }
+    free(s->held);
+    s->held = NULL;
+    s->held_len = 0;
     s->state = S_CLOSED;
     s->serial = ++b->next_serial;
     ml_tls_session_destroy(&s->tls);
@@ -1290,6 +1495,28 @@ static void s_flush_cb(uv_check_t *h)
         s->dirty_next = NULL;
         s_flush(b, s);
     }
+}
+
+/* Tries again the sessions libzmq would not take more from; those that
+ * drained get deliveries again. */
+static void s_blocked_cb(uv_timer_t *t)
+{
+    ml_broker_t *b = t->data;
+    ml_session_t *list = b->blocked;
+    b->blocked = NULL;
+    while (list) {
+        ml_session_t *s = list;
+        list = s->blocked_next;
+        s->blocked = 0;
+        s->blocked_next = NULL;
+        if (s->state == S_CLOSED)
+            continue;
+        s_flush(b, s);
+        if (!s->blocked && s->state == S_READY && s->ns && s->ns->deliver == s)
+            ml_bk_pump(b, s->ns);
+    }
+    if (!b->blocked)
+        uv_timer_stop(&b->blocked_timer);
 }
 
 static void s_housekeeping_cb(uv_timer_t *t)
@@ -1468,12 +1695,14 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     int one = 1, zero = 0, linger = 0;
     int64_t maxmsg = S_FRAME_MAX * 4;
     zmq_setsockopt(b->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    /* Per-peer outbound queue, in frames: room for a full delivery window
-     * of maximum-size records (cut into S_FRAME_MAX frames) plus replies.
-     * What we queue is bounded by the window and by what the peer sends; a
-     * peer that stops reading fills this and is dropped (s_flush). */
-    long frames_per_record = b->cfg->max_record / S_FRAME_MAX + 2;
-    int sndhwm = (int)(b->cfg->delivery_window * frames_per_record + 1024);
+    /* Per-peer outbound queue, in frames of at most S_FRAME_MAX bytes:
+     * session_output_bytes' worth. A peer that reads less than we send
+     * fills it; the rest then waits in its session, where it is counted in
+     * bytes (s_flush, s_out_room), so a peer that never reads costs about
+     * twice session_output_bytes plus a record, not a delivery window of
+     * maximum-size records. */
+    long hwm = b->cfg->session_output_bytes / S_FRAME_MAX;
+    int sndhwm = (int)(hwm < 16 ? 16 : hwm);
     zmq_setsockopt(b->router, ZMQ_SNDHWM, &sndhwm, sizeof sndhwm);
     zmq_setsockopt(b->router, ZMQ_RCVHWM, &zero, sizeof zero);
     zmq_setsockopt(b->router, ZMQ_LINGER, &linger, sizeof linger);
@@ -1491,8 +1720,9 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     uv_timer_init(loop, &b->housekeeping);
     uv_check_init(loop, &b->flush_check);
     uv_timer_init(loop, &b->flow_timer);
-    b->housekeeping.data = b->flush_check.data = b->flow_timer.data = b;
-    b->open_handles = 3;
+    uv_timer_init(loop, &b->blocked_timer);
+    b->housekeeping.data = b->flush_check.data = b->flow_timer.data = b->blocked_timer.data = b;
+    b->open_handles = 4;
     uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
     uv_check_start(&b->flush_check, s_flush_cb);
     ml_bk_flow_start(b);
@@ -1749,14 +1979,39 @@ void ml_broker_destroy(ml_broker_t **self_p)
             }
         }
     }
+    /* A session whose peer's pipe was full still holds its last output and
+     * close_notify: libzmq takes more as the peer reads, so try again for a
+     * bounded time (a peer that does not read does not hold us longer). */
+    int64_t until = ml_mono_ms() + S_SHUTDOWN_LINGER_MS;
+    for (;;) {
+        size_t left = 0;
+        for (ml_session_t *s = b->sessions; s; s = s->next) {
+            if (s->state == S_CLOSED || !s->tls || s->sink ||
+                (!s->held && ml_tls_session_pending_out(s->tls) == 0))
+                continue;
+            if (s_send_cipher(b, s) == ML_EAGAIN)
+                left++;
+        }
+        if (left == 0 || ml_mono_ms() >= until)
+            break;
+        uv_sleep(2);
+    }
     while (b->sessions) {
         ml_session_t *s = b->sessions;
         s_session_close(b, s, NULL);
         s_session_free(b, s);
     }
     ml_zwatch_destroy(&b->watch);
-    if (b->router)
+    if (b->router) {
+        /* The close_notify frames queued above are still in libzmq's
+         * pipes: with a linger of 0 zmq_close would drop them (a few
+         * sessions in every shutdown lost theirs). Give libzmq a bounded
+         * time to write them; a peer that is not reading does not hold the
+         * shutdown longer than that. */
+        int linger = S_SHUTDOWN_LINGER_MS;
+        zmq_setsockopt(b->router, ZMQ_LINGER, &linger, sizeof linger);
         zmq_close(b->router);
+    }
     if (b->zctx)
         zmq_ctx_term(b->zctx);
     /* Commits whatever is still queued for the store (those callbacks are
@@ -1796,9 +2051,11 @@ void ml_broker_destroy(ml_broker_t **self_p)
         uv_timer_stop(&b->housekeeping);
         uv_check_stop(&b->flush_check);
         uv_timer_stop(&b->flow_timer);
+        uv_timer_stop(&b->blocked_timer);
         uv_close((uv_handle_t *)&b->housekeeping, s_close_cb);
         uv_close((uv_handle_t *)&b->flush_check, s_close_cb);
         uv_close((uv_handle_t *)&b->flow_timer, s_close_cb);
+        uv_close((uv_handle_t *)&b->blocked_timer, s_close_cb);
     } else {
         free(b);
     }
@@ -1830,6 +2087,9 @@ int ml_broker_feed_plaintext(ml_broker_t *b, const char *node_id, const uint8_t 
         /* As s_established leaves a session whose TLS handshake verified
          * node_id's certificate: waiting for its Hello. */
         ml_tls_session_destroy(&s->tls);
+        s_preauth_leave(b, s);
+        s->authed = 1;
+        b->n_auth++;
         s->sink = 1;
         s->peer_id = strdup(node_id);
         s->ns = ns;

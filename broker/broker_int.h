@@ -35,6 +35,18 @@
  * everything for offline nodes, are read from the store at delivery time,
  * which keeps memory flat however long a clinic stays offline. */
 #define S_CACHE_BYTES (8u * 1024 * 1024)
+/* Output queued for a session past session_output_bytes: deliveries stop
+ * there, so only answers to what the peer sends can add more; a session
+ * that reaches session_output_bytes + max_record + this is not reading and
+ * is closed. */
+#define S_REPLY_SLACK (1u * 1024 * 1024)
+/* Sessions of one node without deliveries (medlinkctl next to its agent)
+ * kept at once; a newer one closes the oldest. */
+#define S_SIDE_SESSIONS_MAX 4
+/* How often a session that libzmq would not take more from is tried again. */
+#define S_BLOCKED_RETRY_MS 10
+/* How long shutdown lets libzmq write the close_notify frames it holds. */
+#define S_SHUTDOWN_LINGER_MS 500
 
 enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
 
@@ -88,7 +100,22 @@ struct ml_session {
     ml_session_t *next;
     ml_session_t *dirty_next;
     int dirty;
-    int sink; /* a plaintext session of ml_broker_feed_plaintext: output is dropped */
+    /* Unauthenticated sessions (TLS handshake not done) in creation order,
+     * so that the oldest is the one evicted when max_preauth_sessions are
+     * in progress. */
+    ml_session_t *pa_prev;
+    ml_session_t *pa_next;
+    int preauth; /* on that list, counted in b->n_preauth */
+    int authed;  /* past the handshake, counted in b->n_auth (max_sessions) */
+    /* libzmq refused more output (the peer's pipe is at SNDHWM): the
+     * ciphertext frame it did not take, and the list of such sessions that
+     * a short timer tries again. */
+    uint8_t *held;
+    size_t held_len;
+    ml_session_t *blocked_next;
+    int blocked;
+    int64_t hb_answered; /* last Heartbeat answered, monotonic ms */
+    int sink;            /* a plaintext session of ml_broker_feed_plaintext: output is dropped */
     /* Per recipient (as addressed), the first message of this session
      * refused for now (a transient Nack): until it comes again, every later
      * message to that recipient is refused for now too, so that the order
@@ -157,6 +184,14 @@ struct ml_broker {
     ml_session_t *sessions; /* all sessions, including tombstones */
     ml_session_t *dirty;
     size_t n_live;
+    size_t n_auth;         /* sessions past the TLS handshake: max_sessions */
+    size_t n_preauth;      /* sessions in the TLS handshake: max_preauth_sessions */
+    ml_session_t *pa_head; /* oldest unauthenticated session */
+    ml_session_t *pa_tail;
+    uint64_t preauth_evicted; /* evictions not yet logged */
+    int64_t preauth_logged;   /* last eviction log line, monotonic ms */
+    ml_session_t *blocked;    /* sessions libzmq would not take more from */
+    uv_timer_t blocked_timer;
     uint64_t next_serial;
 
     /* Every node ever registered since start-up, in registration order: a

@@ -157,6 +157,8 @@ static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "timeline_retention_seconds"},
     {S_BROKER, "retention_interval_s"},
     {S_BROKER, "retention_batch"},
+    {S_BROKER, "max_preauth_sessions"},
+    {S_BROKER, "session_output_bytes"},
     {"node *", "role"},
     {"node *", "community"},
     {"node *", "name"},
@@ -335,6 +337,10 @@ static int s_load_broker(struct s_load *ld)
          offsetof(ml_broker_config_t, timeline_retention_seconds)},
         {"retention_interval_s", 60, 1, 86400, offsetof(ml_broker_config_t, retention_interval_s)},
         {"retention_batch", 1000, 10, 100000, offsetof(ml_broker_config_t, retention_batch)},
+        {"max_preauth_sessions", 256, 1, 1000000,
+         offsetof(ml_broker_config_t, max_preauth_sessions)},
+        {"session_output_bytes", 4L * 1024 * 1024, 64 * 1024, 1L << 30,
+         offsetof(ml_broker_config_t, session_output_bytes)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

@@ -140,6 +140,8 @@ typedef struct {
     long timeline_retention_seconds;
     long retention_interval_s; /* how often pruning runs */
     long retention_batch;      /* rows per pruning transaction */
+    long max_preauth_sessions; /* sessions still in the TLS handshake (oldest evicted) */
+    long session_output_bytes; /* output queued for one session before deliveries pause */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */

@@ -6,6 +6,7 @@
  * Runs one libuv loop. SIGINT and SIGTERM shut it down cleanly: sessions get
  * close_notify, the store commits what it holds, and the process exits 0.
  * SIGHUP reloads the node registry, ACL, deadlines, limits and CRL. */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,6 +18,7 @@
 #include "broker.h"
 #include "config.h"
 #include "ml_common.h"
+#include "ml_lock.h"
 
 #define ML_VERSION "0.1.0"
 
@@ -140,6 +142,22 @@ int main(int argc, char **argv)
         }
         printf("medlinkd: %s is valid (%zu nodes)\n", config, n_nodes);
         return 0;
+    }
+    /* One medlinkd per data_dir: a second one would share broker.db with
+     * the first and both would deliver the same queue. The lock is held
+     * until the process exits (the descriptor is never closed). */
+    int lock_fd = -1;
+    if (ml_mkdirs(cfg->data_dir) != 0) {
+        fprintf(stderr, "medlinkd: cannot create data_dir %s: %s\n", cfg->data_dir,
+                strerror(errno));
+        ml_broker_config_destroy(&cfg);
+        return 1;
+    }
+    if (ml_lock_take(cfg->data_dir, "medlinkd.lock", &lock_fd, err, sizeof err) != 0) {
+        fprintf(stderr, "medlinkd: %s\n", err);
+        ml_log(ML_LOG_ERROR, "broker", "%s", err);
+        ml_broker_config_destroy(&cfg);
+        return 1;
     }
     /* A peer vanishing mid-write must not kill the daemon. */
     signal(SIGPIPE, SIG_IGN);

@@ -224,6 +224,18 @@ static int s_handle_record(ml_channel_t *ch, const uint8_t *rec, size_t len)
             ml_env_free(&env);
             return ML_EDENIED;
         }
+        if ((!env->nack->message_id || !*env->nack->message_id) &&
+            env->nack->code == MEDLINK__V1__NACK_CODE__NACK_IDENTITY && env->nack->reason &&
+            strcmp(env->nack->reason, ML_SESSION_SUPERSEDED) == 0) {
+            /* Said once, clearly, in the line s_teardown writes; the
+             * longer back-off keeps two programs with one certificate from
+             * flapping every 200 ms. */
+            ml_env_free(&env);
+            ch->backoff = ch->cfg.reconnect_ms * 8;
+            s_teardown(ch, "the broker closed this session: " ML_SESSION_SUPERSEDED
+                           " (is another program connected with this node's certificate?)");
+            return ML_ECLOSED;
+        }
         /* fall through */
     default:
         if (ch->state == S_UP && ch->cfg.on_envelope)

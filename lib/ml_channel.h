@@ -28,6 +28,13 @@ typedef struct ml_channel ml_channel_t;
 #define ML_REFUSED_PREFIX "MEDLINK-REFUSED "
 #define ML_REFUSED_PREFIX_LEN (sizeof ML_REFUSED_PREFIX - 1)
 
+/* The reason of the Nack (code NACK_IDENTITY, no message id) a broker sends
+ * to a session just before it closes it because a newer session of the
+ * same node took over. The channel logs it as "the broker closed this
+ * session: " + this, backs off longer and reconnects (an operator may be
+ * running a second program with this node's certificate). */
+#define ML_SESSION_SUPERSEDED "a newer session of the same node took over"
+
 typedef struct {
     const char *endpoint;  /* e.g. "tcp://127.0.0.1:7400" */
     ml_tls_ctx_t *tls;     /* client context (borrowed; outlives the channel) */

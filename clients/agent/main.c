@@ -2,6 +2,7 @@
  * work is in agent.c; this file only starts it and stops it cleanly on
  * SIGINT or SIGTERM (stop scanning, commit what is waiting, close the
  * channel and handles, let the loop run dry, exit 0). */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 #include "agent.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
+#include "ml_lock.h"
 
 #ifndef ML_VERSION
 #define ML_VERSION "0.1.0"
@@ -127,6 +129,22 @@ int main(int argc, char **argv)
         return 0;
     }
     ml_log_set_level(cfg.log_level);
+    /* One agent per data directory: two agents with one config would share
+     * agent.db and the spool folders, and take turns superseding each
+     * other's session at the broker. Held until the process exits. */
+    int lock_fd = -1;
+    if (ml_mkdirs(cfg.data_dir) != 0) {
+        fprintf(stderr, "medlink-agent: cannot create data_dir %s: %s\n", cfg.data_dir,
+                strerror(errno));
+        ml_aconfig_clear(&cfg);
+        return 1;
+    }
+    if (ml_lock_take(cfg.data_dir, "medlink-agent.lock", &lock_fd, err, sizeof err) != 0) {
+        fprintf(stderr, "medlink-agent: %s\n", err);
+        ml_log(ML_LOG_ERROR, "agent", "%s", err);
+        ml_aconfig_clear(&cfg);
+        return 1;
+    }
     /* A broken pipe is an error to report, never a reason to die. */
     signal(SIGPIPE, SIG_IGN);
 
