@@ -1128,12 +1128,12 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
     s->ns->last_seen = ml_now_ms();
     switch (env->payload_case) {
     case MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT: {
-        /* Answered at most twice per heartbeat_ms (a client sends one when
-         * it has sent nothing for heartbeat_ms, and any traffic keeps it
-         * happy), and not at all to a session whose output is not being
+        /* Answered at most once per S_HB_ANSWER_MS (clients send one when
+         * they have sent nothing for their heartbeat interval, which is
+         * longer), and not at all to a session whose output is not being
          * read: heartbeats must not be a way to make the broker queue. */
         int64_t now = ml_mono_ms();
-        if (now - s->hb_answered < b->cfg->heartbeat_ms / 2 || !s_out_room(b, s))
+        if (now - s->hb_answered < S_HB_ANSWER_MS || !s_out_room(b, s))
             break;
         s->hb_answered = now;
         Medlink__V1__Heartbeat hb = MEDLINK__V1__HEARTBEAT__INIT;

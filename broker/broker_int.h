@@ -47,6 +47,8 @@
 #define S_BLOCKED_RETRY_MS 10
 /* How long shutdown lets libzmq write the close_notify frames it holds. */
 #define S_SHUTDOWN_LINGER_MS 500
+/* Heartbeats of one session answered at most this often. */
+#define S_HB_ANSWER_MS 100
 
 enum { S_HANDSHAKE = 0, S_AWAIT_HELLO, S_READY, S_CLOSED };
 
