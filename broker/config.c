@@ -148,6 +148,7 @@ static const char *const s_broker_keys[] = {"id",
                                             "store_old_keys",
                                             "node_rate",
                                             "node_queue_bytes",
+                                            "open_cases_per_node",
                                             "timer_ms",
                                             "notify_delivered",
                                             NULL};
@@ -319,6 +320,8 @@ static int s_load_broker(struct s_load *ld)
         {"node_rate", 5000, 1, 10000000, offsetof(ml_broker_config_t, node_rate)},
         {"node_queue_bytes", 4L * 1024 * 1024 * 1024, 1024 * 1024, 1L << 50,
          offsetof(ml_broker_config_t, node_queue_bytes)},
+        {"open_cases_per_node", 5000, 1, 100000000,
+         offsetof(ml_broker_config_t, open_cases_per_node)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

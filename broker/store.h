@@ -189,6 +189,13 @@ int ml_store_purge(ml_store_t *st, int64_t seq);
 int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_ops,
                         ml_store_put_cb cb, void *arg);
 
+/* Queues a request that changes nothing: cb runs on the loop thread once
+ * every request queued before it has been tried (committed, or answered
+ * with its failure; a mark that failed is retried behind it), so that what
+ * they changed is visible to the synchronous reads below. rc is 0 when its
+ * transaction committed. Returns 0 or ML_ENOMEM / ML_ECLOSED. */
+int ml_store_barrier(ml_store_t *st, ml_store_put_cb cb, void *arg);
+
 /* ---- synchronous reads on the loop thread (committed data only) ---- */
 
 typedef void (*ml_store_case_cb)(void *arg, const ml_store_case_t *row);
