@@ -721,6 +721,18 @@ static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Adm
     s_deads_free(&k);
 }
 
+/* A request id as it may appear in the log: it comes from the peer, so one
+ * with characters outside a plain id's (a newline would forge a log line) or
+ * longer than a ULID's few times is shown as "(not shown)"; the reply still
+ * echoes it as sent. */
+static const char *s_log_id(const char *id)
+{
+    if (!id || !*id)
+        return "-";
+    size_t n = strspn(id, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-");
+    return id[n] == '\0' && n <= 128 ? id : "(not shown)";
+}
+
 void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
     if (s->ns->node->role != ML_ROLE_OPS) {
@@ -734,8 +746,7 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     const ProtobufCEnumValue *op =
         protobuf_c_enum_descriptor_get_value(&medlink__v1__admin_request__op__descriptor, rq->op);
     ml_log(ML_LOG_INFO, "admin", "%s asked for %s (request %s)%s%s", s->peer_id,
-           op ? op->name : "?", rq->request_id && *rq->request_id ? rq->request_id : "-",
-           rq->case_id && *rq->case_id ? " " : "",
+           op ? op->name : "?", s_log_id(rq->request_id), rq->case_id && *rq->case_id ? " " : "",
            rq->case_id && *rq->case_id ? rq->case_id
                                        : (rq->message_id && *rq->message_id ? rq->message_id : ""));
     switch (rq->op) {
