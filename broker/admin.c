@@ -17,18 +17,22 @@
 #define S_LIMIT_DEFAULT 100
 #define S_LIMIT_MAX 10000
 
-static void s_send(ml_broker_t *b, ml_session_t *s, Medlink__V1__AdminReply *reply)
+/* Every reply names the request it answers (AdminRequest.request_id). */
+static void s_send(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                   Medlink__V1__AdminReply *reply)
 {
+    reply->request_id = rq && rq->request_id ? rq->request_id : (char *)"";
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
     env.admin_reply = reply;
     ml_bk_reply(b, s, &env);
 }
 
-static void s_error(ml_broker_t *b, ml_session_t *s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
-static void s_error(ml_broker_t *b, ml_session_t *s, const char *fmt, ...)
+static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                    const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -38,7 +42,7 @@ static void s_error(ml_broker_t *b, ml_session_t *s, const char *fmt, ...)
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.status = 1;
     reply.error = msg;
-    s_send(b, s, &reply);
+    s_send(b, s, rq, &reply);
 }
 
 typedef struct {
@@ -64,7 +68,7 @@ static void s_count_cases(ml_broker_t *b, uint64_t *open, uint64_t *overdue, int
     *overdue = k.overdue;
 }
 
-static void s_admin_status(ml_broker_t *b, ml_session_t *s)
+static void s_admin_status(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
 {
     Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
@@ -117,6 +121,8 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
         ni[i].oldest_queued_at = oldest;
         ni[i].in_flight = ns->n_inflight;
         ni[i].delivered = ns->delivered;
+        ni[i].open_cases_opened = ns->opened;
+        ni[i].open_cases_limit = (uint64_t)b->cfg->open_cases_per_node;
         nip[i] = &ni[i];
     }
     st.broker = b->cfg->broker_id;
@@ -152,7 +158,7 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s)
     st.n_expiry = n_ex;
     st.expiry = eip;
     reply.broker_status = &st;
-    s_send(b, s, &reply);
+    s_send(b, s, rq, &reply);
 out:
     free(si);
     free(sip);
@@ -279,7 +285,7 @@ static void s_event_cb(void *arg, const ml_store_event_t *e)
 static void s_case_show(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
 {
     if (!rq->case_id || !*rq->case_id) {
-        s_error(b, s, "case show needs a case id");
+        s_error(b, s, rq, "case show needs a case id");
         return;
     }
     s_cases_t k = {.now = ml_now_ms()};
@@ -290,20 +296,20 @@ static void s_case_show(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admi
         ml_bk_case_row(b, c, &row);
         s_case_cb(&k, &row);
     } else if (ml_store_case_get(b->store, rq->case_id, s_case_cb, &k) == ML_ENOTFOUND) {
-        s_error(b, s, "no case %s", rq->case_id);
+        s_error(b, s, rq, "no case %s", rq->case_id);
         return;
     }
     if (k.failed || k.n != 1) {
-        s_error(b, s, "cannot read case %s", rq->case_id);
+        s_error(b, s, rq, "cannot read case %s", rq->case_id);
         goto out;
     }
     if (ml_store_case_events(b->store, rq->case_id, s_event_cb, k.list[0]) != 0) {
-        s_error(b, s, "cannot read the timeline of case %s", rq->case_id);
+        s_error(b, s, rq, "cannot read the timeline of case %s", rq->case_id);
         goto out;
     }
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.case_info = k.list[0];
-    s_send(b, s, &reply);
+    s_send(b, s, rq, &reply);
 out:
     for (size_t i = 0; i < k.n; i++)
         s_case_info_free(k.list[i]);
@@ -314,7 +320,7 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
 {
     int kind = 0, state = -1;
     if (rq->case_kind && *rq->case_kind && ml_case_kind_parse(rq->case_kind, &kind) != 0) {
-        s_error(b, s, "unknown case kind \"%s\" (expected referral, imaging or down_transfer)",
+        s_error(b, s, rq, "unknown case kind \"%s\" (expected referral, imaging or down_transfer)",
                 rq->case_kind);
         return;
     }
@@ -329,12 +335,12 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
             }
         }
         if (found == 0) {
-            s_error(b, s, "unknown state \"%s\"%s%s", rq->state, kind ? " for a " : "",
+            s_error(b, s, rq, "unknown state \"%s\"%s%s", rq->state, kind ? " for a " : "",
                     kind ? ml_case_kind_name(kind) : "");
             return;
         }
         if (found > 1) {
-            s_error(b, s,
+            s_error(b, s, rq,
                     "state \"%s\" is a state of several case kinds: give the kind or the full "
                     "name (e.g. REFERRAL_%s)",
                     rq->state, rq->state);
@@ -350,12 +356,12 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
     int rc =
         ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit, s_case_cb, &k);
     if (rc != 0 || k.failed) {
-        s_error(b, s, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        s_error(b, s, rq, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
     } else {
         Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
         reply.n_cases = k.n;
         reply.cases = k.list;
-        s_send(b, s, &reply);
+        s_send(b, s, rq, &reply);
     }
     for (size_t i = 0; i < k.n; i++)
         s_case_info_free(k.list[i]);
@@ -431,6 +437,52 @@ static int s_limit(const Medlink__V1__AdminRequest *rq)
     return limit > S_LIMIT_MAX ? S_LIMIT_MAX : limit;
 }
 
+/* A replay or purge whose store change is queued but not yet committed:
+ * the reply waits for it (ml_store_barrier), so that once medlinkctl has
+ * its answer, a list or a second request sees the change; and while it
+ * waits, the dead letters it names are "busy": a purge of a message being
+ * replayed (or the reverse) is refused with a reason instead of being
+ * answered as done and then matching no row. */
+struct ml_dlq_wait {
+    struct ml_dlq_wait *next;
+    ml_broker_t *b;
+    uint64_t serial; /* of the session that asked (it may close meanwhile) */
+    char *request_id;
+    char *error; /* --all: the last one that could not be done; or NULL */
+    uint32_t affected;
+    int failed_all; /* a single message that could not be done: an error reply */
+    int64_t *seqs;  /* the dead letters it changes */
+    size_t n_seqs;
+};
+
+static int s_dlq_busy(const ml_broker_t *b, int64_t seq)
+{
+    for (const struct ml_dlq_wait *w = b->dlq_waits; w; w = w->next)
+        for (size_t i = 0; i < w->n_seqs; i++)
+            if (w->seqs[i] == seq)
+                return 1;
+    return 0;
+}
+
+static void s_dlq_wait_free(struct ml_dlq_wait *w)
+{
+    if (!w)
+        return;
+    free(w->request_id);
+    free(w->error);
+    free(w->seqs);
+    free(w);
+}
+
+void ml_bk_admin_free(ml_broker_t *b)
+{
+    while (b->dlq_waits) {
+        struct ml_dlq_wait *w = b->dlq_waits;
+        b->dlq_waits = w->next;
+        s_dlq_wait_free(w);
+    }
+}
+
 static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                        int with_envelope)
 {
@@ -438,12 +490,12 @@ static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admin
     int rc;
     if (with_envelope) {
         if (!rq->message_id || !*rq->message_id) {
-            s_error(b, s, "dlq show needs a message id");
+            s_error(b, s, rq, "dlq show needs a message id");
             return;
         }
         rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
         if (rc == ML_ENOTFOUND) {
-            s_error(b, s, "no dead letter %s", rq->message_id);
+            s_error(b, s, rq, "no dead letter %s", rq->message_id);
             return;
         }
     } else {
@@ -452,23 +504,49 @@ static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admin
     Medlink__V1__DeadLetter *items = calloc(k.n ? k.n : 1, sizeof *items);
     Medlink__V1__DeadLetter **ptrs = calloc(k.n ? k.n : 1, sizeof *ptrs);
     uint8_t *blob = NULL;
-    size_t blen = 0;
+    size_t blen = 0, n = 0;
     if (rc != 0 || k.failed || !items || !ptrs) {
-        s_error(b, s, "cannot read the dead-letter queue: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        s_error(b, s, rq, "cannot read the dead-letter queue: %s",
+                ml_strerror(rc ? rc : ML_ENOMEM));
         goto out;
     }
     for (size_t i = 0; i < k.n; i++) {
-        s_dead_info(&k.list[i].d, &items[i]);
-        ptrs[i] = &items[i];
+        /* Being replayed or purged by another request: no longer a dead
+         * letter for anyone who asks now. */
+        if (s_dlq_busy(b, k.list[i].d.seq))
+            continue;
+        s_dead_info(&k.list[i].d, &items[n]);
+        ptrs[n] = &items[n];
+        n++;
     }
-    if (with_envelope && k.n == 1 && ml_store_fetch(b->store, k.list[0].d.seq, &blob, &blen) == 0) {
+    if (with_envelope && n == 0) {
+        s_error(b, s, rq, "no dead letter %s (it is being replayed or purged)", rq->message_id);
+        goto out;
+    }
+    if (with_envelope && ml_store_fetch(b->store, k.list[0].d.seq, &blob, &blen) == 0) {
+        /* The stored envelope is patient data: only an OPS node gets here
+         * (ml_bk_admin), and who read which message is logged and kept in
+         * the case's timeline; the content itself never is. */
         items[0].envelope.data = blob;
         items[0].envelope.len = blen;
+        const ml_store_dead_t *d = &k.list[0].d;
+        ml_log(ML_LOG_WARN, "admin",
+               "%s read the stored envelope of dead letter %s (%s of case %s for %s, %zu bytes)",
+               s->peer_id, d->id, ml_kind_name(d->kind), d->case_id, d->recipient, blen);
+        ml_case_t *c = ml_bk_case_for_row(b, d->case_id, d->kind);
+        if (c) {
+            char detail[300];
+            snprintf(detail, sizeof detail,
+                     "%s read the stored envelope of dead letter %s (%s) with medlinkctl dlq show",
+                     s->peer_id, d->id, ml_kind_name(d->kind));
+            ml_bk_case_event(b, c, s->peer_id, "dead letter read", d->id, d->kind, detail);
+            ml_bk_case_release(b, c);
+        }
     }
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-    reply.n_dead_letter = k.n;
+    reply.n_dead_letter = n;
     reply.dead_letter = ptrs;
-    s_send(b, s, &reply);
+    s_send(b, s, rq, &reply);
 out:
     free(blob);
     free(items);
@@ -481,6 +559,12 @@ out:
 static int s_dlq_apply(ml_broker_t *b, ml_session_t *s, const ml_store_dead_t *d, int replay,
                        char *err, size_t errlen)
 {
+    if (s_dlq_busy(b, d->seq)) {
+        snprintf(err, errlen,
+                 "not %s: dead letter %s is being replayed or purged by an earlier request",
+                 replay ? "replayed" : "purged", d->id);
+        return ML_EAGAIN;
+    }
     if (!replay) {
         if (ml_store_purge(b->store, d->seq) != 0) {
             snprintf(err, errlen, "cannot purge %s: the store is closing", d->id);
@@ -529,45 +613,128 @@ static int s_dlq_apply(ml_broker_t *b, ml_session_t *s, const ml_store_dead_t *d
     return 0;
 }
 
+/* The store has tried everything queued before the barrier, the dead
+ * letters' changes among them: the answer goes out now. */
+static void s_dlq_done(void *arg, int rc, int64_t seq, int duplicate)
+{
+    struct ml_dlq_wait *w = arg;
+    ml_broker_t *b = w->b;
+    (void)seq;
+    (void)duplicate;
+    for (struct ml_dlq_wait **pp = &b->dlq_waits; *pp; pp = &(*pp)->next)
+        if (*pp == w) {
+            *pp = w->next;
+            break;
+        }
+    ml_session_t *s = b->sessions;
+    while (s && !(s->serial == w->serial && s->state == S_READY))
+        s = s->next;
+    if (s) {
+        Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+        rq.request_id = w->request_id;
+        char note[600];
+        const char *error = w->error;
+        if (rc != 0) {
+            /* The mark is retried by the store until it commits. */
+            snprintf(note, sizeof note,
+                     "%s%sthe store could not commit it yet (%s): it is retried until it does",
+                     error ? error : "", error ? "; " : "", ml_strerror(rc));
+            error = note;
+        }
+        if (w->failed_all) {
+            s_error(b, s, &rq, "%s", error ? error : "not done");
+        } else {
+            Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+            reply.affected = w->affected;
+            if (error)
+                reply.error = (char *)error;
+            s_send(b, s, &rq, &reply);
+        }
+    }
+    s_dlq_wait_free(w);
+}
+
+/* Why a message that is not (or no longer) a dead letter cannot be
+ * replayed or purged, in err. */
+static void s_not_dead(ml_broker_t *b, const char *id, int replay, char *err, size_t errlen)
+{
+    int state = -1;
+    int64_t seq = 0;
+    const char *verb = replay ? "replayed" : "purged";
+    if (ml_store_lookup(b->store, id, &seq, &state) != 0)
+        snprintf(err, errlen, "no dead letter %s (no message has this id)", id);
+    else if (state == ML_MSG_DELIVERED)
+        snprintf(err, errlen,
+                 "not %s: %s is not a dead letter; it was replayed and has been delivered", verb,
+                 id);
+    else if (state == ML_MSG_QUEUED)
+        snprintf(err, errlen,
+                 "not %s: %s is not a dead letter; it was replayed and is queued for delivery",
+                 verb, id);
+    else
+        snprintf(err, errlen, "no dead letter %s", id);
+}
+
 static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                          int replay)
 {
     s_deads_t k = {0};
     int rc;
+    char err[512] = "";
     if (rq->all)
         rc = ml_store_dead_list(b->store, -1, s_dead_cb, &k);
     else if (rq->message_id && *rq->message_id)
         rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
     else {
-        s_error(b, s, "dlq %s needs a message id or --all", replay ? "replay" : "purge");
+        s_error(b, s, rq, "dlq %s needs a message id or --all", replay ? "replay" : "purge");
         return;
     }
     if (rc == ML_ENOTFOUND) {
-        s_error(b, s, "no dead letter %s", rq->message_id);
+        /* Said plainly, with affected = 0: a purge that finds a message
+         * replayed meanwhile did not purge it. */
+        s_not_dead(b, rq->message_id, replay, err, sizeof err);
+        s_error(b, s, rq, "%s", err);
         return;
     }
     if (rc != 0 || k.failed) {
-        s_error(b, s, "cannot read the dead-letter queue: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        s_error(b, s, rq, "cannot read the dead-letter queue: %s",
+                ml_strerror(rc ? rc : ML_ENOMEM));
         s_deads_free(&k);
         return;
     }
-    char err[512] = "";
+    struct ml_dlq_wait *w = calloc(1, sizeof *w);
+    int64_t *seqs = calloc(k.n ? k.n : 1, sizeof *seqs);
+    char *request_id = strdup(rq->request_id ? rq->request_id : "");
+    if (!w || !seqs || !request_id) {
+        free(w);
+        free(seqs);
+        free(request_id);
+        s_error(b, s, rq, "out of memory");
+        s_deads_free(&k);
+        return;
+    }
     uint32_t done = 0;
     for (size_t i = 0; i < k.n; i++) {
-        if (s_dlq_apply(b, s, &k.list[i].d, replay, err, sizeof err) == 0)
+        if (s_dlq_apply(b, s, &k.list[i].d, replay, err, sizeof err) == 0) {
             done++;
-        else if (!rq->all)
+            seqs[w->n_seqs++] = k.list[i].d.seq;
+        } else if (!rq->all) {
             break;
-    }
-    if (!rq->all && done == 0) {
-        s_error(b, s, "%s", err);
-    } else {
-        Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-        reply.affected = done;
-        if (err[0]) {
-            reply.error = err; /* --all: the last one that could not be done */
         }
-        s_send(b, s, &reply);
+    }
+    w->b = b;
+    w->serial = s->serial;
+    w->request_id = request_id;
+    w->seqs = seqs;
+    w->affected = done;
+    w->failed_all = !rq->all && done == 0;
+    w->error = err[0] ? strdup(err) : NULL;
+    w->next = b->dlq_waits;
+    b->dlq_waits = w;
+    if (w->n_seqs == 0 || ml_store_barrier(b->store, s_dlq_done, w) != 0) {
+        /* Nothing queued, or a store that is closing: answer now. */
+        w->n_seqs = 0;
+        s_dlq_done(w, 0, 0, 0);
     }
     s_deads_free(&k);
 }
@@ -592,12 +759,12 @@ static void s_prune_info(const ml_store_pruned_t *r, Medlink__V1__StorePrune *p)
 /* Sizes and rows of broker.db. The counts read every table once, on the
  * loop thread: a few tens of ms for a million rows, which is why this is
  * an ops command and not part of status. */
-static void s_store_stats(ml_broker_t *b, ml_session_t *s)
+static void s_store_stats(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
 {
     ml_store_info_t in;
     int rc = ml_store_info(b->store, &in);
     if (rc != 0) {
-        s_error(b, s, "cannot read the store: %s", ml_strerror(rc));
+        s_error(b, s, rq, "cannot read the store: %s", ml_strerror(rc));
         return;
     }
     static const char *const msg_states[] = {"queued", "delivered", "dead"};
@@ -644,7 +811,7 @@ static void s_store_stats(ml_broker_t *b, ml_session_t *s)
     st.last_prune = &last;
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.store_stats = &st;
-    s_send(b, s, &reply);
+    s_send(b, s, rq, &reply);
 }
 
 /* A store prune waiting for its run: the session is found again by its
@@ -653,6 +820,7 @@ typedef struct {
     ml_broker_t *b;
     uint64_t serial;
     char who[256];
+    char request_id[160]; /* echoed in the reply */
 } s_prune_wait_t;
 
 static void s_store_pruned_cb(void *arg, int rc, const ml_store_pruned_t *r)
@@ -672,37 +840,53 @@ static void s_store_pruned_cb(void *arg, int rc, const ml_store_pruned_t *r)
     ml_session_t *s = b->sessions;
     while (s && !(s->serial == w->serial && s->state == S_READY))
         s = s->next;
-    free(w);
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.request_id = w->request_id;
     if (!s)
-        return;
+        goto out;
     if (rc != 0) {
-        s_error(b, s, "store prune failed after removing part: %s", ml_strerror(rc));
-        return;
+        s_error(b, s, &rq, "store prune failed after removing part: %s", ml_strerror(rc));
+        goto out;
     }
     Medlink__V1__StorePrune p = MEDLINK__V1__STORE_PRUNE__INIT;
     s_prune_info(r, &p);
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.store_prune = &p;
-    s_send(b, s, &reply);
+    s_send(b, s, &rq, &reply);
+out:
+    free(w);
 }
 
 /* Runs retention now. The store does it in its usual bounded steps between
  * groups, so the answer comes when the run is over, not at once. */
-static void s_store_prune(ml_broker_t *b, ml_session_t *s)
+static void s_store_prune(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
 {
     s_prune_wait_t *w = calloc(1, sizeof *w);
     if (!w) {
-        s_error(b, s, "out of memory");
+        s_error(b, s, rq, "out of memory");
         return;
     }
     w->b = b;
     w->serial = s->serial;
     snprintf(w->who, sizeof w->who, "%s", s->peer_id);
+    snprintf(w->request_id, sizeof w->request_id, "%s", rq->request_id ? rq->request_id : "");
     int rc = ml_store_prune(b->store, s_store_pruned_cb, w);
     if (rc != 0) {
         free(w);
-        s_error(b, s, "cannot run retention: %s", ml_strerror(rc));
+        s_error(b, s, rq, "cannot run retention: %s", ml_strerror(rc));
     }
+}
+
+/* A request id as it may appear in the log: it comes from the peer, so one
+ * with characters outside a plain id's (a newline would forge a log line) or
+ * longer than a ULID's few times is shown as "(not shown)"; the reply still
+ * echoes it as sent. */
+static const char *s_log_id(const char *id)
+{
+    if (!id || !*id)
+        return "-";
+    size_t n = strspn(id, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-");
+    return id[n] == '\0' && n <= 128 ? id : "(not shown)";
 }
 
 void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
@@ -717,13 +901,13 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     const Medlink__V1__AdminRequest *rq = env->admin_request;
     const ProtobufCEnumValue *op =
         protobuf_c_enum_descriptor_get_value(&medlink__v1__admin_request__op__descriptor, rq->op);
-    ml_log(ML_LOG_INFO, "admin", "%s asked for %s%s%s", s->peer_id, op ? op->name : "?",
-           rq->case_id && *rq->case_id ? " " : "",
+    ml_log(ML_LOG_INFO, "admin", "%s asked for %s (request %s)%s%s", s->peer_id,
+           op ? op->name : "?", s_log_id(rq->request_id), rq->case_id && *rq->case_id ? " " : "",
            rq->case_id && *rq->case_id ? rq->case_id
                                        : (rq->message_id && *rq->message_id ? rq->message_id : ""));
     switch (rq->op) {
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
-        s_admin_status(b, s);
+        s_admin_status(b, s, rq);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_CASE_SHOW:
         s_case_show(b, s, rq);
@@ -744,12 +928,12 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
         s_dlq_change(b, s, rq, 0);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_STATS:
-        s_store_stats(b, s);
+        s_store_stats(b, s, rq);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STORE_PRUNE:
-        s_store_prune(b, s);
+        s_store_prune(b, s, rq);
         break;
     default:
-        s_error(b, s, "unknown admin operation %d", (int)rq->op);
+        s_error(b, s, rq, "unknown admin operation %d", (int)rq->op);
     }
 }

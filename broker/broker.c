@@ -2019,6 +2019,7 @@ void ml_broker_destroy(ml_broker_t **self_p)
      * unique id turns into a duplicate). */
     ml_store_close(&b->store);
     ml_bk_flow_free_changes(b);
+    ml_bk_admin_free(b);
     while (b->orphans) {
         ml_put_t *p = b->orphans;
         b->orphans = p->next;

@@ -86,6 +86,7 @@ typedef struct {
     int64_t last_seen;
     uint64_t delivered;
     uint32_t open_cases; /* open cases this node is the target of */
+    uint32_t opened;     /* open cases this node opened (open_cases_per_node) */
     uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
     double rate_tokens;  /* node_rate token bucket */
     int64_t rate_at;     /* its last refill, monotonic ms */
@@ -212,6 +213,7 @@ struct ml_broker {
     struct s_change
         *changes;         /* the broker's own case changes the store has not answered (flow.c) */
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
+    struct ml_dlq_wait *dlq_waits; /* replays and purges waiting for the store (admin.c) */
 
     ml_casetab_t cases;
     char **services_gone; /* service names of cases whose service a reload removed */
@@ -363,5 +365,8 @@ void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
 
 /* Answers an AdminRequest from an OPS session. */
 void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
+/* Frees the replies still waiting for the store (after it is closed: their
+ * callbacks never come). */
+void ml_bk_admin_free(ml_broker_t *b);
 
 #endif

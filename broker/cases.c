@@ -571,6 +571,26 @@ int ml_case_check_message(int case_kind, int state, int msg_kind, int party, cha
     return 0;
 }
 
+/* What some states need said with them: an appointment has a time, a
+ * discharge an outcome summary (the referring clinic's follow-up rests on
+ * it). One row per (kind, state); the field names are the proto's. */
+static const struct {
+    int case_kind;
+    int state;
+    const char *field;
+} s_required[] = {
+    {ML_CASE_REFERRAL, R_(SCHEDULED), "referral_update.scheduled_at"},
+    {ML_CASE_REFERRAL, R_(DISCHARGED), "referral_update.outcome_summary"},
+};
+
+const char *ml_case_required_field(int case_kind, int to)
+{
+    for (size_t i = 0; i < S_N(s_required); i++)
+        if (s_required[i].case_kind == case_kind && s_required[i].state == to)
+            return s_required[i].field;
+    return NULL;
+}
+
 int ml_case_terminal(int case_kind, int state)
 {
     /* Terminal is defined by the table: a state no row leaves. */

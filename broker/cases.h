@@ -111,6 +111,14 @@ int ml_case_check(int case_kind, int from, int to, int party, char *err, size_t 
 int ml_case_check_message(int case_kind, int state, int msg_kind, int party, char *err,
                           size_t errlen);
 
+/* The field an update that moves a case of case_kind to state `to` must
+ * carry, beyond what ml_env_validate checks for every message, as the
+ * workflow tables of docs/workflows.md ask ("referral_update.scheduled_at"
+ * for REFERRAL_SCHEDULED: the appointment; "referral_update.outcome_summary"
+ * for REFERRAL_DISCHARGED), or NULL when there is none. Static string; the
+ * broker refuses an update without it (Nack INVALID naming the field). */
+const char *ml_case_required_field(int case_kind, int to);
+
 /* 1 if no transition leaves state. */
 int ml_case_terminal(int case_kind, int state);
 

@@ -159,6 +159,7 @@ static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "retention_batch"},
     {S_BROKER, "max_preauth_sessions"},
     {S_BROKER, "session_output_bytes"},
+    {S_BROKER, "open_cases_per_node"},
     {"node *", "role"},
     {"node *", "community"},
     {"node *", "name"},
@@ -341,6 +342,8 @@ static int s_load_broker(struct s_load *ld)
          offsetof(ml_broker_config_t, max_preauth_sessions)},
         {"session_output_bytes", 4L * 1024 * 1024, 64 * 1024, 1L << 30,
          offsetof(ml_broker_config_t, session_output_bytes)},
+        {"open_cases_per_node", 5000, 1, 100000000,
+         offsetof(ml_broker_config_t, open_cases_per_node)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

@@ -127,6 +127,7 @@ typedef struct {
     long handshakes_per_s;      /* new connections per second from one address */
     long node_rate;             /* routed messages per second from one node */
     long node_queue_bytes;      /* bytes waiting for one recipient before senders are refused */
+    long open_cases_per_node;   /* open cases one node may have opened; more are refused */
     long timer_ms;              /* deadline and expiry checks */
     int notify_delivered;       /* tell openers when their case is delivered */
     long crl_warn_days;         /* warn this many days before the CRL, certificate or CA expire */

@@ -71,16 +71,22 @@ static const char *s_service_name(ml_broker_t *b, const char *name)
 }
 
 /* Keeps each node's count of the open cases it is the target of, which is
- * how a service picks its least busy consumer. */
+ * how a service picks its least busy consumer, and of the open cases it
+ * opened, which open_cases_per_node bounds. */
 static void s_target_count(ml_broker_t *b, ml_case_t *c, int delta)
 {
-    ml_nodestate_t *ns = s_node_at(b, c->target);
-    if (!ns || c->closed || c->gone)
+    if (c->closed || c->gone)
         return;
-    if (delta < 0 && ns->open_cases > 0)
+    ml_nodestate_t *ns = s_node_at(b, c->target);
+    if (ns && delta < 0 && ns->open_cases > 0)
         ns->open_cases--;
-    else if (delta > 0)
+    else if (ns && delta > 0)
         ns->open_cases++;
+    ml_nodestate_t *op = s_node_at(b, c->opener);
+    if (op && delta < 0 && op->opened > 0)
+        op->opened--;
+    else if (op && delta > 0)
+        op->opened++;
 }
 
 /* The row of the store for c as it is in memory. */
@@ -343,6 +349,18 @@ static int s_stale_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *
 
 /* ------------------------------------------------------------------ */
 /* Reading messages                                                    */
+
+/* The one refusal for a case a node may not see: a case that does not
+ * exist, and one that exists but is none of the sender's, get the same code
+ * (NACK_NOT_PARTY) and this same sentence, so the answer says nothing about
+ * whether the case exists or what kind it is (F11). */
+static void s_not_party(const ml_nodestate_t *sender, const char *case_id, char *err, size_t len)
+{
+    snprintf(err, len,
+             "node %s has no part in case %s: there is no such case, or the node neither opened "
+             "it nor is responsible for it",
+             sender->node->id, case_id);
+}
 
 static int s_party(ml_broker_t *b, const ml_case_t *c, const ml_nodestate_t *sender)
 {
@@ -648,15 +666,26 @@ static int s_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
     return 0;
 }
 
+/* Who an Escalation is about when it is not simply c as it is now: after a
+ * deadline fallback, c names the fallback hospital and its new deadline,
+ * while the Escalation must name the hospital that missed the old one
+ * (control.proto: "who had the case"). */
+typedef struct {
+    const char *target; /* NULL: c's target */
+    int64_t deadline_at;
+    int no_ops; /* the ops nodes get this in a summary of the tick (s_overdue_t) */
+} s_esc_about_t;
+
 /* Sends an Escalation to the ops nodes and to also_to (when not one of
  * them), after queueing ops (the case change that goes with it). The
  * change and the messages are separate store requests: the messages carry
  * no change, so that a store refusing them (a full disk) only delays them
  * (ml_bk_retry_own), and a change that fails is read back from the store
- * and made again (a deadline fires again). */
+ * and made again (a deadline fires again). about may be NULL. */
 static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *detail,
                        const char *expected, const char *message_id, const char *redirected_to,
-                       ml_nodestate_t *also_to, const ml_store_caseop_t *ops, size_t n_ops)
+                       ml_nodestate_t *also_to, const ml_store_caseop_t *ops, size_t n_ops,
+                       const s_esc_about_t *about)
 {
     Medlink__V1__Escalation esc = MEDLINK__V1__ESCALATION__INIT;
     esc.reason = reason;
@@ -664,18 +693,20 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
     esc.case_kind = c ? c->kind : 0;
     esc.state = c ? (char *)ml_case_state_name(c->kind, c->state) : (char *)"";
     esc.expected_state = (char *)(expected ? expected : "");
-    esc.deadline_at = c ? c->deadline_at : 0;
-    esc.target = c ? (char *)s_node_name(b, c->target) : (char *)"";
+    esc.deadline_at = about ? about->deadline_at : c ? c->deadline_at : 0;
+    esc.target = about && about->target ? (char *)about->target
+                 : c                    ? (char *)s_node_name(b, c->target)
+                                        : (char *)"";
     esc.redirected_to = (char *)(redirected_to ? redirected_to : "");
     esc.message_id = (char *)(message_id ? message_id : "");
     esc.detail = (char *)(detail ? detail : "");
-    int sent = 0;
+    int sent = 0, no_ops = about && about->no_ops;
     if (n_ops > 0)
         s_apply(b, c, ops, n_ops, NULL);
     for (size_t i = 0; i <= b->n_nodes; i++) {
         ml_nodestate_t *ns = i < b->n_nodes ? b->nodes[i] : also_to;
-        if (!ns || ns->removed || (i < b->n_nodes && !s_is_ops(b, ns)) ||
-            (i == b->n_nodes && s_is_ops(b, ns)))
+        if (!ns || ns->removed || (i < b->n_nodes && (no_ops || !s_is_ops(b, ns))) ||
+            (i == b->n_nodes && s_is_ops(b, ns) && !no_ops))
             continue;
         ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
         env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION;
@@ -687,8 +718,86 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
         if (ml_bk_emit(b, &env, ns, NULL, NULL, 0) == 0)
             sent++;
     }
-    ml_log(ML_LOG_WARN, "escalation", "case %s: %s (told %d node(s))", c ? c->id : "-",
-           detail ? detail : "", sent);
+    /* A case in a summary is logged in the summary's one line. */
+    if (!no_ops)
+        ml_log(ML_LOG_WARN, "escalation", "case %s: %s (told %d node(s))", c ? c->id : "-",
+               detail ? detail : "", sent);
+}
+
+/* The cases whose deadline passed in one tick of the flow timer. When
+ * there are several, the ops nodes get one summary Escalation ("N cases
+ * overdue: ...", every case id in Escalation.case_ids) and the log one
+ * line, instead of one of each per case: 2,000 cases that miss their
+ * deadline together are one event for the IT desk, not 2,000 (F8). The
+ * openers still hear of each of their own cases. */
+typedef struct {
+    const char **ids;     /* borrowed: the cases are held until the summary is sent */
+    const char **targets; /* who missed each deadline (node ids, borrowed) */
+    size_t n, cap;
+} s_overdue_t;
+
+static void s_overdue_add(s_overdue_t *o, const char *id, const char *target)
+{
+    if (o->n == o->cap) {
+        size_t cap = o->cap ? o->cap * 2 : 64;
+        const char **ids = realloc(o->ids, cap * sizeof *ids);
+        if (ids)
+            o->ids = ids;
+        const char **tg = ids ? realloc(o->targets, cap * sizeof *tg) : NULL;
+        if (tg)
+            o->targets = tg;
+        if (!ids || !tg)
+            return; /* the case is still escalated to its opener, and counted below */
+        o->cap = cap;
+    }
+    o->ids[o->n] = id;
+    o->targets[o->n] = target;
+    o->n++;
+}
+
+/* How many case ids a summary's detail sentence and log line name; the
+ * Escalation's case_ids field names every one (up to S_SUMMARY_IDS_MAX). */
+#define S_SUMMARY_NAMED 20
+#define S_SUMMARY_IDS_MAX 10000
+
+/* Sends the summary of o (n >= 1 cases, total of them overdue) to every
+ * ops node, and logs it once. */
+static void s_overdue_send(ml_broker_t *b, const s_overdue_t *o, size_t total)
+{
+    char detail[2048];
+    size_t used = 0;
+    int n = snprintf(detail, sizeof detail, "%zu cases overdue:", total);
+    used = n > 0 ? (size_t)n : 0;
+    for (size_t i = 0; i < o->n && i < S_SUMMARY_NAMED && used < sizeof detail; i++) {
+        n = snprintf(detail + used, sizeof detail - used, "%s %s (%s)", i ? "," : "", o->ids[i],
+                     o->targets[i] && *o->targets[i] ? o->targets[i] : "?");
+        used += n > 0 ? (size_t)n : 0;
+    }
+    if (total > S_SUMMARY_NAMED && used < sizeof detail)
+        snprintf(detail + used, sizeof detail - used, ", and %zu more", total - S_SUMMARY_NAMED);
+
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    Medlink__V1__Escalation esc = MEDLINK__V1__ESCALATION__INIT;
+    esc.reason = MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEADLINE_MISSED;
+    esc.case_id = id; /* names no case: the summary's own id */
+    esc.detail = detail;
+    esc.n_case_ids = o->n < S_SUMMARY_IDS_MAX ? o->n : S_SUMMARY_IDS_MAX;
+    esc.case_ids = (char **)o->ids;
+    int sent = 0;
+    for (size_t i = 0; i < b->n_nodes; i++) {
+        ml_nodestate_t *ns = b->nodes[i];
+        if (ns->removed || !s_is_ops(b, ns))
+            continue;
+        ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION;
+        env.escalation = &esc;
+        env.case_id = id;
+        env.priority = MEDLINK__V1__PRIORITY__PRIORITY_URGENT;
+        if (ml_bk_emit(b, &env, ns, NULL, NULL, 0) == 0)
+            sent++;
+    }
+    ml_log(ML_LOG_WARN, "escalation", "%s (summary %s, told %d ops node(s))", detail, id, sent);
 }
 
 /* Forwards the referral that opened c to c's current target (after a
@@ -765,6 +874,25 @@ static int s_quota_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *
              to->node->id, (unsigned long long)to->queue.bytes, b->cfg->node_queue_bytes);
     char k[300];
     ml_bk_refuse_for_now(b, s, env->id, ml_bk_hold_key(env, k, sizeof k), NACK_(RATE_LIMITED), err);
+    return 1;
+}
+
+/* open_cases_per_node: one node cannot make the broker keep an unbounded
+ * number of cases (memory, disk, deadlines, escalations) by opening cases
+ * nobody closes (F8). The refusal is permanent (NACK_FORBIDDEN, the agent
+ * moves the file to rejected/ with the reason): a transient one would hold
+ * every later message of the sender to that recipient (ml_bk_refuse_for_now),
+ * the updates that close cases and free the quota among them. */
+static int s_open_quota_refuse(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env)
+{
+    if ((long)s->ns->opened < b->cfg->open_cases_per_node)
+        return 0;
+    char err[512];
+    snprintf(err, sizeof err,
+             "quota: %s has %u open cases, its open_cases_per_node limit of %ld; close or cancel "
+             "some of them, then send this again",
+             s->ns->node->id, s->ns->opened, b->cfg->open_cases_per_node);
+    ml_bk_refuse(b, s, env->id, NACK_(FORBIDDEN), err);
     return 1;
 }
 
@@ -857,6 +985,8 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             ml_bk_hold_also(s, rs->node->id, env->id);
         return;
     }
+    if (s_open_quota_refuse(b, s, env))
+        return;
 
     /* A referral back up from a rehab down-transfer closes that case. */
     ml_case_t *lc = NULL;
@@ -864,9 +994,10 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         const char *lid = env->referral->linked_case_id;
         lc = s_lookup(b, lid);
         int code = 0;
-        if (!lc) {
-            code = NACK_(UNKNOWN_CASE);
-            snprintf(err, sizeof err, "referral.linked_case_id %s names no case", lid);
+        if (!lc || s_party(b, lc, sender) == ML_PARTY_OTHER) {
+            /* As for updates: unknown and not yours read the same (F11). */
+            code = NACK_(NOT_PARTY);
+            s_not_party(sender, lid, err, sizeof err);
         } else if (lc->kind != ML_CASE_DOWN_TRANSFER) {
             code = NACK_(INVALID);
             snprintf(err, sizeof err, "referral.linked_case_id %s is not a rehab down-transfer",
@@ -1062,7 +1193,17 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
                            ml_nodestate_t **redirect, char *err, size_t errlen)
 {
     switch (env->payload_case) {
-    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE:
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE: {
+        /* The fields the workflow table asks for with this state. */
+        const Medlink__V1__ReferralUpdate *u = env->referral_update;
+        const char *field = ml_case_required_field(ML_CASE_REFERRAL, st);
+        int missing = (st == REF_(SCHEDULED) && u->scheduled_at <= 0) ||
+                      (st == REF_(DISCHARGED) && !s_nonempty(u->outcome_summary));
+        if (field && missing) {
+            snprintf(err, errlen, "%s is required when status is %s", field,
+                     ml_case_state_name(ML_CASE_REFERRAL, st));
+            return NACK_(INVALID);
+        }
         if (st == REF_(REDIRECTED)) {
             const char *to = env->referral_update->redirect_to;
             ml_nodestate_t *ns = ml_bk_node(b, to);
@@ -1088,6 +1229,7 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
             *redirect = ns;
         }
         break;
+    }
     case MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE:
         if (st == DT_(RE_REFERRED)) {
             snprintf(err, errlen,
@@ -1165,14 +1307,16 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     int ck = ml_case_kind_of_message(env->kind);
 
     ml_case_t *c = s_lookup(b, env->case_id);
-    if (!c || c->kind != ck) {
+    /* The party first: a node with no part in the case gets the very answer
+     * it would get for a case that does not exist, so it learns neither
+     * that the case exists nor its kind (F11). */
+    int outsider = !c || s_party(b, c, sender) == ML_PARTY_OTHER;
+    if (outsider || c->kind != ck) {
         if (s_known_id(b, s, env->id)) {
             s_submit_duplicate(b, s, env, rec, len, NULL);
-        } else if (!c) {
-            snprintf(err, sizeof err,
-                     "no case %s: a %s must follow the message that opens its case", env->case_id,
-                     ml_kind_name(env->kind));
-            ml_bk_refuse(b, s, env->id, NACK_(UNKNOWN_CASE), err);
+        } else if (outsider) {
+            s_not_party(sender, env->case_id, err, sizeof err);
+            ml_bk_refuse(b, s, env->id, NACK_(NOT_PARTY), err);
         } else {
             snprintf(err, sizeof err, "case %s is not a%s %s case, so it takes no %s", env->case_id,
                      ck == ML_CASE_IMAGING ? "n" : "", ml_case_kind_name(ck),
@@ -1190,11 +1334,8 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     int st = s_msg_state(env);
     int code = 0;
     ml_nodestate_t *redirect = NULL;
-    if (party == ML_PARTY_OTHER) {
-        code = NACK_(NOT_PARTY);
-        snprintf(err, sizeof err, "node %s has no part in case %s", sender->node->id, c->id);
-    } else if ((st < 0 ? ml_case_check_message(ck, c->state, env->kind, party, err, sizeof err)
-                       : ml_case_check(ck, c->state, st, party, err, sizeof err)) != 0) {
+    if ((st < 0 ? ml_case_check_message(ck, c->state, env->kind, party, err, sizeof err)
+                : ml_case_check(ck, c->state, st, party, err, sizeof err)) != 0) {
         code = NACK_(ILLEGAL_TRANSITION);
     } else {
         code = s_check_content(b, c, env, st, &redirect, err, sizeof err);
@@ -1584,7 +1725,7 @@ void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const
             s_row(b, c, &op.row);
         }
         s_escalate(b, c, MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEAD_LETTER, detail, NULL,
-                   it->id, NULL, sender, c ? &op : NULL, c ? 1 : 0);
+                   it->id, NULL, sender, c ? &op : NULL, c ? 1 : 0, NULL);
     }
     if (it->cs) {
         ml_case_t *ref = it->cs;
@@ -1596,11 +1737,18 @@ void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const
 /* ------------------------------------------------------------------ */
 /* Timers: deadlines and expiry                                        */
 
-static void s_deadline_missed(ml_broker_t *b, ml_case_t *c, int64_t now)
+/* Escalates the deadline c missed (and, for an unaccepted EMERGENCY
+ * referral, redirects it to the fallback hospital). With sum, the ops
+ * nodes hear of it in the tick's summary instead of on their own. */
+static void s_deadline_missed(ml_broker_t *b, ml_case_t *c, int64_t now, s_overdue_t *sum)
 {
     const char *expected = ml_case_state_name(c->kind, c->deadline_state);
     ml_nodestate_t *opener = s_node_at(b, c->opener);
     ml_nodestate_t *old_target = s_node_at(b, c->target);
+    s_esc_about_t about = {
+        .target = s_node_name(b, c->target), .deadline_at = c->deadline_at, .no_ops = sum != NULL};
+    if (sum)
+        s_overdue_add(sum, c->id, about.target);
     char detail[600], when[32];
     snprintf(detail, sizeof detail, "%s case not %s by %s by its deadline %s (it is %s)",
              ml_priority_name(c->priority), expected, s_node_name(b, c->target),
@@ -1658,7 +1806,7 @@ static void s_deadline_missed(ml_broker_t *b, ml_case_t *c, int64_t now)
     s_row(b, c, &op.row);
     s_escalate(b, c, MEDLINK__V1__ESCALATION_REASON__ESCALATION_DEADLINE_MISSED,
                redirected ? redir : detail, expected, NULL, redirected ? fb->node->id : NULL,
-               opener, &op, 1);
+               opener, &op, 1, &about);
     if (!redirected)
         return;
     s_forward_opening(b, c);
@@ -1757,8 +1905,14 @@ static void s_flow_timer_cb(uv_timer_t *t)
         d.due.v[i]->refs++;
     for (size_t i = 0; i < d.redo.n; i++)
         s_redo(b, d.redo.v[i]);
+    /* Several deadlines in one tick: one summary to ops (s_overdue_t). */
+    s_overdue_t sum = {0};
     for (size_t i = 0; i < d.due.n; i++)
-        s_deadline_missed(b, d.due.v[i], now);
+        s_deadline_missed(b, d.due.v[i], now, d.due.n > 1 ? &sum : NULL);
+    if (d.due.n > 1)
+        s_overdue_send(b, &sum, d.due.n);
+    free(sum.ids);
+    free(sum.targets);
     for (size_t i = 0; i < d.redo.n; i++)
         ml_bk_case_release(b, d.redo.v[i]);
     for (size_t i = 0; i < d.due.n; i++)

@@ -1902,6 +1902,26 @@ int ml_store_case_apply(ml_store_t *st, const ml_store_caseop_t *ops, size_t n_o
     return rc;
 }
 
+int ml_store_barrier(ml_store_t *st, ml_store_put_cb cb, void *arg)
+{
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (st->closed)
+        return ML_ECLOSED;
+    /* A case request with no case in it: it goes through the store thread
+     * in order, writes nothing, and is answered like any other. */
+    ml_store_req_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return ML_ENOMEM;
+    r->op = S_OP_CASE;
+    r->cb = cb;
+    r->arg = arg;
+    int rc = s_enqueue(st, r);
+    if (rc == 0 && st->inflight++ == 0)
+        uv_ref((uv_handle_t *)&st->async);
+    return rc;
+}
+
 static int s_mark_req(ml_store_t *st, int op, int64_t seq, const char *reason)
 {
     if (!st)

@@ -275,6 +275,12 @@ int ml_store_prune(ml_store_t *st, ml_store_prune_cb cb, void *arg);
 /* Fills out from committed data (the reader connection). O(rows): it
  * counts every table. Loop thread. Returns 0 or ML_ESTORE. */
 int ml_store_info(ml_store_t *st, ml_store_info_t *out);
+/* Queues a request that changes nothing: cb runs on the loop thread once
+ * every request queued before it has been tried (committed, or answered
+ * with its failure; a mark that failed is retried behind it), so that what
+ * they changed is visible to the synchronous reads below. rc is 0 when its
+ * transaction committed. Returns 0 or ML_ENOMEM / ML_ECLOSED. */
+int ml_store_barrier(ml_store_t *st, ml_store_put_cb cb, void *arg);
 
 /* ---- synchronous reads on the loop thread (committed data only) ---- */
 

@@ -345,6 +345,16 @@ static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY: {
         if (!ss->req)
             return;
+        /* A reply names the request it answers; one that names another
+         * (an answer to an earlier request, resent after a reconnect) is
+         * not ours. A broker older than request ids sends none. */
+        const char *rid = env->admin_reply->request_id;
+        if (rid && *rid && strcmp(rid, ss->req_id) != 0) {
+            if (ss->o->verbose)
+                ml_log(ML_LOG_INFO, "ctl", "ignoring a reply to request %s (ours is %s)", rid,
+                       ss->req_id);
+            return;
+        }
         /* env is borrowed for the call: keep a copy. */
         uint8_t *buf = NULL;
         size_t len = 0;
@@ -431,8 +441,12 @@ int ctl_session_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls, const Medlink__V1_
     memset(res, 0, sizeof *res);
     ss.o = o;
     ss.res = res;
-    ss.req = req;
+    /* The request id is the envelope's id: the broker echoes it in
+     * AdminReply.request_id. */
     ml_ulid_new(ss.req_id);
+    Medlink__V1__AdminRequest rq = *req;
+    rq.request_id = ss.req_id;
+    ss.req = &rq;
     int rc = s_run(&ss, tls);
     if (rc == 0)
         *reply = ss.reply;

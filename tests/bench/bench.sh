@@ -89,6 +89,9 @@ write_config() {
         # node_rate: the per-node limit (5,000 messages/s by default) would
         # cap 4 clinics at ~22,000/s; the bench measures the broker's capacity.
         printf 'log_level = warn\ndelivery_window = 1024\nnode_rate = 10000000\n'
+        # open_cases_per_node: the bench's cases are never closed, and the
+        # default (5,000 per clinic) would refuse most of them.
+        printf 'open_cases_per_node = 100000000\n'
         printf 'notify_delivered = %s\n\n' "${2:-yes}"
         printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
         for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done

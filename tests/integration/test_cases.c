@@ -213,11 +213,11 @@ Test(cases, referral_every_illegal_transition_refused)
     cr_assert_str_eq(s_case(&ops, b.id)->state, "REFERRAL_REJECTED");
     cr_assert_geq(checked, 300, "only %d refusals checked", checked);
 
-    /* An update for a case nobody opened. */
+    /* An update for a case nobody opened: the same answer as for a case
+     * that is not the sender's (F11). */
     char nocase[ML_ULID_LEN + 1];
     ml_ulid_new(nocase);
-    cli_expect_nack(s_update(&hosp, H_XINZHAN, nocase, REF_(ACCEPTED)), NACK_(UNKNOWN_CASE),
-                    nocase);
+    cli_expect_nack(s_update(&hosp, H_XINZHAN, nocase, REF_(ACCEPTED)), NACK_(NOT_PARTY), nocase);
     cr_assert_eq(clinic.downs + hosp.downs + city.downs, 0, "refusals must not drop sessions");
     cli_close(&clinic);
     cli_close(&hosp);
