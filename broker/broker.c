@@ -1110,6 +1110,22 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
         ml_bk_pump(b, ns);
 }
 
+/* The id of a record refused as too large, read from the first bytes of
+ * its body (ml_frame_reader_refused_head): field 1 of the Envelope, which
+ * encoders write first, as tag 0x0a and a one-byte length. Returns out, or
+ * NULL when those bytes did not come with the header or do not start with
+ * a ULID (the Nack then has no message_id). */
+static const char *s_refused_id(const ml_frame_reader_t *r, char out[ML_ULID_LEN + 1])
+{
+    const uint8_t *h;
+    size_t n = ml_frame_reader_refused_head(r, &h);
+    if (n < 2 + ML_ULID_LEN || h[0] != 0x0a || h[1] != ML_ULID_LEN)
+        return NULL;
+    memcpy(out, h + 2, ML_ULID_LEN);
+    out[ML_ULID_LEN] = '\0';
+    return ml_ulid_valid(out) ? out : NULL;
+}
+
 static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
 {
     ml_envelope_t *env = NULL;
@@ -1277,9 +1293,10 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
             rc = 0;
         }
         if (rc < 0) {
-            char err[160];
+            char err[160], id[ML_ULID_LEN + 1];
             snprintf(err, sizeof err, "record over the %ld-byte limit", b->cfg->max_record);
-            ml_bk_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
+            ml_bk_refuse(b, s, s_refused_id(s->reader, id), MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE,
+                         err);
             s_flush(b, s);
             s_session_close(b, s, err);
             return;
@@ -2112,9 +2129,10 @@ int ml_broker_feed_plaintext(ml_broker_t *b, const char *node_id, const uint8_t 
         rc = 0;
     }
     if (rc < 0) {
-        char err[160];
+        char err[160], id[ML_ULID_LEN + 1];
         snprintf(err, sizeof err, "record over the %ld-byte limit", b->cfg->max_record);
-        ml_bk_refuse(b, s, NULL, MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE, err);
+        ml_bk_refuse(b, s, s_refused_id(s->reader, id), MEDLINK__V1__NACK_CODE__NACK_TOO_LARGE,
+                     err);
         s_session_close(b, s, err);
     }
     return 0;

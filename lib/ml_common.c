@@ -16,6 +16,8 @@
 
 #include <openssl/rand.h>
 
+#include "ml_text.h"
+
 const char *ml_strerror(int rc)
 {
     switch (rc) {
@@ -98,16 +100,19 @@ void ml_log(int level, const char *component, const char *fmt, ...)
     if (level < s_log_level)
         return;
     char ts[32];
+    char msg[2048];
     char line[2048];
     ml_time_format(ml_now_ms(), ts, sizeof ts);
     int n = snprintf(line, sizeof line, "%s %s %s: ", ts, names[level & 3], component);
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof line - 2)
-        len = sizeof line - 2;
+    size_t mlen = m < 0 ? 0 : (size_t)m < sizeof msg ? (size_t)m : sizeof msg - 1;
+    /* Messages quote ids, reasons and names that peers chose: escaped here,
+     * in the one place every line passes, a newline or a terminal escape in
+     * them cannot forge a line or reach an operator's terminal. */
+    size_t len = (size_t)n + ml_text_escape(msg, mlen, line + n, sizeof line - (size_t)n - 1);
     line[len++] = '\n';
     /* One write(2) per line so lines from threads never interleave. */
     ssize_t w = write(STDERR_FILENO, line, len);

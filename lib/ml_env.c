@@ -15,6 +15,7 @@
 #include <strings.h>
 
 #include "ml_common.h"
+#include "ml_text.h"
 #include "ml_imaging.h" /* chunk sizes and the SHA-256 hex length only */
 
 #define ML_ENV_CASE_ID_MAX 128
@@ -217,6 +218,76 @@ static int s_fail(char *err, size_t errlen, const char *fmt, ...)
     return ML_EINVAL;
 }
 
+/* ---- text ------------------------------------------------------------- */
+
+/* Appends ".name" (nothing before it at the root) or "[i]" to path[0..*plen)
+ * and returns the old length, to put back afterwards. A path too long for
+ * the buffer is cut, which only shortens the error sentence. */
+static size_t s_path_add(char *path, size_t cap, size_t *plen, const char *name, size_t index,
+                         int is_index)
+{
+    size_t old = *plen;
+    int n = is_index ? snprintf(path + old, cap - old, "[%zu]", index)
+                     : snprintf(path + old, cap - old, "%s%s", old ? "." : "", name);
+    if (n > 0)
+        *plen = old + (size_t)n < cap ? old + (size_t)n : cap - 1;
+    return old;
+}
+
+/* Walks every string field of m and of the messages inside it (oneof
+ * members only when set). O(size of the message tree); the depth is
+ * bounded because the .proto files have no recursion. */
+static int s_check_text(const ProtobufCMessage *m, char *path, size_t cap, size_t *plen, int depth,
+                        char *err, size_t errlen)
+{
+    if (!m || depth > 32)
+        return 0;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    const char *base = (const char *)m;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+            *(const uint32_t *)(base + f->quantifier_offset) != f->id)
+            continue;
+        size_t n = 1;
+        const void *const *v = (const void *const *)(base + f->offset);
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            n = *(const size_t *)(base + f->quantifier_offset);
+            v = *(const void *const *const *)(base + f->offset);
+        }
+        size_t old = s_path_add(path, cap, plen, f->name, 0, 0);
+        for (size_t k = 0; k < n; k++) {
+            size_t old_k = *plen;
+            if (f->label == PROTOBUF_C_LABEL_REPEATED)
+                s_path_add(path, cap, plen, NULL, k, 1);
+            int rc = 0;
+            if (f->type == PROTOBUF_C_TYPE_STRING) {
+                const char *str = v[k];
+                if (str && !ml_utf8_valid(str, strlen(str)))
+                    rc = s_fail(err, errlen, "%s is not valid UTF-8 text", path);
+            } else {
+                rc = s_check_text(v[k], path, cap, plen, depth + 1, err, errlen);
+            }
+            *plen = old_k;
+            path[old_k] = '\0';
+            if (rc < 0)
+                return rc;
+        }
+        *plen = old;
+        path[old] = '\0';
+    }
+    return 0;
+}
+
+int ml_env_check_text(const ProtobufCMessage *m, char *err, size_t errlen)
+{
+    char path[256] = "";
+    size_t plen = 0;
+    return s_check_text(m, path, sizeof path, &plen, 0, err, errlen);
+}
+
 static int s_empty(const char *s)
 {
     return !s || !*s;
@@ -235,10 +306,24 @@ static int s_check_node_id(const char *field, const char *s, char *err, size_t e
         char c = s[i];
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
               c == '.' || c == '_' || c == '-'))
-            return s_fail(err, errlen,
-                          "%s \"%.64s\" may only contain letters, digits, '.', '_' and '-'", field,
-                          s);
+            return s_fail(err, errlen, "%s may only contain letters, digits, '.', '_' and '-'",
+                          field);
     }
+    return 0;
+}
+
+/* Case ids (and the ids that name another case) reach logs, file names,
+ * SQL rows and medlinkctl's output, so they keep to the same plain
+ * charset as message ids (ml_text_id_valid). required 0: empty is fine. */
+static int s_check_case_id(const char *field, const char *s, int required, char *err, size_t errlen)
+{
+    if (s_empty(s))
+        return required ? s_fail(err, errlen, "%s is required", field) : 0;
+    if (strlen(s) > ML_ENV_CASE_ID_MAX)
+        return s_fail(err, errlen, "%s is longer than %d characters", field, ML_ENV_CASE_ID_MAX);
+    if (!ml_text_id_valid(s, ML_ENV_CASE_ID_MAX))
+        return s_fail(err, errlen,
+                      "%s may only contain letters, digits, '.', '_', ':', '@' and '-'", field);
     return 0;
 }
 
@@ -297,9 +382,9 @@ static int s_validate_diagnoses(const char *prefix, size_t n, Medlink__V1__Diagn
             return s_fail(err, errlen, "%s[%zu].icd10 is required", prefix, i);
         if (!s_icd10_valid(d->icd10))
             return s_fail(err, errlen,
-                          "%s[%zu].icd10 \"%.32s\" is not an ICD-10 code "
+                          "%s[%zu].icd10 is not an ICD-10 code "
                           "(like J18, I21.4 or I21.000x002)",
-                          prefix, i, d->icd10);
+                          prefix, i);
     }
     return 0;
 }
@@ -320,14 +405,14 @@ static int s_check_uid(const char *field, const char *s, char *err, size_t errle
         int dot = s[i] == '.';
         if (!dot && !s_is_digit(s[i]))
             return s_fail(err, errlen,
-                          "%s \"%.64s\" is not a DICOM UID (digits separated by dots, like "
+                          "%s is not a DICOM UID (digits separated by dots, like "
                           "1.2.840.113619.2.55)",
-                          field, s);
+                          field);
         if (dot && (i == 0 || i + 1 == n || s[i + 1] == '.'))
             return s_fail(err, errlen,
-                          "%s \"%.64s\" is not a DICOM UID (a dot at the start or end, or two "
+                          "%s is not a DICOM UID (a dot at the start or end, or two "
                           "dots in a row)",
-                          field, s);
+                          field);
     }
     return 0;
 }
@@ -348,9 +433,9 @@ static int s_check_file_name(const char *field, const char *s, char *err, size_t
     }
     if (!plain)
         return s_fail(err, errlen,
-                      "%s \"%.64s\" must be a plain file name (no folders, no leading '.', no "
+                      "%s must be a plain file name (no folders, no leading '.', no "
                       "control characters, at most %d characters)",
-                      field, s, ML_ENV_FILE_NAME_MAX);
+                      field, ML_ENV_FILE_NAME_MAX);
     return 0;
 }
 
@@ -369,8 +454,7 @@ static int s_check_sha256(const char *field, const char *s, char *err, size_t er
     if (s_empty(s))
         return s_fail(err, errlen, "%s is required", field);
     if (!s_sha256_hex_valid(s))
-        return s_fail(err, errlen, "%s \"%.72s\" is not a SHA-256 (64 lower-case hex digits)",
-                      field, s);
+        return s_fail(err, errlen, "%s is not a SHA-256 (64 lower-case hex digits)", field);
     return 0;
 }
 
@@ -401,10 +485,7 @@ static int s_validate_referral(const Medlink__V1__Referral *r, char *err, size_t
         return rc;
     /* A case id like the envelope's own; empty when the referral does not
      * come from a down-transfer. */
-    if (r->linked_case_id && strlen(r->linked_case_id) > ML_ENV_CASE_ID_MAX)
-        return s_fail(err, errlen, "referral.linked_case_id is longer than %d characters",
-                      ML_ENV_CASE_ID_MAX);
-    return 0;
+    return s_check_case_id("referral.linked_case_id", r->linked_case_id, 0, err, errlen);
 }
 
 static int s_validate_update(const Medlink__V1__ReferralUpdate *u, char *err, size_t errlen)
@@ -591,11 +672,8 @@ static int s_validate_down_update(const Medlink__V1__DownTransferUpdate *u, char
                       "down_transfer_update.follow_up_number is required when status is %s "
                       "(1 for the first follow-up)",
                       ev->name);
-    if (u->referral_case_id && strlen(u->referral_case_id) > ML_ENV_CASE_ID_MAX)
-        return s_fail(err, errlen,
-                      "down_transfer_update.referral_case_id is longer than %d characters",
-                      ML_ENV_CASE_ID_MAX);
-    return 0;
+    return s_check_case_id("down_transfer_update.referral_case_id", u->referral_case_id, 0, err,
+                           errlen);
 }
 
 static int s_validate_escalation(const Medlink__V1__Escalation *x, char *err, size_t errlen)
@@ -605,11 +683,17 @@ static int s_validate_escalation(const Medlink__V1__Escalation *x, char *err, si
         return s_fail(err, errlen, "escalation.reason is required");
     if (!protobuf_c_enum_descriptor_get_value(&medlink__v1__escalation_reason__descriptor, r))
         return s_fail(err, errlen, "escalation.reason %d is not a known value", r);
-    if (s_empty(x->case_id))
-        return s_fail(err, errlen, "escalation.case_id is required");
-    if (strlen(x->case_id) > ML_ENV_CASE_ID_MAX)
-        return s_fail(err, errlen, "escalation.case_id is longer than %d characters",
-                      ML_ENV_CASE_ID_MAX);
+    int rc;
+    if ((rc = s_check_case_id("escalation.case_id", x->case_id, 1, err, errlen)) < 0)
+        return rc;
+    if ((rc = s_check_case_id("escalation.message_id", x->message_id, 0, err, errlen)) < 0)
+        return rc;
+    if (!s_empty(x->target) &&
+        (rc = s_check_node_id("escalation.target", x->target, err, errlen)) < 0)
+        return rc;
+    if (!s_empty(x->redirected_to) &&
+        (rc = s_check_node_id("escalation.redirected_to", x->redirected_to, err, errlen)) < 0)
+        return rc;
     return 0;
 }
 
@@ -667,14 +751,16 @@ int ml_env_validate(ml_envelope_t *e, char *err, size_t errlen)
     int rc;
     if (!e)
         return s_fail(err, errlen, "no envelope");
+    /* First, so that nothing below reads, quotes or stores a string that
+     * is not text. */
+    if ((rc = ml_env_check_text(&e->base, err, errlen)) < 0)
+        return rc;
     if (s_empty(e->id))
         return s_fail(err, errlen, "id is required");
     if (!ml_ulid_valid(e->id))
-        return s_fail(err, errlen, "id \"%.40s\" is not a ULID", e->id);
-    if (s_empty(e->case_id))
-        return s_fail(err, errlen, "case_id is required");
-    if (strlen(e->case_id) > ML_ENV_CASE_ID_MAX)
-        return s_fail(err, errlen, "case_id is longer than %d characters", ML_ENV_CASE_ID_MAX);
+        return s_fail(err, errlen, "id is not a ULID (26 characters of Crockford base32)");
+    if ((rc = s_check_case_id("case_id", e->case_id, 1, err, errlen)) < 0)
+        return rc;
     if ((rc = s_check_node_id("from", e->from, err, errlen)) < 0)
         return rc;
     /* A node id, or a service name such as "imaging.ct", which uses the

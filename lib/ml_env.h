@@ -27,12 +27,24 @@ int ml_env_kind_of_payload(int payload_case);
  * messages); 0 for session/control kinds. */
 int ml_env_kind_is_routed(int kind);
 
-/* Checks what every routed message must satisfy: a ULID id, a case id, from
- * and to set, a payload matching kind (kind may be left UNSPECIFIED by the
- * sender and is then filled in here, which is why e is not const), and the
- * payload's own required fields (e.g. a referral names its patient). Returns
- * 0 or ML_EINVAL with a sentence in err. */
+/* Checks what every routed message must satisfy: every string well-formed
+ * UTF-8 (ml_env_check_text), a ULID id, a case id of ml_text_id_valid's
+ * charset, from and to node ids, a payload matching kind (kind may be left
+ * UNSPECIFIED by the sender and is then filled in here, which is why e is
+ * not const), and the payload's own required fields (e.g. a referral names
+ * its patient). Returns 0 or ML_EINVAL with a sentence in err that names
+ * the field and never quotes its value: refusals are logged, and logs hold
+ * no patient data. */
 int ml_env_validate(ml_envelope_t *e, char *err, size_t errlen);
+
+/* Checks that every string field of m, and of every message inside it, is
+ * well-formed UTF-8 (ml_utf8_valid). Returns 0, or ML_EINVAL with err
+ * naming the first bad field by its path ("referral.patient.name is not
+ * valid UTF-8 text"); the value itself is never quoted. ml_env_validate
+ * runs it first; the agent runs it on every delivery before storing it,
+ * since a message it could not render as JSON must be refused, not acked.
+ * O(size of the message tree). */
+int ml_env_check_text(const ProtobufCMessage *m, char *err, size_t errlen);
 
 /* Short names: "REFERRAL", "ROUTINE", ... (static strings). */
 const char *ml_kind_name(int kind);

@@ -23,6 +23,10 @@ struct ml_frame_reader {
     size_t end;   /* end of buffered bytes */
     size_t max;   /* largest accepted record body */
     int failed;   /* a header announced more than max: the stream is dead */
+    /* The first bytes of a refused record's body that came in the same feed
+     * as its header, so the caller can name the message it refused. */
+    uint8_t head[ML_FRAME_HEAD_KEEP];
+    size_t head_len;
 };
 
 static uint32_t s_get_be32(const uint8_t *p)
@@ -111,6 +115,8 @@ int ml_frame_reader_feed(ml_frame_reader_t *self, const uint8_t *data, size_t le
                 break;
             if (s_get_be32(self->buf + self->hdr) > self->max) {
                 self->failed = 1;
+                self->head_len = len < ML_FRAME_HEAD_KEEP ? len : ML_FRAME_HEAD_KEEP;
+                memcpy(self->head, data, self->head_len);
                 return ML_ETOOBIG;
             }
             have = ML_FRAME_HEADER;
@@ -169,4 +175,10 @@ int ml_frame_write_header(uint8_t hdr[ML_FRAME_HEADER], size_t len)
     hdr[2] = (uint8_t)(len >> 8);
     hdr[3] = (uint8_t)len;
     return 0;
+}
+
+size_t ml_frame_reader_refused_head(const ml_frame_reader_t *self, const uint8_t **head)
+{
+    *head = self->head;
+    return self->failed ? self->head_len : 0;
 }

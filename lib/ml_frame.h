@@ -30,6 +30,17 @@ int ml_frame_reader_feed(ml_frame_reader_t *self, const uint8_t *data, size_t le
  * ML_ETOOBIG as above. */
 int ml_frame_reader_next(ml_frame_reader_t *self, const uint8_t **rec, size_t *len);
 
+/* How many of a refused record's first body bytes are kept (see
+ * ml_frame_reader_refused_head). */
+#define ML_FRAME_HEAD_KEEP 64
+
+/* After ML_ETOOBIG: the first bytes of the refused record's body (at most
+ * ML_FRAME_HEAD_KEEP) that arrived in the same feed as its header, borrowed
+ * in *head; 0 when none did or nothing was refused. Enough to read the
+ * Envelope's id, which every protobuf encoder writes first (field 1), so
+ * the refusal can name the message. O(1). */
+size_t ml_frame_reader_refused_head(const ml_frame_reader_t *self, const uint8_t **head);
+
 /* Bytes buffered that do not yet form a whole record. */
 size_t ml_frame_reader_pending(const ml_frame_reader_t *self);
 

@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "ml_common.h"
+#include "ml_text.h"
 
 /* Nesting limit for both the JSON text and the message tree. medlink's
  * deepest real document is about five levels; the limit only exists so that
@@ -167,43 +168,112 @@ static size_t s_elem_size(ProtobufCType t)
     return 0;
 }
 
-/* 1 if s[0..len) is well-formed UTF-8 (no overlongs, no surrogates, nothing
- * past U+10FFFF). jansson refuses anything else, and we want to say why. */
-static int s_utf8_valid(const unsigned char *s, size_t len)
+/* A copy of s[0..len) with every byte that is not part of well-formed
+ * UTF-8 replaced by U+FFFD, as a reader would show it. Returns NULL out of
+ * memory. O(len). */
+static char *s_utf8_replace(const char *s, size_t len)
 {
-    size_t i = 0;
-    while (i < len) {
-        unsigned c = s[i];
-        size_t n;
-        uint32_t cp;
-        if (c < 0x80) {
+    char *out = malloc(len * 3 + 1);
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        size_t n = ml_utf8_seq_len(s + i, len - i);
+        if (n == 0) {
+            memcpy(out + o, "\xef\xbf\xbd", 3);
+            o += 3;
             i++;
             continue;
-        } else if ((c & 0xe0) == 0xc0) {
-            n = 1;
-            cp = c & 0x1f;
-        } else if ((c & 0xf0) == 0xe0) {
-            n = 2;
-            cp = c & 0x0f;
-        } else if ((c & 0xf8) == 0xf0) {
-            n = 3;
-            cp = c & 0x07;
-        } else {
-            return 0;
         }
-        if (i + n >= len)
-            return 0;
-        for (size_t k = 1; k <= n; k++) {
-            if ((s[i + k] & 0xc0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
-            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return 0;
-        i += n + 1;
+        memcpy(out + o, s + i, n);
+        o += n;
+        i += n;
     }
-    return 1;
+    out[o] = '\0';
+    return out;
+}
+
+/* Names the place of byte offset bad in JSON text that is not UTF-8 there:
+ * the path of keys and indexes that leads to it ("referral.patient.name",
+ * "referral.diagnosis[0].text"), written into path. jansson refuses such
+ * text with a byte offset only, and "line 7, column 21" says less to the
+ * person who has to fix the file than the field does. Runs after
+ * s_check_depth, so the nesting is bounded. O(bad). */
+static void s_path_at(const char *s, size_t bad, char *path, size_t cap)
+{
+    struct {
+        char obj;      /* 1: object, 0: array */
+        char key[64];  /* object: the key being read or last read */
+        size_t index;  /* array: the element being read */
+        char want_key; /* object: the next string is a key */
+    } st[ML_JSON_MAX_DEPTH + 1];
+    int top = -1, in_key = 0;
+    size_t klen = 0;
+    for (size_t i = 0; i < bad; i++) {
+        char c = s[i];
+        if (c == '"') {
+            /* A string: read to its end, or to the bad byte. */
+            in_key = top >= 0 && st[top].obj && st[top].want_key;
+            klen = 0;
+            for (i++; i < bad && s[i] != '"'; i++) {
+                if (s[i] == '\\' && i + 1 < bad)
+                    i++;
+                if (in_key && klen + 1 < sizeof st[top].key)
+                    st[top].key[klen++] = s[i];
+            }
+            if (in_key) {
+                st[top].key[klen] = '\0';
+                st[top].want_key = 0;
+            }
+            if (i >= bad)
+                break;
+            in_key = 0;
+        } else if ((c == '{' || c == '[') && top < ML_JSON_MAX_DEPTH) {
+            top++;
+            st[top].obj = c == '{';
+            st[top].key[0] = '\0';
+            st[top].index = 0;
+            st[top].want_key = c == '{';
+        } else if ((c == '}' || c == ']') && top >= 0) {
+            top--;
+        } else if (c == ',' && top >= 0) {
+            if (st[top].obj)
+                st[top].want_key = 1;
+            else
+                st[top].index++;
+        }
+    }
+    size_t o = 0;
+    path[0] = '\0';
+    /* Inside a key, the path is its object's. */
+    int last = in_key ? top - 1 : top;
+    for (int k = 0; k <= last && o + 1 < cap; k++) {
+        int n;
+        if (st[k].obj && !st[k].key[0])
+            break;
+        if (st[k].obj)
+            n = snprintf(path + o, cap - o, "%s%s", o ? "." : "", st[k].key);
+        else
+            n = snprintf(path + o, cap - o, "[%zu]", st[k].index);
+        if (n < 0)
+            break;
+        o = o + (size_t)n < cap ? o + (size_t)n : cap - 1;
+    }
+    if (in_key && o + 1 < cap)
+        snprintf(path + o, cap - o, "%s(a field name)", o ? " " : "");
+}
+
+/* Offset of the first byte of s[0..len) that is not part of well-formed
+ * UTF-8, or len. */
+static size_t s_utf8_bad_at(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len;) {
+        size_t n = ml_utf8_seq_len(s + i, len - i);
+        if (n == 0)
+            return i;
+        i += n;
+    }
+    return len;
 }
 
 /* ---- base64 ------------------------------------------------------------ */
@@ -412,8 +482,16 @@ static int s_encode_value(struct s_walk *w, const ProtobufCFieldDescriptor *f, c
         if (!s)
             s = "";
         size_t n = strlen(s);
-        if (!s_utf8_valid((const unsigned char *)s, n))
-            return s_fail(w, "string is not valid UTF-8");
+        if (!ml_utf8_valid(s, n)) {
+            if (!(flags & ML_JSON_REPLACE_INVALID))
+                return s_fail(w, "string is not valid UTF-8");
+            char *fixed = s_utf8_replace(s, n);
+            if (!fixed)
+                return ML_ENOMEM;
+            j = json_string(fixed);
+            free(fixed);
+            break;
+        }
         j = json_stringn(s, n);
         break;
     }
@@ -564,6 +642,25 @@ static const char *s_json_type_name(const json_t *j)
     return "something else";
 }
 
+/* An enum value this build does not know. The value is not quoted (a
+ * refusal reaches logs, and a value in the wrong field may be a patient's
+ * data); the names it may take are. */
+static int s_fail_enum(struct s_walk *w, const ProtobufCEnumDescriptor *ed)
+{
+    char names[192];
+    size_t o = 0;
+    names[0] = '\0';
+    for (unsigned i = 0; i < ed->n_values && o + 1 < sizeof names; i++) {
+        int n = snprintf(names + o, sizeof names - o, "%s%s", i ? ", " : "", ed->values[i].name);
+        if (n < 0 || (size_t)n >= sizeof names - o) {
+            snprintf(names + o, sizeof names - o, "%s", ", ...");
+            break;
+        }
+        o += (size_t)n;
+    }
+    return s_fail(w, "unknown enum value (expected one of %s)", names);
+}
+
 /* Reads a signed integer from a JSON integer, an integral real ("1e3") or
  * a decimal string ("-42", how 64-bit values are written), and checks it
  * against [min, max]. */
@@ -577,7 +674,7 @@ static int s_get_signed(struct s_walk *w, json_t *j, int64_t min, int64_t max, c
         double d = json_real_value(j);
         /* 9223372036854775808.0 is the first double past INT64_MAX. */
         if (d != floor(d) || d < -9223372036854775808.0 || d >= 9223372036854775808.0)
-            return s_fail(w, "%.17g is out of range for %s", d, tname);
+            return s_fail(w, "the number is out of range for %s", tname);
         v = (int64_t)d;
     } else if (json_is_string(j)) {
         const char *s = json_string_value(j);
@@ -587,15 +684,15 @@ static int s_get_signed(struct s_walk *w, json_t *j, int64_t min, int64_t max, c
         /* strtoll skips leading blanks and accepts '+'; JSON does not. */
         if (!*s || end == s || *end || s[0] == ' ' || s[0] == '+' || (s[0] < '0' && s[0] != '-') ||
             s[0] > '9')
-            return s_fail(w, "\"%s\" is not an integer", s);
+            return s_fail(w, "the string is not an integer");
         if (errno == ERANGE)
-            return s_fail(w, "%s is out of range for %s", s, tname);
+            return s_fail(w, "the number is out of range for %s", tname);
         v = ll;
     } else {
         return s_fail(w, "expected an integer, got %s", s_json_type_name(j));
     }
     if (v < min || v > max)
-        return s_fail(w, "%" PRId64 " is out of range for %s", v, tname);
+        return s_fail(w, "the number is out of range for %s", tname);
     *out = v;
     return 0;
 }
@@ -607,12 +704,12 @@ static int s_get_unsigned(struct s_walk *w, json_t *j, uint64_t max, const char 
     if (json_is_integer(j)) {
         json_int_t i = json_integer_value(j);
         if (i < 0)
-            return s_fail(w, "%" JSON_INTEGER_FORMAT " is out of range for %s", i, tname);
+            return s_fail(w, "the number is out of range for %s", tname);
         v = (uint64_t)i;
     } else if (json_is_real(j)) {
         double d = json_real_value(j);
         if (d != floor(d) || d < 0 || d >= 18446744073709551616.0)
-            return s_fail(w, "%.17g is out of range for %s", d, tname);
+            return s_fail(w, "the number is out of range for %s", tname);
         v = (uint64_t)d;
     } else if (json_is_string(j)) {
         const char *s = json_string_value(j);
@@ -620,21 +717,21 @@ static int s_get_unsigned(struct s_walk *w, json_t *j, uint64_t max, const char 
         /* strtoull would turn "-1" into UINT64_MAX, so digits only. */
         if (!(s[0] >= '0' && s[0] <= '9')) {
             if (s[0] == '-' && s[1] >= '0' && s[1] <= '9')
-                return s_fail(w, "%s is out of range for %s", s, tname);
-            return s_fail(w, "\"%s\" is not an integer", s);
+                return s_fail(w, "the number is out of range for %s", tname);
+            return s_fail(w, "the string is not an integer");
         }
         errno = 0;
         unsigned long long ull = strtoull(s, &end, 10);
         if (*end)
-            return s_fail(w, "\"%s\" is not an integer", s);
+            return s_fail(w, "the string is not an integer");
         if (errno == ERANGE)
-            return s_fail(w, "%s is out of range for %s", s, tname);
+            return s_fail(w, "the number is out of range for %s", tname);
         v = ull;
     } else {
         return s_fail(w, "expected an integer, got %s", s_json_type_name(j));
     }
     if (v > max)
-        return s_fail(w, "%" PRIu64 " is out of range for %s", v, tname);
+        return s_fail(w, "the number is out of range for %s", tname);
     *out = v;
     return 0;
 }
@@ -663,13 +760,13 @@ static int s_get_double(struct s_walk *w, json_t *j, double *out)
         /* strtod would also take "inf", "nan" and hex; only plain decimal
          * numbers are JSON. */
         if (!*s || strpbrk(s, "xXiInN ") || *s == '+')
-            return s_fail(w, "\"%s\" is not a number", s);
+            return s_fail(w, "the string is not a number");
         errno = 0;
         double d = strtod(s, &end);
         if (*end || end == s)
-            return s_fail(w, "\"%s\" is not a number", s);
+            return s_fail(w, "the string is not a number");
         if (errno == ERANGE && isinf(d))
-            return s_fail(w, "%s is out of range for double", s);
+            return s_fail(w, "the number is out of range for double");
         *out = d;
         return 0;
     }
@@ -726,7 +823,7 @@ static int s_decode_value(struct s_walk *w, const ProtobufCFieldDescriptor *f, j
         if ((rc = s_get_double(w, j, &d)) < 0)
             return rc;
         if (isfinite(d) && fabs(d) > FLT_MAX)
-            return s_fail(w, "%.17g is out of range for float", d);
+            return s_fail(w, "the number is out of range for float");
         *(float *)member = (float)d;
         return 0;
     case PROTOBUF_C_TYPE_DOUBLE:
@@ -745,7 +842,7 @@ static int s_decode_value(struct s_walk *w, const ProtobufCFieldDescriptor *f, j
         if (json_is_string(j)) {
             ev = protobuf_c_enum_descriptor_get_value_by_name(ed, json_string_value(j));
             if (!ev)
-                return s_fail(w, "unknown enum value \"%s\"", json_string_value(j));
+                return s_fail_enum(w, ed);
         } else if (json_is_integer(j)) {
             json_int_t v = json_integer_value(j);
             /* Unlike proto3 binary, numbers this build does not know are
@@ -754,7 +851,7 @@ static int s_decode_value(struct s_walk *w, const ProtobufCFieldDescriptor *f, j
             ev = v >= INT32_MIN && v <= INT32_MAX ? protobuf_c_enum_descriptor_get_value(ed, (int)v)
                                                   : NULL;
             if (!ev)
-                return s_fail(w, "unknown enum value %" JSON_INTEGER_FORMAT, v);
+                return s_fail_enum(w, ed);
         } else {
             return s_fail(w, "expected an enum name, got %s", s_json_type_name(j));
         }
@@ -966,11 +1063,33 @@ int ml_json_decode(const ProtobufCMessageDescriptor *desc, const char *json, siz
     }
     if ((rc = s_check_depth(json, len, err, errlen)) < 0)
         return rc;
+    size_t bad = json ? s_utf8_bad_at(json, len) : len;
+    if (bad < len) {
+        char where[ML_JSON_PATH_MAX];
+        size_t line = 1, col = 1;
+        for (size_t i = 0; i < bad; i++, col++)
+            if (json[i] == '\n') {
+                line++;
+                col = 0;
+            }
+        s_path_at(json, bad, where, sizeof where);
+        ml_seterr(err, errlen,
+                  "%s%sis not valid UTF-8 text (byte 0x%02x at line %zu, column %zu): the file "
+                  "must be saved as UTF-8",
+                  where, where[0] ? " " : "", (unsigned char)json[bad], line, col);
+        return ML_EINVAL;
+    }
     /* Duplicate keys are refused rather than letting the last one win
      * silently. NUL inside strings stays refused (jansson's default) since
      * protobuf-c strings are C strings. */
     root = json_loadb(json ? json : "", len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
+        /* jansson ends most of its sentences with the text it stopped at
+         * ("... near 'Wang Jianguo'"), which may be a patient's data and
+         * would reach the agent's log: cut it, line and column say where. */
+        char *near = strstr(jerr.text, " near ");
+        if (near)
+            *near = '\0';
         ml_seterr(err, errlen, "malformed JSON at line %d, column %d: %s", jerr.line, jerr.column,
                   jerr.text);
         return ML_EINVAL;

@@ -85,7 +85,7 @@ Test(env, envelope_fields_required)
     s_env.id = "";
     s_refused("id is required");
     s_env.id = "not-a-ulid";
-    s_refused("id \"not-a-ulid\" is not a ULID");
+    s_refused("id is not a ULID");
     s_setup();
     s_env.case_id = "";
     s_refused("case_id is required");
@@ -98,12 +98,12 @@ Test(env, envelope_fields_required)
     s_env.from = "";
     s_refused("from is required");
     s_env.from = "bad node";
-    s_refused("from \"bad node\" may only contain");
+    s_refused("from may only contain");
     s_setup();
     s_env.to = "";
     s_refused("to is required");
     s_env.to = "x/../y";
-    s_refused("to \"x/../y\" may only contain");
+    s_refused("to may only contain");
     s_setup();
     s_env.priority = 7;
     s_refused("priority 7 is out of range");
@@ -601,7 +601,7 @@ Test(env, imaging_consult_fields_required)
     s_refused("imaging_consult.total_bytes is 7, but the objects' sizes add up to 525288");
     s_use_consult();
     s_d2.icd10 = "J18-9";
-    s_refused("imaging_consult.diagnosis[1].icd10 \"J18-9\" is not an ICD-10 code");
+    s_refused("imaging_consult.diagnosis[1].icd10 is not an ICD-10 code");
     s_use_consult();
     s_d1.icd10 = "";
     s_refused("imaging_consult.diagnosis[0].icd10 is required");
@@ -747,7 +747,7 @@ Test(env, imaging_chunk_rules)
     s_chunk.sha256 = "";
     s_refused("imaging_chunk.sha256 is required");
     s_chunk.sha256 = "ABC";
-    s_refused("imaging_chunk.sha256 \"ABC\" is not a SHA-256");
+    s_refused("imaging_chunk.sha256 is not a SHA-256");
     /* Only the length is read; the bytes are not. */
     s_use_chunk();
     s_chunk.data.len = ML_IMAGING_CHUNK_MAX;
@@ -786,7 +786,7 @@ Test(env, imaging_update_rules)
     s_iu.assigned_to = "county.imaging.centre";
     s_passes(MEDLINK__V1__KIND__KIND_IMAGING_UPDATE);
     s_iu.assigned_to = "a/b";
-    s_refused("imaging_update.assigned_to \"a/b\" may only contain");
+    s_refused("imaging_update.assigned_to may only contain");
 }
 
 Test(env, imaging_report_rules)
@@ -846,7 +846,7 @@ Test(env, down_transfer_rules)
     s_refused("down_transfer.rehab_plan is required");
     s_use_down_transfer();
     s_d1.icd10 = "j18";
-    s_refused("down_transfer.diagnosis[0].icd10 \"j18\" is not an ICD-10 code");
+    s_refused("down_transfer.diagnosis[0].icd10 is not an ICD-10 code");
 }
 
 Test(env, down_transfer_update_rules)

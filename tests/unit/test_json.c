@@ -272,7 +272,7 @@ Test(json, wrong_type_refused)
               "referral.diagnosis: expected an array");
     s_refused("{\"referral\":{\"diagnosis\":[{\"icd10\":\"A01\"},7]}}",
               "referral.diagnosis[1]: expected an object");
-    s_refused("{\"createdAt\":\"soon\"}", "createdAt: \"soon\" is not an integer");
+    s_refused("{\"createdAt\":\"soon\"}", "createdAt: the string is not an integer");
     s_refused("{\"referral\":[]}", "referral: expected an object");
     s_refused("[1,2]", "expected a JSON object");
 }
@@ -280,10 +280,10 @@ Test(json, wrong_type_refused)
 Test(json, bad_enum_refused)
 {
     s_refused("{\"referral\":{\"patient\":{\"sex\":\"X\"}}}",
-              "referral.patient.sex: unknown enum value \"X\"");
-    s_refused("{\"kind\":99}", "kind: unknown enum value 99");
+              "referral.patient.sex: unknown enum value (expected one of");
+    s_refused("{\"kind\":99}", "kind: unknown enum value (expected one of");
     /* Enum names are the proto value names, case and all. */
-    s_refused("{\"kind\":\"REFERRAL\"}", "kind: unknown enum value \"REFERRAL\"");
+    s_refused("{\"kind\":\"REFERRAL\"}", "kind: unknown enum value (expected one of");
 }
 
 Test(json, malformed_json_refused_with_position)
@@ -305,12 +305,14 @@ Test(json, two_oneof_members_refused)
 Test(json, integer_ranges_checked)
 {
     s_refused("{\"welcome\":{\"heartbeatMs\":4294967296}}",
-              "welcome.heartbeatMs: 4294967296 is out of range for uint32");
-    s_refused("{\"welcome\":{\"heartbeatMs\":-1}}", "welcome.heartbeatMs: -1 is out of range");
-    s_refused("{\"welcome\":{\"heartbeatMs\":1.5}}", "welcome.heartbeatMs: 1.5 is out of range");
+              "welcome.heartbeatMs: the number is out of range for uint32");
+    s_refused("{\"welcome\":{\"heartbeatMs\":-1}}",
+              "welcome.heartbeatMs: the number is out of range");
+    s_refused("{\"welcome\":{\"heartbeatMs\":1.5}}",
+              "welcome.heartbeatMs: the number is out of range");
     s_refused("{\"adminReply\":{\"brokerStatus\":{\"sessions\":\"-1\"}}}",
-              "adminReply.brokerStatus.sessions: -1 is out of range for uint64");
-    s_refused("{\"createdAt\":\"9223372036854775808\"}", "createdAt: 9223372036854775808 is out");
+              "adminReply.brokerStatus.sessions: the number is out of range for uint64");
+    s_refused("{\"createdAt\":\"9223372036854775808\"}", "createdAt: the number is out");
 
     char err[256] = "";
     ProtobufCMessage *m = NULL;
