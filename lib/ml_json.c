@@ -208,7 +208,7 @@ static void s_path_at(const char *s, size_t bad, char *path, size_t cap)
         char want_key; /* object: the next string is a key */
     } st[ML_JSON_MAX_DEPTH + 1];
     int top = -1, in_key = 0;
-    size_t klen = 0;
+    size_t klen;
     for (size_t i = 0; i < bad; i++) {
         char c = s[i];
         if (c == '"') {
