@@ -38,6 +38,7 @@
 #include "ml_channel.h"
 #include "ml_crypt.h"
 #include "ml_frame.h"
+#include "ml_imaging.h"
 
 static void s_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
 
@@ -776,7 +777,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
         /* A message to a service is held under the node it went to too. */
-        if (rc != ML_EDUP && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
+        if (rc != ML_EDUP && rc != ML_EIDUSED && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
             strcmp(p->to, p->recipient->node->id) != 0)
             ml_bk_hold_also(s, p->recipient->node->id, p->id);
         if (rc == ML_EFULL)
@@ -790,6 +791,10 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_INVALID,
                          "case_id is already in use by another case; a new case needs a new "
                          "case_id");
+        else if (rc == ML_EIDUSED)
+            ml_bk_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_ID_IN_USE,
+                         "message id is already used by a different message (another sender's, "
+                         "or other content); a new message needs a new id");
         else
             ml_bk_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE,
                                  "store error: the message was not stored, retry later");
@@ -859,6 +864,7 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
         .deadline = m->deadline,
         .envelope = m->rec,
         .envelope_len = m->len,
+        .digest = m->digest,
         .ops = m->ops,
         .n_ops = m->n_ops,
         .fresh = m->fresh,
@@ -1026,9 +1032,14 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         return;
     }
     ns->rate_tokens -= 1.0;
+    /* What the sender sent, before any repack: its resend has the same
+     * digest (F7). Without one (no memory) the store compares senders
+     * only. */
+    uint8_t digest[ML_STORE_DIGEST_LEN];
+    int have_digest = ml_sha256(rec, len, digest) == 0;
     /* The recipient should see the envelope with its kind: when the sender
      * left it out, flow.c packs it again. */
-    ml_bk_flow_route(b, s, env, rec, len, !kind_was_set);
+    ml_bk_flow_route(b, s, env, rec, len, have_digest ? digest : NULL, !kind_was_set);
 }
 
 /* ------------------------------------------------------------------ */

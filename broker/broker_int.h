@@ -287,6 +287,11 @@ typedef struct {
     int64_t deadline;
     const uint8_t *rec; /* the serialised envelope as it will be delivered */
     size_t len;
+    /* SHA-256 of the record as its sender sent it (before any repack),
+     * NULL for the broker's own: the store tells a resend (same sender,
+     * same digest: Accepted as a duplicate) from a different message
+     * reusing the id (Nack ID_IN_USE). */
+    const uint8_t *digest;
     const char *to; /* as the sender addressed it (a node or a service) */
     const ml_store_caseop_t *ops;
     size_t n_ops;
@@ -329,9 +334,10 @@ int ml_bk_flow_load(ml_broker_t *b);
  * taken), or NULL. */
 ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind);
 /* Routes a clinical message of a session: the case checks, then
- * ml_bk_submit, or a Nack naming what is wrong. */
+ * ml_bk_submit, or a Nack naming what is wrong. digest is the SHA-256 of
+ * rec as the sender sent it (see ml_bk_msg_t.digest). */
 void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
-                      size_t len, int repack);
+                      size_t len, const uint8_t *digest, int repack);
 /* A put with case work settled (rc as from the store). Releases the put's
  * references. */
 void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate);

@@ -488,7 +488,8 @@ static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const ml_envelope_t
 /* Hands a resent message to the store without case changes; the store
  * finds the earlier copy and the sender gets Accepted (duplicate). */
 static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env,
-                               const uint8_t *rec, size_t len, ml_nodestate_t *recipient)
+                               const uint8_t *rec, size_t len, const uint8_t *digest,
+                               ml_nodestate_t *recipient)
 {
     char hold_key[300];
     ml_bk_msg_t m = {
@@ -503,6 +504,7 @@ static void s_submit_duplicate(ml_broker_t *b, ml_session_t *s, ml_envelope_t *e
         .deadline = env->deadline,
         .rec = rec,
         .len = len,
+        .digest = digest,
         .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
     };
     int rc = ml_bk_submit(b, &m);
@@ -923,7 +925,7 @@ static int s_repack(ml_envelope_t *env, const uint8_t **rec, size_t *len, uint8_
 }
 
 static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
-                         size_t len, int repack)
+                         size_t len, const uint8_t *digest, int repack)
 {
     char err[512], hold_key[300];
     int64_t now = ml_now_ms();
@@ -940,7 +942,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     if (exist) {
         if (strcmp(exist->opening_id, env->id) == 0) {
             /* The opening message sent again (its Accepted was lost). */
-            s_submit_duplicate(b, s, env, rec, len, s_node_at(b, exist->target));
+            s_submit_duplicate(b, s, env, rec, len, digest, s_node_at(b, exist->target));
         } else {
             snprintf(err, sizeof err,
                      "case_id %s is already in use by another case; a new case needs a new "
@@ -1128,6 +1130,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
+            .digest = digest,
             .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
             .ops = ops,
             .n_ops = n_ops,
@@ -1299,7 +1302,7 @@ static int s_check_content(ml_broker_t *b, ml_case_t *c, const ml_envelope_t *en
 }
 
 static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
-                           size_t len, int repack)
+                           size_t len, const uint8_t *digest, int repack)
 {
     char err[512], hold_key[300];
     int64_t now = ml_now_ms();
@@ -1313,7 +1316,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     int outsider = !c || s_party(b, c, sender) == ML_PARTY_OTHER;
     if (outsider || c->kind != ck) {
         if (s_known_id(b, s, env->id)) {
-            s_submit_duplicate(b, s, env, rec, len, NULL);
+            s_submit_duplicate(b, s, env, rec, len, digest, NULL);
         } else if (outsider) {
             s_not_party(sender, env->case_id, err, sizeof err);
             ml_bk_refuse(b, s, env->id, NACK_(NOT_PARTY), err);
@@ -1355,7 +1358,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     }
     if (code != 0) {
         if (s_known_id(b, s, env->id))
-            s_submit_duplicate(b, s, env, rec, len, to);
+            s_submit_duplicate(b, s, env, rec, len, digest, to);
         else
             ml_bk_refuse(b, s, env->id, code, err);
         goto out;
@@ -1444,6 +1447,7 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
             .deadline = env->deadline,
             .rec = rec,
             .len = len,
+            .digest = digest,
             .to = ml_bk_hold_key(env, hold_key, sizeof hold_key),
             .ops = &op,
             .n_ops = 1,
@@ -1463,7 +1467,7 @@ out:
 }
 
 void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
-                      size_t len, int repack)
+                      size_t len, const uint8_t *digest, int repack)
 {
     if (ml_case_kind_of_message(env->kind) == ML_CASE_NONE) {
         char err[160];
@@ -1473,9 +1477,9 @@ void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const
         return;
     }
     if (ml_case_opens(env->kind))
-        s_route_open(b, s, env, rec, len, repack);
+        s_route_open(b, s, env, rec, len, digest, repack);
     else
-        s_route_update(b, s, env, rec, len, repack);
+        s_route_update(b, s, env, rec, len, digest, repack);
 }
 
 /* ------------------------------------------------------------------ */

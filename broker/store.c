@@ -49,7 +49,7 @@
 #include "medlink/v1/imaging.pb-c.h"
 
 #define S_COMPONENT "store"
-#define S_SCHEMA_VERSION 3
+#define S_SCHEMA_VERSION 4
 #define S_BATCH_MAX_DEFAULT 4096
 /* Page cache per connection, in KiB (negative cache_size means KiB). Two
  * connections, so at most ~16 MiB of cache whatever the queue length. */
@@ -101,6 +101,8 @@ typedef struct ml_store_req {
     const char *reason;
     int attempts;
     int fresh;       /* a put whose id cannot be a duplicate */
+    int has_digest;
+    uint8_t digest[ML_STORE_DIGEST_LEN];
     uint64_t stream; /* see ml_store_msg_t.stream; for S_OP_REOPEN, the stream */
     uint64_t gen;    /* the closing of its stream a failed put belongs to */
     /* Case changes (one allocation of their own, see s_ops_dup). */
@@ -221,7 +223,11 @@ static const char s_schema[] =
     " attempts INTEGER DEFAULT 0,"
     " dead_reason TEXT,"
     " size INTEGER NOT NULL DEFAULT 0,"
-    " dead_at INTEGER);"
+    " dead_at INTEGER,"
+    /* SHA-256 of the record as its sender sent it: a second put of an id
+     * is a duplicate only for the same sender and the same digest (F7).
+     * NULL for the broker's own messages and for rows of schema 3. */
+    " digest BLOB);"
     /* Envelopes live apart from the metadata: settling a message (an UPDATE
      * of its state) then rewrites a row of a few dozen bytes instead of a
      * row carrying the whole envelope, which halves the bytes written per
@@ -263,6 +269,8 @@ static const char s_schema[] =
 /* Version 1 had no cases (the tables above are created by the schema
  * itself) and no dead_at column. */
 static const char s_migrate_1[] = "ALTER TABLE messages ADD COLUMN dead_at INTEGER;";
+/* Versions 1 to 3 had no digest. */
+static const char s_migrate_3[] = "ALTER TABLE messages ADD COLUMN digest BLOB;";
 
 /* The columns of a case row, in the order s_bind_case binds them. */
 #define S_CASE_COLS                                                                                \
@@ -387,6 +395,17 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     }
     if (version == 1 && (src = sqlite3_exec(st->wr, s_migrate_1, NULL, NULL, NULL)) != SQLITE_OK)
         goto out;
+    /* Asked of the file rather than inferred from its version: 1 when a
+     * messages table exists without the digest column. */
+    int64_t no_digest = 0;
+    if ((src = s_query_int(st->wr,
+                           "SELECT (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND"
+                           " name = 'messages') - (SELECT count(*) FROM"
+                           " pragma_table_info('messages') WHERE name = 'digest')",
+                           &no_digest)) != SQLITE_OK)
+        goto out;
+    if (no_digest == 1 && (src = sqlite3_exec(st->wr, s_migrate_3, NULL, NULL, NULL)) != SQLITE_OK)
+        goto out;
     if ((src = sqlite3_exec(st->wr, s_schema, NULL, NULL, NULL)) != SQLITE_OK)
         goto out;
     if (version < S_SCHEMA_VERSION) {
@@ -449,10 +468,10 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          * (a duplicate within one group sees the earlier insert). */
         {st->wr, &st->insert,
          "INSERT OR IGNORE INTO messages (id, case_id, sender, recipient, kind, priority,"
-         " created_at, deadline, accepted_at, state, attempts, size)"
-         " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10)"},
+         " created_at, deadline, accepted_at, state, attempts, size, digest)"
+         " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11)"},
         {st->wr, &st->insert_body, "INSERT INTO bodies (seq, envelope) VALUES (?1, ?2)"},
-        {st->wr, &st->lookup, "SELECT seq FROM messages WHERE id = ?1"},
+        {st->wr, &st->lookup, "SELECT seq, sender, digest FROM messages WHERE id = ?1"},
         /* state = 0 guards: a message settles once; a late or repeated mark
          * does not turn a delivered message into a dead one or back. */
         {st->wr, &st->delivered,
@@ -760,6 +779,40 @@ static int s_cases_bump(ml_store_t *st, ml_store_req_t *r)
 
 static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now);
 
+/* Looks for a stored message with r's id. *found = 1 when there is one:
+ * then r is a duplicate (rc 0, seq the earlier row's) when the earlier row
+ * has r's sender and r's digest (or no digest, a row of schema 3), and is
+ * refused with ML_EIDUSED otherwise: a different message reusing an id must
+ * not be answered Accepted and dropped (F7). Returns an SQLite result code,
+ * SQLITE_DONE when the transaction may go on. Store thread. */
+static int s_find_earlier(ml_store_t *st, ml_store_req_t *r, int *found)
+{
+    sqlite3_stmt *q = st->lookup;
+    sqlite3_bind_text(q, 1, r->id, -1, SQLITE_STATIC);
+    int src = sqlite3_step(q);
+    *found = src == SQLITE_ROW;
+    if (src == SQLITE_ROW) {
+        const char *sender = (const char *)sqlite3_column_text(q, 1);
+        const void *digest = sqlite3_column_blob(q, 2);
+        int dlen = sqlite3_column_bytes(q, 2);
+        int same = sender && r->sender && strcmp(sender, r->sender) == 0;
+        if (same && digest && r->has_digest)
+            same = dlen == ML_STORE_DIGEST_LEN &&
+                   memcmp(digest, r->digest, ML_STORE_DIGEST_LEN) == 0;
+        if (same) {
+            r->seq = sqlite3_column_int64(q, 0);
+            r->duplicate = 1;
+            r->rc = 0;
+        } else {
+            r->rc = ML_EIDUSED;
+        }
+        src = SQLITE_DONE;
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return src;
+}
+
 /* Inserts one put inside the open transaction, or refuses it for the quota
  * (r->rc = ML_EFULL; not an error of the transaction) or for a case change
  * that does not apply (r->rc = ML_EDENIED). Returns an SQLite result code:
@@ -798,19 +851,11 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
             return src;
         return s_insert_msg(st, r, now);
     }
-    sqlite3_bind_text(st->lookup, 1, r->id, -1, SQLITE_STATIC);
-    src = sqlite3_step(st->lookup);
-    if (src == SQLITE_ROW) {
-        r->seq = sqlite3_column_int64(st->lookup, 0);
-        r->duplicate = 1;
-        r->rc = 0;
-    }
-    sqlite3_reset(st->lookup);
-    sqlite3_clear_bindings(st->lookup);
-    if (src == SQLITE_ROW)
-        return s_cases_bump(st, r);
-    if (src != SQLITE_DONE)
+    int found = 0;
+    if ((src = s_find_earlier(st, r, &found)) != SQLITE_DONE)
         return src;
+    if (found)
+        return r->rc == 0 ? s_cases_bump(st, r) : SQLITE_DONE;
     int applied = 0;
     if ((src = s_cases_apply(st, r, &applied)) != SQLITE_DONE || !applied)
         return src;
@@ -835,6 +880,8 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
     /* r->envelope is never NULL, so an empty envelope is stored as an empty
      * blob, not as NULL. */
     sqlite3_bind_int64(s, 10, (sqlite3_int64)r->plain_len);
+    if (r->has_digest)
+        sqlite3_bind_blob(s, 11, r->digest, ML_STORE_DIGEST_LEN, SQLITE_STATIC);
     src = s_run(s);
     if (src != SQLITE_DONE)
         return src;
@@ -850,22 +897,16 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
         return SQLITE_DONE;
     }
 
-    sqlite3_bind_text(st->lookup, 1, r->id, -1, SQLITE_STATIC);
-    src = sqlite3_step(st->lookup);
-    if (src == SQLITE_ROW) {
-        r->seq = sqlite3_column_int64(st->lookup, 0);
-        r->duplicate = 1;
-        r->rc = 0;
-        src = SQLITE_DONE;
-    } else if (src == SQLITE_DONE) {
+    int found = 0;
+    if ((src = s_find_earlier(st, r, &found)) != SQLITE_DONE)
+        return src;
+    if (!found) {
         /* Ignored yet absent: some other constraint refused the row. */
         ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: message %s was refused by the schema", st->path,
                r->id);
         r->rc = ML_ESTORE;
     }
-    sqlite3_reset(st->lookup);
-    sqlite3_clear_bindings(st->lookup);
-    return src;
+    return SQLITE_DONE;
 }
 
 static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
@@ -1849,6 +1890,7 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
                           .created_at = m->created_at,
                           .deadline = m->deadline,
                           .fresh = m->fresh,
+                          .has_digest = m->digest != NULL,
                           .stream = m->stream,
                           .envelope_len = body_len,
                           .plain_len = m->envelope_len};
@@ -1860,6 +1902,8 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
     free(sealed);
     r->envelope = (const uint8_t *)p;
     p += body_len;
+    if (m->digest)
+        memcpy(r->digest, m->digest, ML_STORE_DIGEST_LEN);
     r->id = s_copy_str(&p, m->id);
     r->case_id = s_copy_str(&p, m->case_id);
     r->sender = s_copy_str(&p, m->sender);

@@ -93,6 +93,12 @@ typedef struct {
     const ml_store_caseop_t *ops; /* case changes that commit with it (copied) */
     size_t n_ops;
     int fresh; /* 1: an id the broker just made, never a duplicate (saves a lookup) */
+    /* SHA-256 of the record as its sender sent it (ML_STORE_DIGEST_LEN
+     * bytes), or NULL for the broker's own messages. A put whose id is
+     * stored already is a duplicate only when the earlier row has the same
+     * sender and the same digest (or no digest: a row of schema 3 or
+     * older); anything else is ML_EIDUSED (F7). */
+    const uint8_t *digest;
     /* The sender's stream (non-zero: the broker passes its session's
      * serial). Once a put of a stream fails for now (room, I/O, a case
      * version), the stream's later puts fail the same way without being
@@ -216,11 +222,14 @@ static inline uint64_t ml_store_cost(size_t envelope_len)
     return (uint64_t)envelope_len + ML_STORE_ROW_OVERHEAD;
 }
 
+#define ML_STORE_DIGEST_LEN 32
+
 /* Called on the loop thread once the put is settled: rc 0 with the row's
- * seq (duplicate = 1 when a message with this id was already stored; seq is
- * then the earlier row's), or ML_EFULL (disk or quota full), ML_EDENIED /
- * ML_EDUP (a case change did not apply: see ml_store_caseop_t), or
- * ML_ESTORE. */
+ * seq (duplicate = 1 when the same sender's same message was already
+ * stored; seq is then the earlier row's), or ML_EIDUSED (the id is stored
+ * for a different message or sender), ML_EFULL (disk or quota full),
+ * ML_EDENIED / ML_EDUP (a case change did not apply: see
+ * ml_store_caseop_t), or ML_ESTORE. */
 typedef void (*ml_store_put_cb)(void *arg, int rc, int64_t seq, int duplicate);
 
 /* Opens (creating if needed) the database at path, applies the schema, and

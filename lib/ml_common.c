@@ -55,6 +55,8 @@ const char *ml_strerror(int rc)
         return "configuration error";
     case ML_ETIMEDOUT:
         return "timed out";
+    case ML_EIDUSED:
+        return "id in use";
     default:
         return "unknown error";
     }

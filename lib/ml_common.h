@@ -25,7 +25,8 @@ enum {
     ML_EDENIED = -13,  /* refused by policy */
     ML_ESTORE = -14,   /* the durable store failed */
     ML_ECONFIG = -15,  /* configuration error */
-    ML_ETIMEDOUT = -16 /* a deadline passed */
+    ML_ETIMEDOUT = -16, /* a deadline passed */
+    ML_EIDUSED = -17    /* an id already names something else */
 };
 
 /* Returns a static, human-readable name for an ML_E* code. */

@@ -53,13 +53,22 @@ static void s_hex(const unsigned char *md, char out[ML_SHA256_HEX + 1])
     out[ML_SHA256_HEX] = '\0';
 }
 
-void ml_sha256_hex(const void *data, size_t len, char out[ML_SHA256_HEX + 1])
+int ml_sha256(const void *data, size_t len, uint8_t out[32])
 {
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int n = 0;
-    /* EVP_Digest fails only without memory or a broken provider; an empty
-     * string then never matches a real digest. */
-    if (EVP_Digest(data ? data : "", len, md, &n, EVP_sha256(), NULL) != 1 || n != 32) {
+    if (EVP_Digest(data ? data : "", len, md, &n, EVP_sha256(), NULL) != 1 || n != 32)
+        return ML_ENOMEM;
+    memcpy(out, md, 32);
+    return 0;
+}
+
+void ml_sha256_hex(const void *data, size_t len, char out[ML_SHA256_HEX + 1])
+{
+    uint8_t md[32];
+    /* It fails only without memory or a broken provider; an empty string
+     * then never matches a real digest. */
+    if (ml_sha256(data, len, md) != 0) {
         out[0] = '\0';
         return;
     }

@@ -17,6 +17,9 @@
 #define ML_IMAGING_CHUNK_MAX (4u * 1024 * 1024)
 #define ML_IMAGING_CHUNK_DEFAULT (256u * 1024)
 
+/* SHA-256 of len bytes into out. Returns 0, or ML_ENOMEM when OpenSSL
+ * cannot compute it (no memory, a broken provider). */
+int ml_sha256(const void *data, size_t len, uint8_t out[32]);
 /* Lower-case hex SHA-256 of len bytes into out (65 bytes with the NUL). */
 void ml_sha256_hex(const void *data, size_t len, char out[ML_SHA256_HEX + 1]);
 /* SHA-256 and size of a whole file, read in blocks. Returns 0 or ML_EIO

@@ -26,6 +26,8 @@
 #include "ml_channel.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
+#include "ml_env.h"
+#include "ml_text.h"
 #include "ml_tls.h"
 #include "spool.h"
 
@@ -311,11 +313,66 @@ static void s_rx_clear(s_rx_t *r)
     free(r->blob);
 }
 
+/* Tells the broker that delivery id cannot be taken (Nack REFUSED): it
+ * becomes a dead letter there, with why, instead of being delivered again
+ * for ever. */
+static void s_send_refusal(ml_agent_t *a, const char *id, const char *why)
+{
+    const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
+    char nid[ML_ULID_LEN + 1];
+    ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
+    Medlink__V1__Nack nack = MEDLINK__V1__NACK__INIT;
+    ml_ulid_new(nid);
+    nack.message_id = (char *)id;
+    nack.code = MEDLINK__V1__NACK_CODE__NACK_REFUSED;
+    nack.reason = (char *)why;
+    env.id = nid;
+    env.from = a->node_id;
+    env.to = w && w->broker ? w->broker : "";
+    env.kind = MEDLINK__V1__KIND__KIND_NACK;
+    env.created_at = ml_now_ms();
+    env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_NACK;
+    env.nack = &nack;
+    if (ml_channel_send(a->ch, &env) < 0)
+        ml_log(ML_LOG_DEBUG, S_LOG, "refusal of %s not sent; it is refused again when redelivered",
+               id);
+}
+
+/* 0 when a delivery can be spooled: its strings are UTF-8 (the inbox file
+ * is JSON) and its ids are ids (they name files and rows). Else -1 with why
+ * naming the field, never quoting its value. A broker checks all of this
+ * before it accepts a message; this is for one that did not (F6). */
+static int s_spoolable(const ml_envelope_t *env, char *why, size_t len)
+{
+    if (ml_env_check_text(&env->base, why, len) < 0)
+        return -1;
+    if (!ml_ulid_valid(env->id)) {
+        snprintf(why, len, "id is not a ULID");
+        return -1;
+    }
+    if (env->case_id && *env->case_id && !ml_text_id_valid(env->case_id, 0)) {
+        snprintf(why, len, "case_id is not an id of [A-Za-z0-9._:@-], 1 to %d characters",
+                 ML_TEXT_ID_MAX);
+        return -1;
+    }
+    return 0;
+}
+
 static void s_push_rx(ml_agent_t *a, const ml_envelope_t *env)
 {
     if (!env->id || !*env->id) {
         ml_log(ML_LOG_WARN, S_LOG, "dropped a delivered %s without a message id",
                ml_kind_name(env->kind));
+        return;
+    }
+    char why[512];
+    if (s_spoolable(env, why, sizeof why) < 0) {
+        /* Never acknowledged: an Ack would lose it, and a delivery that
+         * cannot be written would come back for ever. */
+        ml_log(ML_LOG_ERROR, S_LOG,
+               "refused delivered %s %s from %s: %s (it becomes a dead letter at the broker)",
+               ml_kind_name(env->kind), env->id, env->from ? env->from : "-", why);
+        s_send_refusal(a, env->id, why);
         return;
     }
     if (a->n_rx == a->cap_rx) {

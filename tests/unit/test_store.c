@@ -18,6 +18,7 @@
 #include <uv.h>
 
 #include "ml_common.h"
+#include "ml_imaging.h"
 #include "store.h"
 #include "support.h"
 
@@ -221,6 +222,62 @@ Test(store, batch_max_bounds_groups)
     ml_store_stats(st, &stats);
     cr_assert_eq(stats.puts, N);
     cr_assert_geq(stats.transactions, N / 10);
+    close_all(&loop, &st);
+}
+
+/* F7: a put of a stored id is a duplicate only for the same sender with the
+ * same digest; another sender, or the same sender with other content, is
+ * refused with ML_EIDUSED and the stored row stays as it was. A put without
+ * a digest (the broker's own) compares senders only. */
+Test(store, security_f7_id_reuse_is_not_a_duplicate)
+{
+    char path[600];
+    db_path(path, sizeof path);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = open_store(&loop, path, NULL);
+
+    enum { N = 5 };
+    put_rec_t recs[N];
+    int order[N];
+    put_log_t log = {.order = order, .cap = N};
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    uint8_t env[] = {1, 2, 3}, other_env[] = {1, 2, 4};
+    uint8_t d1[ML_STORE_DIGEST_LEN], d2[ML_STORE_DIGEST_LEN];
+    cr_assert_eq(ml_sha256(env, sizeof env, d1), 0);
+    cr_assert_eq(ml_sha256(other_env, sizeof other_env, d2), 0);
+    struct {
+        const char *sender;
+        const uint8_t *digest;
+        int rc, duplicate;
+    } cases[N] = {
+        {"clinic-a", d1, 0, 0},          /* the first */
+        {"clinic-a", d1, 0, 1},          /* its resend */
+        {"clinic-b", d1, ML_EIDUSED, 0}, /* another sender, same bytes */
+        {"clinic-a", d2, ML_EIDUSED, 0}, /* same sender, other content */
+        {"clinic-a", NULL, 0, 1},        /* no digest: sender only */
+    };
+    for (int i = 0; i < N; i++) {
+        recs[i] = (put_rec_t){.log = &log, .index = i};
+        ml_store_msg_t m = make_msg(id, 0, i == 3 ? other_env : env, sizeof env);
+        m.sender = cases[i].sender;
+        m.digest = cases[i].digest;
+        cr_assert_eq(ml_store_put(st, &m, put_cb, &recs[i]), 0);
+        /* Half in one group, half in separate transactions. */
+        if (i % 2)
+            uv_run(&loop, UV_RUN_DEFAULT);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(recs[i].called, 1);
+        cr_assert_eq(recs[i].rc, cases[i].rc, "put %d: rc %d, want %d", i, recs[i].rc,
+                     cases[i].rc);
+        cr_assert_eq(recs[i].duplicate, cases[i].duplicate, "put %d", i);
+    }
+    ml_store_stats_t stats;
+    ml_store_stats(st, &stats);
+    cr_assert_eq(stats.puts, 1);
     close_all(&loop, &st);
 }
 
