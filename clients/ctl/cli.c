@@ -14,6 +14,7 @@
 
 #include "ml_check.h"
 #include "ml_common.h"
+#include "ml_text.h"
 #include "ml_ini.h"
 #include "ml_tls.h"
 
@@ -193,12 +194,16 @@ static const struct {
 
 int ctl_fail(int code, const char *fmt, ...)
 {
+    /* Reasons often quote what a peer sent (a Nack's reason, an id): the
+     * line is escaped whole, so that it stays one line of plain text on
+     * the operator's terminal (F10). */
+    char msg[2048], safe[sizeof msg * 4];
     va_list ap;
-    fputs("medlinkctl: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    ml_text_escape(msg, strlen(msg), safe, sizeof safe);
+    fprintf(stderr, "medlinkctl: %s\n", safe);
     return code;
 }
 

@@ -14,8 +14,11 @@
 #include "build.h"
 #include "ml_common.h"
 #include "ml_json.h"
+#include "ml_text.h"
 
-#define S_JSON_FLAGS (ML_JSON_PRETTY | ML_JSON_EMIT_DEFAULTS)
+/* A string that is not UTF-8 (from a broker that let it through) is shown
+ * replaced, rather than failing a whole list for one field (F6). */
+#define S_JSON_FLAGS (ML_JSON_PRETTY | ML_JSON_EMIT_DEFAULTS | ML_JSON_REPLACE_INVALID)
 
 /* ---- small helpers ---- */
 
@@ -63,9 +66,33 @@ static char *s_size(uint64_t n, char *buf, size_t len)
     return buf;
 }
 
+/* s made safe for a terminal: every string a peer supplied goes through
+ * this before it is printed, so that a control character, an ANSI escape
+ * or a newline in a case id, a detail or a reason cannot forge a line or
+ * drive the operator's terminal (F10). The result lives until 16 more
+ * calls. */
+static const char *s_e(const char *s)
+{
+    static char *slot[16];
+    static unsigned next;
+    if (!s)
+        return "";
+    if (!ml_text_needs_escape(s, strlen(s)))
+        return s;
+    size_t cap = strlen(s) * 4 + 1;
+    char *out = malloc(cap);
+    if (!out)
+        ctl_oom();
+    ml_text_escape(s, strlen(s), out, cap);
+    unsigned k = next++ % 16;
+    free(slot[k]);
+    slot[k] = out;
+    return out;
+}
+
 static const char *s_or(const char *s, const char *dflt)
 {
-    return s && *s ? s : dflt;
+    return s && *s ? s_e(s) : dflt;
 }
 
 /* msg as a jansson value (for JSON output made of several messages), or
@@ -73,7 +100,8 @@ static const char *s_or(const char *s, const char *dflt)
 static json_t *s_json_of(const ProtobufCMessage *msg)
 {
     char *text = NULL, err[256];
-    if (ml_json_encode(msg, ML_JSON_EMIT_DEFAULTS, &text, err, sizeof err) < 0) {
+    if (ml_json_encode(msg, ML_JSON_EMIT_DEFAULTS | ML_JSON_REPLACE_INVALID, &text, err,
+                       sizeof err) < 0) {
         ctl_fail(CTL_EXIT_FAIL, "cannot render JSON: %s", err);
         return NULL;
     }
@@ -130,7 +158,7 @@ static void s_table_row(s_table_t *t, ...)
     va_start(ap, t);
     for (int i = 0; i < t->cols; i++) {
         const char *v = va_arg(ap, const char *);
-        char *s = strdup(v ? v : "");
+        char *s = strdup(s_e(v));
         if (!s)
             ctl_oom();
         t->cells[t->rows * (size_t)t->cols + (size_t)i] = s;
@@ -171,7 +199,7 @@ static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
         return s_print_json_msg(&st->base);
     char a[32], b[32], c[32];
     int64_t now = st->now ? st->now : ml_now_ms();
-    printf("broker    %s\n", st->broker);
+    printf("broker    %s\n", s_e(st->broker));
     printf("uptime    %s (since %s)\n", s_dur(now - st->started_at, a, sizeof a),
            ml_time_format(st->started_at, b, sizeof b));
     printf("sessions  %llu\n", (unsigned long long)st->sessions);
@@ -205,7 +233,7 @@ static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
             snprintf(seen, sizeof seen, "never");
         else
             snprintf(seen, sizeof seen, "%s ago", s_dur(now - n->last_seen, a, sizeof a));
-        printf("%-32s %-16s %-8s %-10s %7llu %8s %9llu\n", n->node_id, n->role,
+        printf("%-32s %-16s %-8s %-10s %7llu %8s %9llu\n", s_e(n->node_id), s_e(n->role),
                n->online ? "online" : "offline", seen, (unsigned long long)n->queue_depth,
                n->oldest_queued_at ? s_dur(now - n->oldest_queued_at, c, sizeof c) : "-",
                (unsigned long long)n->in_flight);
@@ -249,14 +277,14 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
         return s_print_json_msg(&c->base);
     int64_t now = ml_now_ms();
     char a[80], b[80], d[32];
-    printf("case         %s\n", c->case_id);
+    printf("case         %s\n", s_e(c->case_id));
     printf("kind         %s\n", ctl_case_kind_name((int)c->kind));
     printf("state        %s (FHIR %s)%s\n", s_or(c->state, "?"), s_or(c->fhir_status, "-"),
            c->closed ? ", closed" : "");
     printf("opened by    %s\n", s_or(c->opened_by, "-"));
     printf("target       %s\n", s_or(c->target, "-"));
     if (*s_or(c->service, ""))
-        printf("service      %s\n", c->service);
+        printf("service      %s\n", s_e(c->service));
     printf("priority     %s\n", s_or(c->priority, "ROUTINE"));
     printf("opened       %s\n", s_when(c->opened_at, now, a, sizeof a));
     printf("updated      %s\n", s_when(c->updated_at, now, a, sizeof a));
@@ -270,7 +298,7 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     }
     printf("escalations  %u\n", c->escalations);
     if (*s_or(c->linked_case_id, ""))
-        printf("linked case  %s\n", c->linked_case_id);
+        printf("linked case  %s\n", s_e(c->linked_case_id));
     if (c->kind == MEDLINK__V1__CASE_KIND__CASE_DOWN_TRANSFER)
         printf("follow-ups   %u\n", c->follow_ups);
     if (c->kind == MEDLINK__V1__CASE_KIND__CASE_IMAGING)
@@ -402,7 +430,7 @@ static int s_dlq_show(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     }
     int64_t now = ml_now_ms();
     char a[80], s[32];
-    printf("message      %s\n", d->message_id);
+    printf("message      %s\n", s_e(d->message_id));
     printf("case         %s\n", s_or(d->case_id, "-"));
     printf("kind         %s\n", s_or(d->kind, "-"));
     printf("from         %s\n", s_or(d->from, "-"));
@@ -611,7 +639,8 @@ int ctl_print_refused(const ctl_opts_t *o, const ctl_result_t *res)
 int ctl_print_envelope(const ml_envelope_t *env)
 {
     char *json = NULL, err[256];
-    if (ml_json_encode(&env->base, ML_JSON_PRETTY, &json, err, sizeof err) < 0)
+    if (ml_json_encode(&env->base, ML_JSON_PRETTY | ML_JSON_REPLACE_INVALID, &json, err,
+                       sizeof err) < 0)
         return ctl_fail(CTL_EXIT_FAIL, "cannot render the envelope as JSON: %s", err);
     printf("%s\n", json);
     free(json);
