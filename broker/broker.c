@@ -464,9 +464,16 @@ const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len)
     return buf;
 }
 
+/* Holds per session: an agent addresses a handful of nodes and services; a
+ * node refused for now under ever new `to` names must not grow the session
+ * without bound. Past it a key is refused without a hold (its order is then
+ * the sender's to keep, as any agent does). */
+#define S_HOLDS_MAX 64
+
 void ml_bk_hold_also(ml_session_t *s, const char *to, const char *msg_id)
 {
-    if (msg_id && *msg_id && to && *to && s->state == S_READY && !s_hold_find(s, to)) {
+    if (msg_id && *msg_id && to && *to && s->state == S_READY && s->n_holds < S_HOLDS_MAX &&
+        !s_hold_find(s, to)) {
         struct ml_hold *h = realloc(s->holds, (s->n_holds + 1) * sizeof *h);
         if (h) {
             s->holds = h;
@@ -501,11 +508,37 @@ int ml_bk_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_
     return 1;
 }
 
+int ml_bk_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped)
+{
+    if (now - l->window_at >= ML_BK_LOG_WINDOW_MS) {
+        l->window_at = now;
+        l->logged = 0;
+    }
+    if (l->logged >= ML_BK_LOG_BURST) {
+        l->dropped++;
+        return 0;
+    }
+    l->logged++;
+    *dropped = l->dropped;
+    l->dropped = 0;
+    return 1;
+}
+
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code, const char *reason)
 {
     b->refused_total++;
-    ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s", msg_id ? msg_id : "-", s_who(s),
-           reason);
+    /* Per node (sessions before Hello share the broker's own budget): the
+     * Nack always goes out, the log line only within the budget. */
+    ml_bk_loglimit_t *lim = s->ns ? &s->ns->refusals : &b->preauth_refusals;
+    uint64_t dropped = 0;
+    if (ml_bk_loglimit(lim, ml_mono_ms(), &dropped)) {
+        char more[96] = "";
+        if (dropped)
+            snprintf(more, sizeof more, " (%llu earlier refusal(s) of %s not logged)",
+                     (unsigned long long)dropped, s_who(s));
+        ml_log(ML_LOG_WARN, "router", "refused message %s from %s: %s%s", msg_id ? msg_id : "-",
+               s_who(s), reason, more);
+    }
     s_send_nack(b, s, msg_id, code, reason);
 }
 
@@ -1009,12 +1042,10 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_IDENTITY, err);
         return;
     }
-    if (ml_env_validate(env, err, sizeof err) != 0) {
-        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
-        return;
-    }
     /* node_rate: a token bucket per node (a second's worth of burst). A
-     * node over it gets a transient Nack and its agent sends again later. */
+     * node over it gets a transient Nack and its agent sends again later.
+     * Before validation: every record a node sends counts, so that a node
+     * sending invalid ones is held to its rate like any other. */
     ml_nodestate_t *ns = s->ns;
     int64_t now = ml_mono_ms();
     double rate = (double)b->cfg->node_rate;
@@ -1032,6 +1063,10 @@ static void s_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const u
         return;
     }
     ns->rate_tokens -= 1.0;
+    if (ml_env_validate(env, err, sizeof err) != 0) {
+        ml_bk_refuse(b, s, id, MEDLINK__V1__NACK_CODE__NACK_INVALID, err);
+        return;
+    }
     /* What the sender sent, before any repack: its resend has the same
      * digest (F7). Without one (no memory) the store compares senders
      * only. */

@@ -69,6 +69,21 @@ typedef struct {
     int acked;
 } ml_inflight_t;
 
+/* At most ML_BK_LOG_BURST lines per ML_BK_LOG_WINDOW_MS for one source
+ * (a node's refused messages): a registered node refused at its rate limit
+ * for ever must not fill the disk with log lines (about 600 bytes each).
+ * What is left out is counted and said on the next line logged. */
+#define ML_BK_LOG_BURST 10
+#define ML_BK_LOG_WINDOW_MS 60000
+typedef struct {
+    int64_t window_at; /* monotonic ms the window began */
+    uint32_t logged;   /* lines in this window */
+    uint64_t dropped;  /* lines left out since the last one logged */
+} ml_bk_loglimit_t;
+/* 1 when a line may be logged now; then *dropped is how many were left
+ * out before it (and the count starts again). */
+int ml_bk_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
+
 typedef struct {
     const ml_node_t *node;
     ml_queue_t queue;
@@ -90,6 +105,7 @@ typedef struct {
     uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
     double rate_tokens;  /* node_rate token bucket */
     int64_t rate_at;     /* its last refill, monotonic ms */
+    ml_bk_loglimit_t refusals; /* log lines for this node's refused messages */
     int removed;         /* taken out of the registry by a reload */
     ml_node_t own;       /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
@@ -192,6 +208,7 @@ struct ml_broker {
     ml_session_t *pa_head; /* oldest unauthenticated session */
     ml_session_t *pa_tail;
     uint64_t preauth_evicted; /* evictions not yet logged */
+    ml_bk_loglimit_t preauth_refusals; /* refusals before a node is known */
     int64_t preauth_logged;   /* last eviction log line, monotonic ms */
     ml_session_t *blocked;    /* sessions libzmq would not take more from */
     uv_timer_t blocked_timer;

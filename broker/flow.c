@@ -1545,8 +1545,10 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
          * follows the store. (A chunk the broker had already only moved the
          * version on, as memory did; its count is taken back below.) */
         int failed = rc != 0 || (duplicate && p->kind != K_(IMAGING_CHUNK));
+        /* An id in use is the sender's mistake, refused (and logged
+         * within its node's budget) like any other. */
         if (rc != 0)
-            ml_log(ML_LOG_WARN, "cases",
+            ml_log(rc == ML_EIDUSED ? ML_LOG_DEBUG : ML_LOG_WARN, "cases",
                    "case %s: change with message %s not stored (%s); reloading", c ? c->id : "-",
                    p->id, ml_strerror(rc));
         s_settle(b, c, failed);

@@ -10,7 +10,7 @@
  *             deadlines, escalations and redirects (F8);
  *   utf8      a referral whose reason is not UTF-8 (F6);
  *   reuse     a referral that reuses the id of one of its own earlier
- *             messages with other content (F7);
+ *             messages the broker accepted, with other content (F7);
  *   resend    an ImagingResend to a good clinic asking for 5,000 chunks of a
  *             case it has no part in (F3);
  *   big       a referral to the sink with a 48 KiB notes field: large, legal
@@ -158,8 +158,6 @@ static int s_attack(int a)
         r.reason = "pain \xc3\x28 \xff\xfe";
         break;
     case A_REUSE:
-        if (G.n_ids == 0)
-            return s_attack(A_OPEN);
         e.id = G.ids[s_rand() % (unsigned)G.n_ids];
         r.reason = "a different referral under an old id";
         break;
@@ -204,16 +202,17 @@ static int s_attack(int a)
     default:
         break;
     }
-    int rc = s_send(&e);
-    if (rc == 0 && a == A_OPEN && G.n_ids < S_REMEMBER)
-        snprintf(G.ids[G.n_ids++], ML_ULID_LEN + 1, "%s", id);
-    return rc;
+    return s_send(&e);
 }
 
 static void s_fill(void)
 {
     while (G.up && G.inflight < G.window) {
         int a = (int)(s_rand() % A_N);
+        /* Nothing stored to reuse yet: it opens a case instead, and is
+         * counted as what it is. */
+        if (a == A_REUSE && G.n_ids == 0)
+            a = A_OPEN;
         G.cur_attack = a;
         if (s_attack(a) != 0)
             break;
@@ -252,6 +251,11 @@ static void s_on_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
             int a = s_answered(env->accepted->message_ids[k]);
             if (a >= 0)
                 G.acc_by_attack[a]++;
+            /* Only an id the broker stored is one to reuse: the id of a
+             * referral it refused (the open-case quota) is free, and a
+             * message under it is rightly accepted. */
+            if (a == A_OPEN && G.n_ids < S_REMEMBER)
+                snprintf(G.ids[G.n_ids++], ML_ULID_LEN + 1, "%s", env->accepted->message_ids[k]);
         }
     } else if (env->payload_case == P_(NACK)) {
         G.nacks++;

@@ -59,9 +59,7 @@ BUILD=""
 KEEP=0
 SEED=${SOAK_SEED:-$(($(date +%s) % 100000))}
 RESULTS=""
-ALL=(broker-kill agent-kill link-cut disk-full disk-quota crowd)
-# Run only when named: it fails until F7 (message ids reused by other content) is fixed.
-EXTRA=(hostile-clinic)
+ALL=(broker-kill agent-kill link-cut disk-full disk-quota crowd hostile-clinic)
 WANT=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -73,7 +71,7 @@ while [ $# -gt 0 ]; do
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
     *)
-        case " ${ALL[*]} ${EXTRA[*]} " in *" $1 "*) WANT+=("$1") ;; *) echo "soak.sh: unknown scenario $1 (${ALL[*]})" >&2; exit 2 ;; esac
+        case " ${ALL[*]} " in *" $1 "*) WANT+=("$1") ;; *) echo "soak.sh: unknown scenario $1 (${ALL[*]})" >&2; exit 2 ;; esac
         shift
         ;;
     esac

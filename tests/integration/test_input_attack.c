@@ -446,3 +446,33 @@ Test(security, f10_ctl_escapes_peer_text_and_json_survives_invalid_utf8)
     free(out);
     h_broker_stop(&W);
 }
+
+/* A registered node refused at its rate for ever must not fill the disk
+ * with log lines: every record gets its Nack, the log at most
+ * ML_BK_LOG_BURST lines a minute for that node, and another node's refusal
+ * is still logged. */
+Test(security, refusals_of_one_node_logged_within_a_budget)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    cli_t a, b;
+    cli_open(&a, &W, H_XINZHAN, 0);
+    cli_open(&b, &W, H_FENGLE, 0);
+    for (int i = 0; i < 200; i++) {
+        cli_referral_t r;
+        cli_referral(&r, H_XINZHAN, H_COUNTY, "Zhang San", MEDLINK__V1__PRIORITY__PRIORITY_ROUTINE);
+        r.env.case_id = "bad case id";
+        cli_expect_nack(cli_send_wait(&a, &r.env), NACK_(INVALID), "case_id");
+    }
+    cli_referral_t r;
+    cli_referral(&r, H_FENGLE, H_COUNTY, "Li Si", MEDLINK__V1__PRIORITY__PRIORITY_ROUTINE);
+    r.env.case_id = "another bad one";
+    cli_expect_nack(cli_send_wait(&b, &r.env), NACK_(INVALID), "case_id");
+    cli_close(&a);
+    cli_close(&b);
+    h_broker_stop(&W);
+    int lines = h_log_contains(&W, "broker.log", "from " H_XINZHAN ":");
+    cr_assert(lines >= 1 && lines <= 10, "%d log lines for 200 refusals", lines);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "from " H_FENGLE ":"), 1,
+                 "the other node's refusal was not logged");
+}
