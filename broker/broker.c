@@ -756,6 +756,8 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     b->puts_pending_bytes -= p->size;
     s_put_unlink(p);
     if (rc == 0) {
+        if (!duplicate && p->opened[0])
+            ml_log(ML_LOG_INFO, "cases", "%s", p->opened);
         if (!duplicate) {
             b->accepted_total++;
             ml_qitem_t it;
@@ -874,6 +876,7 @@ int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m)
     p->notice = m->notice;
     p->own = m->session == NULL;
     snprintf(p->to, sizeof p->to, "%s", m->to ? m->to : "");
+    snprintf(p->opened, sizeof p->opened, "%s", m->opened ? m->opened : "");
     p->has_ops = m->n_ops > 0;
     /* Keep a copy for a connected recipient while the cache has room, and
      * always of the broker's own messages (stored again if the store

@@ -186,6 +186,10 @@ struct ml_put {
     int notice;      /* the broker's own message (ML_QI_NOTICE) */
     char to[256];    /* as the sender addressed it (holds, see ml_session) */
     int own;         /* the broker's own message: stored again until it is */
+    /* The "case ... opened" log line of an opening, logged once the store
+     * has it: a refused opening (an id in use, a full store) logs only its
+     * refusal, within its node's budget. */
+    char opened[400];
 };
 
 struct ml_broker {
@@ -318,6 +322,7 @@ typedef struct {
     int chunk_bytes;
     int notice; /* the broker's own message */
     int fresh;  /* an id the broker just made: never a duplicate */
+    const char *opened; /* see ml_put_t.opened, or NULL */
 } ml_bk_msg_t;
 
 /* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),

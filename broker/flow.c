@@ -1115,6 +1115,9 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         n_ops = 2;
     }
 
+    char opened[400];
+    snprintf(opened, sizeof opened, "case %s opened by %s: %s %s", c->id, sender->node->id,
+             ml_kind_name(env->kind), detail);
     uint8_t *owned = NULL;
     int rc = repack ? s_repack(env, &rec, &len, &owned) : 0;
     if (rc == 0) {
@@ -1136,6 +1139,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             .n_ops = n_ops,
             .cs = c,
             .linked = lc,
+            .opened = opened,
             .action = lc ? ML_BK_AFTER_REREFERRED : ML_BK_AFTER_NONE,
         };
         rc = ml_bk_submit(b, &m);
@@ -1155,8 +1159,6 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         return;
     }
     ml_bk_case_release(b, lc);
-    ml_log(ML_LOG_INFO, "cases", "case %s opened by %s: %s %s", c->id, sender->node->id,
-           ml_kind_name(env->kind), detail);
 }
 
 /* The chunk count of each object of imaging case c, read from its stored

@@ -412,10 +412,10 @@ start_all() {
 DETAILS=()
 if [ "$QUICK" = 1 ]; then
     N_KILLS=3; N_CUTS=5; N_FULL=1; N_QUOTA=1; RATE=3; DRAIN=150; IDLE=30
-    HRATE=4; HDUR=20; HCOUNT=1500
+    HRATE=4; HDUR=20; HCOUNT=4000
 else
     N_KILLS=20; N_CUTS=20; N_FULL=3; N_QUOTA=2; RATE=4; DRAIN=300; IDLE=60
-    HRATE=4; HDUR=90; HCOUNT=5000
+    HRATE=4; HDUR=90; HCOUNT=12000
 fi
 # The hostile clinic's rate limit (the broker's node_rate in that world),
 # and the bound on the broker's VmHWM while it attacks.
