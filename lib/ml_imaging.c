@@ -77,8 +77,19 @@ void ml_sha256_hex(const void *data, size_t len, char out[ML_SHA256_HEX + 1])
 
 int ml_sha256_file(const char *path, char out[ML_SHA256_HEX + 1], uint64_t *size)
 {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ML_EIO;
+    int rc = ml_sha256_fd(fd, out, size);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+int ml_sha256_fd(int fd, char out[ML_SHA256_HEX + 1], uint64_t *size)
+{
     int rc = ML_EIO;
-    int fd = -1;
     uint8_t *buf = NULL;
     uint64_t total = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -88,12 +99,11 @@ int ml_sha256_file(const char *path, char out[ML_SHA256_HEX + 1], uint64_t *size
         rc = ML_ENOMEM;
         goto out;
     }
-    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
-        goto out;
     if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1)
         goto out;
     for (;;) {
-        ssize_t r = read(fd, buf, S_READ_BLOCK);
+        /* pread from the start: the fd's position is not ours. */
+        ssize_t r = pread(fd, buf, S_READ_BLOCK, (off_t)total);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -115,8 +125,6 @@ int ml_sha256_file(const char *path, char out[ML_SHA256_HEX + 1], uint64_t *size
     rc = 0;
 out : {
     int saved = errno;
-    if (fd >= 0)
-        close(fd);
     free(buf);
     EVP_MD_CTX_free(ctx);
     errno = saved;
@@ -171,14 +179,26 @@ static int s_pread_all(int fd, uint8_t *buf, size_t len, uint64_t off)
 int ml_imaging_read_chunk(const char *path, uint32_t chunk_size, uint32_t chunk_index,
                           uint8_t **data, size_t *len, char sha[ML_SHA256_HEX + 1])
 {
-    int rc = ML_EIO;
-    uint8_t *buf = NULL;
-    struct stat st;
     if (chunk_size == 0)
         return ML_EINVAL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return ML_EIO;
+    int rc = ml_imaging_read_chunk_fd(fd, chunk_size, chunk_index, data, len, sha);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+int ml_imaging_read_chunk_fd(int fd, uint32_t chunk_size, uint32_t chunk_index, uint8_t **data,
+                             size_t *len, char sha[ML_SHA256_HEX + 1])
+{
+    int rc = ML_EIO;
+    uint8_t *buf = NULL;
+    struct stat st;
+    if (chunk_size == 0)
+        return ML_EINVAL;
     if (fstat(fd, &st) != 0)
         goto out;
     uint64_t size = (uint64_t)st.st_size;
@@ -203,7 +223,6 @@ int ml_imaging_read_chunk(const char *path, uint32_t chunk_size, uint32_t chunk_
     rc = 0;
 out : {
     int saved = errno;
-    close(fd);
     free(buf);
     errno = saved;
 }
@@ -616,16 +635,32 @@ int ml_imaging_object_from_file(const char *path, uint32_t chunk_size,
                                 Medlink__V1__DicomObject **out, ml_dicom_info_t *info, char *err,
                                 size_t errlen)
 {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        ml_seterr(err, errlen, "cannot open: %s", strerror(errno));
+        return ML_EIO;
+    }
+    int rc = ml_imaging_object_from_fd(fd, path, chunk_size, out, info, err, errlen);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+int ml_imaging_object_from_fd(int fd, const char *path, uint32_t chunk_size,
+                              Medlink__V1__DicomObject **out, ml_dicom_info_t *info, char *err,
+                              size_t errlen)
+{
     ml_dicom_info_t local;
     Medlink__V1__DicomObject *o = NULL;
     char sha[ML_SHA256_HEX + 1];
     uint64_t size = 0;
     if (!info)
         info = &local;
-    int rc = ml_dicom_probe(path, info, err, errlen);
+    int rc = ml_dicom_probe_fd(fd, info, err, errlen);
     if (rc < 0)
         return rc;
-    if ((rc = ml_sha256_file(path, sha, &size)) < 0) {
+    if ((rc = ml_sha256_fd(fd, sha, &size)) < 0) {
         ml_seterr(err, errlen, "cannot read: %s", strerror(errno));
         return rc;
     }

@@ -25,6 +25,8 @@ void ml_sha256_hex(const void *data, size_t len, char out[ML_SHA256_HEX + 1]);
 /* SHA-256 and size of a whole file, read in blocks. Returns 0 or ML_EIO
  * (errno kept). */
 int ml_sha256_file(const char *path, char out[ML_SHA256_HEX + 1], uint64_t *size);
+/* The same on an open fd, read with pread from offset 0. */
+int ml_sha256_fd(int fd, char out[ML_SHA256_HEX + 1], uint64_t *size);
 /* 1 if s is exactly 64 lower-case hex digits. */
 int ml_sha256_hex_valid(const char *s);
 
@@ -72,6 +74,9 @@ uint32_t ml_imaging_chunk_count(uint64_t size, uint32_t chunk_size);
  * ML_EINVAL when the chunk lies past the end of the file. */
 int ml_imaging_read_chunk(const char *path, uint32_t chunk_size, uint32_t chunk_index,
                           uint8_t **data, size_t *len, char sha[ML_SHA256_HEX + 1]);
+/* The same on an open fd (pread; its position is not used). */
+int ml_imaging_read_chunk_fd(int fd, uint32_t chunk_size, uint32_t chunk_index, uint8_t **data,
+                             size_t *len, char sha[ML_SHA256_HEX + 1]);
 
 /* Fills a heap DicomObject (medlink__v1__dicom_object__init'ed, strings
  * malloc'd; free with protobuf_c_message_free_unpacked) for the file at
@@ -81,5 +86,11 @@ int ml_imaging_read_chunk(const char *path, uint32_t chunk_size, uint32_t chunk_
 int ml_imaging_object_from_file(const char *path, uint32_t chunk_size,
                                 Medlink__V1__DicomObject **out, ml_dicom_info_t *info, char *err,
                                 size_t errlen);
+/* The same on a file open as fd (path names it: file_name is its base
+ * name): probed, hashed and later read from the one fd, so that what is
+ * described is what is sent, whatever happens to path meanwhile. */
+int ml_imaging_object_from_fd(int fd, const char *path, uint32_t chunk_size,
+                              Medlink__V1__DicomObject **out, ml_dicom_info_t *info, char *err,
+                              size_t errlen);
 
 #endif

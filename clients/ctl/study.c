@@ -7,11 +7,13 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "build.h"
 #include "ml_common.h"
@@ -20,9 +22,23 @@
 
 #define S_MAX_DEPTH 16
 
+/* The file of an object is opened again for every read (a study may have
+ * more files than the process may hold open), and each open must find the
+ * very file that was hashed: same device and inode, a regular file, and for
+ * a file found under --dicom-dir no symbolic link. A file swapped for
+ * another (or for a link to one) between the checks is refused, never sent
+ * (a local user of the folder, docs/security.md). */
+typedef struct {
+    dev_t dev;
+    ino_t ino;
+    int known;    /* dev and ino are set */
+    int nofollow; /* found by the walk: a link there is refused */
+} s_ident_t;
+
 struct ctl_study {
     ml_envelope_t *consult;
     char **paths; /* one per object, same order */
+    s_ident_t *ids;
     size_t n_paths;
     uint64_t chunks, bytes;
     size_t max_message;
@@ -47,8 +63,42 @@ static int s_cmp_path(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* Opens the file of an object for reading, checked as s_ident_t says (and
+ * recorded there the first time). Returns the fd, or -1 after saying why. */
+static int s_open_object(const char *path, s_ident_t *id)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (id->nofollow ? O_NOFOLLOW : 0));
+    if (fd < 0) {
+        ctl_fail(CTL_EXIT_FAIL, "cannot read %s: %s", path,
+                 errno == ELOOP ? "it is a symbolic link (--dicom-dir takes regular files only)"
+                                : strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    const char *why = NULL;
+    if (fstat(fd, &st) != 0)
+        why = strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+        why = "not a regular file";
+    else if (id->known && (st.st_dev != id->dev || st.st_ino != id->ino))
+        why = "it was replaced by another file after it was listed or hashed";
+    if (why) {
+        close(fd);
+        ctl_fail(CTL_EXIT_FAIL, "cannot read %s: %s", path, why);
+        return -1;
+    }
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    id->known = 1;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    return fd;
+}
+
 /* Every regular file under dir, depth first; hidden names and DICOMDIR
- * (the media index, not an image) are skipped. */
+ * (the media index, not an image) are skipped, other non-regular entries
+ * too; a symbolic link is refused (name a linked image with --dicom). */
 static int s_walk(const char *dir, int depth, char ***v, size_t *n)
 {
     if (depth > S_MAX_DEPTH)
@@ -67,8 +117,14 @@ static int s_walk(const char *dir, int depth, char ***v, size_t *n)
             ctl_oom();
         snprintf(path, len, "%s/%s", dir, de->d_name);
         struct stat st;
-        if (stat(path, &st) < 0) {
+        if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
             rc = ctl_fail(CTL_EXIT_FAIL, "cannot stat %s: %s", path, strerror(errno));
+            free(path);
+        } else if (S_ISLNK(st.st_mode)) {
+            rc = ctl_fail(CTL_EXIT_FAIL,
+                          "%s is a symbolic link: --dicom-dir takes the regular files under it "
+                          "(name a linked image with --dicom)",
+                          path);
             free(path);
         } else if (S_ISDIR(st.st_mode)) {
             rc = s_walk(path, depth + 1, v, n);
@@ -83,13 +139,21 @@ static int s_walk(const char *dir, int depth, char ***v, size_t *n)
     return rc;
 }
 
-static int s_add_object(ctl_study_t *s, const char *path, uint32_t chunk_size, int from_dir)
+static int s_add_object(ctl_study_t *s, const char *path, s_ident_t *id, uint32_t chunk_size,
+                        int from_dir)
 {
     Medlink__V1__ImagingConsult *c = s->consult->imaging_consult;
     Medlink__V1__DicomObject *obj = NULL;
     ml_dicom_info_t info;
     char err[512] = "";
-    int rc = ml_imaging_object_from_file(path, chunk_size, &obj, &info, err, sizeof err);
+    id->nofollow = from_dir;
+    int fd = s_open_object(path, id);
+    if (fd < 0)
+        return CTL_EXIT_FAIL;
+    int rc = ml_imaging_object_from_fd(fd, path, chunk_size, &obj, &info, err, sizeof err);
+    int saved = errno;
+    close(fd);
+    errno = saved;
     if (rc == ML_EIO)
         return ctl_fail(CTL_EXIT_FAIL, "cannot read %s: %s", path, strerror(errno));
     if (rc < 0)
@@ -221,12 +285,14 @@ int ctl_study_new(const ctl_opts_t *o, ctl_study_t **out)
         goto out;
     }
     s->paths = calloc(n_files, sizeof *s->paths);
-    if (!s->paths)
+    s->ids = calloc(n_files, sizeof *s->ids);
+    if (!s->paths || !s->ids)
         ctl_oom();
     for (size_t i = 0; i < n_files; i++) {
         s->paths[s->n_paths++] = files[i];
         files[i] = NULL;
-        if ((rc = s_add_object(s, s->paths[i], chunk_size, i >= o->dicom.n)) != CTL_EXIT_OK)
+        if ((rc = s_add_object(s, s->paths[i], &s->ids[i], chunk_size, i >= o->dicom.n)) !=
+            CTL_EXIT_OK)
             goto out;
     }
     c->chunk_size = chunk_size;
@@ -251,6 +317,7 @@ void ctl_study_destroy(ctl_study_t **self_p)
     for (size_t i = 0; i < s->n_paths; i++)
         free(s->paths[i]);
     free(s->paths);
+    free(s->ids);
     ml_env_free(&s->consult);
     ml_env_free(&s->cur);
     free(s);
@@ -301,7 +368,13 @@ int ctl_study_next(ctl_study_t *s, ml_envelope_t **env)
     char sha[ML_SHA256_HEX + 1], err[512];
     uint64_t offset = (uint64_t)s->chunk * ic->chunk_size;
     uint64_t expect = obj->size - offset < ic->chunk_size ? obj->size - offset : ic->chunk_size;
-    int rc = ml_imaging_read_chunk(path, ic->chunk_size, s->chunk, &data, &len, sha);
+    int fd = s_open_object(path, &s->ids[s->obj]);
+    if (fd < 0)
+        return -CTL_EXIT_FAIL;
+    int rc = ml_imaging_read_chunk_fd(fd, ic->chunk_size, s->chunk, &data, &len, sha);
+    int saved = errno;
+    close(fd);
+    errno = saved;
     if (rc == ML_EIO)
         return -ctl_fail(CTL_EXIT_FAIL, "cannot read %s: %s", path, strerror(errno));
     if (rc < 0 || len != expect) {

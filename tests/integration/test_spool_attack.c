@@ -607,3 +607,109 @@ Test(security, spool_bom_and_gbk_files)
     h_agent_stop(&W, H_COUNTY);
     h_broker_stop(&W);
 }
+
+/* ---- medlinkctl's DICOM folder ------------------------------------------ */
+
+/* The same local user, against the folder medlinkctl sends a study from:
+ * a link under --dicom-dir is refused before anything is sent, and a file
+ * swapped for a link to a secret after medlinkctl hashed it is refused when
+ * it is read again, never sent. */
+Test(security, ctl_study_link_and_swap_refused)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    h_agent_start(&W, H_READ_A);
+    char bin[600], cfg[700], dir[700], p1[800], p2[800], lnk[800], key[700];
+    char shas[2][65];
+    h_bin("medlinkctl", bin, sizeof bin);
+    h_ctl_config(&W, H_XINZHAN, cfg, sizeof cfg);
+    snprintf(dir, sizeof dir, "%s/ctl-study", W.dir);
+    cr_assert_eq(ml_mkdirs(dir), 0);
+    snprintf(p1, sizeof p1, "%s/IM0001.dcm", dir);
+    snprintf(p2, sizeof p2, "%s/IM0002.dcm", dir);
+    s_write_dicom(p1, 1, 8u << 20, shas[0]);
+    s_write_dicom(p2, 2, 4096, shas[1]);
+    s_key_path(H_XINZHAN, key, sizeof key);
+    size_t klen = 0;
+    char *keybytes = s_read(key, &klen);
+    cr_assert(keybytes && klen > 64);
+
+    /* A link in the folder: refused, naming it. */
+    snprintf(lnk, sizeof lnk, "%s/IM0003.dcm", dir);
+    cr_assert_eq(symlink(key, lnk), 0);
+    int st = -1;
+    char *out = h_run(&st,
+                      "'%s' --config '%s' send imaging --to %s --patient-name 'Zhang San' "
+                      "--health-card 130102198001011234 --dicom-dir '%s' 2>&1",
+                      bin, cfg, H_SERVICE_CT, dir);
+    cr_assert_neq(st, 0, "a link under --dicom-dir was taken:\n%s", out);
+    cr_assert(strstr(out, "IM0003.dcm") && strstr(out, "symbolic link"), "%s", out);
+    free(out);
+    cr_assert_eq(unlink(lnk), 0);
+
+    /* A swap after the hash: IM0002.dcm is closed after it was hashed (the
+     * last of the two), then replaced by a hard link to a secret of exactly
+     * its size (a size check alone would pass it) while the 8 MiB of
+     * IM0001.dcm are still being sent. */
+    struct stat st2;
+    cr_assert_eq(stat(p2, &st2), 0);
+    free(keybytes);
+    klen = (size_t)st2.st_size;
+    keybytes = malloc(klen);
+    for (size_t i = 0; i < klen; i++)
+        keybytes[i] = "SECRET-of-the-operator-"[i % 23];
+    snprintf(key, sizeof key, "%s/secret.bin", W.dir);
+    FILE *sf = fopen(key, "wb");
+    cr_assert(sf && fwrite(keybytes, 1, klen, sf) == klen);
+    fclose(sf);
+    int in = inotify_init1(IN_CLOEXEC);
+    cr_assert(in >= 0);
+    cr_assert(inotify_add_watch(in, dir, IN_CLOSE_NOWRITE) >= 0);
+    char cmd[3000];
+    snprintf(cmd, sizeof cmd,
+             "'%s' --config '%s' send imaging --to %s --patient-name 'Zhang San' "
+             "--health-card 130102198001011234 --chunk-size 65536 --dicom-dir '%s' 2>&1",
+             bin, cfg, H_SERVICE_CT, dir);
+    FILE *ctl = popen(cmd, "r");
+    cr_assert(ctl);
+    int swapped = 0;
+    for (int waited = 0; !swapped && waited < 30000; waited += 100) {
+        struct pollfd pf = {in, POLLIN, 0};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+        ssize_t n = read(in, buf, sizeof buf);
+        for (char *at = buf; n > 0 && at < buf + n;) {
+            const struct inotify_event *ev = (const struct inotify_event *)at;
+            if (!swapped && ev->len && strcmp(ev->name, "IM0002.dcm") == 0) {
+                char tmp[800];
+                snprintf(tmp, sizeof tmp, "%s/.swap", dir);
+                /* A hard link: no symbolic link to see, only another
+                 * inode. */
+                cr_assert_eq(link(key, tmp), 0, "link: %s", strerror(errno));
+                cr_assert_eq(rename(tmp, p2), 0);
+                swapped = 1;
+            }
+            at += sizeof *ev + ev->len;
+        }
+    }
+    close(in);
+    char text[8192];
+    size_t got = fread(text, 1, sizeof text - 1, ctl);
+    text[got] = '\0';
+    int status = pclose(ctl);
+    cr_assert(swapped, "medlinkctl never closed IM0002.dcm:\n%s", text);
+    cr_assert_neq(status, 0, "medlinkctl sent a study whose file was swapped:\n%s", text);
+    cr_assert(strstr(text, "IM0002.dcm"), "the refusal does not name the file:\n%s", text);
+
+    /* Whatever reached the reading centre, the key is not in it. */
+    h_sleep_ms(1000);
+    char inbox[700], parts[700];
+    h_spool(&W, H_READ_A, "inbox", inbox, sizeof inbox);
+    cr_assert(!s_tree_contains(inbox, keybytes, klen), "the secret reached the reading centre");
+    snprintf(parts, sizeof parts, "%s/data/%s", W.dir, H_READ_A);
+    cr_assert(!s_tree_contains(parts, keybytes, klen), "the secret reached the centre's store");
+    free(keybytes);
+    h_agent_stop(&W, H_READ_A);
+    h_broker_stop(&W);
+}
