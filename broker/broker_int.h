@@ -100,14 +100,14 @@ typedef struct {
     int online;
     int64_t last_seen;
     uint64_t delivered;
-    uint32_t open_cases; /* open cases this node is the target of */
-    uint32_t opened;     /* open cases this node opened (open_cases_per_node) */
-    uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
-    double rate_tokens;  /* node_rate token bucket */
-    int64_t rate_at;     /* its last refill, monotonic ms */
+    uint32_t open_cases;       /* open cases this node is the target of */
+    uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
+    uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
+    double rate_tokens;        /* node_rate token bucket */
+    int64_t rate_at;           /* its last refill, monotonic ms */
     ml_bk_loglimit_t refusals; /* log lines for this node's refused messages */
-    int removed;         /* taken out of the registry by a reload */
-    ml_node_t own;       /* a removed node's registry entry (node points here) */
+    int removed;               /* taken out of the registry by a reload */
+    ml_node_t own;             /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
 
 struct ml_session {
@@ -211,10 +211,10 @@ struct ml_broker {
     size_t n_preauth;      /* sessions in the TLS handshake: max_preauth_sessions */
     ml_session_t *pa_head; /* oldest unauthenticated session */
     ml_session_t *pa_tail;
-    uint64_t preauth_evicted; /* evictions not yet logged */
+    uint64_t preauth_evicted;          /* evictions not yet logged */
     ml_bk_loglimit_t preauth_refusals; /* refusals before a node is known */
-    int64_t preauth_logged;   /* last eviction log line, monotonic ms */
-    ml_session_t *blocked;    /* sessions libzmq would not take more from */
+    int64_t preauth_logged;            /* last eviction log line, monotonic ms */
+    ml_session_t *blocked;             /* sessions libzmq would not take more from */
     uv_timer_t blocked_timer;
     uint64_t next_serial;
 
@@ -320,8 +320,8 @@ typedef struct {
     ml_case_t *linked; /* a second case it changes (idem) */
     int action;        /* ML_BK_AFTER_* */
     int chunk_bytes;
-    int notice; /* the broker's own message */
-    int fresh;  /* an id the broker just made: never a duplicate */
+    int notice;         /* the broker's own message */
+    int fresh;          /* an id the broker just made: never a duplicate */
     const char *opened; /* see ml_put_t.opened, or NULL */
 } ml_bk_msg_t;
 

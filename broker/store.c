@@ -100,7 +100,7 @@ typedef struct ml_store_req {
     size_t plain_len; /* the envelope's own length (the size column) */
     const char *reason;
     int attempts;
-    int fresh;       /* a put whose id cannot be a duplicate */
+    int fresh; /* a put whose id cannot be a duplicate */
     int has_digest;
     uint8_t digest[ML_STORE_DIGEST_LEN];
     uint64_t stream; /* see ml_store_msg_t.stream; for S_OP_REOPEN, the stream */
@@ -797,8 +797,8 @@ static int s_find_earlier(ml_store_t *st, ml_store_req_t *r, int *found)
         int dlen = sqlite3_column_bytes(q, 2);
         int same = sender && r->sender && strcmp(sender, r->sender) == 0;
         if (same && digest && r->has_digest)
-            same = dlen == ML_STORE_DIGEST_LEN &&
-                   memcmp(digest, r->digest, ML_STORE_DIGEST_LEN) == 0;
+            same =
+                dlen == ML_STORE_DIGEST_LEN && memcmp(digest, r->digest, ML_STORE_DIGEST_LEN) == 0;
         if (same) {
             r->seq = sqlite3_column_int64(q, 0);
             r->duplicate = 1;

@@ -10,21 +10,21 @@
 
 enum {
     ML_OK = 0,
-    ML_EINVAL = -1,    /* bad argument or malformed input */
-    ML_ENOMEM = -2,    /* allocation failed */
-    ML_EIO = -3,       /* operating-system I/O error */
-    ML_EPROTO = -4,    /* peer broke the protocol */
-    ML_ETLS = -5,      /* TLS failure (handshake, verification, record) */
-    ML_EAGAIN = -6,    /* nothing now; try again later */
-    ML_ETOOBIG = -7,   /* over a configured size limit */
-    ML_ETRUNC = -8,    /* input ended inside a record */
-    ML_ENOTFOUND = -9, /* no such thing */
-    ML_EDUP = -10,     /* duplicate */
-    ML_EFULL = -11,    /* a store or queue is full */
-    ML_ECLOSED = -12,  /* the session or channel is closed */
-    ML_EDENIED = -13,  /* refused by policy */
-    ML_ESTORE = -14,   /* the durable store failed */
-    ML_ECONFIG = -15,  /* configuration error */
+    ML_EINVAL = -1,     /* bad argument or malformed input */
+    ML_ENOMEM = -2,     /* allocation failed */
+    ML_EIO = -3,        /* operating-system I/O error */
+    ML_EPROTO = -4,     /* peer broke the protocol */
+    ML_ETLS = -5,       /* TLS failure (handshake, verification, record) */
+    ML_EAGAIN = -6,     /* nothing now; try again later */
+    ML_ETOOBIG = -7,    /* over a configured size limit */
+    ML_ETRUNC = -8,     /* input ended inside a record */
+    ML_ENOTFOUND = -9,  /* no such thing */
+    ML_EDUP = -10,      /* duplicate */
+    ML_EFULL = -11,     /* a store or queue is full */
+    ML_ECLOSED = -12,   /* the session or channel is closed */
+    ML_EDENIED = -13,   /* refused by policy */
+    ML_ESTORE = -14,    /* the durable store failed */
+    ML_ECONFIG = -15,   /* configuration error */
     ML_ETIMEDOUT = -16, /* a deadline passed */
     ML_EIDUSED = -17    /* an id already names something else */
 };

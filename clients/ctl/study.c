@@ -67,7 +67,8 @@ static int s_cmp_path(const void *a, const void *b)
  * recorded there the first time). Returns the fd, or -1 after saying why. */
 static int s_open_object(const char *path, s_ident_t *id)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (id->nofollow ? O_NOFOLLOW : 0));
+    int fd =
+        open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (id->nofollow ? O_NOFOLLOW : 0));
     if (fd < 0) {
         ctl_fail(CTL_EXIT_FAIL, "cannot read %s: %s", path,
                  errno == ELOOP ? "it is a symbolic link (--dicom-dir takes regular files only)"

@@ -107,9 +107,9 @@ static void s_tamper_stored(const char *id, void (*edit)(ml_envelope_t *))
     size_t packed_len = 0, sealed_len = 0;
     cr_assert_eq(ml_env_pack(env, &packed, &packed_len), 0);
     ml_env_free(&env);
-    cr_assert_eq(ml_seal(keys, packed, packed_len, (const uint8_t *)id, strlen(id), &sealed,
-                         &sealed_len),
-                 0);
+    cr_assert_eq(
+        ml_seal(keys, packed, packed_len, (const uint8_t *)id, strlen(id), &sealed, &sealed_len),
+        0);
     free(packed);
     ml_keyring_destroy(&keys);
     cr_assert_eq(
@@ -161,7 +161,8 @@ Test(security, f7_other_node_reusing_an_id_is_refused)
     ra.env.from = H_XINZHAN;
 
     s_id_t want = {ra.id};
-    cr_assert(cli_run_until(&county, s_has_delivery, &want, 10000), "the referral was not delivered");
+    cr_assert(cli_run_until(&county, s_has_delivery, &want, 10000),
+              "the referral was not delivered");
     h_sleep_ms(300);
     cli_run_until(&county, s_has_delivery, &want, 100);
     cr_assert_eq(s_got_id(&county, ra.id), 1, "id %s delivered %d times", ra.id,
@@ -328,8 +329,7 @@ Test(security, f6_agent_refuses_a_delivery_it_cannot_spool)
     }
     cr_assert(dl, "the delivery the agent cannot spool is not a dead letter");
     cr_assert(strstr(dl->reason, "refused by the recipient"), "reason: %s", dl->reason);
-    cr_assert(strstr(dl->reason, "patient.name"), "reason does not name the field: %s",
-              dl->reason);
+    cr_assert(strstr(dl->reason, "patient.name"), "reason does not name the field: %s", dl->reason);
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 0, "something was written to the inbox");
 
     /* The agent goes on: the next referral is written. */
@@ -371,7 +371,8 @@ Test(security, f10_case_id_with_newline_or_escape_refused)
     /* A refusal names the field, not the value: the ICD-10 text and the
      * patient's name stay out of the log. */
     cli_referral_t r;
-    cli_referral(&r, H_XINZHAN, H_COUNTY, "Zhao Liu Secret", MEDLINK__V1__PRIORITY__PRIORITY_ROUTINE);
+    cli_referral(&r, H_XINZHAN, H_COUNTY, "Zhao Liu Secret",
+                 MEDLINK__V1__PRIORITY__PRIORITY_ROUTINE);
     r.diag.icd10 = "NOT-A-CODE-SECRET";
     const ml_envelope_t *rep = cli_send_wait(&a, &r.env);
     cli_expect_nack(rep, NACK_(INVALID), "icd10");
@@ -406,9 +407,9 @@ Test(security, f10_ctl_escapes_peer_text_and_json_survives_invalid_utf8)
     sqlite3 *db = NULL;
     cr_assert_eq(sqlite3_open(path, &db), SQLITE_OK);
     sqlite3_stmt *q = NULL;
-    cr_assert_eq(
-        sqlite3_prepare_v2(db, "UPDATE case_events SET event = ?1 WHERE case_id = ?2", -1, &q, NULL),
-        SQLITE_OK);
+    cr_assert_eq(sqlite3_prepare_v2(db, "UPDATE case_events SET event = ?1 WHERE case_id = ?2", -1,
+                                    &q, NULL),
+                 SQLITE_OK);
     const char evil[] = "opened\x1b[2J\x1b]0;pwned\x07\nFORGED line \xff\xfe";
     sqlite3_bind_blob(q, 1, evil, (int)sizeof evil - 1, SQLITE_STATIC);
     sqlite3_bind_text(q, 2, case_id, -1, SQLITE_STATIC);

@@ -271,8 +271,7 @@ Test(store, security_f7_id_reuse_is_not_a_duplicate)
     uv_run(&loop, UV_RUN_DEFAULT);
     for (int i = 0; i < N; i++) {
         cr_assert_eq(recs[i].called, 1);
-        cr_assert_eq(recs[i].rc, cases[i].rc, "put %d: rc %d, want %d", i, recs[i].rc,
-                     cases[i].rc);
+        cr_assert_eq(recs[i].rc, cases[i].rc, "put %d: rc %d, want %d", i, recs[i].rc, cases[i].rc);
         cr_assert_eq(recs[i].duplicate, cases[i].duplicate, "put %d", i);
     }
     ml_store_stats_t stats;
