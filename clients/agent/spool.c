@@ -25,6 +25,7 @@
 
 #include "ml_common.h"
 #include "ml_json.h"
+#include "ml_text.h"
 
 #define S_LOG "spool"
 #define S_PATH_MAX 4096
@@ -579,43 +580,16 @@ static void s_not_regular(unsigned mode, char *err, size_t errlen)
 }
 
 /* The offset of the first byte of text that is not well-formed UTF-8
- * (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF), or
- * len when it all is. O(len). */
+ * (lib/ml_text.h's rule: RFC 3629, no overlong forms, no surrogates,
+ * nothing above U+10FFFF), or len when it all is. O(len). */
 static size_t s_utf8_bad(const unsigned char *t, size_t len)
 {
     size_t i = 0;
     while (i < len) {
-        unsigned c = t[i];
-        size_t k;
-        unsigned lo = 0x80, hi = 0xBF;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if (c >= 0xC2 && c <= 0xDF) {
-            k = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2;
-            if (c == 0xE0)
-                lo = 0xA0;
-            else if (c == 0xED)
-                hi = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3;
-            if (c == 0xF0)
-                lo = 0x90;
-            else if (c == 0xF4)
-                hi = 0x8F;
-        } else {
+        size_t k = ml_utf8_seq_len((const char *)t + i, len - i);
+        if (k == 0)
             return i;
-        }
-        if (i + k >= len)
-            return i; /* cut short at the end */
-        if (t[i + 1] < lo || t[i + 1] > hi)
-            return i;
-        for (size_t j = 2; j <= k; j++)
-            if (t[i + j] < 0x80 || t[i + j] > 0xBF)
-                return i;
-        i += k + 1;
+        i += k;
     }
     return len;
 }
