@@ -189,7 +189,7 @@ struct ml_put {
     /* The "case ... opened" log line of an opening, logged once the store
      * has it: a refused opening (an id in use, a full store) logs only its
      * refusal, within its node's budget. */
-    char opened[400];
+    char opened[768];
 };
 
 struct ml_broker {

@@ -1115,7 +1115,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         n_ops = 2;
     }
 
-    char opened[400];
+    char opened[768];
     snprintf(opened, sizeof opened, "case %s opened by %s: %s %s", c->id, sender->node->id,
              ml_kind_name(env->kind), detail);
     uint8_t *owned = NULL;

@@ -313,27 +313,35 @@ static void s_rx_clear(s_rx_t *r)
     free(r->blob);
 }
 
+/* Sends a control record to the broker: env has its payload set; id,
+ * from, to, kind and created_at are filled here. Returns as
+ * ml_channel_send. */
+static int s_send_control(ml_agent_t *a, ml_envelope_t *env)
+{
+    const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    env->id = id;
+    env->from = a->node_id;
+    env->to = w && w->broker ? w->broker : "";
+    env->kind = ml_env_kind_of_payload((int)env->payload_case);
+    env->created_at = ml_now_ms();
+    return ml_channel_send(a->ch, env);
+}
+
 /* Tells the broker that delivery id cannot be taken (Nack REFUSED): it
  * becomes a dead letter there, with why, instead of being delivered again
  * for ever. */
 static void s_send_refusal(ml_agent_t *a, const char *id, const char *why)
 {
-    const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
-    char nid[ML_ULID_LEN + 1];
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     Medlink__V1__Nack nack = MEDLINK__V1__NACK__INIT;
-    ml_ulid_new(nid);
     nack.message_id = (char *)id;
     nack.code = MEDLINK__V1__NACK_CODE__NACK_REFUSED;
     nack.reason = (char *)why;
-    env.id = nid;
-    env.from = a->node_id;
-    env.to = w && w->broker ? w->broker : "";
-    env.kind = MEDLINK__V1__KIND__KIND_NACK;
-    env.created_at = ml_now_ms();
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_NACK;
     env.nack = &nack;
-    if (ml_channel_send(a->ch, &env) < 0)
+    if (s_send_control(a, &env) < 0)
         ml_log(ML_LOG_DEBUG, S_LOG, "refusal of %s not sent; it is refused again when redelivered",
                id);
 }
@@ -403,21 +411,13 @@ nomem:
 /* Acknowledges n stored deliveries with one cumulative Ack. */
 static void s_send_ack(ml_agent_t *a, char **message_ids, size_t n)
 {
-    const Medlink__V1__Welcome *w = ml_channel_welcome(a->ch);
-    char id[ML_ULID_LEN + 1];
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
-    ml_ulid_new(id);
     ack.n_message_ids = n;
     ack.message_ids = message_ids;
-    env.id = id;
-    env.from = a->node_id;
-    env.to = w && w->broker ? w->broker : "";
-    env.kind = MEDLINK__V1__KIND__KIND_ACK;
-    env.created_at = ml_now_ms();
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACK;
     env.ack = &ack;
-    int rc = ml_channel_send(a->ch, &env);
+    int rc = s_send_control(a, &env);
     if (rc < 0)
         /* Stored already; the broker resends and we ack the duplicate. */
         ml_log(ML_LOG_DEBUG, S_LOG, "ack for %zu message(s) not sent (%s); broker will redeliver",
