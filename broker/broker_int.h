@@ -100,14 +100,16 @@ typedef struct {
     int online;
     int64_t last_seen;
     uint64_t delivered;
-    uint32_t open_cases; /* open cases this node is the target of */
-    uint32_t opened;     /* open cases this node opened (open_cases_per_node) */
-    uint32_t index;      /* in b->nodes, for ever (cases refer to nodes by it) */
-    double rate_tokens;  /* node_rate token bucket */
-    int64_t rate_at;     /* its last refill, monotonic ms */
+    /* Both count open cases whether they are in memory or only in the
+     * store (flow.c, s_target_count). */
+    uint32_t open_cases;       /* open cases this node is the target of */
+    uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
+    uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
+    double rate_tokens;        /* node_rate token bucket */
+    int64_t rate_at;           /* its last refill, monotonic ms */
     ml_bk_loglimit_t refusals; /* log lines for this node's refused messages */
-    int removed;         /* taken out of the registry by a reload */
-    ml_node_t own;       /* a removed node's registry entry (node points here) */
+    int removed;               /* taken out of the registry by a reload */
+    ml_node_t own;             /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
 
 struct ml_session {
@@ -211,10 +213,10 @@ struct ml_broker {
     size_t n_preauth;      /* sessions in the TLS handshake: max_preauth_sessions */
     ml_session_t *pa_head; /* oldest unauthenticated session */
     ml_session_t *pa_tail;
-    uint64_t preauth_evicted; /* evictions not yet logged */
+    uint64_t preauth_evicted;          /* evictions not yet logged */
     ml_bk_loglimit_t preauth_refusals; /* refusals before a node is known */
-    int64_t preauth_logged;   /* last eviction log line, monotonic ms */
-    ml_session_t *blocked;    /* sessions libzmq would not take more from */
+    int64_t preauth_logged;            /* last eviction log line, monotonic ms */
+    ml_session_t *blocked;             /* sessions libzmq would not take more from */
     uv_timer_t blocked_timer;
     uint64_t next_serial;
 
@@ -237,6 +239,9 @@ struct ml_broker {
     struct ml_dlq_wait *dlq_waits; /* replays and purges waiting for the store (admin.c) */
 
     ml_casetab_t cases;
+    /* Cases not in a final state, in memory or only in the store (flow.c
+     * keeps it with the per-node counts): the status' open count. */
+    uint64_t open_total;
     char **services_gone; /* service names of cases whose service a reload removed */
     size_t n_services_gone;
     uint32_t rr; /* round robin among a service's consumers */
@@ -320,8 +325,8 @@ typedef struct {
     ml_case_t *linked; /* a second case it changes (idem) */
     int action;        /* ML_BK_AFTER_* */
     int chunk_bytes;
-    int notice; /* the broker's own message */
-    int fresh;  /* an id the broker just made: never a duplicate */
+    int notice;         /* the broker's own message */
+    int fresh;          /* an id the broker just made: never a duplicate */
     const char *opened; /* see ml_put_t.opened, or NULL */
 } ml_bk_msg_t;
 
@@ -349,8 +354,8 @@ enum {
     ML_BK_AFTER_EXPIRED = 3,    /* the study expired at the reading centre: dead letter */
 };
 
-/* Loads the open cases from the store into b->cases (start-up). Returns 0
- * or ML_ESTORE. */
+/* Counts the open cases of the store per node and loads those with a
+ * deadline running into b->cases (start-up). Returns 0 or ML_ESTORE. */
 int ml_bk_flow_load(ml_broker_t *b);
 /* The case a pending message loaded at start-up belongs to (a reference is
  * taken), or NULL. */
