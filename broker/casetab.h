@@ -57,6 +57,8 @@ typedef struct ml_case {
     uint8_t gone;     /* not in the store (its opening failed): drop when unreferenced */
     uint8_t stale;    /* a change was not stored: memory is read back from the store once
                        * pending is 0, and no new change is taken until then */
+    uint8_t unsaved;  /* memory has a count the store did not write (a duplicate chunk):
+                       * stored before the case leaves memory (flow.c) */
     uint8_t unstored; /* opened by a message whose opening the store has not confirmed:
                        * a stored row with this id is then another case (flow.c) */
     char opening_id[ML_ULID_LEN + 1];

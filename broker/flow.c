@@ -175,6 +175,7 @@ static void s_from_row(ml_broker_t *b, ml_case_t *c, const ml_store_case_t *r)
     c->chunk_bytes = r->chunk_bytes;
     c->fired = (uint8_t)(r->fired != 0);
     c->version = r->version;
+    c->unsaved = 0;
 }
 
 typedef struct {
@@ -233,10 +234,24 @@ int ml_bk_flow_load(ml_broker_t *b)
  * memory only. An open case keeps its counts (s_target_count) and is read
  * back by s_lookup when a message for it comes: ~240 bytes a case that
  * nobody is working on is not kept for months. */
+static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n,
+                    const ml_redo_t *redo);
+
 static void s_maybe_evict(ml_broker_t *b, ml_case_t *c)
 {
     if (c->refs > 0)
         return;
+    if (c->unsaved && !c->gone && !c->stale && !c->pending) {
+        /* A count only memory has (a duplicate chunk) is stored first, as
+         * a change of the row alone (no timeline entry, updated_at kept):
+         * the change holds the case until the store has it. */
+        c->unsaved = 0;
+        ml_store_caseop_t op = {.n_events = 0};
+        c->version++;
+        s_row(b, c, &op.row);
+        s_apply(b, c, &op, 1, NULL);
+        return;
+    }
     if (c->gone) {
         ml_case_free(c); /* already out of the table */
     } else if (c->closed ||
@@ -256,19 +271,33 @@ void ml_bk_case_release(ml_broker_t *b, ml_case_t *c)
 }
 
 /* The case with this id: from memory, else (a final case, or an open one
- * nothing needed in memory) read back from the store into memory. NULL when there is none. The
- * caller takes a reference or calls s_maybe_evict when done. */
+ * nothing needed in memory) read back from the store into memory. *out is
+ * NULL when there is none, or when it cannot be read: then the return is
+ * ML_ESTORE or ML_ENOMEM (a message for it is refused for now, since the
+ * case may well exist), else 0. The caller takes a reference or calls
+ * s_maybe_evict when done. */
+static int s_lookup_rc(ml_broker_t *b, const char *id, ml_case_t **out)
+{
+    *out = NULL;
+    if (!id || !*id)
+        return 0;
+    if ((*out = ml_casetab_find(&b->cases, id)) != NULL)
+        return 0;
+    s_load_t ld = {b, NULL, 0};
+    int rc = ml_store_case_get(b->store, id, s_load_one, &ld);
+    if (rc == ML_ENOTFOUND)
+        return 0;
+    if (rc == 0 && ld.rc != 0)
+        rc = ld.rc;
+    *out = rc == 0 ? ld.c : NULL;
+    return rc;
+}
+
 static ml_case_t *s_lookup(ml_broker_t *b, const char *id)
 {
-    if (!id || !*id)
-        return NULL;
-    ml_case_t *c = ml_casetab_find(&b->cases, id);
-    if (c)
-        return c;
-    s_load_t ld = {b, NULL, 0};
-    if (ml_store_case_get(b->store, id, s_load_one, &ld) != 0)
-        return NULL;
-    return ld.c;
+    ml_case_t *c;
+    s_lookup_rc(b, id, &c);
+    return c;
 }
 
 ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind)
@@ -1068,7 +1097,10 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     ml_case_t *lc = NULL;
     if (env->kind == K_(REFERRAL) && s_nonempty(env->referral->linked_case_id)) {
         const char *lid = env->referral->linked_case_id;
-        lc = s_lookup(b, lid);
+        if (s_lookup_rc(b, lid, &lc) != 0) {
+            s_refuse_submit(b, s, env, ML_ESTORE);
+            return;
+        }
         int code = 0;
         if (!lc || s_party(b, lc, sender) == ML_PARTY_OTHER) {
             /* As for updates: unknown and not yours read the same (F11). */
@@ -1386,7 +1418,11 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     ml_nodestate_t *sender = s->ns;
     int ck = ml_case_kind_of_message(env->kind);
 
-    ml_case_t *c = s_lookup(b, env->case_id);
+    ml_case_t *c;
+    if (s_lookup_rc(b, env->case_id, &c) != 0) {
+        s_refuse_submit(b, s, env, ML_ESTORE);
+        return;
+    }
     /* The party first: a node with no part in the case gets the very answer
      * it would get for a case that does not exist, so it learns neither
      * that the case exists nor its kind (F11). */
@@ -1641,6 +1677,7 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
         uint64_t n = (uint64_t)p->chunk_bytes;
         c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
         c->dup_chunks++;
+        c->unsaved = 1; /* the store did not write the row of a duplicate */
     } else if (rc == 0 && !duplicate) {
         if (p->action == ML_BK_AFTER_FORWARD && c)
             s_forward_opening(b, c);

@@ -3,7 +3,9 @@
  * queued, nothing being stored) leaves memory and is read back from the
  * store when a message for it comes, while every count that depends on it
  * (the status' open cases, the open_cases_per_node quota, the "case_id in
- * use" refusal) stays as if it were still there, across a restart too. */
+ * use" refusal) stays as if it were still there, across a restart too;
+ * and what only memory counted (an imaging case's duplicate chunks) is
+ * stored before the case leaves it. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -306,6 +308,118 @@ Test(security, f8_idle_open_cases_leave_memory)
 
     cli_close(&clinic);
     cli_close(&county);
+    cli_close(&ops);
+    h_broker_stop(&W);
+}
+
+static const Medlink__V1__CaseInfo *s_case_show(cli_t *ops, const char *case_id)
+{
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = OP_(CASE_SHOW);
+    rq.case_id = (char *)case_id;
+    const Medlink__V1__AdminReply *rep = cli_admin(ops, &rq);
+    cr_assert_eq(rep->status, 0, "case show %s: %s", case_id, rep->error);
+    return rep->case_info;
+}
+
+#define S_CHUNK 4096
+#define S_SHA0 "0000000000000000000000000000000000000000000000000000000000000000"
+
+/* An imaging case that leaves memory between chunks keeps what only
+ * memory knew: a chunk sent again is not stored again, so the store does
+ * not write the case's row for it, and its count of duplicate chunks is
+ * stored before the case leaves memory. Chunks after it are checked
+ * against the case as read back. */
+Test(security, f8_imaging_case_read_back_keeps_its_counts)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    cli_t clinic, centre, ops;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&centre, &W, H_READ_A, 1);
+    cli_open(&ops, &W, H_OPS, 0);
+
+    char cid[ML_ULID_LEN + 1];
+    ml_ulid_new(cid);
+    Medlink__V1__Patient pat = MEDLINK__V1__PATIENT__INIT;
+    pat.health_card_id = "130102198001011234";
+    pat.name = "Imaging Patient";
+    Medlink__V1__DicomObject obj = MEDLINK__V1__DICOM_OBJECT__INIT, *objp = &obj;
+    obj.sop_instance_uid = "1.2.840.113619.2.55.1";
+    obj.file_name = "IM0001.dcm";
+    obj.size = 2 * S_CHUNK;
+    obj.sha256 = S_SHA0;
+    obj.chunks = 2;
+    Medlink__V1__ImagingConsult ic = MEDLINK__V1__IMAGING_CONSULT__INIT;
+    ic.patient = &pat;
+    ic.study_instance_uid = "1.2.840.113619.2.55";
+    ic.modality = "CT";
+    ic.n_object = 1;
+    ic.object = &objp;
+    ic.chunk_size = S_CHUNK;
+    ic.total_bytes = 2 * S_CHUNK;
+    ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
+    e.id = cid;
+    e.case_id = cid;
+    e.kind = MEDLINK__V1__KIND__KIND_IMAGING_CONSULT;
+    e.from = H_XINZHAN;
+    e.to = H_READ_A;
+    e.created_at = ml_now_ms();
+    e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CONSULT;
+    e.imaging_consult = &ic;
+    cli_expect_accepted(cli_send_wait(&clinic, &e), cid);
+
+    static uint8_t data[S_CHUNK];
+    memset(data, 0x5a, sizeof data);
+    Medlink__V1__ImagingChunk ch[2];
+    ml_envelope_t ce[2];
+    char chid[2][ML_ULID_LEN + 1];
+    for (int i = 0; i < 2; i++) {
+        medlink__v1__imaging_chunk__init(&ch[i]);
+        ch[i].study_instance_uid = ic.study_instance_uid;
+        ch[i].chunk_index = (uint32_t)i;
+        ch[i].offset = (uint64_t)i * S_CHUNK;
+        ch[i].data.data = data;
+        ch[i].data.len = sizeof data;
+        ch[i].sha256 = S_SHA0;
+        ml_ulid_new(chid[i]);
+        medlink__v1__envelope__init(&ce[i]);
+        ce[i].id = chid[i];
+        ce[i].case_id = cid;
+        ce[i].kind = MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
+        ce[i].from = H_XINZHAN;
+        ce[i].to = H_READ_A;
+        ce[i].created_at = ml_now_ms();
+        ce[i].payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK;
+        ce[i].imaging_chunk = &ch[i];
+    }
+    cli_expect_accepted(cli_send_wait(&clinic, &ce[0]), chid[0]);
+    s_status_t st = s_wait_in_memory(&ops, 0);
+    cr_assert_eq(st.in_memory, 0, "the consult is still in memory");
+
+    /* The same chunk again: a duplicate, read back and counted. */
+    ml_envelope_t *r = cli_send_wait(&clinic, &ce[0]);
+    cli_expect_accepted(r, chid[0]);
+    cr_assert_eq(r->accepted->n_duplicate_ids, 1);
+    st = s_wait_in_memory(&ops, 0);
+    cr_assert_eq(st.in_memory, 0);
+    const Medlink__V1__CaseInfo *ci = s_case_show(&ops, cid);
+    cr_assert_eq(ci->chunks, 1, "chunks %u", ci->chunks);
+    cr_assert_eq(ci->duplicate_chunks, 1, "the duplicate chunk was not kept (%u)",
+                 ci->duplicate_chunks);
+    cr_assert_eq(ci->chunks_expected, 2);
+    cr_assert_str_eq(ci->state, "IMAGING_ASSIGNED");
+
+    /* The next chunk is checked against the case as read back. */
+    cli_expect_accepted(cli_send_wait(&clinic, &ce[1]), chid[1]);
+    st = s_wait_in_memory(&ops, 0);
+    ci = s_case_show(&ops, cid);
+    cr_assert_eq(ci->chunks, 2);
+    cr_assert_eq(ci->duplicate_chunks, 1);
+    cr_assert_eq(st.open, 1);
+
+    cli_close(&clinic);
+    cli_close(&centre);
     cli_close(&ops);
     h_broker_stop(&W);
 }
