@@ -46,7 +46,7 @@ static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
 }
 
 typedef struct {
-    uint64_t open, overdue;
+    uint64_t overdue;
     int64_t now;
 } s_counts_t;
 
@@ -55,16 +55,18 @@ static void s_count_one(ml_case_t *c, void *arg)
     s_counts_t *k = arg;
     if (c->closed || c->gone)
         return;
-    k->open++;
     if (c->deadline_at && c->deadline_at <= k->now)
         k->overdue++;
 }
 
+/* Open cases are counted by flow.c, in memory or not (most leave memory
+ * while nobody works on them); an overdue case has a deadline running, so
+ * it is always in memory and memory is walked for those. */
 static void s_count_cases(ml_broker_t *b, uint64_t *open, uint64_t *overdue, int64_t now)
 {
-    s_counts_t k = {0, 0, now};
+    s_counts_t k = {0, now};
     ml_casetab_each(&b->cases, s_count_one, &k);
-    *open = k.open;
+    *open = b->open_total;
     *overdue = k.overdue;
 }
 
@@ -133,6 +135,7 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s, const Medlink__V1__A
     st.delivered_total = b->delivered_total;
     st.refused_total = b->refused_total;
     s_count_cases(b, &st.open_cases, &st.overdue_cases, now);
+    st.cases_in_memory = b->cases.count;
     int64_t dead = 0;
     if (ml_store_dead_count(b->store, &dead) == 0)
         st.dead_letters = (uint64_t)dead;

@@ -1794,8 +1794,9 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     ml_bk_flow_start(b);
     ml_log(ML_LOG_INFO, "broker",
            "%s listening on %s; %zu nodes registered; %zu message(s) "
-           "queued and %zu case(s) open from the store",
-           b->cfg->broker_id, b->endpoint, b->n_nodes, queued, b->cases.count);
+           "queued and %llu case(s) open in the store (%zu in memory)",
+           b->cfg->broker_id, b->endpoint, b->n_nodes, queued, (unsigned long long)b->open_total,
+           b->cases.count);
     ml_bk_expiry_log(b, "at start");
     *out = b;
     return 0;

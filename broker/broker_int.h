@@ -100,6 +100,8 @@ typedef struct {
     int online;
     int64_t last_seen;
     uint64_t delivered;
+    /* Both count open cases whether they are in memory or only in the
+     * store (flow.c, s_target_count). */
     uint32_t open_cases;       /* open cases this node is the target of */
     uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
     uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
@@ -237,6 +239,9 @@ struct ml_broker {
     struct ml_dlq_wait *dlq_waits; /* replays and purges waiting for the store (admin.c) */
 
     ml_casetab_t cases;
+    /* Cases not in a final state, in memory or only in the store (flow.c
+     * keeps it with the per-node counts): the status' open count. */
+    uint64_t open_total;
     char **services_gone; /* service names of cases whose service a reload removed */
     size_t n_services_gone;
     uint32_t rr; /* round robin among a service's consumers */
@@ -349,8 +354,8 @@ enum {
     ML_BK_AFTER_EXPIRED = 3,    /* the study expired at the reading centre: dead letter */
 };
 
-/* Loads the open cases from the store into b->cases (start-up). Returns 0
- * or ML_ESTORE. */
+/* Counts the open cases of the store per node and loads those with a
+ * deadline running into b->cases (start-up). Returns 0 or ML_ESTORE. */
 int ml_bk_flow_load(ml_broker_t *b);
 /* The case a pending message loaded at start-up belongs to (a reference is
  * taken), or NULL. */

@@ -1,8 +1,9 @@
-/* The broker's in-memory table of cases: every case that is not final, and
- * final cases that still have messages queued or changes being committed.
- * The store holds every case; this table is what the loop thread checks a
- * message against without reading the store. Chained hashing on the case
- * id, grown by doubling, O(1) expected per operation. Loop thread only. */
+/* The broker's in-memory table of cases: the cases something needs in
+ * memory (a deadline running, a message queued or in flight, a change being
+ * committed, a delivery to record again). The store holds every case; a
+ * case that is not here is read back from it when a message for it comes
+ * (flow.c). This table is what the loop thread checks a message against. Chained hashing on the
+ * case id, grown by doubling, O(1) expected per operation. Loop thread only. */
 #ifndef ML_BROKER_CASETAB_H
 #define ML_BROKER_CASETAB_H
 
@@ -51,11 +52,15 @@ typedef struct ml_case {
     uint8_t state;
     uint8_t priority;
     uint8_t deadline_state;
-    uint8_t fired;  /* the running deadline has been escalated */
-    uint8_t closed; /* in a final state */
-    uint8_t gone;   /* not in the store (its opening failed): drop when unreferenced */
-    uint8_t stale;  /* a change was not stored: memory is read back from the store once
-                     * pending is 0, and no new change is taken until then */
+    uint8_t fired;    /* the running deadline has been escalated */
+    uint8_t closed;   /* in a final state */
+    uint8_t gone;     /* not in the store (its opening failed): drop when unreferenced */
+    uint8_t stale;    /* a change was not stored: memory is read back from the store once
+                       * pending is 0, and no new change is taken until then */
+    uint8_t unsaved;  /* memory has a count the store did not write (a duplicate chunk):
+                       * stored before the case leaves memory (flow.c) */
+    uint8_t unstored; /* opened by a message whose opening the store has not confirmed:
+                       * a stored row with this id is then another case (flow.c) */
     char opening_id[ML_ULID_LEN + 1];
     char id[]; /* NUL-terminated */
 } ml_case_t;

@@ -70,13 +70,44 @@ static const char *s_service_name(ml_broker_t *b, const char *name)
     return NULL;
 }
 
+/* The name a case read back from the store keeps: the config's copy, or,
+ * for a service a reload removed, the broker's own copy (shared with
+ * s_remap_service), so that the opener may still address the case's
+ * messages to it and the stored row keeps it. NULL for none (or out of
+ * memory: the name is only shown and matched, the target is fixed). */
+static const char *s_service_keep(ml_broker_t *b, const char *name)
+{
+    const char *cfg = s_service_name(b, name);
+    if (cfg || !name || !*name)
+        return cfg;
+    for (size_t i = 0; i < b->n_services_gone; i++)
+        if (strcmp(b->services_gone[i], name) == 0)
+            return b->services_gone[i];
+    char **grown = realloc(b->services_gone, (b->n_services_gone + 1) * sizeof *grown);
+    if (grown)
+        b->services_gone = grown;
+    char *copy = grown ? strdup(name) : NULL;
+    if (!copy)
+        return NULL;
+    b->services_gone[b->n_services_gone++] = copy;
+    return copy;
+}
+
 /* Keeps each node's count of the open cases it is the target of, which is
  * how a service picks its least busy consumer, and of the open cases it
- * opened, which open_cases_per_node bounds. */
+ * opened, which open_cases_per_node bounds, and the broker's total. A case
+ * counts from its opening until it is final, whether it is in memory or
+ * not: the counts start from the store's (ml_bk_flow_load), a case that
+ * leaves memory open keeps its counts (s_maybe_evict), and one read back
+ * does not add them again (s_load_one, s_resync). */
 static void s_target_count(ml_broker_t *b, ml_case_t *c, int delta)
 {
     if (c->closed || c->gone)
         return;
+    if (delta < 0 && b->open_total > 0)
+        b->open_total--;
+    else if (delta > 0)
+        b->open_total++;
     ml_nodestate_t *ns = s_node_at(b, c->target);
     if (ns && delta < 0 && ns->open_cases > 0)
         ns->open_cases--;
@@ -126,7 +157,7 @@ static void s_from_row(ml_broker_t *b, ml_case_t *c, const ml_store_case_t *r)
     c->priority = (uint8_t)r->priority;
     c->opener = s_node_idx(b, r->opener);
     c->target = s_node_idx(b, r->target);
-    c->service = s_service_name(b, r->service);
+    c->service = s_service_keep(b, r->service);
     free(c->linked);
     c->linked = r->linked && *r->linked ? strdup(r->linked) : NULL;
     snprintf(c->opening_id, sizeof c->opening_id, "%s", r->opening_id ? r->opening_id : "");
@@ -144,6 +175,7 @@ static void s_from_row(ml_broker_t *b, ml_case_t *c, const ml_store_case_t *r)
     c->chunk_bytes = r->chunk_bytes;
     c->fired = (uint8_t)(r->fired != 0);
     c->version = r->version;
+    c->unsaved = 0;
 }
 
 typedef struct {
@@ -152,6 +184,9 @@ typedef struct {
     int rc;
 } s_load_t;
 
+/* Reads a stored case into memory. It is counted already (see
+ * s_target_count): an open one since start-up or its opening, a final one
+ * not at all. */
 static void s_load_one(void *arg, const ml_store_case_t *r)
 {
     s_load_t *ld = arg;
@@ -162,26 +197,65 @@ static void s_load_one(void *arg, const ml_store_case_t *r)
         return;
     }
     s_from_row(ld->b, c, r);
-    s_target_count(ld->b, c, +1);
     ld->c = c;
+}
+
+static void s_count_open(void *arg, const char *opener, const char *target, int64_t n)
+{
+    ml_broker_t *b = arg;
+    uint32_t k = n > 0 ? (uint32_t)n : 0;
+    ml_nodestate_t *op = opener && *opener ? ml_bk_node(b, opener) : NULL;
+    ml_nodestate_t *tg = target && *target ? ml_bk_node(b, target) : NULL;
+    if (op)
+        op->opened += k;
+    if (tg)
+        tg->open_cases += k;
+    b->open_total += k;
 }
 
 int ml_bk_flow_load(ml_broker_t *b)
 {
+    /* The counts come from the store, where every open case is; memory
+     * gets only the cases whose deadline the flow timer must watch. Cases
+     * with messages still queued come in as those are queued again
+     * (ml_bk_case_for_row). */
+    int rc = ml_store_cases_open_counts(b->store, s_count_open, b);
+    if (rc != 0)
+        return rc;
     s_load_t ld = {b, NULL, 0};
-    int rc = ml_store_cases_open(b->store, s_load_one, &ld);
+    rc = ml_store_cases_timed(b->store, s_load_one, &ld);
     return rc ? rc : ld.rc;
 }
 
-/* Frees c once nothing needs it: a final case with no queued message and
- * no change in flight leaves memory (the store keeps it). */
+/* Frees c once nothing needs it in memory (the store keeps it): no queued
+ * or in-flight message, no put or change in flight, no delivery to record
+ * again (each holds a reference), and no deadline running, since the
+ * deadline scan (s_collect_due) and the overdue count of the status walk
+ * memory only. An open case keeps its counts (s_target_count) and is read
+ * back by s_lookup when a message for it comes: ~240 bytes a case that
+ * nobody is working on is not kept for months. */
+static void s_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n,
+                    const ml_redo_t *redo);
+
 static void s_maybe_evict(ml_broker_t *b, ml_case_t *c)
 {
     if (c->refs > 0)
         return;
+    if (c->unsaved && !c->gone && !c->stale && !c->pending) {
+        /* A count only memory has (a duplicate chunk) is stored first, as
+         * a change of the row alone (no timeline entry, updated_at kept):
+         * the change holds the case until the store has it. */
+        c->unsaved = 0;
+        ml_store_caseop_t op = {.n_events = 0};
+        c->version++;
+        s_row(b, c, &op.row);
+        s_apply(b, c, &op, 1, NULL);
+        return;
+    }
     if (c->gone) {
         ml_case_free(c); /* already out of the table */
-    } else if (c->closed) {
+    } else if (c->closed ||
+               (!c->deadline_at && !c->stale && !c->pending && !c->redo && !c->unstored)) {
         ml_casetab_remove(&b->cases, c);
         ml_case_free(c);
     }
@@ -196,20 +270,34 @@ void ml_bk_case_release(ml_broker_t *b, ml_case_t *c)
     s_maybe_evict(b, c);
 }
 
-/* The case with this id: from memory, else (a final case) read back from
- * the store into memory. NULL when there is none. The caller takes a
- * reference or calls s_maybe_evict when done. */
+/* The case with this id: from memory, else (a final case, or an open one
+ * nothing needed in memory) read back from the store into memory. *out is
+ * NULL when there is none, or when it cannot be read: then the return is
+ * ML_ESTORE or ML_ENOMEM (a message for it is refused for now, since the
+ * case may well exist), else 0. The caller takes a reference or calls
+ * s_maybe_evict when done. */
+static int s_lookup_rc(ml_broker_t *b, const char *id, ml_case_t **out)
+{
+    *out = NULL;
+    if (!id || !*id)
+        return 0;
+    if ((*out = ml_casetab_find(&b->cases, id)) != NULL)
+        return 0;
+    s_load_t ld = {b, NULL, 0};
+    int rc = ml_store_case_get(b->store, id, s_load_one, &ld);
+    if (rc == ML_ENOTFOUND)
+        return 0;
+    if (rc == 0 && ld.rc != 0)
+        rc = ld.rc;
+    *out = rc == 0 ? ld.c : NULL;
+    return rc;
+}
+
 static ml_case_t *s_lookup(ml_broker_t *b, const char *id)
 {
-    if (!id || !*id)
-        return NULL;
-    ml_case_t *c = ml_casetab_find(&b->cases, id);
-    if (c)
-        return c;
-    s_load_t ld = {b, NULL, 0};
-    if (ml_store_case_get(b->store, id, s_load_one, &ld) != 0)
-        return NULL;
-    return ld.c;
+    ml_case_t *c;
+    s_lookup_rc(b, id, &c);
+    return c;
 }
 
 ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind)
@@ -283,6 +371,13 @@ static void s_resync(ml_broker_t *b, ml_case_t *c)
     s_target_count(b, c, -1);
     s_resync_t rs = {b, c};
     int rc = ml_store_case_get(b->store, c->id, s_resync_row, &rs);
+    if (rc == 0 && c->unstored) {
+        /* The opening was refused (an id in use) or was a resend: the row
+         * read is the case that already had the id, which left memory
+         * counted (s_target_count) and must not count twice. */
+        c->unstored = 0;
+        return;
+    }
     if (rc == ML_ENOTFOUND) {
         ml_casetab_remove(&b->cases, c);
         c->gone = 1;
@@ -932,10 +1027,12 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     int ck = ml_case_kind_of_message(env->kind);
     ml_nodestate_t *sender = s->ns;
 
-    /* Memory only: a final case that has left memory is found by the store,
-     * which refuses the opening (ML_EDUP) or, for a resend of the opening
-     * message itself, reports a duplicate. Reading the store here would
-     * cost every new case a synchronous query. */
+    /* Memory only: a case that has left memory (a final one, or an open
+     * one nothing needed in memory) is found by the store, which refuses
+     * the opening (ML_EDUP) or, for a resend of the opening message itself,
+     * reports a duplicate; the case made here is then replaced by the
+     * stored one (s_resync, c->unstored). Reading the store here would cost
+     * every new case a synchronous query. */
     ml_case_t *exist = ml_casetab_find(&b->cases, env->case_id);
     if (exist && exist->gone)
         exist = NULL;
@@ -987,6 +1084,12 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
             ml_bk_hold_also(s, rs->node->id, env->id);
         return;
     }
+    /* A resend of an opening whose case left memory counts in the quota
+     * already: it is answered as the duplicate it is, not refused. */
+    if ((long)sender->opened >= b->cfg->open_cases_per_node && s_known_id(b, s, env->id)) {
+        s_submit_duplicate(b, s, env, rec, len, digest, rs);
+        return;
+    }
     if (s_open_quota_refuse(b, s, env))
         return;
 
@@ -994,7 +1097,10 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     ml_case_t *lc = NULL;
     if (env->kind == K_(REFERRAL) && s_nonempty(env->referral->linked_case_id)) {
         const char *lid = env->referral->linked_case_id;
-        lc = s_lookup(b, lid);
+        if (s_lookup_rc(b, lid, &lc) != 0) {
+            s_refuse_submit(b, s, env, ML_ESTORE);
+            return;
+        }
         int code = 0;
         if (!lc || s_party(b, lc, sender) == ML_PARTY_OTHER) {
             /* As for updates: unknown and not yours read the same (F11). */
@@ -1048,6 +1154,7 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
     c->opened_at = c->updated_at = now;
     snprintf(c->opening_id, sizeof c->opening_id, "%s", env->id);
     c->version = 1;
+    c->unstored = 1;
     if (env->kind == K_(IMAGING_CONSULT)) {
         const Medlink__V1__ImagingConsult *ic = env->imaging_consult;
         c->n_objects = (uint32_t)ic->n_object;
@@ -1311,7 +1418,11 @@ static void s_route_update(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, 
     ml_nodestate_t *sender = s->ns;
     int ck = ml_case_kind_of_message(env->kind);
 
-    ml_case_t *c = s_lookup(b, env->case_id);
+    ml_case_t *c;
+    if (s_lookup_rc(b, env->case_id, &c) != 0) {
+        s_refuse_submit(b, s, env, ML_ESTORE);
+        return;
+    }
     /* The party first: a node with no part in the case gets the very answer
      * it would get for a case that does not exist, so it learns neither
      * that the case exists nor its kind (F11). */
@@ -1541,6 +1652,9 @@ static void s_study_expired(ml_broker_t *b, ml_case_t *c)
 void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
 {
     ml_case_t *c = p->cs, *lc = p->linked;
+    /* The opening is stored: the case is this one (see s_resync). */
+    if (c && c->unstored && rc == 0 && !duplicate && strcmp(p->id, c->opening_id) == 0)
+        c->unstored = 0;
     if (p->has_ops) {
         /* A failure, or a resend whose first copy made the change already
          * (an opening sent again after its case left memory, say): memory
@@ -1563,6 +1677,7 @@ void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate)
         uint64_t n = (uint64_t)p->chunk_bytes;
         c->chunk_bytes -= c->chunk_bytes >= n ? n : c->chunk_bytes;
         c->dup_chunks++;
+        c->unsaved = 1; /* the store did not write the row of a duplicate */
     } else if (rc == 0 && !duplicate) {
         if (p->action == ML_BK_AFTER_FORWARD && c)
             s_forward_opening(b, c);

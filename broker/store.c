@@ -2211,6 +2211,44 @@ int ml_store_cases_open(ml_store_t *st, ml_store_case_cb cb, void *arg)
     return s_read_all(st, s, "loading open cases", s_case_row, &w);
 }
 
+int ml_store_cases_timed(ml_store_t *st, ml_store_case_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st, "SELECT " S_CASE_COLS " FROM cases WHERE closed = 0 AND deadline_at > 0",
+                     &s) != 0)
+        return ML_ESTORE;
+    s_case_walk_t w = {cb, arg};
+    return s_read_all(st, s, "loading the open cases with a deadline", s_case_row, &w);
+}
+
+typedef struct {
+    ml_store_count_cb cb;
+    void *arg;
+} s_count_walk_t;
+
+static void s_count_row(sqlite3_stmt *s, void *arg)
+{
+    s_count_walk_t *w = arg;
+    w->cb(w->arg, (const char *)sqlite3_column_text(s, 0), (const char *)sqlite3_column_text(s, 1),
+          sqlite3_column_int64(s, 2));
+}
+
+int ml_store_cases_open_counts(ml_store_t *st, ml_store_count_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st,
+                     "SELECT opener, target, count(*) FROM cases WHERE closed = 0"
+                     " GROUP BY opener, target",
+                     &s) != 0)
+        return ML_ESTORE;
+    s_count_walk_t w = {cb, arg};
+    return s_read_all(st, s, "counting the open cases", s_count_row, &w);
+}
+
 int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg)
 {
     if (!st || !case_id || !cb)

@@ -300,6 +300,17 @@ typedef void (*ml_store_dead_cb)(void *arg, const ml_store_dead_t *d);
 /* Calls cb for every case not in a final state. For start-up. Returns 0 or
  * ML_ESTORE. */
 int ml_store_cases_open(ml_store_t *st, ml_store_case_cb cb, void *arg);
+/* Calls cb for every case not in a final state whose deadline is running
+ * (deadline_at > 0): the open cases the broker keeps in memory from
+ * start-up, since its deadline scan walks memory only. Returns 0 or
+ * ML_ESTORE. */
+int ml_store_cases_timed(ml_store_t *st, ml_store_case_cb cb, void *arg);
+typedef void (*ml_store_count_cb)(void *arg, const char *opener, const char *target, int64_t n);
+/* Calls cb with the number of cases not in a final state for each
+ * (opener, target) pair. For start-up: the broker's per-node counts of
+ * open cases include the ones it does not keep in memory. Returns 0 or
+ * ML_ESTORE. */
+int ml_store_cases_open_counts(ml_store_t *st, ml_store_count_cb cb, void *arg);
 /* Calls cb with case_id's row. Returns 0, ML_ENOTFOUND or ML_ESTORE. */
 int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg);
 /* Cases matching the filters, most recently updated first: kind 0 = any,

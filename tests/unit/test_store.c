@@ -899,6 +899,57 @@ static put_rec_t put_with_case(uv_loop_t *loop, ml_store_t *st, const char *id,
     return rec;
 }
 
+typedef struct {
+    char pairs[4][80];
+    int64_t n[4];
+    int k;
+} count_seen_t;
+
+static void count_cb(void *arg, const char *opener, const char *target, int64_t n)
+{
+    count_seen_t *s = arg;
+    if (s->k < 4) {
+        snprintf(s->pairs[s->k], sizeof s->pairs[0], "%s>%s", opener ? opener : "",
+                 target ? target : "");
+        s->n[s->k] = n;
+    }
+    s->k++;
+}
+
+/* The broker keeps in memory only the open cases with a deadline running
+ * and counts the others from the store at start-up (F8): the two reads
+ * it does that with. */
+Test(store, open_cases_counted_and_timed_ones_listed)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char path[600];
+    db_path(path, sizeof path);
+    ml_store_t *st = open_store(&loop, path, NULL);
+    const char *cases[4] = {"idle-1", "idle-2", "timed", "final"};
+    for (int i = 0; i < 4; i++) {
+        char id[ML_ULID_LEN + 1];
+        ml_ulid_new(id);
+        ml_store_caseop_t op = {.row = case_row(cases[i], 1, 1, i == 3), .open = 1};
+        op.row.opening_id = id;
+        if (i == 2)
+            op.row.deadline_at = 5000;
+        if (i == 3)
+            op.row.opener = "clinic-c";
+        cr_assert_eq(put_with_case(&loop, st, id, &op).rc, 0);
+    }
+    count_seen_t k = {0};
+    cr_assert_eq(ml_store_cases_open_counts(st, count_cb, &k), 0);
+    cr_assert_eq(k.k, 1, "%d (opener, target) pairs", k.k);
+    cr_assert_str_eq(k.pairs[0], "clinic-a>hospital-b");
+    cr_assert_eq(k.n[0], 3, "a final case is not open");
+    case_seen_t seen = {0};
+    cr_assert_eq(ml_store_cases_timed(st, case_cb, &seen), 0);
+    cr_assert_eq(seen.n, 1);
+    cr_assert_str_eq(seen.state[0], "timed");
+    close_all(&loop, &st);
+}
+
 Test(store, case_changes_commit_with_their_message_and_are_versioned)
 {
     uv_loop_t loop;
