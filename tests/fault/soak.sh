@@ -415,8 +415,10 @@ if [ "$QUICK" = 1 ]; then
     HRATE=4; HDUR=20; HCOUNT=4000
 else
     N_KILLS=20; N_CUTS=20; N_FULL=3; N_QUOTA=2; RATE=4; DRAIN=300; IDLE=60
-    HRATE=4; HDUR=90; HCOUNT=12000
+    HRATE=4; HDUR=90; HCOUNT=4800
 fi
+# HCOUNT stays under open_cases_per_node (5000): the windowed clinics'
+# hospital never ends their cases.
 # The hostile clinic's rate limit (the broker's node_rate in that world),
 # and the bound on the broker's VmHWM while it attacks.
 HOSTILE_RATE=2000
