@@ -13,6 +13,7 @@
 #include "broker_int.h"
 #include "expiry.h"
 #include "cases.h"
+#include "http.h"
 
 #define S_LIMIT_DEFAULT 100
 #define S_LIMIT_MAX 10000
@@ -939,4 +940,12 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     default:
         s_error(b, s, rq, "unknown admin operation %d", (int)rq->op);
     }
+}
+
+int ml_bk_api(ml_broker_t *b, const ml_http_req_t *rq, ml_http_resp_t *resp)
+{
+    (void)b;
+    (void)rq;
+    (void)resp;
+    return 1;
 }

@@ -34,7 +34,11 @@
 
 #include "broker_int.h"
 #include "cases.h"
+#include "alerts.h"
 #include "expiry.h"
+#include "http.h"
+#include "metrics.h"
+#include "web.h"
 #include "ml_channel.h"
 #include "ml_crypt.h"
 #include "ml_frame.h"
@@ -1628,6 +1632,8 @@ static void s_housekeeping_cb(uv_timer_t *t)
         }
     }
     ml_bk_expiry_tick(b);
+    ml_bk_web_tick(b);
+    ml_bk_alerts_tick(b);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1792,6 +1798,13 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
     uv_check_start(&b->flush_check, s_flush_cb);
     ml_bk_flow_start(b);
+    if (ml_bk_metrics_init(b) != 0 || ml_bk_web_init(b) != 0 || ml_bk_alerts_init(b) != 0) {
+        rc = ML_ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    if ((rc = ml_bk_http_start(b, err, errlen)) != 0)
+        goto fail;
     ml_log(ML_LOG_INFO, "broker",
            "%s listening on %s; %zu nodes registered; %zu message(s) "
            "queued and %llu case(s) open in the store (%zu in memory)",
@@ -2036,6 +2049,11 @@ void ml_broker_destroy(ml_broker_t **self_p)
         return;
     ml_broker_t *b = *self_p;
     *self_p = NULL;
+    /* Ops' view first: nothing of it may run on a broker being torn down. */
+    ml_bk_http_stop(b);
+    ml_bk_alerts_free(b);
+    ml_bk_web_free(b);
+    ml_bk_metrics_free(b);
     /* Say goodbye to live sessions, then drop everything. */
     for (ml_session_t *s = b->sessions; s; s = s->next) {
         if (s->state != S_CLOSED && s->tls && ml_tls_session_established(s->tls)) {

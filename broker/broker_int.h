@@ -17,6 +17,7 @@
 #include "ml_tls.h"
 #include "ml_zloop.h"
 #include "queue.h"
+#include "ml_sbuf.h"
 #include "store.h"
 
 #define S_RECV_BUDGET 512
@@ -265,6 +266,13 @@ struct ml_broker {
     int64_t expiry_checked_at; /* Unix ms of the last expiry check (expiry.c) */
     int64_t expiry_logged_at;  /* Unix ms of the last expiry warnings logged */
     uint8_t *rxbuf;
+
+    /* Ops' view (http.c, metrics.c, web.c, alerts.c): each module owns
+     * its structure. */
+    struct ml_bk_http *http;
+    struct ml_bk_metrics *metrics;
+    struct ml_bk_web *web;
+    struct ml_bk_alerts *alerts;
 };
 
 /* ---- broker.c ---------------------------------------------------------- */

@@ -9,6 +9,7 @@
 
 #include "cases.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -160,6 +161,14 @@ static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "max_preauth_sessions"},
     {S_BROKER, "session_output_bytes"},
     {S_BROKER, "open_cases_per_node"},
+    {S_BROKER, "log_format"},
+    {"http", "listen"},
+    {"http", "tls"},
+    {"http", "max_connections"},
+    /* offline_alert_after[.ROLE], store_alert_percent,
+     * dlq_alert_threshold: s_alert_key_cb checks them. */
+    {"alerts", "*"},
+    {"node *", "offline_alert_after"},
     {"node *", "role"},
     {"node *", "community"},
     {"node *", "name"},
@@ -384,7 +393,122 @@ static int s_load_broker(struct s_load *ld)
             c->store_old_keys[i] = full;
         }
     }
+    const char *fmt = ml_ini_get(ld->ini, S_BROKER, "log_format", "text");
+    if (!*fmt || strcmp(fmt, "text") == 0)
+        c->log_format = ML_LOG_FORMAT_TEXT;
+    else if (strcmp(fmt, "json") == 0)
+        c->log_format = ML_LOG_FORMAT_JSON;
+    else
+        return s_fail(ld, ML_ECONFIG, "[%s] log_format = %s: expected text or json", S_BROKER, fmt);
     return s_get_bool(ld, S_BROKER, "notify_delivered", 1, &c->notify_delivered);
+}
+
+/* "15m" and the like into ms, for a key of section (0 allowed: never). */
+static int s_get_duration(struct s_load *ld, const char *section, const char *key, int64_t def,
+                          int64_t *out)
+{
+    const char *v = ml_ini_get(ld->ini, section, key, NULL);
+    *out = def;
+    if (!v || !*v)
+        return 0;
+    if (strcmp(v, "0") == 0) {
+        *out = 0;
+        return 0;
+    }
+    if (ml_duration_parse(v, out) != 0 || *out < 0)
+        return s_fail(ld, ML_ECONFIG,
+                      "[%s] %s = %s: expected a duration with a unit (30s, 15m, 2h, 3d) or 0",
+                      section, key, v);
+    return 0;
+}
+
+/* [http]: where the ops endpoint listens, "HOST:PORT" with an IPv4
+ * address or a bracketed IPv6 one (names would need a resolver at start). */
+static int s_load_http(struct s_load *ld)
+{
+    ml_broker_config_t *c = ld->cfg;
+    int rc;
+    ld->section = "http";
+    const char *v = ml_ini_get(ld->ini, "http", "listen", "127.0.0.1:9474");
+    if (*v) {
+        const char *colon = strrchr(v, ':');
+        char *end = NULL;
+        long port = colon ? strtol(colon + 1, &end, 10) : -1;
+        size_t hl = colon ? (size_t)(colon - v) : 0;
+        char host[64];
+        int ok = colon && end && *end == '\0' && end != colon + 1 && port >= 0 && port <= 65535 &&
+                 hl > 0 && hl < sizeof host;
+        if (ok) {
+            memcpy(host, v, hl);
+            host[hl] = '\0';
+            unsigned char a[16];
+            if (host[0] == '[' && hl > 2 && host[hl - 1] == ']') {
+                host[hl - 1] = '\0';
+                ok = inet_pton(AF_INET6, host + 1, a) == 1;
+            } else {
+                ok = inet_pton(AF_INET, host, a) == 1;
+            }
+        }
+        if (!ok)
+            return s_fail(ld, ML_ECONFIG,
+                          "[http] listen = %s: expected ADDRESS:PORT, an IPv4 address or a "
+                          "bracketed IPv6 one (e.g. 127.0.0.1:9474), or nothing to turn it off",
+                          v);
+        if (!(c->http_listen = strdup(v)))
+            return s_fail(ld, ML_ENOMEM, "out of memory");
+    }
+    if ((rc = s_get_bool(ld, "http", "tls", 0, &c->http_tls)) != 0)
+        return rc;
+    return ld->rc = ml_ini_get_long(ld->ini, "http", "max_connections", 64, 1, 100000,
+                                    &c->http_max_connections, ld->err, ld->errlen);
+}
+
+static int s_alert_key_cb(const char *key, const char *value, void *arg)
+{
+    (void)value;
+    struct s_load *ld = arg;
+    const char *pre = "offline_alert_after.";
+    if (strcmp(key, "offline_alert_after") == 0 || strcmp(key, "store_alert_percent") == 0 ||
+        strcmp(key, "dlq_alert_threshold") == 0)
+        return 0;
+    if (strncmp(key, pre, strlen(pre)) != 0)
+        return s_fail(ld, ML_ECONFIG,
+                      "[alerts] %s: unknown key (expected offline_alert_after, "
+                      "offline_alert_after.ROLE, store_alert_percent or dlq_alert_threshold)",
+                      key);
+    int role;
+    if (ml_role_parse(key + strlen(pre), &role) != 0)
+        return s_fail(ld, ML_ECONFIG, "[alerts] %s: unknown role %s", key, key + strlen(pre));
+    return s_get_duration(ld, "alerts", key, 0, &ld->cfg->offline_alert_role_ms[role]);
+}
+
+static int s_load_alerts(struct s_load *ld)
+{
+    ml_broker_config_t *c = ld->cfg;
+    int rc;
+    ld->section = "alerts";
+    for (size_t i = 0; i < sizeof c->offline_alert_role_ms / sizeof c->offline_alert_role_ms[0];
+         i++)
+        c->offline_alert_role_ms[i] = -1;
+    if ((rc = s_get_duration(ld, "alerts", "offline_alert_after", 3600000, &c->offline_alert_ms)) !=
+            0 ||
+        (rc = ml_ini_keys(ld->ini, "alerts", s_alert_key_cb, ld)) != 0)
+        return rc;
+    if ((rc = ml_ini_get_long(ld->ini, "alerts", "store_alert_percent", 90, 1, 100,
+                              &c->store_alert_percent, ld->err, ld->errlen)) != 0 ||
+        (rc = ml_ini_get_long(ld->ini, "alerts", "dlq_alert_threshold", 1, 1, 100000000,
+                              &c->dlq_alert_threshold, ld->err, ld->errlen)) != 0)
+        return ld->rc = rc;
+    return 0;
+}
+
+int64_t ml_broker_config_offline_alert(const ml_broker_config_t *cfg, const ml_node_t *node)
+{
+    if (node->offline_alert_ms >= 0)
+        return node->offline_alert_ms;
+    if (node->role > 0 && node->role < ML_ROLE_COUNT && cfg->offline_alert_role_ms[node->role] >= 0)
+        return cfg->offline_alert_role_ms[node->role];
+    return cfg->offline_alert_ms;
 }
 
 static int s_dup_opt(struct s_load *ld, const char *v, char **out)
@@ -431,6 +555,8 @@ static int s_node_cb(const ml_ini_t *ini, const char *section, const char *name,
     *slot = n;
     if (!(slot->id = strdup(name)))
         return s_fail(ld, ML_ENOMEM, "out of memory");
+    if ((rc = s_get_duration(ld, section, "offline_alert_after", -1, &slot->offline_alert_ms)) != 0)
+        return rc;
     if ((rc = s_dup_opt(ld, ml_ini_get(ini, section, "community", NULL), &slot->community)) ||
         (rc = s_dup_opt(ld, ml_ini_get(ini, section, "name", NULL), &slot->display_name)))
         return rc;
@@ -650,7 +776,8 @@ int ml_broker_config_load(const char *path, ml_broker_config_t **out, char *err,
      * surface as "[broker] listen is required", pointing at the wrong line. */
     if ((rc = ml_ini_check(ini, s_schema, err, errlen)) != 0)
         goto out;
-    if ((rc = s_load_broker(&ld)) != 0)
+    if ((rc = s_load_broker(&ld)) != 0 || (rc = s_load_http(&ld)) != 0 ||
+        (rc = s_load_alerts(&ld)) != 0)
         goto out;
     if ((rc = ml_ini_sections(ini, "node", s_node_cb, &ld)) != 0)
         goto out;
@@ -698,6 +825,7 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
     free(c->path);
     free(c->broker_id);
     free(c->listen);
+    free(c->http_listen);
     free(c->data_dir);
     free(c->ca);
     free(c->cert);

@@ -53,6 +53,19 @@
  *                                 ; community's fallback hospital
  *   [community zhaozhou]
  *   fallback = city.shijiazhuang.hospital
+ *
+ * Ops' view (docs/operations.md):
+ *   [http]
+ *   listen = 127.0.0.1:9474     ; empty: no HTTP endpoint
+ *   tls = no                    ; yes: HTTPS, client certificate of an OPS node
+ *   max_connections = 64
+ *
+ *   [alerts]
+ *   offline_alert_after = 1h    ; 0: never
+ *   offline_alert_after.TOWNSHIP_CLINIC = 4h
+ *   store_alert_percent = 90    ; of max_store_bytes
+ *   dlq_alert_threshold = 1     ; dead letters waiting
+ * and per node, [node ID] offline_alert_after = 30m.
  */
 #ifndef ML_BROKER_CONFIG_H
 #define ML_BROKER_CONFIG_H
@@ -61,6 +74,8 @@
 #include <stdint.h>
 
 #include "ml_check.h"
+
+enum { ML_LOG_FORMAT_TEXT = 0, ML_LOG_FORMAT_JSON = 1 };
 
 enum {
     ML_ROLE_UNKNOWN = 0,
@@ -82,6 +97,7 @@ typedef struct {
     char *display_name;
     char **services; /* service names this node serves */
     size_t n_services;
+    int64_t offline_alert_ms; /* [node] offline_alert_after; -1: its role's, or [alerts]' */
 } ml_node_t;
 
 /* "the case must reach target_state within ms of being opened (after_state
@@ -143,6 +159,20 @@ typedef struct {
     long retention_batch;      /* rows per pruning transaction */
     long max_preauth_sessions; /* sessions still in the TLS handshake (oldest evicted) */
     long session_output_bytes; /* output queued for one session before deliveries pause */
+    int log_format;            /* ML_LOG_FORMAT_TEXT or ML_LOG_FORMAT_JSON ([broker] log_format) */
+
+    /* [http]: the ops endpoint (http.h). listen NULL: off. */
+    char *http_listen;         /* "127.0.0.1:9474" by default; "" in the file turns it off */
+    int http_tls;              /* TLS with client certificates of the CA, OPS role only */
+    long http_max_connections; /* connections at once; more are refused at accept */
+
+    /* [alerts] (alerts.h). A node's offline alert comes after its own
+     * offline_alert_after, else its role's offline_alert_after.ROLE, else
+     * offline_alert_after; 0 means never. */
+    int64_t offline_alert_ms;
+    int64_t offline_alert_role_ms[ML_ROLE_COUNT]; /* by role; -1: not set */
+    long store_alert_percent;                     /* of max_store_bytes (when set) */
+    long dlq_alert_threshold; /* dead letters in the queue that raise the alert */
 
     ml_deadline_rule_t deadlines[ML_CFG_CASE_KINDS][ML_CFG_PRIORITIES];
     char **escalate_to; /* node ids; empty = every OPS node */
@@ -173,6 +203,10 @@ int ml_broker_config_check(const ml_broker_config_t *cfg, ml_check_t *c);
  * when set, else the *_days ones. */
 void ml_broker_config_retention(const ml_broker_config_t *cfg, int64_t *retention_ms,
                                 int64_t *timeline_ms);
+
+/* How long node may be offline before the offline alert (ms, 0: never):
+ * its own setting, else its role's, else [alerts] offline_alert_after. */
+int64_t ml_broker_config_offline_alert(const ml_broker_config_t *cfg, const ml_node_t *node);
 
 /* Looks a node up by id. O(n) over the registry; NULL when unknown. */
 const ml_node_t *ml_broker_config_node(const ml_broker_config_t *cfg, const char *id);
