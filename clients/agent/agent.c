@@ -822,6 +822,44 @@ static void s_close(ml_agent_t *a, uv_handle_t *h)
     }
 }
 
+void ml_agent_reload(ml_agent_t *a, const ml_aconfig_t *cfg)
+{
+    if (!a || a->stopping)
+        return;
+    if (cfg->scan_ms != a->scan_ms) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: scan_ms %u -> %u", a->scan_ms, cfg->scan_ms);
+        a->scan_ms = cfg->scan_ms;
+        uv_timer_start(&a->scan_timer, s_scan_timer_cb, a->scan_ms, a->scan_ms);
+    }
+    /* A smaller window only holds back new sends until enough of what is
+     * in flight has been answered (s_send_row_cb compares, never
+     * subtracts). */
+    if (cfg->send_window != a->window) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: send_window %u -> %u", a->window, cfg->send_window);
+        a->window = cfg->send_window;
+        a->pump_due = 1;
+    }
+    if (cfg->send_window_bytes && cfg->send_window_bytes != a->window_bytes) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: send_window_bytes %zu -> %zu", a->window_bytes,
+               cfg->send_window_bytes);
+        a->window_bytes = cfg->send_window_bytes;
+        a->pump_due = 1;
+    }
+    if (cfg->retention_ms != a->retention_ms || cfg->sent_retention_ms != a->sent_retention_ms) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: retention %lld ms -> %lld ms, sent/ %lld ms -> %lld ms",
+               (long long)a->retention_ms, (long long)cfg->retention_ms,
+               (long long)a->sent_retention_ms, (long long)cfg->sent_retention_ms);
+        a->retention_ms = cfg->retention_ms;
+        a->sent_retention_ms = cfg->sent_retention_ms;
+    }
+    uint64_t every = (uint64_t)cfg->retention_interval_ms;
+    if (every != uv_timer_get_repeat(&a->retention_timer)) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: retention_interval_s now %llu",
+               (unsigned long long)(every / 1000));
+        uv_timer_start(&a->retention_timer, s_retention_timer_cb, every, every);
+    }
+}
+
 void ml_agent_stop(ml_agent_t *a)
 {
     if (!a || a->stopping)
