@@ -64,8 +64,13 @@ static void s_reload_logging(void)
         ml_log(ML_LOG_WARN, "broker", "reload: log level and format unchanged: %s", err);
         return;
     }
-    if (!s_level_from_cli && cfg->log_level != ml_log_get_level()) {
-        ml_log(ML_LOG_INFO, "broker", "reload: log_level now %s", names[cfg->log_level & 3]);
+    int was = ml_log_get_level();
+    if (!s_level_from_cli && cfg->log_level != was) {
+        /* Said under the more verbose of the two levels. */
+        if (cfg->log_level < was)
+            ml_log_set_level(cfg->log_level);
+        ml_log(ML_LOG_INFO, "broker", "reload: log_level %s -> %s", names[was & 3],
+               names[cfg->log_level & 3]);
         ml_log_set_level(cfg->log_level);
     }
     if (cfg->log_format != ml_log_get_format()) {

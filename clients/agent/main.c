@@ -103,8 +103,14 @@ static void s_reload_cb(uv_signal_t *h, int signum)
         ml_log(ML_LOG_WARN, "agent",
                "reload: %s changed; that needs a restart (the running values stay until then)",
                keys);
+    /* What the reload changes is logged under the level that was in force
+     * when the signal came; the new level and format apply last. */
+    ml_agent_reload(m->agent, &next);
     if (next.log_level != m->cfg->log_level) {
-        /* Said before the change, so that it is seen at either level. */
+        /* Said under the more verbose of the two levels, so that it shows
+         * whenever either would show it. */
+        if (next.log_level < m->cfg->log_level)
+            ml_log_set_level(next.log_level);
         ml_log(ML_LOG_INFO, "agent", "reload: log_level %s -> %s", s_level_name(m->cfg->log_level),
                s_level_name(next.log_level));
         ml_log_set_level(next.log_level);
@@ -114,7 +120,6 @@ static void s_reload_cb(uv_signal_t *h, int signum)
         ml_log(ML_LOG_INFO, "agent", "reload: log_format now %s",
                next.log_format == ML_LOG_FORMAT_JSON ? "json" : "text");
     }
-    ml_agent_reload(m->agent, &next);
     ml_aconfig_live_apply(m->cfg, &next);
     ml_aconfig_clear(&next);
     ml_log(ML_LOG_INFO, "agent", "reloaded %s", m->path);
