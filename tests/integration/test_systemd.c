@@ -460,6 +460,52 @@ Test(systemd, json_logs_broker_and_agent)
     cr_assert_eq(h_log_contains(&W, alog, "{\"time\":"), 0);
 }
 
+/* SIGHUP applies the broker's log_format and log_level too: text lines
+ * before, JSON lines after; log_level = warn then silences info lines. */
+Test(systemd, broker_sighup_log_format_and_level)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    char ini[700];
+    snprintf(ini, sizeof ini, "%s/medlinkd.ini", W.dir);
+    s_edit(ini, "log_level = info\n", "log_level = info\nlog_format = json\n");
+    kill(W.broker, SIGHUP);
+    cr_assert(s_wait_log("broker.log", "\"message\":\"reload: log_format now json\"", 1, 10000) >=
+              1);
+    s_edit(ini, "log_level = info\n", "log_level = warn\n");
+    kill(W.broker, SIGHUP);
+    cr_assert(
+        s_wait_log("broker.log", "\"message\":\"reload: log_level info -> warn\"", 1, 10000) >= 1);
+    /* At warn, the next reload's info lines ("received Hangup", "reloaded")
+     * are not logged; its warning is (a start-up key changed). */
+    int reloaded = h_log_contains(&W, "broker.log", "reloaded ");
+    char from[128], to[128];
+    snprintf(from, sizeof from, "listen = %s\n", W.endpoint);
+    snprintf(to, sizeof to, "listen = tcp://127.0.0.1:%d\n", W.port + 1);
+    s_edit(ini, from, to);
+    kill(W.broker, SIGHUP);
+    cr_assert(s_wait_log("broker.log", "listen changed", 1, 10000) >= 1);
+    h_sleep_ms(300);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "reloaded "), reloaded);
+    h_broker_stop(&W);
+    /* Every line after the switch is JSON. */
+    char path[700];
+    snprintf(path, sizeof path, "%s/broker.log", W.dir);
+    char *all = h_slurp(path);
+    char *at = strstr(all, "{\"time\":");
+    cr_assert_not_null(at);
+    int lines = 0;
+    for (char *line = strtok(at, "\n"); line; line = strtok(NULL, "\n")) {
+        json_error_t je;
+        json_t *j = json_loads(line, 0, &je);
+        cr_assert_not_null(j, "not JSON after the switch: %s", line);
+        json_decref(j);
+        lines++;
+    }
+    cr_assert(lines >= 3, "%d JSON lines", lines);
+    free(all);
+}
+
 /* ---- medlink-agent ------------------------------------------------------ */
 
 /* Drops a referral from Xinzhan and waits for the county to get it. */
