@@ -200,7 +200,8 @@ Test(sdnotify, watchdog_pings_from_the_loop)
     }
     cr_assert(pings >= 4 && pings <= 8, "%d pings in 1.1 s at a 200 ms period", pings);
     /* A stuck loop: nothing arrives while the loop does not run. */
-    usleep(600 * 1000);
+    struct timespec pause = {0, 600 * 1000 * 1000};
+    nanosleep(&pause, NULL);
     cr_assert_eq(s_recv(fd, buf, sizeof buf, 0), -1, "a ping without the loop running");
     ml_sdnotify_watchdog_close(&wd);
     ml_sdnotify_watchdog_close(&wd);
