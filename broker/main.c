@@ -97,8 +97,10 @@ static void s_reload_cb(uv_signal_t *h, int signum)
         s_reload_logging();
         ml_sdnotify_ready("running; configuration reloaded");
     } else {
-        ml_sdnotifyf("READY=1\nSTATUS=running; reload refused, old configuration kept: %.400s",
-                     err);
+        char status[600];
+        snprintf(status, sizeof status, "running; reload refused, old configuration kept: %.400s",
+                 err);
+        ml_sdnotify_ready(status);
     }
 }
 

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "ml_common.h"
+#include "ml_text.h"
 
 int ml_sdnotify_enabled(void)
 {
@@ -61,14 +62,41 @@ int ml_sdnotifyf(const char *fmt, ...)
     return ml_sdnotify(buf);
 }
 
+/* One line of text for a STATUS= value: escaped, at most outlen - 1. */
+static void s_status_line(const char *status, char *out, size_t outlen)
+{
+    ml_text_escape(status, strlen(status), out, outlen);
+}
+
+int ml_sdnotify_status(const char *fmt, ...)
+{
+    char raw[1024], line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(raw, sizeof raw, fmt, ap);
+    va_end(ap);
+    s_status_line(raw, line, sizeof line);
+    return ml_sdnotifyf("STATUS=%s", line);
+}
+
+/* state, then "\nSTATUS=" and the escaped status when there is one. */
+static int s_with_status(const char *state, const char *status)
+{
+    if (!status)
+        return ml_sdnotify(state);
+    char line[900];
+    s_status_line(status, line, sizeof line);
+    return ml_sdnotifyf("%s\nSTATUS=%s", state, line);
+}
+
 int ml_sdnotify_ready(const char *status)
 {
-    return status ? ml_sdnotifyf("READY=1\nSTATUS=%s", status) : ml_sdnotify("READY=1");
+    return s_with_status("READY=1", status);
 }
 
 int ml_sdnotify_stopping(const char *status)
 {
-    return status ? ml_sdnotifyf("STOPPING=1\nSTATUS=%s", status) : ml_sdnotify("STOPPING=1");
+    return s_with_status("STOPPING=1", status);
 }
 
 int ml_sdnotify_reloading(const char *status)
@@ -77,8 +105,9 @@ int ml_sdnotify_reloading(const char *status)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     unsigned long long us =
         (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000ull;
-    return ml_sdnotifyf("RELOADING=1\nMONOTONIC_USEC=%llu%s%s", us, status ? "\nSTATUS=" : "",
-                        status ? status : "");
+    char state[64];
+    snprintf(state, sizeof state, "RELOADING=1\nMONOTONIC_USEC=%llu", us);
+    return s_with_status(state, status);
 }
 
 /* A decimal number with nothing after it, or 0 (not one, or overflow). */

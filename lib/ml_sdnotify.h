@@ -27,13 +27,18 @@ int ml_sdnotify_enabled(void);
 int ml_sdnotify(const char *state);
 /* ml_sdnotify of a formatted state (at most 1 KiB). */
 int ml_sdnotifyf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* "READY=1", "STOPPING=1" with "STATUS=status" (status may be NULL: no
- * STATUS line). */
+/* "STATUS=" and the formatted text (at most 1 KiB) made one harmless line
+ * with ml_text_escape: a newline in it (a peer's reason, a multi-line
+ * configuration error) cannot add an assignment of its own (READY=1,
+ * MAINPID=) to the datagram. */
+int ml_sdnotify_status(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "READY=1", "STOPPING=1" with "STATUS=status", status escaped as by
+ * ml_sdnotify_status (status may be NULL: no STATUS line). */
 int ml_sdnotify_ready(const char *status);
 int ml_sdnotify_stopping(const char *status);
 /* "RELOADING=1" with "MONOTONIC_USEC=" the CLOCK_MONOTONIC time in
  * microseconds (systemd.service(5), Type=notify-reload, needs it to tell
- * this reload from an older one) and STATUS. Follow with ml_sdnotify_ready
+ * this reload from an older one) and STATUS (escaped). Follow with ml_sdnotify_ready
  * when the reload is over, whether it succeeded or not. */
 int ml_sdnotify_reloading(const char *status);
 

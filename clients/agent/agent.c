@@ -27,6 +27,7 @@
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_env.h"
+#include "ml_sdnotify.h"
 #include "ml_text.h"
 #include "ml_tls.h"
 #include "spool.h"
@@ -722,6 +723,9 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
                "chunks included)",
                w && w->broker ? w->broker : "?", a->node_id, w && w->role ? w->role : "?",
                (long long)pending);
+        /* systemctl status shows the link's state (no-op without systemd). */
+        ml_sdnotify_status("connected to broker %.200s as %.200s", w && w->broker ? w->broker : "?",
+                           a->node_id);
         a->sent_msgs = a->sent_chunks = a->sent_chunk_bytes = 0;
         /* Sending resumes at the first chunk not yet Accepted. */
         ml_aimg_log_resume(a->img);
@@ -732,6 +736,9 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
                "chunk(s), %llu bytes of image data)",
                reason ? reason : "unknown", (unsigned long long)a->sent_msgs,
                (unsigned long long)a->sent_chunks, (unsigned long long)a->sent_chunk_bytes);
+        ml_sdnotify_status("disconnected from broker: %.400s (retrying; files are still "
+                           "taken into the outbox)",
+                           reason ? reason : "unknown");
     }
 }
 

@@ -94,8 +94,10 @@ static void s_reload_cb(uv_signal_t *h, int signum)
     char err[2048];
     if (ml_aconfig_load(m->path, &next, err, sizeof err) < 0) {
         ml_log(ML_LOG_ERROR, "agent", "reload refused, the running configuration stays: %s", err);
-        ml_sdnotifyf("READY=1\nSTATUS=running; reload refused, old configuration kept: %.400s",
-                     err);
+        char status[600];
+        snprintf(status, sizeof status, "running; reload refused, old configuration kept: %.400s",
+                 err);
+        ml_sdnotify_ready(status);
         return;
     }
     char keys[512];

@@ -531,6 +531,9 @@ Test(systemd, agent_ready_watchdog_reload_stopping)
     int ready = s_wait_msg(n, 0, "READY=1", 10000);
     cr_assert(ready >= 0, "no READY=1 from medlink-agent");
     cr_assert(strstr(n->msg[ready].text, "STATUS=node " H_XINZHAN), "%s", n->msg[ready].text);
+    /* systemctl status shows the link's state. */
+    cr_assert(s_wait_msg(n, 0, "STATUS=connected to broker " H_BROKER " as " H_XINZHAN, 15000) >= 0,
+              "no STATUS for the connection");
     long t0 = n->msg[ready].at_ms;
     h_sleep_ms(2500);
     long gap;

@@ -120,6 +120,25 @@ Test(sdnotify, abstract_socket_gets_datagrams)
     close(fd);
 }
 
+/* A newline in a status (a peer's reason, a multi-line configuration
+ * error) must not add an assignment of its own to the datagram. */
+Test(sdnotify, status_newline_cannot_add_an_assignment)
+{
+    int fd = s_bind_path();
+    char buf[2048];
+    cr_assert_eq(ml_sdnotify_status("disconnected: %s", "bye\nSTOPPING=1"), 0);
+    cr_assert(s_recv(fd, buf, sizeof buf, 2000) > 0);
+    cr_assert_str_eq(buf, "STATUS=disconnected: bye\\x0aSTOPPING=1");
+    cr_assert_eq(ml_sdnotify_ready("x\nMAINPID=1"), 0);
+    cr_assert(s_recv(fd, buf, sizeof buf, 2000) > 0);
+    cr_assert_str_eq(buf, "READY=1\nSTATUS=x\\x0aMAINPID=1");
+    cr_assert_eq(ml_sdnotify_reloading("a\rb\nc"), 0);
+    cr_assert(s_recv(fd, buf, sizeof buf, 2000) > 0);
+    cr_assert(strstr(buf, "\nSTATUS=a\\x0db\\x0ac") && !strchr(strstr(buf, "STATUS="), '\n'), "%s",
+              buf);
+    close(fd);
+}
+
 /* RELOADING=1 carries MONOTONIC_USEC, the CLOCK_MONOTONIC time of the
  * reload in microseconds (systemd compares it with its own clock). */
 Test(sdnotify, reloading_carries_monotonic_usec)
