@@ -467,6 +467,8 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
             return ctl_fail(CTL_EXIT_USAGE, "--timeout %s: expected 1..86400 seconds", o->timeout);
         o->timeout_s = (int)t;
     }
+    if (o->cmd == CTL_CMD_TOP && o->json)
+        return ctl_fail(CTL_EXIT_USAGE, "top has no --json: use status --json or nodes --json");
     o->interval_ms = 1000;
     if (o->interval) {
         char *end;

@@ -85,8 +85,9 @@ static void s_size(int *rows, int *cols)
  * the last snapshot (may be NULL). tty: drawn in place, cut to the
  * terminal; else printed as plain lines, the screens one after another
  * with a blank line between (with a banner, only the banner). */
-static void s_draw(int tty, const char *banner, const Medlink__V1__BrokerStatus *st,
-                   const Medlink__V1__BrokerStatus *prev, int64_t elapsed_ms)
+static void s_draw(int tty, int interval_ms, const char *banner,
+                   const Medlink__V1__BrokerStatus *st, const Medlink__V1__BrokerStatus *prev,
+                   int64_t elapsed_ms)
 {
     char *buf = NULL;
     size_t len = 0;
@@ -129,7 +130,9 @@ static void s_draw(int tty, const char *banner, const Medlink__V1__BrokerStatus 
             break;
     }
     fputs("\x1b[J", stdout);
-    printf("\x1b[%d;1Hq quits, refreshed every second or --interval\x1b[K", rows);
+    char help[80];
+    snprintf(help, sizeof help, "q quits; refreshed every %.1f s", interval_ms / 1000.0);
+    printf("\x1b[%d;1H%.*s\x1b[K", rows, (int)ctl_text_fit(help, cols), help);
     fflush(stdout);
     free(buf);
 }
@@ -178,7 +181,7 @@ int ctl_top(const ctl_opts_t *o, ml_tls_ctx_t *tls)
             cur = rep;
             cur_at = ml_mono_ms();
             ever = 1;
-            s_draw(tty, NULL, cur->admin_reply->broker_status,
+            s_draw(tty, o->interval_ms, NULL, cur->admin_reply->broker_status,
                    prev ? prev->admin_reply->broker_status : NULL, cur_at - prev_at);
         } else if (r == 0) {
             const char *err = rep->admin_reply && rep->admin_reply->error
@@ -200,7 +203,8 @@ int ctl_top(const ctl_opts_t *o, ml_tls_ctx_t *tls)
             char banner[1400];
             snprintf(banner, sizeof banner, "disconnected, retrying: %s", ctl_conn_why(c));
             ml_env_free(&prev);
-            s_draw(tty, banner, cur ? cur->admin_reply->broker_status : NULL, NULL, 0);
+            s_draw(tty, o->interval_ms, banner, cur ? cur->admin_reply->broker_status : NULL, NULL,
+                   0);
         }
         if (r != CTL_CONN_EVENT && o->count_n && ++shown >= o->count_n)
             break;
@@ -227,7 +231,7 @@ int ctl_top(const ctl_opts_t *o, ml_tls_ctx_t *tls)
             }
             if (quit || sig == SIGWINCH) {
                 if (sig == SIGWINCH && cur)
-                    s_draw(tty, NULL, cur->admin_reply->broker_status,
+                    s_draw(tty, o->interval_ms, NULL, cur->admin_reply->broker_status,
                            prev ? prev->admin_reply->broker_status : NULL, cur_at - prev_at);
                 if (quit)
                     break;

@@ -305,9 +305,9 @@ Test(ctl_ops, top_count_prints_snapshots_without_escapes)
 
 /* medlinkctl args in a new pseudo terminal: *pid, *master; the slave is
  * kept open in *slave so that its mode can be read after the child ends. */
-static void s_pty_spawn(const char *args, pid_t *pid, int *master, int *slave)
+static void s_pty_spawn(const char *args, int rows, pid_t *pid, int *master, int *slave)
 {
-    struct winsize ws = {.ws_row = 30, .ws_col = 120};
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = 120};
     cr_assert_eq(openpty(master, slave, NULL, NULL, &ws), 0, "openpty: %s", strerror(errno));
     *pid = fork();
     cr_assert(*pid >= 0);
@@ -370,14 +370,15 @@ static int s_pty_reap(pid_t pid, int master, int timeout_ms)
     return -1;
 }
 
-static void s_top_in_pty(int by_signal)
+/* top in a pty of rows x 120; ended by q, or SIGTERM when by_signal. */
+static void s_top_in_pty(int by_signal, int rows)
 {
     s_setup(NULL);
     h_agent_start(&W, H_XINZHAN);
     s_wait_online(H_XINZHAN);
     pid_t pid;
     int master, slave;
-    s_pty_spawn("top --interval 0.5", &pid, &master, &slave);
+    s_pty_spawn("top --interval 0.5", rows, &pid, &master, &slave);
     struct termios before;
     cr_assert_eq(tcgetattr(slave, &before), 0);
     cr_assert(before.c_lflag & ICANON);
@@ -385,7 +386,14 @@ static void s_top_in_pty(int by_signal)
     size_t len = 0;
     cr_assert(s_pty_wait(master, "DELIVERED/S", buf, sizeof buf, &len, 20000),
               "top drew no node table:\n%s", buf);
-    cr_assert(s_pty_wait(master, H_XINZHAN, buf, sizeof buf, &len, 10000));
+    if (rows >= 20) {
+        cr_assert(s_pty_wait(master, H_XINZHAN, buf, sizeof buf, &len, 10000));
+    } else {
+        /* 7 registered nodes do not fit: the rest is counted. */
+        cr_assert(s_pty_wait(master, " more", buf, sizeof buf, &len, 10000),
+                  "no \"... N more\" in %d rows:\n%s", rows, buf);
+        cr_assert(strstr(buf, "... 6 more"), "not 6 more in %d rows:\n%s", rows, buf);
+    }
     struct termios during;
     cr_assert_eq(tcgetattr(slave, &during), 0);
     cr_assert_eq(during.c_lflag & (ICANON | ECHO), 0, "top left the terminal in canonical mode");
@@ -409,12 +417,14 @@ static void s_top_in_pty(int by_signal)
 
 Test(ctl_ops, top_in_pty_quits_on_q_and_restores_terminal)
 {
-    s_top_in_pty(0);
+    s_top_in_pty(0, 30);
 }
 
-Test(ctl_ops, top_in_pty_restores_terminal_on_sigterm)
+/* 8 rows: header (3 lines), a blank line, the table's header, one node
+ * and "... 6 more", then the key help on the last row. */
+Test(ctl_ops, top_in_small_pty_cuts_rows_and_restores_terminal_on_sigterm)
 {
-    s_top_in_pty(1);
+    s_top_in_pty(1, 8);
 }
 
 Test(ctl_ops, top_says_disconnected_and_recovers)
