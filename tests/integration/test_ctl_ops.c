@@ -289,7 +289,18 @@ Test(ctl_ops, top_count_prints_snapshots_without_escapes)
     s_setup(NULL);
     h_agent_start(&W, H_XINZHAN);
     s_wait_online(H_XINZHAN);
+    int sessions = h_log_contains(&W, "broker.log", "up (medlinkctl/");
+    int asked = h_log_contains(&W, "broker.log", "asked for OP_STATUS");
     char *out = s_ctl(0, NULL, "top --count 2 --interval 0.5");
+    /* One session for both refreshes. */
+    for (int waited = 0; waited < 5000; waited += 100) {
+        if (h_log_contains(&W, "broker.log", "asked for OP_STATUS") >= asked + 2)
+            break;
+        h_sleep_ms(100);
+    }
+    cr_assert_eq(h_log_contains(&W, "broker.log", "asked for OP_STATUS"), asked + 2);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "up (medlinkctl/"), sessions + 1,
+                 "top opened more than one session for two refreshes");
     cr_assert_eq(s_count_lines_starting(out, "broker " H_BROKER), 2, "not two snapshots:\n%s", out);
     cr_assert_eq(s_count_lines_starting(out, "per second: "), 2, "no rates:\n%s", out);
     cr_assert_eq(strchr(out, '\x1b'), NULL, "escape codes on a pipe:\n%s", out);
