@@ -70,6 +70,7 @@ typedef struct {
     int key_ready;                /* watch_fd became readable */
     int signo;                    /* the last signal caught */
     int waited;                   /* ctl_conn_wait's time passed */
+    int fatal;                    /* on_fatal came: retrying will not help (why says why) */
     Medlink__V1__AdminRequest rq; /* the request in flight (its strings: the caller's) */
     uv_timer_t wait;
     uv_poll_t kbd;
@@ -301,6 +302,7 @@ static void s_on_fatal(ml_channel_t *ch, const char *reason, void *arg)
     if (ss->done)
         return;
     s_say(ss, CTL_EXIT_TLS, "cannot connect to broker %s: %s", ss->o->broker, reason);
+    ss->fatal = 1;
     s_finish(ss, ML_ETLS);
 }
 
@@ -632,10 +634,13 @@ int ctl_conn_admin(ctl_conn_t *c, const Medlink__V1__AdminRequest *req, int time
 {
     s_sess_t *ss = &c->ss;
     *reply = NULL;
-    ss->why[0] = '\0';
     ml_env_free(&ss->reply);
     if (ss->event)
         return CTL_CONN_EVENT;
+    /* Even between requests: a certificate revoked meanwhile ends it. */
+    if (ss->fatal)
+        return ML_ETLS;
+    ss->why[0] = '\0';
     /* Once it has been up, a channel that is down is said at once: the
      * caller shows it and asks again later, while it reconnects. */
     if (ss->was_up && !ml_channel_is_up(ss->ch)) {

@@ -490,3 +490,19 @@ Test(ctl_ops, top_says_disconnected_and_recovers)
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "top ended with status %d", st);
     free(out);
 }
+
+Test(ctl_ops, top_and_nodes_refused_for_a_clinic)
+{
+    s_setup(NULL);
+    char clinic[800];
+    h_ctl_config(&W, H_XINZHAN, clinic, sizeof clinic);
+    const char *cmds[] = {"nodes", "top --count 1"};
+    for (size_t i = 0; i < 2; i++) {
+        int st = -1;
+        char *out = h_run(&st, "'%s' --config '%s' %s 2>&1", s_bin, clinic, cmds[i]);
+        cr_assert_eq(st, 1, "%s as a clinic: exit %d:\n%s", cmds[i], st, out);
+        cr_assert(strstr(out, "NACK_FORBIDDEN") || strstr(out, "OPS"), "%s: no reason:\n%s",
+                  cmds[i], out);
+        free(out);
+    }
+}
