@@ -75,7 +75,7 @@ typedef struct {
     uv_timer_t wait;
     uv_poll_t kbd;
     int kbd_on;
-    uv_signal_t sig[4];
+    uv_signal_t sig[5];
     int n_sig;
     char why[1200]; /* why the last request failed (nothing is printed) */
 } s_sess_t;
@@ -593,7 +593,7 @@ static void s_wait_cb(uv_timer_t *t)
 
 int ctl_conn_open(const ctl_opts_t *o, ml_tls_ctx_t *tls, int watch_fd, ctl_conn_t **c)
 {
-    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGWINCH};
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGWINCH, SIGTSTP};
     ctl_conn_t *cn = calloc(1, sizeof *cn);
     if (!cn)
         ctl_oom();

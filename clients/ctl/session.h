@@ -71,7 +71,7 @@ int ctl_session_send(const ctl_opts_t *o, ml_tls_ctx_t *tls, const ctl_source_t 
 /* A connection kept open for many admin requests (medlinkctl top: one
  * session for every refresh, not one per screen). Besides the channel it
  * watches watch_fd (>= 0: readable, e.g. the keyboard) and the signals
- * SIGINT, SIGTERM, SIGHUP and SIGWINCH: either one stops a wait or a
+ * SIGINT, SIGTERM, SIGHUP, SIGWINCH and SIGTSTP: either one stops a wait or a
  * request (CTL_CONN_EVENT) so the caller can act on it at once. Nothing is
  * printed: the reason of a failure is in ctl_conn_why. One thread. */
 typedef struct ctl_conn ctl_conn_t;

@@ -9,8 +9,9 @@
  * SIGINT) and in the alternate screen with the cursor hidden. Every exit
  * restores it: q, Ctrl-C, SIGTERM and SIGHUP end the loop and reach the one
  * restore at the end; an exit() anywhere else (out of memory) goes through
- * the atexit handler. libuv sets O_NONBLOCK on the keyboard's open file,
- * which the shell shares: its flags are put back too. */
+ * the atexit handler; Ctrl-Z (SIGTSTP) restores it before the process
+ * stops and sets top's mode again when it continues. libuv sets O_NONBLOCK on the keyboard's open
+ * file, which the shell shares: its flags are put back too. */
 #include "top.h"
 
 #include <errno.h>
@@ -28,13 +29,15 @@
 #include "print.h"
 #include "session.h"
 
-/* What the terminal was before top changed it. */
+/* What the terminal was before top changed it, and what top wants of it
+ * (applied again after a suspension). */
 static struct {
     int raw;    /* termios changed */
     int screen; /* alternate screen entered */
+    int want_raw, want_screen;
     struct termios saved;
     int fl; /* stdin's file status flags, -1 if not saved */
-} s_term = {0, 0, {0}, -1};
+} s_term = {0, 0, 0, 0, {0}, -1};
 
 static void s_term_restore(void)
 {
@@ -47,25 +50,27 @@ static void s_term_restore(void)
         tcsetattr(STDIN_FILENO, TCSAFLUSH, &s_term.saved);
         s_term.raw = 0;
     }
-    if (s_term.fl >= 0) {
+    if (s_term.fl >= 0)
         fcntl(STDIN_FILENO, F_SETFL, s_term.fl);
-        s_term.fl = -1;
-    }
 }
 
-/* cbreak: keys one at a time, no echo; signals from keys kept. */
-static int s_term_raw(void)
+/* cbreak: keys one at a time, no echo; signals from keys kept. Then the
+ * alternate screen, cursor hidden. */
+static int s_term_apply(void)
 {
-    struct termios t;
-    if (tcgetattr(STDIN_FILENO, &s_term.saved) < 0)
-        return ML_EIO;
-    t = s_term.saved;
-    t.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
-    t.c_cc[VMIN] = 1;
-    t.c_cc[VTIME] = 0;
-    if (tcsetattr(STDIN_FILENO, TCSAFLUSH, &t) < 0)
-        return ML_EIO;
-    s_term.raw = 1;
+    if (s_term.want_raw && !s_term.raw) {
+        struct termios t = s_term.saved;
+        t.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
+        t.c_cc[VMIN] = 1;
+        t.c_cc[VTIME] = 0;
+        if (tcsetattr(STDIN_FILENO, TCSAFLUSH, &t) < 0)
+            return ML_EIO;
+        s_term.raw = 1;
+    }
+    if (s_term.want_screen && !s_term.screen) {
+        fputs("\x1b[?1049h\x1b[?25l\x1b[2J", stdout);
+        s_term.screen = 1;
+    }
     return 0;
 }
 
@@ -157,13 +162,15 @@ int ctl_top(const ctl_opts_t *o, ml_tls_ctx_t *tls)
         s_term_restore();
         return CTL_EXIT_FAIL;
     }
-    if (kbd && s_term_raw() < 0) {
-        rc = ctl_fail(CTL_EXIT_FAIL, "cannot set the terminal's mode: %s", strerror(errno));
+    if (kbd && tcgetattr(STDIN_FILENO, &s_term.saved) < 0) {
+        rc = ctl_fail(CTL_EXIT_FAIL, "cannot read the terminal's mode: %s", strerror(errno));
         goto out;
     }
-    if (tty) {
-        fputs("\x1b[?1049h\x1b[?25l\x1b[2J", stdout);
-        s_term.screen = 1;
+    s_term.want_raw = kbd;
+    s_term.want_screen = tty;
+    if (s_term_apply() < 0) {
+        rc = ctl_fail(CTL_EXIT_FAIL, "cannot set the terminal's mode: %s", strerror(errno));
+        goto out;
     }
     /* An answer is due within the interval (at least 2 s), or --timeout
      * when that is given; the first connection may take --timeout. */
@@ -229,8 +236,15 @@ int ctl_top(const ctl_opts_t *o, ml_tls_ctx_t *tls)
                 if (n == 0)
                     quit = 1; /* the terminal is gone */
             }
-            if (quit || sig == SIGWINCH) {
-                if (sig == SIGWINCH && cur)
+            if (sig == SIGTSTP) {
+                /* Ctrl-Z: the shell gets its terminal back as it was, and
+                 * top its mode when it is resumed (fg). */
+                s_term_restore();
+                raise(SIGSTOP);
+                s_term_apply();
+            }
+            if (quit || sig == SIGWINCH || sig == SIGTSTP) {
+                if (sig != 0 && !quit && cur)
                     s_draw(tty, o->interval_ms, NULL, cur->admin_reply->broker_status,
                            prev ? prev->admin_reply->broker_status : NULL, cur_at - prev_at);
                 if (quit)

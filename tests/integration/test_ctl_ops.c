@@ -381,7 +381,8 @@ static int s_pty_reap(pid_t pid, int master, int timeout_ms)
     return -1;
 }
 
-/* top in a pty of rows x 120; ended by q, or SIGTERM when by_signal. */
+/* top in a pty of rows x 120; ended by q, or SIGTERM when by_signal is 1,
+ * or stopped and continued first (2). */
 static void s_top_in_pty(int by_signal, int rows)
 {
     s_setup(NULL);
@@ -409,7 +410,29 @@ static void s_top_in_pty(int by_signal, int rows)
     cr_assert_eq(tcgetattr(slave, &during), 0);
     cr_assert_eq(during.c_lflag & (ICANON | ECHO), 0, "top left the terminal in canonical mode");
     cr_assert(strstr(buf, "\x1b[?1049h"), "no alternate screen");
-    if (by_signal)
+    if (by_signal == 2) {
+        /* Ctrl-Z: stopped with the terminal as it was; fg: top's mode
+         * again; then q. */
+        kill(pid, SIGTSTP);
+        int st = 0;
+        cr_assert_eq(waitpid(pid, &st, WUNTRACED), pid);
+        cr_assert(WIFSTOPPED(st), "top did not stop on SIGTSTP (status %d)", st);
+        struct termios stopped;
+        cr_assert_eq(tcgetattr(slave, &stopped), 0);
+        cr_assert_eq(stopped.c_lflag, before.c_lflag, "stopped with the terminal in top's mode");
+        kill(pid, SIGCONT);
+        int raw = 0;
+        char sink[4096];
+        for (int waited = 0; !raw && waited < 10000; waited += 50) {
+            struct pollfd pfd = {master, POLLIN, 0};
+            if (poll(&pfd, 1, 50) > 0 && read(master, sink, sizeof sink) < 0)
+                break;
+            struct termios t;
+            raw = tcgetattr(slave, &t) == 0 && (t.c_lflag & ICANON) == 0;
+        }
+        cr_assert(raw, "top did not set its mode again after SIGCONT");
+    }
+    if (by_signal == 1)
         kill(pid, SIGTERM);
     else
         cr_assert_eq(write(master, "q", 1), 1);
@@ -505,4 +528,9 @@ Test(ctl_ops, top_and_nodes_refused_for_a_clinic)
                   cmds[i], out);
         free(out);
     }
+}
+
+Test(ctl_ops, top_in_pty_suspend_restores_terminal_and_resume_sets_it_again)
+{
+    s_top_in_pty(2, 30);
 }
