@@ -106,7 +106,8 @@ static int s_throughput(ml_broker_t *b, ml_http_resp_t *resp)
         ml_sbuf_printf(&resp->body, ",\"%s\":[", s_series_names[k]);
         for (size_t i = 0; i < ML_BK_WEB_MINUTES; i++) {
             size_t row = (w->head + 1 + i) % ML_BK_WEB_MINUTES;
-            ml_sbuf_printf(&resp->body, "%s%llu", i ? "," : "", (unsigned long long)w->ring[row][k]);
+            ml_sbuf_printf(&resp->body, "%s%llu", i ? "," : "",
+                           (unsigned long long)w->ring[row][k]);
         }
         ml_sbuf_puts(&resp->body, "]");
     }

@@ -1,0 +1,384 @@
+/* The web status page in a real browser: medlinkd with agents, a case made
+ * overdue and a message made a dead letter, then Debian's headless
+ * Chromium loads the page from medlinkd's HTTP endpoint, runs its
+ * JavaScript against the JSON API, and the test reads the DOM it rendered
+ * (--dump-dom) and a screenshot it took. Chromium missing fails the test:
+ * deploy/test.sh installs it. Also over plain HTTP: the language choice
+ * (?lang=, Accept-Language), the assets' content types and cache headers,
+ * and /api/v1/throughput. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <criterion/criterion.h>
+#include <jansson.h>
+
+#include "harness.h"
+
+static h_world_t W;
+static int s_http_port;
+static char s_ctl_bin[600], s_ops[800], s_county[800], s_clinic[800];
+
+static void s_teardown(void)
+{
+    h_world_fini(&W);
+}
+
+TestSuite(web, .fini = s_teardown, .timeout = 400);
+
+static int s_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0, "socket: %s", strerror(errno));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof a) == 0, "bind: %s", strerror(errno));
+    socklen_t l = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* One HTTP/1.1 request to the broker's endpoint with Connection: close;
+ * the whole response (status line, headers, body), malloc'd. */
+static char *s_http_get(const char *path, const char *accept_language)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0);
+    struct timeval tv = {.tv_sec = 20};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s_http_port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    cr_assert(connect(fd, (struct sockaddr *)&a, sizeof a) == 0, "connect to the HTTP port: %s",
+              strerror(errno));
+    char rq[1024];
+    int n = snprintf(rq, sizeof rq,
+                     "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s%s%sConnection: close\r\n\r\n",
+                     path, s_http_port, accept_language ? "Accept-Language: " : "",
+                     accept_language ? accept_language : "", accept_language ? "\r\n" : "");
+    cr_assert(write(fd, rq, (size_t)n) == n);
+    size_t cap = 1 << 16, len = 0;
+    char *out = malloc(cap);
+    cr_assert_not_null(out);
+    for (;;) {
+        if (cap - len < 4096) {
+            cap *= 2;
+            out = realloc(out, cap);
+            cr_assert_not_null(out);
+        }
+        ssize_t r = read(fd, out + len, cap - len - 1);
+        if (r <= 0)
+            break;
+        len += (size_t)r;
+    }
+    close(fd);
+    out[len] = '\0';
+    cr_assert(len > 0, "no answer from the HTTP endpoint for %s", path);
+    return out;
+}
+
+/* The value of a response header (case-insensitive name), copied into out;
+ * "" when absent. */
+static const char *s_header(const char *resp, const char *name, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    const char *end = strstr(resp, "\r\n\r\n");
+    size_t nl = strlen(name);
+    for (const char *p = strstr(resp, "\r\n"); p && p < end; p = strstr(p + 2, "\r\n")) {
+        const char *line = p + 2;
+        if (strncasecmp(line, name, nl) == 0 && line[nl] == ':') {
+            const char *v = line + nl + 1;
+            while (*v == ' ')
+                v++;
+            size_t vl = strcspn(v, "\r");
+            snprintf(out, outlen, "%.*s", (int)vl, v);
+            break;
+        }
+    }
+    return out;
+}
+
+static char *s_ctl(int want, const char *cfg, const char *args)
+{
+    int st = -1;
+    char *out = h_run(&st, "'%s' --config '%s' %s 2>&1", s_ctl_bin, cfg, args);
+    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
+    return out;
+}
+
+static json_t *s_ctl_json(const char *cfg, const char *args)
+{
+    char full[1024];
+    snprintf(full, sizeof full, "--json %s", args);
+    char *out = s_ctl(0, cfg, full);
+    json_error_t jerr;
+    json_t *j = json_loads(out, 0, &jerr);
+    cr_assert(j, "medlinkctl %s printed no JSON: %s", args, out);
+    free(out);
+    return j;
+}
+
+static const char *s_str(json_t *j, const char *key)
+{
+    const char *v = json_string_value(json_object_get(j, key));
+    return v ? v : "";
+}
+
+/* Polls medlinkctl --json args until json_array_size(.key) >= n; the
+ * last answer (the caller's), or NULL after timeout_ms. */
+static json_t *s_wait_list(const char *args, const char *key, size_t n, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 200) {
+        json_t *j = s_ctl_json(s_ops, args);
+        if (json_array_size(json_object_get(j, key)) >= n)
+            return j;
+        json_decref(j);
+        h_sleep_ms(200);
+    }
+    return NULL;
+}
+
+/* Runs headless Chromium with its own profile in the world's folder.
+ * extra: the mode (--dump-dom, --screenshot=...). Returns its stdout. */
+static char *s_chromium(const char *extra, const char *url)
+{
+    int st = -1;
+    char *which = h_run(&st, "command -v chromium 2>/dev/null");
+    cr_assert(st == 0 && which[0],
+              "chromium is not installed (Debian package chromium; deploy/test.sh installs it)");
+    free(which);
+    char *out = h_run(&st,
+                      "cd '%s' && timeout 120 chromium --headless --no-sandbox --disable-gpu "
+                      "--no-first-run --no-default-browser-check --disable-extensions "
+                      "--user-data-dir='%s/chromium-profile' --virtual-time-budget=8000 "
+                      "%s '%s' 2>>'%s/chromium.log'",
+                      W.dir, W.dir, extra, url, W.dir);
+    cr_assert_eq(st, 0, "chromium %s %s: exit %d (see %s/chromium.log)", extra, url, st, W.dir);
+    return out;
+}
+
+Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_letter)
+{
+    s_http_port = s_free_port();
+    char extra[512];
+    snprintf(extra, sizeof extra,
+             "timer_ms = 100\n"
+             "[http]\nlisten = 127.0.0.1:%d\n"
+             "[deadlines]\ndown_transfer = ARRIVED 1s after ACCEPTED\n",
+             s_http_port);
+    h_world_init(&W, extra);
+    h_broker_start(&W);
+    h_bin("medlinkctl", s_ctl_bin, sizeof s_ctl_bin);
+    h_ctl_config(&W, H_OPS, s_ops, sizeof s_ops);
+    h_ctl_config(&W, H_COUNTY, s_county, sizeof s_county);
+    h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
+    h_agent_start(&W, H_XINZHAN);
+    h_agent_start(&W, H_COUNTY);
+
+    /* A dead letter: a referral for the city hospital, which is offline,
+     * that expires in 1 s. */
+    free(s_ctl(0, s_clinic,
+               "send referral --to " H_CITY " --deadline +1s --patient-name 'Late Patient'"
+               " --health-card 130102198001010001 --reason 'review'"));
+
+    /* An overdue case: a down-transfer the clinic accepts, whose patient
+     * does not arrive within the 1 s of [deadlines]. */
+    json_t *j = s_ctl_json(s_county, "send down-transfer --to " H_XINZHAN
+                                     " --priority URGENT --patient-name 'Sun Li'"
+                                     " --health-card 130102195501012222 --sex female"
+                                     " --phase ACUTE_RECOVERY --summary 'Pneumonia, treated'"
+                                     " --rehab-plan 'Breathing exercises' --team 'Xinzhan team 1'"
+                                     " --follow-up-days 7");
+    char case_id[128];
+    snprintf(case_id, sizeof case_id, "%s", s_str(j, "caseId"));
+    json_decref(j);
+    cr_assert(case_id[0], "send down-transfer printed no caseId");
+    char *p = h_wait_json(&W, H_XINZHAN, "inbox", "Sun Li", 20000);
+    cr_assert(p, "the down-transfer did not reach the clinic");
+    free(p);
+    char args[600];
+    snprintf(args, sizeof args,
+             "send update --kind down_transfer --to %s --case %s --status ACCEPTED", H_COUNTY,
+             case_id);
+    free(s_ctl(0, s_clinic, args));
+
+    /* The broker's state first, so the page is loaded once it has it. */
+    json_t *overdue = s_wait_list("cases --overdue", "cases", 1, 20000);
+    cr_assert(overdue, "cases --overdue never listed the down-transfer");
+    cr_assert_str_eq(s_str(json_array_get(json_object_get(overdue, "cases"), 0), "caseId"),
+                     case_id);
+    json_decref(overdue);
+    json_t *dlq = s_wait_list("dlq list", "deadLetter", 1, 20000);
+    cr_assert(dlq, "dlq list never showed the expired referral");
+    char dead_id[64];
+    snprintf(dead_id, sizeof dead_id, "%s",
+             s_str(json_array_get(json_object_get(dlq, "deadLetter"), 0), "messageId"));
+    json_decref(dlq);
+    cr_assert(dead_id[0]);
+
+    /* The page, rendered: every registered node, the overdue case and the
+     * dead letter, in the rows the JavaScript made from the API. */
+    char url[256], needle[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/?lang=en", s_http_port);
+    char *dom = s_chromium("--dump-dom", url);
+    cr_assert(strstr(dom, "<html lang=\"en\""), "the page is not in English:\n%.2000s", dom);
+    const char *nodes[] = {H_COUNTY, H_XINZHAN, H_FENGLE, H_OPS, H_CITY};
+    for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++) {
+        snprintf(needle, sizeof needle, "id=\"node-%s\"", nodes[i]);
+        cr_assert(strstr(dom, needle), "node %s is not on the page:\n%s", nodes[i], dom);
+    }
+    snprintf(needle, sizeof needle, "id=\"case-%s\"", case_id);
+    cr_assert(strstr(dom, needle), "the overdue case %s is not on the page:\n%s", case_id, dom);
+    snprintf(needle, sizeof needle, "id=\"dead-%s\"", dead_id);
+    cr_assert(strstr(dom, needle), "the dead letter %s is not on the page:\n%s", dead_id, dom);
+    cr_assert(strstr(dom, "Overdue cases") && strstr(dom, "Dead letters"),
+              "English labels missing:\n%s", dom);
+    cr_assert(strstr(dom, "DOWN_TRANSFER_ACCEPTED"), "the case's state is not shown:\n%s", dom);
+    cr_assert(strstr(dom, "class=\"plot\""), "no throughput chart:\n%s", dom);
+    /* No patient data: the API carries none, and the page adds none. */
+    cr_assert_null(strstr(dom, "Sun Li"));
+    cr_assert_null(strstr(dom, "Late Patient"));
+    cr_assert_null(strstr(dom, "130102"));
+    free(dom);
+
+    /* In Chinese, with ?lang=zh. */
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/?lang=zh", s_http_port);
+    dom = s_chromium("--dump-dom", url);
+    cr_assert(strstr(dom, "<html lang=\"zh\""), "?lang=zh did not give Chinese:\n%.2000s", dom);
+    cr_assert(strstr(dom, "逾期病例") && strstr(dom, "死信") && strstr(dom, "节点"),
+              "Chinese labels missing:\n%s", dom);
+    snprintf(needle, sizeof needle, "id=\"case-%s\"", case_id);
+    cr_assert(strstr(dom, needle), "the overdue case is not on the Chinese page");
+    free(dom);
+
+    /* A screenshot, as ops would see it. */
+    char png[700], shot[800];
+    snprintf(png, sizeof png, "%s/status.png", W.dir);
+    snprintf(shot, sizeof shot, "--screenshot='%s' --window-size=1280,900 --hide-scrollbars", png);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/?lang=en", s_http_port);
+    free(s_chromium(shot, url));
+    struct stat sb;
+    cr_assert(stat(png, &sb) == 0, "no screenshot at %s", png);
+    cr_assert_gt(sb.st_size, 20000, "the screenshot is only %lld bytes", (long long)sb.st_size);
+    FILE *f = fopen(png, "rb");
+    cr_assert(f);
+    unsigned char sig[8] = {0};
+    cr_assert_eq(fread(sig, 1, 8, f), 8);
+    fclose(f);
+    cr_assert(memcmp(sig, "\x89PNG\r\n\x1a\n", 8) == 0, "%s is not a PNG", png);
+    fprintf(stderr, "web: screenshot %s (%lld bytes)\n", png, (long long)sb.st_size);
+
+    h_agent_stop(&W, H_COUNTY);
+    h_agent_stop(&W, H_XINZHAN);
+    h_broker_stop(&W);
+}
+
+Test(web, language_assets_and_throughput_over_http)
+{
+    s_http_port = s_free_port();
+    char extra[256];
+    snprintf(extra, sizeof extra, "timer_ms = 100\n[http]\nlisten = 127.0.0.1:%d\n", s_http_port);
+    h_world_init(&W, extra);
+    h_broker_start(&W);
+    h_bin("medlinkctl", s_ctl_bin, sizeof s_ctl_bin);
+    h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+
+    /* The language: ?lang= first, then Accept-Language, else English. */
+    struct {
+        const char *path, *accept, *want;
+    } cases[] = {
+        {"/", NULL, "en"},
+        {"/", "zh-CN,zh;q=0.9,en;q=0.8", "zh"},
+        {"/", "en-US,en;q=0.9,zh;q=0.5", "en"},
+        {"/", "fr-FR, zh-TW;q=0.4", "zh"},
+        {"/", "zh;q=0, en;q=0.1", "en"},
+        {"/?lang=en", "zh-CN", "en"},
+        {"/?lang=zh", "en-GB", "zh"},
+        {"/index.html", "zh-Hans", "zh"},
+    };
+    char hv[256], want[64];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *r = s_http_get(cases[i].path, cases[i].accept);
+        cr_assert(strncmp(r, "HTTP/1.1 200", 12) == 0, "%s: %.200s", cases[i].path, r);
+        snprintf(want, sizeof want, "<html lang=\"%s\">", cases[i].want);
+        cr_assert(strstr(r, want), "%s with Accept-Language %s: want %s, got:\n%.600s",
+                  cases[i].path, cases[i].accept ? cases[i].accept : "(none)", cases[i].want, r);
+        cr_assert_str_eq(s_header(r, "Content-Type", hv, sizeof hv), "text/html; charset=utf-8");
+        cr_assert_str_eq(s_header(r, "Cache-Control", hv, sizeof hv), "no-cache");
+        free(r);
+    }
+
+    /* The assets, as compiled in, with their types and a short cache. */
+    const char *assets[][2] = {{"/app.js", "text/javascript; charset=utf-8"},
+                               {"/app.css", "text/css; charset=utf-8"},
+                               {"/favicon.svg", "image/svg+xml"}};
+    for (size_t i = 0; i < 3; i++) {
+        char *r = s_http_get(assets[i][0], NULL);
+        cr_assert(strncmp(r, "HTTP/1.1 200", 12) == 0, "%s: %.200s", assets[i][0], r);
+        cr_assert_str_eq(s_header(r, "Content-Type", hv, sizeof hv), assets[i][1]);
+        cr_assert_str_eq(s_header(r, "Cache-Control", hv, sizeof hv), "public, max-age=300");
+        free(r);
+    }
+    char *r = s_http_get("/app.js", NULL);
+    cr_assert(strstr(r, "逾期病例"), "app.js lost its UTF-8 dictionary");
+    free(r);
+    r = s_http_get("/nothing-here.js", NULL);
+    cr_assert(strncmp(r, "HTTP/1.1 404", 12) == 0, "%.200s", r);
+    free(r);
+
+    /* Throughput: three referrals accepted and delivered show in the
+     * minute now running. */
+    for (int i = 0; i < 3; i++) {
+        char args[400];
+        snprintf(args, sizeof args,
+                 "send referral --to %s --patient-name 'Patient %d'"
+                 " --health-card 13010219800101%04d --reason 'review'",
+                 H_COUNTY, i, i);
+        free(s_ctl(0, s_clinic, args));
+    }
+    cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 3, 20000), 3);
+    json_int_t acc = 0, del = 0;
+    json_t *tp = NULL;
+    for (int waited = 0; waited < 10000 && (acc < 3 || del < 3); waited += 250) {
+        json_decref(tp);
+        r = s_http_get("/api/v1/throughput", NULL);
+        cr_assert(strncmp(r, "HTTP/1.1 200", 12) == 0, "%.200s", r);
+        cr_assert_str_eq(s_header(r, "Content-Type", hv, sizeof hv), "application/json");
+        json_error_t jerr;
+        tp = json_loads(strstr(r, "\r\n\r\n") + 4, 0, &jerr);
+        cr_assert(tp, "throughput is not JSON: %s\n%s", jerr.text, r);
+        free(r);
+        acc = del = 0;
+        json_t *v;
+        size_t k;
+        json_array_foreach(json_object_get(tp, "accepted"), k, v) acc += json_integer_value(v);
+        json_array_foreach(json_object_get(tp, "delivered"), k, v) del += json_integer_value(v);
+        if (acc < 3 || del < 3)
+            h_sleep_ms(250);
+    }
+    cr_assert_eq(json_integer_value(json_object_get(tp, "bucketSeconds")), 60);
+    cr_assert(json_is_string(json_object_get(tp, "now")));
+    const char *series[] = {"accepted", "delivered", "refused", "dead"};
+    for (size_t i = 0; i < 4; i++)
+        cr_assert_eq(json_array_size(json_object_get(tp, series[i])), 60, "%s", series[i]);
+    json_t *a = json_object_get(tp, "accepted");
+    cr_assert_geq(json_integer_value(json_array_get(a, 59)) +
+                      json_integer_value(json_array_get(a, 58)),
+                  3, "the three referrals are not in the last minutes");
+    cr_assert_eq(acc, 3, "accepted over the hour: %lld", (long long)acc);
+    cr_assert_geq(del, 3, "delivered over the hour: %lld", (long long)del);
+    json_decref(tp);
+
+    h_agent_stop(&W, H_XINZHAN);
+    h_agent_stop(&W, H_COUNTY);
+    h_broker_stop(&W);
+}
