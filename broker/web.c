@@ -132,11 +132,12 @@ static int s_qvalue(const char *p, const char *end)
 {
     while (p < end && (*p == ' ' || *p == '\t'))
         p++;
-    if (end - p < 3 || (p[0] != 'q' && p[0] != 'Q') || p[1] != '=')
+    if (p >= end || (*p != 'q' && *p != 'Q'))
         return 1000;
-    p += 2;
-    if (*p != '0')
-        return 1000; /* "1", "1.000" or not a number */
+    if (++p >= end || *p != '=')
+        return 1000;
+    if (++p >= end || *p != '0')
+        return 1000; /* "1", "1.000", empty or not a number */
     p++;
     if (p < end && *p == '.')
         p++;

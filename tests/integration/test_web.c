@@ -70,8 +70,9 @@ static char *s_http_get(const char *path, const char *accept_language)
     for (;;) {
         if (cap - len < 4096) {
             cap *= 2;
-            out = realloc(out, cap);
-            cr_assert_not_null(out);
+            char *bigger = realloc(out, cap);
+            cr_assert_not_null(bigger);
+            out = bigger;
         }
         ssize_t r = read(fd, out + len, cap - len - 1);
         if (r <= 0)
