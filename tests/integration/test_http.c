@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -640,5 +641,60 @@ Test(http, tls_revoked_ops_certificate_refused_after_reload)
     /* And a new connection gets no HTTP at all. */
     s_tls_get(H_OPS, "/healthz", reply, sizeof reply);
     cr_assert(!strstr(reply, "HTTP/1.1"), "a revoked certificate was answered: %s", reply);
+    h_broker_stop(&W);
+}
+
+Test(http, readyz_turns_503_once_the_store_fills_up)
+{
+    /* The size of an empty store, then a quota a few referrals above it. */
+    s_start(NULL, NULL);
+    h_broker_stop(&W);
+    char path[700];
+    snprintf(path, sizeof path, "%s/data/broker/broker.db", W.dir);
+    struct stat sb;
+    cr_assert_eq(stat(path, &sb), 0, "%s", path);
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *ini = h_slurp(path);
+    cr_assert(ini);
+    char *at = strstr(ini, "[broker]\n");
+    cr_assert(at);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "[broker]\nmax_store_bytes = %lld\n%s", (long long)sb.st_size + 16384,
+            at + strlen("[broker]\n"));
+    fclose(f);
+    free(ini);
+    h_broker_start(&W);
+    int status;
+    char *body;
+    cr_assert_eq(h_http_get(&W, "/readyz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200, "before: %d %s", status, body);
+    free(body);
+
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    for (int i = 0; i < 60; i++) {
+        char name[64], patient[64];
+        snprintf(name, sizeof name, "referral-full-%d.json", i);
+        snprintf(patient, sizeof patient, "Patient Full %d", i);
+        char *ref = h_referral_json(H_COUNTY, patient, NULL);
+        h_drop(&W, H_XINZHAN, name, ref);
+        free(ref);
+    }
+    int full = 0;
+    for (int i = 0; i < 300 && !full; i++) {
+        body = NULL;
+        cr_assert_eq(h_http_get(&W, "/readyz", &status, &body, NULL), 0);
+        full = status == 503;
+        if (full)
+            cr_assert(strstr(body, "max_store_bytes"), "%s", body);
+        free(body);
+        if (!full)
+            h_sleep_ms(100);
+    }
+    cr_assert(full, "readyz stayed 200 while the store refused messages");
+    cr_assert_gt(h_log_contains(&W, "broker.log", "over max_bytes"), 0);
+    cr_assert_eq(h_http_get(&W, "/healthz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200);
+    free(body);
     h_broker_stop(&W);
 }
