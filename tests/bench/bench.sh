@@ -93,6 +93,8 @@ write_config() {
         # default (5,000 per clinic) would refuse most of them.
         printf 'open_cases_per_node = 100000000\n'
         printf 'notify_delivered = %s\n\n' "${2:-yes}"
+        # A port of the system's choosing: parallel runs never collide.
+        printf '[http]\nlisten = 127.0.0.1:0\n\n'
         printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
         for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
         for i in $(seq 1 "$READERS"); do
