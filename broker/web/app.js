@@ -478,12 +478,13 @@
     ['dead', 's-dead'],
   ];
 
-  // The smallest of 1, 2, 5 x 10^n at or above v.
+  // The top of the y axis: four steps of 1, 2 or 5 x 10^n, so that every
+  // grid line is a whole number of messages.
   function niceMax(v) {
-    if (v <= 4) return 4;
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 4, 5, 10]) if (m * p >= v) return m * p;
-    return 10 * p;
+    const want = Math.max(1, v / 4);
+    const p = Math.pow(10, Math.floor(Math.log10(want)));
+    for (const m of [1, 2, 5, 10]) if (m * p >= want) return 4 * m * p;
+    return 40 * p;
   }
 
   function renderChart(tp) {
