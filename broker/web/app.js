@@ -567,8 +567,8 @@
   async function refresh() {
     const [st, cases, dlq, tp] = await Promise.allSettled([
       getJson('api/v1/status'),
-      getJson('api/v1/cases?overdue=1'),
-      getJson('api/v1/dlq'),
+      getJson('api/v1/cases?overdue=1&limit=' + MAX_ROWS),
+      getJson('api/v1/dlq?limit=' + MAX_ROWS),
       getJson('api/v1/throughput'),
     ]);
     const banner = $('banner');
