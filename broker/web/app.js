@@ -64,7 +64,8 @@
       'justNow': 'just now',
       'of': '{0} of {1}',
       'shown': 'showing {0} of {1}',
-      'unreachable': 'Cannot reach the broker ({0}). Showing the data of {1}; retrying every 5 s.',
+      'unreachable': 'Cannot reach the broker ({0}); retrying every 5 s.',
+      'stale': 'Cannot reach the broker ({0}). Showing the data of {1}; retrying every 5 s.',
       'tile.nodes': 'Nodes online',
       'tile.sessions': 'Sessions',
       'tile.open': 'Open cases',
@@ -158,7 +159,8 @@
       'justNow': '刚刚',
       'of': '{0} / {1}',
       'shown': '显示 {0} / 共 {1}',
-      'unreachable': '无法连接中转服务器（{0}）。以下为 {1} 的数据，每 5 秒重试。',
+      'unreachable': '无法连接中转服务器（{0}），每 5 秒重试。',
+      'stale': '无法连接中转服务器（{0}）。以下为 {1} 的数据，每 5 秒重试。',
       'tile.nodes': '在线节点',
       'tile.sessions': '会话',
       'tile.open': '未结病例',
@@ -575,8 +577,8 @@
     if (st.status !== 'fulfilled') {
       renderHealth(null, false);
       banner.hidden = false;
-      banner.textContent = t('unreachable', st.reason && st.reason.message ? st.reason.message : '?',
-        lastGood ? fmtTime(lastGood) + ' UTC' : t('never'));
+      const why = st.reason && st.reason.message ? st.reason.message : '?';
+      banner.textContent = lastGood ? t('stale', why, fmtTime(lastGood) + ' UTC') : t('unreachable', why);
       return;
     }
     banner.hidden = true;
