@@ -101,6 +101,9 @@
       'kind.CASE_REFERRAL': 'Referral',
       'kind.CASE_IMAGING': 'Imaging',
       'kind.CASE_DOWN_TRANSFER': 'Down-transfer',
+      'prio.ROUTINE': 'ROUTINE',
+      'prio.URGENT': 'URGENT',
+      'prio.EMERGENCY': 'EMERGENCY',
       'footer.refresh': 'Refreshes every 5 s',
       'footer.nopatient': 'No patient data is shown here',
       'footer.utc': 'Times in UTC',
@@ -196,6 +199,9 @@
       'kind.CASE_REFERRAL': '上转',
       'kind.CASE_IMAGING': '影像会诊',
       'kind.CASE_DOWN_TRANSFER': '下转',
+      'prio.ROUTINE': '常规',
+      'prio.URGENT': '紧急',
+      'prio.EMERGENCY': '危急',
       'footer.refresh': '每 5 秒自动刷新',
       'footer.nopatient': '本页不显示任何患者信息',
       'footer.utc': '时间为 UTC',
@@ -420,7 +426,7 @@
       cell(row, h, 2, c.state, 'mono small');
       cell(row, h, 3, c.deadlineState, 'mono small');
       cell(row, h, 4, c.target, 'mono');
-      cell(row, h, 5, el('span', 'prio ' + String(c.priority).toLowerCase(), c.priority));
+      cell(row, h, 5, el('span', 'prio ' + String(c.priority).toLowerCase(), tr('prio.' + c.priority, c.priority)));
       const by = num(c.deadlineAt) ? fmtDuration(now - num(c.deadlineAt)) : '';
       const td = cell(row, h, 6, by, 'hot');
       if (num(c.deadlineAt)) td.title = fmtTime(c.deadlineAt) + ' UTC';

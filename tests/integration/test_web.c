@@ -172,6 +172,27 @@ static char *s_chromium(const char *extra, const char *url)
     return out;
 }
 
+/* Takes a screenshot of the page in lang into the world's folder and
+ * checks that it is a PNG of some substance. */
+static void s_screenshot(const char *name, const char *lang)
+{
+    char png[700], shot[800], url[256];
+    snprintf(png, sizeof png, "%s/%s", W.dir, name);
+    snprintf(shot, sizeof shot, "--screenshot='%s' --window-size=1280,900 --hide-scrollbars", png);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/?lang=%s", s_http_port, lang);
+    free(s_chromium(shot, url));
+    struct stat sb;
+    cr_assert(stat(png, &sb) == 0, "no screenshot at %s", png);
+    cr_assert_gt(sb.st_size, 20000, "the screenshot is only %lld bytes", (long long)sb.st_size);
+    FILE *f = fopen(png, "rb");
+    cr_assert(f);
+    unsigned char sig[8] = {0};
+    cr_assert_eq(fread(sig, 1, 8, f), 8);
+    fclose(f);
+    cr_assert(memcmp(sig, "\x89PNG\r\n\x1a\n", 8) == 0, "%s is not a PNG", png);
+    fprintf(stderr, "web: screenshot %s (%lld bytes)\n", png, (long long)sb.st_size);
+}
+
 Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_letter)
 {
     h_world_init(&W, "timer_ms = 100\n[deadlines]\ndown_transfer = ARRIVED 1s after ACCEPTED\n");
@@ -261,22 +282,9 @@ Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_let
     cr_assert(strstr(dom, needle), "the overdue case is not on the Chinese page");
     free(dom);
 
-    /* A screenshot, as ops would see it. */
-    char png[700], shot[800];
-    snprintf(png, sizeof png, "%s/status.png", W.dir);
-    snprintf(shot, sizeof shot, "--screenshot='%s' --window-size=1280,900 --hide-scrollbars", png);
-    snprintf(url, sizeof url, "http://127.0.0.1:%d/?lang=en", s_http_port);
-    free(s_chromium(shot, url));
-    struct stat sb;
-    cr_assert(stat(png, &sb) == 0, "no screenshot at %s", png);
-    cr_assert_gt(sb.st_size, 20000, "the screenshot is only %lld bytes", (long long)sb.st_size);
-    FILE *f = fopen(png, "rb");
-    cr_assert(f);
-    unsigned char sig[8] = {0};
-    cr_assert_eq(fread(sig, 1, 8, f), 8);
-    fclose(f);
-    cr_assert(memcmp(sig, "\x89PNG\r\n\x1a\n", 8) == 0, "%s is not a PNG", png);
-    fprintf(stderr, "web: screenshot %s (%lld bytes)\n", png, (long long)sb.st_size);
+    /* Screenshots, as ops would see the page, in both languages. */
+    s_screenshot("status.png", "en");
+    s_screenshot("status-zh.png", "zh");
 
     h_agent_stop(&W, H_COUNTY);
     h_agent_stop(&W, H_XINZHAN);
