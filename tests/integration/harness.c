@@ -177,8 +177,10 @@ static pid_t s_spawn(const char *log, char *const argv[])
 }
 
 #define S_HTTP_LINE "http: listening on "
+#define S_HTTP_JSON "\"component\":\"http\",\"message\":\"listening on "
 
-/* The port of the last "http: listening on ADDR:PORT" line of broker.log. */
+/* The port of the last "http: listening on ADDR:PORT" line of broker.log
+ * (or its log_format = json form). */
 static int s_http_port_of(const h_world_t *w)
 {
     char path[700];
@@ -187,11 +189,20 @@ static int s_http_port_of(const h_world_t *w)
     if (!s)
         return 0;
     char *last = NULL;
-    for (char *p = s; (p = strstr(p, S_HTTP_LINE)); p++)
+    size_t skip = 0;
+    for (char *p = s; (p = strstr(p, S_HTTP_LINE)); p++) {
         last = p;
+        skip = strlen(S_HTTP_LINE);
+    }
+    for (char *p = s; (p = strstr(p, S_HTTP_JSON)); p++) {
+        if (p > last) {
+            last = p;
+            skip = strlen(S_HTTP_JSON);
+        }
+    }
     int port = 0;
     if (last) {
-        char *end = last + strlen(S_HTTP_LINE);
+        char *end = last + skip;
         while (*end && *end != ' ' && *end != '\n')
             end++;
         char *colon = end;
@@ -220,7 +231,8 @@ void h_broker_start(h_world_t *w)
     snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
     snprintf(log, sizeof log, "%s/broker.log", w->dir);
     char *argv[] = {bin, "--config", cfg, NULL};
-    int http_lines = h_log_contains(w, "broker.log", S_HTTP_LINE);
+    int http_lines =
+        h_log_contains(w, "broker.log", S_HTTP_LINE) + h_log_contains(w, "broker.log", S_HTTP_JSON);
     w->broker = s_spawn(log, argv);
     w->broker_starts++;
     w->http_port = 0;
@@ -236,7 +248,9 @@ void h_broker_start(h_world_t *w)
                 return;
             /* The HTTP endpoint starts right after the agents' port. */
             while (s_now_ms() < deadline) {
-                if (h_log_contains(w, "broker.log", S_HTTP_LINE) > http_lines) {
+                if (h_log_contains(w, "broker.log", S_HTTP_LINE) +
+                        h_log_contains(w, "broker.log", S_HTTP_JSON) >
+                    http_lines) {
                     w->http_port = s_http_port_of(w);
                     cr_assert(w->http_port > 0, "no HTTP port in %s", log);
                     return;
