@@ -8,10 +8,12 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -437,55 +439,87 @@ Test(http, readyz_is_503_when_the_store_is_full)
 
 /* ---- HTTPS ------------------------------------------------------------- */
 
-/* GET path over TLS with the certificate of node (NULL: none). Returns
- * the bytes of the reply in out (NUL-terminated; "" when none came), or
- * -1 when the handshake failed on this side. */
-static int s_tls_get(const char *node, const char *path, char *out, size_t outlen)
+/* A TLS client connection with the certificate of node (NULL: none). */
+typedef struct {
+    SSL_CTX *ctx;
+    SSL *ssl;
+    int fd;
+    int up; /* this side's handshake finished */
+} s_tls_t;
+
+static void s_tls_open(s_tls_t *t, const char *node)
 {
     char ca[700], crt[700], key[700];
     snprintf(ca, sizeof ca, "%s/ca.crt", W.pki);
-    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-    cr_assert(ctx);
-    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
-    cr_assert_eq(SSL_CTX_load_verify_locations(ctx, ca, NULL), 1);
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    t->ctx = SSL_CTX_new(TLS_client_method());
+    cr_assert(t->ctx);
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_3_VERSION);
+    cr_assert_eq(SSL_CTX_load_verify_locations(t->ctx, ca, NULL), 1);
+    SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
     if (node) {
         snprintf(crt, sizeof crt, "%s/%s.crt", W.pki, node);
         snprintf(key, sizeof key, "%s/%s.key", W.pki, node);
-        cr_assert_eq(SSL_CTX_use_certificate_chain_file(ctx, crt), 1, "%s", crt);
-        cr_assert_eq(SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM), 1, "%s", key);
+        cr_assert_eq(SSL_CTX_use_certificate_chain_file(t->ctx, crt), 1, "%s", crt);
+        cr_assert_eq(SSL_CTX_use_PrivateKey_file(t->ctx, key, SSL_FILETYPE_PEM), 1, "%s", key);
     }
-    int fd = s_connect(W.http_port);
+    t->fd = s_connect(W.http_port);
     struct timeval tv = {.tv_sec = 10};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    SSL *ssl = SSL_new(ctx);
-    SSL_set_fd(ssl, fd);
-    out[0] = '\0';
-    int got = -1;
-    if (SSL_connect(ssl) == 1) {
-        char req[512];
-        int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                         path);
-        got = 0;
-        /* In TLS 1.3 the client's handshake ends before the server has
-         * seen its certificate: a refusal shows as a failed read. */
-        if (SSL_write(ssl, req, n) == n) {
-            for (;;) {
-                int r = SSL_read(ssl, out + got, (int)(outlen - 1 - (size_t)got));
-                if (r <= 0)
-                    break;
-                got += r;
-                if ((size_t)got >= outlen - 1)
-                    break;
-            }
-        }
-        out[got] = '\0';
-    }
+    setsockopt(t->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    t->ssl = SSL_new(t->ctx);
+    SSL_set_fd(t->ssl, t->fd);
+    t->up = SSL_connect(t->ssl) == 1;
     ERR_clear_error();
-    SSL_free(ssl);
-    SSL_CTX_free(ctx);
-    close(fd);
+}
+
+static void s_tls_close(s_tls_t *t)
+{
+    SSL_free(t->ssl);
+    SSL_CTX_free(t->ctx);
+    close(t->fd);
+    ERR_clear_error();
+}
+
+/* Sends GET path (keep-alive unless last) and reads one reply (its head
+ * and Content-Length bytes, or until the server closes) into out ("" when
+ * nothing came). Returns the bytes read, or -1 without a handshake. In
+ * TLS 1.3 the client's handshake ends before the server has seen its
+ * certificate: a refusal shows as a failed read. */
+static int s_tls_request(s_tls_t *t, const char *path, int last, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    if (!t->up)
+        return -1;
+    char req[512];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n", path,
+                     last ? "Connection: close\r\n" : "");
+    int got = 0;
+    if (SSL_write(t->ssl, req, n) == n) {
+        for (;;) {
+            int r = SSL_read(t->ssl, out + got, (int)(outlen - 1 - (size_t)got));
+            if (r <= 0)
+                break;
+            got += r;
+            out[got] = '\0';
+            const char *end = strstr(out, "\r\n\r\n");
+            const char *cl = strstr(out, "Content-Length: ");
+            if (end && cl && cl < end && out + got >= end + 4 + atoi(cl + 16))
+                break;
+            if ((size_t)got >= outlen - 1)
+                break;
+        }
+    }
+    out[got] = '\0';
+    ERR_clear_error();
     return got;
+}
+
+static int s_tls_get(const char *node, const char *path, char *out, size_t outlen)
+{
+    s_tls_t t;
+    s_tls_open(&t, node);
+    int rc = s_tls_request(&t, path, 1, out, outlen);
+    s_tls_close(&t);
+    return rc;
 }
 
 Test(http, tls_ops_certificate_200_clinic_403_none_refused)
@@ -558,4 +592,109 @@ Test(http, a_port_in_use_fails_the_start_naming_http_listen)
              ntohs(a.sin_port));
     cr_assert(strstr(out, want), "no \"%s\" in:\n%s", want, out);
     free(out);
+}
+
+Test(http, tls_revoked_ops_certificate_refused_after_reload)
+{
+    s_start("listen = 127.0.0.1:0\ntls = yes", NULL);
+    h_broker_stop(&W);
+    /* With a CRL (empty at first). */
+    char *out;
+    int st;
+    out = h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --crl 2>&1", getenv("ML_SOURCE_DIR"), W.pki);
+    cr_assert_eq(st, 0, "%s", out);
+    free(out);
+    char path[700];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *ini = h_slurp(path);
+    cr_assert(ini);
+    char *at = strstr(ini, "[broker]\n");
+    cr_assert(at);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "[broker]\ncrl = pki/crl.pem\n%s", at + strlen("[broker]\n"));
+    fclose(f);
+    free(ini);
+    h_broker_start(&W);
+
+    s_tls_t t;
+    s_tls_open(&t, H_OPS);
+    char reply[8192];
+    cr_assert_gt(s_tls_request(&t, "/healthz", 0, reply, sizeof reply), 0);
+    cr_assert(strncmp(reply, "HTTP/1.1 200 ", 13) == 0, "%s", reply);
+
+    /* The ops laptop is stolen: its certificate is revoked and the CRL
+     * reloaded, while its keep-alive connection is open. */
+    out = h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --revoke %s 2>&1", getenv("ML_SOURCE_DIR"),
+                W.pki, H_OPS);
+    cr_assert_eq(st, 0, "%s", out);
+    free(out);
+    int before = h_log_contains(&W, "broker.log", "reloaded");
+    cr_assert_eq(kill(W.broker, SIGHUP), 0);
+    for (int i = 0; i < 100 && h_log_contains(&W, "broker.log", "reloaded") == before; i++)
+        h_sleep_ms(100);
+    cr_assert_gt(h_log_contains(&W, "broker.log", "reloaded"), before, "no reload");
+
+    cr_assert_gt(s_tls_request(&t, "/healthz", 0, reply, sizeof reply), 0);
+    cr_assert(strncmp(reply, "HTTP/1.1 403 ", 13) == 0, "after revocation: %s", reply);
+    cr_assert(strstr(reply, "revoked"), "%s", reply);
+    s_tls_close(&t);
+    /* And a new connection gets no HTTP at all. */
+    s_tls_get(H_OPS, "/healthz", reply, sizeof reply);
+    cr_assert(!strstr(reply, "HTTP/1.1"), "a revoked certificate was answered: %s", reply);
+    h_broker_stop(&W);
+}
+
+Test(http, readyz_turns_503_once_the_store_fills_up)
+{
+    /* The size of an empty store, then a quota a few referrals above it. */
+    s_start(NULL, NULL);
+    h_broker_stop(&W);
+    char path[700];
+    snprintf(path, sizeof path, "%s/data/broker/broker.db", W.dir);
+    struct stat sb;
+    cr_assert_eq(stat(path, &sb), 0, "%s", path);
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *ini = h_slurp(path);
+    cr_assert(ini);
+    char *at = strstr(ini, "[broker]\n");
+    cr_assert(at);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "[broker]\nmax_store_bytes = %lld\n%s", (long long)sb.st_size + 16384,
+            at + strlen("[broker]\n"));
+    fclose(f);
+    free(ini);
+    h_broker_start(&W);
+    int status;
+    char *body;
+    cr_assert_eq(h_http_get(&W, "/readyz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200, "before: %d %s", status, body);
+    free(body);
+
+    h_agent_start(&W, H_COUNTY);
+    h_agent_start(&W, H_XINZHAN);
+    for (int i = 0; i < 60; i++) {
+        char name[64], patient[64];
+        snprintf(name, sizeof name, "referral-full-%d.json", i);
+        snprintf(patient, sizeof patient, "Patient Full %d", i);
+        char *ref = h_referral_json(H_COUNTY, patient, NULL);
+        h_drop(&W, H_XINZHAN, name, ref);
+        free(ref);
+    }
+    int full = 0;
+    for (int i = 0; i < 300 && !full; i++) {
+        body = NULL;
+        cr_assert_eq(h_http_get(&W, "/readyz", &status, &body, NULL), 0);
+        full = status == 503;
+        if (full)
+            cr_assert(strstr(body, "max_store_bytes"), "%s", body);
+        free(body);
+        if (!full)
+            h_sleep_ms(100);
+    }
+    cr_assert(full, "readyz stayed 200 while the store refused messages");
+    cr_assert_gt(h_log_contains(&W, "broker.log", "over max_bytes"), 0);
+    cr_assert_eq(h_http_get(&W, "/healthz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200);
+    free(body);
+    h_broker_stop(&W);
 }
