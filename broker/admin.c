@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alerts.h"
 #include "broker_int.h"
 #include "expiry.h"
 #include "cases.h"
@@ -161,8 +162,11 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s, const Medlink__V1__A
     }
     st.n_expiry = n_ex;
     st.expiry = eip;
+    /* Ops alerts in progress (an allocation failure leaves them out). */
+    ml_bk_alerts_status(b, &st);
     reply.broker_status = &st;
     s_send(b, s, rq, &reply);
+    ml_bk_alerts_status_free(&st);
 out:
     free(si);
     free(sip);
