@@ -1,0 +1,285 @@
+/* Ops alerts (broker/alerts.h) with the real medlinkd and agents: the ops
+ * node's agent finds each alert in its inbox once per episode, and a
+ * resolved notice when the episode ends; `medlinkctl --json status` lists
+ * the alerts in progress. Node offline (per role and per node
+ * offline_alert_after), certificate expiry (crl_warn_days), the store past
+ * store_alert_percent of max_store_bytes, and the dead-letter queue. */
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <criterion/criterion.h>
+#include <jansson.h>
+
+#include "harness.h"
+#include "ml_common.h"
+
+static h_world_t W;
+static char s_bin[600], s_ops_ctl[800];
+
+static void s_teardown(void)
+{
+    h_world_fini(&W);
+}
+
+TestSuite(alerts, .fini = s_teardown, .timeout = 300);
+
+/* Inserts line right after the section header [section] of medlinkd.ini
+ * (h_world_init writes the nodes after the caller's extra lines). */
+static void s_ini_insert(const char *section, const char *line)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *ini = h_slurp(path);
+    cr_assert(ini, "no %s", path);
+    char head[300];
+    snprintf(head, sizeof head, "[%s]\n", section);
+    char *at = strstr(ini, head);
+    cr_assert(at, "no %s in medlinkd.ini", head);
+    at += strlen(head);
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fwrite(ini, 1, (size_t)(at - ini), f);
+    fputs(line, f);
+    fputs(at, f);
+    fclose(f);
+    free(ini);
+}
+
+static void s_start(void)
+{
+    h_broker_start(&W);
+    h_bin("medlinkctl", s_bin, sizeof s_bin);
+    h_ctl_config(&W, H_OPS, s_ops_ctl, sizeof s_ops_ctl);
+    h_agent_start(&W, H_OPS);
+}
+
+/* Escalations of reason in the ops agent's inbox, about target (NULL:
+ * any), resolved or not (-1: either). */
+static int s_count_esc(const char *reason, const char *target, int resolved)
+{
+    char dir[700];
+    h_spool(&W, H_OPS, "inbox", dir, sizeof dir);
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        size_t len = strlen(de->d_name);
+        if (len < 5 || strcmp(de->d_name + len - 5, ".json") != 0)
+            continue;
+        char path[1200];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        json_t *j = json_load_file(path, 0, NULL);
+        json_t *e = j ? json_object_get(j, "escalation") : NULL;
+        const char *r = json_string_value(json_object_get(e, "reason"));
+        const char *t = json_string_value(json_object_get(e, "target"));
+        int res = json_is_true(json_object_get(e, "resolved"));
+        if (r && strcmp(r, reason) == 0 && (!target || (t && strcmp(t, target) == 0)) &&
+            (resolved < 0 || res == resolved))
+            n++;
+        json_decref(j);
+    }
+    closedir(d);
+    return n;
+}
+
+static int s_wait_esc(const char *reason, const char *target, int resolved, int n, int ms)
+{
+    int got = 0;
+    for (int waited = 0; waited <= ms; waited += 200) {
+        if ((got = s_count_esc(reason, target, resolved)) >= n)
+            return got;
+        h_sleep_ms(200);
+    }
+    return got;
+}
+
+/* BrokerStatus as medlinkctl --json status prints it (the caller's). */
+static json_t *s_status(void)
+{
+    int st = -1;
+    char *out = h_run(&st, "'%s' --config '%s' --json status 2>&1", s_bin, s_ops_ctl);
+    cr_assert_eq(st, 0, "medlinkctl status: exit %d:\n%s", st, out);
+    json_t *j = json_loads(out, 0, NULL);
+    cr_assert(j, "medlinkctl --json status printed no JSON: %s", out);
+    free(out);
+    return j;
+}
+
+/* 1 when status lists an alert of kind about subject (NULL: any). */
+static int s_status_has(const char *kind, const char *subject)
+{
+    json_t *j = s_status();
+    json_t *arr = json_object_get(j, "alert");
+    int found = 0;
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        json_t *a = json_array_get(arr, i);
+        const char *k = json_string_value(json_object_get(a, "kind"));
+        const char *s = json_string_value(json_object_get(a, "subject"));
+        if (k && strcmp(k, kind) == 0 && (!subject || (s && strcmp(s, subject) == 0))) {
+            cr_assert(json_integer_value(json_object_get(a, "since")) > 0 ||
+                          json_is_string(json_object_get(a, "since")),
+                      "alert without since");
+            found = 1;
+        }
+    }
+    json_decref(j);
+    return found;
+}
+
+#define R_OFFLINE "ESCALATION_NODE_OFFLINE"
+
+Test(alerts, node_offline_once_per_episode_and_resolved)
+{
+    /* Only township clinics are watched (2 s), except Fengle (0: never
+     * alerted, its own setting wins over its role's); the county hospital
+     * is watched by its own setting (3 s) although its role is not. */
+    h_world_init(&W, "[alerts]\noffline_alert_after = 0\n"
+                     "offline_alert_after.TOWNSHIP_CLINIC = 2s\n");
+    s_ini_insert("node " H_FENGLE, "offline_alert_after = 0\n");
+    s_ini_insert("node " H_COUNTY, "offline_alert_after = 3s\n");
+    s_start();
+    h_agent_start(&W, H_XINZHAN);
+
+    /* The county hospital never connected: counted from the broker's start. */
+    cr_assert_eq(s_wait_esc(R_OFFLINE, H_COUNTY, 0, 1, 20000), 1,
+                 "no offline alert for the county hospital, which never connected");
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_XINZHAN, -1), 0, "an online clinic was alerted");
+    cr_assert(s_status_has("node_offline", H_COUNTY));
+
+    int64_t stopped = ml_now_ms();
+    h_agent_stop(&W, H_XINZHAN);
+    cr_assert_eq(s_wait_esc(R_OFFLINE, H_XINZHAN, 0, 1, 20000), 1,
+                 "no offline alert for the stopped clinic");
+    cr_assert(ml_now_ms() - stopped >= 2000, "alerted before offline_alert_after");
+    cr_assert(s_status_has("node_offline", H_XINZHAN));
+    /* Once per episode: several more checks send nothing more. */
+    h_sleep_ms(5000);
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_XINZHAN, -1), 1, "the alert was sent more than once");
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_COUNTY, -1), 1, "the alert was sent more than once");
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_FENGLE, -1), 0,
+                 "Fengle has offline_alert_after = 0 and must never be alerted");
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_OPS, -1), 0, "OPS nodes are not watched here");
+    cr_assert_eq(h_log_contains(&W, "broker.log", "node_offline " H_XINZHAN ":"), 1);
+
+    /* Back online: one resolved notice, and the episode is over. */
+    h_agent_start(&W, H_XINZHAN);
+    cr_assert_eq(s_wait_esc(R_OFFLINE, H_XINZHAN, 1, 1, 20000), 1, "no resolved notice");
+    h_sleep_ms(3000);
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_XINZHAN, 1), 1, "more than one resolved notice");
+    cr_assert_eq(s_count_esc(R_OFFLINE, H_XINZHAN, 0), 1, "raised again while online");
+    cr_assert(!s_status_has("node_offline", H_XINZHAN), "status still lists a resolved alert");
+    cr_assert(s_status_has("node_offline", H_COUNTY));
+    cr_assert_eq(h_log_contains(&W, "broker.log", "node_offline " H_XINZHAN " resolved"), 1);
+
+    /* A new episode is a new alert. */
+    h_agent_stop(&W, H_XINZHAN);
+    cr_assert_eq(s_wait_esc(R_OFFLINE, H_XINZHAN, 0, 2, 20000), 2,
+                 "a second episode raised no alert");
+}
+
+Test(alerts, expiry_within_crl_warn_days)
+{
+    /* Node certificates are valid 365 days: inside a 3,650-day window. */
+    h_world_init(&W, "crl_warn_days = 3650\n");
+    s_start();
+    cr_assert(s_wait_esc("ESCALATION_EXPIRY", NULL, 0, 1, 20000) >= 1, "no expiry alert");
+    h_sleep_ms(1500);
+    int n = s_count_esc("ESCALATION_EXPIRY", NULL, 0);
+    h_sleep_ms(3000);
+    cr_assert_eq(s_count_esc("ESCALATION_EXPIRY", NULL, -1), n, "expiry alerts sent again");
+    /* The broker's own certificate is one of them, named as the target. */
+    char dir[700];
+    h_spool(&W, H_OPS, "inbox", dir, sizeof dir);
+    char *p = h_find_json(&W, H_OPS, "inbox", H_BROKER ".crt");
+    cr_assert(p, "no expiry alert names the broker's certificate");
+    free(p);
+    cr_assert(s_status_has("expiry", NULL));
+}
+
+/* Size of the broker's database and WAL, as the alert measures it. */
+static long s_store_bytes(void)
+{
+    char p[800];
+    struct stat sb;
+    long n = 0;
+    snprintf(p, sizeof p, "%s/data/broker/broker.db", W.dir);
+    if (stat(p, &sb) == 0)
+        n += (long)sb.st_size;
+    snprintf(p, sizeof p, "%s/data/broker/broker.db-wal", W.dir);
+    if (stat(p, &sb) == 0)
+        n += (long)sb.st_size;
+    return n;
+}
+
+Test(alerts, store_full_past_store_alert_percent)
+{
+    /* 50 % of 3 MB: the fresh store is far under it; twelve 200 KB
+     * referrals for an offline hospital fill it past. */
+    h_world_init(&W, "max_store_bytes = 3000000\n[alerts]\nstore_alert_percent = 50\n");
+    s_start();
+    h_agent_start(&W, H_XINZHAN);
+    h_sleep_ms(3000);
+    cr_assert(s_store_bytes() < 1500000, "the fresh store is already %ld bytes", s_store_bytes());
+    cr_assert_eq(s_count_esc("ESCALATION_STORE_FULL", NULL, -1), 0, "alerted below the mark");
+    cr_assert(!s_status_has("store_full", NULL));
+
+    size_t big = 200 * 1024;
+    char *reason = malloc(big + 1);
+    for (size_t i = 0; i < big; i++)
+        reason[i] = (char)('a' + (i * 7 + i / 13) % 26);
+    reason[big] = 0;
+    char *doc = malloc(big + 1024);
+    for (int i = 0; i < 12; i++) {
+        snprintf(doc, big + 1024,
+                 "{\"to\": \"%s\", \"referral\": {\"patient\": {\"healthCardId\": "
+                 "\"13010219800101%04d\", \"name\": \"Fill %d\"}, \"reason\": \"%s\"}}",
+                 H_COUNTY, i, i, reason);
+        char name[64];
+        snprintf(name, sizeof name, "fill-%02d.json", i);
+        h_drop(&W, H_XINZHAN, name, doc);
+    }
+    free(doc);
+    free(reason);
+    cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", 12, 60000), 12, "the clinic sent %d",
+                 h_count(&W, H_XINZHAN, "sent"));
+    cr_assert_eq(s_wait_esc("ESCALATION_STORE_FULL", "store", 0, 1, 20000), 1,
+                 "no store alert at %ld bytes", s_store_bytes());
+    cr_assert(s_status_has("store_full", "store"));
+    h_sleep_ms(4500);
+    cr_assert_eq(s_count_esc("ESCALATION_STORE_FULL", NULL, -1), 1, "store alert sent again");
+}
+
+Test(alerts, dlq_raised_and_resolved_by_purge)
+{
+    h_world_init(&W, "timer_ms = 100\n");
+    s_start();
+    h_agent_start(&W, H_XINZHAN);
+    h_sleep_ms(2500);
+    cr_assert_eq(s_count_esc("ESCALATION_DLQ", NULL, -1), 0, "alerted on an empty DLQ");
+    /* A referral that must reach the hospital within 1.5 s; the hospital's
+     * agent is down: it becomes a dead letter. */
+    char doc[1024];
+    snprintf(doc, sizeof doc,
+             "{\"to\": \"%s\", \"deadline\": \"%lld\", \"referral\": {\"patient\": "
+             "{\"healthCardId\": \"130102198001019999\", \"name\": \"Expired Patient\"},"
+             " \"reason\": \"review\"}}",
+             H_COUNTY, (long long)(ml_now_ms() + 1500));
+    h_drop(&W, H_XINZHAN, "late.json", doc);
+    cr_assert_eq(s_wait_esc("ESCALATION_DLQ", "dlq", 0, 1, 30000), 1, "no DLQ alert");
+    cr_assert(s_status_has("dlq", "dlq"));
+    h_sleep_ms(4500);
+    cr_assert_eq(s_count_esc("ESCALATION_DLQ", NULL, -1), 1, "DLQ alert sent again");
+
+    int st = -1;
+    char *out = h_run(&st, "'%s' --config '%s' dlq purge --all 2>&1", s_bin, s_ops_ctl);
+    cr_assert_eq(st, 0, "dlq purge: %s", out);
+    free(out);
+    cr_assert_eq(s_wait_esc("ESCALATION_DLQ", "dlq", 1, 1, 20000), 1, "no resolved DLQ notice");
+    cr_assert(!s_status_has("dlq", NULL), "status lists a resolved DLQ alert");
+    cr_assert_eq(h_log_contains(&W, "broker.log", "dlq dlq resolved"), 1);
+}
