@@ -258,6 +258,7 @@ extra=()
 if wants format; then extra+=(clang-format); fi
 if wants lint; then extra+=(cppcheck); fi
 if wants valgrind; then extra+=(valgrind); fi
+if wants plain; then extra+=(prometheus); fi # promtool: tests/prometheus/rules.sh
 if wants fuzz && [ -x "$ROOT/deploy/fuzz.sh" ]; then extra+=(clang libclang-rt-14-dev); fi
 ML_SETUP_EXTRA="${extra[*]}" "$ROOT/deploy/setup.sh" --no-build
 
