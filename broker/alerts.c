@@ -137,8 +137,8 @@ static void s_raise(ml_broker_t *b, int kind, s_episode_t *ep, const char *targe
     }
     b->alerts->raised[kind]++;
     int sent = s_send(b, kind, ep, target, 0);
-    ml_log(ML_LOG_WARN, "alert", "%s %s: %s (told %d ops node(s))", s_kind_name[kind], target,
-           ep->detail, sent);
+    ml_log(ML_LOG_WARN, "alert", "%s: %s (told %d ops node(s))", s_kind_name[kind], ep->detail,
+           sent);
 }
 
 /* Ends an episode with a resolved notice and an INFO line. */
@@ -147,8 +147,8 @@ static void s_resolve(ml_broker_t *b, int kind, s_episode_t *ep, const char *tar
     if (!ep->active)
         return;
     int sent = s_send(b, kind, ep, target, 1);
-    ml_log(ML_LOG_INFO, "alert", "%s %s resolved: %s (told %d ops node(s))", s_kind_name[kind],
-           target, ep->detail, sent);
+    ml_log(ML_LOG_INFO, "alert", "%s resolved: %s (told %d ops node(s))", s_kind_name[kind],
+           ep->detail, sent);
     ep->active = 0;
     ep->since = 0;
 }

@@ -3,7 +3,9 @@
  * resolved notice when the episode ends; `medlinkctl --json status` lists
  * the alerts in progress. Node offline (per role and per node
  * offline_alert_after), certificate expiry (crl_warn_days), the store past
- * store_alert_percent of max_store_bytes, and the dead-letter queue. */
+ * store_alert_percent of max_store_bytes, and the dead-letter queue. The
+ * metrics (medlink_alert_*) and a reload that removes a node are checked
+ * on a broker run in the test's own process. */
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,8 +15,12 @@
 #include <criterion/criterion.h>
 #include <jansson.h>
 
+#include "alerts.h"
+#include "broker.h"
+#include "config.h"
 #include "harness.h"
 #include "ml_common.h"
+#include "ml_sbuf.h"
 
 static h_world_t W;
 static char s_bin[600], s_ops_ctl[800];
@@ -164,7 +170,7 @@ Test(alerts, node_offline_once_per_episode_and_resolved)
     cr_assert_eq(s_count_esc(R_OFFLINE, H_FENGLE, -1), 0,
                  "Fengle has offline_alert_after = 0 and must never be alerted");
     cr_assert_eq(s_count_esc(R_OFFLINE, H_OPS, -1), 0, "OPS nodes are not watched here");
-    cr_assert_eq(h_log_contains(&W, "broker.log", "node_offline " H_XINZHAN ":"), 1);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "node_offline: node " H_XINZHAN " ("), 1);
 
     /* Back online: one resolved notice, and the episode is over. */
     h_agent_start(&W, H_XINZHAN);
@@ -174,7 +180,8 @@ Test(alerts, node_offline_once_per_episode_and_resolved)
     cr_assert_eq(s_count_esc(R_OFFLINE, H_XINZHAN, 0), 1, "raised again while online");
     cr_assert(!s_status_has("node_offline", H_XINZHAN), "status still lists a resolved alert");
     cr_assert(s_status_has("node_offline", H_COUNTY));
-    cr_assert_eq(h_log_contains(&W, "broker.log", "node_offline " H_XINZHAN " resolved"), 1);
+    cr_assert_eq(
+        h_log_contains(&W, "broker.log", "node_offline resolved: node " H_XINZHAN " is back"), 1);
 
     /* A new episode is a new alert. */
     h_agent_stop(&W, H_XINZHAN);
@@ -281,5 +288,113 @@ Test(alerts, dlq_raised_and_resolved_by_purge)
     free(out);
     cr_assert_eq(s_wait_esc("ESCALATION_DLQ", "dlq", 1, 1, 20000), 1, "no resolved DLQ notice");
     cr_assert(!s_status_has("dlq", NULL), "status lists a resolved DLQ alert");
-    cr_assert_eq(h_log_contains(&W, "broker.log", "dlq dlq resolved"), 1);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "dlq resolved: the dead-letter queue holds 0"),
+                 1);
+}
+
+/* Runs loop for ms (the broker's timers fire meanwhile). */
+static void s_timer_stop_cb(uv_timer_t *t)
+{
+    uv_stop(t->loop);
+}
+
+static void s_run_for(uv_loop_t *loop, int ms)
+{
+    uv_timer_t t;
+    uv_timer_init(loop, &t);
+    uv_timer_start(&t, s_timer_stop_cb, (uint64_t)ms, 0);
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(loop, UV_RUN_NOWAIT);
+}
+
+static char *s_metrics(ml_broker_t *b)
+{
+    ml_sbuf_t out;
+    ml_sbuf_init(&out, 1 << 20);
+    ml_bk_alerts_metrics(b, &out);
+    char *text = ml_sbuf_take(&out, NULL);
+    cr_assert(text, "the metrics did not fit");
+    return text;
+}
+
+/* promtool check metrics on text, when promtool is installed (the plain
+ * stage of deploy/test.sh installs it). */
+static void s_promtool_check(const char *text)
+{
+    if (system("command -v promtool >/dev/null 2>&1") != 0)
+        return;
+    char path[700];
+    snprintf(path, sizeof path, "%s/alert-metrics.txt", W.dir);
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fputs(text, f);
+    fclose(f);
+    int st = -1;
+    char *out = h_run(&st, "promtool check metrics <'%s' 2>&1", path);
+    cr_assert_eq(st, 0, "promtool check metrics:\n%s\n%s", out, text);
+    free(out);
+}
+
+Test(alerts, metrics_and_node_removed_by_reload)
+{
+    /* Every node is watched after 1 s; the CA and certificates are inside
+     * crl_warn_days. No HTTP endpoint: nothing else listens. */
+    h_world_init(&W,
+                 "crl_warn_days = 3650\n[http]\nlisten =\n[alerts]\noffline_alert_after = 1s\n");
+    char ini[700], err[512];
+    snprintf(ini, sizeof ini, "%s/medlinkd.ini", W.dir);
+    ml_broker_config_t *cfg = NULL;
+    cr_assert_eq(ml_broker_config_load(ini, &cfg, err, sizeof err), 0, "%s", err);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_broker_t *b = NULL;
+    cr_assert_eq(ml_broker_new(&loop, &cfg, &b, err, sizeof err), 0, "%s", err);
+
+    char *m = s_metrics(b);
+    cr_assert(strstr(m, "# TYPE medlink_alert_active gauge\n"), "%s", m);
+    cr_assert(strstr(m, "# TYPE medlink_alerts_raised_total counter\n"), "%s", m);
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"node_offline\"} 0\n"), "%s", m);
+    cr_assert(!strstr(m, "medlink_alert_active{"), "alerts before any check:\n%s", m);
+    free(m);
+
+    s_run_for(&loop, 2600);
+    m = s_metrics(b);
+    cr_assert(
+        strstr(m, "medlink_alert_active{alert=\"node_offline\",subject=\"" H_XINZHAN "\"} 1\n"),
+        "%s", m);
+    cr_assert(strstr(m, "medlink_alert_active{alert=\"node_offline\",subject=\"" H_OPS "\"} 1\n"),
+              "%s", m);
+    cr_assert(strstr(m, "medlink_alert_active{alert=\"expiry\",subject=\"certificate "), "%s", m);
+    /* Seven registered nodes, all offline: seven raised, once each. */
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"node_offline\"} 7\n"), "%s", m);
+    cr_assert(!strstr(m, "alert=\"store_full\",subject"), "%s", m);
+    cr_assert(!strstr(m, "alert=\"dlq\",subject"), "%s", m);
+    s_promtool_check(m);
+    free(m);
+
+    /* A reload that takes Xinzhan out of the registry ends its episode. */
+    char *text = h_slurp(ini);
+    cr_assert(text);
+    char *at = strstr(text, "[node " H_XINZHAN "]\n");
+    cr_assert(at);
+    char *end = strstr(at, "\n\n");
+    cr_assert(end);
+    memmove(at, end + 2, strlen(end + 2) + 1);
+    FILE *f = fopen(ini, "w");
+    cr_assert(f);
+    fputs(text, f);
+    fclose(f);
+    free(text);
+    cr_assert_eq(ml_broker_reload(b, err, sizeof err), 0, "%s", err);
+    s_run_for(&loop, 1600);
+    m = s_metrics(b);
+    cr_assert(!strstr(m, "subject=\"" H_XINZHAN "\""), "a removed node is still alerted:\n%s", m);
+    cr_assert(strstr(m, "subject=\"" H_FENGLE "\"} 1\n"), "%s", m);
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"node_offline\"} 7\n"), "%s", m);
+    free(m);
+
+    ml_broker_destroy(&b);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
 }
