@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -161,7 +162,19 @@ Test(alerts, node_offline_once_per_episode_and_resolved)
     h_agent_stop(&W, H_XINZHAN);
     cr_assert_eq(s_wait_esc(R_OFFLINE, H_XINZHAN, 0, 1, 20000), 1,
                  "no offline alert for the stopped clinic");
-    cr_assert(ml_now_ms() - stopped >= 2000, "alerted before offline_alert_after");
+    /* Raised offline_alert_after (2 s) after it was last seen, not before. */
+    char *path = h_find_json(&W, H_OPS, "inbox", "offline for");
+    cr_assert(path);
+    json_t *j = json_load_file(path, 0, NULL);
+    free(path);
+    cr_assert(j);
+    long long since =
+        atoll(json_string_value(json_object_get(json_object_get(j, "escalation"), "since")));
+    long long created = atoll(json_string_value(json_object_get(j, "createdAt")));
+    cr_assert(since > 0 && since <= stopped + 1000, "since %lld, stopped at %lld", since,
+              (long long)stopped);
+    cr_assert(created - since >= 2000, "alerted %lld ms after last seen", created - since);
+    json_decref(j);
     cr_assert(s_status_has("node_offline", H_XINZHAN));
     /* Once per episode: several more checks send nothing more. */
     h_sleep_ms(5000);
@@ -392,6 +405,50 @@ Test(alerts, metrics_and_node_removed_by_reload)
     cr_assert(!strstr(m, "subject=\"" H_XINZHAN "\""), "a removed node is still alerted:\n%s", m);
     cr_assert(strstr(m, "subject=\"" H_FENGLE "\"} 1\n"), "%s", m);
     cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"node_offline\"} 7\n"), "%s", m);
+    free(m);
+
+    ml_broker_destroy(&b);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+}
+
+Test(alerts, expiry_warning_then_expired_told_once_more)
+{
+    /* The broker's certificate runs out 6 s from now: inside the window at
+     * start, past it a few seconds later. */
+    h_world_init(&W, "crl_warn_days = 7\n[http]\nlisten =\n");
+    char when[32];
+    time_t t = time(NULL) + 6;
+    strftime(when, sizeof when, "%Y%m%d%H%M%SZ", gmtime(&t));
+    int st = -1;
+    char *out =
+        h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --force --not-after %s %s 2>&1",
+              getenv("ML_SOURCE_DIR") ? getenv("ML_SOURCE_DIR") : ".", W.pki, when, H_BROKER);
+    cr_assert_eq(st, 0, "pki.sh: %s", out);
+    free(out);
+    char ini[700], err[512];
+    snprintf(ini, sizeof ini, "%s/medlinkd.ini", W.dir);
+    ml_broker_config_t *cfg = NULL;
+    cr_assert_eq(ml_broker_config_load(ini, &cfg, err, sizeof err), 0, "%s", err);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_broker_t *b = NULL;
+    cr_assert_eq(ml_broker_new(&loop, &cfg, &b, err, sizeof err), 0, "%s", err);
+
+    s_run_for(&loop, 1500);
+    char *m = s_metrics(b);
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"expiry\"} 1\n"), "%s", m);
+    cr_assert(strstr(m, "medlink_alert_active{alert=\"expiry\",subject=\"certificate "), "%s", m);
+    free(m);
+    /* Past not_after: one more notice, same episode; then nothing more. */
+    s_run_for(&loop, 8000);
+    m = s_metrics(b);
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"expiry\"} 2\n"), "%s", m);
+    cr_assert(strstr(m, "medlink_alert_active{alert=\"expiry\",subject=\"certificate "), "%s", m);
+    free(m);
+    s_run_for(&loop, 2000);
+    m = s_metrics(b);
+    cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"expiry\"} 2\n"), "%s", m);
     free(m);
 
     ml_broker_destroy(&b);
