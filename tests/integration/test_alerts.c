@@ -357,6 +357,21 @@ Test(alerts, metrics_and_node_removed_by_reload)
                  "crl_warn_days = 3650\n[http]\nlisten =\n[alerts]\noffline_alert_after = 1s\n");
     char ini[700], err[512];
     snprintf(ini, sizeof ini, "%s/medlinkd.ini", W.dir);
+    /* The broker's certificate under a name with a quote and a backslash:
+     * the label value must escape both. */
+    int st = -1;
+    free(h_run(&st, "cp '%s/%s.crt' '%s/med\"link\\d.crt'", W.pki, H_BROKER, W.pki));
+    cr_assert_eq(st, 0);
+    char *text = h_slurp(ini);
+    cr_assert(text);
+    char *at = strstr(text, "cert = pki/" H_BROKER ".crt\n");
+    cr_assert(at);
+    FILE *f = fopen(ini, "w");
+    cr_assert(f);
+    fprintf(f, "%.*scert = pki/med\"link\\d.crt\n%s", (int)(at - text), text,
+            at + strlen("cert = pki/" H_BROKER ".crt\n"));
+    fclose(f);
+    free(text);
     ml_broker_config_t *cfg = NULL;
     cr_assert_eq(ml_broker_config_load(ini, &cfg, err, sizeof err), 0, "%s", err);
     uv_loop_t loop;
@@ -379,6 +394,7 @@ Test(alerts, metrics_and_node_removed_by_reload)
     cr_assert(strstr(m, "medlink_alert_active{alert=\"node_offline\",subject=\"" H_OPS "\"} 1\n"),
               "%s", m);
     cr_assert(strstr(m, "medlink_alert_active{alert=\"expiry\",subject=\"certificate "), "%s", m);
+    cr_assert(strstr(m, "/med\\\"link\\\\d.crt (CN " H_BROKER ")\"} 1\n"), "%s", m);
     /* Seven registered nodes, all offline: seven raised, once each. */
     cr_assert(strstr(m, "medlink_alerts_raised_total{alert=\"node_offline\"} 7\n"), "%s", m);
     cr_assert(!strstr(m, "alert=\"store_full\",subject"), "%s", m);
@@ -387,14 +403,14 @@ Test(alerts, metrics_and_node_removed_by_reload)
     free(m);
 
     /* A reload that takes Xinzhan out of the registry ends its episode. */
-    char *text = h_slurp(ini);
+    text = h_slurp(ini);
     cr_assert(text);
-    char *at = strstr(text, "[node " H_XINZHAN "]\n");
+    at = strstr(text, "[node " H_XINZHAN "]\n");
     cr_assert(at);
     char *end = strstr(at, "\n\n");
     cr_assert(end);
     memmove(at, end + 2, strlen(end + 2) + 1);
-    FILE *f = fopen(ini, "w");
+    f = fopen(ini, "w");
     cr_assert(f);
     fputs(text, f);
     fclose(f);
