@@ -336,15 +336,16 @@ static void s_check_store(ml_broker_t *b)
         return;
     /* The database file and its WAL: what the disk holds for the store,
      * read with two stat calls (no SQLite, no counting of rows). */
-    uint64_t size = s_file_size(a->store_path, "") + s_file_size(a->store_path, "-wal");
+    uint64_t db = s_file_size(a->store_path, ""), wal = s_file_size(a->store_path, "-wal");
+    uint64_t size = db + wal;
     long pct = b->cfg->store_alert_percent;
     uint64_t pct_now = size * 100 / (uint64_t)a->store_max;
     if (!a->store.active && pct_now >= (uint64_t)pct) {
         s_detail(&a->store,
-                 "the store holds %" PRIu64 " bytes (database and WAL), %" PRIu64
-                 "%% of max_store_bytes (%lld); past it new messages are refused (alert at "
-                 "store_alert_percent = %ld%%)",
-                 size, pct_now, (long long)a->store_max, pct);
+                 "the store uses %" PRIu64 " bytes on disk (database %" PRIu64 ", WAL %" PRIu64
+                 "), %" PRIu64 "%% of max_store_bytes (%lld), the size past which new messages "
+                 "are refused (alert at store_alert_percent = %ld%%)",
+                 size, db, wal, pct_now, (long long)a->store_max, pct);
         s_raise(b, S_STORE_FULL, &a->store, "store", ml_now_ms(), 0);
     } else if (a->store.active && pct_now + S_STORE_HYSTERESIS < (uint64_t)pct) {
         s_detail(&a->store,
