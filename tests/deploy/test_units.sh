@@ -7,7 +7,8 @@
 #    exists, so the units are checked from copies whose /usr/bin paths point
 #    at the programs of the build tree (BUILD_DIR, the first argument);
 #  - the sysusers.d and tmpfiles.d files parse (sysusers --dry-run; the
-#    tmpfiles lines are checked for their fields and modes).
+#    tmpfiles lines are checked for their fields and modes);
+#  - the man pages of docs/man render without warnings (groff -ww, man).
 # Usage: test_units.sh [BUILD_DIR]   (ctest passes the build folder)
 set -euo pipefail
 
@@ -93,6 +94,18 @@ for w in "${want[@]}"; do
         echo "ok   medlink.tmpfiles: d $w"
     else
         echo "FAIL medlink.tmpfiles: no line 'd $w'" >&2
+        fail=1
+    fi
+done
+
+# 4. The man pages (docs/man) render without a warning.
+for page in "$ROOT"/docs/man/*.[158]; do
+    warn="$( { groff -man -ww -z "$page"; MANWIDTH=80 man --warnings -E UTF-8 -l "$page" >/dev/null; } 2>&1)"
+    if [ -z "$warn" ]; then
+        echo "ok   man page $(basename "$page"): no warnings"
+    else
+        echo "FAIL man page $(basename "$page"):" >&2
+        echo "$warn" >&2
         fail=1
     fi
 done
