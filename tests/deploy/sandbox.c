@@ -56,7 +56,8 @@ int main(int argc, char **argv)
     /* socket(2): allowed only for the listed families. */
     long fam[32];
     size_t nfam = 0;
-    for (char *p = strtok(argv[2], ","); p && nfam < 32; p = strtok(NULL, ","))
+    char *save = NULL;
+    for (char *p = strtok_r(argv[2], ",", &save); p && nfam < 32; p = strtok_r(NULL, ",", &save))
         fam[nfam++] = strtol(p, NULL, 10);
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_socket, 0,
                                           (unsigned char)(2 * nfam + 3));
