@@ -91,11 +91,10 @@ CLINIC=township.sandbox.clinic
 HOSP=county.sandbox.hospital
 "$ROOT/deploy/pki.sh" --dir "$T/pki" "$BROKER" "$CLINIC" "$HOSP" >"$T/pki.log"
 for k in broker clinic hosp; do (umask 077 && openssl rand -hex 32 >"$T/pki/$k.store.key"); done
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 cat >"$T/medlinkd.ini" <<INI
 [broker]
 id = $BROKER
-listen = tcp://127.0.0.1:$port
+listen = tcp://127.0.0.1:0
 data_dir = data/broker
 ca = pki/ca.crt
 cert = pki/$BROKER.crt
@@ -135,8 +134,6 @@ heartbeat_ms = 1000
 scan_ms = 100
 INI
 }
-agent_ini "$CLINIC" clinic
-agent_ini "$HOSP" hosp
 
 start() { # NAME SYSCALLS FAMILIES PROGRAM ARGS...
     local name="$1" sc="$2" fam="$3"
@@ -164,14 +161,21 @@ stop() { # NAME PID
     [ "$rc" -eq 0 ] && echo "ok   $1 stopped with status 0 in its sandbox" ||
         die "$1 exited with status $rc in its sandbox"
 }
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+# medlinkd listens on an ephemeral port and logs which.
+port=""
+listening() {
+    port="$(sed -n 's#.* listening on tcp://127\.0\.0\.1:\([0-9][0-9]*\).*#\1#p' "$T/broker.log")"
+    [ -n "$port" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+}
 # At least N *.json files in DIR (evaluated at each try of wait_for).
 has_json() { [ "$(find "$1" -maxdepth 1 -name '*.json' 2>/dev/null | wc -l)" -ge "$2" ]; }
 
 cd "$T"
 start broker "$T/broker.syscalls" "$broker_fams" "$BUILD/broker/medlinkd" --config "$T/medlinkd.ini"
 wait_for 20 "medlinkd did not listen in its sandbox" listening
-echo "ok   medlinkd listens in its sandbox"
+echo "ok   medlinkd listens in its sandbox (port $port)"
+agent_ini "$CLINIC" clinic
+agent_ini "$HOSP" hosp
 start clinic "$T/agent.syscalls" "$agent_fams" "$BUILD/clients/agent/medlink-agent" \
     --config "$T/agent-$CLINIC.ini"
 wait_for 20 "the clinic agent made no outbox" test -d "$T/spool/$CLINIC/outbox"
