@@ -6,7 +6,8 @@
 #      pass systemd-analyze verify and security (at most 3.0), the sysusers.d
 #      and tmpfiles.d files are there and made the medlink user and the
 #      folders with their modes, the man pages are found (man -w) and render
-#      without warnings, the conffiles are registered;
+#      without warnings, the conffiles are registered, and an edited one
+#      survives installing the package again;
 #   4. the packaged configuration files are right for the packaged layout: with
 #      a PKI made by medlink-pki in /etc/medlink/pki and store keys, each
 #      passes --check-config as the medlink user;
@@ -147,6 +148,17 @@ for p in "${!conf[@]}"; do
         bad "$p: ${conf[$p]} is not a conffile"
     fi
 done
+
+# An edited conffile survives an upgrade (here: installing the package again;
+# the packaged file is the same, so dpkg keeps the edit without asking).
+echo "; edited by the operator" >>/etc/medlink/medlinkd.ini
+dpkg -i "${debs[1]}" >/dev/null
+if tail -n 1 /etc/medlink/medlinkd.ini | grep -q '^; edited by the operator$' &&
+    [ ! -e /etc/medlink/medlinkd.ini.dpkg-dist ] && [ ! -e /etc/medlink/medlinkd.ini.dpkg-old ]; then
+    ok "reinstalling medlink-broker kept the edited /etc/medlink/medlinkd.ini"
+else
+    bad "reinstalling medlink-broker did not keep the edited medlinkd.ini"
+fi
 
 # --- 4. the packaged configuration works with the packaged layout ---------------
 # The node ids the packaged files name (the demo community of deploy/config).
