@@ -435,7 +435,8 @@ Test(alerts, expiry_warning_then_expired_told_once_more)
     h_world_init(&W, "crl_warn_days = 7\n[http]\nlisten =\n");
     char when[32];
     time_t t = time(NULL) + 6;
-    strftime(when, sizeof when, "%Y%m%d%H%M%SZ", gmtime(&t));
+    struct tm tm;
+    strftime(when, sizeof when, "%Y%m%d%H%M%SZ", gmtime_r(&t, &tm));
     int st = -1;
     char *out =
         h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --force --not-after %s %s 2>&1",
