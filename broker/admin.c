@@ -14,6 +14,7 @@
 #include "expiry.h"
 #include "cases.h"
 #include "http.h"
+#include "metrics.h"
 
 #define S_LIMIT_DEFAULT 100
 #define S_LIMIT_MAX 10000
@@ -726,6 +727,7 @@ static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Adm
             break;
         }
     }
+    ml_bk_metrics_dead_gone(b, done);
     w->b = b;
     w->serial = s->serial;
     w->request_id = request_id;
