@@ -1,0 +1,266 @@
+/* medlinkd's /metrics page (broker/metrics.c, docs/operations.md "Metrics")
+ * with the real broker and real clients: a referral delivered, one refused
+ * (a forbidden route), one that becomes a dead letter (its recipient refuses
+ * it), deadlines missed; then the page must count each, pass `promtool
+ * check metrics` without a word, and after a restart still show the open
+ * cases and the dead letter it counts from the store. */
+#include <arpa/inet.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <criterion/criterion.h>
+
+#include "client.h"
+#include "harness.h"
+#include "ml_common.h"
+
+#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
+
+static h_world_t W;
+
+static void s_teardown(void)
+{
+    h_world_fini(&W);
+}
+
+TestSuite(metrics, .fini = s_teardown, .timeout = 300);
+
+static int s_free_tcp_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* GET path from 127.0.0.1:port over plain HTTP/1.1; returns the body
+ * (malloc'd) and the status in *status. */
+static char *s_get(int port, const char *path, int *status)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct timeval tv = {10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0, "cannot connect to :%d", port);
+    char rq[512];
+    int n =
+        snprintf(rq, sizeof rq,
+                 "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n", path, port);
+    cr_assert_eq(write(fd, rq, (size_t)n), n);
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    cr_assert_not_null(buf);
+    ssize_t r;
+    while ((r = read(fd, buf + len, cap - len - 1)) > 0) {
+        len += (size_t)r;
+        if (cap - len < 4096) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            cr_assert_not_null(buf);
+        }
+    }
+    close(fd);
+    buf[len] = '\0';
+    cr_assert(sscanf(buf, "HTTP/1.%*d %d", status) == 1, "no HTTP status line: %.200s", buf);
+    char *body = strstr(buf, "\r\n\r\n");
+    cr_assert_not_null(body, "no end of headers");
+    char *out = strdup(body + 4);
+    cr_assert_not_null(out);
+    free(buf);
+    return out;
+}
+
+static char *s_metrics(int port)
+{
+    int status = 0;
+    char *body = s_get(port, "/metrics", &status);
+    cr_assert_eq(status, 200, "GET /metrics: %d %s", status, body);
+    return body;
+}
+
+/* The value of one sample ("name" or "name{labels}", exactly as written),
+ * NAN when the page has none. */
+static double s_value(const char *page, const char *series)
+{
+    size_t n = strlen(series);
+    for (const char *p = page; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+        if (strncmp(p, series, n) == 0 && p[n] == ' ')
+            return strtod(p + n + 1, NULL);
+    return NAN;
+}
+
+/* Fetches the page until series has value want (up to timeout_ms). */
+static char *s_wait_value(int port, const char *series, double want, int timeout_ms)
+{
+    char *page = NULL;
+    for (int waited = 0;; waited += 100) {
+        free(page);
+        page = s_metrics(port);
+        if (s_value(page, series) == want)
+            return page;
+        if (waited >= timeout_ms)
+            break;
+        h_sleep_ms(100);
+    }
+    cr_assert_fail("%s is %g, not %g, after %d ms; page:\n%s", series, s_value(page, series), want,
+                   timeout_ms, page);
+    return page;
+}
+
+static void s_expect(const char *page, const char *series, double want)
+{
+    double v = s_value(page, series);
+    cr_assert(v == want, "%s is %g, expected %g", series, v, want);
+}
+
+/* promtool must accept the page and say nothing about it (lint included). */
+static void s_promtool(const char *page, const char *name)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/%s", W.dir, name);
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(page, f);
+    fclose(f);
+    int st = 0;
+    char *out =
+        h_run(&st,
+              "command -v promtool >/dev/null || { echo 'promtool is not installed "
+              "(Debian package prometheus)'; exit 127; }; promtool check metrics <'%s' 2>&1",
+              path);
+    cr_assert(st == 0 && out[0] == '\0', "promtool check metrics on %s: exit %d:\n%s", path, st,
+              out);
+    free(out);
+}
+
+/* Waits until the client's node shows as online on the page. */
+static void s_wait_online(int port, const char *node)
+{
+    char series[200];
+    snprintf(series, sizeof series, "medlink_node_online{node=\"%s\"}", node);
+    free(s_wait_value(port, series, 1, 10000));
+}
+
+Test(metrics, exposition_counts_and_passes_promtool)
+{
+    int port = s_free_tcp_port();
+    char extra[300];
+    snprintf(extra, sizeof extra,
+             "timer_ms = 100\n[deadlines]\nreferral = ACCEPTED 1s\n[http]\nlisten = 127.0.0.1:%d\n",
+             port);
+    h_world_init(&W, extra);
+    h_broker_start(&W);
+
+    cli_t clinic, county, city, ops;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&county, &W, H_COUNTY, 1);
+    cli_open(&city, &W, H_CITY, 1);
+    cli_open(&ops, &W, H_OPS, 1);
+    s_wait_online(port, H_COUNTY);
+
+    /* One referral delivered and acked by the county hospital. */
+    cli_referral_t r;
+    cli_referral(&r, H_XINZHAN, H_COUNTY, "Metrics Delivered", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+    cr_assert(cli_run_until(&county, cli_got_n, (int[]){1}, 10000), "county got nothing");
+
+    /* One refused: clinic to clinic is not a route. */
+    cli_referral(&r, H_XINZHAN, H_FENGLE, "Metrics Sideways", 0);
+    cli_expect_nack(cli_send_wait(&clinic, &r.env), NACK_(FORBIDDEN), "TOWNSHIP_CLINIC");
+
+    /* One dead letter: the city hospital refuses its delivery. */
+    city.answer = CLI_REFUSE;
+    cli_referral(&r, H_XINZHAN, H_CITY, "Metrics Refused", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+    for (int i = 0; i < 100 && h_log_contains(&W, "broker.log", "is a dead letter") == 0; i++)
+        cli_run_until(&city, cli_got_n, (int[]){1000000}, 100);
+
+    char *page = s_wait_value(port, "medlink_dead_letters", 1, 10000);
+    free(page);
+    /* Neither referral is ACCEPTED within its 1 s deadline: both are
+     * overdue and escalated. Keep the clients' loops turning meanwhile. */
+    for (int i = 0; i < 30; i++)
+        cli_run_until(&ops, cli_got_n, (int[]){1000000}, 50);
+    page = s_wait_value(port, "medlink_cases_overdue", 2, 15000);
+
+    s_expect(page, "medlink_build_info{version=\"0.1.0\"}", 1);
+    cr_assert(s_value(page, "medlink_start_time_seconds") > 1.7e9);
+    cr_assert(s_value(page, "medlink_sessions{state=\"ready\"}") >= 4);
+    s_expect(page, "medlink_messages_accepted_total{kind=\"referral\"}", 2);
+    s_expect(page, "medlink_messages_delivered_total{kind=\"referral\"}", 1);
+    s_expect(page, "medlink_messages_refused_total{kind=\"referral\",code=\"forbidden\"}", 1);
+    s_expect(page, "medlink_dead_letters", 1);
+    s_expect(page, "medlink_dead_letters_total", 1);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"sent\"}", 1);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1);
+    s_expect(page, "medlink_cases_open{kind=\"imaging\",state=\"requested\"}", 0);
+    cr_assert(s_value(page, "medlink_escalations_total{reason=\"dead_letter\"}") == 1);
+    cr_assert(s_value(page, "medlink_escalations_total{reason=\"deadline_missed\"}") == 2);
+    s_expect(page, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 2);
+    s_expect(page, "medlink_open_cases_per_node_limit", 5000);
+    s_expect(page, "medlink_node_open_cases_quota_ratio{node=\"" H_XINZHAN "\"}", 2.0 / 5000);
+    s_expect(page, "medlink_node_online{node=\"" H_COUNTY "\"}", 1);
+    s_expect(page, "medlink_node_online{node=\"" H_FENGLE "\"}", 0);
+    s_expect(page, "medlink_node_last_seen_timestamp_seconds{node=\"" H_FENGLE "\"}", 0);
+    cr_assert(s_value(page, "medlink_node_last_seen_timestamp_seconds{node=\"" H_XINZHAN "\"}") >
+              1.7e9);
+    s_expect(page, "medlink_node_queue_messages{node=\"" H_FENGLE "\"}", 0);
+    s_expect(page, "medlink_node_queue_oldest_age_seconds{node=\"" H_FENGLE "\"}", 0);
+    s_expect(page, "medlink_node_in_flight_messages{node=\"" H_COUNTY "\"}", 0);
+    s_expect(page, "medlink_nodes{state=\"offline\"}", 3);
+    s_expect(page, "medlink_nodes{state=\"online\"}", 4);
+    cr_assert(s_value(page, "medlink_store_group_messages_count") > 0);
+    cr_assert(s_value(page, "medlink_store_commit_duration_seconds_count") > 0);
+    cr_assert(s_value(page, "medlink_store_commit_duration_seconds_bucket{le=\"+Inf\"}") ==
+              s_value(page, "medlink_store_commit_duration_seconds_count"));
+    cr_assert(s_value(page, "medlink_store_size_bytes") > 0);
+    s_expect(page, "medlink_store_max_bytes", 0);
+    s_expect(page, "medlink_tls_handshake_failures_total{reason=\"revoked\"}", 0);
+    /* pki.sh certificates are good for a year or more. */
+    cr_assert(s_value(page, "medlink_tls_expiry_seconds{kind=\"certificate\",name=\"" H_BROKER
+                            "\"}") > 86400.0 * 300);
+    cr_assert(strstr(page, "medlink_tls_expiry_seconds{kind=\"ca\",name=\""), "no CA expiry:\n%s",
+              page);
+    /* Every family says what it is. */
+    for (const char *p = page; (p = strstr(p, "\n# TYPE ")) != NULL; p++) {
+        char name[128];
+        cr_assert_eq(sscanf(p, "\n# TYPE %127s", name), 1);
+        char help[160];
+        snprintf(help, sizeof help, "# HELP %s ", name);
+        cr_assert(strstr(page, help), "%s has no HELP", name);
+    }
+    s_promtool(page, "metrics-1.txt");
+    free(page);
+
+    /* After a restart the open cases and the dead letter are still
+     * counted: they come from the store, not from memory. */
+    cli_close(&clinic);
+    cli_close(&county);
+    cli_close(&city);
+    cli_close(&ops);
+    h_broker_stop(&W);
+    h_broker_start(&W);
+    page = s_metrics(port);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"sent\"}", 1);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1);
+    s_expect(page, "medlink_dead_letters", 1);
+    s_expect(page, "medlink_dead_letters_total", 0);
+    s_expect(page, "medlink_messages_accepted_total{kind=\"referral\"}", 0);
+    s_expect(page, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 2);
+    s_expect(page, "medlink_nodes{state=\"online\"}", 0);
+    s_promtool(page, "metrics-2.txt");
+    free(page);
+}
