@@ -264,3 +264,53 @@ Test(metrics, exposition_counts_and_passes_promtool)
     s_promtool(page, "metrics-2.txt");
     free(page);
 }
+
+/* Fetches the page until series is at least min (up to timeout_ms). */
+static char *s_wait_at_least(int port, const char *series, double min, int timeout_ms, cli_t *c)
+{
+    char *page = NULL;
+    for (int waited = 0;; waited += 100) {
+        free(page);
+        page = s_metrics(port);
+        if (s_value(page, series) >= min)
+            return page;
+        if (waited >= timeout_ms)
+            break;
+        if (c)
+            cli_run_until(c, cli_is_up, NULL, 100);
+        else
+            h_sleep_ms(100);
+    }
+    cr_assert_fail("%s is %g, not at least %g, after %d ms; page:\n%s", series,
+                   s_value(page, series), min, timeout_ms, page);
+    return page;
+}
+
+/* A revoked certificate's handshakes count under "revoked", and the CRL's
+ * next update shows with the certificates' expiry. */
+Test(metrics, tls_failures_by_reason_and_crl_expiry)
+{
+    int port = s_free_tcp_port();
+    char extra[300];
+    snprintf(extra, sizeof extra, "crl = pki/crl.pem\n[http]\nlisten = 127.0.0.1:%d\n", port);
+    h_world_init(&W, extra);
+    int st = 0;
+    char *out = h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --revoke %s 2>&1",
+                      getenv("ML_SOURCE_DIR"), W.pki, H_XINZHAN);
+    cr_assert_eq(st, 0, "pki.sh --revoke: %s", out);
+    free(out);
+    h_broker_start(&W);
+    cli_t stolen;
+    cli_start(&stolen, &W, H_XINZHAN, 0, H_BROKER, 1);
+    char *page = s_wait_at_least(port, "medlink_tls_handshake_failures_total{reason=\"revoked\"}",
+                                 1, 15000, &stolen);
+    s_expect(page, "medlink_sessions{state=\"ready\"}", 0);
+    s_expect(page, "medlink_node_online{node=\"" H_XINZHAN "\"}", 0);
+    s_expect(page, "medlink_tls_handshake_failures_total{reason=\"unknown_ca\"}", 0);
+    const char *crl = strstr(page, "medlink_tls_expiry_seconds{kind=\"crl\",name=\"");
+    cr_assert(crl, "no CRL expiry:\n%s", page);
+    cr_assert(strtod(strstr(crl, "} ") + 2, NULL) > 86400.0, "%.200s", crl);
+    s_promtool(page, "metrics-tls.txt");
+    free(page);
+    cli_close(&stolen);
+}
