@@ -314,3 +314,61 @@ Test(metrics, tls_failures_by_reason_and_crl_expiry)
     free(page);
     cli_close(&stolen);
 }
+
+/* A ReferralUpdate of case_id from c to `to` with status st; asserts it is
+ * accepted. */
+static void s_update(cli_t *c, const char *to, const char *case_id, int st)
+{
+    char id[ML_ULID_LEN + 1];
+    ml_ulid_new(id);
+    Medlink__V1__ReferralUpdate u = MEDLINK__V1__REFERRAL_UPDATE__INIT;
+    u.status = st;
+    u.reason = "test reason";
+    ml_envelope_t e = MEDLINK__V1__ENVELOPE__INIT;
+    e.id = id;
+    e.case_id = (char *)case_id;
+    e.from = c->node;
+    e.to = (char *)to;
+    e.created_at = ml_now_ms();
+    e.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE;
+    e.referral_update = &u;
+    cli_expect_accepted(cli_send_wait(c, &e), id);
+}
+
+/* The open cases by state follow a case through its states and leave it
+ * when it is final; the opener's quota use goes back down. */
+Test(metrics, open_cases_follow_the_case_states)
+{
+    int port = s_free_tcp_port();
+    char extra[300];
+    snprintf(extra, sizeof extra, "[http]\nlisten = 127.0.0.1:%d\n", port);
+    h_world_init(&W, extra);
+    h_broker_start(&W);
+    cli_t clinic, county;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&county, &W, H_COUNTY, 1);
+    cli_referral_t r;
+    cli_referral(&r, H_XINZHAN, H_COUNTY, "Metrics States", 0);
+    cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+    cr_assert(cli_run_until(&county, cli_got_n, (int[]){1}, 10000), "county got nothing");
+    const char *case_id = county.got[0]->case_id;
+
+    char *page =
+        s_wait_value(port, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1, 10000);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"sent\"}", 0);
+    free(page);
+    s_update(&county, H_XINZHAN, case_id, MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED);
+    page = s_wait_value(port, "medlink_cases_open{kind=\"referral\",state=\"accepted\"}", 1, 10000);
+    s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 0);
+    s_expect(page, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 1);
+    free(page);
+    s_update(&clinic, H_COUNTY, case_id, MEDLINK__V1__REFERRAL_STATUS__REFERRAL_CANCELLED);
+    page = s_wait_value(port, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 0, 10000);
+    for (const char *p = page; (p = strstr(p, "\nmedlink_cases_open{")) != NULL; p++)
+        cr_assert(strtod(strstr(p, "} ") + 2, NULL) == 0, "a final case still counts: %.80s",
+                  p + 1);
+    s_promtool(page, "metrics-states.txt");
+    free(page);
+    cli_close(&clinic);
+    cli_close(&county);
+}
