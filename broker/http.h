@@ -12,6 +12,7 @@
 #define ML_BK_HTTP_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "ml_sbuf.h"
 
@@ -53,8 +54,20 @@ int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen);
 /* Stops listening and closes every connection (ml_broker_destroy). Its
  * handles close with the loop; nothing of b is used after this returns. */
 void ml_bk_http_stop(ml_broker_t *b);
-/* The address the endpoint listens on ("127.0.0.1:9474"), "" when off. */
+/* The address the endpoint listens on ("127.0.0.1:9474", with the port
+ * the system chose when 0 was asked), "" when off. */
 const char *ml_bk_http_address(const ml_broker_t *b);
+
+/* What the endpoint has done since start-up (for /metrics). */
+typedef struct {
+    uint64_t connections; /* accepted and served */
+    uint64_t refused;     /* closed at accept: max_connections were open */
+    uint64_t tls_refused; /* TLS handshakes that failed (no or a bad certificate) */
+    uint64_t requests;    /* replies written, errors included */
+    uint64_t open;        /* connections open now */
+} ml_bk_http_stats_t;
+/* Zeros when the endpoint is off. Loop thread; O(1). */
+void ml_bk_http_stats(const ml_broker_t *b, ml_bk_http_stats_t *out);
 
 /* ---- handlers, in the modules that own what they show ----------------- */
 

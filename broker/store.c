@@ -144,6 +144,10 @@ struct ml_store {
     ml_store_stats_t stats;
     ml_store_req_t *prune_wait; /* ml_store_prune calls the next run answers */
     ml_store_pruned_t last_prune;
+    /* What the last group found about writing (ml_store_health): 0, or
+     * ML_EFULL / ML_ESTORE with a sentence. */
+    int health_rc;
+    char health_why[320];
 
     /* Loop thread only. */
     int closed;
@@ -193,8 +197,10 @@ struct ml_store {
     sqlite3_stmt *prune_cases;
     sqlite3_stmt *prune_del_events;
     sqlite3_stmt *prune_del_case;
-    int disk_full;  /* the last batch failed with SQLITE_FULL */
-    int quota_full; /* the last put was refused for max_bytes */
+    int disk_full;       /* the last batch failed with SQLITE_FULL */
+    int quota_full;      /* the last put was refused for max_bytes */
+    int batch_rc;        /* the last group's first attempt: 0, ML_EFULL or ML_ESTORE */
+    char write_err[200]; /* SQLite's reason for the last failed write */
     /* Closed streams (store thread; see ml_store_msg_t.stream): a handful
      * at most, one per sender whose put failed and whose failure the loop
      * has not seen yet. Reopened by S_OP_REOPEN for the same closing. */
@@ -440,6 +446,15 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
     what = "read the page size of";
     if ((src = s_query_int(st->wr, "PRAGMA page_size", &st->page_size)) != SQLITE_OK)
         goto out;
+    /* A database already past max_bytes refuses the first put: say so from
+     * the start (ml_store_health), not only once a put has been refused. */
+    pages = 0;
+    if (st->max_bytes > 0 && s_query_int(st->wr, "PRAGMA page_count", &pages) == SQLITE_OK &&
+        pages * st->page_size > st->max_bytes) {
+        ml_log(ML_LOG_WARN, S_COMPONENT, "%s: %lld bytes is over max_bytes %lld, refusing messages",
+               st->path, (long long)(pages * st->page_size), (long long)st->max_bytes);
+        st->quota_full = 1;
+    }
     rc = 0;
 out:
     if (rc != 0 && why[0])
@@ -625,8 +640,9 @@ static int s_write_error(ml_store_t *st, int src)
         st->disk_full = 1;
         return ML_EFULL;
     }
-    ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: write failed: %s (%s)", st->path, sqlite3_errmsg(st->wr),
-           sqlite3_errstr(src));
+    snprintf(st->write_err, sizeof st->write_err, "%s (%s)", sqlite3_errmsg(st->wr),
+             sqlite3_errstr(src));
+    ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: write failed: %s", st->path, st->write_err);
     return ML_ESTORE;
 }
 
@@ -982,6 +998,27 @@ static int s_transient(int rc)
     return rc == ML_EFULL || rc == ML_ESTORE || rc == ML_EDENIED;
 }
 
+/* Publishes what the group just settled found out about writing, for
+ * ml_store_health. Store thread, mu held. */
+static void s_health_update(ml_store_t *st)
+{
+    if (st->disk_full) {
+        st->health_rc = ML_EFULL;
+        snprintf(st->health_why, sizeof st->health_why, "the disk under %s is full", st->path);
+    } else if (st->quota_full) {
+        st->health_rc = ML_EFULL;
+        snprintf(st->health_why, sizeof st->health_why, "%s is past max_store_bytes (%lld)",
+                 st->path, (long long)st->max_bytes);
+    } else if (st->batch_rc == ML_ESTORE) {
+        st->health_rc = ML_ESTORE;
+        snprintf(st->health_why, sizeof st->health_why, "the last write to %s failed: %s", st->path,
+                 st->write_err);
+    } else {
+        st->health_rc = 0;
+        st->health_why[0] = '\0';
+    }
+}
+
 /* Runs the batch as one write transaction. With with_puts = 0 the puts are
  * skipped (a retry of the marks alone after the puts broke the first try).
  * Returns 0 once committed, or ML_EFULL / ML_ESTORE after rolling back, in
@@ -1043,6 +1080,7 @@ static uint64_t s_settle_batch(ml_store_t *st, ml_store_req_t *batch, uint64_t *
     }
     int rc = s_exec_batch(st, batch, 1);
     int mark_rc = rc;
+    st->batch_rc = rc;
     if (rc == 0) {
         (*transactions)++;
     } else {
@@ -1497,6 +1535,7 @@ static void s_thread_main(void *arg)
         st->stats.transactions += transactions;
         st->stats.failures += failed;
         s_observe_group(&st->stats, n, group_us);
+        s_health_update(st);
         int notify = 0;
         ml_store_req_t *again = NULL, **again_tail = &again; /* marks to retry */
         for (ml_store_req_t *r = batch, *next; r; r = next) {
@@ -1690,6 +1729,7 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     st->async_ok = 1;
     /* Idle until a put is in flight (see the file comment). */
     uv_unref((uv_handle_t *)&st->async);
+    s_health_update(st); /* no store thread yet: mu not needed */
     if ((uvrc = uv_thread_create(&st->thread, s_thread_main, st)) != 0) {
         ml_seterr(err, errlen, "%s: cannot start the store thread: %s", path, uv_strerror(uvrc));
         goto out;
@@ -2167,6 +2207,16 @@ int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len)
 out:
     sqlite3_reset(s);
     sqlite3_clear_bindings(s);
+    return rc;
+}
+
+int ml_store_health(ml_store_t *st, char *why, size_t len)
+{
+    uv_mutex_lock(&st->mu);
+    int rc = st->health_rc;
+    if (len > 0)
+        snprintf(why, len, "%s", st->health_why);
+    uv_mutex_unlock(&st->mu);
     return rc;
 }
 

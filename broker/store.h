@@ -377,4 +377,13 @@ void ml_store_stats(ml_store_t *st, ml_store_stats_t *out);
  * for a file that is not there). Loop thread. */
 void ml_store_file_sizes(ml_store_t *st, uint64_t *db_bytes, uint64_t *wal_bytes);
 
+/* Whether the store can take new messages, as its last group of writes
+ * found out (or, before any, the database's size at open): 0 when it can,
+ * else ML_EFULL (the disk is full, or the database is past max_bytes) or
+ * ML_ESTORE (the last transaction failed), with a sentence naming the
+ * file and the reason in why ("" when 0). A store that refused for a full
+ * disk says so until a later group commits. Loop thread (holds the
+ * store's mutex for a copy); O(1). */
+int ml_store_health(ml_store_t *st, char *why, size_t len);
+
 #endif

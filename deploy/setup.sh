@@ -23,7 +23,7 @@ done
 
 PKGS=(build-essential cmake pkg-config openssl sqlite3
       libuv1-dev libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libssl-dev
-      libcriterion-dev libsqlite3-dev libinih-dev libjansson-dev)
+      libcriterion-dev libsqlite3-dev libinih-dev libjansson-dev libhttp-parser-dev)
 # Tools some callers need on top (deploy/test.sh asks for clang-format,
 # cppcheck and valgrind for its check stages, and clang with its libFuzzer
 # runtime, libclang-rt-14-dev, for the fuzz stage): ML_SETUP_EXTRA="a b".

@@ -88,8 +88,10 @@ for i in $(seq 1 "$READERS"); do nodes+=("$(printf 'reading.bench%02d.imaging' "
 
 PORT=$((20000 + RANDOM % 20000))
 while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
-# The ops endpoint ([http]) of every run's broker: its own free port rather
-# than the default 9474, which another broker on the machine may hold.
+# The ops endpoint ([http]) of every run's broker: a free port found here
+# rather than the default 9474, which another broker on the machine may
+# hold, and not port 0 either, since the scrape section must know it (the
+# bench's broker logs at warn, so the line naming the port is not logged).
 HTTP_PORT=$((PORT + 1))
 while (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null; do HTTP_PORT=$((HTTP_PORT + 1)); done
 # write_config DATA_DIR [NOTIFY_DELIVERED]

@@ -70,6 +70,8 @@ while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); d
     else
         printf 'retention_seconds = 0\ntimeline_retention_seconds = %s\nretention_interval_s = 1\n\n' "$TIMELINE"
     fi
+    # A port of the system's choosing: parallel runs never collide.
+    printf '[http]\nlisten = 127.0.0.1:0\n\n'
     printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
     for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
     printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\n\n'

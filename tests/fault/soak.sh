@@ -217,6 +217,8 @@ world_new() {
         printf 'ca = %s/pki/ca.crt\ncert = %s/pki/%s.crt\nkey = %s/pki/%s.key\n' "$W" "$W" "$BROKER_ID" "$W" "$BROKER_ID"
         printf 'log_level = info\nheartbeat_ms = 1000\nsession_timeout_ms = 5000\nhandshake_timeout_ms = 3000\n'
         printf '%s\n\n' "${2:-}"
+        # A port of the system's choosing: parallel runs never collide.
+        printf '[http]\nlisten = 127.0.0.1:0\n\n'
         printf '[node %s]\nrole = COUNTY_HOSPITAL\ncommunity = soak\n\n' "$HOSP"
         for a in "${CLINICS[@]}"; do printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = soak\n\n' "$a"; done
         for a in "${READERS[@]}"; do printf '[node %s]\nrole = IMAGING_CENTRE\ncommunity = soak\nservices = imaging.ct\n\n' "$a"; done
@@ -685,6 +687,7 @@ scenario_crowd() {
         printf '[broker]\nid = %s\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s/data/broker\n' "$BROKER_ID" "$PORT" "$D"
         printf 'ca = %s/pki/ca.crt\ncert = %s/pki/%s.crt\nkey = %s/pki/%s.key\n' "$D" "$D" "$BROKER_ID" "$D" "$BROKER_ID"
         printf 'log_level = warn\nheartbeat_ms = 2000\nhandshake_timeout_ms = 3000\n\n'
+        printf '[http]\nlisten = 127.0.0.1:0\n\n'
         printf '[node county.crowd.hospital]\nrole = COUNTY_HOSPITAL\ncommunity = crowd\n\n'
         for i in "${ids[@]}"; do printf '[node %s]\nrole = TOWNSHIP_CLINIC\ncommunity = crowd\n\n' "$i"; done
         printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\n\n[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\n'

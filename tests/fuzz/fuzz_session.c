@@ -84,6 +84,10 @@ static const char s_config[] =
     "timer_ms = 60000\n"
     "notify_delivered = yes\n"
     "\n"
+    /* No HTTP endpoint: the fuzzer drives sessions only, and the default
+     * port would collide between parallel runs. */
+    "[http]\nlisten =\n"
+    "\n"
     "[node township.xinzhan.clinic]\nrole = TOWNSHIP_CLINIC\ncommunity = zhaozhou\n"
     "name = Xinzhan Township Health Centre\n"
     "[node village.beiwang.clinic]\nrole = VILLAGE_CLINIC\ncommunity = zhaozhou\n"

@@ -82,6 +82,8 @@ static void s_write(const char *path, const char *content)
     fclose(f);
 }
 
+const char *h_http_ini;
+
 void h_world_init(h_world_t *w, const char *extra)
 {
     memset(w, 0, sizeof *w);
@@ -141,9 +143,19 @@ void h_world_init(h_world_t *w, const char *extra)
              "[acl CITY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n\n"
              "[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
-             "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n",
+             "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
+             "\n[http]\n%s\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
-             H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY);
+             H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
+             h_http_ini ? h_http_ini : "listen = 127.0.0.1:0");
+    /* Off only when the test's [http] says "listen =" with nothing after. */
+    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : "listen = 1";
+    if (hl) {
+        hl += strlen("listen");
+        while (*hl == ' ' || *hl == '\t' || *hl == '=')
+            hl++;
+    }
+    w->http_on = hl && *hl && *hl != '\n' && *hl != '\r';
     s_write(path, buf);
 }
 
@@ -164,6 +176,33 @@ static pid_t s_spawn(const char *log, char *const argv[])
     return pid;
 }
 
+#define S_HTTP_LINE "http: listening on "
+
+/* The port of the last "http: listening on ADDR:PORT" line of broker.log. */
+static int s_http_port_of(const h_world_t *w)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/broker.log", w->dir);
+    char *s = h_slurp(path);
+    if (!s)
+        return 0;
+    char *last = NULL;
+    for (char *p = s; (p = strstr(p, S_HTTP_LINE)); p++)
+        last = p;
+    int port = 0;
+    if (last) {
+        char *end = last + strlen(S_HTTP_LINE);
+        while (*end && *end != ' ' && *end != '\n')
+            end++;
+        char *colon = end;
+        while (colon > last && *colon != ':')
+            colon--;
+        port = atoi(colon + 1);
+    }
+    free(s);
+    return port;
+}
+
 static int s_port_open(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -181,8 +220,10 @@ void h_broker_start(h_world_t *w)
     snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
     snprintf(log, sizeof log, "%s/broker.log", w->dir);
     char *argv[] = {bin, "--config", cfg, NULL};
+    int http_lines = h_log_contains(w, "broker.log", S_HTTP_LINE);
     w->broker = s_spawn(log, argv);
     w->broker_starts++;
+    w->http_port = 0;
     long deadline = s_now_ms() + 15000;
     while (s_now_ms() < deadline) {
         int st;
@@ -190,8 +231,20 @@ void h_broker_start(h_world_t *w)
             w->broker = 0;
             cr_assert_fail("medlinkd exited at start-up, see %s", log);
         }
-        if (s_port_open(w->port))
-            return;
+        if (s_port_open(w->port)) {
+            if (!w->http_on)
+                return;
+            /* The HTTP endpoint starts right after the agents' port. */
+            while (s_now_ms() < deadline) {
+                if (h_log_contains(w, "broker.log", S_HTTP_LINE) > http_lines) {
+                    w->http_port = s_http_port_of(w);
+                    cr_assert(w->http_port > 0, "no HTTP port in %s", log);
+                    return;
+                }
+                h_sleep_ms(20);
+            }
+            break;
+        }
         h_sleep_ms(20);
     }
     cr_assert_fail("medlinkd did not listen within 15 s, see %s", log);
@@ -703,4 +756,110 @@ ml_keyring_t *h_store_keys(const h_world_t *w, const char *node)
     ml_keyring_t *keys = NULL;
     cr_assert_eq(ml_keyring_load(path, NULL, 0, &keys, err, sizeof err), 0, "%s", err);
     return keys;
+}
+
+int h_http_raw(int port, const char *request, size_t reqlen, char **reply, size_t *len,
+               int timeout_ms)
+{
+    *reply = NULL;
+    if (len)
+        *len = 0;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    long deadline = s_now_ms() + timeout_ms;
+    size_t off = 0;
+    while (off < reqlen) {
+        ssize_t n = send(fd, request + off, reqlen - off, MSG_NOSIGNAL);
+        if (n <= 0)
+            break; /* the server may answer (431) before it has read it all */
+        off += (size_t)n;
+    }
+    size_t cap = 4096, got = 0;
+    char *buf = malloc(cap);
+    cr_assert(buf);
+    int rc = 0;
+    for (;;) {
+        long left = deadline - s_now_ms();
+        if (left <= 0) {
+            rc = -2;
+            break;
+        }
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, (int)left) <= 0)
+            continue;
+        if (got + 4096 > cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            cr_assert(buf);
+        }
+        ssize_t n = recv(fd, buf + got, cap - got - 1, 0);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    if (off < reqlen && got == 0) {
+        free(buf);
+        return -1;
+    }
+    *reply = buf;
+    if (len)
+        *len = got;
+    return rc;
+}
+
+int h_http_get_hdr(const h_world_t *w, const char *path, const char *headers, int *status,
+                   char **head, char **body, size_t *len)
+{
+    *status = 0;
+    if (head)
+        *head = NULL;
+    if (body)
+        *body = NULL;
+    if (len)
+        *len = 0;
+    char req[8192];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n%s\r\n", path,
+                     headers ? headers : "");
+    cr_assert(n > 0 && (size_t)n < sizeof req);
+    char *reply = NULL;
+    size_t rlen = 0;
+    h_http_raw(w->http_port, req, (size_t)n, &reply, &rlen, 10000);
+    if (!reply)
+        return -1;
+    char *sep = strstr(reply, "\r\n\r\n");
+    if (strncmp(reply, "HTTP/1.", 7) != 0 || !sep) {
+        free(reply);
+        return -1;
+    }
+    *status = atoi(reply + 9);
+    size_t hlen = (size_t)(sep - reply) + 2;
+    if (head) {
+        *head = strndup(reply, hlen);
+        cr_assert(*head);
+    }
+    size_t blen = rlen - (hlen + 2);
+    if (body) {
+        *body = malloc(blen + 1);
+        cr_assert(*body);
+        memcpy(*body, sep + 4, blen);
+        (*body)[blen] = '\0';
+    }
+    if (len)
+        *len = blen;
+    free(reply);
+    return 0;
+}
+
+int h_http_get(const h_world_t *w, const char *path, int *status, char **body, size_t *len)
+{
+    return h_http_get_hdr(w, path, NULL, status, NULL, body, len);
 }

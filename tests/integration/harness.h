@@ -32,7 +32,16 @@ typedef struct {
     int broker_starts;
     struct h_link *link;    /* the slow link, once h_link_start made it */
     char link_endpoint[64]; /* where agents connect to go through it */
+    int http_on;            /* the config has an [http] listen */
+    int http_port;          /* the broker's HTTP port, learnt by h_broker_start (0: off) */
 } h_world_t;
+
+/* The body of the [http] section of the broker configs h_world_init writes
+ * after it is set (NULL: "listen = 127.0.0.1:0", a port the system picks,
+ * so that tests in parallel never collide; h_broker_start reads the port
+ * from the broker's "http: listening on" log line). A test sets it before
+ * h_world_init and clears it; "listen =" turns the endpoint off. */
+extern const char *h_http_ini;
 
 /* Makes the folder, PKI (CA + broker, county, two clinics, ops) and the
  * broker config. Aborts the test on failure. extra_broker_ini is appended
@@ -101,5 +110,24 @@ struct ml_keyring *h_store_keys(const h_world_t *w, const char *node);
 /* Sum of matches of needle in a log file of the world (broker.log, agent-<node>.log). */
 int h_log_contains(const h_world_t *w, const char *log, const char *needle);
 void h_sleep_ms(int ms);
+
+/* A tiny blocking HTTP/1.0 client over 127.0.0.1: sends request (the raw
+ * bytes, e.g. "GET / HTTP/1.0\r\n\r\n") to port and reads until the server
+ * closes or timeout_ms pass. *reply (malloc'd, NUL-terminated, caller
+ * frees) and *len get what came back. Returns 0, or -1 when it could not
+ * connect or send (nothing in *reply then), or -2 on the timeout (what came
+ * until then is in *reply). */
+int h_http_raw(int port, const char *request, size_t reqlen, char **reply, size_t *len,
+               int timeout_ms);
+/* GET path from the broker's HTTP endpoint (w->http_port) with HTTP/1.0 and
+ * a 10 s timeout: *status is the reply's status (0 if none could be read),
+ * *body (malloc'd, NUL-terminated; may be NULL when not wanted) and *len
+ * (may be NULL) its body. Returns 0 once a reply came, -1 otherwise. */
+int h_http_get(const h_world_t *w, const char *path, int *status, char **body, size_t *len);
+/* The same with extra request header lines, each ending in "\r\n" (e.g.
+ * "Accept-Language: zh-CN\r\n"; NULL: none); *head (may be NULL) gets the
+ * reply's status line and headers (malloc'd). */
+int h_http_get_hdr(const h_world_t *w, const char *path, const char *headers, int *status,
+                   char **head, char **body, size_t *len);
 
 #endif

@@ -4,15 +4,10 @@
  * it), deadlines missed; then the page must count each, pass `promtool
  * check metrics` without a word, and after a restart still show the open
  * cases and the dead letter it counts from the store. */
-#include <arpa/inet.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
 
 #include <criterion/criterion.h>
 
@@ -31,63 +26,14 @@ static void s_teardown(void)
 
 TestSuite(metrics, .fini = s_teardown, .timeout = 300);
 
-static int s_free_tcp_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(fd, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-/* GET path from 127.0.0.1:port over plain HTTP/1.1; returns the body
- * (malloc'd) and the status in *status. */
-static char *s_get(int port, const char *path, int *status)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(fd, 0);
-    struct timeval tv = {10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0, "cannot connect to :%d", port);
-    char rq[512];
-    int n =
-        snprintf(rq, sizeof rq,
-                 "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n", path, port);
-    cr_assert_eq(write(fd, rq, (size_t)n), n);
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    cr_assert_not_null(buf);
-    ssize_t r;
-    while ((r = read(fd, buf + len, cap - len - 1)) > 0) {
-        len += (size_t)r;
-        if (cap - len < 4096) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-            cr_assert_not_null(buf);
-        }
-    }
-    close(fd);
-    buf[len] = '\0';
-    cr_assert(sscanf(buf, "HTTP/1.%*d %d", status) == 1, "no HTTP status line: %.200s", buf);
-    char *body = strstr(buf, "\r\n\r\n");
-    cr_assert_not_null(body, "no end of headers");
-    char *out = strdup(body + 4);
-    cr_assert_not_null(out);
-    free(buf);
-    return out;
-}
-
-static char *s_metrics(int port)
+/* GET /metrics from the broker's HTTP endpoint (the harness gives every
+ * world one, on a port of the system's choosing). */
+static char *s_metrics(void)
 {
     int status = 0;
-    char *body = s_get(port, "/metrics", &status);
-    cr_assert_eq(status, 200, "GET /metrics: %d %s", status, body);
+    char *body = NULL;
+    cr_assert_eq(h_http_get(&W, "/metrics", &status, &body, NULL), 0, "GET /metrics: no reply");
+    cr_assert_eq(status, 200, "GET /metrics: %d %s", status, body ? body : "");
     return body;
 }
 
@@ -103,12 +49,12 @@ static double s_value(const char *page, const char *series)
 }
 
 /* Fetches the page until series has value want (up to timeout_ms). */
-static char *s_wait_value(int port, const char *series, double want, int timeout_ms)
+static char *s_wait_value(const char *series, double want, int timeout_ms)
 {
     char *page = NULL;
     for (int waited = 0;; waited += 100) {
         free(page);
-        page = s_metrics(port);
+        page = s_metrics();
         if (s_value(page, series) == want)
             return page;
         if (waited >= timeout_ms)
@@ -147,21 +93,16 @@ static void s_promtool(const char *page, const char *name)
 }
 
 /* Waits until the client's node shows as online on the page. */
-static void s_wait_online(int port, const char *node)
+static void s_wait_online(const char *node)
 {
     char series[200];
     snprintf(series, sizeof series, "medlink_node_online{node=\"%s\"}", node);
-    free(s_wait_value(port, series, 1, 10000));
+    free(s_wait_value(series, 1, 10000));
 }
 
 Test(metrics, exposition_counts_and_passes_promtool)
 {
-    int port = s_free_tcp_port();
-    char extra[300];
-    snprintf(extra, sizeof extra,
-             "timer_ms = 100\n[deadlines]\nreferral = ACCEPTED 1s\n[http]\nlisten = 127.0.0.1:%d\n",
-             port);
-    h_world_init(&W, extra);
+    h_world_init(&W, "timer_ms = 100\n[deadlines]\nreferral = ACCEPTED 1s\n");
     h_broker_start(&W);
 
     cli_t clinic, county, city, ops;
@@ -169,7 +110,7 @@ Test(metrics, exposition_counts_and_passes_promtool)
     cli_open(&county, &W, H_COUNTY, 1);
     cli_open(&city, &W, H_CITY, 1);
     cli_open(&ops, &W, H_OPS, 1);
-    s_wait_online(port, H_COUNTY);
+    s_wait_online(H_COUNTY);
 
     /* One referral delivered and acked by the county hospital. */
     cli_referral_t r;
@@ -188,13 +129,13 @@ Test(metrics, exposition_counts_and_passes_promtool)
     for (int i = 0; i < 100 && h_log_contains(&W, "broker.log", "is a dead letter") == 0; i++)
         cli_run_until(&city, cli_got_n, (int[]){1000000}, 100);
 
-    char *page = s_wait_value(port, "medlink_dead_letters", 1, 10000);
+    char *page = s_wait_value("medlink_dead_letters", 1, 10000);
     free(page);
     /* Neither referral is ACCEPTED within its 1 s deadline: both are
      * overdue and escalated. Keep the clients' loops turning meanwhile. */
     for (int i = 0; i < 30; i++)
         cli_run_until(&ops, cli_got_n, (int[]){1000000}, 50);
-    page = s_wait_value(port, "medlink_cases_overdue", 2, 15000);
+    page = s_wait_value("medlink_cases_overdue", 2, 15000);
 
     s_expect(page, "medlink_build_info{version=\"0.1.0\"}", 1);
     cr_assert(s_value(page, "medlink_start_time_seconds") > 1.7e9);
@@ -253,7 +194,7 @@ Test(metrics, exposition_counts_and_passes_promtool)
     cli_close(&ops);
     h_broker_stop(&W);
     h_broker_start(&W);
-    page = s_metrics(port);
+    page = s_metrics();
     s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"sent\"}", 1);
     s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1);
     s_expect(page, "medlink_dead_letters", 1);
@@ -266,12 +207,12 @@ Test(metrics, exposition_counts_and_passes_promtool)
 }
 
 /* Fetches the page until series is at least min (up to timeout_ms). */
-static char *s_wait_at_least(int port, const char *series, double min, int timeout_ms, cli_t *c)
+static char *s_wait_at_least(const char *series, double min, int timeout_ms, cli_t *c)
 {
     char *page = NULL;
     for (int waited = 0;; waited += 100) {
         free(page);
-        page = s_metrics(port);
+        page = s_metrics();
         if (s_value(page, series) >= min)
             return page;
         if (waited >= timeout_ms)
@@ -290,10 +231,7 @@ static char *s_wait_at_least(int port, const char *series, double min, int timeo
  * next update shows with the certificates' expiry. */
 Test(metrics, tls_failures_by_reason_and_crl_expiry)
 {
-    int port = s_free_tcp_port();
-    char extra[300];
-    snprintf(extra, sizeof extra, "crl = pki/crl.pem\n[http]\nlisten = 127.0.0.1:%d\n", port);
-    h_world_init(&W, extra);
+    h_world_init(&W, "crl = pki/crl.pem\n");
     int st = 0;
     char *out = h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --revoke %s 2>&1",
                       getenv("ML_SOURCE_DIR"), W.pki, H_XINZHAN);
@@ -302,8 +240,8 @@ Test(metrics, tls_failures_by_reason_and_crl_expiry)
     h_broker_start(&W);
     cli_t stolen;
     cli_start(&stolen, &W, H_XINZHAN, 0, H_BROKER, 1);
-    char *page = s_wait_at_least(port, "medlink_tls_handshake_failures_total{reason=\"revoked\"}",
-                                 1, 15000, &stolen);
+    char *page = s_wait_at_least("medlink_tls_handshake_failures_total{reason=\"revoked\"}", 1,
+                                 15000, &stolen);
     s_expect(page, "medlink_sessions{state=\"ready\"}", 0);
     s_expect(page, "medlink_node_online{node=\"" H_XINZHAN "\"}", 0);
     s_expect(page, "medlink_tls_handshake_failures_total{reason=\"unknown_ca\"}", 0);
@@ -339,10 +277,7 @@ static void s_update(cli_t *c, const char *to, const char *case_id, int st)
  * when it is final; the opener's quota use goes back down. */
 Test(metrics, open_cases_follow_the_case_states)
 {
-    int port = s_free_tcp_port();
-    char extra[300];
-    snprintf(extra, sizeof extra, "[http]\nlisten = 127.0.0.1:%d\n", port);
-    h_world_init(&W, extra);
+    h_world_init(&W, NULL);
     h_broker_start(&W);
     cli_t clinic, county;
     cli_open(&clinic, &W, H_XINZHAN, 1);
@@ -354,16 +289,16 @@ Test(metrics, open_cases_follow_the_case_states)
     const char *case_id = county.got[0]->case_id;
 
     char *page =
-        s_wait_value(port, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1, 10000);
+        s_wait_value("medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 1, 10000);
     s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"sent\"}", 0);
     free(page);
     s_update(&county, H_XINZHAN, case_id, MEDLINK__V1__REFERRAL_STATUS__REFERRAL_ACCEPTED);
-    page = s_wait_value(port, "medlink_cases_open{kind=\"referral\",state=\"accepted\"}", 1, 10000);
+    page = s_wait_value("medlink_cases_open{kind=\"referral\",state=\"accepted\"}", 1, 10000);
     s_expect(page, "medlink_cases_open{kind=\"referral\",state=\"delivered\"}", 0);
     s_expect(page, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 1);
     free(page);
     s_update(&clinic, H_COUNTY, case_id, MEDLINK__V1__REFERRAL_STATUS__REFERRAL_CANCELLED);
-    page = s_wait_value(port, "medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 0, 10000);
+    page = s_wait_value("medlink_node_open_cases{node=\"" H_XINZHAN "\"}", 0, 10000);
     for (const char *p = page; (p = strstr(p, "\nmedlink_cases_open{")) != NULL; p++)
         cr_assert(strtod(strstr(p, "} ") + 2, NULL) == 0, "a final case still counts: %.80s",
                   p + 1);
