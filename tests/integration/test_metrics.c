@@ -5,6 +5,7 @@
  * check metrics` without a word, and after a restart still show the open
  * cases and the dead letter it counts from the store. */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -306,4 +307,64 @@ Test(metrics, open_cases_follow_the_case_states)
     free(page);
     cli_close(&clinic);
     cli_close(&county);
+}
+
+/* Replaces the first occurrence of old in the broker's config file. */
+static void s_edit_config(const char *old, const char *new_text)
+{
+    char path[700];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", W.dir);
+    char *text = h_slurp(path);
+    cr_assert_not_null(text);
+    char *at = strstr(text, old);
+    cr_assert(at, "\"%s\" is not in %s", old, path);
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fwrite(text, 1, (size_t)(at - text), f);
+    fputs(new_text, f);
+    fputs(at + strlen(old), f);
+    fclose(f);
+    free(text);
+}
+
+/* A label value from outside the broker (here the CRL's file name, with a
+ * quote and a backslash in it) is escaped as the format asks, and a node a
+ * reload removes leaves every per-node family. */
+Test(metrics, labels_escaped_and_removed_node_omitted)
+{
+    h_world_init(&W, "crl = pki/q\"uo\\te.pem\n");
+    int st = 0;
+    char *out =
+        h_run(&st, "'%s/deploy/pki.sh' --dir '%s' --crl 2>&1 && cp '%s/crl.pem' '%s/q\"uo\\te.pem'",
+              getenv("ML_SOURCE_DIR"), W.pki, W.pki, W.pki);
+    cr_assert_eq(st, 0, "pki.sh --crl: %s", out);
+    free(out);
+    h_broker_start(&W);
+    char *page = s_metrics();
+    char want[900];
+    snprintf(want, sizeof want, "medlink_tls_expiry_seconds{kind=\"crl\",name=\"");
+    const char *crl = strstr(page, want);
+    cr_assert(crl, "no CRL expiry:\n%s", page);
+    cr_assert(strstr(crl, "/q\\\"uo\\\\te.pem\"} "), "the CRL's name is not escaped: %.300s", crl);
+    s_promtool(page, "metrics-escaped.txt");
+    s_expect(page, "medlink_node_online{node=\"" H_FENGLE "\"}", 0);
+    s_expect(page, "medlink_nodes{state=\"offline\"}", 7);
+    free(page);
+
+    s_edit_config("[node " H_FENGLE
+                  "]\nrole = TOWNSHIP_CLINIC\ncommunity = zhaozhou\nname = Fengle "
+                  "Township Health Centre\n",
+                  "");
+    int before = h_log_contains(&W, "broker.log", "reloaded");
+    cr_assert_eq(kill(W.broker, SIGHUP), 0);
+    for (int waited = 0; h_log_contains(&W, "broker.log", "reloaded") == before; waited += 50) {
+        cr_assert(waited < 10000, "the broker never logged its reload");
+        h_sleep_ms(50);
+    }
+    page = s_wait_value("medlink_nodes{state=\"offline\"}", 6, 10000);
+    cr_assert_null(strstr(page, "node=\"" H_FENGLE "\""), "a removed node still has series:\n%s",
+                   page);
+    s_expect(page, "medlink_node_online{node=\"" H_XINZHAN "\"}", 0);
+    s_promtool(page, "metrics-removed.txt");
+    free(page);
 }
