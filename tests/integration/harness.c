@@ -796,8 +796,9 @@ int h_http_raw(int port, const char *request, size_t reqlen, char **reply, size_
             continue;
         if (got + 4096 > cap) {
             cap *= 2;
-            buf = realloc(buf, cap);
-            cr_assert(buf);
+            char *nb = realloc(buf, cap);
+            cr_assert(nb);
+            buf = nb;
         }
         ssize_t n = recv(fd, buf + got, cap - got - 1, 0);
         if (n <= 0)

@@ -55,8 +55,8 @@ static char *s_raw(const char *req, size_t len)
 {
     char *reply = NULL;
     size_t rlen = 0;
-    int rc = h_http_raw(W.http_port, req, len, &reply, &rlen, 15000);
-    cr_assert(reply, "no reply to %.40s (rc %d)", req, rc);
+    h_http_raw(W.http_port, req, len, &reply, &rlen, 15000);
+    cr_assert(reply, "no reply to %.40s", req);
     return reply;
 }
 
@@ -398,7 +398,7 @@ Test(http, forty_slow_clients_do_not_hold_up_the_loop)
         free(ref);
         /* The slow ones dribble on. */
         for (int i = N / 3; i < 2 * N / 3; i++)
-            send(fds[i], req + 5 + (m < 20 ? m : 19), 1, MSG_NOSIGNAL);
+            send(fds[i], req + 5 + m, 1, MSG_NOSIGNAL);
     }
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 10, 30000), 10,
                  "referrals not delivered while slow HTTP clients hung on");
@@ -412,8 +412,9 @@ Test(http, forty_slow_clients_do_not_hold_up_the_loop)
     long answered = s_now_ms() - t1;
     free(body);
     cr_assert_lt(answered, 2000, "healthz took %ld ms next to 40 slow clients", answered);
-    cr_log_info("10 referrals delivered in %ld ms with %d slow HTTP clients; healthz in %ld ms",
-                took, N, answered);
+    fprintf(stderr,
+            "10 referrals delivered in %ld ms with %d slow HTTP clients; healthz in %ld ms\n", took,
+            N, answered);
     for (int i = 0; i < N; i++)
         close(fds[i]);
     h_broker_stop(&W);
@@ -449,7 +450,7 @@ typedef struct {
 
 static void s_tls_open(s_tls_t *t, const char *node)
 {
-    char ca[700], crt[700], key[700];
+    char ca[700];
     snprintf(ca, sizeof ca, "%s/ca.crt", W.pki);
     t->ctx = SSL_CTX_new(TLS_client_method());
     cr_assert(t->ctx);
@@ -457,6 +458,7 @@ static void s_tls_open(s_tls_t *t, const char *node)
     cr_assert_eq(SSL_CTX_load_verify_locations(t->ctx, ca, NULL), 1);
     SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
     if (node) {
+        char crt[700], key[700];
         snprintf(crt, sizeof crt, "%s/%s.crt", W.pki, node);
         snprintf(key, sizeof key, "%s/%s.key", W.pki, node);
         cr_assert_eq(SSL_CTX_use_certificate_chain_file(t->ctx, crt), 1, "%s", crt);
