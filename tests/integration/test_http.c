@@ -700,3 +700,28 @@ Test(http, readyz_turns_503_once_the_store_fills_up)
     free(body);
     h_broker_stop(&W);
 }
+
+Test(http, listens_on_ipv6_loopback)
+{
+    int probe = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int have6 = probe >= 0 && bind(probe, (struct sockaddr *)&a, sizeof a) == 0;
+    if (probe >= 0)
+        close(probe);
+    if (!have6)
+        cr_skip_test("this host has no ::1");
+    s_start("listen = [::1]:0", NULL);
+    cr_assert_gt(W.http_port, 0);
+    cr_assert_gt(h_log_contains(&W, "broker.log", "http: listening on [::1]:"), 0);
+    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    a.sin6_port = htons((uint16_t)W.http_port);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0, "connect: %s", strerror(errno));
+    const char req[] = "GET /healthz HTTP/1.0\r\n\r\n";
+    cr_assert_eq(send(fd, req, sizeof req - 1, 0), (ssize_t)(sizeof req - 1));
+    char got[2048];
+    cr_assert_geq(s_wait_closed_got(fd, 10000, got, sizeof got), 0);
+    close(fd);
+    cr_assert(strncmp(got, "HTTP/1.1 200 ", 13) == 0, "%s", got);
+    cr_assert_eq(h_log_contains(&W, "broker.log", "is not a loopback address"), 0);
+    h_broker_stop(&W);
+}
