@@ -103,6 +103,7 @@ void h_world_init(h_world_t *w, const char *extra)
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
     char path[700], buf[8192];
     snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
+    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : NULL;
     snprintf(buf, sizeof buf,
              "[broker]\n"
              "id = %s\n"
@@ -144,18 +145,17 @@ void h_world_init(h_world_t *w, const char *extra)
              "[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
-             "\n[http]\n%s\n",
+             "\n[http]\n%s%s\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
              H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
-             h_http_ini ? h_http_ini : "listen = 127.0.0.1:0");
+             hl ? "" : "listen = 127.0.0.1:0\n", h_http_ini ? h_http_ini : "");
     /* Off only when the test's [http] says "listen =" with nothing after. */
-    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : "listen = 1";
     if (hl) {
         hl += strlen("listen");
         while (*hl == ' ' || *hl == '\t' || *hl == '=')
             hl++;
     }
-    w->http_on = hl && *hl && *hl != '\n' && *hl != '\r';
+    w->http_on = !hl || (*hl && *hl != '\n' && *hl != '\r');
     s_write(path, buf);
 }
 

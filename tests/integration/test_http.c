@@ -334,7 +334,7 @@ Test(http, idle_connection_closed_after_the_timeout_while_referrals_flow)
 
 Test(http, max_connections_are_refused_at_accept)
 {
-    s_start("listen = 127.0.0.1:0\nmax_connections = 3", NULL);
+    s_start("max_connections = 3", NULL);
     int fds[3];
     for (int i = 0; i < 3; i++)
         fds[i] = s_connect(W.http_port);
@@ -526,7 +526,7 @@ static int s_tls_get(const char *node, const char *path, char *out, size_t outle
 
 Test(http, tls_ops_certificate_200_clinic_403_none_refused)
 {
-    s_start("listen = 127.0.0.1:0\ntls = yes", NULL);
+    s_start("tls = yes", NULL);
     char reply[8192];
     cr_assert_geq(s_tls_get(H_OPS, "/healthz", reply, sizeof reply), 0);
     cr_assert(strncmp(reply, "HTTP/1.1 200 ", 13) == 0, "OPS: %s", reply);
@@ -598,7 +598,7 @@ Test(http, a_port_in_use_fails_the_start_naming_http_listen)
 
 Test(http, tls_revoked_ops_certificate_refused_after_reload)
 {
-    s_start("listen = 127.0.0.1:0\ntls = yes", NULL);
+    s_start("tls = yes", NULL);
     h_broker_stop(&W);
     /* With a CRL (empty at first). */
     char *out;
