@@ -176,31 +176,38 @@ static pid_t s_spawn(const char *log, char *const argv[])
     return pid;
 }
 
-#define S_HTTP_LINE "http: listening on "
-
-/* The port of the last "http: listening on ADDR:PORT" line of broker.log. */
-static int s_http_port_of(const h_world_t *w)
+/* The broker's "http: listening on ADDR:PORT (...)" lines in broker.log
+ * (in the text log format, or a JSON line of component "http" saying
+ * "listening on ADDR:PORT"): returns how many there are, and the port of
+ * the last one in *port (0 when none). */
+static int s_http_lines(const h_world_t *w, int *port)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/broker.log", w->dir);
     char *s = h_slurp(path);
+    *port = 0;
     if (!s)
         return 0;
-    char *last = NULL;
-    for (char *p = s; (p = strstr(p, S_HTTP_LINE)); p++)
-        last = p;
-    int port = 0;
-    if (last) {
-        char *end = last + strlen(S_HTTP_LINE);
-        while (*end && *end != ' ' && *end != '\n')
-            end++;
-        char *colon = end;
-        while (colon > last && *colon != ':')
-            colon--;
-        port = atoi(colon + 1);
+    int n = 0;
+    for (char *line = s; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        char *at = strstr(line, "listening on ");
+        if (at && (strstr(line, " http: ") || strstr(line, "\"http\""))) {
+            char *end = at + strlen("listening on ");
+            while (*end && *end != ' ' && *end != '"')
+                end++;
+            char *colon = end;
+            while (colon > at && *colon != ':')
+                colon--;
+            *port = atoi(colon + 1);
+            n++;
+        }
+        line = nl ? nl + 1 : NULL;
     }
     free(s);
-    return port;
+    return n;
 }
 
 static int s_port_open(int port)
@@ -220,7 +227,8 @@ void h_broker_start(h_world_t *w)
     snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
     snprintf(log, sizeof log, "%s/broker.log", w->dir);
     char *argv[] = {bin, "--config", cfg, NULL};
-    int http_lines = h_log_contains(w, "broker.log", S_HTTP_LINE);
+    int port = 0;
+    int http_lines = s_http_lines(w, &port);
     w->broker = s_spawn(log, argv);
     w->broker_starts++;
     w->http_port = 0;
@@ -236,8 +244,8 @@ void h_broker_start(h_world_t *w)
                 return;
             /* The HTTP endpoint starts right after the agents' port. */
             while (s_now_ms() < deadline) {
-                if (h_log_contains(w, "broker.log", S_HTTP_LINE) > http_lines) {
-                    w->http_port = s_http_port_of(w);
+                if (s_http_lines(w, &port) > http_lines) {
+                    w->http_port = port;
                     cr_assert(w->http_port > 0, "no HTTP port in %s", log);
                     return;
                 }
