@@ -252,7 +252,6 @@ static void s_conn_close_cb(uv_handle_t *hd)
     s_conn_t *c = hd->data;
     s_server_t *h = c->h;
     if (--c->handles == 0) {
-        ml_tls_session_destroy(&c->tls);
         free(c->pending);
         free(c);
     }
@@ -273,6 +272,10 @@ static void s_conn_close(s_conn_t *c)
     if (c->next)
         c->next->prev = c->prev;
     h->n_conn--;
+    /* Now, not in the close callback: the session belongs to the broker's
+     * TLS context, which ml_broker_destroy frees before the loop runs the
+     * callbacks. Every path that uses it checks c->closing first. */
+    ml_tls_session_destroy(&c->tls);
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, s_conn_close_cb);
     uv_close((uv_handle_t *)&c->timer, s_conn_close_cb);
@@ -523,6 +526,14 @@ static void s_route(ml_broker_t *b, s_conn_t *c, const ml_http_req_t *rq, ml_htt
         /* The certificate verified against the community CA (and CRL);
          * what it may see is decided by the registry as it is now, so a
          * reload that removes an ops node shuts it out at once. */
+        char why[512];
+        if (ml_tls_session_recheck(c->tls, b->tls, why, sizeof why) != 0) {
+            /* Revoked (a CRL reloaded) while this keep-alive connection
+             * was open: as a new handshake would be refused. */
+            ml_http_error(resp, 403, "forbidden: %s", why);
+            c->close_after = 1;
+            return;
+        }
         const ml_node_t *n = ml_broker_config_node(b->cfg, c->peer);
         if (!n) {
             ml_http_error(resp, 403, "forbidden: %s is not a registered node", c->peer);
@@ -866,6 +877,13 @@ static void s_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     int rc = ml_tls_session_feed(c->tls, (const uint8_t *)buf->base, (size_t)nread);
     /* Handshake messages, or the alert of a refused handshake. */
     int frc = s_tls_flush(c);
+    if (rc == ML_ETLS && c->peer[0]) {
+        /* A broken record after the handshake: nothing to answer. */
+        ml_log(ML_LOG_DEBUG, S_COMPONENT, "TLS session with %s (%s) failed: %s", c->addr, c->peer,
+               ml_tls_session_error(c->tls));
+        s_conn_close(c);
+        return;
+    }
     if (rc == ML_ETLS) {
         uint64_t dropped = 0;
         s_server_t *h = c->h;
