@@ -368,3 +368,46 @@ Test(metrics, labels_escaped_and_removed_node_omitted)
     s_promtool(page, "metrics-removed.txt");
     free(page);
 }
+
+/* A dead letter replayed or purged leaves medlink_dead_letters; the total
+ * made since start-up stays. */
+Test(metrics, dead_letters_follow_replay_and_purge)
+{
+    h_world_init(&W, NULL);
+    h_broker_start(&W);
+    cli_t clinic, city, ops;
+    cli_open(&clinic, &W, H_XINZHAN, 1);
+    cli_open(&city, &W, H_CITY, 1);
+    cli_open(&ops, &W, H_OPS, 0);
+    city.answer = CLI_REFUSE;
+    char ids[2][ML_ULID_LEN + 1];
+    for (int i = 0; i < 2; i++) {
+        cli_referral_t r;
+        cli_referral(&r, H_XINZHAN, H_CITY, i ? "Metrics Purged" : "Metrics Replayed", 0);
+        cli_expect_accepted(cli_send_wait(&clinic, &r.env), r.id);
+        snprintf(ids[i], sizeof ids[i], "%s", r.id);
+    }
+    for (int i = 0; i < 100 && h_log_contains(&W, "broker.log", "is a dead letter") < 2; i++)
+        cli_run_until(&city, cli_got_n, (int[]){1000000}, 100);
+    free(s_wait_value("medlink_dead_letters", 2, 10000));
+
+    /* The city hospital takes it this time. */
+    city.answer = CLI_ACK;
+    Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_REPLAY;
+    rq.message_id = ids[0];
+    cr_assert_eq(cli_admin(&ops, &rq)->affected, 1);
+    cr_assert(cli_run_until(&city, cli_got_n, (int[]){3}, 10000), "the replay was not delivered");
+    char *page = s_wait_value("medlink_dead_letters", 1, 10000);
+    free(page);
+    rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_PURGE;
+    rq.message_id = ids[1];
+    cr_assert_eq(cli_admin(&ops, &rq)->affected, 1);
+    page = s_wait_value("medlink_dead_letters", 0, 10000);
+    s_expect(page, "medlink_dead_letters_total", 2);
+    s_expect(page, "medlink_escalations_total{reason=\"dead_letter\"}", 2);
+    free(page);
+    cli_close(&clinic);
+    cli_close(&city);
+    cli_close(&ops);
+}
