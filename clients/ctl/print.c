@@ -12,13 +12,10 @@
 #include <jansson.h>
 
 #include "build.h"
+#include "ml_adminjson.h"
 #include "ml_common.h"
 #include "ml_json.h"
 #include "ml_text.h"
-
-/* A string that is not UTF-8 (from a broker that let it through) is shown
- * replaced, rather than failing a whole list for one field (F6). */
-#define S_JSON_FLAGS (ML_JSON_PRETTY | ML_JSON_EMIT_DEFAULTS | ML_JSON_REPLACE_INVALID)
 
 /* ---- small helpers ---- */
 
@@ -111,10 +108,11 @@ static json_t *s_json_of(const ProtobufCMessage *msg)
     return j;
 }
 
-static int s_print_json_msg(const ProtobufCMessage *msg)
+/* What medlinkd's /api/v1 serves for the same reply (ml_adminjson.h). */
+static int s_print_admin_json(const Medlink__V1__AdminReply *rep, int what)
 {
     char *json = NULL, err[256];
-    if (ml_json_encode(msg, S_JSON_FLAGS, &json, err, sizeof err) < 0)
+    if (ml_admin_json(rep, what, &json, err, sizeof err) < 0)
         return ctl_fail(CTL_EXIT_FAIL, "cannot render JSON: %s", err);
     printf("%s\n", json);
     free(json);
@@ -196,7 +194,7 @@ static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     if (!st)
         return ctl_fail(CTL_EXIT_FAIL, "the broker's reply has no status");
     if (o->json)
-        return s_print_json_msg(&st->base);
+        return s_print_admin_json(rep, ML_ADMIN_JSON_STATUS);
     char a[32], b[32], c[32];
     int64_t now = st->now ? st->now : ml_now_ms();
     printf("broker    %s\n", s_e(st->broker));
@@ -274,7 +272,7 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     if (!c)
         return ctl_fail(CTL_EXIT_FAIL, "the broker's reply has no case");
     if (o->json)
-        return s_print_json_msg(&c->base);
+        return s_print_admin_json(rep, ML_ADMIN_JSON_CASE);
     int64_t now = ml_now_ms();
     char a[80], b[80], d[32];
     printf("case         %s\n", s_e(c->case_id));
@@ -323,17 +321,8 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 
 static int s_cases(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
-    if (o->json) {
-        json_t *arr = json_array();
-        for (size_t i = 0; arr && i < rep->n_cases; i++) {
-            json_t *j = s_json_of(&rep->cases[i]->base);
-            if (!j || json_array_append_new(arr, j) < 0) {
-                json_decref(arr);
-                return ctl_fail(CTL_EXIT_FAIL, "cannot render the cases as JSON");
-            }
-        }
-        return s_print_json(json_pack("{s:o}", "cases", arr));
-    }
+    if (o->json)
+        return s_print_admin_json(rep, ML_ADMIN_JSON_CASES);
     if (rep->n_cases == 0) {
         printf("no cases\n");
         return CTL_EXIT_OK;
@@ -360,17 +349,8 @@ static int s_cases(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 
 static int s_dlq_list(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
-    if (o->json) {
-        json_t *arr = json_array();
-        for (size_t i = 0; arr && i < rep->n_dead_letter; i++) {
-            json_t *j = s_json_of(&rep->dead_letter[i]->base);
-            if (!j || json_array_append_new(arr, j) < 0) {
-                json_decref(arr);
-                return ctl_fail(CTL_EXIT_FAIL, "cannot render the dead letters as JSON");
-            }
-        }
-        return s_print_json(json_pack("{s:o}", "deadLetter", arr));
-    }
+    if (o->json)
+        return s_print_admin_json(rep, ML_ADMIN_JSON_DLQ);
     if (rep->n_dead_letter == 0) {
         printf("no dead letters\n");
         return CTL_EXIT_OK;
