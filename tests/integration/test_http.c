@@ -725,3 +725,15 @@ Test(http, listens_on_ipv6_loopback)
     cr_assert_eq(h_log_contains(&W, "broker.log", "is not a loopback address"), 0);
     h_broker_stop(&W);
 }
+
+Test(http, port_learnt_from_a_json_log_too)
+{
+    s_start(NULL, "log_format = json\n");
+    cr_assert_gt(W.http_port, 0);
+    int status;
+    char *body;
+    cr_assert_eq(h_http_get(&W, "/healthz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200, "%d %s", status, body);
+    free(body);
+    h_broker_stop(&W);
+}
