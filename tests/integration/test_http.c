@@ -173,6 +173,13 @@ Test(http, post_is_405_with_allow_and_a_body_413)
     r = s_raw(chunked, sizeof chunked - 1);
     cr_assert(strncmp(r, "HTTP/1.1 413 ", 13) == 0, "%s", r);
     free(r);
+    /* An upgrade is not done: a plain reply, and the connection ends. */
+    const char up[] = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      "Upgrade: websocket\r\n\r\nGET /readyz HTTP/1.1\r\n\r\n";
+    r = s_raw(up, sizeof up - 1);
+    cr_assert(strncmp(r, "HTTP/1.1 200 ", 13) == 0, "%s", r);
+    cr_assert(strstr(r, "Connection: close\r\n") && !strstr(r, "ready"), "%s", r);
+    free(r);
     const char junk[] = "\x16\x03\x01 this is no HTTP\r\n\r\n";
     r = s_raw(junk, sizeof junk - 1);
     cr_assert(strncmp(r, "HTTP/1.1 400 ", 13) == 0, "%s", r);
