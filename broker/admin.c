@@ -15,19 +15,87 @@
 #include "cases.h"
 #include "http.h"
 #include "metrics.h"
+#include "ml_adminjson.h"
+#include "ml_text.h"
 
 #define S_LIMIT_DEFAULT 100
 #define S_LIMIT_MAX 10000
 
+/* Who asked: a medlinkctl session (the reply goes back as an AdminReply),
+ * or an /api/v1 request (the reply becomes the JSON medlinkctl --json
+ * prints for it, ml_adminjson.h). The read operations serve both. */
+typedef struct {
+    ml_session_t *s;      /* a session, or NULL */
+    ml_http_resp_t *http; /* an HTTP reply to fill, or NULL */
+    int json;             /* ML_ADMIN_JSON_* of the HTTP answer */
+    const char *who;      /* for log lines and timelines */
+} s_to_t;
+
 /* Every reply names the request it answers (AdminRequest.request_id). */
-static void s_send(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
-                   Medlink__V1__AdminReply *reply)
+static void s_answer(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
+                     Medlink__V1__AdminReply *reply)
 {
+    if (to->http) {
+        char *json = NULL, err[256];
+        if (ml_admin_json(reply, to->json, &json, err, sizeof err) != 0) {
+            ml_http_error(to->http, 500, "cannot render the answer: %s", err);
+            return;
+        }
+        to->http->status = 200;
+        to->http->content_type = "application/json";
+        ml_sbuf_puts(&to->http->body, json);
+        ml_sbuf_puts(&to->http->body, "\n");
+        free(json);
+        return;
+    }
     reply->request_id = rq && rq->request_id ? rq->request_id : (char *)"";
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
     env.admin_reply = reply;
-    ml_bk_reply(b, s, &env);
+    ml_bk_reply(b, to->s, &env);
+}
+
+static void s_fail(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void s_vfail(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
+                    const char *fmt, va_list ap)
+{
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    if (to->http) {
+        /* A sentence that begins "cannot" is the broker's own failure (a
+         * store read); the rest are about the request. */
+        ml_http_resp_t *r = to->http;
+        r->status = strncmp(msg, "cannot ", 7) == 0 ? 500 : strncmp(msg, "no ", 3) == 0 ? 404 : 400;
+        r->content_type = "application/json";
+        ml_sbuf_free(&r->body);
+        ml_sbuf_puts(&r->body, "{\"error\": \"");
+        ml_sbuf_json_str(&r->body, msg);
+        ml_sbuf_puts(&r->body, "\"}\n");
+        return;
+    }
+    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
+    reply.status = 1;
+    reply.error = msg;
+    s_answer(b, to, rq, &reply);
+}
+
+static void s_fail(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
+                   const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    s_vfail(b, to, rq, fmt, ap);
+    va_end(ap);
+}
+
+/* The same for the operations only a session may ask for. */
+static void s_send(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+                   Medlink__V1__AdminReply *reply)
+{
+    s_to_t to = {.s = s, .who = s->peer_id};
+    s_answer(b, &to, rq, reply);
 }
 
 static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
@@ -36,15 +104,11 @@ static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
 static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                     const char *fmt, ...)
 {
-    char msg[512];
+    s_to_t to = {.s = s, .who = s->peer_id};
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    s_vfail(b, &to, rq, fmt, ap);
     va_end(ap);
-    Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-    reply.status = 1;
-    reply.error = msg;
-    s_send(b, s, rq, &reply);
 }
 
 typedef struct {
@@ -72,7 +136,7 @@ static void s_count_cases(ml_broker_t *b, uint64_t *open, uint64_t *overdue, int
     *overdue = k.overdue;
 }
 
-static void s_admin_status(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
+static void s_admin_status(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq)
 {
     Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
@@ -163,7 +227,7 @@ static void s_admin_status(ml_broker_t *b, ml_session_t *s, const Medlink__V1__A
     st.n_expiry = n_ex;
     st.expiry = eip;
     reply.broker_status = &st;
-    s_send(b, s, rq, &reply);
+    s_answer(b, to, rq, &reply);
 out:
     free(si);
     free(sip);
@@ -287,10 +351,10 @@ static void s_event_cb(void *arg, const ml_store_event_t *e)
     ci->timeline[ci->n_timeline++] = t;
 }
 
-static void s_case_show(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
+static void s_case_show(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq)
 {
     if (!rq->case_id || !*rq->case_id) {
-        s_error(b, s, rq, "case show needs a case id");
+        s_fail(b, to, rq, "case show needs a case id");
         return;
     }
     s_cases_t k = {.now = ml_now_ms()};
@@ -301,32 +365,32 @@ static void s_case_show(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admi
         ml_bk_case_row(b, c, &row);
         s_case_cb(&k, &row);
     } else if (ml_store_case_get(b->store, rq->case_id, s_case_cb, &k) == ML_ENOTFOUND) {
-        s_error(b, s, rq, "no case %s", rq->case_id);
+        s_fail(b, to, rq, "no case %s", rq->case_id);
         return;
     }
     if (k.failed || k.n != 1) {
-        s_error(b, s, rq, "cannot read case %s", rq->case_id);
+        s_fail(b, to, rq, "cannot read case %s", rq->case_id);
         goto out;
     }
     if (ml_store_case_events(b->store, rq->case_id, s_event_cb, k.list[0]) != 0) {
-        s_error(b, s, rq, "cannot read the timeline of case %s", rq->case_id);
+        s_fail(b, to, rq, "cannot read the timeline of case %s", rq->case_id);
         goto out;
     }
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.case_info = k.list[0];
-    s_send(b, s, rq, &reply);
+    s_answer(b, to, rq, &reply);
 out:
     for (size_t i = 0; i < k.n; i++)
         s_case_info_free(k.list[i]);
     free(k.list);
 }
 
-static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
+static void s_cases(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq)
 {
     int kind = 0, state = -1;
     if (rq->case_kind && *rq->case_kind && ml_case_kind_parse(rq->case_kind, &kind) != 0) {
-        s_error(b, s, rq, "unknown case kind \"%s\" (expected referral, imaging or down_transfer)",
-                rq->case_kind);
+        s_fail(b, to, rq, "unknown case kind \"%s\" (expected referral, imaging or down_transfer)",
+               rq->case_kind);
         return;
     }
     if (rq->state && *rq->state) {
@@ -340,15 +404,15 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
             }
         }
         if (found == 0) {
-            s_error(b, s, rq, "unknown state \"%s\"%s%s", rq->state, kind ? " for a " : "",
-                    kind ? ml_case_kind_name(kind) : "");
+            s_fail(b, to, rq, "unknown state \"%s\"%s%s", rq->state, kind ? " for a " : "",
+                   kind ? ml_case_kind_name(kind) : "");
             return;
         }
         if (found > 1) {
-            s_error(b, s, rq,
-                    "state \"%s\" is a state of several case kinds: give the kind or the full "
-                    "name (e.g. REFERRAL_%s)",
-                    rq->state, rq->state);
+            s_fail(b, to, rq,
+                   "state \"%s\" is a state of several case kinds: give the kind or the full "
+                   "name (e.g. REFERRAL_%s)",
+                   rq->state, rq->state);
             return;
         }
         kind = fk;
@@ -361,12 +425,12 @@ static void s_cases(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
     int rc =
         ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit, s_case_cb, &k);
     if (rc != 0 || k.failed) {
-        s_error(b, s, rq, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
+        s_fail(b, to, rq, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
     } else {
         Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
         reply.n_cases = k.n;
         reply.cases = k.list;
-        s_send(b, s, rq, &reply);
+        s_answer(b, to, rq, &reply);
     }
     for (size_t i = 0; i < k.n; i++)
         s_case_info_free(k.list[i]);
@@ -488,19 +552,19 @@ void ml_bk_admin_free(ml_broker_t *b)
     }
 }
 
-static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
+static void s_dlq_list(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
                        int with_envelope)
 {
     s_deads_t k = {0};
     int rc;
     if (with_envelope) {
         if (!rq->message_id || !*rq->message_id) {
-            s_error(b, s, rq, "dlq show needs a message id");
+            s_fail(b, to, rq, "dlq show needs a message id");
             return;
         }
         rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
         if (rc == ML_ENOTFOUND) {
-            s_error(b, s, rq, "no dead letter %s", rq->message_id);
+            s_fail(b, to, rq, "no dead letter %s", rq->message_id);
             return;
         }
     } else {
@@ -511,8 +575,8 @@ static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admin
     uint8_t *blob = NULL;
     size_t blen = 0, n = 0;
     if (rc != 0 || k.failed || !items || !ptrs) {
-        s_error(b, s, rq, "cannot read the dead-letter queue: %s",
-                ml_strerror(rc ? rc : ML_ENOMEM));
+        s_fail(b, to, rq, "cannot read the dead-letter queue: %s",
+               ml_strerror(rc ? rc : ML_ENOMEM));
         goto out;
     }
     for (size_t i = 0; i < k.n; i++) {
@@ -525,7 +589,7 @@ static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admin
         n++;
     }
     if (with_envelope && n == 0) {
-        s_error(b, s, rq, "no dead letter %s (it is being replayed or purged)", rq->message_id);
+        s_fail(b, to, rq, "no dead letter %s (it is being replayed or purged)", rq->message_id);
         goto out;
     }
     if (with_envelope && ml_store_fetch(b->store, k.list[0].d.seq, &blob, &blen) == 0) {
@@ -537,21 +601,21 @@ static void s_dlq_list(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Admin
         const ml_store_dead_t *d = &k.list[0].d;
         ml_log(ML_LOG_WARN, "admin",
                "%s read the stored envelope of dead letter %s (%s of case %s for %s, %zu bytes)",
-               s->peer_id, d->id, ml_kind_name(d->kind), d->case_id, d->recipient, blen);
+               to->who, d->id, ml_kind_name(d->kind), d->case_id, d->recipient, blen);
         ml_case_t *c = ml_bk_case_for_row(b, d->case_id, d->kind);
         if (c) {
             char detail[300];
             snprintf(detail, sizeof detail,
                      "%s read the stored envelope of dead letter %s (%s) with medlinkctl dlq show",
-                     s->peer_id, d->id, ml_kind_name(d->kind));
-            ml_bk_case_event(b, c, s->peer_id, "dead letter read", d->id, d->kind, detail);
+                     to->who, d->id, ml_kind_name(d->kind));
+            ml_bk_case_event(b, c, to->who, "dead letter read", d->id, d->kind, detail);
             ml_bk_case_release(b, c);
         }
     }
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.n_dead_letter = n;
     reply.dead_letter = ptrs;
-    s_send(b, s, rq, &reply);
+    s_answer(b, to, rq, &reply);
 out:
     free(blob);
     free(items);
@@ -911,21 +975,22 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
            op ? op->name : "?", s_log_id(rq->request_id), rq->case_id && *rq->case_id ? " " : "",
            rq->case_id && *rq->case_id ? rq->case_id
                                        : (rq->message_id && *rq->message_id ? rq->message_id : ""));
+    s_to_t to = {.s = s, .who = s->peer_id};
     switch (rq->op) {
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
-        s_admin_status(b, s, rq);
+        s_admin_status(b, &to, rq);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_CASE_SHOW:
-        s_case_show(b, s, rq);
+        s_case_show(b, &to, rq);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_CASES:
-        s_cases(b, s, rq);
+        s_cases(b, &to, rq);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST:
-        s_dlq_list(b, s, rq, 0);
+        s_dlq_list(b, &to, rq, 0);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_SHOW:
-        s_dlq_list(b, s, rq, 1);
+        s_dlq_list(b, &to, rq, 1);
         break;
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_REPLAY:
         s_dlq_change(b, s, rq, 1);
@@ -944,10 +1009,91 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     }
 }
 
+/* ---- /api/v1 (http.h) --------------------------------------------------- */
+
+/* A query parameter into buf; 0 when absent, -1 after answering 400. */
+static int s_param(const ml_http_req_t *rq, ml_http_resp_t *resp, const char *name, char *buf,
+                   size_t len)
+{
+    int rc = ml_http_query_get(rq->query, name, buf, len);
+    if (rc < 0) {
+        ml_http_error(resp, 400, "query parameter %s: malformed or longer than %zu bytes", name,
+                      len - 1);
+        return -1;
+    }
+    if (rc == 0)
+        buf[0] = '\0';
+    return rc;
+}
+
+/* "1", "true", "yes" (and nothing else) are true. */
+static int s_truthy(const char *v)
+{
+    return strcmp(v, "1") == 0 || strcmp(v, "true") == 0 || strcmp(v, "yes") == 0;
+}
+
 int ml_bk_api(ml_broker_t *b, const ml_http_req_t *rq, ml_http_resp_t *resp)
 {
-    (void)b;
-    (void)rq;
-    (void)resp;
-    return 1;
+    static const char pre[] = "/api/v1/";
+    if (strncmp(rq->path, pre, sizeof pre - 1) != 0)
+        return 1;
+    const char *what = rq->path + sizeof pre - 1;
+    char who[300];
+    snprintf(who, sizeof who, "%s", rq->peer && *rq->peer ? rq->peer : "http");
+    s_to_t to = {.http = resp, .who = who};
+    Medlink__V1__AdminRequest q = MEDLINK__V1__ADMIN_REQUEST__INIT;
+    char state[64], kind[32], overdue[8], limit[16], case_id[ML_TEXT_ID_MAX + 1];
+    if (strcmp(what, "status") == 0 || strcmp(what, "nodes") == 0) {
+        to.json = what[0] == 's' ? ML_ADMIN_JSON_STATUS : ML_ADMIN_JSON_NODES;
+        s_admin_status(b, &to, &q);
+    } else if (strcmp(what, "cases") == 0) {
+        if (s_param(rq, resp, "state", state, sizeof state) < 0 ||
+            s_param(rq, resp, "kind", kind, sizeof kind) < 0 ||
+            s_param(rq, resp, "overdue", overdue, sizeof overdue) < 0 ||
+            s_param(rq, resp, "limit", limit, sizeof limit) < 0)
+            return 0;
+        q.state = state;
+        q.case_kind = kind;
+        q.overdue = s_truthy(overdue);
+        if (*limit) {
+            char *end;
+            unsigned long n = strtoul(limit, &end, 10);
+            if (*end || n == 0 || n > S_LIMIT_MAX) {
+                ml_http_error(resp, 400, "limit: expected a number from 1 to %d", S_LIMIT_MAX);
+                return 0;
+            }
+            q.limit = (uint32_t)n;
+        }
+        to.json = ML_ADMIN_JSON_CASES;
+        s_cases(b, &to, &q);
+    } else if (strncmp(what, "cases/", 6) == 0) {
+        /* One case with its timeline: where it is and what happened,
+         * never who it is about (CaseInfo has no patient data). */
+        if (!ml_text_id_valid(what + 6, ML_TEXT_ID_MAX)) {
+            ml_http_error(resp, 400, "not a case id");
+            return 0;
+        }
+        snprintf(case_id, sizeof case_id, "%s", what + 6);
+        q.case_id = case_id;
+        to.json = ML_ADMIN_JSON_CASE;
+        s_case_show(b, &to, &q);
+    } else if (strcmp(what, "dlq") == 0) {
+        if (s_param(rq, resp, "limit", limit, sizeof limit) < 0)
+            return 0;
+        if (*limit) {
+            char *end;
+            unsigned long n = strtoul(limit, &end, 10);
+            if (*end || n == 0 || n > S_LIMIT_MAX) {
+                ml_http_error(resp, 400, "limit: expected a number from 1 to %d", S_LIMIT_MAX);
+                return 0;
+            }
+            q.limit = (uint32_t)n;
+        }
+        to.json = ML_ADMIN_JSON_DLQ;
+        s_dlq_list(b, &to, &q, 0);
+    } else {
+        return 1;
+    }
+    ml_log(ML_LOG_DEBUG, "admin", "%s: GET %s -> %d", who, rq->path, resp->status);
+    return 0;
 }

@@ -74,8 +74,7 @@
 #include <stdint.h>
 
 #include "ml_check.h"
-
-enum { ML_LOG_FORMAT_TEXT = 0, ML_LOG_FORMAT_JSON = 1 };
+#include "ml_common.h" /* ML_LOG_FORMAT_TEXT / ML_LOG_FORMAT_JSON (ml_log_set_format) */
 
 enum {
     ML_ROLE_UNKNOWN = 0,

@@ -774,6 +774,12 @@ static void s_feed(s_conn_t *c, const char *data, size_t len)
                 s_send_error(c, 400, NULL, "bad request: %s", http_errno_description(e));
             return;
         }
+        if (used < n) {
+            /* Stopped without an error or a pause: an upgrade (the bytes
+             * after it are not HTTP), which this server does not do. */
+            s_send_error(c, 400, NULL, "bad request: protocol upgrades are not supported");
+            return;
+        }
         if (c->msg_bytes >= S_HEAD_MAX) {
             s_send_error(c, 431, NULL, "request header fields too large: at most %d bytes",
                          S_HEAD_MAX);

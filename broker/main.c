@@ -5,7 +5,11 @@
  *
  * Runs one libuv loop. SIGINT and SIGTERM shut it down cleanly: sessions get
  * close_notify, the store commits what it holds, and the process exits 0.
- * SIGHUP reloads the node registry, ACL, deadlines, limits and CRL. */
+ * SIGHUP reloads the node registry, ACL, deadlines, limits and CRL, and the
+ * log level and format. Under systemd (Type=notify) it says READY=1 once it
+ * listens with its store open and its queues scanned, RELOADING=1/READY=1
+ * around a reload and STOPPING=1 at shutdown, and pings the watchdog from
+ * its loop (lib/ml_sdnotify.h). */
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -19,10 +23,15 @@
 #include "config.h"
 #include "ml_common.h"
 #include "ml_lock.h"
+#include "ml_sdnotify.h"
 
 #define ML_VERSION "0.1.0"
 
 static ml_broker_t *s_broker;
+static ml_sdnotify_watchdog_t s_watchdog;
+static const char *s_config_path;
+/* --log-level given: it wins over log_level in the file, also at reloads. */
+static int s_level_from_cli;
 
 static void s_close_walk(uv_handle_t *h, void *arg)
 {
@@ -34,21 +43,64 @@ static void s_close_walk(uv_handle_t *h, void *arg)
 static void s_stop_cb(uv_signal_t *h, int signum)
 {
     ml_log(ML_LOG_INFO, "broker", "received %s; shutting down", strsignal(signum));
+    ml_sdnotify_stopping("shutting down");
+    ml_sdnotify_watchdog_close(&s_watchdog);
     ml_broker_destroy(&s_broker);
     /* The signal handles are ours (on the stack of main); close them so the
      * loop can end once the broker's handles have closed. */
     uv_walk(h->loop, s_close_walk, NULL);
 }
 
+/* The log level and format of the file, applied after a reload that
+ * succeeded. ml_broker_reload keeps its configuration to itself; the file
+ * is read once more here (it was valid a moment ago; if it no longer is,
+ * the running level and format stay). */
+static void s_reload_logging(void)
+{
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    char err[1024];
+    ml_broker_config_t *cfg = NULL;
+    if (ml_broker_config_load(s_config_path, &cfg, err, sizeof err) != 0) {
+        ml_log(ML_LOG_WARN, "broker", "reload: log level and format unchanged: %s", err);
+        return;
+    }
+    int was = ml_log_get_level();
+    if (!s_level_from_cli && cfg->log_level != was) {
+        /* Said under the more verbose of the two levels. */
+        if (cfg->log_level < was)
+            ml_log_set_level(cfg->log_level);
+        ml_log(ML_LOG_INFO, "broker", "reload: log_level %s -> %s", names[was & 3],
+               names[cfg->log_level & 3]);
+        ml_log_set_level(cfg->log_level);
+    }
+    if (cfg->log_format != ml_log_get_format()) {
+        ml_log_set_format(cfg->log_format);
+        ml_log(ML_LOG_INFO, "broker", "reload: log_format now %s",
+               cfg->log_format == ML_LOG_FORMAT_JSON ? "json" : "text");
+    }
+    ml_broker_config_destroy(&cfg);
+}
+
 /* SIGHUP: the registry, ACL, deadlines, limits and CRL are read again (see
- * ml_broker_reload); a file that does not load changes nothing. */
+ * ml_broker_reload), then the log level and format; a file that does not
+ * load changes nothing. systemd hears RELOADING=1 first and READY=1 when
+ * it is over, whatever the outcome (the old configuration keeps running). */
 static void s_reload_cb(uv_signal_t *h, int signum)
 {
     (void)h;
     ml_log(ML_LOG_INFO, "broker", "received %s; reloading the configuration", strsignal(signum));
-    if (s_broker) {
-        char err[512];
-        ml_broker_reload(s_broker, err, sizeof err);
+    if (!s_broker)
+        return;
+    ml_sdnotify_reloading("reloading the configuration");
+    char err[512];
+    if (ml_broker_reload(s_broker, err, sizeof err) == 0) {
+        s_reload_logging();
+        ml_sdnotify_ready("running; configuration reloaded");
+    } else {
+        char status[600];
+        snprintf(status, sizeof status, "running; reload refused, old configuration kept: %.400s",
+                 err);
+        ml_sdnotify_ready(status);
     }
 }
 
@@ -119,6 +171,8 @@ int main(int argc, char **argv)
         return 1;
     }
     ml_log_set_level(cfg->log_level);
+    ml_log_set_format(cfg->log_format);
+    s_config_path = config;
     size_t n_nodes = cfg->n_nodes;
     if (level) {
         int lv;
@@ -128,6 +182,7 @@ int main(int argc, char **argv)
             return 2;
         }
         ml_log_set_level(lv);
+        s_level_from_cli = 1;
     }
     if (check) {
         ml_check_t problems;
@@ -173,15 +228,24 @@ int main(int argc, char **argv)
     uv_signal_start(&sigint, s_stop_cb, SIGINT);
     uv_signal_start(&sigterm, s_stop_cb, SIGTERM);
     uv_signal_start(&sighup, s_reload_cb, SIGHUP);
+    char status[600];
+    snprintf(status, sizeof status, "listening on %s, %zu node(s) registered", cfg->listen,
+             n_nodes);
     if (ml_broker_new(&loop, &cfg, &s_broker, err, sizeof err) != 0) {
         fprintf(stderr, "medlinkd: %s\n", err);
+        ml_log(ML_LOG_ERROR, "broker", "cannot start: %s", err);
         ml_broker_config_destroy(&cfg);
         uv_walk(&loop, s_close_walk, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
         uv_loop_close(&loop);
         return 1;
     }
+    /* ml_broker_new has bound the listening socket, opened the store and
+     * scanned the queues: peers can be served from now on. */
+    ml_sdnotify_ready(status);
+    ml_sdnotify_watchdog_init(&loop, &s_watchdog);
     uv_run(&loop, UV_RUN_DEFAULT);
+    ml_sdnotify_watchdog_close(&s_watchdog);
     ml_broker_destroy(&s_broker);
     uv_run(&loop, UV_RUN_DEFAULT);
     int rc = uv_loop_close(&loop);

@@ -13,8 +13,11 @@
 #      arrived, two follow-ups, completed;
 #
 # printing each case's timeline (medlinkctl case show), then a refused route,
-# `medlinkctl cases` and `medlinkctl status`, and stops everything it
-# started. Exits non-zero if any step failed.
+# `medlinkctl cases` and `medlinkctl status`; then ops' view: a few lines of
+# the broker's Prometheus /metrics and a screenshot of its web status page
+# taken with headless Chromium (demo-run/status.png). It stops everything
+# it started and exits non-zero if any step failed. It builds only the three
+# programs it runs (not the tests, benchmarks and fuzz targets).
 #
 #   deploy/demo.sh          (leaves demo-run/ with configs, logs and data)
 set -euo pipefail
@@ -99,14 +102,10 @@ bmp() {
 }
 
 step "1. Dependencies and build"
-"$ROOT/deploy/setup.sh" --build-dir "$BUILD"
-if ! command -v img2dcm >/dev/null; then
-    # dcmtk makes the demo's DICOM study (only the demo needs it).
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dcmtk >/dev/null
-fi
+# dcmtk makes the demo's DICOM study, curl fetches /metrics and Chromium
+# takes the screenshot of the status page: only the demo needs them.
+ML_SETUP_EXTRA="dcmtk curl chromium ${ML_SETUP_EXTRA:-}" "$ROOT/deploy/setup.sh" \
+    --build-dir "$BUILD" --target medlinkd --target medlink-agent --target medlinkctl
 MEDLINKD="$BUILD/broker/medlinkd"
 AGENT="$BUILD/clients/agent/medlink-agent"
 CTL="$BUILD/clients/ctl/medlinkctl"
@@ -126,10 +125,14 @@ done
 
 PORT=${MEDLINK_DEMO_PORT:-7400}
 while port_busy "$PORT"; do PORT=$((PORT + 1)); done
+HTTP_PORT=${MEDLINK_DEMO_HTTP_PORT:-9474}
+while port_busy "$HTTP_PORT" || [ "$HTTP_PORT" -eq "$PORT" ]; do HTTP_PORT=$((HTTP_PORT + 1)); done
 for f in "$ROOT"/deploy/config/*.ini; do
-    sed "s#tcp://127.0.0.1:7400#tcp://127.0.0.1:$PORT#" "$f" >"$RUN/$(basename "$f")"
+    sed -e "s#tcp://127.0.0.1:7400#tcp://127.0.0.1:$PORT#" \
+        -e "s#^listen = 127.0.0.1:9474#listen = 127.0.0.1:$HTTP_PORT#" "$f" >"$RUN/$(basename "$f")"
 done
-echo "configs in $RUN (broker on tcp://127.0.0.1:$PORT)"
+grep -q "^listen = 127.0.0.1:$HTTP_PORT" "$RUN/medlinkd.ini" || fail "medlinkd.ini has no [http] listen"
+echo "configs in $RUN (broker on tcp://127.0.0.1:$PORT, ops' HTTP on 127.0.0.1:$HTTP_PORT)"
 # Every file each config names exists, keys are private and match their
 # certificates: the same check an operator runs before a start.
 "$MEDLINKD" --check-config "$RUN/medlinkd.ini"
@@ -264,7 +267,24 @@ ctl cases || fail "medlinkctl cases failed"
 echo
 ctl status || fail "medlinkctl status failed"
 
-step "9. Stop everything"
+step "9. Ops' view: Prometheus metrics and the web status page"
+URL="http://127.0.0.1:$HTTP_PORT"
+curl -fsS "$URL/healthz" >/dev/null || fail "$URL/healthz does not answer"
+curl -fsS "$URL/readyz" >/dev/null || fail "$URL/readyz says the broker is not ready"
+curl -fsS "$URL/metrics" >"$RUN/metrics.txt" || fail "cannot fetch $URL/metrics"
+echo "$URL/metrics ($(wc -l <"$RUN/metrics.txt") lines, all in $RUN/metrics.txt), a few of them:"
+grep -E '^medlink_nodes\{|^medlink_node_queue_messages\{|^medlink_cases_overdue |^medlink_dead_letters |^medlink_messages_accepted_total\{kind="referral' \
+    "$RUN/metrics.txt" | sed 's/^/  /' || fail "/metrics lacks the families the demo shows"
+grep -q '^medlink_nodes{state="online"} 6$' "$RUN/metrics.txt" || fail "/metrics does not count six nodes online"
+rm -rf "$RUN/chromium"
+chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$RUN/chromium" \
+    --window-size=1280,1100 --virtual-time-budget=5000 --screenshot="$RUN/status.png" "$URL/" \
+    >"$RUN/logs/chromium.log" 2>&1 || fail "headless Chromium could not load $URL/"
+[ "$(stat -c %s "$RUN/status.png" 2>/dev/null || echo 0)" -gt 10000 ] || fail "no screenshot of the status page"
+rm -rf "$RUN/chromium"
+echo "the web status page ($URL/, ?lang=zh for Chinese): screenshot in $RUN/status.png"
+
+step "10. Stop everything"
 rc=0
 for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${PIDS[@]}"; do

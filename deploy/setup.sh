@@ -2,7 +2,8 @@
 # Installs what medlink needs from Debian (only what is missing) and builds
 # it. Used by demo.sh and test.sh; safe to run again.
 #
-#   deploy/setup.sh [--build-dir DIR] [--fresh] [--no-build] [-- CMAKE_ARGS...]
+#   deploy/setup.sh [--build-dir DIR] [--fresh] [--no-build] [--target T]... [-- CMAKE_ARGS...]
+#   --target T builds only T (and what it needs), e.g. the three programs.
 #   ML_SETUP_EXTRA="pkg ..." installs those Debian packages too.
 set -euo pipefail
 
@@ -11,11 +12,13 @@ BUILD="$ROOT/build"
 FRESH=0
 BUILD_IT=1
 CMAKE_ARGS=()
+TARGETS=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --build-dir) BUILD="$2"; shift 2 ;;
     --fresh) FRESH=1; shift ;;
     --no-build) BUILD_IT=0; shift ;;
+    --target) TARGETS+=(--target "$2"); shift 2 ;;
     --) shift; CMAKE_ARGS+=("$@"); break ;;
     *) echo "setup.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -48,5 +51,5 @@ fi
 if [ "$BUILD_IT" -eq 1 ]; then
     if [ "$FRESH" -eq 1 ]; then rm -rf "$BUILD"; fi
     cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo "${CMAKE_ARGS[@]}" >/dev/null
-    cmake --build "$BUILD" -j "$(nproc)"
+    cmake --build "$BUILD" -j "$(nproc)" "${TARGETS[@]}"
 fi

@@ -260,6 +260,8 @@ if wants lint; then extra+=(cppcheck); fi
 if wants valgrind; then extra+=(valgrind); fi
 # promtool checks the /metrics page in the integration tests (test_metrics.c).
 if wants plain || wants asan; then extra+=(prometheus); fi
+# it_test_web loads the status page in headless Chromium.
+if wants plain || wants asan; then extra+=(chromium); fi
 if wants fuzz && [ -x "$ROOT/deploy/fuzz.sh" ]; then extra+=(clang libclang-rt-14-dev); fi
 ML_SETUP_EXTRA="${extra[*]}" "$ROOT/deploy/setup.sh" --no-build
 

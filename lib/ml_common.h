@@ -40,13 +40,34 @@ void ml_seterr(char *err, size_t errlen, const char *fmt, ...)
 
 /* Logging. Lines go to stderr as
  *   2026-11-22T13:36:48.123Z level component: message
- * so that journald and log files read the same. Thread-safe (one write(2)
- * per line). */
+ * (ML_LOG_FORMAT_TEXT, the default) or, for log shippers, as one JSON
+ * object per line (ML_LOG_FORMAT_JSON):
+ *   {"time":"2026-11-22T13:36:48.123Z","level":"info","component":"broker",
+ *    "message":"..."}
+ * When stderr is the journal's stream (systemd sets JOURNAL_STREAM to the
+ * device and inode of the stream it gives a service; they are compared with
+ * fstat(2) of stderr once, at the first line), each line starts with its
+ * syslog priority as sd-daemon(3) documents: <3> error, <4> warn, <6> info,
+ * <7> debug, so that journalctl -p filters by level. Text from peers is
+ * escaped in both formats (ml_text_escape; JSON escapes, with invalid UTF-8
+ * replaced by U+FFFD). Thread-safe: level and format are atomics any thread
+ * may read while the loop thread sets them (a reload), and each line is one
+ * write(2), so lines from threads never interleave. */
 enum { ML_LOG_DEBUG = 0, ML_LOG_INFO = 1, ML_LOG_WARN = 2, ML_LOG_ERROR = 3 };
+enum { ML_LOG_FORMAT_TEXT = 0, ML_LOG_FORMAT_JSON = 1 };
 void ml_log_set_level(int level);
 int ml_log_get_level(void);
 /* Parses "debug|info|warn|error"; returns ML_EINVAL on anything else. */
 int ml_log_parse_level(const char *s, int *level);
+/* ML_LOG_FORMAT_TEXT or ML_LOG_FORMAT_JSON; anything else is taken as
+ * text. */
+void ml_log_set_format(int format);
+int ml_log_get_format(void);
+/* Parses "text|json"; returns ML_EINVAL on anything else. */
+int ml_log_parse_format(const char *s, int *format);
+/* 1 if stderr is the journal's stream (lines carry <N> priorities), else
+ * 0. Decided once, at the first call or the first line logged. */
+int ml_log_journal(void);
 void ml_log(int level, const char *component, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

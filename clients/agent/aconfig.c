@@ -36,6 +36,7 @@ static const ml_ini_key_t s_schema[] = {
     {S_SECTION, "data_dir"},
     {S_SECTION, "spool_dir"},
     {S_SECTION, "log_level"},
+    {S_SECTION, "log_format"},
     {S_SECTION, "heartbeat_ms"},
     {S_SECTION, "scan_ms"},
     {S_SECTION, "max_record"},
@@ -161,6 +162,13 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
         rc = ML_ECONFIG;
         goto out;
     }
+    const char *format = ml_ini_get(ini, S_SECTION, "log_format", "text");
+    if (ml_log_parse_format(format, &cfg->log_format) < 0) {
+        snprintf(err, errlen, "%s:%d: [%s] log_format = \"%s\": expected text or json", path,
+                 ml_ini_line(ini, S_SECTION, "log_format"), S_SECTION, format);
+        rc = ML_ECONFIG;
+        goto out;
+    }
     rc = ml_ini_get_long(ini, S_SECTION, "heartbeat_ms", 2000, 100, 600000, &v, err, errlen);
     if (rc < 0)
         goto out;
@@ -277,6 +285,75 @@ int ml_aconfig_check(const ml_aconfig_t *cfg, const char *path, ml_check_t *c)
     snprintf(what, sizeof what, "%s spool_dir", prefix);
     ml_check_dir(c, what, cfg->spool_dir);
     return c->n > n ? ML_ECONFIG : 0;
+}
+
+void ml_aconfig_live_apply(ml_aconfig_t *cur, const ml_aconfig_t *next)
+{
+    cur->log_level = next->log_level;
+    cur->log_format = next->log_format;
+    cur->scan_ms = next->scan_ms;
+    cur->send_window = next->send_window;
+    cur->send_window_bytes = next->send_window_bytes;
+    cur->retention_ms = next->retention_ms;
+    cur->sent_retention_ms = next->sent_retention_ms;
+    cur->retention_interval_ms = next->retention_interval_ms;
+}
+
+/* NULL and "" are the same: an optional key left out. */
+static int s_str_differs(const char *a, const char *b)
+{
+    return strcmp(a ? a : "", b ? b : "") != 0;
+}
+
+static void s_name(char *out, size_t outlen, int *n, const char *key)
+{
+    size_t used = strlen(out);
+    if (used < outlen)
+        snprintf(out + used, outlen - used, "%s%s", *n ? ", " : "", key);
+    (*n)++;
+}
+
+int ml_aconfig_restart_keys(const ml_aconfig_t *cur, const ml_aconfig_t *next, char *out,
+                            size_t outlen)
+{
+    int n = 0;
+    if (outlen)
+        out[0] = '\0';
+    /* The identity, the link to the broker and the TLS context are built
+     * once (a new key or certificate is a new identity the broker must see
+     * in a new handshake); the folders and agent.db are open; chunking and
+     * the imaging limits are fixed for transfers already under way. */
+    const struct {
+        const char *key;
+        const char *a, *b;
+    } strs[] = {{"node_id", cur->node_id, next->node_id},
+                {"broker", cur->broker, next->broker},
+                {"broker_id", cur->broker_id, next->broker_id},
+                {"ca", cur->ca, next->ca},
+                {"cert", cur->cert, next->cert},
+                {"key", cur->key, next->key},
+                {"data_dir", cur->data_dir, next->data_dir},
+                {"spool_dir", cur->spool_dir, next->spool_dir},
+                {"store_key", cur->store_key, next->store_key}};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        if (s_str_differs(strs[i].a, strs[i].b))
+            s_name(out, outlen, &n, strs[i].key);
+    int old_keys = cur->n_store_old_keys != next->n_store_old_keys;
+    for (size_t i = 0; !old_keys && i < cur->n_store_old_keys; i++)
+        old_keys = s_str_differs(cur->store_old_keys[i], next->store_old_keys[i]);
+    if (old_keys)
+        s_name(out, outlen, &n, "store_old_keys");
+    if (cur->heartbeat_ms != next->heartbeat_ms)
+        s_name(out, outlen, &n, "heartbeat_ms");
+    if (cur->max_record != next->max_record)
+        s_name(out, outlen, &n, "max_record");
+    if (cur->chunk_size != next->chunk_size)
+        s_name(out, outlen, &n, "chunk_size");
+    if (cur->resend_window_s != next->resend_window_s)
+        s_name(out, outlen, &n, "resend_window_s");
+    if (cur->incoming_expire_s != next->incoming_expire_s)
+        s_name(out, outlen, &n, "incoming_expire_s");
+    return n;
 }
 
 void ml_aconfig_clear(ml_aconfig_t *cfg)

@@ -19,6 +19,7 @@ typedef struct {
     char *data_dir;  /* holds agent.db */
     char *spool_dir; /* holds outbox/, pending/, sent/, rejected/, inbox/ */
     int log_level;   /* ML_LOG_* */
+    int log_format;  /* ML_LOG_FORMAT_TEXT or ML_LOG_FORMAT_JSON ([agent] log_format) */
     uint32_t heartbeat_ms;
     uint32_t scan_ms;     /* period of the outbox/ scan */
     size_t max_record;    /* max record size on the wire */
@@ -66,6 +67,19 @@ int ml_aconfig_load(const char *path, ml_aconfig_t *cfg, char *err, size_t errle
  * writable folders. path is the file cfg came from, for the messages.
  * Each problem is added to c. Returns 0 or ML_ECONFIG. */
 int ml_aconfig_check(const ml_aconfig_t *cfg, const char *path, ml_check_t *c);
+/* SIGHUP (docs/operations.md, "Logs and systemd"): what a running agent
+ * can take from a new file and what needs a restart. ml_aconfig_live_apply
+ * copies the keys applied without a restart (log_level, log_format,
+ * scan_ms, send_window, send_window_bytes, the retention keys) from next
+ * into cur. ml_aconfig_restart_keys writes into out (outlen bytes) the
+ * names, separated by ", ", of the keys whose value differs between cur and
+ * next but that apply only at start-up (node_id, broker, broker_id, ca,
+ * cert, key, data_dir, spool_dir, store_key, store_old_keys, heartbeat_ms,
+ * max_record, chunk_size, resend_window_s, incoming_expire_s), and returns
+ * how many there are. Neither takes ownership of anything. */
+void ml_aconfig_live_apply(ml_aconfig_t *cur, const ml_aconfig_t *next);
+int ml_aconfig_restart_keys(const ml_aconfig_t *cur, const ml_aconfig_t *next, char *out,
+                            size_t outlen);
 /* Frees the strings of cfg; safe on a zeroed or already cleared cfg. */
 void ml_aconfig_clear(ml_aconfig_t *cfg);
 

@@ -27,6 +27,7 @@
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_env.h"
+#include "ml_sdnotify.h"
 #include "ml_text.h"
 #include "ml_tls.h"
 #include "spool.h"
@@ -722,6 +723,9 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
                "chunks included)",
                w && w->broker ? w->broker : "?", a->node_id, w && w->role ? w->role : "?",
                (long long)pending);
+        /* systemctl status shows the link's state (no-op without systemd). */
+        ml_sdnotify_status("connected to broker %.200s as %.200s", w && w->broker ? w->broker : "?",
+                           a->node_id);
         a->sent_msgs = a->sent_chunks = a->sent_chunk_bytes = 0;
         /* Sending resumes at the first chunk not yet Accepted. */
         ml_aimg_log_resume(a->img);
@@ -732,6 +736,9 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
                "chunk(s), %llu bytes of image data)",
                reason ? reason : "unknown", (unsigned long long)a->sent_msgs,
                (unsigned long long)a->sent_chunks, (unsigned long long)a->sent_chunk_bytes);
+        ml_sdnotify_status("disconnected from broker: %.400s (retrying; files are still "
+                           "taken into the outbox)",
+                           reason ? reason : "unknown");
     }
 }
 
@@ -819,6 +826,44 @@ static void s_close(ml_agent_t *a, uv_handle_t *h)
     if (!uv_is_closing(h)) {
         h->data = a;
         uv_close(h, s_close_cb);
+    }
+}
+
+void ml_agent_reload(ml_agent_t *a, const ml_aconfig_t *cfg)
+{
+    if (!a || a->stopping)
+        return;
+    if (cfg->scan_ms != a->scan_ms) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: scan_ms %u -> %u", a->scan_ms, cfg->scan_ms);
+        a->scan_ms = cfg->scan_ms;
+        uv_timer_start(&a->scan_timer, s_scan_timer_cb, a->scan_ms, a->scan_ms);
+    }
+    /* A smaller window only holds back new sends until enough of what is
+     * in flight has been answered (s_send_row_cb compares, never
+     * subtracts). */
+    if (cfg->send_window != a->window) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: send_window %u -> %u", a->window, cfg->send_window);
+        a->window = cfg->send_window;
+        a->pump_due = 1;
+    }
+    if (cfg->send_window_bytes && cfg->send_window_bytes != a->window_bytes) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: send_window_bytes %zu -> %zu", a->window_bytes,
+               cfg->send_window_bytes);
+        a->window_bytes = cfg->send_window_bytes;
+        a->pump_due = 1;
+    }
+    if (cfg->retention_ms != a->retention_ms || cfg->sent_retention_ms != a->sent_retention_ms) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: retention %lld ms -> %lld ms, sent/ %lld ms -> %lld ms",
+               (long long)a->retention_ms, (long long)cfg->retention_ms,
+               (long long)a->sent_retention_ms, (long long)cfg->sent_retention_ms);
+        a->retention_ms = cfg->retention_ms;
+        a->sent_retention_ms = cfg->sent_retention_ms;
+    }
+    uint64_t every = (uint64_t)cfg->retention_interval_ms;
+    if (every != uv_timer_get_repeat(&a->retention_timer)) {
+        ml_log(ML_LOG_INFO, S_LOG, "reload: retention_interval_s now %llu",
+               (unsigned long long)(every / 1000));
+        uv_timer_start(&a->retention_timer, s_retention_timer_cb, every, every);
     }
 }
 

@@ -21,6 +21,13 @@ typedef struct ml_agent ml_agent_t;
  * in err. */
 int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, char *err,
                  size_t errlen);
+/* SIGHUP: takes the keys of cfg that a running agent applies at once (the
+ * outbox scan period, the send windows, the retention ages and period; see
+ * ml_aconfig_live_apply) and logs what changed. The other keys of cfg are
+ * ignored: the caller decides what needs a restart. A scan or retention
+ * period that changed restarts its timer with the new period. Does nothing
+ * once stopping. Loop thread only. */
+void ml_agent_reload(ml_agent_t *a, const ml_aconfig_t *cfg);
 /* Clean shutdown: stops scanning, flushes answers and deliveries that are
  * waiting for their transaction, destroys the channel and closes the
  * agent's handles. Safe twice. Run the loop until it returns, then call

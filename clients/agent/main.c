@@ -1,7 +1,13 @@
 /* medlink-agent: command line, configuration, signals and the loop. All the
- * work is in agent.c; this file only starts it and stops it cleanly on
- * SIGINT or SIGTERM (stop scanning, commit what is waiting, close the
- * channel and handles, let the loop run dry, exit 0). */
+ * work is in agent.c; this file only starts it, stops it cleanly on SIGINT
+ * or SIGTERM (stop scanning, commit what is waiting, close the channel and
+ * handles, let the loop run dry, exit 0) and reloads the configuration on
+ * SIGHUP: the keys a running agent can take (log level and format, scan
+ * period, send windows, retention) apply at once, a changed key that needs a
+ * restart is logged as a warning and keeps its running value, and a file
+ * that does not load changes nothing. Under systemd (Type=notify) it says
+ * READY=1, RELOADING=1/READY=1 and STOPPING=1 and pings the watchdog from
+ * its loop (lib/ml_sdnotify.h). */
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -16,6 +22,7 @@
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_lock.h"
+#include "ml_sdnotify.h"
 
 #ifndef ML_VERSION
 #define ML_VERSION "0.1.0"
@@ -23,8 +30,12 @@
 
 typedef struct {
     ml_agent_t *agent;
+    const char *path;  /* the configuration file, read again on SIGHUP */
+    ml_aconfig_t *cfg; /* what runs: start-up values plus what reloads applied */
     uv_signal_t sigint;
     uv_signal_t sigterm;
+    uv_signal_t sighup;
+    ml_sdnotify_watchdog_t watchdog;
 } s_main_t;
 
 static void s_usage(FILE *f)
@@ -35,10 +46,12 @@ static void s_usage(FILE *f)
                "       medlink-agent --version | --help\n"
                "\n"
                "Store-and-forward agent of a medlink node. Reads the [agent] section of FILE\n"
-               "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, heartbeat_ms,\n"
-               "scan_ms, max_record, send_window, send_window_bytes, chunk_size, store_key,\n"
-               "store_old_keys). Drop NAME.json into spool_dir/outbox/ to send (an imaging\n"
-               "consult with its DICOM files in outbox/NAME.d/); delivered messages appear as\n"
+               "(node_id, broker, ca, cert, key, data_dir, spool_dir, log_level, log_format,\n"
+               "heartbeat_ms, scan_ms, max_record, send_window, send_window_bytes, chunk_size,\n"
+               "store_key, store_old_keys). SIGHUP reloads it (log level and format, scan and\n"
+               "send limits, retention; other changes need a restart).\n"
+               "Drop NAME.json into spool_dir/outbox/ to send (an imaging consult with its\n"
+               "DICOM files in outbox/NAME.d/); delivered messages appear as\n"
                "spool_dir/inbox/<message id>.json, received studies as inbox/study-<case>/.\n"
                "\n"
                "--check-config loads FILE as a start would, checks every file it names (exists,\n"
@@ -55,9 +68,66 @@ static void s_signal_cb(uv_signal_t *h, int signum)
     s_main_t *m = h->data;
     ml_log(ML_LOG_INFO, "agent", "%s received; shutting down",
            signum == SIGINT ? "SIGINT" : "SIGTERM");
+    ml_sdnotify_stopping("shutting down");
+    ml_sdnotify_watchdog_close(&m->watchdog);
     ml_agent_stop(m->agent);
     uv_close((uv_handle_t *)&m->sigint, NULL);
     uv_close((uv_handle_t *)&m->sigterm, NULL);
+    uv_close((uv_handle_t *)&m->sighup, NULL);
+}
+
+static const char *s_level_name(int level)
+{
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    return names[level & 3];
+}
+
+/* SIGHUP: the file is loaded as at start (the same checks); if it does not
+ * load nothing changes. Otherwise the live keys apply and the others keep
+ * their running values, each change that needs a restart named in one
+ * warning. systemd hears RELOADING=1 first and READY=1 when it is over. */
+static void s_reload_cb(uv_signal_t *h, int signum)
+{
+    s_main_t *m = h->data;
+    (void)signum;
+    ml_log(ML_LOG_INFO, "agent", "SIGHUP received; reloading %s", m->path);
+    ml_sdnotify_reloading("reloading the configuration");
+    ml_aconfig_t next;
+    char err[2048];
+    if (ml_aconfig_load(m->path, &next, err, sizeof err) < 0) {
+        ml_log(ML_LOG_ERROR, "agent", "reload refused, the running configuration stays: %s", err);
+        char status[600];
+        snprintf(status, sizeof status, "running; reload refused, old configuration kept: %.400s",
+                 err);
+        ml_sdnotify_ready(status);
+        return;
+    }
+    char keys[512];
+    if (ml_aconfig_restart_keys(m->cfg, &next, keys, sizeof keys) > 0)
+        ml_log(ML_LOG_WARN, "agent",
+               "reload: %s changed; that needs a restart (the running values stay until then)",
+               keys);
+    /* What the reload changes is logged under the level that was in force
+     * when the signal came; the new level and format apply last. */
+    ml_agent_reload(m->agent, &next);
+    if (next.log_level != m->cfg->log_level) {
+        /* Said under the more verbose of the two levels, so that it shows
+         * whenever either would show it. */
+        if (next.log_level < m->cfg->log_level)
+            ml_log_set_level(next.log_level);
+        ml_log(ML_LOG_INFO, "agent", "reload: log_level %s -> %s", s_level_name(m->cfg->log_level),
+               s_level_name(next.log_level));
+        ml_log_set_level(next.log_level);
+    }
+    if (next.log_format != m->cfg->log_format) {
+        ml_log_set_format(next.log_format);
+        ml_log(ML_LOG_INFO, "agent", "reload: log_format now %s",
+               next.log_format == ML_LOG_FORMAT_JSON ? "json" : "text");
+    }
+    ml_aconfig_live_apply(m->cfg, &next);
+    ml_aconfig_clear(&next);
+    ml_log(ML_LOG_INFO, "agent", "reloaded %s", m->path);
+    ml_sdnotify_ready("running; configuration reloaded");
 }
 
 int main(int argc, char **argv)
@@ -129,6 +199,7 @@ int main(int argc, char **argv)
         return 0;
     }
     ml_log_set_level(cfg.log_level);
+    ml_log_set_format(cfg.log_format);
     /* One agent per data directory: two agents with one config would share
      * agent.db and the spool folders, and take turns superseding each
      * other's session at the broker. Held until the process exits. */
@@ -151,22 +222,40 @@ int main(int argc, char **argv)
     int rc = 1;
     uv_loop_t loop;
     s_main_t m = {0};
+    m.path = config;
+    m.cfg = &cfg;
     uv_loop_init(&loop);
     /* Signals first: a SIGTERM that arrives while the agent is still
      * opening its store must stop it cleanly, not kill it (the signal is
      * held by libuv and handled once the loop runs). */
     uv_signal_init(&loop, &m.sigint);
     uv_signal_init(&loop, &m.sigterm);
-    m.sigint.data = m.sigterm.data = &m;
+    uv_signal_init(&loop, &m.sighup);
+    m.sigint.data = m.sigterm.data = m.sighup.data = &m;
     uv_signal_start(&m.sigint, s_signal_cb, SIGINT);
     uv_signal_start(&m.sigterm, s_signal_cb, SIGTERM);
+    uv_signal_start(&m.sighup, s_reload_cb, SIGHUP);
     if (ml_agent_new(&loop, &cfg, &m.agent, err, sizeof err) < 0) {
         ml_log(ML_LOG_ERROR, "agent", "%s", err);
         uv_close((uv_handle_t *)&m.sigint, NULL);
         uv_close((uv_handle_t *)&m.sigterm, NULL);
+        uv_close((uv_handle_t *)&m.sighup, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
         goto out;
     }
+    /* The store is open, crash recovery done, the spool folders made and
+     * the channel started: files dropped in outbox/ are taken from now on
+     * (the broker may still be out of reach; that is the agent's normal
+     * state, shown in STATUS by the log, not a start-up failure). */
+    {
+        char status[600];
+        snprintf(status, sizeof status, "node %s, spool %s, broker %s", cfg.node_id, cfg.spool_dir,
+                 cfg.broker);
+        ml_sdnotify_ready(status);
+    }
+    ml_sdnotify_watchdog_init(&loop, &m.watchdog);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    ml_sdnotify_watchdog_close(&m.watchdog);
     uv_run(&loop, UV_RUN_DEFAULT);
     ml_agent_destroy(&m.agent);
     ml_log(ML_LOG_INFO, "agent", "stopped");

@@ -775,6 +775,8 @@ int ctl_build_admin(const ctl_opts_t *o, Medlink__V1__AdminRequest *req)
     medlink__v1__admin_request__init(req);
     switch (o->cmd) {
     case CTL_CMD_STATUS:
+    case CTL_CMD_NODES: /* the registry is part of the status */
+    case CTL_CMD_TOP:
         req->op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS;
         break;
     case CTL_CMD_CASE_SHOW:

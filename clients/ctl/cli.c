@@ -60,6 +60,8 @@ static const s_opt_t s_opts[] = {
     {"dry-run", S_FLAG, S_O(dry_run), S_ALL, 0, NULL,
      "build and validate the request, print it as JSON, do not connect"},
     {"verbose", S_FLAG, S_O(verbose), S_ALL, 0, NULL, "log the connection's progress on stderr"},
+    {"local-time", S_FLAG, S_O(local_time), S_ALL, 0, NULL,
+     "human times in local time with their offset (also when TZ is set); JSON stays UTC"},
     {"check-config", S_FLAG, S_O(check_config), S_ALL, 0, NULL,
      "check --config FILE (or --check-config FILE) and exit: no command"},
     {"help", S_FLAG, S_O(help), S_ALL, 0, NULL, "this text; after a command, its options"},
@@ -75,6 +77,10 @@ static const s_opt_t s_opts[] = {
      "at most N rows (the broker's default is 100)"},
     {"all", S_FLAG, S_O(all), S_BIT(CTL_CMD_DLQ_REPLAY) | S_BIT(CTL_CMD_DLQ_PURGE), 0, NULL,
      "every dead letter instead of one MESSAGE_ID"},
+    /* top */
+    {"interval", S_STR, S_O(interval), S_BIT(CTL_CMD_TOP), 0, "SECONDS",
+     "refresh every SECONDS (0.2..3600, default 1)"},
+    {"count", S_STR, S_O(count), S_BIT(CTL_CMD_TOP), 0, "N", "stop after N refreshes"},
     /* every send */
     {"to", S_STR, S_O(to), S_SENDS, 0, "NODE", "recipient node, or service (imaging.ct)"},
     {"case", S_STR, S_O(case_id), S_SENDS, 0, "ID",
@@ -159,6 +165,10 @@ static const struct {
     const char *help;
 } s_cmds[] = {
     {CTL_CMD_STATUS, "status", "", "broker, sessions, nodes online/offline and their queues"},
+    {CTL_CMD_NODES, "nodes", "",
+     "every registered node: online, last seen, backlog, oldest queued, in flight, open cases"},
+    {CTL_CMD_TOP, "top", "[--interval SECONDS] [--count N]",
+     "a live view of the broker and its nodes, refreshed until q or Ctrl-C"},
     {CTL_CMD_CASE_SHOW, "case show", "CASE_ID", "one case: state, parties, deadline, timeline"},
     {CTL_CMD_CASES, "cases", "[--state S] [--kind K] [--overdue] [--limit N]",
      "cases as a table, filtered"},
@@ -301,6 +311,10 @@ static int s_command(ctl_opts_t *o, char **w, int n)
         return ctl_fail(CTL_EXIT_USAGE, "no command (try --help)");
     if (strcmp(w[0], "status") == 0) {
         o->cmd = CTL_CMD_STATUS;
+    } else if (strcmp(w[0], "nodes") == 0) {
+        o->cmd = CTL_CMD_NODES;
+    } else if (strcmp(w[0], "top") == 0) {
+        o->cmd = CTL_CMD_TOP;
     } else if (strcmp(w[0], "cases") == 0) {
         o->cmd = CTL_CMD_CASES;
     } else if (strcmp(w[0], "send-update") == 0) {
@@ -452,6 +466,24 @@ int ctl_cli_parse(int argc, char **argv, ctl_opts_t *o)
         if (*end || end == o->timeout || t < 1 || t > 86400)
             return ctl_fail(CTL_EXIT_USAGE, "--timeout %s: expected 1..86400 seconds", o->timeout);
         o->timeout_s = (int)t;
+    }
+    if (o->cmd == CTL_CMD_TOP && o->json)
+        return ctl_fail(CTL_EXIT_USAGE, "top has no --json: use status --json or nodes --json");
+    o->interval_ms = 1000;
+    if (o->interval) {
+        char *end;
+        double t = strtod(o->interval, &end);
+        if (*end || end == o->interval || !(t >= 0.2 && t <= 3600))
+            return ctl_fail(CTL_EXIT_USAGE, "--interval %s: expected 0.2..3600 seconds",
+                            o->interval);
+        o->interval_ms = (int)(t * 1000 + 0.5);
+    }
+    if (o->count) {
+        char *end;
+        long n = strtol(o->count, &end, 10);
+        if (*end || end == o->count || n < 1 || n > 100000000)
+            return ctl_fail(CTL_EXIT_USAGE, "--count %s: expected 1 or more", o->count);
+        o->count_n = n;
     }
     if (o->file && o->payload_flag)
         return ctl_fail(CTL_EXIT_USAGE,

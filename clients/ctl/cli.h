@@ -31,6 +31,8 @@ typedef enum {
     CTL_CMD_SEND_REPORT,
     CTL_CMD_STORE_STATS, /* broker.db: sizes, rows by table and state */
     CTL_CMD_STORE_PRUNE, /* run retention now */
+    CTL_CMD_NODES,       /* the registry: online, backlog, in flight, open cases */
+    CTL_CMD_TOP,         /* a live view, refreshed until q or Ctrl-C */
     CTL_CMD_COUNT
 } ctl_cmd_t;
 
@@ -49,6 +51,7 @@ typedef struct {
     const char *timeout;
     int timeout_s;
     int json, verbose, dry_run, help, version;
+    int local_time;   /* --local-time: human times in local time with their offset */
     int check_config; /* --check-config [FILE]: check the connection settings, no command */
 
     ctl_cmd_t cmd;
@@ -58,6 +61,11 @@ typedef struct {
     /* cases, dlq */
     const char *state, *kind, *limit;
     int overdue, all;
+
+    /* top */
+    const char *interval, *count;
+    int interval_ms; /* default 1000 */
+    long count_n;    /* 0: until q or Ctrl-C */
 
     /* every send */
     const char *to, *case_id, *priority, *deadline, *file;

@@ -2,8 +2,10 @@
  * opens one mutually authenticated channel to the broker, makes one
  * exchange and exits:
  *
- *   status, case show, cases, dlq list|show|replay|purge, store stats|prune
+ *   status, nodes, case show, cases, dlq list|show|replay|purge, store stats|prune
  *       one ADMIN_REQUEST -> one ADMIN_REPLY (OPS nodes only)
+ *   top
+ *       a status request every --interval on one kept session (top.c)
  *   send referral|down-transfer|update|report (send, send-update: aliases)
  *       one message -> Accepted | Nack
  *   send imaging
@@ -26,6 +28,7 @@
 #include "print.h"
 #include "session.h"
 #include "study.h"
+#include "top.h"
 
 #ifndef ML_VERSION
 #define ML_VERSION "0.1.0"
@@ -223,7 +226,10 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if ((rc = s_identity(&o, &tls)) != CTL_EXIT_OK)
         goto out;
-    if (o.cmd == CTL_CMD_SEND_IMAGING)
+    ctl_print_init(&o);
+    if (o.cmd == CTL_CMD_TOP && !o.dry_run)
+        rc = ctl_top(&o, tls);
+    else if (o.cmd == CTL_CMD_SEND_IMAGING)
         rc = s_send_imaging(&o, tls);
     else if (ctl_cli_is_send(o.cmd))
         rc = s_send_one(&o, tls);

@@ -1,26 +1,125 @@
 /* medlinkctl's output (see print.h). Tables size their columns to what
- * they hold; times are RFC 3339 UTC with the age next to them, as in
- * `status`. JSON output goes through ml_json_encode so that it is the
- * proto3 JSON of the wire messages, the same mapping as the spool files. */
+ * they hold, measured in terminal columns (a Chinese character takes two);
+ * times are RFC 3339 UTC with the age next to them, as in `status`, or
+ * local time with its offset under --local-time or TZ. JSON output goes
+ * through ml_json_encode so that it is the proto3 JSON of the wire
+ * messages, the same mapping as the spool files. */
 #include "print.h"
 
+#include <langinfo.h>
+#include <locale.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <wchar.h>
 
 #include <jansson.h>
 
 #include "build.h"
+#include "ml_adminjson.h"
 #include "ml_common.h"
 #include "ml_json.h"
 #include "ml_text.h"
 
-/* A string that is not UTF-8 (from a broker that let it through) is shown
- * replaced, rather than failing a whole list for one field (F6). */
-#define S_JSON_FLAGS (ML_JSON_PRETTY | ML_JSON_EMIT_DEFAULTS | ML_JSON_REPLACE_INVALID)
-
 /* ---- small helpers ---- */
+
+/* Human times in local time (--local-time, or TZ set): ctl_print_init. */
+static int s_local;
+
+void ctl_print_init(const ctl_opts_t *o)
+{
+    /* Display widths come from the C library's tables for the user's
+     * LC_CTYPE. medlink's text is UTF-8 by protocol, so a locale with
+     * another code set (the "C" of a bare service environment) would only
+     * make every Chinese name one column per byte: C.UTF-8 (built into
+     * glibc since 2.35) is used instead. LC_CTYPE only: messages, numbers
+     * and times stay as they are. */
+    const char *cs = setlocale(LC_CTYPE, "") ? nl_langinfo(CODESET) : NULL;
+    if (!cs || strcasecmp(cs, "UTF-8") != 0)
+        setlocale(LC_CTYPE, "C.UTF-8");
+    const char *tz = getenv("TZ");
+    s_local = o->local_time || (tz && *tz);
+    if (s_local)
+        tzset();
+}
+
+int ctl_text_width(const char *s)
+{
+    mbstate_t st;
+    memset(&st, 0, sizeof st);
+    size_t len = strlen(s), i = 0;
+    int w = 0;
+    while (i < len) {
+        wchar_t wc;
+        size_t n = mbrtowc(&wc, s + i, len - i, &st);
+        if (n == (size_t)-1 || n == (size_t)-2 || n == 0) {
+            /* Not UTF-8 here (s_e has escaped such bytes already, so only
+             * a caller's own text can get here): one column per byte. */
+            memset(&st, 0, sizeof st);
+            w++;
+            i++;
+            continue;
+        }
+        int cw = wcwidth(wc);
+        w += cw < 0 ? 1 : cw;
+        i += n;
+    }
+    return w;
+}
+
+size_t ctl_text_fit(const char *s, int cols)
+{
+    mbstate_t st;
+    memset(&st, 0, sizeof st);
+    size_t len = strlen(s), i = 0;
+    int w = 0;
+    while (i < len) {
+        wchar_t wc;
+        size_t n = mbrtowc(&wc, s + i, len - i, &st);
+        int cw = 1;
+        if (n == (size_t)-1 || n == (size_t)-2 || n == 0) {
+            memset(&st, 0, sizeof st);
+            n = 1;
+        } else {
+            cw = wcwidth(wc);
+            cw = cw < 0 ? 1 : cw;
+        }
+        if (w + cw > cols)
+            break;
+        w += cw;
+        i += n;
+    }
+    return i;
+}
+
+/* s, then spaces up to width columns. */
+static void s_pad(FILE *f, const char *s, int width)
+{
+    fputs(s, f);
+    for (int k = ctl_text_width(s); k < width; k++)
+        fputc(' ', f);
+}
+
+/* at (Unix ms) for people: RFC 3339 UTC ("2026-11-25T08:00:00.000Z"), or
+ * local time with its offset ("2026-12-07 23:50:01 +08:00"). */
+static char *s_time(int64_t at, char *buf, size_t len)
+{
+    if (!s_local)
+        return ml_time_format(at, buf, len);
+    time_t t = (time_t)(at / 1000);
+    struct tm tm;
+    if (!localtime_r(&t, &tm))
+        return ml_time_format(at, buf, len);
+    char day[32];
+    strftime(day, sizeof day, "%Y-%m-%d %H:%M:%S", &tm);
+    long off = tm.tm_gmtoff / 60;
+    snprintf(buf, len, "%s %c%02ld:%02ld", day, off < 0 ? '-' : '+', labs(off) / 60,
+             labs(off) % 60);
+    return buf;
+}
 
 static char *s_dur(int64_t ms, char *buf, size_t len)
 {
@@ -45,11 +144,9 @@ static char *s_when(int64_t at, int64_t now, char *buf, size_t len)
     if (at == 0)
         snprintf(buf, len, "-");
     else if (at <= now)
-        snprintf(buf, len, "%s (%s ago)", ml_time_format(at, t, sizeof t),
-                 s_dur(now - at, d, sizeof d));
+        snprintf(buf, len, "%s (%s ago)", s_time(at, t, sizeof t), s_dur(now - at, d, sizeof d));
     else
-        snprintf(buf, len, "%s (in %s)", ml_time_format(at, t, sizeof t),
-                 s_dur(at - now, d, sizeof d));
+        snprintf(buf, len, "%s (in %s)", s_time(at, t, sizeof t), s_dur(at - now, d, sizeof d));
     return buf;
 }
 
@@ -111,10 +208,11 @@ static json_t *s_json_of(const ProtobufCMessage *msg)
     return j;
 }
 
-static int s_print_json_msg(const ProtobufCMessage *msg)
+/* What medlinkd's /api/v1 serves for the same reply (ml_adminjson.h). */
+static int s_print_admin_json(const Medlink__V1__AdminReply *rep, int what)
 {
     char *json = NULL, err[256];
-    if (ml_json_encode(msg, S_JSON_FLAGS, &json, err, sizeof err) < 0)
+    if (ml_admin_json(rep, what, &json, err, sizeof err) < 0)
         return ctl_fail(CTL_EXIT_FAIL, "cannot render JSON: %s", err);
     printf("%s\n", json);
     free(json);
@@ -137,8 +235,12 @@ static int s_print_json(json_t *j)
 
 #define S_MAX_COLS 12
 
+/* Widths are display columns (ctl_text_width), so that a row with a
+ * Chinese name lines up with the rows around it; right: bit i set for a
+ * column of numbers, aligned right. */
 typedef struct {
     int cols;
+    unsigned right;
     size_t rows, cap;
     char **cells; /* rows x cols, malloc'd */
     int width[S_MAX_COLS];
@@ -162,7 +264,7 @@ static void s_table_row(s_table_t *t, ...)
         if (!s)
             ctl_oom();
         t->cells[t->rows * (size_t)t->cols + (size_t)i] = s;
-        int w = (int)strlen(s);
+        int w = ctl_text_width(s);
         if (w > t->width[i])
             t->width[i] = w;
     }
@@ -170,25 +272,109 @@ static void s_table_row(s_table_t *t, ...)
     t->rows++;
 }
 
-/* Prints and frees the table; the last column is not padded. */
-static void s_table_print(s_table_t *t, const char *indent)
+/* Prints the table to f and frees it; the last column is not padded.
+ * max_rows > 0: at most that many lines, the last of them "... N more"
+ * when rows were left out (the first row, the header, is always there). */
+static void s_table_write(s_table_t *t, FILE *f, const char *indent, size_t max_rows)
 {
+    size_t shown = t->rows;
+    if (max_rows > 0 && t->rows > max_rows)
+        shown = max_rows > 1 ? max_rows - 1 : 1;
     for (size_t r = 0; r < t->rows; r++) {
-        fputs(indent, stdout);
-        for (int i = 0; i < t->cols; i++) {
+        for (int i = 0; r < shown && i < t->cols; i++) {
             const char *s = t->cells[r * (size_t)t->cols + (size_t)i];
-            if (i == t->cols - 1)
-                printf("%s\n", s);
-            else
-                printf("%-*s  ", t->width[i], s);
-            free(t->cells[r * (size_t)t->cols + (size_t)i]);
+            if (i == 0)
+                fputs(indent, f);
+            if (t->right & (1u << i)) {
+                for (int k = ctl_text_width(s); k < t->width[i]; k++)
+                    fputc(' ', f);
+                fputs(s, f);
+                fputs(i == t->cols - 1 ? "\n" : "  ", f);
+            } else if (i == t->cols - 1) {
+                fprintf(f, "%s\n", s);
+            } else {
+                s_pad(f, s, t->width[i] + 2);
+            }
         }
+        for (int i = 0; i < t->cols; i++)
+            free(t->cells[r * (size_t)t->cols + (size_t)i]);
     }
+    if (shown < t->rows)
+        fprintf(f, "%s... %zu more\n", indent, t->rows - shown);
     free(t->cells);
     memset(t, 0, sizeof *t);
 }
 
+static void s_table_print(s_table_t *t, const char *indent)
+{
+    s_table_write(t, stdout, indent, 0);
+}
+
 /* ---- status ---- */
+
+static const char *s_plural(uint64_t n, const char *one, const char *many)
+{
+    return n == 1 ? one : many;
+}
+
+/* "now", "never" or "3m12s ago". */
+static char *s_seen(const Medlink__V1__NodeStatus *n, int64_t now, char *buf, size_t len)
+{
+    char d[32];
+    if (n->online)
+        snprintf(buf, len, "now");
+    else if (n->last_seen == 0)
+        snprintf(buf, len, "never");
+    else
+        snprintf(buf, len, "%s ago", s_dur(now - n->last_seen, d, sizeof d));
+    return buf;
+}
+
+/* Every WARNING of a status, one line each, on f: what is about to expire
+ * (the clock: a CRL past its next update refuses every node), then the ops
+ * alerts in progress. An "expiry" alert is raised from the same list with
+ * the same crl_warn_days, so it is left out when its subject already has a
+ * line of its own. Returns the number of lines. */
+static int s_warnings(FILE *f, const Medlink__V1__BrokerStatus *st)
+{
+    char b[40];
+    int lines = 0;
+    for (size_t i = 0; i < st->n_expiry; i++) {
+        const Medlink__V1__Expiry *e = st->expiry[i];
+        if (!e->warning && !e->expired)
+            continue;
+        s_time(e->not_after, b, sizeof b);
+        if (e->expired)
+            fprintf(f, "WARNING: %s EXPIRED on %s: handshakes it affects are refused\n",
+                    s_or(e->what, "?"), b);
+        else if (e->days_left < 1)
+            fprintf(f, "WARNING: %s expires in less than a day, on %s\n", s_or(e->what, "?"), b);
+        else
+            fprintf(f, "WARNING: %s expires in %lld day(s), on %s\n", s_or(e->what, "?"),
+                    (long long)e->days_left, b);
+        lines++;
+    }
+    for (size_t i = 0; i < st->n_alert; i++) {
+        const Medlink__V1__Alert *al = st->alert[i];
+        int dup = 0;
+        for (size_t k = 0; al->kind && strcmp(al->kind, "expiry") == 0 && al->subject &&
+                           *al->subject && k < st->n_expiry;
+             k++) {
+            const Medlink__V1__Expiry *e = st->expiry[k];
+            if ((e->warning || e->expired) && e->what && strstr(e->what, al->subject))
+                dup = 1;
+        }
+        if (dup)
+            continue;
+        fprintf(f, "WARNING: %s %s: %s", s_or(al->kind, "alert"), s_or(al->subject, "-"),
+                s_or(al->detail, "(no detail)"));
+        if (al->since)
+            fprintf(f, " (since %s)", s_time(al->since, b, sizeof b));
+        fputc('\n', f);
+        lines++;
+    }
+    return lines;
+}
 
 static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
@@ -196,49 +382,155 @@ static int s_status(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     if (!st)
         return ctl_fail(CTL_EXIT_FAIL, "the broker's reply has no status");
     if (o->json)
-        return s_print_json_msg(&st->base);
-    char a[32], b[32], c[32];
+        return s_print_admin_json(rep, ML_ADMIN_JSON_STATUS);
+    char a[32], b[40], c[32];
     int64_t now = st->now ? st->now : ml_now_ms();
     printf("broker    %s\n", s_e(st->broker));
     printf("uptime    %s (since %s)\n", s_dur(now - st->started_at, a, sizeof a),
-           ml_time_format(st->started_at, b, sizeof b));
+           s_time(st->started_at, b, sizeof b));
     printf("sessions  %llu\n", (unsigned long long)st->sessions);
     printf("messages  accepted %llu, delivered %llu, refused %llu\n",
            (unsigned long long)st->accepted_total, (unsigned long long)st->delivered_total,
            (unsigned long long)st->refused_total);
-    /* The clock: a CRL past its next update refuses every node, so what
-     * is about to expire is said first, one line each. */
-    for (size_t i = 0; i < st->n_expiry; i++) {
-        const Medlink__V1__Expiry *e = st->expiry[i];
-        if (!e->warning)
-            continue;
-        ml_time_format(e->not_after, b, sizeof b);
-        if (e->expired)
-            printf("WARNING   %s EXPIRED on %s: handshakes it affects are refused\n",
-                   s_or(e->what, "?"), b);
-        else if (e->days_left < 1)
-            printf("WARNING   %s expires in less than a day, on %s\n", s_or(e->what, "?"), b);
-        else
-            printf("WARNING   %s expires in %lld day(s), on %s\n", s_or(e->what, "?"),
-                   (long long)e->days_left, b);
-    }
-    printf("\n%-32s %-16s %-8s %-10s %7s %8s %9s\n", "NODE", "ROLE", "STATE", "LAST SEEN", "QUEUE",
-           "OLDEST", "IN FLIGHT");
+    printf("cases     open %llu, overdue %llu (in memory %llu)\n",
+           (unsigned long long)st->open_cases, (unsigned long long)st->overdue_cases,
+           (unsigned long long)st->cases_in_memory);
+    printf("dlq       %llu dead %s\n", (unsigned long long)st->dead_letters,
+           s_plural(st->dead_letters, "letter", "letters"));
+    s_warnings(stdout, st);
+    printf("\n");
+    s_table_t t = {.cols = 7, .right = 1u << 4 | 1u << 5 | 1u << 6};
+    s_table_row(&t, "NODE", "ROLE", "STATE", "LAST SEEN", "QUEUE", "OLDEST", "IN FLIGHT");
     for (size_t i = 0; i < st->n_node; i++) {
         const Medlink__V1__NodeStatus *n = st->node[i];
-        char seen[40];
-        if (n->online)
-            snprintf(seen, sizeof seen, "now");
-        else if (n->last_seen == 0)
-            snprintf(seen, sizeof seen, "never");
-        else
-            snprintf(seen, sizeof seen, "%s ago", s_dur(now - n->last_seen, a, sizeof a));
-        printf("%-32s %-16s %-8s %-10s %7llu %8s %9llu\n", s_e(n->node_id), s_e(n->role),
-               n->online ? "online" : "offline", seen, (unsigned long long)n->queue_depth,
-               n->oldest_queued_at ? s_dur(now - n->oldest_queued_at, c, sizeof c) : "-",
-               (unsigned long long)n->in_flight);
+        char seen[40], q[24], fl[24];
+        snprintf(q, sizeof q, "%llu", (unsigned long long)n->queue_depth);
+        snprintf(fl, sizeof fl, "%llu", (unsigned long long)n->in_flight);
+        s_table_row(&t, n->node_id, s_or(n->role, "-"), n->online ? "online" : "offline",
+                    s_seen(n, now, seen, sizeof seen), q,
+                    n->oldest_queued_at ? s_dur(now - n->oldest_queued_at, c, sizeof c) : "-", fl);
     }
+    s_table_print(&t, "");
     return CTL_EXIT_OK;
+}
+
+/* ---- nodes ---- */
+
+static int s_nodes(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
+{
+    const Medlink__V1__BrokerStatus *st = rep->broker_status;
+    if (!st)
+        return ctl_fail(CTL_EXIT_FAIL, "the broker's reply has no status");
+    if (o->json)
+        return s_print_admin_json(rep, ML_ADMIN_JSON_NODES);
+    if (st->n_node == 0) {
+        printf("no nodes\n");
+        return CTL_EXIT_OK;
+    }
+    int64_t now = st->now ? st->now : ml_now_ms();
+    size_t online = 0;
+    s_table_t t = {.cols = 10, .right = 1u << 5 | 1u << 6 | 1u << 7 | 1u << 8 | 1u << 9};
+    s_table_row(&t, "NODE", "NAME", "ROLE", "STATE", "LAST SEEN", "BACKLOG", "OLDEST QUEUED",
+                "IN FLIGHT", "DELIVERED", "OPEN CASES");
+    for (size_t i = 0; i < st->n_node; i++) {
+        const Medlink__V1__NodeStatus *n = st->node[i];
+        char seen[80], q[24], fl[24], dv[24], cs[48], c[32];
+        online += n->online != 0;
+        if (n->online || n->last_seen == 0)
+            s_seen(n, now, seen, sizeof seen);
+        else
+            s_when(n->last_seen, now, seen, sizeof seen);
+        snprintf(q, sizeof q, "%llu", (unsigned long long)n->queue_depth);
+        snprintf(fl, sizeof fl, "%llu", (unsigned long long)n->in_flight);
+        snprintf(dv, sizeof dv, "%llu", (unsigned long long)n->delivered);
+        if (n->open_cases_limit)
+            snprintf(cs, sizeof cs, "%llu/%llu", (unsigned long long)n->open_cases_opened,
+                     (unsigned long long)n->open_cases_limit);
+        else
+            snprintf(cs, sizeof cs, "%llu/-", (unsigned long long)n->open_cases_opened);
+        s_table_row(&t, n->node_id, s_or(n->display_name, "-"), s_or(n->role, "-"),
+                    n->online ? "online" : "offline", seen, q,
+                    n->oldest_queued_at ? s_dur(now - n->oldest_queued_at, c, sizeof c) : "-", fl,
+                    dv, cs);
+    }
+    s_table_print(&t, "");
+    printf("(%zu %s, %zu online)\n", st->n_node, s_plural(st->n_node, "node", "nodes"), online);
+    return CTL_EXIT_OK;
+}
+
+/* ---- top ---- */
+
+/* The previous snapshot's node named id, or NULL. O(nodes). */
+static const Medlink__V1__NodeStatus *s_node_of(const Medlink__V1__BrokerStatus *st, const char *id)
+{
+    for (size_t i = 0; st && id && i < st->n_node; i++)
+        if (st->node[i]->node_id && strcmp(st->node[i]->node_id, id) == 0)
+            return st->node[i];
+    return NULL;
+}
+
+/* (cur - prev) per second as "12.5", or "-" without a previous value (or
+ * after a counter went back: the broker restarted). */
+static char *s_rate(uint64_t cur, uint64_t prev, int have_prev, double secs, char *buf, size_t len)
+{
+    if (!have_prev || secs <= 0 || cur < prev)
+        snprintf(buf, len, "-");
+    else
+        snprintf(buf, len, "%.1f", (double)(cur - prev) / secs);
+    return buf;
+}
+
+int ctl_print_top(FILE *f, const Medlink__V1__BrokerStatus *st,
+                  const Medlink__V1__BrokerStatus *prev, int64_t elapsed_ms, int max_lines)
+{
+    char a[32], b[40], r1[24], r2[24], r3[24];
+    int64_t now = st->now ? st->now : ml_now_ms();
+    double secs = (double)elapsed_ms / 1000.0;
+    int hp = prev != NULL && prev->started_at == st->started_at;
+    int lines = 0;
+    size_t online = 0;
+    for (size_t i = 0; i < st->n_node; i++)
+        online += st->node[i]->online != 0;
+    fprintf(f, "broker %s  up %s  sessions %llu  nodes %zu/%zu online  %s\n", s_e(st->broker),
+            s_dur(now - st->started_at, a, sizeof a), (unsigned long long)st->sessions, online,
+            st->n_node, s_time(now, b, sizeof b));
+    fprintf(f, "per second: accepted %s  delivered %s  refused %s\n",
+            s_rate(st->accepted_total, hp ? prev->accepted_total : 0, hp, secs, r1, sizeof r1),
+            s_rate(st->delivered_total, hp ? prev->delivered_total : 0, hp, secs, r2, sizeof r2),
+            s_rate(st->refused_total, hp ? prev->refused_total : 0, hp, secs, r3, sizeof r3));
+    fprintf(f, "cases: open %llu  overdue %llu   dead letters %llu\n",
+            (unsigned long long)st->open_cases, (unsigned long long)st->overdue_cases,
+            (unsigned long long)st->dead_letters);
+    lines = 3;
+    size_t n_warn = 0;
+    for (size_t i = 0; i < st->n_expiry; i++)
+        n_warn += st->expiry[i]->warning || st->expiry[i]->expired;
+    n_warn += st->n_alert;
+    if (n_warn) {
+        fprintf(f, "WARNING: %zu warning%s (medlinkctl status lists them)\n", n_warn,
+                n_warn == 1 ? "" : "s");
+        lines++;
+    }
+    fputc('\n', f);
+    lines++;
+    s_table_t t = {.cols = 6, .right = 1u << 2 | 1u << 3 | 1u << 4 | 1u << 5};
+    s_table_row(&t, "NODE", "STATE", "BACKLOG", "OLDEST QUEUED", "IN FLIGHT", "DELIVERED/S");
+    for (size_t i = 0; i < st->n_node; i++) {
+        const Medlink__V1__NodeStatus *n = st->node[i];
+        const Medlink__V1__NodeStatus *p = hp ? s_node_of(prev, n->node_id) : NULL;
+        char q[24], fl[24], dv[24], c[32];
+        snprintf(q, sizeof q, "%llu", (unsigned long long)n->queue_depth);
+        snprintf(fl, sizeof fl, "%llu", (unsigned long long)n->in_flight);
+        s_table_row(&t, n->node_id, n->online ? "online" : "offline", q,
+                    n->oldest_queued_at ? s_dur(now - n->oldest_queued_at, c, sizeof c) : "-", fl,
+                    s_rate(n->delivered, p ? p->delivered : 0, p != NULL, secs, dv, sizeof dv));
+    }
+    size_t room = 0;
+    if (max_lines > 0)
+        room = max_lines - lines > 2 ? (size_t)(max_lines - lines) : 2;
+    size_t rows = t.rows;
+    s_table_write(&t, f, "", room);
+    return lines + (int)(room && rows > room ? room : rows);
 }
 
 /* ---- cases ---- */
@@ -274,7 +566,7 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     if (!c)
         return ctl_fail(CTL_EXIT_FAIL, "the broker's reply has no case");
     if (o->json)
-        return s_print_json_msg(&c->base);
+        return s_print_admin_json(rep, ML_ADMIN_JSON_CASE);
     int64_t now = ml_now_ms();
     char a[80], b[80], d[32];
     printf("case         %s\n", s_e(c->case_id));
@@ -292,7 +584,7 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
         printf("deadline     none running\n");
     } else {
         int over = c->overdue || c->deadline_at <= now;
-        printf("deadline     %s to reach %s: %s %s\n", ml_time_format(c->deadline_at, a, sizeof a),
+        printf("deadline     %s to reach %s: %s %s\n", s_time(c->deadline_at, a, sizeof a),
                s_or(c->deadline_state, "?"), over ? "OVERDUE by" : "due in",
                s_dur(over ? now - c->deadline_at : c->deadline_at - now, d, sizeof d));
     }
@@ -314,8 +606,8 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
         const Medlink__V1__TimelineEntry *e = c->timeline[i];
         char tr[200];
         s_transition(e->from_state, e->to_state, tr, sizeof tr);
-        s_table_row(&t, ml_time_format(e->at, a, sizeof a), s_or(e->node, "-"), s_or(e->event, "-"),
-                    tr, s_or(e->detail, ""));
+        s_table_row(&t, s_time(e->at, a, sizeof a), s_or(e->node, "-"), s_or(e->event, "-"), tr,
+                    s_or(e->detail, ""));
     }
     s_table_print(&t, "  ");
     return CTL_EXIT_OK;
@@ -323,17 +615,8 @@ static int s_case(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 
 static int s_cases(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
-    if (o->json) {
-        json_t *arr = json_array();
-        for (size_t i = 0; arr && i < rep->n_cases; i++) {
-            json_t *j = s_json_of(&rep->cases[i]->base);
-            if (!j || json_array_append_new(arr, j) < 0) {
-                json_decref(arr);
-                return ctl_fail(CTL_EXIT_FAIL, "cannot render the cases as JSON");
-            }
-        }
-        return s_print_json(json_pack("{s:o}", "cases", arr));
-    }
+    if (o->json)
+        return s_print_admin_json(rep, ML_ADMIN_JSON_CASES);
     if (rep->n_cases == 0) {
         printf("no cases\n");
         return CTL_EXIT_OK;
@@ -360,17 +643,8 @@ static int s_cases(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 
 static int s_dlq_list(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
 {
-    if (o->json) {
-        json_t *arr = json_array();
-        for (size_t i = 0; arr && i < rep->n_dead_letter; i++) {
-            json_t *j = s_json_of(&rep->dead_letter[i]->base);
-            if (!j || json_array_append_new(arr, j) < 0) {
-                json_decref(arr);
-                return ctl_fail(CTL_EXIT_FAIL, "cannot render the dead letters as JSON");
-            }
-        }
-        return s_print_json(json_pack("{s:o}", "deadLetter", arr));
-    }
+    if (o->json)
+        return s_print_admin_json(rep, ML_ADMIN_JSON_DLQ);
     if (rep->n_dead_letter == 0) {
         printf("no dead letters\n");
         return CTL_EXIT_OK;
@@ -565,6 +839,8 @@ int ctl_print_admin(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep)
     switch (o->cmd) {
     case CTL_CMD_STATUS:
         return s_status(o, rep);
+    case CTL_CMD_NODES:
+        return s_nodes(o, rep);
     case CTL_CMD_CASE_SHOW:
         return s_case(o, rep);
     case CTL_CMD_CASES:

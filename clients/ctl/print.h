@@ -5,14 +5,36 @@
 #ifndef CTL_PRINT_H
 #define CTL_PRINT_H
 
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "cli.h"
 #include "ml_env.h"
 #include "session.h"
 
+/* Once, before anything is printed: LC_CTYPE from the environment (a
+ * UTF-8 one; C.UTF-8 when it is not) for display widths, and local human
+ * times when o->local_time is set or TZ is set and not empty. */
+void ctl_print_init(const ctl_opts_t *o);
+
+/* Terminal columns s takes (wcwidth(3) per character: 2 for a Chinese
+ * one), one per byte that is not valid UTF-8. O(length). */
+int ctl_text_width(const char *s);
+/* Bytes of s that fit in cols terminal columns, cut at a character
+ * boundary. O(length). */
+size_t ctl_text_fit(const char *s, int cols);
+
+/* One `top` screen of st on f: a header (broker, uptime, sessions, rates
+ * per second from the totals' deltas since prev, elapsed_ms ago; prev NULL
+ * or of another broker run: "-"), then one line per node. max_lines > 0
+ * bounds the lines written, the node rows cut with "... N more". Peer
+ * strings are escaped. Returns the lines written. */
+int ctl_print_top(FILE *f, const Medlink__V1__BrokerStatus *st,
+                  const Medlink__V1__BrokerStatus *prev, int64_t elapsed_ms, int max_lines);
+
 /* The reply of an ops command (o->cmd says which): status, case show,
- * cases, dlq list/show/replay/purge. A reply with status != 0 is a
+ * nodes, cases, dlq list/show/replay/purge. A reply with status != 0 is a
  * refusal: its error on stderr, exit 1. */
 int ctl_print_admin(const ctl_opts_t *o, const Medlink__V1__AdminReply *rep);
 

@@ -5,6 +5,8 @@
  * closing the timers and the channel so that uv_run returns. */
 #include "session.h"
 
+#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,7 +61,40 @@ typedef struct {
     uint64_t seq;
     int src_done;
     char transient[1100]; /* the last transient refusal, for the timeout message */
+    /* a connection kept for many requests (ctl_conn_*) */
+    int persist;
+    int64_t req_timeout_ms;
+    int pending;                  /* a request is out and unanswered */
+    int was_up;                   /* the channel has been up once */
+    int event;                    /* a key or a signal stopped the loop */
+    int key_ready;                /* watch_fd became readable */
+    int signo;                    /* the last signal caught */
+    int waited;                   /* ctl_conn_wait's time passed */
+    int fatal;                    /* on_fatal came: retrying will not help (why says why) */
+    Medlink__V1__AdminRequest rq; /* the request in flight (its strings: the caller's) */
+    uv_timer_t wait;
+    uv_poll_t kbd;
+    int kbd_on;
+    uv_signal_t sig[5];
+    int n_sig;
+    char why[1200]; /* why the last request failed (nothing is printed) */
 } s_sess_t;
+
+/* The reason for a failure: on stderr for a one-shot exchange; kept in
+ * ss->why for a kept connection, whose caller owns the terminal. */
+__attribute__((format(printf, 3, 4))) static void s_say(s_sess_t *ss, int code, const char *fmt,
+                                                        ...)
+{
+    char msg[1200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (ss->persist)
+        snprintf(ss->why, sizeof ss->why, "%s", msg);
+    else
+        ctl_fail(code, "%s", msg);
+}
 
 static const char *s_nack_name(int code)
 {
@@ -70,6 +105,15 @@ static const char *s_nack_name(int code)
 
 static void s_finish(s_sess_t *ss, int rc)
 {
+    /* A kept connection stays: only the request ends, and uv_run returns
+     * to ctl_conn_admin. */
+    if (ss->persist) {
+        ss->pending = 0;
+        ss->rc = rc;
+        uv_timer_stop(&ss->progress);
+        uv_stop(&ss->loop);
+        return;
+    }
     if (ss->done)
         return;
     ss->done = 1;
@@ -203,7 +247,7 @@ static void s_send_admin(s_sess_t *ss)
     env.admin_request = (Medlink__V1__AdminRequest *)ss->req;
     int rc = ml_channel_send(ss->ch, &env);
     if (rc < 0 && rc != ML_ECLOSED) {
-        ctl_fail(CTL_EXIT_FAIL, "cannot send the request: %s", ml_strerror(rc));
+        s_say(ss, CTL_EXIT_FAIL, "cannot send the request: %s", ml_strerror(rc));
         s_finish(ss, rc);
     }
 }
@@ -219,10 +263,19 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
         /* Everything unanswered goes again on the next session. */
         for (size_t i = 0; i < ss->n_items; i++)
             ss->items[i].sent = 0;
+        /* A kept connection's caller is told at once (it shows that the
+         * broker went away); the channel reconnects meanwhile. */
+        if (ss->persist && ss->pending) {
+            s_say(ss, CTL_EXIT_FAIL, "connection to %s lost: %s", ss->o->broker,
+                  reason ? reason : "?");
+            s_finish(ss, ML_ECLOSED);
+        }
         return;
     }
+    ss->was_up = 1;
     if (ss->req) {
-        s_send_admin(ss);
+        if (!ss->persist || ss->pending)
+            s_send_admin(ss);
         return;
     }
     const Medlink__V1__Welcome *w = ml_channel_welcome(ss->ch);
@@ -248,7 +301,8 @@ static void s_on_fatal(ml_channel_t *ch, const char *reason, void *arg)
     (void)ch;
     if (ss->done)
         return;
-    ctl_fail(CTL_EXIT_TLS, "cannot connect to broker %s: %s", ss->o->broker, reason);
+    s_say(ss, CTL_EXIT_TLS, "cannot connect to broker %s: %s", ss->o->broker, reason);
+    ss->fatal = 1;
     s_finish(ss, ML_ETLS);
 }
 
@@ -302,6 +356,8 @@ static int s_transient(int code)
 
 static void s_on_nack(s_sess_t *ss, const Medlink__V1__Nack *n)
 {
+    if (ss->persist && !ss->pending)
+        return;
     /* A Nack without a message id is about the session itself. */
     if (!n->message_id || !*n->message_id) {
         s_refused(ss, n);
@@ -343,7 +399,7 @@ static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
         return;
     switch (env->payload_case) {
     case MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY: {
-        if (!ss->req)
+        if (!ss->req || (ss->persist && !ss->pending))
             return;
         /* A reply names the request it answers; one that names another
          * (an answer to an earlier request, resent after a reconnect) is
@@ -381,21 +437,29 @@ static void s_progress_cb(uv_timer_t *t)
     s_sess_t *ss = t->data;
     const ctl_opts_t *o = ss->o;
     if (ss->src && ss->res->sent > 1)
-        ctl_fail(CTL_EXIT_FAIL,
-                 "no progress from broker %s within %d s: %llu of %llu messages accepted%s%s",
-                 o->broker, o->timeout_s, (unsigned long long)ss->res->accepted,
-                 (unsigned long long)ss->res->sent, *ss->transient ? "; last refusal: " : "",
-                 ss->transient);
+        s_say(ss, CTL_EXIT_FAIL,
+              "no progress from broker %s within %d s: %llu of %llu messages accepted%s%s",
+              o->broker, o->timeout_s, (unsigned long long)ss->res->accepted,
+              (unsigned long long)ss->res->sent, *ss->transient ? "; last refusal: " : "",
+              ss->transient);
+    else if (ss->persist)
+        s_say(ss, CTL_EXIT_FAIL, "%s broker %s within %lld ms",
+              ss->was_up ? "no answer from" : "cannot reach", o->broker,
+              (long long)ss->req_timeout_ms);
     else
-        ctl_fail(CTL_EXIT_FAIL, "no answer from broker %s within %d s%s%s", o->broker, o->timeout_s,
-                 *ss->transient ? "; last refusal: " : "", ss->transient);
+        s_say(ss, CTL_EXIT_FAIL, "no answer from broker %s within %d s%s%s", o->broker,
+              o->timeout_s, *ss->transient ? "; last refusal: " : "", ss->transient);
     s_finish(ss, ML_ETIMEDOUT);
 }
 
-static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
+/* Makes the loop, the ZeroMQ context, the timers and the channel (which
+ * connects on its own). Returns 0, or an ML_E* after saying why (then
+ * s_end still has to run when the loop was made: *made says so). */
+static int s_start(s_sess_t *ss, ml_tls_ctx_t *tls, int *made)
 {
     const ctl_opts_t *o = ss->o;
     int rc;
+    *made = 0;
     if (uv_loop_init(&ss->loop) < 0) {
         ctl_fail(CTL_EXIT_FAIL, "cannot create an event loop");
         return ML_EIO;
@@ -406,13 +470,12 @@ static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
         ctl_fail(CTL_EXIT_FAIL, "cannot create a ZeroMQ context");
         return ML_EIO;
     }
+    *made = 1;
     zmq_ctx_set(ss->zctx, ZMQ_BLOCKY, 0);
     uv_timer_init(&ss->loop, &ss->progress);
     uv_timer_init(&ss->loop, &ss->retry);
     ss->progress.data = ss;
     ss->retry.data = ss;
-    uint64_t ms = (uint64_t)o->timeout_s * 1000;
-    uv_timer_start(&ss->progress, s_progress_cb, ms, ms);
     ml_channel_config_t cc = {0};
     cc.endpoint = o->broker;
     cc.tls = tls;
@@ -426,11 +489,31 @@ static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
     cc.arg = ss;
     if ((rc = ml_channel_new(&ss->loop, ss->zctx, &cc, &ss->ch)) < 0) {
         ctl_fail(CTL_EXIT_FAIL, "cannot connect to %s: %s", o->broker, ml_strerror(rc));
-        s_finish(ss, rc);
+        return rc;
     }
+    return 0;
+}
+
+/* Runs the loop until every handle is closed, then frees it. */
+static void s_end(s_sess_t *ss)
+{
     uv_run(&ss->loop, UV_RUN_DEFAULT);
     uv_loop_close(&ss->loop);
     zmq_ctx_term(ss->zctx);
+}
+
+static int s_run(s_sess_t *ss, ml_tls_ctx_t *tls)
+{
+    int made, rc = s_start(ss, tls, &made);
+    if (!made)
+        return rc;
+    if (rc == 0) {
+        uint64_t ms = (uint64_t)ss->o->timeout_s * 1000;
+        uv_timer_start(&ss->progress, s_progress_cb, ms, ms);
+    } else {
+        s_finish(ss, rc);
+    }
+    s_end(ss);
     return ss->rc;
 }
 
@@ -468,4 +551,176 @@ int ctl_session_send(const ctl_opts_t *o, ml_tls_ctx_t *tls, const ctl_source_t 
         free(ss.items[i].buf);
     free(ss.items);
     return rc;
+}
+
+/* ---- a connection kept for many requests ---- */
+
+struct ctl_conn {
+    s_sess_t ss;
+    ctl_result_t res;
+};
+
+static void s_event_stop(s_sess_t *ss)
+{
+    ss->event = 1;
+    uv_stop(&ss->loop);
+}
+
+static void s_kbd_cb(uv_poll_t *p, int status, int events)
+{
+    s_sess_t *ss = p->data;
+    (void)events;
+    (void)status;
+    /* Level-triggered: stopped until the caller has read what came. */
+    uv_poll_stop(p);
+    ss->key_ready = 1;
+    s_event_stop(ss);
+}
+
+static void s_signal_cb(uv_signal_t *h, int signum)
+{
+    s_sess_t *ss = h->data;
+    ss->signo = signum;
+    s_event_stop(ss);
+}
+
+static void s_wait_cb(uv_timer_t *t)
+{
+    s_sess_t *ss = t->data;
+    ss->waited = 1;
+    uv_stop(&ss->loop);
+}
+
+int ctl_conn_open(const ctl_opts_t *o, ml_tls_ctx_t *tls, int watch_fd, ctl_conn_t **c)
+{
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGWINCH, SIGTSTP};
+    ctl_conn_t *cn = calloc(1, sizeof *cn);
+    if (!cn)
+        ctl_oom();
+    s_sess_t *ss = &cn->ss;
+    ss->o = o;
+    ss->res = &cn->res;
+    ss->persist = 1;
+    ss->req = &ss->rq;
+    medlink__v1__admin_request__init(&ss->rq);
+    int made, rc = s_start(ss, tls, &made);
+    if (!made) {
+        free(cn);
+        return rc;
+    }
+    uv_timer_init(&ss->loop, &ss->wait);
+    ss->wait.data = ss;
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        uv_signal_init(&ss->loop, &ss->sig[i]);
+        ss->sig[i].data = ss;
+        uv_signal_start(&ss->sig[i], s_signal_cb, sigs[i]);
+        ss->n_sig++;
+    }
+    if (watch_fd >= 0 && uv_poll_init(&ss->loop, &ss->kbd, watch_fd) == 0) {
+        ss->kbd.data = ss;
+        ss->kbd_on = 1;
+        uv_poll_start(&ss->kbd, UV_READABLE, s_kbd_cb);
+    }
+    *c = cn;
+    if (rc < 0) {
+        ctl_conn_destroy(c);
+        return rc;
+    }
+    return 0;
+}
+
+int ctl_conn_admin(ctl_conn_t *c, const Medlink__V1__AdminRequest *req, int timeout_ms,
+                   ml_envelope_t **reply)
+{
+    s_sess_t *ss = &c->ss;
+    *reply = NULL;
+    ml_env_free(&ss->reply);
+    if (ss->event)
+        return CTL_CONN_EVENT;
+    /* Even between requests: a certificate revoked meanwhile ends it. */
+    if (ss->fatal)
+        return ML_ETLS;
+    ss->why[0] = '\0';
+    /* Once it has been up, a channel that is down is said at once: the
+     * caller shows it and asks again later, while it reconnects. */
+    if (ss->was_up && !ml_channel_is_up(ss->ch)) {
+        snprintf(ss->why, sizeof ss->why, "not connected to %s", ss->o->broker);
+        return ML_ECLOSED;
+    }
+    ss->rq = *req;
+    ml_ulid_new(ss->req_id);
+    ss->rq.request_id = ss->req_id;
+    ss->pending = 1;
+    ss->rc = 0;
+    ss->req_timeout_ms = timeout_ms;
+    uv_timer_start(&ss->progress, s_progress_cb, (uint64_t)timeout_ms, 0);
+    if (ml_channel_is_up(ss->ch))
+        s_send_admin(ss);
+    while (ss->pending && !ss->event)
+        uv_run(&ss->loop, UV_RUN_DEFAULT);
+    if (ss->pending) {
+        /* A key or a signal came first: the request is given up (a late
+         * reply names a request id no longer awaited and is dropped). */
+        ss->pending = 0;
+        uv_timer_stop(&ss->progress);
+        return CTL_CONN_EVENT;
+    }
+    if (ss->rc == ML_EDENIED)
+        snprintf(ss->why, sizeof ss->why, "refused: %s", c->res.nack_reason);
+    if (ss->rc == 0) {
+        *reply = ss->reply;
+        ss->reply = NULL;
+    }
+    return ss->rc;
+}
+
+int ctl_conn_wait(ctl_conn_t *c, int ms)
+{
+    s_sess_t *ss = &c->ss;
+    if (ss->event)
+        return 1;
+    ss->waited = 0;
+    uv_timer_start(&ss->wait, s_wait_cb, (uint64_t)(ms > 0 ? ms : 0), 0);
+    while (!ss->waited && !ss->event)
+        uv_run(&ss->loop, UV_RUN_DEFAULT);
+    uv_timer_stop(&ss->wait);
+    return ss->event;
+}
+
+void ctl_conn_take_event(ctl_conn_t *c, int *key_ready, int *signo)
+{
+    s_sess_t *ss = &c->ss;
+    *key_ready = ss->key_ready;
+    *signo = ss->signo;
+    ss->key_ready = 0;
+    ss->signo = 0;
+    ss->event = 0;
+    if (ss->kbd_on && *key_ready)
+        uv_poll_start(&ss->kbd, UV_READABLE, s_kbd_cb);
+}
+
+const char *ctl_conn_why(const ctl_conn_t *c)
+{
+    return c->ss.why;
+}
+
+void ctl_conn_destroy(ctl_conn_t **c)
+{
+    if (!c || !*c)
+        return;
+    s_sess_t *ss = &(*c)->ss;
+    uv_timer_stop(&ss->progress);
+    uv_timer_stop(&ss->retry);
+    uv_close((uv_handle_t *)&ss->progress, NULL);
+    uv_close((uv_handle_t *)&ss->retry, NULL);
+    uv_close((uv_handle_t *)&ss->wait, NULL);
+    for (int i = 0; i < ss->n_sig; i++)
+        uv_close((uv_handle_t *)&ss->sig[i], NULL);
+    if (ss->kbd_on)
+        uv_close((uv_handle_t *)&ss->kbd, NULL);
+    ml_channel_destroy(&ss->ch);
+    ml_env_free(&ss->reply);
+    s_end(ss);
+    free(*c);
+    *c = NULL;
 }

@@ -68,4 +68,37 @@ int ctl_session_admin(const ctl_opts_t *o, ml_tls_ctx_t *tls, const Medlink__V1_
 int ctl_session_send(const ctl_opts_t *o, ml_tls_ctx_t *tls, const ctl_source_t *src,
                      ctl_result_t *res);
 
+/* A connection kept open for many admin requests (medlinkctl top: one
+ * session for every refresh, not one per screen). Besides the channel it
+ * watches watch_fd (>= 0: readable, e.g. the keyboard) and the signals
+ * SIGINT, SIGTERM, SIGHUP, SIGWINCH and SIGTSTP: either one stops a wait or a
+ * request (CTL_CONN_EVENT) so the caller can act on it at once. Nothing is
+ * printed: the reason of a failure is in ctl_conn_why. One thread. */
+typedef struct ctl_conn ctl_conn_t;
+
+#define CTL_CONN_EVENT 1
+
+/* Opens *c (the caller's; ctl_conn_destroy) and starts connecting.
+ * Returns 0, or an ML_E* after saying why on stderr. */
+int ctl_conn_open(const ctl_opts_t *o, ml_tls_ctx_t *tls, int watch_fd, ctl_conn_t **c);
+/* Sends req (a new request id each call) and waits up to timeout_ms for
+ * its reply: 0 with *reply (the caller's, ml_env_free); CTL_CONN_EVENT
+ * when a key or signal came first (the request is given up); ML_ECLOSED
+ * at once when the channel, up before, is down now (it reconnects on its
+ * own), or when it drops while waiting; ML_ETIMEDOUT; ML_EDENIED (a
+ * Nack); ML_ETLS when the session cannot be made and retrying will not
+ * help. */
+int ctl_conn_admin(ctl_conn_t *c, const Medlink__V1__AdminRequest *req, int timeout_ms,
+                   ml_envelope_t **reply);
+/* Keeps the connection alive (heartbeats, reconnects) for ms, or less
+ * when an event comes: returns 1 then, else 0. */
+int ctl_conn_wait(ctl_conn_t *c, int ms);
+/* The events since the last call, cleared: *key_ready 1 when watch_fd is
+ * readable (read it before the next wait), *signo the last signal or 0. */
+void ctl_conn_take_event(ctl_conn_t *c, int *key_ready, int *signo);
+/* Why the last ctl_conn_admin failed ("" after a success). */
+const char *ctl_conn_why(const ctl_conn_t *c);
+/* Closes the channel and frees *c; safe on NULL, clears *c. */
+void ctl_conn_destroy(ctl_conn_t **c);
+
 #endif

@@ -173,6 +173,13 @@ Test(http, post_is_405_with_allow_and_a_body_413)
     r = s_raw(chunked, sizeof chunked - 1);
     cr_assert(strncmp(r, "HTTP/1.1 413 ", 13) == 0, "%s", r);
     free(r);
+    /* An upgrade is not done: a plain reply, and the connection ends. */
+    const char up[] = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      "Upgrade: websocket\r\n\r\nGET /readyz HTTP/1.1\r\n\r\n";
+    r = s_raw(up, sizeof up - 1);
+    cr_assert(strncmp(r, "HTTP/1.1 200 ", 13) == 0, "%s", r);
+    cr_assert(strstr(r, "Connection: close\r\n") && !strstr(r, "ready"), "%s", r);
+    free(r);
     const char junk[] = "\x16\x03\x01 this is no HTTP\r\n\r\n";
     r = s_raw(junk, sizeof junk - 1);
     cr_assert(strncmp(r, "HTTP/1.1 400 ", 13) == 0, "%s", r);
@@ -723,5 +730,17 @@ Test(http, listens_on_ipv6_loopback)
     close(fd);
     cr_assert(strncmp(got, "HTTP/1.1 200 ", 13) == 0, "%s", got);
     cr_assert_eq(h_log_contains(&W, "broker.log", "is not a loopback address"), 0);
+    h_broker_stop(&W);
+}
+
+Test(http, port_learnt_from_a_json_log_too)
+{
+    s_start(NULL, "log_format = json\n");
+    cr_assert_gt(W.http_port, 0);
+    int status;
+    char *body;
+    cr_assert_eq(h_http_get(&W, "/healthz", &status, &body, NULL), 0);
+    cr_assert_eq(status, 200, "%d %s", status, body);
+    free(body);
     h_broker_stop(&W);
 }
