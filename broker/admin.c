@@ -15,6 +15,7 @@
 #include "expiry.h"
 #include "cases.h"
 #include "http.h"
+#include "metrics.h"
 #include "ml_adminjson.h"
 #include "ml_text.h"
 
@@ -794,6 +795,7 @@ static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Adm
             break;
         }
     }
+    ml_bk_metrics_dead_gone(b, done);
     w->b = b;
     w->serial = s->serial;
     w->request_id = request_id;

@@ -508,6 +508,7 @@ int ml_bk_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_
              "order is kept; retry",
              h->id, h->to);
     b->refused_total++;
+    ml_bk_metrics_refused(b, s->rx_kind, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED);
     s_send_nack(b, s, msg_id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
     return 1;
 }
@@ -531,6 +532,7 @@ int ml_bk_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped)
 void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code, const char *reason)
 {
     b->refused_total++;
+    ml_bk_metrics_refused(b, s->rx_kind, code);
     /* Per node (sessions before Hello share the broker's own budget): the
      * Nack always goes out, the log line only within the budget. */
     ml_bk_loglimit_t *lim = s->ns ? &s->ns->refusals : &b->preauth_refusals;
@@ -713,6 +715,7 @@ static void s_on_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id)
     ml_store_mark_delivered(b->store, it.seq);
     ns->delivered++;
     b->delivered_total++;
+    ml_bk_metrics_delivered(b, it.kind);
     if (it.cs) {
         ml_bk_flow_delivered(b, ns, &it);
         ml_bk_case_release(b, it.cs);
@@ -764,6 +767,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             ml_log(ML_LOG_INFO, "cases", "%s", p->opened);
         if (!duplicate) {
             b->accepted_total++;
+            ml_bk_metrics_accepted(b, p->kind);
             ml_qitem_t it;
             memset(&it, 0, sizeof it);
             it.seq = seq;
@@ -815,6 +819,9 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         if (s && s->state == S_READY)
             s_send_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
+        /* The refusal is of this put's message (the kind it counts
+         * under); the session reads no record meanwhile (s_record). */
+        s->rx_kind = p->kind;
         /* A message to a service is held under the node it went to too. */
         if (rc != ML_EDUP && rc != ML_EIDUSED && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
             strcmp(p->to, p->recipient->node->id) != 0)
@@ -837,6 +844,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         else
             ml_bk_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE,
                                  "store error: the message was not stored, retry later");
+        s->rx_kind = 0;
     } else if (p->own && rc != ML_EDUP && !p->has_ops && p->blob) {
         /* A forwarded referral, a notice: nothing else will make it again,
          * so it is kept and stored again by the flow timer. (A message
@@ -1182,6 +1190,7 @@ static const char *s_refused_id(const ml_frame_reader_t *r, char out[ML_ULID_LEN
 static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len)
 {
     ml_envelope_t *env = NULL;
+    s->rx_kind = 0;
     if (ml_env_unpack(rec, len, &env) != 0) {
         char err[128];
         snprintf(err, sizeof err, "malformed envelope (%zu bytes could not be decoded)", len);
@@ -1190,6 +1199,9 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
             s_session_close(b, s, "malformed first record");
         return;
     }
+    /* What a refusal of this record counts under: the kind its payload
+     * is (a sender may leave Envelope.kind unset, or set it wrong). */
+    s->rx_kind = ml_env_kind_of_payload(env->payload_case);
     if (s->state == S_AWAIT_HELLO) {
         s_hello(b, s, env);
         goto out;
@@ -1234,6 +1246,7 @@ static void s_record(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t
         }
     }
 out:
+    s->rx_kind = 0;
     ml_env_free(&env);
 }
 
@@ -1301,6 +1314,7 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
         if (s->state == S_HANDSHAKE) {
             s_log_refused_tls(s);
             b->refused_total++;
+            ml_bk_metrics_tls_failure(b, ml_tls_session_fail_kind(s->tls));
             /* Let the alert reach the peer so it can log a reason too. */
             s_send_cipher(b, s);
             s_session_close(b, s, NULL);
@@ -1314,6 +1328,7 @@ static void s_input(ml_broker_t *b, ml_session_t *s, const uint8_t *data, size_t
         if (rc < 0) {
             s_log_refused_tls(s);
             b->refused_total++;
+            ml_bk_metrics_tls_failure(b, ml_tls_session_fail_kind(s->tls));
             s_send_cipher(b, s);
             s_session_close(b, s, NULL);
             return;
@@ -1601,6 +1616,8 @@ static void s_housekeeping_cb(uv_timer_t *t)
         case S_AWAIT_HELLO:
             if (now - s->created > b->cfg->handshake_timeout_ms) {
                 b->refused_total++;
+                if (s->state == S_HANDSHAKE)
+                    ml_bk_metrics_tls_failure(b, ML_BK_TLS_FAIL_TIMEOUT);
                 ml_log(ML_LOG_WARN, "session",
                        "refused session %s: no %s within the %ld ms "
                        "handshake deadline",
@@ -1652,6 +1669,7 @@ static void s_load_pending(void *arg, const ml_store_row_t *row)
                  row->recipient);
         ml_log(ML_LOG_WARN, "store", "queued message %s is a dead letter: %s", row->id, why);
         ml_store_mark_dead(b->store, row->seq, why, row->attempts);
+        ml_bk_metrics_dead_letter(b);
         return;
     }
     ml_qitem_t it;
@@ -1744,6 +1762,11 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     rc = ml_store_open(loop, path, &so, &b->store, err, errlen);
     if (rc != 0)
         goto fail;
+    /* Before the store's contents are read: the metrics count from them. */
+    if ((rc = ml_bk_metrics_init(b)) != 0) {
+        snprintf(err, errlen, "cannot read the store's counts from %s", path);
+        goto fail;
+    }
     if ((rc = ml_bk_flow_load(b)) != 0) {
         snprintf(err, errlen, "cannot read the open cases from %s", path);
         goto fail;
@@ -1798,7 +1821,7 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
     uv_timer_start(&b->housekeeping, s_housekeeping_cb, 250, 250);
     uv_check_start(&b->flush_check, s_flush_cb);
     ml_bk_flow_start(b);
-    if (ml_bk_metrics_init(b) != 0 || ml_bk_web_init(b) != 0 || ml_bk_alerts_init(b) != 0) {
+    if (ml_bk_web_init(b) != 0 || ml_bk_alerts_init(b) != 0) {
         rc = ML_ENOMEM;
         snprintf(err, errlen, "out of memory");
         goto fail;

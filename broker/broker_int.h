@@ -146,6 +146,7 @@ struct ml_session {
     size_t n_holds;
     int state;
     int deliveries;
+    int rx_kind; /* Kind of the message being handled, for the refusal metrics (s_record) */
     uint64_t serial;
     ml_tls_session_t *tls;
     ml_frame_reader_t *reader;

@@ -31,6 +31,7 @@
 
 #include "broker_int.h"
 #include "cases.h"
+#include "metrics.h"
 
 #define S_NO_NODE UINT32_MAX
 
@@ -104,6 +105,7 @@ static void s_target_count(ml_broker_t *b, ml_case_t *c, int delta)
 {
     if (c->closed || c->gone)
         return;
+    ml_bk_metrics_case(b, c->kind, c->state, delta);
     if (delta < 0 && b->open_total > 0)
         b->open_total--;
     else if (delta > 0)
@@ -803,6 +805,7 @@ static void s_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *det
     esc.message_id = (char *)(message_id ? message_id : "");
     esc.detail = (char *)(detail ? detail : "");
     int sent = 0, no_ops = about && about->no_ops;
+    ml_bk_metrics_escalation(b, reason);
     if (n_ops > 0)
         s_apply(b, c, ops, n_ops, NULL);
     for (size_t i = 0; i <= b->n_nodes; i++) {
@@ -1751,6 +1754,12 @@ static void s_delivered(ml_broker_t *b, ml_case_t *c, ml_nodestate_t *ns, ml_red
     }
     int old = c->state;
     c->state = (uint8_t)next;
+    /* Open before and after: the counts by state follow (s_target_count
+     * keeps the others). */
+    if (!c->closed && !c->gone) {
+        ml_bk_metrics_case(b, c->kind, old, -1);
+        ml_bk_metrics_case(b, c->kind, next, +1);
+    }
     s_deadline_step(b, c, old, now);
     ev.event = ml_case_state_name(c->kind, next);
     ev.to_state = ev.event;
@@ -1821,6 +1830,7 @@ void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const
         b->cache_bytes -= it->size;
     }
     b->dead_total++;
+    ml_bk_metrics_dead_letter(b);
     ml_case_t *c = it->cs && !it->cs->gone ? it->cs : NULL;
     /* An escalation that cannot be delivered is not escalated again. */
     if (it->kind != K_(ESCALATION)) {
@@ -1980,6 +1990,7 @@ typedef struct {
     s_cases_t due;
     s_cases_t redo; /* cases with deliveries to record again */
     int64_t now;
+    uint64_t overdue; /* open cases past their deadline (medlink_cases_overdue) */
 } s_due_t;
 
 static void s_collect_due(ml_case_t *c, void *arg)
@@ -1987,6 +1998,10 @@ static void s_collect_due(ml_case_t *c, void *arg)
     s_due_t *d = arg;
     if (c->redo && !c->stale && !c->gone)
         s_cases_push(&d->redo, c);
+    /* As the status counts them (admin.c): an overdue case has a deadline
+     * running, so it is in memory, and this walk sees it. */
+    if (!c->closed && !c->gone && c->deadline_at && c->deadline_at <= d->now)
+        d->overdue++;
     /* A case being read back fires once it is in step again. */
     if (!(c->closed || c->gone || c->stale || !c->deadline_at || c->fired ||
           c->deadline_at > d->now))
@@ -2025,6 +2040,7 @@ static void s_flow_timer_cb(uv_timer_t *t)
     }
     s_due_t d = {.now = now};
     ml_casetab_each(&b->cases, s_collect_due, &d);
+    ml_bk_metrics_overdue(b, d.overdue);
     /* Every case collected is held until both lists are done: one list's
      * work must not free a case the other still names. */
     for (size_t i = 0; i < d.redo.n; i++)

@@ -252,7 +252,6 @@ static void s_conn_close_cb(uv_handle_t *hd)
     s_conn_t *c = hd->data;
     s_server_t *h = c->h;
     if (--c->handles == 0) {
-        ml_tls_session_destroy(&c->tls);
         free(c->pending);
         free(c);
     }
@@ -273,6 +272,10 @@ static void s_conn_close(s_conn_t *c)
     if (c->next)
         c->next->prev = c->prev;
     h->n_conn--;
+    /* Now, not in the close callback: the session belongs to the broker's
+     * TLS context, which ml_broker_destroy frees before the loop runs the
+     * callbacks. Every path that uses it checks c->closing first. */
+    ml_tls_session_destroy(&c->tls);
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, s_conn_close_cb);
     uv_close((uv_handle_t *)&c->timer, s_conn_close_cb);
@@ -769,6 +772,12 @@ static void s_feed(s_conn_t *c, const char *data, size_t len)
                 s_send_error(c, 413, NULL, "content too large: requests have no body here");
             else
                 s_send_error(c, 400, NULL, "bad request: %s", http_errno_description(e));
+            return;
+        }
+        if (used < n) {
+            /* Stopped without an error or a pause: an upgrade (the bytes
+             * after it are not HTTP), which this server does not do. */
+            s_send_error(c, 400, NULL, "bad request: protocol upgrades are not supported");
             return;
         }
         if (c->msg_bytes >= S_HEAD_MAX) {

@@ -1,19 +1,60 @@
 /* medlinkd's Prometheus metrics (/metrics, docs/operations.md): counters
  * the broker's modules bump as things happen, and the text exposition
  * rendered from them and from the broker's state. Loop thread only, except
- * where a function says otherwise. */
+ * where a function says otherwise.
+ *
+ * Every label set is bounded: message kinds, Nack codes, escalation
+ * reasons, TLS failure kinds and case states are enums (fixed arrays here,
+ * an out-of-range value counts under index 0, "unspecified"), and the
+ * per-node series follow the node registry. The bumps are O(1) and safe to
+ * call before ml_bk_metrics_init or after ml_bk_metrics_free (they do
+ * nothing then). */
 #ifndef ML_BK_METRICS_H
 #define ML_BK_METRICS_H
+
+#include <stdint.h>
 
 #include "ml_sbuf.h"
 
 typedef struct ml_broker ml_broker_t;
 typedef struct ml_bk_metrics ml_bk_metrics_t;
 
-/* Allocates b->metrics. Returns 0 or ML_ENOMEM. */
+/* A TLS handshake that did not finish within handshake_timeout_ms: counted
+ * with the ml_tls_fail_t kinds under reason "timeout". */
+#define ML_BK_TLS_FAIL_TIMEOUT (-1)
+
+/* Allocates b->metrics and seeds what must count from the store's
+ * contents (open cases by kind and state, dead letters): called once the
+ * store is open, before anything changes it. Returns 0, ML_ENOMEM or
+ * ML_ESTORE. */
 int ml_bk_metrics_init(ml_broker_t *b);
 void ml_bk_metrics_free(ml_broker_t *b);
-/* Writes the whole exposition (text format 0.0.4) into out. */
+/* Writes the whole exposition (text format 0.0.4) into out. O(nodes +
+ * sessions + CAs) plus fixed work; no store read beyond two stat(2) calls.
+ * Failures show in out->failed. */
 void ml_bk_metrics_render(ml_broker_t *b, ml_sbuf_t *out);
+
+/* ---- bumps (loop thread) ---------------------------------------------- */
+
+/* A message of kind (Kind enum) was stored (not a duplicate). */
+void ml_bk_metrics_accepted(ml_broker_t *b, int kind);
+/* A message of kind was acked by its recipient. */
+void ml_bk_metrics_delivered(ml_broker_t *b, int kind);
+/* A message of kind was refused with a Nack of code (NackCode enum). */
+void ml_bk_metrics_refused(ml_broker_t *b, int kind, int code);
+/* An Escalation was raised for reason (EscalationReason enum): one per
+ * case or alert, whoever was told. */
+void ml_bk_metrics_escalation(ml_broker_t *b, int reason);
+/* A TLS handshake failed (an ml_tls_fail_t, or ML_BK_TLS_FAIL_TIMEOUT). */
+void ml_bk_metrics_tls_failure(ml_broker_t *b, int fail);
+/* An open case of case_kind enters (delta +1) or leaves (-1) state. */
+void ml_bk_metrics_case(ml_broker_t *b, int case_kind, int state, int delta);
+/* The cases open with their deadline passed, as the flow timer last
+ * counted them. */
+void ml_bk_metrics_overdue(ml_broker_t *b, uint64_t n);
+/* A message became a dead letter. */
+void ml_bk_metrics_dead_letter(ml_broker_t *b);
+/* n dead letters left the queue (replayed or purged). */
+void ml_bk_metrics_dead_gone(ml_broker_t *b, uint64_t n);
 
 #endif

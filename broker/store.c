@@ -1446,6 +1446,28 @@ static int s_prune_step(ml_store_t *st)
     return 0;
 }
 
+const uint32_t ml_store_group_le[ML_STORE_GROUP_BUCKETS - 1] = {1,   4,    16,   64,
+                                                                256, 1024, 4096, 16384};
+const uint32_t ml_store_commit_le_us[ML_STORE_COMMIT_BUCKETS - 1] = {
+    500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000};
+
+/* Store thread, under mu: one group of n requests took us microseconds
+ * (its transaction, fsync included), for the histograms of /metrics. */
+static void s_observe_group(ml_store_stats_t *k, uint64_t n, uint64_t us)
+{
+    size_t i = 0;
+    while (i < ML_STORE_GROUP_BUCKETS - 1 && n > ml_store_group_le[i])
+        i++;
+    k->group_hist[i]++;
+    k->groups++;
+    k->group_requests += n;
+    i = 0;
+    while (i < ML_STORE_COMMIT_BUCKETS - 1 && us > ml_store_commit_le_us[i])
+        i++;
+    k->commit_hist[i]++;
+    k->commit_us += us;
+}
+
 static void s_thread_main(void *arg)
 {
     /* A name in top/perf: the store thread is the broker's other core. */
@@ -1504,12 +1526,15 @@ static void s_thread_main(void *arg)
         uint64_t transactions = 0;
         int marks_failed = 0;
         int64_t group_at = ml_mono_ms();
+        uint64_t group_ns = uv_hrtime();
         uint64_t failed = s_settle_batch(st, batch, &transactions, &marks_failed);
         int64_t group_ms = ml_mono_ms() - group_at;
+        uint64_t group_us = (uv_hrtime() - group_ns) / 1000u;
 
         uv_mutex_lock(&st->mu);
         st->stats.transactions += transactions;
         st->stats.failures += failed;
+        s_observe_group(&st->stats, n, group_us);
         s_health_update(st);
         int notify = 0;
         ml_store_req_t *again = NULL, **again_tail = &again; /* marks to retry */
@@ -2299,6 +2324,31 @@ int ml_store_cases_open_counts(ml_store_t *st, ml_store_count_cb cb, void *arg)
     return s_read_all(st, s, "counting the open cases", s_count_row, &w);
 }
 
+typedef struct {
+    ml_store_state_count_cb cb;
+    void *arg;
+} s_state_walk_t;
+
+static void s_state_row(sqlite3_stmt *s, void *arg)
+{
+    s_state_walk_t *w = arg;
+    w->cb(w->arg, sqlite3_column_int(s, 0), sqlite3_column_int(s, 1), sqlite3_column_int64(s, 2));
+}
+
+int ml_store_cases_open_states(ml_store_t *st, ml_store_state_count_cb cb, void *arg)
+{
+    sqlite3_stmt *s = NULL;
+    if (!st || !cb)
+        return ML_EINVAL;
+    if (s_prepare_rd(st,
+                     "SELECT kind, state, count(*) FROM cases WHERE closed = 0"
+                     " GROUP BY kind, state",
+                     &s) != 0)
+        return ML_ESTORE;
+    s_state_walk_t w = {cb, arg};
+    return s_read_all(st, s, "counting the open cases by state", s_state_row, &w);
+}
+
 int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg)
 {
     if (!st || !case_id || !cb)
@@ -2525,6 +2575,12 @@ static uint64_t s_file_size(const char *path, const char *suffix)
     struct stat sb;
     snprintf(p, sizeof p, "%s%s", path, suffix);
     return stat(p, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+}
+
+void ml_store_file_sizes(ml_store_t *st, uint64_t *db_bytes, uint64_t *wal_bytes)
+{
+    *db_bytes = st ? s_file_size(st->path, "") : 0;
+    *wal_bytes = st ? s_file_size(st->path, "-wal") : 0;
 }
 
 int ml_store_info(ml_store_t *st, ml_store_info_t *out)

@@ -311,6 +311,11 @@ typedef void (*ml_store_count_cb)(void *arg, const char *opener, const char *tar
  * open cases include the ones it does not keep in memory. Returns 0 or
  * ML_ESTORE. */
 int ml_store_cases_open_counts(ml_store_t *st, ml_store_count_cb cb, void *arg);
+typedef void (*ml_store_state_count_cb)(void *arg, int kind, int state, int64_t n);
+/* Calls cb with the number of cases not in a final state for each (kind,
+ * state). For start-up: the open cases by state of /metrics, counted from
+ * then on as they change (metrics.c). Returns 0 or ML_ESTORE. */
+int ml_store_cases_open_states(ml_store_t *st, ml_store_state_count_cb cb, void *arg);
 /* Calls cb with case_id's row. Returns 0, ML_ENOTFOUND or ML_ESTORE. */
 int ml_store_case_get(ml_store_t *st, const char *case_id, ml_store_case_cb cb, void *arg);
 /* Cases matching the filters, most recently updated first: kind 0 = any,
@@ -342,14 +347,35 @@ int ml_store_scan_pending(ml_store_t *st, void (*cb)(void *arg, const ml_store_r
  * under a key neither store_key nor store_old_keys names) or ML_ESTORE. */
 int ml_store_fetch(ml_store_t *st, int64_t seq, uint8_t **blob, size_t *len);
 
+#define ML_STORE_GROUP_BUCKETS 9
+#define ML_STORE_COMMIT_BUCKETS 12
+/* The finite upper bounds of those buckets (one fewer than the buckets). */
+extern const uint32_t ml_store_group_le[ML_STORE_GROUP_BUCKETS - 1];
+extern const uint32_t ml_store_commit_le_us[ML_STORE_COMMIT_BUCKETS - 1];
+
 typedef struct {
     uint64_t transactions; /* committed write transactions */
     uint64_t puts;         /* messages inserted */
     uint64_t duplicates;
     uint64_t failures;
     uint64_t queue_len; /* requests waiting for the store thread */
+    /* Histograms of the groups the store thread commits (/metrics): how
+     * many requests each took (puts, delivery and dead marks, case
+     * changes) and how long it took, from BEGIN to a COMMIT's fsync done.
+     * Counts per bucket, not cumulative; the upper bounds are
+     * ml_store_group_le and ml_store_commit_le_us, the last bucket +Inf. */
+    uint64_t groups;
+    uint64_t group_requests; /* the sum of the group sizes */
+    uint64_t group_hist[ML_STORE_GROUP_BUCKETS];
+    uint64_t commit_us; /* the sum of the group durations, microseconds */
+    uint64_t commit_hist[ML_STORE_COMMIT_BUCKETS];
 } ml_store_stats_t;
+/* A copy of the counters (taken under the store's mutex, which the store
+ * thread holds only briefly between groups). Any thread. O(1). */
 void ml_store_stats(ml_store_t *st, ml_store_stats_t *out);
+/* The sizes of broker.db and of its WAL, in bytes (two stat(2) calls; 0
+ * for a file that is not there). Loop thread. */
+void ml_store_file_sizes(ml_store_t *st, uint64_t *db_bytes, uint64_t *wal_bytes);
 
 /* Whether the store can take new messages, as its last group of writes
  * found out (or, before any, the database's size at open): 0 when it can,

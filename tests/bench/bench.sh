@@ -3,8 +3,8 @@
 #
 #   tests/bench/bench.sh [--clinics N] [--count M] [--size BYTES] [--queued Q]
 #                        [--readers R] [--studies S] [--mixed-count M2]
-#                        [--mixed-studies S2]
-#                        [--sections "raw e2e e2e-quiet backlog imaging mixed"]
+#                        [--mixed-studies S2] [--scrape-rounds P]
+#                        [--sections "raw e2e e2e-quiet backlog imaging mixed scrape"]
 #
 # In one run it measures (each measurement 3 times, a fresh broker and store
 # for each run through medlinkd; medians are reported and every run printed,
@@ -28,7 +28,12 @@
 #            both ceilings, broker per-thread CPU and bytes written;
 #   mixed    referrals, the hospital's ACCEPTED update for each, and imaging at
 #            the same time (half the clinics each); each class's rate and
-#            latency.
+#            latency;
+#   scrape   (only when asked for: --sections scrape) the cost of Prometheus
+#            scraping: P pairs of e2e runs, one with GET /metrics every second
+#            during the load and one without, alternating which goes first,
+#            a fresh broker each; the median and the mean of the pairs'
+#            throughput differences.
 # Figures go to stdout and to tests/bench/results/last.txt. Exits non-zero
 # if any run failed (a refusal, a lost message, a chunk failing its SHA-256).
 set -euo pipefail
@@ -42,6 +47,7 @@ READERS=2
 STUDIES=32
 MIXED_COUNT=100000
 MIXED_STUDIES=16
+SCRAPE_ROUNDS=5
 SECTIONS="raw e2e e2e-quiet backlog imaging mixed"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -53,6 +59,7 @@ while [ $# -gt 0 ]; do
     --studies) STUDIES=$2; shift 2 ;;
     --mixed-count) MIXED_COUNT=$2; shift 2 ;;
     --mixed-studies) MIXED_STUDIES=$2; shift 2 ;;
+    --scrape-rounds) SCRAPE_ROUNDS=$2; shift 2 ;;
     --sections) SECTIONS=$2; shift 2 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -81,6 +88,12 @@ for i in $(seq 1 "$READERS"); do nodes+=("$(printf 'reading.bench%02d.imaging' "
 
 PORT=$((20000 + RANDOM % 20000))
 while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
+# The ops endpoint ([http]) of every run's broker: a free port found here
+# rather than the default 9474, which another broker on the machine may
+# hold, and not port 0 either, since the scrape section must know it (the
+# bench's broker logs at warn, so the line naming the port is not logged).
+HTTP_PORT=$((PORT + 1))
+while (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null; do HTTP_PORT=$((HTTP_PORT + 1)); done
 # write_config DATA_DIR [NOTIFY_DELIVERED]
 write_config() {
     {
@@ -93,8 +106,6 @@ write_config() {
         # default (5,000 per clinic) would refuse most of them.
         printf 'open_cases_per_node = 100000000\n'
         printf 'notify_delivered = %s\n\n' "${2:-yes}"
-        # A port of the system's choosing: parallel runs never collide.
-        printf '[http]\nlisten = 127.0.0.1:0\n\n'
         printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
         for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
         for i in $(seq 1 "$READERS"); do
@@ -103,7 +114,8 @@ write_config() {
         printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\nIMAGING_CONSULT = IMAGING_CENTRE\n'
         printf 'IMAGING_CHUNK = IMAGING_CENTRE\n\n'
         printf '[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\n\n'
-        printf '[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC\n'
+        printf '[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC\n\n'
+        printf '[http]\nlisten = 127.0.0.1:%s\n' "$HTTP_PORT"
     } >"$W/medlinkd.ini"
 }
 start_broker() {
@@ -250,11 +262,74 @@ if want mixed; then
     done
 fi
 
+if want scrape; then
+    echo "== cost of scraping /metrics every second during e2e: $SCRAPE_ROUNDS pairs of runs," \
+        "$COUNT x $SIZE B, alternating"
+    : >"$W/scrape.all"
+    # scraper OUT: GET /metrics once a second until killed; one line per
+    # scrape ("ok BYTES" or "fail") in OUT.
+    scraper() {
+        while :; do
+            if b=$(curl -sf --max-time 5 "http://127.0.0.1:$HTTP_PORT/metrics" | wc -c); then
+                echo "ok $b" >>"$1"
+            else
+                echo "fail" >>"$1"
+            fi
+            sleep 1
+        done
+    }
+    for r in $(seq 1 "$SCRAPE_ROUNDS"); do
+        order="off on"
+        [ $((r % 2)) -eq 0 ] && order="on off"
+        : >"$W/scrapes-$r.txt"
+        for mode in $order; do
+            write_config "$W/data-scrape"
+            start_broker
+            SCRAPER=""
+            if [ "$mode" = on ]; then
+                scraper "$W/scrapes-$r.txt" &
+                SCRAPER=$!
+            fi
+            load "$W/scrape-$r-$mode.txt" e2e --count "$COUNT" --size "$SIZE"
+            if [ -n "$SCRAPER" ]; then kill "$SCRAPER"; wait "$SCRAPER" 2>/dev/null || true; fi
+            echo "scrape_$mode $(vals delivered_per_s "$W/scrape-$r-$mode.txt")" | tee -a "$W/scrape.all"
+            stop_broker
+            rm -rf "$W/data-scrape"
+        done
+        echo "scrapes_ok $(grep -c '^ok' "$W/scrapes-$r.txt")" >>"$W/scrape.all"
+        echo "scrapes_failed $(grep -c '^fail' "$W/scrapes-$r.txt")" >>"$W/scrape.all"
+        echo "scrape_bytes $(awk '/^ok/ {b=$2} END {print b+0}' "$W/scrapes-$r.txt")" >>"$W/scrape.all"
+    done
+    # The same cost measured where the machine's other load cannot hide it:
+    # the CPU time the broker's loop thread (which renders the page and
+    # serves HTTP) spends on SCRAPE_N scrapes in a row, after one e2e run
+    # (so its stores and counters are not empty), against the loop thread's
+    # CPU per message during that run.
+    SCRAPE_N=2000
+    loop_ticks() { awk '{print $14 + $15}' "/proc/$1/task/$1/stat"; }
+    write_config "$W/data-scrape"
+    start_broker
+    T0=$(loop_ticks "$BROKER_PID")
+    load "$W/scrape-cpu.txt" e2e --count "$COUNT" --size "$SIZE"
+    T1=$(loop_ticks "$BROKER_PID")
+    curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/metrics?[1-$SCRAPE_N]"
+    T2=$(loop_ticks "$BROKER_PID")
+    HZ=$(getconf CLK_TCK)
+    echo "loop_us_per_message $(awk -v t="$((T1 - T0))" -v hz="$HZ" -v n="$COUNT" 'BEGIN {printf "%.2f", 1e6 * t / hz / n}')" |
+        tee -a "$W/scrape.all"
+    echo "loop_us_per_scrape $(awk -v t="$((T2 - T1))" -v hz="$HZ" -v n="$SCRAPE_N" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')" |
+        tee -a "$W/scrape.all"
+    echo "scrape_cpu_run_per_s $(vals delivered_per_s "$W/scrape-cpu.txt")" | tee -a "$W/scrape.all"
+    stop_broker
+    rm -rf "$W/data-scrape"
+fi
+
 mkdir -p "$ROOT/tests/bench/results"
 {
     echo "medlink benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores"
     echo "command: tests/bench/bench.sh --clinics $CLINICS --count $COUNT --size $SIZE --queued $QUEUED" \
         "--readers $READERS --studies $STUDIES --mixed-count $MIXED_COUNT --mixed-studies $MIXED_STUDIES" \
+        "--scrape-rounds $SCRAPE_ROUNDS" \
         "--sections \"$SECTIONS\""
     if want raw; then
         RAW=$(med raw_frames_per_s "$W/raw.all")
@@ -304,6 +379,29 @@ mkdir -p "$ROOT/tests/bench/results"
         echo "mixed latency p50/p99 (median of runs): referral $(med referral_latency_p50_ms "$W/mix.all")/$(med referral_latency_p99_ms "$W/mix.all") ms, update $(med update_latency_p50_ms "$W/mix.all")/$(med update_latency_p99_ms "$W/mix.all") ms, chunk $(med chunk_latency_p50_ms "$W/mix.all")/$(med chunk_latency_p99_ms "$W/mix.all") ms, referral->ACCEPTED round trip $(med accept_roundtrip_p50_ms "$W/mix.all")/$(med accept_roundtrip_p99_ms "$W/mix.all") ms"
         echo "mixed checks: sha_failures $(sum sha_failures "$W/mix.all"), refused $(sum refused "$W/mix.all"), duplicates seen $(($(sum referral_duplicates_seen "$W/mix.all") + $(sum update_duplicates_seen "$W/mix.all")))"
         grep '^broker_threads_cpu_s' "$W/mix.all" | sed 's/^/mixed /'
+    fi
+    if want scrape; then
+        OFF=$(med scrape_off "$W/scrape.all")
+        ON=$(med scrape_on "$W/scrape.all")
+        echo "e2e without scraping: median $OFF msg/s (runs: $(runs scrape_off "$W/scrape.all"))"
+        echo "e2e with GET /metrics every second: median $ON msg/s (runs: $(runs scrape_on "$W/scrape.all"))"
+        # Each pair ran back to back: its difference is the least disturbed
+        # by the machine's other load.
+        paste -d' ' <(vals scrape_off "$W/scrape.all") <(vals scrape_on "$W/scrape.all") |
+            awk '{d = 100 * ($1 - $2) / $1; printf "%.1f\n", d}' >"$W/scrape.diff"
+        echo "scraping cost per pair (% of throughput, negative: faster with scraping):" \
+            "$(tr '\n' ' ' <"$W/scrape.diff")"
+        echo "scraping cost: median of pairs $(median <"$W/scrape.diff")%, mean of pairs" \
+            "$(awk '{s += $1} END {printf "%.1f", s / NR}' "$W/scrape.diff")%; ratio of medians" \
+            "$(awk -v a="$OFF" -v b="$ON" 'BEGIN {printf "%.1f", 100 * (a - b) / a}')%"
+        echo "scrapes: $(sum scrapes_ok "$W/scrape.all") answered, $(sum scrapes_failed "$W/scrape.all") failed;" \
+            "page size $(vals scrape_bytes "$W/scrape.all" | tail -1) bytes"
+        PM=$(vals loop_us_per_message "$W/scrape.all")
+        PS=$(vals loop_us_per_scrape "$W/scrape.all")
+        echo "broker loop thread CPU: $PS us per scrape ($SCRAPE_N in a row), $PM us per message" \
+            "(e2e run at $(vals scrape_cpu_run_per_s "$W/scrape.all") msg/s); one scrape a second costs" \
+            "$(awk -v s="$PS" 'BEGIN {printf "%.4f", s / 1e4}')% of the loop thread, the CPU of" \
+            "$(awk -v s="$PS" -v m="$PM" 'BEGIN {printf "%.1f", s / m}') messages"
     fi
     echo "failed runs: $FAILS"
 } | tee "$ROOT/tests/bench/results/last.txt"

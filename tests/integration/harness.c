@@ -103,6 +103,7 @@ void h_world_init(h_world_t *w, const char *extra)
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
     char path[700], buf[8192];
     snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
+    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : NULL;
     snprintf(buf, sizeof buf,
              "[broker]\n"
              "id = %s\n"
@@ -144,18 +145,17 @@ void h_world_init(h_world_t *w, const char *extra)
              "[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
-             "\n[http]\n%s\n",
+             "\n[http]\n%s%s\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
              H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
-             h_http_ini ? h_http_ini : "listen = 127.0.0.1:0");
+             hl ? "" : "listen = 127.0.0.1:0\n", h_http_ini ? h_http_ini : "");
     /* Off only when the test's [http] says "listen =" with nothing after. */
-    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : "listen = 1";
     if (hl) {
         hl += strlen("listen");
         while (*hl == ' ' || *hl == '\t' || *hl == '=')
             hl++;
     }
-    w->http_on = hl && *hl && *hl != '\n' && *hl != '\r';
+    w->http_on = !hl || (*hl && *hl != '\n' && *hl != '\r');
     s_write(path, buf);
 }
 
@@ -176,42 +176,38 @@ static pid_t s_spawn(const char *log, char *const argv[])
     return pid;
 }
 
-#define S_HTTP_LINE "http: listening on "
-#define S_HTTP_JSON "\"component\":\"http\",\"message\":\"listening on "
-
-/* The port of the last "http: listening on ADDR:PORT" line of broker.log
- * (or its log_format = json form). */
-static int s_http_port_of(const h_world_t *w)
+/* The broker's "http: listening on ADDR:PORT (...)" lines in broker.log
+ * (in the text log format, or a JSON line of component "http" saying
+ * "listening on ADDR:PORT"): returns how many there are, and the port of
+ * the last one in *port (0 when none). */
+static int s_http_lines(const h_world_t *w, int *port)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/broker.log", w->dir);
     char *s = h_slurp(path);
+    *port = 0;
     if (!s)
         return 0;
-    char *last = NULL;
-    size_t skip = 0;
-    for (char *p = s; (p = strstr(p, S_HTTP_LINE)); p++) {
-        last = p;
-        skip = strlen(S_HTTP_LINE);
-    }
-    for (char *p = s; (p = strstr(p, S_HTTP_JSON)); p++) {
-        if (p > last) {
-            last = p;
-            skip = strlen(S_HTTP_JSON);
+    int n = 0;
+    for (char *line = s; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        char *at = strstr(line, "listening on ");
+        if (at && (strstr(line, " http: ") || strstr(line, "\"http\""))) {
+            char *end = at + strlen("listening on ");
+            while (*end && *end != ' ' && *end != '"')
+                end++;
+            char *colon = end;
+            while (colon > at && *colon != ':')
+                colon--;
+            *port = atoi(colon + 1);
+            n++;
         }
-    }
-    int port = 0;
-    if (last) {
-        char *end = last + skip;
-        while (*end && *end != ' ' && *end != '\n')
-            end++;
-        char *colon = end;
-        while (colon > last && *colon != ':')
-            colon--;
-        port = atoi(colon + 1);
+        line = nl ? nl + 1 : NULL;
     }
     free(s);
-    return port;
+    return n;
 }
 
 static int s_port_open(int port)
@@ -231,8 +227,8 @@ void h_broker_start(h_world_t *w)
     snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
     snprintf(log, sizeof log, "%s/broker.log", w->dir);
     char *argv[] = {bin, "--config", cfg, NULL};
-    int http_lines =
-        h_log_contains(w, "broker.log", S_HTTP_LINE) + h_log_contains(w, "broker.log", S_HTTP_JSON);
+    int port = 0;
+    int http_lines = s_http_lines(w, &port);
     w->broker = s_spawn(log, argv);
     w->broker_starts++;
     w->http_port = 0;
@@ -248,10 +244,8 @@ void h_broker_start(h_world_t *w)
                 return;
             /* The HTTP endpoint starts right after the agents' port. */
             while (s_now_ms() < deadline) {
-                if (h_log_contains(w, "broker.log", S_HTTP_LINE) +
-                        h_log_contains(w, "broker.log", S_HTTP_JSON) >
-                    http_lines) {
-                    w->http_port = s_http_port_of(w);
+                if (s_http_lines(w, &port) > http_lines) {
+                    w->http_port = port;
                     cr_assert(w->http_port > 0, "no HTTP port in %s", log);
                     return;
                 }
@@ -810,8 +804,9 @@ int h_http_raw(int port, const char *request, size_t reqlen, char **reply, size_
             continue;
         if (got + 4096 > cap) {
             cap *= 2;
-            buf = realloc(buf, cap);
-            cr_assert(buf);
+            char *nb = realloc(buf, cap);
+            cr_assert(nb);
+            buf = nb;
         }
         ssize_t n = recv(fd, buf + got, cap - got - 1, 0);
         if (n <= 0)

@@ -36,11 +36,13 @@ typedef struct {
     int http_port;          /* the broker's HTTP port, learnt by h_broker_start (0: off) */
 } h_world_t;
 
-/* The body of the [http] section of the broker configs h_world_init writes
- * after it is set (NULL: "listen = 127.0.0.1:0", a port the system picks,
- * so that tests in parallel never collide; h_broker_start reads the port
- * from the broker's "http: listening on" log line). A test sets it before
- * h_world_init and clears it; "listen =" turns the endpoint off. */
+/* Lines for the [http] section of the broker configs h_world_init writes
+ * after it is set (e.g. "tls = yes\nmax_connections = 3"). Without a listen
+ * line of its own the section has "listen = 127.0.0.1:0", a port the
+ * system picks, so that tests in parallel never collide; h_broker_start
+ * reads the port from the broker's "http: listening on" log line into
+ * w->http_port. "listen =" turns the endpoint off. A test sets it before
+ * h_world_init and clears it (NULL: nothing but the listen line). */
 extern const char *h_http_ini;
 
 /* Makes the folder, PKI (CA + broker, county, two clinics, ops) and the
