@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 
 #include "broker_int.h"
+#include "metrics.h"
 #include "config.h"
 #include "expiry.h"
 
@@ -136,6 +137,7 @@ static void s_raise(ml_broker_t *b, int kind, s_episode_t *ep, const char *targe
         ep->since = since;
     }
     b->alerts->raised[kind]++;
+    ml_bk_metrics_escalation(b, s_reason[kind]);
     int sent = s_send(b, kind, ep, target, 0);
     ml_log(ML_LOG_WARN, "alert", "%s: %s (told %d ops node(s))", s_kind_name[kind], ep->detail,
            sent);

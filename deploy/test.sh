@@ -266,11 +266,11 @@ extra=()
 if wants format; then extra+=(clang-format); fi
 if wants lint; then extra+=(cppcheck); fi
 if wants valgrind; then extra+=(valgrind); fi
-# promtool checks the /metrics page in the integration tests (test_metrics.c).
+# promtool checks the /metrics page in the integration tests (test_metrics.c)
+# and the alert rules (tests/prometheus/rules.sh).
 if wants plain || wants asan; then extra+=(prometheus); fi
 # it_test_web loads the status page in headless Chromium.
 if wants plain || wants asan; then extra+=(chromium); fi
-if wants plain; then extra+=(prometheus); fi # promtool: tests/prometheus/rules.sh
 if wants fuzz && [ -x "$ROOT/deploy/fuzz.sh" ]; then extra+=(clang libclang-rt-14-dev); fi
 ML_SETUP_EXTRA="${extra[*]}" "$ROOT/deploy/setup.sh" --no-build
 
