@@ -103,6 +103,9 @@ void h_world_init(h_world_t *w, const char *extra)
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
     char path[700], buf[8192];
     snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
+    /* The [http] listen line is written without spaces: tests rewrite the
+     * [broker] one with sed '^listen = ' (test_session_attack.c), which must
+     * leave this one alone. */
     const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : NULL;
     snprintf(buf, sizeof buf,
              "[broker]\n"
@@ -148,7 +151,7 @@ void h_world_init(h_world_t *w, const char *extra)
              "\n[http]\n%s%s\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
              H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
-             hl ? "" : "listen = 127.0.0.1:0\n", h_http_ini ? h_http_ini : "");
+             hl ? "" : "listen=127.0.0.1:0\n", h_http_ini ? h_http_ini : "");
     /* Off only when the test's [http] says "listen =" with nothing after. */
     if (hl) {
         hl += strlen("listen");
