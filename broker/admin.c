@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alerts.h"
 #include "broker_int.h"
 #include "expiry.h"
 #include "cases.h"
@@ -225,8 +226,11 @@ static void s_admin_status(ml_broker_t *b, const s_to_t *to, const Medlink__V1__
     }
     st.n_expiry = n_ex;
     st.expiry = eip;
+    /* Ops alerts in progress (an allocation failure leaves them out). */
+    ml_bk_alerts_status(b, &st);
     reply.broker_status = &st;
     s_answer(b, to, rq, &reply);
+    ml_bk_alerts_status_free(&st);
 out:
     free(si);
     free(sip);

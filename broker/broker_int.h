@@ -401,6 +401,9 @@ void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char
 void ml_bk_flow_reload(ml_broker_t *b, ml_broker_config_t *nc);
 /* The store row of c as it is in memory. */
 void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
+/* 1 when ns gets the ops nodes' Escalations: named in [escalation] notify,
+ * or an OPS node when notify is empty (alerts.c sends its own). */
+int ml_bk_is_ops(ml_broker_t *b, const ml_nodestate_t *ns);
 
 /* ---- admin.c ----------------------------------------------------------- */
 

@@ -763,6 +763,11 @@ static int s_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
     return 0;
 }
 
+int ml_bk_is_ops(ml_broker_t *b, const ml_nodestate_t *ns)
+{
+    return s_is_ops(b, ns);
+}
+
 /* Who an Escalation is about when it is not simply c as it is now: after a
  * deadline fallback, c names the fallback hospital and its new deadline,
  * while the Escalation must name the hospital that missed the old one

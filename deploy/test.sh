@@ -8,6 +8,9 @@
 #             configuration and suppressions are in cmake/cppcheck/)
 #   plain     fresh build in build-test/, warnings are errors; the whole
 #             suite (unit + integration + fuzz replays) through ctest
+#   package   tests/deploy/test_package.sh: deploy/package.sh builds the
+#             Debian packages into dist/ (lintian, no errors), then they are
+#             installed with dpkg -i, checked and purged (needs root)
 #   asan      fresh ASan+UBSan build in build-asan/; the whole suite, where
 #             any sanitizer report fails: in a test it aborts the test, in a
 #             daemon the integration harness finds it in the daemon's log
@@ -41,7 +44,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_STAGES=(format lint plain asan valgrind fuzz soak)
+ALL_STAGES=(format lint plain package asan valgrind fuzz soak)
 STAGES=("${ALL_STAGES[@]}")
 CTEST_ARGS=()
 BUILD="${ML_TEST_BUILD_DIR:-$ROOT/build-test}"
@@ -213,6 +216,10 @@ stage_valgrind() {
     fi
 }
 
+stage_package() {
+    "$ROOT/tests/deploy/test_package.sh"
+}
+
 stage_fuzz() {
     if [ ! -x "$ROOT/deploy/fuzz.sh" ]; then
         echo "fuzz: deploy/fuzz.sh is not there yet; nothing to run"
@@ -240,6 +247,7 @@ describe() {
     lint) echo "cppcheck on the project's own code" ;;
     plain) echo "fresh build in ${BUILD#"$ROOT"/}/ (warnings are errors) + suite via ctest" ;;
     asan) echo "fresh ASan+UBSan build in ${ASAN_BUILD#"$ROOT"/}/ + suite via ctest" ;;
+    package) echo "Debian packages: build, lintian, dpkg -i, checks, purge" ;;
     valgrind) echo "unit tests under valgrind memcheck" ;;
     fuzz) echo "deploy/fuzz.sh 20 (libFuzzer targets, 20 s each)" ;;
     soak) echo "tests/fault/soak.sh --quick" ;;
@@ -260,6 +268,7 @@ if wants lint; then extra+=(cppcheck); fi
 if wants valgrind; then extra+=(valgrind); fi
 # it_test_web loads the status page in headless Chromium.
 if wants plain || wants asan; then extra+=(chromium); fi
+if wants plain; then extra+=(prometheus); fi # promtool: tests/prometheus/rules.sh
 if wants fuzz && [ -x "$ROOT/deploy/fuzz.sh" ]; then extra+=(clang libclang-rt-14-dev); fi
 ML_SETUP_EXTRA="${extra[*]}" "$ROOT/deploy/setup.sh" --no-build
 
