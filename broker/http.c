@@ -614,6 +614,10 @@ static void s_dispatch(s_conn_t *c)
     s_route(h->b, c, &rq, &resp);
     if (resp.status == 0)
         resp.status = 200;
+    if (resp.body.failed)
+        ml_log(ML_LOG_WARN, S_COMPONENT,
+               "the reply to %s %s could not be built (over %u bytes, or out of memory): 500",
+               rq.method, path, (unsigned)ML_HTTP_BODY_MAX);
     if (!http_should_keep_alive(&c->parser) || c->parser.upgrade)
         c->close_after = 1;
     ml_log(ML_LOG_DEBUG, S_COMPONENT, "%s %s %s%s -> %d", c->addr, rq.method, path,

@@ -103,7 +103,15 @@ void h_world_init(h_world_t *w, const char *extra)
     snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
     char path[700], buf[8192];
     snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
-    const char *hl = h_http_ini ? strstr(h_http_ini, "listen") : NULL;
+    /* The [http] listen line is written without spaces: tests rewrite the
+     * [broker] one with sed '^listen = ' (test_session_attack.c), which must
+     * leave this one alone. */
+    /* A test may also write its own [http] section in extra (after its
+     * [broker] lines): then the harness writes none, as a section may not
+     * appear twice. */
+    const char *own = extra ? strstr(extra, "[http]") : NULL;
+    const char *hsrc = own ? own : h_http_ini;
+    const char *hl = hsrc ? strstr(hsrc, "listen") : NULL;
     snprintf(buf, sizeof buf,
              "[broker]\n"
              "id = %s\n"
@@ -145,10 +153,11 @@ void h_world_init(h_world_t *w, const char *extra)
              "[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
-             "\n[http]\n%s%s\n",
+             "\n%s%s%s\n",
              H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
              H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
-             hl ? "" : "listen = 127.0.0.1:0\n", h_http_ini ? h_http_ini : "");
+             own ? "" : "[http]\n", own || hl ? "" : "listen=127.0.0.1:0\n",
+             own || !h_http_ini ? "" : h_http_ini);
     /* Off only when the test's [http] says "listen =" with nothing after. */
     if (hl) {
         hl += strlen("listen");

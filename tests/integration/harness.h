@@ -42,7 +42,9 @@ typedef struct {
  * system picks, so that tests in parallel never collide; h_broker_start
  * reads the port from the broker's "http: listening on" log line into
  * w->http_port. "listen =" turns the endpoint off. A test sets it before
- * h_world_init and clears it (NULL: nothing but the listen line). */
+ * h_world_init and clears it (NULL: nothing but the listen line). An
+ * extra_broker_ini of h_world_init that has an [http] section of its own
+ * replaces all of this. */
 extern const char *h_http_ini;
 
 /* Makes the folder, PKI (CA + broker, county, two clinics, ops) and the
