@@ -400,6 +400,14 @@ void ml_bk_alerts_tick(ml_broker_t *b)
     }
 }
 
+void ml_bk_alerts_recheck(ml_broker_t *b)
+{
+    if (!b->alerts)
+        return;
+    b->alerts->checked_at = b->alerts->slow_at = INT64_MIN / 2;
+    ml_bk_alerts_tick(b);
+}
+
 /* ---- what others show --------------------------------------------------- */
 
 /* A label value of the text exposition format: \, " and newline escaped. */

@@ -26,6 +26,9 @@ void ml_bk_alerts_free(ml_broker_t *b);
  * a second, the store's size and the dead-letter count every two seconds
  * (and at once after a new dead letter). O(nodes) a second. */
 void ml_bk_alerts_tick(ml_broker_t *b);
+/* Checks everything now (after a reload changed what is watched), not at
+ * the next due time. */
+void ml_bk_alerts_recheck(ml_broker_t *b);
 /* Appends the alert metrics to a /metrics page: medlink_alert_active
  * {alert, subject} (one series per alert in progress) and
  * medlink_alerts_raised_total{alert}. O(alerts in progress). */

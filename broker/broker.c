@@ -2056,6 +2056,9 @@ int ml_broker_reload(ml_broker_t *b, char *err, size_t errlen)
            b->cfg->path, b->cfg->n_nodes, added, removed, b->cfg->crl ? b->cfg->crl : "none",
            closed);
     ml_bk_expiry_log(b, "after reload");
+    /* What the alerts watch may have changed (nodes, the CRL, limits):
+     * judged now, so that a status right after the reload is current. */
+    ml_bk_alerts_recheck(b);
     return 0;
 }
 
