@@ -1076,8 +1076,8 @@ int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen)
     }
     struct sockaddr_storage bound;
     int bl = sizeof bound;
-    char ip[48] = "?";
     if (uv_tcp_getsockname(&h->listener, (struct sockaddr *)&bound, &bl) == 0) {
+        char ip[48] = "?";
         if (bound.ss_family == AF_INET6) {
             uv_ip6_name((struct sockaddr_in6 *)&bound, ip, sizeof ip);
             snprintf(h->addr, sizeof h->addr, "[%s]:%d", ip,
