@@ -4,20 +4,24 @@
  * from memory and from the store's committed rows; replay and purge are
  * queued to the store like every other write, in order with the
  * deliveries that follow them. Replies carry no patient data: ops staff see
- * where a case is and what failed, not who it is about. Loop thread only. */
+ * where a case is and what failed, not who it is about. The broker is read
+ * only through query.h and changed only through ops_cmd.h: this file builds
+ * requests and replies, checks who asks and logs. Loop thread only. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin.h"
 #include "alerts.h"
-#include "broker_int.h"
-#include "expiry.h"
 #include "cases.h"
+#include "config.h"
+#include "expiry.h"
 #include "http.h"
-#include "metrics.h"
 #include "ml_adminjson.h"
 #include "ml_text.h"
+#include "ops_cmd.h"
+#include "query.h"
 
 #define S_LIMIT_DEFAULT 100
 #define S_LIMIT_MAX 10000
@@ -53,7 +57,7 @@ static void s_answer(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminR
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ADMIN_REPLY;
     env.admin_reply = reply;
-    ml_bk_reply(b, to->s, &env);
+    ml_ops_reply(b, to->s, &env);
 }
 
 static void s_fail(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
@@ -91,11 +95,19 @@ static void s_fail(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminReq
     va_end(ap);
 }
 
+/* The node a session authenticated as (borrowed for this turn). */
+static const char *s_peer(ml_broker_t *b, const ml_session_t *s)
+{
+    ml_query_session_t v;
+    ml_query_session(b, s, &v);
+    return v.node_id;
+}
+
 /* The same for the operations only a session may ask for. */
 static void s_send(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                    Medlink__V1__AdminReply *reply)
 {
-    s_to_t to = {.s = s, .who = s->peer_id};
+    s_to_t to = {.s = s, .who = s_peer(b, s)};
     s_answer(b, &to, rq, reply);
 }
 
@@ -105,7 +117,7 @@ static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
 static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                     const char *fmt, ...)
 {
-    s_to_t to = {.s = s, .who = s->peer_id};
+    s_to_t to = {.s = s, .who = s_peer(b, s)};
     va_list ap;
     va_start(ap, fmt);
     s_vfail(b, &to, rq, fmt, ap);
@@ -113,107 +125,104 @@ static void s_error(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminReq
 }
 
 typedef struct {
-    uint64_t overdue;
-    int64_t now;
-} s_counts_t;
+    Medlink__V1__SessionInfo *si;
+    Medlink__V1__SessionInfo **sip;
+    size_t n, cap;
+} s_sessions_t;
 
-static void s_count_one(ml_case_t *c, void *arg)
+static void s_session_count_cb(void *arg, const ml_query_session_t *v)
 {
-    s_counts_t *k = arg;
-    if (c->closed || c->gone)
-        return;
-    if (c->deadline_at && c->deadline_at <= k->now)
-        k->overdue++;
+    if (v->state == ML_QUERY_SESSION_READY)
+        ((s_sessions_t *)arg)->cap++;
 }
 
-/* Open cases are counted by flow.c, in memory or not (most leave memory
- * while nobody works on them); an overdue case has a deadline running, so
- * it is always in memory and memory is walked for those. */
-static void s_count_cases(ml_broker_t *b, uint64_t *open, uint64_t *overdue, int64_t now)
+static void s_session_cb(void *arg, const ml_query_session_t *v)
 {
-    s_counts_t k = {0, now};
-    ml_casetab_each(&b->cases, s_count_one, &k);
-    *open = b->open_total;
-    *overdue = k.overdue;
+    s_sessions_t *k = arg;
+    if (v->state != ML_QUERY_SESSION_READY || k->n >= k->cap)
+        return;
+    Medlink__V1__SessionInfo *x = &k->si[k->n];
+    medlink__v1__session_info__init(x);
+    x->node_id = (char *)v->node_id;
+    x->peer = (char *)v->peer;
+    x->connected_at = v->connected_at;
+    x->last_seen = v->last_seen;
+    x->in_flight = v->in_flight;
+    k->sip[k->n++] = x;
+}
+
+typedef struct {
+    Medlink__V1__NodeStatus *ni;
+    Medlink__V1__NodeStatus **nip;
+    size_t n, cap;
+    uint64_t limit; /* open_cases_per_node */
+} s_nodes_t;
+
+static void s_node_cb(void *arg, const ml_query_node_t *v)
+{
+    s_nodes_t *k = arg;
+    if (v->removed || k->n >= k->cap)
+        return; /* taken out of the registry by a reload */
+    Medlink__V1__NodeStatus *x = &k->ni[k->n];
+    medlink__v1__node_status__init(x);
+    x->node_id = v->node->id;
+    x->role = (char *)ml_role_name(v->node->role);
+    x->community = v->node->community ? v->node->community : "";
+    x->display_name = v->node->display_name ? v->node->display_name : "";
+    x->online = v->online > 0;
+    x->last_seen = v->last_seen;
+    x->queue_depth = v->queued + v->in_flight;
+    x->oldest_queued_at = v->oldest_at;
+    x->in_flight = v->in_flight;
+    x->delivered = v->delivered;
+    x->open_cases_opened = v->opened;
+    x->open_cases_limit = k->limit;
+    k->nip[k->n++] = x;
 }
 
 static void s_admin_status(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq)
 {
     Medlink__V1__BrokerStatus st = MEDLINK__V1__BROKER_STATUS__INIT;
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-    size_t n_sess = 0;
-    for (ml_session_t *x = b->sessions; x; x = x->next)
-        if (x->state == S_READY)
-            n_sess++;
-    Medlink__V1__SessionInfo *si = calloc(n_sess ? n_sess : 1, sizeof *si);
-    Medlink__V1__SessionInfo **sip = calloc(n_sess ? n_sess : 1, sizeof *sip);
-    Medlink__V1__NodeStatus *ni = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *ni);
-    Medlink__V1__NodeStatus **nip = calloc(b->n_nodes ? b->n_nodes : 1, sizeof *nip);
-    if (!si || !sip || !ni || !nip)
+    const ml_broker_config_t *cfg = ml_query_config(b);
+    s_sessions_t ks = {0};
+    ml_query_sessions(b, s_session_count_cb, &ks);
+    size_t n_nodes = ml_query_node_count(b);
+    s_nodes_t kn = {.cap = n_nodes, .limit = (uint64_t)cfg->open_cases_per_node};
+    ks.si = calloc(ks.cap ? ks.cap : 1, sizeof *ks.si);
+    ks.sip = calloc(ks.cap ? ks.cap : 1, sizeof *ks.sip);
+    kn.ni = calloc(n_nodes ? n_nodes : 1, sizeof *kn.ni);
+    kn.nip = calloc(n_nodes ? n_nodes : 1, sizeof *kn.nip);
+    if (!ks.si || !ks.sip || !kn.ni || !kn.nip)
         goto out;
-    int64_t mono = ml_mono_ms(), now = ml_now_ms();
-    size_t k = 0;
-    for (ml_session_t *x = b->sessions; x; x = x->next) {
-        if (x->state != S_READY)
-            continue;
-        medlink__v1__session_info__init(&si[k]);
-        si[k].node_id = x->peer_id;
-        si[k].peer = x->peer_hex;
-        si[k].connected_at = now - (mono - x->created);
-        si[k].last_seen = now - (mono - x->last_rx);
-        si[k].in_flight = x->ns->deliver == x ? x->ns->n_inflight : 0;
-        sip[k] = &si[k];
-        k++;
-    }
-    size_t n_nodes = 0;
-    for (size_t j = 0; j < b->n_nodes; j++) {
-        ml_nodestate_t *ns = b->nodes[j];
-        if (ns->removed)
-            continue; /* taken out of the registry by a reload */
-        size_t i = n_nodes++;
-        medlink__v1__node_status__init(&ni[i]);
-        ni[i].node_id = ns->node->id;
-        ni[i].role = (char *)ml_role_name(ns->node->role);
-        ni[i].community = ns->node->community ? ns->node->community : "";
-        ni[i].display_name = ns->node->display_name ? ns->node->display_name : "";
-        ni[i].online = ns->online > 0;
-        ni[i].last_seen = ns->last_seen;
-        ni[i].queue_depth = ml_queue_len(&ns->queue) + ns->n_inflight;
-        int64_t oldest = ml_queue_oldest(&ns->queue);
-        for (size_t f = ns->if_head; f < ns->if_head + ns->if_len; f++) {
-            if (ns->inflight[f].acked)
-                continue;
-            int64_t t = ns->inflight[f].item.accepted_at;
-            if (oldest == 0 || t < oldest)
-                oldest = t;
-        }
-        ni[i].oldest_queued_at = oldest;
-        ni[i].in_flight = ns->n_inflight;
-        ni[i].delivered = ns->delivered;
-        ni[i].open_cases_opened = ns->opened;
-        ni[i].open_cases_limit = (uint64_t)b->cfg->open_cases_per_node;
-        nip[i] = &ni[i];
-    }
-    st.broker = b->cfg->broker_id;
-    st.started_at = b->started_at;
+    int64_t now = ml_now_ms();
+    ml_query_sessions(b, s_session_cb, &ks);
+    ml_query_nodes(b, s_node_cb, &kn);
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    st.broker = cfg->broker_id;
+    st.started_at = c.started_at;
     st.now = now;
-    st.sessions = n_sess;
-    st.accepted_total = b->accepted_total;
-    st.delivered_total = b->delivered_total;
-    st.refused_total = b->refused_total;
-    s_count_cases(b, &st.open_cases, &st.overdue_cases, now);
-    st.cases_in_memory = b->cases.count;
+    st.sessions = ks.n;
+    st.accepted_total = c.accepted_total;
+    st.delivered_total = c.delivered_total;
+    st.refused_total = c.refused_total;
+    ml_query_case_counts_t cc;
+    ml_query_case_counts(b, now, &cc);
+    st.open_cases = cc.open;
+    st.overdue_cases = cc.overdue;
+    st.cases_in_memory = cc.in_memory;
     int64_t dead = 0;
-    if (ml_store_dead_count(b->store, &dead) == 0)
+    if (ml_query_dead_count(b, &dead) == 0)
         st.dead_letters = (uint64_t)dead;
-    st.n_session = n_sess;
-    st.session = sip;
-    st.n_node = n_nodes;
-    st.node = nip;
+    st.n_session = ks.n;
+    st.session = ks.sip;
+    st.n_node = kn.n;
+    st.node = kn.nip;
     /* The clock: what expires, and whether it is inside crl_warn_days. */
     ml_bk_expiry_t ex[16];
     Medlink__V1__Expiry ei[16], *eip[16];
-    size_t n_ex = ml_bk_expiry_list(b->tls, b->cfg->crl_warn_days, now, ex, 16);
+    size_t n_ex = ml_query_expiry(b, now, ex, 16);
     if (n_ex > 16)
         n_ex = 16;
     for (size_t i = 0; i < n_ex; i++) {
@@ -233,10 +242,10 @@ static void s_admin_status(ml_broker_t *b, const s_to_t *to, const Medlink__V1__
     s_answer(b, to, rq, &reply);
     ml_bk_alerts_status_free(&st);
 out:
-    free(si);
-    free(sip);
-    free(ni);
-    free(nip);
+    free(ks.si);
+    free(ks.sip);
+    free(kn.ni);
+    free(kn.nip);
 }
 
 /* ---- cases ------------------------------------------------------------ */
@@ -362,13 +371,9 @@ static void s_case_show(ml_broker_t *b, const s_to_t *to, const Medlink__V1__Adm
         return;
     }
     s_cases_t k = {.now = ml_now_ms()};
-    /* Memory first: it has the changes still being committed. */
-    ml_case_t *c = ml_casetab_find(&b->cases, rq->case_id);
-    if (c && !c->gone) {
-        ml_store_case_t row;
-        ml_bk_case_row(b, c, &row);
-        s_case_cb(&k, &row);
-    } else if (ml_store_case_get(b->store, rq->case_id, s_case_cb, &k) == ML_ENOTFOUND) {
+    /* Memory first (ml_query_case): it has the changes still being
+     * committed. */
+    if (ml_query_case(b, rq->case_id, s_case_cb, &k) == ML_ENOTFOUND) {
         s_fail(b, to, rq, "no case %s", rq->case_id);
         return;
     }
@@ -376,7 +381,7 @@ static void s_case_show(ml_broker_t *b, const s_to_t *to, const Medlink__V1__Adm
         s_fail(b, to, rq, "cannot read case %s", rq->case_id);
         goto out;
     }
-    if (ml_store_case_events(b->store, rq->case_id, s_event_cb, k.list[0]) != 0) {
+    if (ml_query_case_events(b, rq->case_id, s_event_cb, k.list[0]) != 0) {
         s_fail(b, to, rq, "cannot read the timeline of case %s", rq->case_id);
         goto out;
     }
@@ -426,8 +431,9 @@ static void s_cases(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRe
     if (limit > S_LIMIT_MAX)
         limit = S_LIMIT_MAX;
     s_cases_t k = {.now = ml_now_ms()};
-    int rc =
-        ml_store_cases_query(b->store, kind, state, rq->overdue ? k.now : 0, limit, s_case_cb, &k);
+    ml_query_case_filter_t f = {
+        .kind = kind, .state = state, .overdue_at = rq->overdue ? k.now : 0, .limit = limit};
+    int rc = ml_query_cases(b, &f, s_case_cb, &k);
     if (rc != 0 || k.failed) {
         s_fail(b, to, rq, "cannot list cases: %s", ml_strerror(rc ? rc : ML_ENOMEM));
     } else {
@@ -442,51 +448,6 @@ static void s_cases(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRe
 }
 
 /* ---- dead letters ------------------------------------------------------ */
-
-typedef struct {
-    ml_store_dead_t d;
-    char *id, *case_id, *sender, *recipient, *reason;
-} s_dead_copy_t;
-
-typedef struct {
-    s_dead_copy_t *list;
-    size_t n, cap;
-    int failed;
-} s_deads_t;
-
-static void s_dead_cb(void *arg, const ml_store_dead_t *d)
-{
-    s_deads_t *k = arg;
-    if (k->n == k->cap) {
-        size_t cap = k->cap ? k->cap * 2 : 16;
-        s_dead_copy_t *p = realloc(k->list, cap * sizeof *p);
-        if (!p) {
-            k->failed = 1;
-            return;
-        }
-        k->list = p;
-        k->cap = cap;
-    }
-    s_dead_copy_t *x = &k->list[k->n++];
-    x->d = *d;
-    x->d.id = x->id = s_dup(d->id);
-    x->d.case_id = x->case_id = s_dup(d->case_id);
-    x->d.sender = x->sender = s_dup(d->sender);
-    x->d.recipient = x->recipient = s_dup(d->recipient);
-    x->d.reason = x->reason = s_dup(d->reason);
-}
-
-static void s_deads_free(s_deads_t *k)
-{
-    for (size_t i = 0; i < k->n; i++) {
-        free(k->list[i].id);
-        free(k->list[i].case_id);
-        free(k->list[i].sender);
-        free(k->list[i].recipient);
-        free(k->list[i].reason);
-    }
-    free(k->list);
-}
 
 static void s_dead_info(const ml_store_dead_t *d, Medlink__V1__DeadLetter *out)
 {
@@ -510,75 +471,34 @@ static int s_limit(const Medlink__V1__AdminRequest *rq)
     return limit > S_LIMIT_MAX ? S_LIMIT_MAX : limit;
 }
 
-/* A replay or purge whose store change is queued but not yet committed:
- * the reply waits for it (ml_store_barrier), so that once medlinkctl has
- * its answer, a list or a second request sees the change; and while it
- * waits, the dead letters it names are "busy": a purge of a message being
- * replayed (or the reverse) is refused with a reason instead of being
- * answered as done and then matching no row. */
-struct ml_dlq_wait {
-    struct ml_dlq_wait *next;
-    ml_broker_t *b;
-    uint64_t serial; /* of the session that asked (it may close meanwhile) */
-    char *request_id;
-    char *error; /* --all: the last one that could not be done; or NULL */
-    uint32_t affected;
-    int failed_all; /* a single message that could not be done: an error reply */
-    int64_t *seqs;  /* the dead letters it changes */
-    size_t n_seqs;
-};
-
-static int s_dlq_busy(const ml_broker_t *b, int64_t seq)
-{
-    for (const struct ml_dlq_wait *w = b->dlq_waits; w; w = w->next)
-        for (size_t i = 0; i < w->n_seqs; i++)
-            if (w->seqs[i] == seq)
-                return 1;
-    return 0;
-}
-
-static void s_dlq_wait_free(struct ml_dlq_wait *w)
-{
-    if (!w)
-        return;
-    free(w->request_id);
-    free(w->error);
-    free(w->seqs);
-    free(w);
-}
-
 void ml_bk_admin_free(ml_broker_t *b)
 {
-    while (b->dlq_waits) {
-        struct ml_dlq_wait *w = b->dlq_waits;
-        b->dlq_waits = w->next;
-        s_dlq_wait_free(w);
-    }
+    ml_ops_free(b);
 }
 
 static void s_dlq_list(ml_broker_t *b, const s_to_t *to, const Medlink__V1__AdminRequest *rq,
                        int with_envelope)
 {
-    s_deads_t k = {0};
+    ml_query_deads_t k = {0};
     int rc;
     if (with_envelope) {
         if (!rq->message_id || !*rq->message_id) {
             s_fail(b, to, rq, "dlq show needs a message id");
             return;
         }
-        rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
+        rc = ml_query_dlq(b, rq->message_id, 0, &k);
         if (rc == ML_ENOTFOUND) {
             s_fail(b, to, rq, "no dead letter %s", rq->message_id);
             return;
         }
     } else {
-        rc = ml_store_dead_list(b->store, s_limit(rq), s_dead_cb, &k);
+        rc = ml_query_dlq(b, NULL, s_limit(rq), &k);
     }
     Medlink__V1__DeadLetter *items = calloc(k.n ? k.n : 1, sizeof *items);
     Medlink__V1__DeadLetter **ptrs = calloc(k.n ? k.n : 1, sizeof *ptrs);
     uint8_t *blob = NULL;
     size_t blen = 0, n = 0;
-    if (rc != 0 || k.failed || !items || !ptrs) {
+    if (rc != 0 || !items || !ptrs) {
         s_fail(b, to, rq, "cannot read the dead-letter queue: %s",
                ml_strerror(rc ? rc : ML_ENOMEM));
         goto out;
@@ -586,9 +506,9 @@ static void s_dlq_list(ml_broker_t *b, const s_to_t *to, const Medlink__V1__Admi
     for (size_t i = 0; i < k.n; i++) {
         /* Being replayed or purged by another request: no longer a dead
          * letter for anyone who asks now. */
-        if (s_dlq_busy(b, k.list[i].d.seq))
+        if (ml_ops_dlq_busy(b, k.items[i].seq))
             continue;
-        s_dead_info(&k.list[i].d, &items[n]);
+        s_dead_info(&k.items[i], &items[n]);
         ptrs[n] = &items[n];
         n++;
     }
@@ -596,25 +516,17 @@ static void s_dlq_list(ml_broker_t *b, const s_to_t *to, const Medlink__V1__Admi
         s_fail(b, to, rq, "no dead letter %s (it is being replayed or purged)", rq->message_id);
         goto out;
     }
-    if (with_envelope && ml_store_fetch(b->store, k.list[0].d.seq, &blob, &blen) == 0) {
+    if (with_envelope && ml_query_fetch(b, k.items[0].seq, &blob, &blen) == 0) {
         /* The stored envelope is patient data: only an OPS node gets here
          * (ml_bk_admin), and who read which message is logged and kept in
          * the case's timeline; the content itself never is. */
         items[0].envelope.data = blob;
         items[0].envelope.len = blen;
-        const ml_store_dead_t *d = &k.list[0].d;
+        const ml_store_dead_t *d = &k.items[0];
         ml_log(ML_LOG_WARN, "admin",
                "%s read the stored envelope of dead letter %s (%s of case %s for %s, %zu bytes)",
                to->who, d->id, ml_kind_name(d->kind), d->case_id, d->recipient, blen);
-        ml_case_t *c = ml_bk_case_for_row(b, d->case_id, d->kind);
-        if (c) {
-            char detail[300];
-            snprintf(detail, sizeof detail,
-                     "%s read the stored envelope of dead letter %s (%s) with medlinkctl dlq show",
-                     to->who, d->id, ml_kind_name(d->kind));
-            ml_bk_case_event(b, c, to->who, "dead letter read", d->id, d->kind, detail);
-            ml_bk_case_release(b, c);
-        }
+        ml_ops_dead_letter_read(b, to->who, d);
     }
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.n_dead_letter = n;
@@ -624,193 +536,78 @@ out:
     free(blob);
     free(items);
     free(ptrs);
-    s_deads_free(&k);
+    ml_query_deads_free(&k);
 }
 
-/* Replays or purges one dead letter (queued to the store in order).
- * Returns 0, or an error sentence in err. */
-static int s_dlq_apply(ml_broker_t *b, ml_session_t *s, const ml_store_dead_t *d, int replay,
-                       char *err, size_t errlen)
-{
-    if (s_dlq_busy(b, d->seq)) {
-        snprintf(err, errlen,
-                 "not %s: dead letter %s is being replayed or purged by an earlier request",
-                 replay ? "replayed" : "purged", d->id);
-        return ML_EAGAIN;
-    }
-    if (!replay) {
-        if (ml_store_purge(b->store, d->seq) != 0) {
-            snprintf(err, errlen, "cannot purge %s: the store is closing", d->id);
-            return ML_ESTORE;
-        }
-        ml_log(ML_LOG_INFO, "admin", "%s purged dead letter %s (%s for %s)", s->peer_id, d->id,
-               ml_kind_name(d->kind), d->recipient);
-        return 0;
-    }
-    ml_nodestate_t *ns = ml_bk_node(b, d->recipient);
-    if (!ns) {
-        snprintf(err, errlen,
-                 "cannot replay %s: its recipient %s is not in the node registry; register it "
-                 "first",
-                 d->id, d->recipient);
-        return ML_ENOTFOUND;
-    }
-    if (ml_store_replay(b->store, d->seq) != 0) {
-        snprintf(err, errlen, "cannot replay %s: the store is closing", d->id);
-        return ML_ESTORE;
-    }
-    ml_qitem_t it;
-    memset(&it, 0, sizeof it);
-    it.seq = d->seq;
-    it.accepted_at = ml_now_ms();
-    it.size = (uint32_t)d->size;
-    it.priority = (uint8_t)d->priority;
-    it.kind = (uint8_t)d->kind;
-    it.flags = strcmp(d->sender, b->cfg->broker_id) == 0 ? ML_QI_NOTICE : 0;
-    snprintf(it.id, sizeof it.id, "%s", d->id);
-    it.cs = ml_bk_case_for_row(b, d->case_id, d->kind);
-    if (it.cs) {
-        char detail[300];
-        snprintf(detail, sizeof detail, "%s %s replayed from the dead-letter queue by %s",
-                 ml_kind_name(d->kind), d->id, s->peer_id);
-        ml_bk_case_event(b, it.cs, s->peer_id, "replayed", d->id, d->kind, detail);
-    }
-    if (ml_queue_push(&ns->queue, &it) != 0) {
-        ml_bk_case_release(b, it.cs);
-        snprintf(err, errlen, "out of memory queueing %s; it is delivered after a restart", d->id);
-        return ML_ENOMEM;
-    }
-    ml_log(ML_LOG_INFO, "admin", "%s replayed dead letter %s (%s for %s)", s->peer_id, d->id,
-           ml_kind_name(d->kind), d->recipient);
-    ml_bk_pump(b, ns);
-    return 0;
-}
+/* A replay or purge waiting for the store: the session is found again by
+ * its serial, since it may have closed (or its slot been reused)
+ * meanwhile. */
+typedef struct {
+    ml_broker_t *b;
+    uint64_t serial;
+    char *request_id; /* echoed in the reply */
+} s_dlq_wait_t;
 
-/* The store has tried everything queued before the barrier, the dead
- * letters' changes among them: the answer goes out now. */
-static void s_dlq_done(void *arg, int rc, int64_t seq, int duplicate)
+/* The store has tried the dead letters' changes (ml_ops_dlq_change): the
+ * answer goes out now; r NULL when the broker closes first. */
+static void s_dlq_done(void *arg, const ml_ops_dlq_result_t *r)
 {
-    struct ml_dlq_wait *w = arg;
+    s_dlq_wait_t *w = arg;
     ml_broker_t *b = w->b;
-    (void)seq;
-    (void)duplicate;
-    for (struct ml_dlq_wait **pp = &b->dlq_waits; *pp; pp = &(*pp)->next)
-        if (*pp == w) {
-            *pp = w->next;
-            break;
-        }
-    ml_session_t *s = b->sessions;
-    while (s && !(s->serial == w->serial && s->state == S_READY))
-        s = s->next;
+    ml_session_t *s = r ? ml_query_session_find(b, w->serial) : NULL;
     if (s) {
         Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
         rq.request_id = w->request_id;
         char note[600];
-        const char *error = w->error;
-        if (rc != 0) {
+        const char *error = r->error;
+        if (r->rc != 0) {
             /* The mark is retried by the store until it commits. */
             snprintf(note, sizeof note,
                      "%s%sthe store could not commit it yet (%s): it is retried until it does",
-                     error ? error : "", error ? "; " : "", ml_strerror(rc));
+                     error ? error : "", error ? "; " : "", ml_strerror(r->rc));
             error = note;
         }
-        if (w->failed_all) {
+        if (r->failed_all) {
             s_error(b, s, &rq, "%s", error ? error : "not done");
         } else {
             Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
-            reply.affected = w->affected;
+            reply.affected = r->affected;
             if (error)
                 reply.error = (char *)error;
             s_send(b, s, &rq, &reply);
         }
     }
-    s_dlq_wait_free(w);
-}
-
-/* Why a message that is not (or no longer) a dead letter cannot be
- * replayed or purged, in err. */
-static void s_not_dead(ml_broker_t *b, const char *id, int replay, char *err, size_t errlen)
-{
-    int state = -1;
-    int64_t seq = 0;
-    const char *verb = replay ? "replayed" : "purged";
-    if (ml_store_lookup(b->store, id, &seq, &state) != 0)
-        snprintf(err, errlen, "no dead letter %s (no message has this id)", id);
-    else if (state == ML_MSG_DELIVERED)
-        snprintf(err, errlen,
-                 "not %s: %s is not a dead letter; it was replayed and has been delivered", verb,
-                 id);
-    else if (state == ML_MSG_QUEUED)
-        snprintf(err, errlen,
-                 "not %s: %s is not a dead letter; it was replayed and is queued for delivery",
-                 verb, id);
-    else
-        snprintf(err, errlen, "no dead letter %s", id);
+    free(w->request_id);
+    free(w);
 }
 
 static void s_dlq_change(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq,
                          int replay)
 {
-    s_deads_t k = {0};
-    int rc;
-    char err[512] = "";
-    if (rq->all)
-        rc = ml_store_dead_list(b->store, -1, s_dead_cb, &k);
-    else if (rq->message_id && *rq->message_id)
-        rc = ml_store_dead_get(b->store, rq->message_id, s_dead_cb, &k);
-    else {
+    if (!rq->all && !(rq->message_id && *rq->message_id)) {
         s_error(b, s, rq, "dlq %s needs a message id or --all", replay ? "replay" : "purge");
         return;
     }
-    if (rc == ML_ENOTFOUND) {
-        /* Said plainly, with affected = 0: a purge that finds a message
-         * replayed meanwhile did not purge it. */
-        s_not_dead(b, rq->message_id, replay, err, sizeof err);
-        s_error(b, s, rq, "%s", err);
-        return;
-    }
-    if (rc != 0 || k.failed) {
-        s_error(b, s, rq, "cannot read the dead-letter queue: %s",
-                ml_strerror(rc ? rc : ML_ENOMEM));
-        s_deads_free(&k);
-        return;
-    }
-    struct ml_dlq_wait *w = calloc(1, sizeof *w);
-    int64_t *seqs = calloc(k.n ? k.n : 1, sizeof *seqs);
+    s_dlq_wait_t *w = calloc(1, sizeof *w);
     char *request_id = strdup(rq->request_id ? rq->request_id : "");
-    if (!w || !seqs || !request_id) {
+    if (!w || !request_id) {
         free(w);
-        free(seqs);
         free(request_id);
         s_error(b, s, rq, "out of memory");
-        s_deads_free(&k);
         return;
     }
-    uint32_t done = 0;
-    for (size_t i = 0; i < k.n; i++) {
-        if (s_dlq_apply(b, s, &k.list[i].d, replay, err, sizeof err) == 0) {
-            done++;
-            seqs[w->n_seqs++] = k.list[i].d.seq;
-        } else if (!rq->all) {
-            break;
-        }
-    }
-    ml_bk_metrics_dead_gone(b, done);
+    ml_query_session_t v;
+    ml_query_session(b, s, &v);
     w->b = b;
-    w->serial = s->serial;
+    w->serial = v.serial;
     w->request_id = request_id;
-    w->seqs = seqs;
-    w->affected = done;
-    w->failed_all = !rq->all && done == 0;
-    w->error = err[0] ? strdup(err) : NULL;
-    w->next = b->dlq_waits;
-    b->dlq_waits = w;
-    if (w->n_seqs == 0 || ml_store_barrier(b->store, s_dlq_done, w) != 0) {
-        /* Nothing queued, or a store that is closing: answer now. */
-        w->n_seqs = 0;
-        s_dlq_done(w, 0, 0, 0);
+    char err[512] = "";
+    if (ml_ops_dlq_change(b, v.node_id, rq->message_id, rq->all, replay, err, sizeof err,
+                          s_dlq_done, w) != 0) {
+        s_error(b, s, rq, "%s", err);
+        free(w->request_id);
+        free(w);
     }
-    s_deads_free(&k);
 }
 
 /* ---- store retention (OP_STORE_STATS, OP_STORE_PRUNE) ------------------- */
@@ -836,7 +633,7 @@ static void s_prune_info(const ml_store_pruned_t *r, Medlink__V1__StorePrune *p)
 static void s_store_stats(ml_broker_t *b, ml_session_t *s, const Medlink__V1__AdminRequest *rq)
 {
     ml_store_info_t in;
-    int rc = ml_store_info(b->store, &in);
+    int rc = ml_query_store_info(b, &in);
     if (rc != 0) {
         s_error(b, s, rq, "cannot read the store: %s", ml_strerror(rc));
         return;
@@ -881,7 +678,7 @@ static void s_store_stats(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Ad
                                                     : "none");
     st.n_table = n;
     st.table = tp;
-    ml_broker_config_retention(b->cfg, &st.retention_ms, &st.timeline_retention_ms);
+    ml_broker_config_retention(ml_query_config(b), &st.retention_ms, &st.timeline_retention_ms);
     st.last_prune = &last;
     Medlink__V1__AdminReply reply = MEDLINK__V1__ADMIN_REPLY__INIT;
     reply.store_stats = &st;
@@ -911,9 +708,7 @@ static void s_store_pruned_cb(void *arg, int rc, const ml_store_pruned_t *r)
            w->who, (unsigned long long)r->messages, (unsigned long long)r->bodies,
            (unsigned long long)r->cases, (unsigned long long)r->bytes_freed, rc ? ": " : "",
            rc ? ml_strerror(rc) : "");
-    ml_session_t *s = b->sessions;
-    while (s && !(s->serial == w->serial && s->state == S_READY))
-        s = s->next;
+    ml_session_t *s = ml_query_session_find(b, w->serial);
     Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
     rq.request_id = w->request_id;
     if (!s)
@@ -940,11 +735,13 @@ static void s_store_prune(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Ad
         s_error(b, s, rq, "out of memory");
         return;
     }
+    ml_query_session_t v;
+    ml_query_session(b, s, &v);
     w->b = b;
-    w->serial = s->serial;
-    snprintf(w->who, sizeof w->who, "%s", s->peer_id);
+    w->serial = v.serial;
+    snprintf(w->who, sizeof w->who, "%s", v.node_id);
     snprintf(w->request_id, sizeof w->request_id, "%s", rq->request_id ? rq->request_id : "");
-    int rc = ml_store_prune(b->store, s_store_pruned_cb, w);
+    int rc = ml_ops_store_prune(b, s_store_pruned_cb, w);
     if (rc != 0) {
         free(w);
         s_error(b, s, rq, "cannot run retention: %s", ml_strerror(rc));
@@ -965,21 +762,24 @@ static const char *s_log_id(const char *id)
 
 void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
 {
-    if (s->ns->node->role != ML_ROLE_OPS) {
+    ml_query_session_t v;
+    ml_query_session(b, s, &v);
+    const char *peer = v.node_id;
+    if (v.role != ML_ROLE_OPS) {
         char err[256];
-        snprintf(err, sizeof err, "admin requests need an OPS node; %s has role %s", s->peer_id,
-                 ml_role_name(s->ns->node->role));
-        ml_bk_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
+        snprintf(err, sizeof err, "admin requests need an OPS node; %s has role %s", peer,
+                 ml_role_name(v.role));
+        ml_ops_refuse(b, s, env->id, MEDLINK__V1__NACK_CODE__NACK_FORBIDDEN, err);
         return;
     }
     const Medlink__V1__AdminRequest *rq = env->admin_request;
     const ProtobufCEnumValue *op =
         protobuf_c_enum_descriptor_get_value(&medlink__v1__admin_request__op__descriptor, rq->op);
-    ml_log(ML_LOG_INFO, "admin", "%s asked for %s (request %s)%s%s", s->peer_id,
-           op ? op->name : "?", s_log_id(rq->request_id), rq->case_id && *rq->case_id ? " " : "",
+    ml_log(ML_LOG_INFO, "admin", "%s asked for %s (request %s)%s%s", peer, op ? op->name : "?",
+           s_log_id(rq->request_id), rq->case_id && *rq->case_id ? " " : "",
            rq->case_id && *rq->case_id ? rq->case_id
                                        : (rq->message_id && *rq->message_id ? rq->message_id : ""));
-    s_to_t to = {.s = s, .who = s->peer_id};
+    s_to_t to = {.s = s, .who = peer};
     switch (rq->op) {
     case MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS:
         s_admin_status(b, &to, rq);

@@ -3,7 +3,8 @@
  * A check turns what it sees into "should be active or not"; s_raise and
  * s_resolve are the only places that change an episode, send the
  * Escalation to the ops nodes and log, so that "once per episode" holds
- * by construction. */
+ * by construction. The broker is read through query.h; the Escalations go
+ * out through ops_cmd.h (ml_ops_escalate). */
 #include "alerts.h"
 
 #include <inttypes.h>
@@ -13,10 +14,13 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "broker_int.h"
-#include "metrics.h"
 #include "config.h"
 #include "expiry.h"
+#include "metrics.h"
+#include "ml_common.h"
+#include "ml_env.h"
+#include "ops_cmd.h"
+#include "query.h"
 
 #define S_CHECK_MS 1000
 #define S_SLOW_MS 2000
@@ -51,13 +55,13 @@ typedef struct {
 } s_expiry_t;
 
 struct ml_bk_alerts {
-    s_episode_t *nodes; /* indexed like b->nodes */
+    s_episode_t *nodes; /* indexed like the nodes (ml_query_node_t.index) */
     size_t n_nodes;
     s_expiry_t expiry[S_EXPIRY_MAX];
     s_episode_t store;
     s_episode_t dlq;
     int64_t dlq_seen;      /* dead letters at the last count (-1: none yet) */
-    uint64_t dead_seen;    /* b->dead_total at the last count */
+    uint64_t dead_seen;    /* dead letters made (dead_total) at the last count */
     char store_path[4096]; /* broker.db */
     int64_t store_max;     /* max_store_bytes the store was opened with */
     uint64_t raised[S_KINDS];
@@ -72,19 +76,21 @@ int ml_bk_alerts_init(ml_broker_t *b)
         return ML_ENOMEM;
     a->dlq_seen = -1;
     a->checked_at = a->slow_at = INT64_MIN / 2;
-    snprintf(a->store_path, sizeof a->store_path, "%s/broker.db", b->cfg->data_dir);
-    a->store_max = b->cfg->max_store_bytes;
-    b->alerts = a;
+    const ml_broker_config_t *cfg = ml_query_config(b);
+    snprintf(a->store_path, sizeof a->store_path, "%s/broker.db", cfg->data_dir);
+    a->store_max = cfg->max_store_bytes;
+    ml_query_set_alerts(b, a);
     return 0;
 }
 
 void ml_bk_alerts_free(ml_broker_t *b)
 {
-    if (!b->alerts)
+    ml_bk_alerts_t *a = ml_query_alerts(b);
+    if (!a)
         return;
-    free(b->alerts->nodes);
-    free(b->alerts);
-    b->alerts = NULL;
+    free(a->nodes);
+    free(a);
+    ml_query_set_alerts(b, NULL);
 }
 
 /* Sets the sentence of an episode (cut at its size). */
@@ -111,20 +117,7 @@ static int s_send(ml_broker_t *b, int kind, const s_episode_t *ep, const char *t
     esc.detail = (char *)ep->detail;
     esc.resolved = resolved;
     esc.since = ep->since;
-    int sent = 0;
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        ml_nodestate_t *ns = b->nodes[i];
-        if (ns->removed || !ml_bk_is_ops(b, ns))
-            continue;
-        ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
-        env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ESCALATION;
-        env.escalation = &esc;
-        env.case_id = id;
-        env.priority = MEDLINK__V1__PRIORITY__PRIORITY_URGENT;
-        if (ml_bk_emit(b, &env, ns, NULL, NULL, 0) == 0)
-            sent++;
-    }
-    return sent;
+    return ml_ops_escalate(b, &esc);
 }
 
 /* Starts an episode (or, with again, says more about one in progress):
@@ -136,7 +129,7 @@ static void s_raise(ml_broker_t *b, int kind, s_episode_t *ep, const char *targe
         ep->active = 1;
         ep->since = since;
     }
-    b->alerts->raised[kind]++;
+    ml_query_alerts(b)->raised[kind]++;
     ml_bk_metrics_escalation(b, s_reason[kind]);
     int sent = s_send(b, kind, ep, target, 0);
     ml_log(ML_LOG_WARN, "alert", "%s: %s (told %d ops node(s))", s_kind_name[kind], ep->detail,
@@ -184,74 +177,93 @@ static int s_nodes_fit(ml_bk_alerts_t *a, size_t n)
     return 0;
 }
 
-static void s_check_nodes(ml_broker_t *b, int64_t now)
+typedef struct {
+    ml_broker_t *b;
+    ml_bk_alerts_t *a;
+    const ml_broker_config_t *cfg;
+    int64_t started_at;
+    int64_t now;
+} s_nodes_t;
+
+static void s_check_node(void *arg, const ml_query_node_t *ns)
 {
-    ml_bk_alerts_t *a = b->alerts;
-    if (s_nodes_fit(a, b->n_nodes) != 0) {
-        ml_log(ML_LOG_ERROR, "alert", "out of memory watching %zu nodes", b->n_nodes);
+    const s_nodes_t *k = arg;
+    ml_broker_t *b = k->b;
+    int64_t now = k->now;
+    if (ns->index >= k->a->n_nodes)
+        return; /* registered after the count (cannot happen within one walk) */
+    s_episode_t *ep = &k->a->nodes[ns->index];
+    const char *id = ns->node->id;
+    char span[64];
+    if (ns->removed) {
+        if (ep->active) {
+            s_detail(ep, "node %s was removed from the registry (reload); no longer watched", id);
+            s_resolve(b, S_NODE_OFFLINE, ep, id);
+        }
         return;
     }
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        ml_nodestate_t *ns = b->nodes[i];
-        s_episode_t *ep = &a->nodes[i];
-        const char *id = ns->node->id;
-        char span[64];
-        if (ns->removed) {
-            if (ep->active) {
-                s_detail(ep, "node %s was removed from the registry (reload); no longer watched",
-                         id);
-                s_resolve(b, S_NODE_OFFLINE, ep, id);
-            }
-            continue;
+    int64_t limit = ml_broker_config_offline_alert(k->cfg, ns->node);
+    int64_t since = ns->last_seen > 0 ? ns->last_seen : k->started_at;
+    if (ns->online > 0) {
+        if (ep->active) {
+            s_span(now - ep->since, span, sizeof span);
+            s_detail(ep, "node %s is back online after %s offline", id, span);
+            s_resolve(b, S_NODE_OFFLINE, ep, id);
         }
-        int64_t limit = ml_broker_config_offline_alert(b->cfg, ns->node);
-        int64_t since = ns->last_seen > 0 ? ns->last_seen : b->started_at;
-        if (ns->online > 0) {
-            if (ep->active) {
-                s_span(now - ep->since, span, sizeof span);
-                s_detail(ep, "node %s is back online after %s offline", id, span);
-                s_resolve(b, S_NODE_OFFLINE, ep, id);
-            }
-            continue;
-        }
-        if (limit <= 0) {
-            if (ep->active) {
-                s_detail(ep,
-                         "node %s is still offline, but offline_alert_after is now 0 (never): "
-                         "no longer watched",
-                         id);
-                s_resolve(b, S_NODE_OFFLINE, ep, id);
-            }
-            continue;
-        }
-        if (ep->active || now - since < limit)
-            continue;
-        char date[40], lim[64];
-        ml_time_format(since, date, sizeof date);
-        s_span(now - since, span, sizeof span);
-        s_span(limit, lim, sizeof lim);
-        const char *name = ns->node->display_name ? ns->node->display_name : "";
-        if (ns->last_seen > 0)
-            s_detail(ep,
-                     "node %s (%s, %s) has been offline for %s, since %s, longer than "
-                     "offline_alert_after (%s)",
-                     id, name, ml_role_name(ns->node->role), span, date, lim);
-        else
-            s_detail(ep,
-                     "node %s (%s, %s) has not connected since the broker started %s ago, on %s, "
-                     "longer than offline_alert_after (%s)",
-                     id, name, ml_role_name(ns->node->role), span, date, lim);
-        s_raise(b, S_NODE_OFFLINE, ep, id, since, 0);
+        return;
     }
+    if (limit <= 0) {
+        if (ep->active) {
+            s_detail(ep,
+                     "node %s is still offline, but offline_alert_after is now 0 (never): "
+                     "no longer watched",
+                     id);
+            s_resolve(b, S_NODE_OFFLINE, ep, id);
+        }
+        return;
+    }
+    if (ep->active || now - since < limit)
+        return;
+    char date[40], lim[64];
+    ml_time_format(since, date, sizeof date);
+    s_span(now - since, span, sizeof span);
+    s_span(limit, lim, sizeof lim);
+    const char *name = ns->node->display_name ? ns->node->display_name : "";
+    if (ns->last_seen > 0)
+        s_detail(ep,
+                 "node %s (%s, %s) has been offline for %s, since %s, longer than "
+                 "offline_alert_after (%s)",
+                 id, name, ml_role_name(ns->node->role), span, date, lim);
+    else
+        s_detail(ep,
+                 "node %s (%s, %s) has not connected since the broker started %s ago, on %s, "
+                 "longer than offline_alert_after (%s)",
+                 id, name, ml_role_name(ns->node->role), span, date, lim);
+    s_raise(b, S_NODE_OFFLINE, ep, id, since, 0);
+}
+
+static void s_check_nodes(ml_broker_t *b, int64_t now)
+{
+    ml_bk_alerts_t *a = ml_query_alerts(b);
+    size_t n = ml_query_node_count(b);
+    if (s_nodes_fit(a, n) != 0) {
+        ml_log(ML_LOG_ERROR, "alert", "out of memory watching %zu nodes", n);
+        return;
+    }
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    s_nodes_t k = {b, a, ml_query_config(b), c.started_at, now};
+    ml_query_nodes(b, s_check_node, &k);
 }
 
 /* ---- expiry ------------------------------------------------------------- */
 
 static void s_check_expiry(ml_broker_t *b, int64_t now)
 {
-    ml_bk_alerts_t *a = b->alerts;
+    ml_bk_alerts_t *a = ml_query_alerts(b);
+    const long warn_days = ml_query_config(b)->crl_warn_days;
     ml_bk_expiry_t e[S_EXPIRY_MAX];
-    size_t n = ml_bk_expiry_list(b->tls, b->cfg->crl_warn_days, now, e, S_EXPIRY_MAX);
+    size_t n = ml_query_expiry(b, now, e, S_EXPIRY_MAX);
     if (n > S_EXPIRY_MAX)
         n = S_EXPIRY_MAX;
     int seen[S_EXPIRY_MAX] = {0};
@@ -270,7 +282,7 @@ static void s_check_expiry(ml_broker_t *b, int64_t now)
         if (e[i].state == ML_BK_EXPIRY_OK) {
             if (x) {
                 s_detail(&x->ep, "%s was renewed: %lld day(s) left, outside crl_warn_days (%ld)",
-                         x->what, (long long)e[i].days_left, b->cfg->crl_warn_days);
+                         x->what, (long long)e[i].days_left, warn_days);
                 s_resolve(b, S_EXPIRY, &x->ep, x->what);
                 memset(x, 0, sizeof *x);
             }
@@ -294,10 +306,10 @@ static void s_check_expiry(ml_broker_t *b, int64_t now)
                 s_detail(&x->ep,
                          "%s expires in %lld day(s), on %s (crl_warn_days = %ld); renew it before "
                          "then",
-                         x->what, (long long)e[i].days_left, date, b->cfg->crl_warn_days);
+                         x->what, (long long)e[i].days_left, date, warn_days);
             /* The episode began when it entered the window, which gives
              * the same `since` after a restart. */
-            int64_t since = e[i].not_after - (int64_t)b->cfg->crl_warn_days * S_DAY_MS;
+            int64_t since = e[i].not_after - (int64_t)warn_days * S_DAY_MS;
             s_raise(b, S_EXPIRY, &x->ep, x->what, since < now ? since : now, 0);
         } else if (!x->past && e[i].state == ML_BK_EXPIRY_PAST) {
             /* Still the same episode, but what was a warning is now an
@@ -333,14 +345,14 @@ static uint64_t s_file_size(const char *path, const char *suffix)
 
 static void s_check_store(ml_broker_t *b)
 {
-    ml_bk_alerts_t *a = b->alerts;
+    ml_bk_alerts_t *a = ml_query_alerts(b);
     if (a->store_max <= 0)
         return;
     /* The database file and its WAL: what the disk holds for the store,
      * read with two stat calls (no SQLite, no counting of rows). */
     uint64_t db = s_file_size(a->store_path, ""), wal = s_file_size(a->store_path, "-wal");
     uint64_t size = db + wal;
-    long pct = b->cfg->store_alert_percent;
+    long pct = ml_query_config(b)->store_alert_percent;
     uint64_t pct_now = size * 100 / (uint64_t)a->store_max;
     if (!a->store.active && pct_now >= (uint64_t)pct) {
         s_detail(&a->store,
@@ -359,12 +371,14 @@ static void s_check_store(ml_broker_t *b)
 
 static void s_check_dlq(ml_broker_t *b)
 {
-    ml_bk_alerts_t *a = b->alerts;
+    ml_bk_alerts_t *a = ml_query_alerts(b);
     int64_t n = 0;
-    if (ml_store_dead_count(b->store, &n) != 0)
+    if (ml_query_dead_count(b, &n) != 0)
         return; /* logged by the store; tried again next time */
-    a->dead_seen = b->dead_total;
-    long th = b->cfg->dlq_alert_threshold;
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    a->dead_seen = c.dead_total;
+    long th = ml_query_config(b)->dlq_alert_threshold;
     if (!a->dlq.active && n >= th && n > (a->dlq_seen < 0 ? 0 : a->dlq_seen)) {
         s_detail(&a->dlq,
                  "the dead-letter queue holds %lld message(s) that could not be delivered "
@@ -382,7 +396,7 @@ static void s_check_dlq(ml_broker_t *b)
 
 void ml_bk_alerts_tick(ml_broker_t *b)
 {
-    ml_bk_alerts_t *a = b->alerts;
+    ml_bk_alerts_t *a = ml_query_alerts(b);
     if (!a)
         return;
     int64_t mono = ml_mono_ms();
@@ -393,7 +407,9 @@ void ml_bk_alerts_tick(ml_broker_t *b)
         s_check_expiry(b, now);
     }
     /* A new dead letter is counted at once, the rest every S_SLOW_MS. */
-    if (mono - a->slow_at >= S_SLOW_MS || b->dead_total != a->dead_seen) {
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    if (mono - a->slow_at >= S_SLOW_MS || c.dead_total != a->dead_seen) {
         a->slow_at = mono;
         s_check_store(b);
         s_check_dlq(b);
@@ -402,9 +418,10 @@ void ml_bk_alerts_tick(ml_broker_t *b)
 
 void ml_bk_alerts_recheck(ml_broker_t *b)
 {
-    if (!b->alerts)
+    ml_bk_alerts_t *a = ml_query_alerts(b);
+    if (!a)
         return;
-    b->alerts->checked_at = b->alerts->slow_at = INT64_MIN / 2;
+    a->checked_at = a->slow_at = INT64_MIN / 2;
     ml_bk_alerts_tick(b);
 }
 
@@ -427,13 +444,25 @@ static void s_label(ml_sbuf_t *out, const char *s)
 
 typedef void (*s_each_cb)(void *arg, int kind, const char *subject, const s_episode_t *ep);
 
+typedef struct {
+    const ml_bk_alerts_t *a;
+    s_each_cb cb;
+    void *arg;
+} s_each_t;
+
+static void s_each_node(void *arg, const ml_query_node_t *n)
+{
+    const s_each_t *k = arg;
+    if (n->index < k->a->n_nodes && k->a->nodes[n->index].active)
+        k->cb(k->arg, S_NODE_OFFLINE, n->node->id, &k->a->nodes[n->index]);
+}
+
 /* Calls cb for every episode in progress. O(nodes + fixed). */
 static void s_each_active(ml_broker_t *b, s_each_cb cb, void *arg)
 {
-    ml_bk_alerts_t *a = b->alerts;
-    for (size_t i = 0; i < a->n_nodes && i < b->n_nodes; i++)
-        if (a->nodes[i].active)
-            cb(arg, S_NODE_OFFLINE, b->nodes[i]->node->id, &a->nodes[i]);
+    ml_bk_alerts_t *a = ml_query_alerts(b);
+    s_each_t each = {a, cb, arg};
+    ml_query_nodes(b, s_each_node, &each);
     for (size_t k = 0; k < S_EXPIRY_MAX; k++)
         if (a->expiry[k].ep.active)
             cb(arg, S_EXPIRY, a->expiry[k].what, &a->expiry[k].ep);
@@ -454,7 +483,8 @@ static void s_metric_cb(void *arg, int kind, const char *subject, const s_episod
 
 void ml_bk_alerts_metrics(ml_broker_t *b, ml_sbuf_t *out)
 {
-    if (!b->alerts)
+    const ml_bk_alerts_t *a = ml_query_alerts(b);
+    if (!a)
         return;
     ml_sbuf_puts(out, "# HELP medlink_alert_active Ops alerts in progress (1 while an episode "
                       "lasts): node_offline, expiry, store_full, dlq.\n"
@@ -465,7 +495,7 @@ void ml_bk_alerts_metrics(ml_broker_t *b, ml_sbuf_t *out)
                       "# TYPE medlink_alerts_raised_total counter\n");
     for (int k = 0; k < S_KINDS; k++)
         ml_sbuf_printf(out, "medlink_alerts_raised_total{alert=\"%s\"} %" PRIu64 "\n",
-                       s_kind_name[k], b->alerts->raised[k]);
+                       s_kind_name[k], a->raised[k]);
 }
 
 typedef struct {
@@ -500,7 +530,7 @@ int ml_bk_alerts_status(ml_broker_t *b, Medlink__V1__BrokerStatus *st)
 {
     st->n_alert = 0;
     st->alert = NULL;
-    if (!b->alerts)
+    if (!ml_query_alerts(b))
         return 0;
     s_status_t k = {0};
     s_each_active(b, s_count_cb, &k);

@@ -35,9 +35,11 @@
 
 #include <http_parser.h>
 
-#include "broker_int.h"
 #include "config.h"
 #include "metrics.h"
+#include "ml_common.h"
+#include "ml_tls.h"
+#include "query.h"
 #include "web.h"
 
 #define S_COMPONENT "http"
@@ -100,9 +102,9 @@ struct s_server {
     s_conn_t *conns;
     char addr[80];
     ml_bk_http_stats_t stats;
-    ml_bk_loglimit_t refusals; /* log lines for connections refused or failed */
-    char rbuf[S_READ_BUF];     /* one read at a time on this thread: shared */
-    char pbuf[S_READ_BUF];     /* plaintext out of TLS */
+    ml_query_loglimit_t refusals; /* log lines for connections refused or failed */
+    char rbuf[S_READ_BUF];        /* one read at a time on this thread: shared */
+    char pbuf[S_READ_BUF];        /* plaintext out of TLS */
 };
 
 static void s_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
@@ -485,24 +487,26 @@ static void s_send_error(s_conn_t *c, int status, const char *extra, const char 
 static void s_readyz(ml_broker_t *b, ml_http_resp_t *resp)
 {
     char why[400];
-    if (!b->router || !b->endpoint[0]) {
+    ml_query_ready_t r;
+    ml_query_ready(b, &r);
+    if (!r.listening) {
         ml_http_error(resp, 503, "not ready: the broker does not listen for agents");
         return;
     }
-    if (!b->store) {
+    if (!r.store_open) {
         ml_http_error(resp, 503, "not ready: the store is not open");
         return;
     }
-    int rc = ml_store_health(b->store, why, sizeof why);
+    int rc = ml_query_store_health(b, why, sizeof why);
     if (rc != 0) {
         ml_http_error(resp, 503, "not ready: %s", why[0] ? why : "the store cannot write");
         return;
     }
-    if (b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES) {
+    if (r.backlog_full) {
         ml_http_error(resp, 503,
                       "not ready: the store's backlog is full (%llu messages waiting to be "
                       "written)",
-                      (unsigned long long)b->puts_pending);
+                      (unsigned long long)r.puts_pending);
         return;
     }
     resp->status = 200;
@@ -527,14 +531,14 @@ static void s_route(ml_broker_t *b, s_conn_t *c, const ml_http_req_t *rq, ml_htt
          * what it may see is decided by the registry as it is now, so a
          * reload that removes an ops node shuts it out at once. */
         char why[512];
-        if (ml_tls_session_recheck(c->tls, b->tls, why, sizeof why) != 0) {
+        if (ml_tls_session_recheck(c->tls, ml_query_tls(b), why, sizeof why) != 0) {
             /* Revoked (a CRL reloaded) while this keep-alive connection
              * was open: as a new handshake would be refused. */
             ml_http_error(resp, 403, "forbidden: %s", why);
             c->close_after = 1;
             return;
         }
-        const ml_node_t *n = ml_broker_config_node(b->cfg, c->peer);
+        const ml_node_t *n = ml_broker_config_node(ml_query_config(b), c->peer);
         if (!n) {
             ml_http_error(resp, 403, "forbidden: %s is not a registered node", c->peer);
             return;
@@ -897,7 +901,7 @@ static void s_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (rc == ML_ETLS) {
         uint64_t dropped = 0;
         s_server_t *h = c->h;
-        if (ml_bk_loglimit(&h->refusals, ml_mono_ms(), &dropped))
+        if (ml_query_loglimit(&h->refusals, ml_mono_ms(), &dropped))
             ml_log(ML_LOG_WARN, S_COMPONENT, "TLS handshake from %s (%s) refused: %s%s", c->addr,
                    ml_tls_session_peer_cn(c->tls)[0] ? ml_tls_session_peer_cn(c->tls)
                                                      : "no certificate",
@@ -947,7 +951,7 @@ static void s_connection_cb(uv_stream_t *server, int status)
         h->open_handles++;
         h->stats.refused++;
         uint64_t dropped = 0;
-        if (ml_bk_loglimit(&h->refusals, ml_mono_ms(), &dropped))
+        if (ml_query_loglimit(&h->refusals, ml_mono_ms(), &dropped))
             ml_log(ML_LOG_WARN, S_COMPONENT,
                    "connection refused: %ld open already ([http] max_connections)%s", h->max_conn,
                    dropped ? " (and earlier refusals not logged)" : "");
@@ -991,7 +995,7 @@ static void s_connection_cb(uv_stream_t *server, int status)
     uv_tcp_nodelay(&c->tcp, 1);
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
-    if (h->use_tls && !(c->tls = ml_tls_session_new(h->b->tls))) {
+    if (h->use_tls && !(c->tls = ml_tls_session_new(ml_query_tls(h->b)))) {
         s_conn_close(c);
         return;
     }
@@ -1021,10 +1025,11 @@ static int s_loopback(const struct sockaddr *sa)
 
 int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen)
 {
-    const char *v = b->cfg->http_listen;
+    const ml_broker_config_t *cfg = ml_query_config(b);
+    const char *v = cfg->http_listen;
     if (!v || !*v)
         return 0;
-    if (b->cfg->http_tls && !b->tls) {
+    if (cfg->http_tls && !ml_query_tls(b)) {
         snprintf(err, errlen, "[http] tls = yes needs the broker's TLS context");
         return ML_ECONFIG;
     }
@@ -1057,10 +1062,10 @@ int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen)
         return ML_ENOMEM;
     }
     h->b = b;
-    h->use_tls = b->cfg->http_tls;
-    h->max_conn = b->cfg->http_max_connections > 0 ? b->cfg->http_max_connections : 64;
-    b->http = (struct ml_bk_http *)h;
-    uv_tcp_init(b->loop, &h->listener);
+    h->use_tls = cfg->http_tls;
+    h->max_conn = cfg->http_max_connections > 0 ? cfg->http_max_connections : 64;
+    ml_query_set_http(b, (struct ml_bk_http *)h);
+    uv_tcp_init(ml_query_loop(b), &h->listener);
     h->listener.data = h;
     h->open_handles = 1;
     /* libuv reports a port in use by bind or only by listen, as it can. */
@@ -1071,8 +1076,8 @@ int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen)
     }
     struct sockaddr_storage bound;
     int bl = sizeof bound;
-    char ip[48] = "?";
     if (uv_tcp_getsockname(&h->listener, (struct sockaddr *)&bound, &bl) == 0) {
+        char ip[48] = "?";
         if (bound.ss_family == AF_INET6) {
             uv_ip6_name((struct sockaddr_in6 *)&bound, ip, sizeof ip);
             snprintf(h->addr, sizeof h->addr, "[%s]:%d", ip,
@@ -1097,10 +1102,10 @@ int ml_bk_http_start(ml_broker_t *b, char *err, size_t errlen)
 
 void ml_bk_http_stop(ml_broker_t *b)
 {
-    s_server_t *h = (s_server_t *)b->http;
+    s_server_t *h = (s_server_t *)ml_query_http(b);
     if (!h)
         return;
-    b->http = NULL;
+    ml_query_set_http(b, NULL);
     h->b = NULL;
     h->stopped = 1;
     while (h->conns)
@@ -1112,13 +1117,13 @@ void ml_bk_http_stop(ml_broker_t *b)
 
 const char *ml_bk_http_address(const ml_broker_t *b)
 {
-    const s_server_t *h = (const s_server_t *)b->http;
+    const s_server_t *h = (const s_server_t *)ml_query_http(b);
     return h ? h->addr : "";
 }
 
 void ml_bk_http_stats(const ml_broker_t *b, ml_bk_http_stats_t *out)
 {
-    const s_server_t *h = (const s_server_t *)b->http;
+    const s_server_t *h = (const s_server_t *)ml_query_http(b);
     memset(out, 0, sizeof *out);
     if (!h)
         return;

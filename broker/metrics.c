@@ -1,8 +1,9 @@
 /* Prometheus metrics of medlinkd (see metrics.h). Counters live in fixed
  * arrays indexed by the protocol's enums, so a bump is one increment and
  * no peer can make a label set grow; the gauges are read from the broker's
- * own state at each scrape (node registry, queues, sessions), which is
- * O(nodes + sessions) and reads nothing from SQLite but two file sizes.
+ * own state at each scrape (node registry, queues, sessions, through
+ * query.h), which is O(nodes + sessions) and reads nothing from SQLite but
+ * two file sizes.
  *
  * What the store knows and memory does not is kept incrementally: open
  * cases by kind and state start from one GROUP BY at start-up and follow
@@ -22,11 +23,13 @@
 #include <string.h>
 
 #include "alerts.h"
-#include "broker_int.h"
 #include "cases.h"
 #include "config.h"
 #include "expiry.h"
 #include "medlink/v1/control.pb-c.h"
+#include "ml_env.h"
+#include "ml_tls.h"
+#include "query.h"
 
 #ifndef ML_PROJECT_VERSION
 #define ML_PROJECT_VERSION "unknown"
@@ -66,41 +69,46 @@ static int s_clamp(int v, int n)
 
 void ml_bk_metrics_accepted(ml_broker_t *b, int kind)
 {
-    if (b->metrics)
-        b->metrics->accepted[s_clamp(kind, S_KINDS)]++;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->accepted[s_clamp(kind, S_KINDS)]++;
 }
 
 void ml_bk_metrics_delivered(ml_broker_t *b, int kind)
 {
-    if (b->metrics)
-        b->metrics->delivered[s_clamp(kind, S_KINDS)]++;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->delivered[s_clamp(kind, S_KINDS)]++;
 }
 
 void ml_bk_metrics_refused(ml_broker_t *b, int kind, int code)
 {
-    if (b->metrics)
-        b->metrics->refused[s_clamp(kind, S_KINDS)][s_clamp(code, S_CODES)]++;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->refused[s_clamp(kind, S_KINDS)][s_clamp(code, S_CODES)]++;
 }
 
 void ml_bk_metrics_escalation(ml_broker_t *b, int reason)
 {
-    if (b->metrics)
-        b->metrics->escalations[s_clamp(reason, S_REASONS)]++;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->escalations[s_clamp(reason, S_REASONS)]++;
 }
 
 void ml_bk_metrics_tls_failure(ml_broker_t *b, int fail)
 {
-    if (b->metrics)
-        b->metrics->tls_fail[fail == ML_BK_TLS_FAIL_TIMEOUT ? S_TLS_TIMEOUT
-                                                            : s_clamp(fail, S_TLS_TIMEOUT)]++;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->tls_fail[fail == ML_BK_TLS_FAIL_TIMEOUT ? S_TLS_TIMEOUT
+                                                   : s_clamp(fail, S_TLS_TIMEOUT)]++;
 }
 
 void ml_bk_metrics_case(ml_broker_t *b, int case_kind, int state, int delta)
 {
-    if (!b->metrics)
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (!m)
         return;
-    int64_t *n =
-        &b->metrics->cases_open[s_clamp(case_kind, ML_CASE_KIND_COUNT)][s_clamp(state, S_STATES)];
+    int64_t *n = &m->cases_open[s_clamp(case_kind, ML_CASE_KIND_COUNT)][s_clamp(state, S_STATES)];
     /* Never below zero: a count that went wrong must not show as a
      * negative number of cases. */
     if (delta < 0 && *n > 0)
@@ -111,23 +119,25 @@ void ml_bk_metrics_case(ml_broker_t *b, int case_kind, int state, int delta)
 
 void ml_bk_metrics_overdue(ml_broker_t *b, uint64_t n)
 {
-    if (b->metrics)
-        b->metrics->overdue = n;
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (m)
+        m->overdue = n;
 }
 
 void ml_bk_metrics_dead_letter(ml_broker_t *b)
 {
-    if (!b->metrics)
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (!m)
         return;
-    b->metrics->dead_now++;
-    b->metrics->dead_made++;
+    m->dead_now++;
+    m->dead_made++;
 }
 
 void ml_bk_metrics_dead_gone(ml_broker_t *b, uint64_t n)
 {
-    if (!b->metrics)
+    ml_bk_metrics_t *m = ml_query_metrics(b);
+    if (!m)
         return;
-    ml_bk_metrics_t *m = b->metrics;
     m->dead_now = (uint64_t)m->dead_now > n ? m->dead_now - (int64_t)n : 0;
 }
 
@@ -146,22 +156,22 @@ int ml_bk_metrics_init(ml_broker_t *b)
     if (!m)
         return ML_ENOMEM;
     int64_t dead = 0;
-    int rc = ml_store_cases_open_states(b->store, s_seed_state, m);
+    int rc = ml_query_cases_open_states(b, s_seed_state, m);
     if (rc == 0)
-        rc = ml_store_dead_count(b->store, &dead);
+        rc = ml_query_dead_count(b, &dead);
     if (rc != 0) {
         free(m);
         return rc;
     }
     m->dead_now = dead;
-    b->metrics = m;
+    ml_query_set_metrics(b, m);
     return 0;
 }
 
 void ml_bk_metrics_free(ml_broker_t *b)
 {
-    free(b->metrics);
-    b->metrics = NULL;
+    free(ml_query_metrics(b));
+    ml_query_set_metrics(b, NULL);
 }
 
 /* ---- rendering ------------------------------------------------------ */
@@ -241,20 +251,71 @@ static const char *const s_tls_reason[S_TLS_REASONS] = {
     [S_TLS_TIMEOUT] = "timeout",
 };
 
+typedef struct {
+    size_t online, offline;
+} s_node_count_t;
+
+static void s_node_count_cb(void *arg, const ml_query_node_t *n)
+{
+    s_node_count_t *k = arg;
+    if (n->removed)
+        return;
+    if (n->online)
+        k->online++;
+    else
+        k->offline++;
+}
+
+typedef struct {
+    ml_sbuf_t *o;
+    const char *name;
+    size_t f; /* which family */
+    long limit;
+    int64_t now;
+} s_node_family_t;
+
+static void s_node_family_cb(void *arg, const ml_query_node_t *n)
+{
+    const s_node_family_t *k = arg;
+    if (n->removed)
+        return;
+    char v[48];
+    switch (k->f) {
+    case 0:
+        snprintf(v, sizeof v, "%d", n->online ? 1 : 0);
+        break;
+    case 1:
+        snprintf(v, sizeof v, "%" PRId64 ".%03" PRId64, n->last_seen / 1000, n->last_seen % 1000);
+        break;
+    case 2:
+        snprintf(v, sizeof v, "%zu", n->queued);
+        break;
+    case 3: {
+        int64_t oldest = n->queue_oldest_at;
+        int64_t age = oldest > 0 && k->now > oldest ? k->now - oldest : 0;
+        snprintf(v, sizeof v, "%" PRId64 ".%03" PRId64, age / 1000, age % 1000);
+        break;
+    }
+    case 4:
+        snprintf(v, sizeof v, "%zu", n->in_flight);
+        break;
+    case 5:
+        snprintf(v, sizeof v, "%" PRIu32, n->opened);
+        break;
+    default:
+        snprintf(v, sizeof v, "%.6f", k->limit > 0 ? (double)n->opened / (double)k->limit : 0.0);
+        break;
+    }
+    s_node_gauge(k->o, k->name, n->node->id, v);
+}
+
 static void s_render_nodes(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
 {
-    size_t online = 0, offline = 0;
-    for (size_t i = 0; i < b->n_nodes; i++) {
-        if (b->nodes[i]->removed)
-            continue;
-        if (b->nodes[i]->online)
-            online++;
-        else
-            offline++;
-    }
+    s_node_count_t c = {0, 0};
+    ml_query_nodes(b, s_node_count_cb, &c);
     s_family(o, "medlink_nodes", "gauge", "Registered nodes by connection state.");
     ml_sbuf_printf(o, "medlink_nodes{state=\"online\"} %zu\nmedlink_nodes{state=\"offline\"} %zu\n",
-                   online, offline);
+                   c.online, c.offline);
 
     /* One family at a time, as the format asks: each walks the registry. */
     static const struct {
@@ -272,43 +333,11 @@ static void s_render_nodes(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
         {"medlink_node_open_cases_quota_ratio",
          "medlink_node_open_cases over open_cases_per_node (0 when there is no limit)."},
     };
-    long limit = b->cfg->open_cases_per_node;
+    long limit = ml_query_config(b)->open_cases_per_node;
     for (size_t f = 0; f < sizeof fam / sizeof fam[0]; f++) {
         s_family(o, fam[f].name, "gauge", fam[f].help);
-        for (size_t i = 0; i < b->n_nodes; i++) {
-            const ml_nodestate_t *ns = b->nodes[i];
-            if (ns->removed)
-                continue;
-            char v[48];
-            switch (f) {
-            case 0:
-                snprintf(v, sizeof v, "%d", ns->online ? 1 : 0);
-                break;
-            case 1:
-                snprintf(v, sizeof v, "%" PRId64 ".%03" PRId64, ns->last_seen / 1000,
-                         ns->last_seen % 1000);
-                break;
-            case 2:
-                snprintf(v, sizeof v, "%zu", ml_queue_len(&ns->queue));
-                break;
-            case 3: {
-                int64_t oldest = ml_queue_oldest(&ns->queue);
-                int64_t age = oldest > 0 && now > oldest ? now - oldest : 0;
-                snprintf(v, sizeof v, "%" PRId64 ".%03" PRId64, age / 1000, age % 1000);
-                break;
-            }
-            case 4:
-                snprintf(v, sizeof v, "%zu", ns->n_inflight);
-                break;
-            case 5:
-                snprintf(v, sizeof v, "%" PRIu32, ns->opened);
-                break;
-            default:
-                snprintf(v, sizeof v, "%.6f", limit > 0 ? (double)ns->opened / (double)limit : 0.0);
-                break;
-            }
-            s_node_gauge(o, fam[f].name, ns->node->id, v);
-        }
+        s_node_family_t k = {o, fam[f].name, f, limit, now};
+        ml_query_nodes(b, s_node_family_cb, &k);
     }
     s_family(o, "medlink_open_cases_per_node_limit", "gauge",
              "open_cases_per_node: open cases one node may have opened (0: no limit).");
@@ -317,7 +346,7 @@ static void s_render_nodes(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
 
 static void s_render_messages(ml_broker_t *b, ml_sbuf_t *o)
 {
-    const ml_bk_metrics_t *m = b->metrics;
+    const ml_bk_metrics_t *m = ml_query_metrics(b);
     char kl[64], cl[64];
     /* Every kind a client may route, even at zero, so that rate() has a
      * series from the start; others only once counted. */
@@ -364,7 +393,7 @@ static void s_histogram(ml_sbuf_t *o, const char *name, const char *help, const 
 static void s_render_store(ml_broker_t *b, ml_sbuf_t *o)
 {
     ml_store_stats_t k;
-    ml_store_stats(b->store, &k);
+    ml_query_store_stats(b, &k);
     s_histogram(o, "medlink_store_group_messages",
                 "Requests (messages stored, delivery and dead-letter marks, case changes) per "
                 "store group commit.",
@@ -375,19 +404,19 @@ static void s_render_store(ml_broker_t *b, ml_sbuf_t *o)
                 ml_store_commit_le_us, ML_STORE_COMMIT_BUCKETS, 1e-6, (double)k.commit_us / 1e6,
                 k.groups);
     uint64_t db = 0, wal = 0;
-    ml_store_file_sizes(b->store, &db, &wal);
+    ml_query_store_files(b, &db, &wal);
     s_family(o, "medlink_store_size_bytes", "gauge", "Size of broker.db.");
     ml_sbuf_printf(o, "medlink_store_size_bytes %" PRIu64 "\n", db);
     s_family(o, "medlink_store_wal_size_bytes", "gauge", "Size of broker.db-wal.");
     ml_sbuf_printf(o, "medlink_store_wal_size_bytes %" PRIu64 "\n", wal);
     s_family(o, "medlink_store_max_bytes", "gauge",
              "max_store_bytes: the store refuses new messages past it (0: no limit).");
-    ml_sbuf_printf(o, "medlink_store_max_bytes %ld\n", b->cfg->max_store_bytes);
+    ml_sbuf_printf(o, "medlink_store_max_bytes %ld\n", ml_query_config(b)->max_store_bytes);
 }
 
 static void s_render_cases(ml_broker_t *b, ml_sbuf_t *o)
 {
-    const ml_bk_metrics_t *m = b->metrics;
+    const ml_bk_metrics_t *m = ml_query_metrics(b);
     char sl[64], rl[64];
     s_family(o, "medlink_cases_open", "gauge",
              "Open cases (in memory or only in the store) by kind and state.");
@@ -452,7 +481,7 @@ static void s_expiry_name(const char *what, int crl, char *out, size_t len)
 
 static void s_render_tls(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
 {
-    const ml_bk_metrics_t *m = b->metrics;
+    const ml_bk_metrics_t *m = ml_query_metrics(b);
     s_family(o, "medlink_tls_handshake_failures_total", "counter",
              "TLS handshakes refused or failed, by reason.");
     for (int r = ML_TLS_FAIL_OTHER; r < S_TLS_REASONS; r++)
@@ -460,10 +489,11 @@ static void s_render_tls(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
                        s_tls_reason[r], m->tls_fail[r]);
 
     ml_bk_expiry_t e[S_EXPIRY_MAX];
-    size_t n = ml_bk_expiry_list(b->tls, b->cfg->crl_warn_days, now, e, S_EXPIRY_MAX);
+    size_t n = ml_query_expiry(b, now, e, S_EXPIRY_MAX);
     if (n > S_EXPIRY_MAX)
         n = S_EXPIRY_MAX;
-    int has_crl = b->cfg->crl && *b->cfg->crl;
+    const ml_broker_config_t *cfg = ml_query_config(b);
+    int has_crl = cfg->crl && *cfg->crl;
     char names[S_EXPIRY_MAX][200];
     s_family(o, "medlink_tls_expiry_seconds", "gauge",
              "Seconds until a certificate's notAfter or the CRL's nextUpdate (negative once "
@@ -488,9 +518,24 @@ static void s_render_tls(ml_broker_t *b, ml_sbuf_t *o, int64_t now)
     }
 }
 
+typedef struct {
+    size_t handshake, ready;
+} s_session_count_t;
+
+static void s_session_cb(void *arg, const ml_query_session_t *v)
+{
+    s_session_count_t *k = arg;
+    if (v->sink)
+        return;
+    if (v->state == ML_QUERY_SESSION_HANDSHAKE)
+        k->handshake++;
+    else if (v->state == ML_QUERY_SESSION_READY)
+        k->ready++;
+}
+
 void ml_bk_metrics_render(ml_broker_t *b, ml_sbuf_t *out)
 {
-    if (!b->metrics) {
+    if (!ml_query_metrics(b)) {
         out->failed = ML_EINVAL;
         return;
     }
@@ -499,24 +544,19 @@ void ml_bk_metrics_render(ml_broker_t *b, ml_sbuf_t *out)
     ml_sbuf_printf(out, "medlink_build_info{version=\"%s\"} 1\n", ML_PROJECT_VERSION);
     s_family(out, "medlink_start_time_seconds", "gauge", "Unix time medlinkd started.");
     ml_sbuf_puts(out, "medlink_start_time_seconds ");
-    s_seconds(out, b->started_at);
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    s_seconds(out, c.started_at);
     ml_sbuf_puts(out, "\n");
 
-    size_t hs = 0, ready = 0;
-    for (const ml_session_t *s = b->sessions; s; s = s->next) {
-        if (s->sink)
-            continue;
-        if (s->state == S_HANDSHAKE || s->state == S_AWAIT_HELLO)
-            hs++;
-        else if (s->state == S_READY)
-            ready++;
-    }
+    s_session_count_t k = {0, 0};
+    ml_query_sessions(b, s_session_cb, &k);
     s_family(out, "medlink_sessions", "gauge",
              "Client sessions: in the TLS handshake or before Hello, and ready.");
     ml_sbuf_printf(out,
                    "medlink_sessions{state=\"handshake\"} %zu\nmedlink_sessions{state=\"ready\"} "
                    "%zu\n",
-                   hs, ready);
+                   k.handshake, k.ready);
     s_render_nodes(b, out, now);
     s_render_messages(b, out);
     s_render_store(b, out);

@@ -13,7 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "broker_int.h"
+#include "ml_common.h"
+#include "query.h"
 
 #define S_MINUTE_MS 60000
 /* The placeholder of broker/web/index.html that the language replaces. */
@@ -35,26 +36,29 @@ struct ml_bk_web {
 
 static void s_counters(const ml_broker_t *b, uint64_t out[S_SERIES])
 {
-    out[S_ACCEPTED] = b->accepted_total;
-    out[S_DELIVERED] = b->delivered_total;
-    out[S_REFUSED] = b->refused_total;
-    out[S_DEAD] = b->dead_total;
+    ml_query_counters_t c;
+    ml_query_counters(b, &c);
+    out[S_ACCEPTED] = c.accepted_total;
+    out[S_DELIVERED] = c.delivered_total;
+    out[S_REFUSED] = c.refused_total;
+    out[S_DEAD] = c.dead_total;
 }
 
 int ml_bk_web_init(ml_broker_t *b)
 {
-    b->web = calloc(1, sizeof *b->web);
-    if (!b->web)
+    ml_bk_web_t *w = calloc(1, sizeof *w);
+    if (!w)
         return ML_ENOMEM;
-    b->web->minute = ml_mono_ms() / S_MINUTE_MS;
-    s_counters(b, b->web->last);
+    w->minute = ml_mono_ms() / S_MINUTE_MS;
+    s_counters(b, w->last);
+    ml_query_set_web(b, w);
     return 0;
 }
 
 void ml_bk_web_free(ml_broker_t *b)
 {
-    free(b->web);
-    b->web = NULL;
+    free(ml_query_web(b));
+    ml_query_set_web(b, NULL);
 }
 
 /* Moves the ring on to the minute `minute`, emptying the rows it enters.
@@ -77,7 +81,7 @@ static void s_advance(ml_bk_web_t *w, int64_t minute)
 
 void ml_bk_web_tick(ml_broker_t *b)
 {
-    ml_bk_web_t *w = b->web;
+    ml_bk_web_t *w = ml_query_web(b);
     if (!w)
         return;
     s_advance(w, ml_mono_ms() / S_MINUTE_MS);
@@ -99,7 +103,7 @@ void ml_bk_web_tick(ml_broker_t *b)
 static int s_throughput(ml_broker_t *b, ml_http_resp_t *resp)
 {
     ml_bk_web_tick(b); /* so that the minute now running is up to date */
-    ml_bk_web_t *w = b->web;
+    ml_bk_web_t *w = ml_query_web(b);
     ml_sbuf_printf(&resp->body, "{\"bucketSeconds\":%d,\"now\":\"%lld\"", S_MINUTE_MS / 1000,
                    (long long)ml_now_ms());
     for (int k = 0; k < S_SERIES; k++) {
