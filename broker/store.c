@@ -103,6 +103,7 @@ typedef struct ml_store_req {
     const uint8_t *envelope; /* never NULL for a put, even when empty (sealed with a key) */
     size_t envelope_len;
     size_t plain_len; /* the envelope's own length (the size column) */
+    uint32_t crc;     /* of the stored body, for its segment record */
     const char *reason;
     int attempts;
     int fresh; /* a put whose id cannot be a duplicate */
@@ -362,7 +363,7 @@ out:
  * (docs/performance.md, "Store v5"). Each body is appended once to a
  * segment file, PATH-seg/NNNNNNNN.seg, as the record
  *
- *     [u32 len][u32 crc32c(seq, body)][u64 seq][body: len bytes]
+ *     [u32 len][u32 crc32c(body)][u64 seq][body: len bytes]
  *
  * (little endian), and its message row holds (seg, off, blen). A group's
  * records go out in one pwrite and one fdatasync before its COMMIT, so a
@@ -452,11 +453,12 @@ static uint64_t s_get_u64(const uint8_t *p)
     return v;
 }
 
-static uint32_t s_rec_crc(int64_t seq, const uint8_t *body, size_t len)
+/* A record's crc covers its body only, so that the loop thread computes
+ * it when it copies the put (ml_store_put), off the store thread, before
+ * the seq exists; the header's seq is checked against the row's instead. */
+static uint32_t s_rec_crc(const uint8_t *body, size_t len)
 {
-    uint8_t s[8];
-    s_put_u64(s, (uint64_t)seq);
-    return s_crc32c(s_crc32c(0, s, 8), body, len);
+    return s_crc32c(0, body, len);
 }
 
 static void s_seg_name(const ml_store_t *st, uint32_t no, char *out, size_t n)
@@ -527,7 +529,7 @@ static uint64_t s_seg_valid_end_from(int fd, uint64_t start, uint64_t size)
             cap = len;
         }
         if (s_pread_all(fd, buf, len, off + S_SEG_HDR) != 0 ||
-            s_rec_crc((int64_t)s_get_u64(hdr + 8), buf, len) != s_get_u32(hdr + 4))
+            s_rec_crc(buf, len) != s_get_u32(hdr + 4))
             break;
         off += S_SEG_HDR + len;
     }
@@ -719,7 +721,7 @@ static void s_seg_next_loc(const ml_store_t *st, uint32_t *seg, uint64_t *off)
 
 /* Appends the record of seq to the group's staging buffer (the row
  * pointing at it is already inserted). Store thread. */
-static int s_seg_stage(ml_store_t *st, int64_t seq, const uint8_t *body, size_t len)
+static int s_seg_stage(ml_store_t *st, int64_t seq, const uint8_t *body, size_t len, uint32_t crc)
 {
     size_t need = st->slen + S_SEG_HDR + len;
     if (need > st->scap) {
@@ -734,7 +736,7 @@ static int s_seg_stage(ml_store_t *st, int64_t seq, const uint8_t *body, size_t 
     }
     uint8_t *p = st->sbuf + st->slen;
     s_put_u32(p, (uint32_t)len);
-    s_put_u32(p + 4, s_rec_crc(seq, body, len));
+    s_put_u32(p + 4, crc);
     s_put_u64(p + 8, (uint64_t)seq);
     if (len)
         memcpy(p + S_SEG_HDR, body, len);
@@ -828,7 +830,7 @@ static int s_seg_read(ml_store_t *st, uint32_t no, uint64_t off, size_t blen, in
         return ML_ENOMEM;
     if (s_pread_all(fd, buf, S_SEG_HDR + blen, off) != 0 || s_get_u32(buf) != blen ||
         s_get_u64(buf + 8) != (uint64_t)seq ||
-        s_rec_crc(seq, buf + S_SEG_HDR, blen) != s_get_u32(buf + 4)) {
+        s_rec_crc(buf + S_SEG_HDR, blen) != s_get_u32(buf + 4)) {
         free(buf);
         return ML_EPROTO;
     }
@@ -1435,7 +1437,7 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
         return src;
     if (sqlite3_changes(st->wr) == 1) {
         r->seq = sqlite3_last_insert_rowid(st->wr);
-        if ((src = s_seg_stage(st, r->seq, r->envelope, r->envelope_len)) != SQLITE_DONE)
+        if ((src = s_seg_stage(st, r->seq, r->envelope, r->envelope_len, r->crc)) != SQLITE_DONE)
             return src;
         r->rc = 0;
         return SQLITE_DONE;
@@ -2561,6 +2563,7 @@ int ml_store_put(ml_store_t *st, const ml_store_msg_t *m, ml_store_put_cb cb, vo
         memcpy(p, body, body_len);
     free(sealed);
     r->envelope = (const uint8_t *)p;
+    r->crc = s_rec_crc(r->envelope, body_len);
     p += body_len;
     if (m->digest)
         memcpy(r->digest, m->digest, ML_STORE_DIGEST_LEN);
@@ -3324,7 +3327,7 @@ int ml_store_offline_replace_body(const char *path, const char *id, const uint8_
         rc = ML_ESTORE;
     if (rc == 0) {
         s_put_u32(rec, (uint32_t)len);
-        s_put_u32(rec + 4, s_rec_crc(seq, body, len));
+        s_put_u32(rec + 4, s_rec_crc(body, len));
         s_put_u64(rec + 8, (uint64_t)seq);
         memcpy(rec + S_SEG_HDR, body, len);
         if (s_pwrite_all(fd, rec, S_SEG_HDR + len, (uint64_t)end) != 0 || fdatasync(fd) != 0)
