@@ -8,7 +8,13 @@
  *
  * Reads the loop thread needs (fetching a queued envelope for delivery,
  * scanning pending messages at start-up) use a second, read-only connection
- * on the loop thread; WAL lets it read while the store thread writes. */
+ * on the loop thread; WAL lets it read while the store thread writes.
+ *
+ * Schema 5: the envelopes are not in SQLite but in append-only segment
+ * files next to the database (PATH-seg/NNNNNNNN.seg), each written once and
+ * synced before the COMMIT of the row that points at it; a fetch is one
+ * row lookup and one pread. A database of an older schema is refused at
+ * open with its version named (nothing was deployed with one). */
 #ifndef ML_BROKER_STORE_H
 #define ML_BROKER_STORE_H
 

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <criterion/criterion.h>
+#include <sqlite3.h>
 #include <uv.h>
 
 #include "ml_common.h"
@@ -517,4 +518,32 @@ Test(store_seg, segments_without_live_bodies_are_removed)
         s_expect_body(st, recs[i].seq, i);
     cr_assert_eq(s_count_segments(path), after);
     s_close(&loop, &st);
+}
+
+/* ---- a file of schema 4 --------------------------------------------------- */
+
+/* Schema 5 is not a conversion of 4 (bodies moved out of the file):
+ * opening an older store fails and says which version it found. */
+Test(store_seg, schema_4_file_is_refused_with_its_version)
+{
+    char path[600];
+    s_path(path, sizeof path);
+    sqlite3 *db = NULL;
+    cr_assert_eq(sqlite3_open(path, &db), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db,
+                              "CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT);"
+                              " CREATE TABLE bodies (seq INTEGER PRIMARY KEY, envelope BLOB);"
+                              " PRAGMA user_version = 4;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK);
+    sqlite3_close(db);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    ml_store_t *st = NULL;
+    char err[256] = "";
+    cr_assert_eq(ml_store_open(&loop, path, NULL, &st, err, sizeof err), ML_ESTORE);
+    cr_assert_null(st);
+    cr_assert(strstr(err, "schema version 4"), "error: %s", err);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_loop_close(&loop), 0);
 }
