@@ -405,7 +405,8 @@ static void s_render_store(ml_broker_t *b, ml_sbuf_t *o)
                 k.groups);
     uint64_t db = 0, wal = 0;
     ml_query_store_files(b, &db, &wal);
-    s_family(o, "medlink_store_size_bytes", "gauge", "Size of broker.db.");
+    s_family(o, "medlink_store_size_bytes", "gauge",
+             "Size of broker.db and its body segments (broker.db-seg/).");
     ml_sbuf_printf(o, "medlink_store_size_bytes %" PRIu64 "\n", db);
     s_family(o, "medlink_store_wal_size_bytes", "gauge", "Size of broker.db-wal.");
     ml_sbuf_printf(o, "medlink_store_wal_size_bytes %" PRIu64 "\n", wal);

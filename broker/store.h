@@ -8,7 +8,13 @@
  *
  * Reads the loop thread needs (fetching a queued envelope for delivery,
  * scanning pending messages at start-up) use a second, read-only connection
- * on the loop thread; WAL lets it read while the store thread writes. */
+ * on the loop thread; WAL lets it read while the store thread writes.
+ *
+ * Schema 5: the envelopes are not in SQLite but in append-only segment
+ * files next to the database (PATH-seg/NNNNNNNN.seg), each written once and
+ * synced before the COMMIT of the row that points at it; a fetch is one
+ * row lookup and one pread. A database of an older schema is refused at
+ * open with its version named (nothing was deployed with one). */
 #ifndef ML_BROKER_STORE_H
 #define ML_BROKER_STORE_H
 
@@ -170,6 +176,10 @@ typedef struct {
     int64_t prune_interval_ms;
     int prune_batch;
     int vacuum_pages;
+    /* Bodies are appended to segment files (PATH-seg/); a new one starts
+     * once the current one is past this many bytes (0: 64 MiB). Space
+     * comes back whole segments at a time, so tests use small ones. */
+    int64_t segment_bytes;
 } ml_store_opts_t;
 
 /* What one pruning run removed. */
@@ -191,6 +201,7 @@ typedef struct {
 typedef struct {
     uint64_t file_bytes; /* broker.db */
     uint64_t wal_bytes;  /* broker.db-wal */
+    uint64_t seg_bytes;  /* the segment files holding the bodies (broker.db-seg/) */
     uint64_t page_size, page_count, free_pages;
     int auto_vacuum; /* 0 none, 1 full, 2 incremental */
     /* Rows and the oldest row's time (Unix ms, 0 when none) per table and
@@ -373,8 +384,10 @@ typedef struct {
 /* A copy of the counters (taken under the store's mutex, which the store
  * thread holds only briefly between groups). Any thread. O(1). */
 void ml_store_stats(ml_store_t *st, ml_store_stats_t *out);
-/* The sizes of broker.db and of its WAL, in bytes (two stat(2) calls; 0
- * for a file that is not there). Loop thread. */
+/* The sizes of the store and of its WAL, in bytes: db_bytes is broker.db
+ * plus the segment files that hold the bodies (broker.db-seg/, counted as
+ * they are written), what max_bytes is compared with. Two stat(2) calls; 0
+ * for a file that is not there. Loop thread. */
 void ml_store_file_sizes(ml_store_t *st, uint64_t *db_bytes, uint64_t *wal_bytes);
 
 /* Whether the store can take new messages, as its last group of writes
@@ -385,5 +398,16 @@ void ml_store_file_sizes(ml_store_t *st, uint64_t *db_bytes, uint64_t *wal_bytes
  * disk says so until a later group commits. Loop thread (holds the
  * store's mutex for a copy); O(1). */
 int ml_store_health(ml_store_t *st, char *why, size_t len);
+
+/* ---- offline access to one stored body (the broker stopped) ----
+ * For repair tools and tests that need the bytes as stored (sealed when
+ * a store key is set): the body of message id as it is on disk, and its
+ * replacement by other bytes (appended as a new record to the newest
+ * segment, synced, then the row repointed in one transaction). path is
+ * broker.db. Must not run while a broker has the store open. Return 0,
+ * ML_ENOTFOUND (no such message or no body) or ML_ESTORE. */
+int ml_store_offline_body(const char *path, const char *id, uint8_t **body, size_t *len);
+int ml_store_offline_replace_body(const char *path, const char *id, const uint8_t *body,
+                                  size_t len);
 
 #endif

@@ -12,7 +12,7 @@
  *
  *   medlink-bench e2e     --broker EP --pki DIR --clinics N --count M
  *                         --size BYTES [--window W] [--offline] [--no-notices]
- *                         [--close]
+ *                         [--close] [--broker-pid PID]
  *       N clinics (township.benchNN.clinic, each its own mutual-TLS channel)
  *       send M referrals in all, padded to BYTES, to county.bench.hospital,
  *       which acknowledges each delivery (an agent with an instant disk).
@@ -24,6 +24,9 @@
  *       run does not wait for notices. --close: the hospital answers each
  *       referral with REJECTED, which closes its case (tests/bench/
  *       retention.sh), and the run waits for those updates too.
+ *       --broker-pid: also print what that process (the broker, on this
+ *       machine) wrote to storage during the run, from /proc/PID/io
+ *       write_bytes: broker_write_bytes and broker_write_bytes_per_referral.
  *
  *   medlink-bench imaging --broker EP --pki DIR --clinics N --readers R
  *                         --studies S [--objects K] [--object-size B]
@@ -58,6 +61,23 @@ static void s_usage(void)
                     "(see the comment at the top of tests/bench/medlink-bench.c)\n");
 }
 
+/* Bytes process pid caused to be written to storage (/proc/PID/io
+ * write_bytes), or -1. */
+static long long s_write_bytes(long pid)
+{
+    char path[64], key[32];
+    snprintf(path, sizeof path, "/proc/%ld/io", pid);
+    FILE *f = fopen(path, "r");
+    long long v = -1, x;
+    if (!f)
+        return -1;
+    while (fscanf(f, "%31s %lld", key, &x) == 2)
+        if (!strcmp(key, "write_bytes:"))
+            v = x;
+    fclose(f);
+    return v;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -67,6 +87,7 @@ int main(int argc, char **argv)
     const char *mode = argv[1];
     const char *dir = NULL;
     size_t size = 1024, sync_bytes = 8u * 1024 * 1024;
+    long broker_pid = 0;
     long count = 100000;
     bench_load_opts_t o = {
         .n_clinics = 4,
@@ -130,6 +151,8 @@ int main(int argc, char **argv)
             o.chunk_size = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--timeout"))
             o.timeout_s = atoi(v);
+        else if (!strcmp(a, "--broker-pid"))
+            broker_pid = atol(v);
         else {
             fprintf(stderr, "unknown option %s\n", a);
             return 2;
@@ -180,5 +203,16 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    return bench_load(&o);
+    if (!broker_pid)
+        return bench_load(&o);
+    long long w0 = s_write_bytes(broker_pid);
+    int rc = bench_load(&o);
+    long long w1 = s_write_bytes(broker_pid);
+    if (w0 >= 0 && w1 >= w0) {
+        printf("broker_write_bytes %lld\n", w1 - w0);
+        if (o.referrals > 0)
+            printf("broker_write_bytes_per_referral %.0f\n",
+                   (double)(w1 - w0) / (double)o.referrals);
+    }
+    return rc;
 }

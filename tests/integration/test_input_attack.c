@@ -23,6 +23,7 @@
 
 #include "client.h"
 #include "harness.h"
+#include "store.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_env.h"
@@ -81,24 +82,17 @@ static void s_tamper_stored(const char *id, void (*edit)(ml_envelope_t *))
 {
     char path[700];
     s_db_path(path, sizeof path);
-    sqlite3 *db = NULL;
-    cr_assert_eq(sqlite3_open(path, &db), SQLITE_OK);
-    sqlite3_stmt *q = NULL;
-    cr_assert_eq(sqlite3_prepare_v2(db,
-                                    "SELECT b.seq, b.envelope FROM bodies b JOIN messages m ON "
-                                    "m.seq = b.seq WHERE m.id = ?1",
-                                    -1, &q, NULL),
-                 SQLITE_OK);
-    sqlite3_bind_text(q, 1, id, -1, SQLITE_STATIC);
-    cr_assert_eq(sqlite3_step(q), SQLITE_ROW, "message %s is not stored", id);
-    sqlite3_int64 seq = sqlite3_column_int64(q, 0);
+    /* Store schema 5: the body is in a segment file, not in the row. */
+    uint8_t *stored = NULL;
+    size_t stored_len = 0;
+    cr_assert_eq(ml_store_offline_body(path, id, &stored, &stored_len), 0,
+                 "message %s is not stored", id);
     ml_keyring_t *keys = h_store_keys(&W, H_BROKER);
     uint8_t *plain = NULL;
     size_t plain_len = 0;
-    cr_assert_eq(ml_open(keys, sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                         (const uint8_t *)id, strlen(id), &plain, &plain_len),
-                 0);
-    sqlite3_finalize(q);
+    cr_assert_eq(
+        ml_open(keys, stored, stored_len, (const uint8_t *)id, strlen(id), &plain, &plain_len), 0);
+    free(stored);
     ml_envelope_t *env = NULL;
     cr_assert_eq(ml_env_unpack(plain, plain_len, &env), 0);
     free(plain);
@@ -112,14 +106,7 @@ static void s_tamper_stored(const char *id, void (*edit)(ml_envelope_t *))
         0);
     free(packed);
     ml_keyring_destroy(&keys);
-    cr_assert_eq(
-        sqlite3_prepare_v2(db, "UPDATE bodies SET envelope = ?1 WHERE seq = ?2", -1, &q, NULL),
-        SQLITE_OK);
-    sqlite3_bind_blob(q, 1, sealed, (int)sealed_len, SQLITE_STATIC);
-    sqlite3_bind_int64(q, 2, seq);
-    cr_assert_eq(sqlite3_step(q), SQLITE_DONE);
-    sqlite3_finalize(q);
-    sqlite3_close(db);
+    cr_assert_eq(ml_store_offline_replace_body(path, id, sealed, sealed_len), 0);
     free(sealed);
 }
 

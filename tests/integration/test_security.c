@@ -394,17 +394,28 @@ Test(security, envelope_damaged_at_rest_becomes_a_dead_letter)
     char db[800];
     snprintf(db, sizeof db, "%s/data/broker/broker.db", W.dir);
     int st = -1;
-    /* Change one byte in the middle of the first referral's sealed body:
-     * to 0x00, or to 0xff where it already was 0x00 (writing 0x00 over a
-     * 0x00 changed nothing and made this test fail one run in 256). */
+    /* Change one byte in the middle of the first referral's sealed body,
+     * in the segment file that holds it (store schema 5: the row names
+     * the segment and the offset of the body's 16-byte record header). */
     char *out = h_run(&st,
-                      "sqlite3 '%s' \"UPDATE bodies SET envelope = substr(envelope, 1, 100) || "
-                      "(CASE WHEN substr(envelope, 101, 1) = x'00' THEN x'ff' ELSE x'00' END) || "
-                      "substr(envelope, 102) WHERE seq = (SELECT min(seq) FROM "
-                      "messages WHERE kind = 20)\" 2>&1",
+                      "sqlite3 '%s' \"SELECT seg, off FROM messages WHERE seq = (SELECT "
+                      "min(seq) FROM messages WHERE kind = 20)\" 2>&1",
                       db);
     cr_assert_eq(st, 0, "sqlite3: %s", out);
+    unsigned seg = 0;
+    long long off = -1;
+    cr_assert_eq(sscanf(out, "%u|%lld", &seg, &off), 2, "sqlite3: %s", out);
     free(out);
+    char segpath[900];
+    snprintf(segpath, sizeof segpath, "%s-seg/%08u.seg", db, seg);
+    FILE *f = fopen(segpath, "r+b");
+    cr_assert(f, "cannot open %s", segpath);
+    cr_assert_eq(fseek(f, (long)off + 16 + 100, SEEK_SET), 0);
+    int c = fgetc(f);
+    cr_assert_neq(c, EOF);
+    cr_assert_eq(fseek(f, (long)off + 16 + 100, SEEK_SET), 0);
+    cr_assert_neq(fputc(c ^ 0xff, f), EOF); /* always a different byte */
+    cr_assert_eq(fclose(f), 0);
     h_broker_start(&W);
     h_agent_start(&W, H_COUNTY);
     char *p = h_wait_json(&W, H_COUNTY, "inbox", "Behind The Damaged One", 20000);

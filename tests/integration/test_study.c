@@ -22,6 +22,7 @@
 
 #include "client.h"
 #include "harness.h"
+#include "store.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_imaging.h"
@@ -392,18 +393,19 @@ Test(study, damaged_chunk_detected_and_asked_for_again)
     cr_assert_eq(sqlite3_open(db, &sq), SQLITE_OK);
     sqlite3_stmt *st = NULL;
     cr_assert_eq(sqlite3_prepare_v2(sq,
-                                    "SELECT b.seq, b.envelope, m.id FROM bodies b JOIN messages m "
+                                    "SELECT b.seq, NULL, m.id FROM bodies b JOIN messages m "
                                     "ON m.seq = b.seq WHERE m.kind = 23 AND m.case_id = ?1 "
                                     "ORDER BY b.seq LIMIT 1 OFFSET 1",
                                     -1, &st, NULL),
                  SQLITE_OK);
     sqlite3_bind_text(st, 1, case_id, -1, SQLITE_STATIC);
     cr_assert_eq(sqlite3_step(st), SQLITE_ROW, "no stored chunk found");
-    sqlite3_int64 seq = sqlite3_column_int64(st, 0);
-    const uint8_t *stored = sqlite3_column_blob(st, 1);
-    size_t stored_len = (size_t)sqlite3_column_bytes(st, 1);
     char msg_id[64];
     snprintf(msg_id, sizeof msg_id, "%s", (const char *)sqlite3_column_text(st, 2));
+    /* Store schema 5: the body is in a segment file, not in the row. */
+    uint8_t *stored = NULL;
+    size_t stored_len = 0;
+    cr_assert_eq(ml_store_offline_body(db, msg_id, &stored, &stored_len), 0);
     ml_keyring_t *keys = h_store_keys(&W, H_BROKER);
     uint8_t *plain = NULL;
     size_t plain_len = stored_len;
@@ -412,6 +414,7 @@ Test(study, damaged_chunk_detected_and_asked_for_again)
                          &plain_len),
                  0, "the stored chunk %s does not open", msg_id);
     sqlite3_finalize(st);
+    free(stored);
     plain[plain_len / 2] ^= 0x5a; /* inside the chunk's data, which is most of the envelope */
     uint8_t *blob = NULL;
     size_t n = 0;
@@ -419,14 +422,8 @@ Test(study, damaged_chunk_detected_and_asked_for_again)
         ml_seal(keys, plain, plain_len, (const uint8_t *)msg_id, strlen(msg_id), &blob, &n), 0);
     free(plain);
     ml_keyring_destroy(&keys);
-    cr_assert_eq(
-        sqlite3_prepare_v2(sq, "UPDATE bodies SET envelope = ?1 WHERE seq = ?2", -1, &st, NULL),
-        SQLITE_OK);
-    sqlite3_bind_blob(st, 1, blob, (int)n, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, seq);
-    cr_assert_eq(sqlite3_step(st), SQLITE_DONE);
-    sqlite3_finalize(st);
     sqlite3_close(sq);
+    cr_assert_eq(ml_store_offline_replace_body(db, msg_id, blob, n), 0);
     free(blob);
 
     /* Back up: the centre catches the damage, asks again, and the clinic's
