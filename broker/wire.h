@@ -1,0 +1,64 @@
+/* The broker's per-peer output: records framed into the session's buffer,
+ * pushed through TLS and out as ROUTER frames; a peer whose pipe is full is
+ * tried again on a short timer (blocked list). The answers the broker makes
+ * to what a peer sends live here too: cumulative Accepted, Nack (with the
+ * per-node log budget) and the holds that keep a sender's order after a
+ * refusal for now. Lowest broker layer: it calls up only through
+ * b->hooks (close_session, drained). Loop thread only. */
+#ifndef ML_BK_WIRE_H
+#define ML_BK_WIRE_H
+
+#include "broker_int.h"
+
+const char *ml_wire_who(const ml_session_t *s);
+
+void ml_wire_mark_dirty(ml_broker_t *b, ml_session_t *s);
+
+/* 1 when s may be handed more deliveries: its queued output is under
+ * session_output_bytes. A peer that does not read stops getting them (they
+ * stay queued, in the store) until what it has drains. */
+int ml_wire_room(const ml_broker_t *b, const ml_session_t *s);
+
+/* Sends the session's ciphertext as frames of at most S_FRAME_MAX bytes.
+ * Returns 0 (all sent), ML_EAGAIN (the peer's pipe is full: the rest stays
+ * queued here, the frame libzmq refused in s->held, for s_blocked_cb to try
+ * again), ML_ECLOSED (peer gone) or ML_ENOMEM. A peer's pipe is bounded in
+ * frames (SNDHWM, set from session_output_bytes), what stays here in
+ * bytes (ml_wire_flush), so a peer that does not read costs a bounded amount. */
+int ml_wire_send_cipher(ml_broker_t *b, ml_session_t *s);
+
+void ml_wire_flush(ml_broker_t *b, ml_session_t *s);
+
+int ml_wire_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len);
+
+/* Sends a control envelope from the broker to the session's peer. */
+int ml_wire_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
+
+void ml_wire_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                  const char *reason);
+
+/* Collects an Accepted answer; it goes out with the session's next flush
+ * (end of this loop iteration), together with the others committed in the
+ * same group. O(1) amortised. */
+void ml_wire_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup);
+
+const char *ml_wire_hold_key(const ml_envelope_t *env, char *buf, size_t len);
+
+void ml_wire_hold_also(ml_session_t *s, const char *to, const char *msg_id);
+
+void ml_wire_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                            int code, const char *reason);
+
+int ml_wire_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id);
+
+int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
+
+void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                    const char *reason);
+
+void ml_wire_flush_cb(uv_check_t *h);
+
+/* Releases every hold msg_id made on s: it came again. O(holds). */
+void ml_wire_hold_release(ml_session_t *s, const char *msg_id);
+
+#endif
