@@ -24,10 +24,17 @@ void ml_caseref_count(ml_broker_t *b, ml_case_t *c, int delta);
 /* The row of the store for c as it is in memory. */
 void ml_caseref_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *r);
 
+/* Counts the open cases of the store per node and loads those with a
+ * deadline running into b->cases (start-up). Returns 0 or ML_ESTORE. */
 int ml_caseref_load(ml_broker_t *b);
 
+/* Frees c once nothing needs it in memory (no reference, no change in
+ * flight, no deadline running): the store keeps it and ml_caseref_lookup
+ * reads it back. A count only memory has is stored first. */
 void ml_caseref_maybe_evict(ml_broker_t *b, ml_case_t *c);
 
+/* Drops a case reference (frees a final or gone case nobody needs). Safe
+ * on NULL. */
 void ml_caseref_release(ml_broker_t *b, ml_case_t *c);
 
 /* The case with this id: from memory, else (a final case, or an open one
@@ -38,8 +45,12 @@ void ml_caseref_release(ml_broker_t *b, ml_case_t *c);
  * ml_caseref_maybe_evict when done. */
 int ml_caseref_lookup(ml_broker_t *b, const char *id, ml_case_t **out);
 
+/* The case a pending message loaded at start-up belongs to (a reference is
+ * taken), or NULL. */
 ml_case_t *ml_caseref_for_row(ml_broker_t *b, const char *case_id, int kind);
 
+/* One more change of c handed to the store (answered by
+ * ml_caseref_settle). Safe on NULL. */
 void ml_caseref_pending(ml_case_t *c);
 
 /* The store answered one change of c (failed: it was not made as the broker
@@ -53,8 +64,13 @@ void ml_caseref_pending(ml_case_t *c);
  * (s_stale_refuse). */
 void ml_caseref_settle(ml_broker_t *b, ml_case_t *c, int failed);
 
+/* Frees what the broker's own unanswered case changes hold (after the
+ * store is closed: their callbacks never come). */
 void ml_caseref_free_changes(ml_broker_t *b);
 
+/* Stores a change the broker makes by itself (ops), holding c until the
+ * store answers; a failed one is settled (the case read back) and its
+ * delivery, when redo is given, recorded again later. */
 void ml_caseref_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops, size_t n,
                       const ml_redo_t *redo);
 
@@ -64,6 +80,8 @@ void ml_caseref_apply(ml_broker_t *b, ml_case_t *c, const ml_store_caseop_t *ops
  * until its deliveries are recorded. */
 void ml_caseref_redo_push(ml_case_t *c, const ml_redo_t *r);
 
+/* A reload is about to replace b->cfg with nc: cases that name a service
+ * take nc's copy of the name (or a broker-owned one when nc has none). */
 void ml_caseref_reload(ml_broker_t *b, ml_broker_config_t *nc);
 
 #endif

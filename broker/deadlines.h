@@ -8,6 +8,9 @@
 
 #include "broker_int.h"
 
+/* Starts the flow timer (b->flow_timer, every timer_ms): expired messages
+ * leave the queues, deliveries are recorded again, missed deadlines are
+ * escalated. */
 void ml_deadlines_start(ml_broker_t *b);
 
 #endif

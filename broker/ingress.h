@@ -10,12 +10,17 @@
 
 #include "broker_int.h"
 
+/* The recipient s acked msg_id: the delivery leaves the window, is marked
+ * in the store and recorded in its case; the queue moves on. */
 void ml_ingress_ack(ml_broker_t *b, ml_session_t *s, const char *msg_id);
 
 /* The recipient refused a delivery (a Nack naming it): it can never take
  * it, so it becomes a dead letter rather than being resent forever. */
 void ml_ingress_refused(ml_broker_t *b, ml_session_t *s, const Medlink__V1__Nack *n);
 
+/* A routed record env (rec, len as received) of the READY session s: held,
+ * from, rate and validity checks, then the case checks and the store, or a
+ * Nack naming what is wrong. */
 void ml_ingress_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
                       size_t len);
 

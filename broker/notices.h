@@ -19,9 +19,15 @@ typedef struct {
     int no_ops; /* the ops nodes get this in a summary of the tick (s_overdue_t) */
 } ml_notices_about_t;
 
+/* Sends the broker's own message env (a notification, an escalation, a
+ * forwarded referral) to recipient: fills id (when empty), from (when
+ * empty: the broker's id), created_at and kind, packs and submits it with
+ * the given case changes. Returns 0 or ML_E* (logged). */
 int ml_notices_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
                     const ml_store_caseop_t *ops, size_t n_ops);
 
+/* 1 when ns gets the ops nodes' Escalations: named in [escalation] notify,
+ * or an OPS node when notify is empty (alerts.c sends its own). */
 int ml_notices_is_ops(ml_broker_t *b, const ml_nodestate_t *ns);
 
 /* Sends an Escalation to the ops nodes and to also_to (when not one of
@@ -39,14 +45,22 @@ void ml_notices_escalate(ml_broker_t *b, ml_case_t *c, int reason, const char *d
  * redirect): the same content and sender, a new message id. */
 void ml_notices_forward_opening(ml_broker_t *b, ml_case_t *c);
 
+/* The recipient ns acked it: the delivery is recorded in its case (a
+ * referral moves to DELIVERED, a consult to ASSIGNED, and the opener is
+ * told). */
 void ml_notices_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it);
 
 /* Deliveries whose record could not be made before: made now that the
  * case is in step with the store. The caller holds a reference to c. */
 void ml_notices_redo(ml_broker_t *b, ml_case_t *c);
 
+/* Makes it (taken from a queue or the in-flight window of ns) a dead
+ * letter with reason: stored as such, escalated, recorded in its case. The
+ * item's blob and case reference are released. Also b->hooks.dead_letter. */
 void ml_notices_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason);
 
+/* Records an event the broker makes by itself (a replay, a delivery) in
+ * c's timeline. */
 void ml_notices_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
                            const char *message_id, int kind, const char *detail);
 

@@ -14,8 +14,11 @@
 
 #include "broker_int.h"
 
+/* Frees a session (closed or not) and takes it out of the table. */
 void ml_session_free(ml_broker_t *b, ml_session_t *s);
 
+/* The ROUTER socket's watcher callback (arg: the broker): reads up to
+ * S_RECV_BUDGET messages and feeds each to its session. */
 void ml_session_router_cb(ml_zwatch_t *w, void *zsock, void *arg);
 
 /* Closes a session: TLS gone, deliveries requeued, pending puts detached,
@@ -27,6 +30,8 @@ void ml_session_close(ml_broker_t *b, ml_session_t *s, const char *reason);
  * tombstones). O(sessions). */
 void ml_session_tick(ml_broker_t *b, int64_t now);
 
+/* ml_broker_feed_plaintext (broker.h): records for node_id as if they
+ * came from its authenticated session, output dropped (fuzzing). */
 int ml_session_feed_plaintext(ml_broker_t *b, const char *node_id, const uint8_t *data, size_t len);
 
 #endif

@@ -49,8 +49,12 @@ typedef struct {
     const char *opened; /* see ml_put_t.opened, or NULL */
 } ml_bk_msg_t;
 
+/* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),
+ * ML_ENOMEM / ML_ECLOSED; the caller then refuses the message. */
 int ml_submit_put(ml_broker_t *b, const ml_bk_msg_t *m);
 
+/* Stores again the broker's own messages a failing store refused (a
+ * forwarded referral, a notice, an escalation copy). Timer, loop thread. */
 void ml_submit_retry_own(ml_broker_t *b);
 
 /* Is a message with this id already stored, or on its way to the store?

@@ -10,8 +10,10 @@
 
 #include "broker_int.h"
 
+/* The peer's node id for logs, or "(unauthenticated)". Borrowed. */
 const char *ml_wire_who(const ml_session_t *s);
 
+/* s has output to flush at the end of this loop iteration (ml_wire_flush_cb). O(1). */
 void ml_wire_mark_dirty(ml_broker_t *b, ml_session_t *s);
 
 /* 1 when s may be handed more deliveries: its queued output is under
@@ -27,13 +29,21 @@ int ml_wire_room(const ml_broker_t *b, const ml_session_t *s);
  * bytes (ml_wire_flush), so a peer that does not read costs a bounded amount. */
 int ml_wire_send_cipher(ml_broker_t *b, ml_session_t *s);
 
+/* Pushes s's buffered plaintext (and the collected Accepted) through TLS and
+ * out. A peer whose pipe is full goes on the blocked list; a failure closes
+ * the session through b->hooks.close_session. */
 void ml_wire_flush(ml_broker_t *b, ml_session_t *s);
 
+/* Queues one record (copied) for s, flushing first when session_buffer would
+ * be passed. Returns 0, ML_ECLOSED (s is closed) or ML_ENOMEM. */
 int ml_wire_append(ml_broker_t *b, ml_session_t *s, const uint8_t *rec, size_t len);
 
-/* Sends a control envelope from the broker to the session's peer. */
+/* Sends a control or admin envelope from the broker to the session's peer
+ * (id, from, to, created_at and kind are filled in). Returns 0 or ML_E*. */
 int ml_wire_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
 
+/* Sends a Nack for msg_id (may be NULL) without logging or counting it:
+ * ml_wire_refuse is the usual way. */
 void ml_wire_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                   const char *reason);
 
@@ -42,20 +52,38 @@ void ml_wire_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
  * same group. O(1) amortised. */
 void ml_wire_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup);
 
+/* What a hold is kept under for env: its `to`, with imaging chunks apart
+ * (agents send chunks as a stream of their own, behind their other
+ * messages, so a held chunk must not hold a referral, nor the reverse).
+ * Returns env->to, "" or buf. */
 const char *ml_wire_hold_key(const ml_envelope_t *env, char *buf, size_t len);
 
+/* Holds the session's later messages to `to` too until msg_id comes again
+ * (a message addressed to a service is held under the node it went to as
+ * well: the session's messages to that node keep their order). */
 void ml_wire_hold_also(ml_session_t *s, const char *to, const char *msg_id);
 
+/* A refusal for now (a transient code: RATE_LIMITED, STORE, STORE_FULL,
+ * CONFLICT) of a message to `to`: also holds the session's later messages
+ * to `to` until this one comes again (see ml_session.holds). */
 void ml_wire_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
                             int code, const char *reason);
 
+/* 1 when the session's messages to `to` are held for another message than
+ * msg_id: the peer has been told (a transient Nack). 0 otherwise. */
 int ml_wire_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id);
 
+/* 1 when a line may be logged now; then *dropped is how many were left
+ * out before it (and the count starts again). */
 int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
 
+/* Logs a refusal (within the node's log budget), counts it and answers the
+ * peer with a Nack. */
 void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                     const char *reason);
 
+/* The uv_check_t callback (data: the broker) that flushes every session
+ * marked dirty in this loop iteration. */
 void ml_wire_flush_cb(uv_check_t *h);
 
 /* Releases every hold msg_id made on s: it came again. O(holds). */
