@@ -101,7 +101,7 @@ typedef struct {
     int64_t last_seen;
     uint64_t delivered;
     /* Both count open cases whether they are in memory or only in the
-     * store (flow.c, s_target_count). */
+     * store (caseref.c, ml_caseref_count). */
     uint32_t open_cases;       /* open cases this node is the target of */
     uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
     uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
@@ -145,7 +145,7 @@ struct ml_session {
     size_t n_holds;
     int state;
     int deliveries;
-    int rx_kind; /* Kind of the message being handled, for the refusal metrics (s_record) */
+    int rx_kind; /* Kind of the message being handled, for the refusal metrics (session.c, s_record) */
     uint64_t serial;
     ml_tls_session_t *tls;
     ml_frame_reader_t *reader;
@@ -179,7 +179,7 @@ struct ml_put {
     uint32_t size;
     uint8_t *blob; /* copy of the envelope when it may be delivered at once */
     char id[ML_ULID_LEN + 1];
-    /* Case work (flow.c): the cases this put changes (counted references)
+    /* Case work (ingress.c, notices.c): the cases this put changes (counted references)
      * and what to do once it is committed. */
     ml_case_t *cs;
     ml_case_t *linked;
@@ -235,12 +235,12 @@ struct ml_broker {
     ml_put_t *orphans;   /* puts whose session closed before the commit */
     ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */
     struct s_change
-        *changes;         /* the broker's own case changes the store has not answered (flow.c) */
+        *changes;         /* the broker's own case changes the store has not answered (caseref.c) */
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
     struct ml_dlq_wait *dlq_waits; /* replays and purges waiting for the store (admin.c) */
 
     ml_casetab_t cases;
-    /* Cases not in a final state, in memory or only in the store (flow.c
+    /* Cases not in a final state, in memory or only in the store (caseref.c
      * keeps it with the per-node counts): the status' open count. */
     uint64_t open_total;
     char **services_gone; /* service names of cases whose service a reload removed */

@@ -185,8 +185,8 @@ int ml_caseref_load(ml_broker_t *b)
 /* Frees c once nothing needs it in memory (the store keeps it): no queued
  * or in-flight message, no put or change in flight, no delivery to record
  * again (each holds a reference), and no deadline running, since the
- * deadline scan (s_collect_due) and the overdue count of the status walk
- * memory only. An open case keeps its counts (s_target_count) and is read
+ * deadline scan (deadlines.c, s_collect_due) and the overdue count of the status walk
+ * memory only. An open case keeps its counts (ml_caseref_count) and is read
  * back by s_lookup when a message for it comes: ~240 bytes a case that
  * nobody is working on is not kept for months. */
 void ml_caseref_maybe_evict(ml_broker_t *b, ml_case_t *c)
@@ -322,7 +322,7 @@ void ml_caseref_pending(ml_case_t *c)
  * land on top of what was read, and memory would lag the store by it), and
  * a message checked against that memory could then be stored on top of a
  * change that never was. Until then the case takes no new change
- * (s_stale_refuse). */
+ * (ingress.c, s_stale_refuse). */
 void ml_caseref_settle(ml_broker_t *b, ml_case_t *c, int failed)
 {
     if (!c)

@@ -61,7 +61,7 @@ void ml_caseref_pending(ml_case_t *c);
  * land on top of what was read, and memory would lag the store by it), and
  * a message checked against that memory could then be stored on top of a
  * change that never was. Until then the case takes no new change
- * (s_stale_refuse). */
+ * (ingress.c, s_stale_refuse). */
 void ml_caseref_settle(ml_broker_t *b, ml_case_t *c, int failed);
 
 /* Frees what the broker's own unanswered case changes hold (after the

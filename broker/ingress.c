@@ -120,7 +120,7 @@ void ml_ingress_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const
     uint8_t digest[ML_STORE_DIGEST_LEN];
     int have_digest = ml_sha256(rec, len, digest) == 0;
     /* The recipient should see the envelope with its kind: when the sender
-     * left it out, flow.c packs it again. */
+     * left it out, s_route_case packs it again. */
     s_route_case(b, s, env, rec, len, have_digest ? digest : NULL, !kind_was_set);
 }
 

@@ -16,7 +16,7 @@
 typedef struct {
     const char *target; /* NULL: c's target */
     int64_t deadline_at;
-    int no_ops; /* the ops nodes get this in a summary of the tick (s_overdue_t) */
+    int no_ops; /* the ops nodes get this in a summary of the tick (deadlines.c, s_overdue_t) */
 } ml_notices_about_t;
 
 /* Sends the broker's own message env (a notification, an escalation, a

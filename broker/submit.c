@@ -102,7 +102,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             ml_wire_accepted(b, s, p->id, duplicate);
     } else if (s && s->state == S_READY) {
         /* The refusal is of this put's message (the kind it counts
-         * under); the session reads no record meanwhile (s_record). */
+         * under); the session reads no record meanwhile (session.c, s_record). */
         s->rx_kind = p->kind;
         /* A message to a service is held under the node it went to too. */
         if (rc != ML_EDUP && rc != ML_EIDUSED && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
