@@ -19,6 +19,7 @@
 #include "ml_imaging.h"
 #include "notices.h"
 #include "submit.h"
+#include "verdict.h"
 #include "wire.h"
 
 #define K_(x) MEDLINK__V1__KIND__KIND_##x
@@ -187,12 +188,12 @@ static int s_nonempty(const char *s)
 static void s_refuse_submit(ml_broker_t *b, ml_session_t *s, const ml_envelope_t *env, int rc)
 {
     char k[300];
+    ml_verdict_t v;
     if (rc == ML_EAGAIN)
-        ml_wire_refuse_for_now(b, s, env->id, ml_wire_hold_key(env, k, sizeof k),
-                               NACK_(RATE_LIMITED), "broker busy: store backlog full, retry later");
+        ml_verdict_set(&v, NACK_(RATE_LIMITED), "broker busy: store backlog full, retry later");
     else
-        ml_wire_refuse_for_now(b, s, env->id, ml_wire_hold_key(env, k, sizeof k), NACK_(STORE),
-                               "store unavailable, retry later");
+        ml_verdict_set(&v, NACK_(STORE), "store unavailable, retry later");
+    ml_wire_refuse_verdict(b, s, env->id, ml_wire_hold_key(env, k, sizeof k), &v);
 }
 
 /* Hands a resent message to the store without case changes; the store

@@ -15,6 +15,7 @@
 #include "delivery.h"
 #include "metrics.h"
 #include "submit.h"
+#include "verdict.h"
 #include "wire.h"
 
 #define K_(x) MEDLINK__V1__KIND__KIND_##x
@@ -34,6 +35,28 @@ static void s_put_unlink(ml_put_t *p)
         *p->head = p->next;
     if (p->next)
         p->next->prev = p->prev;
+}
+
+/* What the store's refusal rc of a put means for its sender. Pure. */
+static void s_store_verdict(int rc, ml_verdict_t *v)
+{
+    if (rc == ML_EFULL)
+        ml_verdict_set(v, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
+                       "store full: the broker cannot accept new messages until space is freed");
+    else if (rc == ML_EDENIED)
+        ml_verdict_set(v, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
+                       "the case changed while this message was being stored; retry");
+    else if (rc == ML_EDUP)
+        ml_verdict_set(v, MEDLINK__V1__NACK_CODE__NACK_INVALID,
+                       "case_id is already in use by another case; a new case needs a new "
+                       "case_id");
+    else if (rc == ML_EIDUSED)
+        ml_verdict_set(v, MEDLINK__V1__NACK_CODE__NACK_ID_IN_USE,
+                       "message id is already used by a different message (another sender's, "
+                       "or other content); a new message needs a new id");
+    else
+        ml_verdict_set(v, MEDLINK__V1__NACK_CODE__NACK_STORE,
+                       "store error: the message was not stored, retry later");
 }
 
 static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
@@ -108,24 +131,9 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
         if (rc != ML_EDUP && rc != ML_EIDUSED && p->kind != MEDLINK__V1__KIND__KIND_IMAGING_CHUNK &&
             strcmp(p->to, p->recipient->node->id) != 0)
             ml_wire_hold_also(s, p->recipient->node->id, p->id);
-        if (rc == ML_EFULL)
-            ml_wire_refuse_for_now(
-                b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE_FULL,
-                "store full: the broker cannot accept new messages until space is freed");
-        else if (rc == ML_EDENIED)
-            ml_wire_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_CONFLICT,
-                                   "the case changed while this message was being stored; retry");
-        else if (rc == ML_EDUP)
-            ml_wire_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_INVALID,
-                           "case_id is already in use by another case; a new case needs a new "
-                           "case_id");
-        else if (rc == ML_EIDUSED)
-            ml_wire_refuse(b, s, p->id, MEDLINK__V1__NACK_CODE__NACK_ID_IN_USE,
-                           "message id is already used by a different message (another sender's, "
-                           "or other content); a new message needs a new id");
-        else
-            ml_wire_refuse_for_now(b, s, p->id, p->to, MEDLINK__V1__NACK_CODE__NACK_STORE,
-                                   "store error: the message was not stored, retry later");
+        ml_verdict_t v;
+        s_store_verdict(rc, &v);
+        ml_wire_refuse_verdict(b, s, p->id, p->to, &v);
         s->rx_kind = 0;
     } else if (p->own && rc != ML_EDUP && !p->has_ops && p->blob) {
         /* A forwarded referral, a notice: nothing else will make it again,

@@ -435,3 +435,12 @@ void ml_wire_hold_release(ml_session_t *s, const char *msg_id)
             i++;
     }
 }
+
+void ml_wire_refuse_verdict(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                            const ml_verdict_t *v)
+{
+    if (v->transient)
+        ml_wire_refuse_for_now(b, s, msg_id, to, v->code, v->reason);
+    else
+        ml_wire_refuse(b, s, msg_id, v->code, v->reason);
+}

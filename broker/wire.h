@@ -9,6 +9,7 @@
 #define ML_BK_WIRE_H
 
 #include "broker_int.h"
+#include "verdict.h"
 
 /* The peer's node id for logs, or "(unauthenticated)". Borrowed. */
 const char *ml_wire_who(const ml_session_t *s);
@@ -88,5 +89,11 @@ void ml_wire_flush_cb(uv_check_t *h);
 
 /* Releases every hold msg_id made on s: it came again. O(holds). */
 void ml_wire_hold_release(ml_session_t *s, const char *msg_id);
+
+/* Answers a verdict of a lower module (v->code != 0): refused for now
+ * (ml_wire_refuse_for_now, holding the sender's later messages to `to`)
+ * when it is transient, else refused. */
+void ml_wire_refuse_verdict(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
+                            const ml_verdict_t *v);
 
 #endif
