@@ -1,18 +1,14 @@
-/* The in-memory case table of casetab.h: chained hashing (FNV-1a of the
- * id) over a power-of-two bucket array that doubles when the load factor
- * passes one. */
+/* The in-memory case table of casetab.h, over an ml_hash keyed by the case
+ * id. The table borrows the key from the case (its id[] member), which
+ * lives as long as the case is in the table, so an entry costs one slot of
+ * the hash (24 bytes, 32 to 64 per case with the load between three
+ * eighths and three quarters) and no allocation of its own. */
 #include "casetab.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t s_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
-    while (*s)
-        h = (h ^ (uint8_t)*s++) * 1099511628211ULL;
-    return h;
-}
+#include "ml_hash.h"
 
 void ml_casetab_init(ml_casetab_t *t)
 {
@@ -21,15 +17,13 @@ void ml_casetab_init(ml_casetab_t *t)
 
 void ml_casetab_close(ml_casetab_t *t)
 {
-    for (size_t i = 0; i < t->n_buckets; i++) {
-        ml_case_t *c = t->buckets[i];
-        while (c) {
-            ml_case_t *next = c->hnext;
-            ml_case_free(c);
-            c = next;
-        }
-    }
-    free(t->buckets);
+    /* The walk never reads a key it has returned before, so each case can
+     * be freed as soon as it comes. */
+    ml_hash_iter_t it = {0};
+    void *val;
+    while (ml_hash_next(t->h, &it, NULL, NULL, &val))
+        ml_case_free(val);
+    ml_hash_destroy(&t->h);
     memset(t, 0, sizeof *t);
 }
 
@@ -63,65 +57,39 @@ void ml_case_free(ml_case_t *c)
 
 ml_case_t *ml_casetab_find(const ml_casetab_t *t, const char *id)
 {
-    if (t->n_buckets == 0 || !id)
+    if (!id)
         return NULL;
-    for (ml_case_t *c = t->buckets[s_hash(id) & (t->n_buckets - 1)]; c; c = c->hnext)
-        if (strcmp(c->id, id) == 0)
-            return c;
-    return NULL;
-}
-
-/* Doubles the bucket array (or makes the first one). O(count). */
-static int s_grow(ml_casetab_t *t)
-{
-    size_t n = t->n_buckets ? t->n_buckets * 2 : 1024;
-    ml_case_t **b = calloc(n, sizeof *b);
-    if (!b)
-        return ML_ENOMEM;
-    for (size_t i = 0; i < t->n_buckets; i++) {
-        ml_case_t *c = t->buckets[i];
-        while (c) {
-            ml_case_t *next = c->hnext;
-            size_t k = s_hash(c->id) & (n - 1);
-            c->hnext = b[k];
-            b[k] = c;
-            c = next;
-        }
-    }
-    free(t->buckets);
-    t->buckets = b;
-    t->n_buckets = n;
-    return 0;
+    return ml_hash_get(t->h, id, strlen(id));
 }
 
 int ml_casetab_add(ml_casetab_t *t, ml_case_t *c)
 {
-    if (t->count + 1 > t->n_buckets && s_grow(t) != 0 && t->n_buckets == 0)
-        return ML_ENOMEM; /* a failed grow of a non-empty table only lengthens chains */
-    size_t k = s_hash(c->id) & (t->n_buckets - 1);
-    c->hnext = t->buckets[k];
-    t->buckets[k] = c;
-    t->count++;
+    /* Made on the first add so that init cannot fail (the broker's start
+     * calls it before anything that could report an error). */
+    if (!t->h && ml_hash_new(0, ML_HASH_BORROW_KEYS, &t->h) != 0)
+        return ML_ENOMEM;
+    int rc = ml_hash_put(t->h, c->id, strlen(c->id), c);
+    if (rc != 0)
+        return rc == ML_EDUP ? ML_EDUP : ML_ENOMEM;
+    t->count = ml_hash_count(t->h);
     return 0;
 }
 
 void ml_casetab_remove(ml_casetab_t *t, ml_case_t *c)
 {
-    if (t->n_buckets == 0)
+    size_t n = strlen(c->id);
+    /* Only c itself: a case whose add was refused (its id taken) is not in
+     * the table, and removing it must not take out the one that is. */
+    if (ml_hash_get(t->h, c->id, n) != c)
         return;
-    ml_case_t **pp = &t->buckets[s_hash(c->id) & (t->n_buckets - 1)];
-    while (*pp && *pp != c)
-        pp = &(*pp)->hnext;
-    if (*pp) {
-        *pp = c->hnext;
-        c->hnext = NULL;
-        t->count--;
-    }
+    ml_hash_del(t->h, c->id, n, NULL);
+    t->count = ml_hash_count(t->h);
 }
 
 void ml_casetab_each(const ml_casetab_t *t, void (*cb)(ml_case_t *c, void *arg), void *arg)
 {
-    for (size_t i = 0; i < t->n_buckets; i++)
-        for (ml_case_t *c = t->buckets[i]; c; c = c->hnext)
-            cb(c, arg);
+    ml_hash_iter_t it = {0};
+    void *val;
+    while (ml_hash_next(t->h, &it, NULL, NULL, &val))
+        cb(val, arg);
 }

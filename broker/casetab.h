@@ -2,8 +2,9 @@
  * memory (a deadline running, a message queued or in flight, a change being
  * committed, a delivery to record again). The store holds every case; a
  * case that is not here is read back from it when a message for it comes
- * (flow.c). This table is what the loop thread checks a message against. Chained hashing on the
- * case id, grown by doubling, O(1) expected per operation. Loop thread only. */
+ * (flow.c). This table is what the loop thread checks a message against. An ml_hash on the case
+ * id (keyed SipHash, so a node cannot choose case ids that collide), O(1) expected per operation.
+ * Loop thread only. */
 #ifndef ML_BROKER_CASETAB_H
 #define ML_BROKER_CASETAB_H
 
@@ -27,7 +28,6 @@ typedef struct ml_redo {
 void ml_redo_free(ml_redo_t *r);
 
 typedef struct ml_case {
-    struct ml_case *hnext;
     int64_t opened_at;
     int64_t updated_at;
     int64_t deadline_at; /* 0 = no deadline running */
@@ -66,8 +66,8 @@ typedef struct ml_case {
 } ml_case_t;
 
 typedef struct {
-    ml_case_t **buckets;
-    size_t n_buckets; /* power of two */
+    struct ml_hash *h; /* case id -> ml_case_t, keys borrowed from the cases; NULL until the
+                        * first add */
     size_t count;
 } ml_casetab_t;
 
@@ -80,7 +80,7 @@ ml_case_t *ml_case_new(const char *id);
 void ml_case_free(ml_case_t *c);
 ml_case_t *ml_casetab_find(const ml_casetab_t *t, const char *id);
 /* Adds c (its id must not be in the table). Returns 0 or ML_ENOMEM (c is
- * then not added). */
+ * then not added; ML_EDUP when its id is there already). */
 int ml_casetab_add(ml_casetab_t *t, ml_case_t *c);
 /* Takes c out of the table (does not free it). */
 void ml_casetab_remove(ml_casetab_t *t, ml_case_t *c);

@@ -27,6 +27,7 @@
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_env.h"
+#include "ml_nack.h"
 #include "ml_sdnotify.h"
 #include "ml_text.h"
 #include "ml_tls.h"
@@ -227,21 +228,6 @@ static int s_idset_del(s_idset_t *set, const char *id)
     set->bytes -= set->slot[i].bytes;
     set->slot[i].bytes = 0;
     return 1;
-}
-
-static int s_is_transient(int code)
-{
-    return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
-           code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
-           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
-           code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT;
-}
-
-static const char *s_nack_name(int code)
-{
-    const ProtobufCEnumValue *v =
-        protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, code);
-    return v ? v->name : "NACK_UNKNOWN";
 }
 
 static void s_schedule_pump(ml_agent_t *a, uint64_t delay_ms);
@@ -643,7 +629,7 @@ static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
     }
     const Medlink__V1__Nack *n = env->nack;
     const char *id = n->message_id ? n->message_id : "";
-    const char *code = s_nack_name(n->code);
+    const char *code = ml_nack_name(n->code);
     if (!*id || !s_idset_del(&a->inflight, id)) {
         /* Not about one of our messages in flight (e.g. a Nack for a
          * control record): nothing to settle. */
@@ -652,7 +638,7 @@ static void s_on_answer(ml_agent_t *a, const ml_envelope_t *env)
         if (!*id)
             return;
     }
-    if (s_is_transient(n->code)) {
+    if (ml_nack_is_transient(n->code)) {
         a->waiting = 1;
         /* One doubling per round of retries: a busy broker refuses (or
          * holds) a whole window at once, which is one refusal, not many. */

@@ -22,6 +22,7 @@
 #include "ml_adminjson.h"
 #include "ml_common.h"
 #include "ml_json.h"
+#include "ml_nack.h"
 #include "ml_text.h"
 
 /* ---- small helpers ---- */
@@ -903,9 +904,7 @@ int ctl_print_imaging(const ctl_opts_t *o, const ml_envelope_t *consult, uint32_
 
 int ctl_print_refused(const ctl_opts_t *o, const ctl_result_t *res)
 {
-    const ProtobufCEnumValue *v =
-        protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, res->nack_code);
-    const char *code = v ? v->name : "NACK_UNKNOWN";
+    const char *code = ml_nack_name(res->nack_code);
     if (o->json)
         s_print_json(json_pack("{s:s, s:s, s:s, s:s}", "result", "refused", "messageId",
                                res->nack_id, "code", code, "reason", res->nack_reason));

@@ -16,6 +16,7 @@
 
 #include "ml_channel.h"
 #include "ml_common.h"
+#include "ml_nack.h"
 
 #ifndef ML_VERSION
 #define ML_VERSION "0.1.0"
@@ -94,13 +95,6 @@ __attribute__((format(printf, 3, 4))) static void s_say(s_sess_t *ss, int code, 
         snprintf(ss->why, sizeof ss->why, "%s", msg);
     else
         ctl_fail(code, "%s", msg);
-}
-
-static const char *s_nack_name(int code)
-{
-    const ProtobufCEnumValue *v =
-        protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, code);
-    return v ? v->name : "NACK_UNKNOWN";
 }
 
 static void s_finish(s_sess_t *ss, int rc)
@@ -346,14 +340,6 @@ static void s_on_accepted(s_sess_t *ss, const Medlink__V1__Accepted *acc)
     s_pump(ss);
 }
 
-static int s_transient(int code)
-{
-    return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
-           code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
-           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
-           code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT;
-}
-
 static void s_on_nack(s_sess_t *ss, const Medlink__V1__Nack *n)
 {
     if (ss->persist && !ss->pending)
@@ -372,7 +358,7 @@ static void s_on_nack(s_sess_t *ss, const Medlink__V1__Nack *n)
         s_item_t *it = &ss->items[i];
         if (strcmp(it->id, n->message_id) != 0)
             continue;
-        if (!s_transient((int)n->code)) {
+        if (!ml_nack_is_transient((int)n->code)) {
             s_refused(ss, n);
             return;
         }
@@ -382,7 +368,7 @@ static void s_on_nack(s_sess_t *ss, const Medlink__V1__Nack *n)
         it->attempts++;
         it->sent = 0;
         it->not_before = ml_mono_ms() + delay;
-        snprintf(ss->transient, sizeof ss->transient, "%s: %s", s_nack_name((int)n->code),
+        snprintf(ss->transient, sizeof ss->transient, "%s: %s", ml_nack_name((int)n->code),
                  n->reason ? n->reason : "");
         if (ss->o->verbose)
             ml_log(ML_LOG_INFO, "ctl", "message %s refused for now (%s); again in %lld ms", it->id,

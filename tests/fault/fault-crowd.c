@@ -42,6 +42,7 @@
 #include "ml_channel.h"
 #include "ml_common.h"
 #include "ml_env.h"
+#include "ml_nack.h"
 #include "ml_tls.h"
 
 #define S_BROKER_ID "medlinkd.soak"
@@ -317,10 +318,7 @@ static void s_on_env(ml_channel_t *ch, ml_envelope_t *env, void *arg)
     }
     if (env->payload_case == P_(NACK)) {
         int code = env->nack->code;
-        if (code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
-            code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
-            code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
-            code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT) {
+        if (ml_nack_is_transient(code)) {
             G.nacks++;
             c->retry_due = 1;
         } else {

@@ -45,6 +45,7 @@
 #include "ml_channel.h"
 #include "ml_common.h"
 #include "ml_env.h"
+#include "ml_nack.h"
 #include "ml_tls.h"
 
 #define K_(x) MEDLINK__V1__KIND__KIND_##x
@@ -400,9 +401,7 @@ int main(int argc, char **argv)
     for (int c = 0; c < S_MAX_CODE; c++) {
         if (!G.by_code[c])
             continue;
-        const ProtobufCEnumValue *v =
-            protobuf_c_enum_descriptor_get_value(&medlink__v1__nack_code__descriptor, c);
-        printf("%s%s:%ld", first ? " " : ",", v ? v->name : "?", G.by_code[c]);
+        printf("%s%s:%ld", first ? " " : ",", ml_nack_name(c), G.by_code[c]);
         first = 0;
     }
     printf("%s\n", first ? " -" : "");
