@@ -35,6 +35,7 @@
 #include "ingress.h"
 #include "metrics.h"
 #include "ml_crypt.h"
+#include "ml_hash.h"
 #include "notices.h"
 #include "session.h"
 #include "submit.h"
@@ -119,6 +120,10 @@ int ml_broker_new(uv_loop_t *loop, ml_broker_config_t **cfg_p, ml_broker_t **out
         b->nodes[b->n_nodes++] = ns;
     }
     ml_casetab_init(&b->cases);
+    if (ml_hash_new(0, ML_HASH_BORROW_KEYS, &b->by_rid) != 0) {
+        snprintf(err, errlen, "cannot make the session table");
+        goto fail;
+    }
 
     ml_tls_config_t tc = {.ca_file = b->cfg->ca,
                           .cert_file = b->cfg->cert,
@@ -534,6 +539,7 @@ void ml_broker_destroy(ml_broker_t **self_p)
         free(b->nodes[i]);
     }
     ml_casetab_close(&b->cases);
+    ml_hash_destroy(&b->by_rid);
     for (size_t i = 0; i < b->n_services_gone; i++)
         free(b->services_gone[i]);
     free(b->services_gone);

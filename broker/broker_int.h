@@ -25,7 +25,6 @@
 #define S_RECV_BUDGET 512
 #define S_FRAME_MAX (256 * 1024)
 #define S_FLUSH_THRESHOLD (64 * 1024)
-#define S_BUCKETS 4096
 #define S_RID_MAX 255
 /* Puts waiting for the store hold a copy of their envelope: bound them so
  * a burst cannot grow the broker past its memory budget. */
@@ -115,8 +114,6 @@ typedef struct {
 struct ml_session {
     uint8_t rid[S_RID_MAX];
     size_t rid_len;
-    uint32_t hash;
-    ml_session_t *hnext;
     ml_session_t *prev;
     ml_session_t *next;
     ml_session_t *dirty_next;
@@ -145,7 +142,8 @@ struct ml_session {
     size_t n_holds;
     int state;
     int deliveries;
-    int rx_kind; /* Kind of the message being handled, for the refusal metrics (session.c, s_record) */
+    int rx_kind; /* Kind of the message being handled, for the refusal metrics (session.c, s_record)
+                  */
     uint64_t serial;
     ml_tls_session_t *tls;
     ml_frame_reader_t *reader;
@@ -206,7 +204,7 @@ struct ml_broker {
     ml_zwatch_t *watch;
     char endpoint[256];
 
-    ml_session_t *buckets[S_BUCKETS];
+    struct ml_hash *by_rid; /* routing id -> session (session.c), keys borrowed */
     ml_session_t *sessions; /* all sessions, including tombstones */
     ml_session_t *dirty;
     size_t n_live;

@@ -22,6 +22,7 @@
 #include "metrics.h"
 #include "ml_channel.h"
 #include "ml_frame.h"
+#include "ml_hash.h"
 #include "session.h"
 #include "submit.h"
 #include "wire.h"
@@ -29,6 +30,10 @@
 /* ------------------------------------------------------------------ */
 /* Session table                                                       */
 
+/* FNV-1a, for the slot of a source address in the fixed handshakes_per_s
+ * table (s_handshake_allowed): a collision only starts the other address's
+ * bucket afresh, so a public hash does no harm there. The session table
+ * itself is an ml_hash. */
 static uint32_t s_hash(const uint8_t *p, size_t n)
 {
     uint32_t h = 2166136261u;
@@ -39,14 +44,13 @@ static uint32_t s_hash(const uint8_t *p, size_t n)
     return h;
 }
 
+/* The session of a routing id (closed ones included, until they expire),
+ * or NULL. The table is an ml_hash with a secret key: routing ids are the
+ * peers' to choose, and colliding ones must not turn every lookup into a
+ * scan. O(1) expected. */
 static ml_session_t *s_find(ml_broker_t *b, const uint8_t *rid, size_t len)
 {
-    uint32_t h = s_hash(rid, len);
-    for (ml_session_t *s = b->buckets[h % S_BUCKETS]; s; s = s->hnext) {
-        if (s->hash == h && s->rid_len == len && memcmp(s->rid, rid, len) == 0)
-            return s;
-    }
-    return NULL;
+    return b->by_rid ? ml_hash_get(b->by_rid, rid, len) : NULL;
 }
 
 static ml_session_t *s_session_new(ml_broker_t *b, const uint8_t *rid, size_t len)
@@ -64,15 +68,18 @@ static ml_session_t *s_session_new(ml_broker_t *b, const uint8_t *rid, size_t le
     }
     memcpy(s->rid, rid, len);
     s->rid_len = len;
-    s->hash = s_hash(rid, len);
+    /* The key is borrowed from the session (ML_HASH_BORROW_KEYS). */
+    if (!b->by_rid || ml_hash_put(b->by_rid, s->rid, len, s) != 0) {
+        ml_tls_session_destroy(&s->tls);
+        ml_frame_reader_destroy(&s->reader);
+        free(s);
+        return NULL;
+    }
     s->serial = ++b->next_serial;
     s->created = s->last_rx = ml_mono_ms();
     /* A short printable tag for logs: the first bytes of the routing id. */
     for (size_t i = 0; i < len && i < 8; i++)
         snprintf(s->peer_hex + 2 * i, 3, "%02x", rid[i]);
-    uint32_t bkt = s->hash % S_BUCKETS;
-    s->hnext = b->buckets[bkt];
-    b->buckets[bkt] = s;
     s->next = b->sessions;
     if (b->sessions)
         b->sessions->prev = s;
@@ -110,11 +117,8 @@ static void s_preauth_leave(ml_broker_t *b, ml_session_t *s)
 
 void ml_session_free(ml_broker_t *b, ml_session_t *s)
 {
-    ml_session_t **pp = &b->buckets[s->hash % S_BUCKETS];
-    while (*pp && *pp != s)
-        pp = &(*pp)->hnext;
-    if (*pp)
-        *pp = s->hnext;
+    if (b->by_rid)
+        ml_hash_del(b->by_rid, s->rid, s->rid_len, NULL);
     if (s->prev)
         s->prev->next = s->next;
     else

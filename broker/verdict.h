@@ -1,7 +1,7 @@
 /* A verdict: what a lower module decided about a message, returned to the
  * module that owns the session, which refuses, holds or accepts. {code, a
  * Medlink__V1__NackCode or 0 to go on; transient, whether the sender should
- * send it again later (it is then refused for now and holds the sender's
+ * send it again later, ml_nack_is_transient (it is then refused for now and holds the sender's
  * later messages to the same recipient, wire.h); reason, a sentence for
  * people that never quotes field values}. Header only; no broker behind
  * it. */
@@ -11,7 +11,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "medlink/v1/control.pb-c.h"
+#include "ml_nack.h"
 
 typedef struct {
     int code;
@@ -21,16 +21,6 @@ typedef struct {
 
 #define ML_VERDICT_OK ((ml_verdict_t){0})
 
-/* 1 for the codes a sender sends again later (the broker was busy, full
- * or raced), 0 for a refusal the message itself earned. */
-static inline int ml_verdict_transient(int code)
-{
-    return code == MEDLINK__V1__NACK_CODE__NACK_STORE ||
-           code == MEDLINK__V1__NACK_CODE__NACK_STORE_FULL ||
-           code == MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED ||
-           code == MEDLINK__V1__NACK_CODE__NACK_CONFLICT;
-}
-
 /* Fills v with code, its transience and the formatted reason (cut at 319
  * bytes). Returns code. */
 static inline int ml_verdict_set(ml_verdict_t *v, int code, const char *fmt, ...)
@@ -39,7 +29,7 @@ static inline int ml_verdict_set(ml_verdict_t *v, int code, const char *fmt, ...
 {
     va_list ap;
     v->code = code;
-    v->transient = ml_verdict_transient(code);
+    v->transient = ml_nack_is_transient(code);
     va_start(ap, fmt);
     vsnprintf(v->reason, sizeof v->reason, fmt, ap);
     va_end(ap);
