@@ -154,3 +154,73 @@ void ml_ce_deadline_step(const ml_broker_config_t *cfg, ml_case_t *c, int old, i
     c->deadline_at = now + r->ms;
     c->fired = 0;
 }
+
+/* The checks of what a message asks that need nothing but the case and the
+ * message (the ones that need the node registry or the store are
+ * ingress.c's): the fields a referral state requires, the down-transfer
+ * follow-up numbering, incoming_expired only with a rejection, an object
+ * index the consult declared. Returns 0, or a Nack code with err filled
+ * in. */
+int ml_ce_check_content(const ml_case_t *c, const ml_envelope_t *env, int st, char *err,
+                        size_t errlen)
+{
+    switch (env->payload_case) {
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_REFERRAL_UPDATE: {
+        /* The fields the workflow table asks for with this state. */
+        const Medlink__V1__ReferralUpdate *u = env->referral_update;
+        const char *field = ml_case_required_field(ML_CASE_REFERRAL, st);
+        int missing = (st == REF_(SCHEDULED) && u->scheduled_at <= 0) ||
+                      (st == REF_(DISCHARGED) && !s_nonempty(u->outcome_summary));
+        if (field && missing) {
+            snprintf(err, errlen, "%s is required when status is %s", field,
+                     ml_case_state_name(ML_CASE_REFERRAL, st));
+            return NACK_(INVALID);
+        }
+        break;
+    }
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_DOWN_TRANSFER_UPDATE:
+        if (st == DT_(RE_REFERRED)) {
+            snprintf(err, errlen,
+                     "DOWN_TRANSFER_RE_REFERRED is set by the broker: send a Referral whose "
+                     "linked_case_id is %s",
+                     c->id);
+            return NACK_(INVALID);
+        }
+        if (st == DT_(FOLLOW_UP) &&
+            env->down_transfer_update->follow_up_number != (uint32_t)c->follow_ups + 1) {
+            snprintf(err, errlen,
+                     "down_transfer_update.follow_up_number %u: case %s has %u follow-up(s), so "
+                     "the next one is %u",
+                     env->down_transfer_update->follow_up_number, c->id, c->follow_ups,
+                     c->follow_ups + 1);
+            return NACK_(INVALID);
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_UPDATE:
+        if (env->imaging_update->incoming_expired && st != IMG_(REJECTED)) {
+            snprintf(err, errlen,
+                     "imaging_update.incoming_expired is set only with IMAGING_REJECTED");
+            return NACK_(INVALID);
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_CHUNK:
+        if (env->imaging_chunk->object_index >= c->n_objects) {
+            snprintf(err, errlen,
+                     "imaging_chunk.object_index %u: the consult of case %s has %u object(s)",
+                     env->imaging_chunk->object_index, c->id, c->n_objects);
+            return NACK_(INVALID);
+        }
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_IMAGING_RESEND:
+        if (env->imaging_resend->object_index >= c->n_objects) {
+            snprintf(err, errlen,
+                     "imaging_resend.object_index %u: the consult of case %s has %u object(s)",
+                     env->imaging_resend->object_index, c->id, c->n_objects);
+            return NACK_(INVALID);
+        }
+        break;
+    default:
+        break;
+    }
+    return 0;
+}

@@ -33,4 +33,12 @@ int ml_ce_met(const ml_case_t *c, int state);
  * just opened) to its current state. */
 void ml_ce_deadline_step(const ml_broker_config_t *cfg, ml_case_t *c, int old, int64_t now);
 
+/* The checks of what a message asks that need nothing but the case and the
+ * message: the fields a referral state requires, the down-transfer
+ * follow-up numbering, incoming_expired only with a rejection, an object
+ * index the consult declared. Returns 0, or a Nack code with err filled
+ * in (err is a sentence for people). */
+int ml_ce_check_content(const ml_case_t *c, const ml_envelope_t *env, int st, char *err,
+                        size_t errlen);
+
 #endif
