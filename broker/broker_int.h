@@ -1,7 +1,9 @@
-/* Private to medlinkd's core: the structures broker.c (sessions, transport,
- * delivery), flow.c (cases, deadlines, escalations, dead letters) and
- * admin.c (medlinkctl's requests) share, and the functions they call in each
- * other. Loop thread only, like everything in them. */
+/* Private to medlinkd's core: the structures the broker's modules share
+ * (ml_broker_t, ml_session_t, ml_nodestate_t, ml_put_t). Functions live in
+ * their modules' headers (wire.h, delivery.h, caseref.h, submit.h,
+ * notices.h, deadlines.h, ingress.h, session.h); this header declares only
+ * admin.c's entry points and, at its end, the old ml_bk_* names the ops
+ * files still use. Loop thread only, like everything in them. */
 #ifndef ML_BROKER_INT_H
 #define ML_BROKER_INT_H
 
@@ -23,7 +25,6 @@
 #define S_RECV_BUDGET 512
 #define S_FRAME_MAX (256 * 1024)
 #define S_FLUSH_THRESHOLD (64 * 1024)
-#define S_BUCKETS 4096
 #define S_RID_MAX 255
 /* Puts waiting for the store hold a copy of their envelope: bound them so
  * a burst cannot grow the broker past its memory budget. */
@@ -81,9 +82,6 @@ typedef struct {
     uint32_t logged;   /* lines in this window */
     uint64_t dropped;  /* lines left out since the last one logged */
 } ml_bk_loglimit_t;
-/* 1 when a line may be logged now; then *dropped is how many were left
- * out before it (and the count starts again). */
-int ml_bk_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
 
 typedef struct {
     const ml_node_t *node;
@@ -102,7 +100,7 @@ typedef struct {
     int64_t last_seen;
     uint64_t delivered;
     /* Both count open cases whether they are in memory or only in the
-     * store (flow.c, s_target_count). */
+     * store (caseref.c, ml_caseref_count). */
     uint32_t open_cases;       /* open cases this node is the target of */
     uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
     uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
@@ -116,8 +114,6 @@ typedef struct {
 struct ml_session {
     uint8_t rid[S_RID_MAX];
     size_t rid_len;
-    uint32_t hash;
-    ml_session_t *hnext;
     ml_session_t *prev;
     ml_session_t *next;
     ml_session_t *dirty_next;
@@ -146,7 +142,8 @@ struct ml_session {
     size_t n_holds;
     int state;
     int deliveries;
-    int rx_kind; /* Kind of the message being handled, for the refusal metrics (s_record) */
+    int rx_kind; /* Kind of the message being handled, for the refusal metrics (session.c, s_record)
+                  */
     uint64_t serial;
     ml_tls_session_t *tls;
     ml_frame_reader_t *reader;
@@ -180,7 +177,7 @@ struct ml_put {
     uint32_t size;
     uint8_t *blob; /* copy of the envelope when it may be delivered at once */
     char id[ML_ULID_LEN + 1];
-    /* Case work (flow.c): the cases this put changes (counted references)
+    /* Case work (ingress.c, notices.c): the cases this put changes (counted references)
      * and what to do once it is committed. */
     ml_case_t *cs;
     ml_case_t *linked;
@@ -207,7 +204,7 @@ struct ml_broker {
     ml_zwatch_t *watch;
     char endpoint[256];
 
-    ml_session_t *buckets[S_BUCKETS];
+    struct ml_hash *by_rid; /* routing id -> session (session.c), keys borrowed */
     ml_session_t *sessions; /* all sessions, including tombstones */
     ml_session_t *dirty;
     size_t n_live;
@@ -236,12 +233,12 @@ struct ml_broker {
     ml_put_t *orphans;   /* puts whose session closed before the commit */
     ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */
     struct s_change
-        *changes;         /* the broker's own case changes the store has not answered (flow.c) */
+        *changes;         /* the broker's own case changes the store has not answered (caseref.c) */
     uint64_t cache_bytes; /* envelope copies held for delivery (S_CACHE_BYTES) */
     struct ml_dlq_wait *dlq_waits; /* replays and purges waiting for the store (admin.c) */
 
     ml_casetab_t cases;
-    /* Cases not in a final state, in memory or only in the store (flow.c
+    /* Cases not in a final state, in memory or only in the store (caseref.c
      * keeps it with the per-node counts): the status' open count. */
     uint64_t open_total;
     char **services_gone; /* service names of cases whose service a reload removed */
@@ -268,6 +265,20 @@ struct ml_broker {
     int64_t expiry_logged_at;  /* Unix ms of the last expiry warnings logged */
     uint8_t *rxbuf;
 
+    /* The calls a lower module makes up, registered by broker.c
+     * (ml_broker_new): a module calls these instead of a function of a
+     * module above it (broker/LAYERS). */
+    struct {
+        /* wire: s's output failed (TLS, memory, a peer not reading). */
+        void (*close_session)(ml_broker_t *b, ml_session_t *s, const char *reason);
+        /* wire: s's output drained after libzmq had refused some. */
+        void (*drained)(ml_broker_t *b, ml_session_t *s);
+        /* delivery: it (taken from ns's queue) can never be delivered. */
+        void (*dead_letter)(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason);
+        /* submit: a put of case c (and lc) with action ML_BK_AFTER_* committed. */
+        void (*after_commit)(ml_broker_t *b, int action, ml_case_t *c, ml_case_t *lc);
+    } hooks;
+
     /* Ops' view (http.c, metrics.c, web.c, alerts.c): each module owns
      * its structure. */
     struct ml_bk_http *http;
@@ -276,136 +287,6 @@ struct ml_broker {
     struct ml_bk_alerts *alerts;
 };
 
-/* ---- broker.c ---------------------------------------------------------- */
-
-/* Sends a control or admin envelope from the broker to the session's peer
- * (id, from, to, created_at and kind are filled in). Returns 0 or ML_E*. */
-int ml_bk_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
-/* Logs a refusal and answers the peer with a Nack. */
-void ml_bk_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
-                  const char *reason);
-/* A refusal for now (a transient code: RATE_LIMITED, STORE, STORE_FULL,
- * CONFLICT) of a message to `to`: also holds the session's later messages
- * to `to` until this one comes again (see ml_session.holds). */
-void ml_bk_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id, const char *to,
-                          int code, const char *reason);
-/* What a hold is kept under for env: its `to`, with imaging chunks apart
- * (agents send chunks as a stream of their own, behind their other
- * messages, so a held chunk must not hold a referral, nor the reverse). */
-const char *ml_bk_hold_key(const ml_envelope_t *env, char *buf, size_t len);
-/* Holds the session's later messages to `to` too until msg_id comes again
- * (a message addressed to a service is held under the node it went to as
- * well: the session's messages to that node keep their order). */
-void ml_bk_hold_also(ml_session_t *s, const char *to, const char *msg_id);
-/* 1 when the session's messages to `to` are held for another message than
- * msg_id: the peer has been told (a transient Nack). 0 otherwise. */
-int ml_bk_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id);
-/* The state of a registered node, or NULL (also for a removed one).
- * O(nodes). */
-ml_nodestate_t *ml_bk_node(ml_broker_t *b, const char *id);
-/* Index of ns in b->nodes. */
-uint32_t ml_bk_node_index(const ml_broker_t *b, const ml_nodestate_t *ns);
-/* Delivers what ns's queue and window allow. */
-void ml_bk_pump(ml_broker_t *b, ml_nodestate_t *ns);
-
-/* A message to store and then deliver: from a session (its sender gets
- * Accepted once it is committed) or from the broker itself (session NULL). */
-typedef struct {
-    ml_session_t *session;
-    ml_nodestate_t *recipient;
-    const char *id;
-    const char *case_id;
-    const char *sender;
-    int kind;
-    int priority;
-    int64_t created_at;
-    int64_t deadline;
-    const uint8_t *rec; /* the serialised envelope as it will be delivered */
-    size_t len;
-    /* SHA-256 of the record as its sender sent it (before any repack),
-     * NULL for the broker's own: the store tells a resend (same sender,
-     * same digest: Accepted as a duplicate) from a different message
-     * reusing the id (Nack ID_IN_USE). */
-    const uint8_t *digest;
-    const char *to; /* as the sender addressed it (a node or a service) */
-    const ml_store_caseop_t *ops;
-    size_t n_ops;
-    ml_case_t *cs;     /* the case it belongs to (the put takes a reference) */
-    ml_case_t *linked; /* a second case it changes (idem) */
-    int action;        /* ML_BK_AFTER_* */
-    int chunk_bytes;
-    int notice;         /* the broker's own message */
-    int fresh;          /* an id the broker just made: never a duplicate */
-    const char *opened; /* see ml_put_t.opened, or NULL */
-} ml_bk_msg_t;
-
-/* Queues m for the store. Returns 0, or ML_EAGAIN (store backlog full),
- * ML_ENOMEM / ML_ECLOSED; the caller then refuses the message. */
-int ml_bk_submit(ml_broker_t *b, const ml_bk_msg_t *m);
-
-/* Stores again the broker's own messages a failing store refused (a
- * forwarded referral, a notice, an escalation copy). Timer, loop thread. */
-void ml_bk_retry_own(ml_broker_t *b);
-
-/* Sends the broker's own message env (a notification, an escalation, a
- * forwarded referral) to recipient: fills id (when empty), from (when
- * empty: the broker's id), created_at and kind, packs and submits it with
- * the given case changes. Returns 0 or ML_E* (logged). */
-int ml_bk_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
-               const ml_store_caseop_t *ops, size_t n_ops);
-
-/* ---- flow.c ------------------------------------------------------------ */
-
-enum {
-    ML_BK_AFTER_NONE = 0,
-    ML_BK_AFTER_FORWARD = 1,    /* forward the case's referral to its (new) target */
-    ML_BK_AFTER_REREFERRED = 2, /* tell the down-transfer's hospital it went back up */
-    ML_BK_AFTER_EXPIRED = 3,    /* the study expired at the reading centre: dead letter */
-};
-
-/* Counts the open cases of the store per node and loads those with a
- * deadline running into b->cases (start-up). Returns 0 or ML_ESTORE. */
-int ml_bk_flow_load(ml_broker_t *b);
-/* The case a pending message loaded at start-up belongs to (a reference is
- * taken), or NULL. */
-ml_case_t *ml_bk_case_for_row(ml_broker_t *b, const char *case_id, int kind);
-/* Routes a clinical message of a session: the case checks, then
- * ml_bk_submit, or a Nack naming what is wrong. digest is the SHA-256 of
- * rec as the sender sent it (see ml_bk_msg_t.digest). */
-void ml_bk_flow_route(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, const uint8_t *rec,
-                      size_t len, const uint8_t *digest, int repack);
-/* A put with case work settled (rc as from the store). Releases the put's
- * references. */
-void ml_bk_flow_committed(ml_broker_t *b, ml_put_t *p, int rc, int duplicate);
-/* The recipient acked item (delivery recorded in its case). */
-void ml_bk_flow_delivered(ml_broker_t *b, ml_nodestate_t *ns, const ml_qitem_t *it);
-/* Makes item (taken from a queue or the in-flight window of ns) a dead
- * letter with reason: stored as such, escalated, recorded in its case. The
- * item's blob and case reference are released. */
-void ml_bk_dead_letter(ml_broker_t *b, ml_nodestate_t *ns, ml_qitem_t *it, const char *reason);
-/* Drops a case reference (frees a final or gone case nobody needs). */
-void ml_bk_case_release(ml_broker_t *b, ml_case_t *c);
-/* One more change of c handed to the store (answered in
- * ml_bk_flow_committed or by the store's callback). */
-void ml_bk_case_pending(ml_case_t *c);
-/* Frees what the broker's own unanswered case changes hold (after the
- * store is closed: their callbacks never come). */
-void ml_bk_flow_free_changes(ml_broker_t *b);
-/* Starts the deadline and expiry timer. */
-void ml_bk_flow_start(ml_broker_t *b);
-/* Records an event the broker makes by itself (a replay, a delivery) in
- * c's timeline. */
-void ml_bk_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
-                      const char *message_id, int kind, const char *detail);
-/* A reload is about to replace b->cfg with nc: cases that name a service
- * take nc's copy of the name (or a broker-owned one when nc has none). */
-void ml_bk_flow_reload(ml_broker_t *b, ml_broker_config_t *nc);
-/* The store row of c as it is in memory. */
-void ml_bk_case_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
-/* 1 when ns gets the ops nodes' Escalations: named in [escalation] notify,
- * or an OPS node when notify is empty (alerts.c sends its own). */
-int ml_bk_is_ops(ml_broker_t *b, const ml_nodestate_t *ns);
-
 /* ---- admin.c ----------------------------------------------------------- */
 
 /* Answers an AdminRequest from an OPS session. */
@@ -413,5 +294,38 @@ void ml_bk_admin(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
 /* Frees the replies still waiting for the store (after it is closed: their
  * callbacks never come). */
 void ml_bk_admin_free(ml_broker_t *b);
+
+/* ---- old names ---------------------------------------------------------- */
+
+/* Temporary: the ops files (admin.c, alerts.c, http.c) still call these
+ * functions by the names they had before broker.c and flow.c were split.
+ * They go once those files read the broker through query.h. The
+ * declarations repeat the modules' own (same types), so that this header
+ * needs no module header above it. */
+#define ml_bk_reply ml_wire_reply
+#define ml_bk_refuse ml_wire_refuse
+#define ml_bk_loglimit ml_wire_loglimit
+#define ml_bk_node ml_delivery_node
+#define ml_bk_pump ml_delivery_pump
+#define ml_bk_case_release ml_caseref_release
+#define ml_bk_case_for_row ml_caseref_for_row
+#define ml_bk_case_row ml_caseref_row
+#define ml_bk_case_event ml_notices_case_event
+#define ml_bk_emit ml_notices_emit
+#define ml_bk_is_ops ml_notices_is_ops
+int ml_wire_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
+void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
+                    const char *reason);
+int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
+ml_nodestate_t *ml_delivery_node(ml_broker_t *b, const char *id);
+void ml_delivery_pump(ml_broker_t *b, ml_nodestate_t *ns);
+void ml_caseref_release(ml_broker_t *b, ml_case_t *c);
+ml_case_t *ml_caseref_for_row(ml_broker_t *b, const char *case_id, int kind);
+void ml_caseref_row(ml_broker_t *b, const ml_case_t *c, ml_store_case_t *row);
+void ml_notices_case_event(ml_broker_t *b, ml_case_t *c, const char *node, const char *event,
+                           const char *message_id, int kind, const char *detail);
+int ml_notices_emit(ml_broker_t *b, ml_envelope_t *env, ml_nodestate_t *recipient, ml_case_t *cs,
+                    const ml_store_caseop_t *ops, size_t n_ops);
+int ml_notices_is_ops(ml_broker_t *b, const ml_nodestate_t *ns);
 
 #endif

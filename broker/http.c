@@ -36,7 +36,7 @@
 #include <http_parser.h>
 
 #include "config.h"
-#include "metrics.h"
+#include "prom.h"
 #include "ml_common.h"
 #include "ml_tls.h"
 #include "query.h"
@@ -563,7 +563,7 @@ static void s_route(ml_broker_t *b, s_conn_t *c, const ml_http_req_t *rq, ml_htt
     if (strcmp(rq->path, "/metrics") == 0) {
         resp->status = 200;
         resp->content_type = "text/plain; version=0.0.4; charset=utf-8";
-        ml_bk_metrics_render(b, &resp->body);
+        ml_bk_prom_render(b, &resp->body);
         return;
     }
     if (ml_bk_web(b, rq, resp) == 0)

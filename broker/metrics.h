@@ -1,6 +1,5 @@
 /* medlinkd's Prometheus metrics (/metrics, docs/operations.md): counters
- * the broker's modules bump as things happen, and the text exposition
- * rendered from them and from the broker's state. Loop thread only, except
+ * the broker's modules bump as things happen (prom.h renders them). Loop thread only, except
  * where a function says otherwise.
  *
  * Every label set is bounded: message kinds, Nack codes, escalation
@@ -14,10 +13,36 @@
 
 #include <stdint.h>
 
-#include "ml_sbuf.h"
+#include "cases.h"
+#include "ml_tls.h"
 
 typedef struct ml_broker ml_broker_t;
 typedef struct ml_bk_metrics ml_bk_metrics_t;
+
+/* Kind enum of envelope.proto: 0 ... KIND_ESCALATION (29). */
+#define ML_BK_M_KINDS 32
+/* NackCode: 0 ... NACK_ID_IN_USE (16). */
+#define ML_BK_M_CODES 20
+/* EscalationReason: 0 ... ESCALATION_DLQ (6). */
+#define ML_BK_M_REASONS 8
+/* ml_tls_fail_t up to ML_TLS_FAIL_REFUSED_OTHER, then "timeout". */
+#define ML_BK_M_TLS_TIMEOUT (ML_TLS_FAIL_REFUSED_OTHER + 1)
+#define ML_BK_M_TLS_REASONS (ML_BK_M_TLS_TIMEOUT + 1)
+/* States of a case kind: the largest status enum has 12 values. */
+#define ML_BK_M_STATES 16
+
+/* The counters; prom.c reads them (loop thread). */
+struct ml_bk_metrics {
+    uint64_t accepted[ML_BK_M_KINDS];
+    uint64_t delivered[ML_BK_M_KINDS];
+    uint64_t refused[ML_BK_M_KINDS][ML_BK_M_CODES];
+    uint64_t escalations[ML_BK_M_REASONS];
+    uint64_t tls_fail[ML_BK_M_TLS_REASONS];
+    int64_t cases_open[ML_CASE_KIND_COUNT][ML_BK_M_STATES];
+    uint64_t overdue;
+    int64_t dead_now;
+    uint64_t dead_made;
+};
 
 /* A TLS handshake that did not finish within handshake_timeout_ms: counted
  * with the ml_tls_fail_t kinds under reason "timeout". */
@@ -29,10 +54,6 @@ typedef struct ml_bk_metrics ml_bk_metrics_t;
  * ML_ESTORE. */
 int ml_bk_metrics_init(ml_broker_t *b);
 void ml_bk_metrics_free(ml_broker_t *b);
-/* Writes the whole exposition (text format 0.0.4) into out. O(nodes +
- * sessions + CAs) plus fixed work; no store read beyond two stat(2) calls.
- * Failures show in out->failed. */
-void ml_bk_metrics_render(ml_broker_t *b, ml_sbuf_t *out);
 
 /* ---- bumps (loop thread) ---------------------------------------------- */
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The ops modules' layering (docs/architecture.md, "What the ops modules may
-# call"): admin.c, http.c, metrics.c, web.c and alerts.c reach the broker
+# call"): admin.c, http.c, prom.c, web.c and alerts.c reach the broker
 # only through query.h (reads) and ops_cmd.h (commands), never through
-# broker_int.h; the modules that only show things (http.c, metrics.c, web.c)
+# broker_int.h; the modules that only show things (http.c, prom.c, web.c)
 # do not include ops_cmd.h either. Run by ctest as ops_layering:
 #   tests/tools/ops_layering.sh <source dir>
 # Exits 1 and names each breach on stderr.
@@ -15,8 +15,8 @@ breach() {
     fail=1
 }
 
-ops="admin.c http.c metrics.c web.c alerts.c"
-show_only="http.c metrics.c web.c"
+ops="admin.c http.c prom.c web.c alerts.c"
+show_only="http.c prom.c web.c"
 
 # What broker_int.h declares (its ml_bk_* functions and its types), which
 # an ops module must neither include nor name. admin.c defines the two
