@@ -60,10 +60,9 @@ struct ml_bk_alerts {
     s_expiry_t expiry[S_EXPIRY_MAX];
     s_episode_t store;
     s_episode_t dlq;
-    int64_t dlq_seen;      /* dead letters at the last count (-1: none yet) */
-    uint64_t dead_seen;    /* dead letters made (dead_total) at the last count */
-    char store_path[4096]; /* broker.db */
-    int64_t store_max;     /* max_store_bytes the store was opened with */
+    int64_t dlq_seen;   /* dead letters at the last count (-1: none yet) */
+    uint64_t dead_seen; /* dead letters made (dead_total) at the last count */
+    int64_t store_max;  /* max_store_bytes the store was opened with */
     uint64_t raised[S_KINDS];
     int64_t checked_at; /* monotonic ms */
     int64_t slow_at;
@@ -77,7 +76,6 @@ int ml_bk_alerts_init(ml_broker_t *b)
     a->dlq_seen = -1;
     a->checked_at = a->slow_at = INT64_MIN / 2;
     const ml_broker_config_t *cfg = ml_query_config(b);
-    snprintf(a->store_path, sizeof a->store_path, "%s/broker.db", cfg->data_dir);
     a->store_max = cfg->max_store_bytes;
     ml_query_set_alerts(b, a);
     return 0;
@@ -335,29 +333,24 @@ static void s_check_expiry(ml_broker_t *b, int64_t now)
 
 /* ---- store and dead letters ---------------------------------------------- */
 
-static uint64_t s_file_size(const char *path, const char *suffix)
-{
-    char p[4200];
-    struct stat sb;
-    snprintf(p, sizeof p, "%s%s", path, suffix);
-    return stat(p, &sb) == 0 ? (uint64_t)sb.st_size : 0;
-}
-
 static void s_check_store(ml_broker_t *b)
 {
     ml_bk_alerts_t *a = ml_query_alerts(b);
     if (a->store_max <= 0)
         return;
-    /* The database file and its WAL: what the disk holds for the store,
-     * read with two stat calls (no SQLite, no counting of rows). */
-    uint64_t db = s_file_size(a->store_path, ""), wal = s_file_size(a->store_path, "-wal");
+    /* What the disk holds for the store, as the store counts it for
+     * max_store_bytes: the database with its body segments, and the WAL
+     * (two stat calls and a counter; no SQLite, no counting of rows). */
+    uint64_t db = 0, wal = 0;
+    ml_query_store_files(b, &db, &wal);
     uint64_t size = db + wal;
     long pct = ml_query_config(b)->store_alert_percent;
     uint64_t pct_now = size * 100 / (uint64_t)a->store_max;
     if (!a->store.active && pct_now >= (uint64_t)pct) {
         s_detail(&a->store,
-                 "the store uses %" PRIu64 " bytes on disk (database %" PRIu64 ", WAL %" PRIu64
-                 "), %" PRIu64 "%% of max_store_bytes (%lld), the size past which new messages "
+                 "the store uses %" PRIu64 " bytes on disk (database and segments %" PRIu64
+                 ", WAL %" PRIu64 "), %" PRIu64
+                 "%% of max_store_bytes (%lld), the size past which new messages "
                  "are refused (alert at store_alert_percent = %ld%%)",
                  size, db, wal, pct_now, (long long)a->store_max, pct);
         s_raise(b, S_STORE_FULL, &a->store, "store", ml_now_ms(), 0);

@@ -233,6 +233,17 @@ static long s_store_bytes(void)
     snprintf(p, sizeof p, "%s/data/broker/broker.db-wal", W.dir);
     if (stat(p, &sb) == 0)
         n += (long)sb.st_size;
+    /* Bodies live in segment files beside it. */
+    snprintf(p, sizeof p, "%s/data/broker/broker.db-seg", W.dir);
+    DIR *d = opendir(p);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        char f[1100];
+        snprintf(f, sizeof f, "%s/%s", p, e->d_name);
+        if (e->d_name[0] != '.' && stat(f, &sb) == 0)
+            n += (long)sb.st_size;
+    }
+    if (d)
+        closedir(d);
     return n;
 }
 
