@@ -1417,39 +1417,6 @@ void ml_spool_staged_retry(ml_spool_t *sp, const char *name)
 
 /* ---- retention of sent/ --------------------------------------------------- */
 
-/* Removes name under dirfd: a file or link with unlinkat, a folder with
- * what it holds (depth-limited: the agent's own folders are flat), all
- * relative to descriptors and without following a link. */
-static int s_remove_at(int at, const char *name, int depth)
-{
-    struct stat sb;
-    if (fstatat(at, name, &sb, AT_SYMLINK_NOFOLLOW) != 0)
-        return errno == ENOENT ? 0 : ML_EIO;
-    if (!S_ISDIR(sb.st_mode))
-        return unlinkat(at, name, 0) == 0 || errno == ENOENT ? 0 : ML_EIO;
-    if (depth > 8)
-        return ML_EIO;
-    int fd = openat(at, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0)
-        return ML_EIO;
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        close(fd);
-        return ML_EIO;
-    }
-    int rc = 0;
-    struct dirent *de;
-    while (rc == 0 && (de = readdir(d)) != NULL) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-            continue;
-        rc = s_remove_at(dirfd(d), de->d_name, depth + 1);
-    }
-    closedir(d);
-    if (rc == 0 && unlinkat(at, name, AT_REMOVEDIR) != 0 && errno != ENOENT)
-        rc = ML_EIO;
-    return rc;
-}
-
 int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *removed)
 {
     size_t n = 0;
@@ -1463,6 +1430,8 @@ int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *r
         ml_log(ML_LOG_WARN, S_LOG, "retention: cannot open sent/: %s", strerror(errno));
         return ML_EIO;
     }
+    /* readdir, not ml_fs_list: sent/ may hold many files, and one call
+     * looks at no more than it may remove. */
     DIR *d = fdopendir(fd);
     if (!d) {
         close(fd);
@@ -1480,7 +1449,9 @@ int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *r
         int64_t at = (int64_t)sb.st_ctim.tv_sec * 1000 + sb.st_ctim.tv_nsec / 1000000;
         if (at > before_ms)
             continue;
-        if (s_remove_at(fd, de->d_name, 0) == 0)
+        /* A file, a link or a consult folder: removed through directory fds,
+         * never followed (ml_rmtree_at). */
+        if (ml_rmtree_at(fd, de->d_name) == 0)
             n++;
         else
             ml_log(ML_LOG_WARN, S_LOG, "retention: cannot remove sent/%s: %s", de->d_name,
