@@ -2,8 +2,9 @@
  * the channel reports envelopes and state changes, a timer (and an
  * fs-event watcher on outbox/) drives the outbox scan, and a uv_check
  * handle runs once per loop iteration to commit what that iteration
- * collected (broker answers, deliveries) in one transaction each, so that a
- * burst of a thousand deliveries costs one fsync, not a thousand.
+ * collected (broker answers here, deliveries through the receive batch of
+ * inbox.c) in one transaction each, so that a burst of a thousand
+ * deliveries costs one fsync, not a thousand.
  *
  * Sending reads two streams of the outbox: ordinary messages first, then
  * imaging chunks, whose envelopes are built from the blob copies as they
@@ -11,7 +12,7 @@
  * (send_window_bytes), so a study of a few hundred MiB never fills the
  * link and a referral dropped in the middle of it goes out at once. The
  * copying of a study into blob copies runs on the libuv thread pool
- * (imaging.c). */
+ * (img_send.c). */
 #include "agent.h"
 
 #include <errno.h>
