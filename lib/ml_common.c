@@ -2,9 +2,7 @@
  * (the file helpers are in ml_fs.c). */
 #include "ml_common.h"
 
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
