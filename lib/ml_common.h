@@ -87,62 +87,10 @@ int64_t ml_mono_ms(void);
  * buf must hold at least 25 bytes. Returns buf. */
 char *ml_time_format(int64_t unix_ms, char *buf, size_t len);
 
-/* Writes len bytes to path atomically: ml_write_file_at in path's folder
- * (opened by name: the folder is the caller's choice). Returns 0, ML_EINVAL
- * (path too long) or ML_EIO (errno kept). */
-int ml_write_file_atomic(const char *path, const void *data, size_t len);
-/* Reads a whole file (up to max bytes) into a malloc'd, NUL-terminated
- * buffer. Returns 0, ML_EIO, ML_ETOOBIG or ML_ENOMEM. For files the caller
- * chose (configuration); a file in a folder someone else can write is read
- * with ml_read_file_at. */
-int ml_read_file(const char *path, size_t max, char **out, size_t *len);
-/* mkdir -p with mode 0750. Returns 0 or ML_EIO. */
-int ml_mkdirs(const char *path);
-
-/* Files in folders someone else can write (the spool folders). Every open
- * there is relative to a directory fd held open by the caller, never
- * follows a symbolic link (O_NOFOLLOW), never blocks on a FIFO
- * (O_NONBLOCK), and every file the agent creates is made new (O_EXCL) under
- * an unpredictable name and renamed into place within the same folder. A
- * name planted there in advance (a link to agent.db, a FIFO) is therefore
- * never written through, read through or waited on. See docs/security.md,
- * "Files the local system can write". All of these keep errno on failure. */
-
-/* Opens the folder path, or name inside the folder dirfd (dirfd may be
- * AT_FDCWD), for use as a dirfd: O_DIRECTORY | O_NOFOLLOW, so a symbolic
- * link in the last component is refused (errno ELOOP or ENOTDIR). Returns
- * the fd (>= 0, the caller's) or ML_EIO. */
-int ml_dir_open(int dirfd, const char *name);
-/* Creates name in dirfd for writing: O_CREAT | O_EXCL | O_NOFOLLOW, so it
- * fails (EEXIST) when anything at all has that name. Returns the fd or
- * ML_EIO. */
-int ml_file_create_excl(int dirfd, const char *name, unsigned mode);
-/* Opens name in dirfd for reading without following a link or blocking on
- * a FIFO, and fstats the open fd into *st (when st is not NULL). Returns the
- * fd (blocking mode restored) or ML_EIO (cannot open: errno ELOOP for a
- * symbolic link) or ML_EINVAL (opened, but not a regular file: *st tells
- * what it is). What is read is then exactly what was checked. */
-struct stat;
-int ml_file_open_regular(int dirfd, const char *name, struct stat *st);
-/* What st_mode is, for messages: "regular file", "directory", "symbolic
- * link", "FIFO", "socket", "device". */
-const char *ml_file_type_name(unsigned st_mode);
-/* Writes len bytes as name in dirfd atomically: a new file
- * .NAME.<16 random hex>.tmp made with ml_file_create_excl, written,
- * fsync'd, renamed over name in the same folder (renameat replaces a link
- * there, never follows it), then the folder fsync'd. mode as for open(2)
- * (0640 for spool files the hospital system reads). Returns 0 or ML_EIO. */
-int ml_write_file_at(int dirfd, const char *name, const void *data, size_t len, unsigned mode);
-/* ml_read_file for name in dirfd through ml_file_open_regular. Returns 0,
- * ML_EIO (errno kept; ELOOP: a symbolic link), ML_EINVAL (not a regular
- * file; *st_mode, when not NULL, says what it is), ML_ETOOBIG or
- * ML_ENOMEM. */
-int ml_read_file_at(int dirfd, const char *name, size_t max, char **out, size_t *len,
-                    unsigned *st_mode);
-/* Removes name in dirfd and, when it is a folder, everything under it
- * (depth at most 8), through directory fds and unlinkat only: a link inside
- * is removed, never followed. Returns 0 (also when name does not exist) or
- * ML_EIO. */
-int ml_rmtree_at(int dirfd, const char *name);
+/* The file helpers that were declared here (ml_write_file_atomic,
+ * ml_read_file, ml_mkdirs, ml_dir_open, ml_file_*, ml_write_file_at,
+ * ml_read_file_at, ml_rmtree_at) live in ml_fs.h, included here so that
+ * every caller keeps compiling unchanged. */
+#include "ml_fs.h"
 
 #endif

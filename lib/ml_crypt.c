@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +18,7 @@
 
 #include "ml_check.h"
 #include "ml_common.h"
+#include "ml_fs.h"
 
 #define S_KEY_LEN 32
 #define S_ID_LEN 8
@@ -224,19 +224,6 @@ size_t ml_keyring_count(const ml_keyring_t *kr)
     return kr->n;
 }
 
-static void s_fsync_parent(const char *path)
-{
-    char *copy = strdup(path);
-    if (!copy)
-        return;
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
-    }
-    free(copy);
-}
-
 int ml_keyring_generate_file(const char *path, char *err, size_t errlen)
 {
     uint8_t key[S_KEY_LEN];
@@ -277,7 +264,8 @@ int ml_keyring_generate_file(const char *path, char *err, size_t errlen)
         fd = -1;
         goto write_failed;
     }
-    s_fsync_parent(path);
+    /* The new key file must survive a crash by name too. */
+    (void)ml_fs_fsync_parent(path);
     rc = 0;
     goto out;
 write_failed:

@@ -2,8 +2,9 @@
  * the channel reports envelopes and state changes, a timer (and an
  * fs-event watcher on outbox/) drives the outbox scan, and a uv_check
  * handle runs once per loop iteration to commit what that iteration
- * collected (broker answers, deliveries) in one transaction each, so that a
- * burst of a thousand deliveries costs one fsync, not a thousand.
+ * collected (broker answers here, deliveries through the receive batch of
+ * inbox.c) in one transaction each, so that a burst of a thousand
+ * deliveries costs one fsync, not a thousand.
  *
  * Sending reads two streams of the outbox: ordinary messages first, then
  * imaging chunks, whose envelopes are built from the blob copies as they
@@ -11,7 +12,7 @@
  * (send_window_bytes), so a study of a few hundred MiB never fills the
  * link and a referral dropped in the middle of it goes out at once. The
  * copying of a study into blob copies runs on the libuv thread pool
- * (imaging.c). */
+ * (img_send.c). */
 #include "agent.h"
 
 #include <errno.h>
@@ -23,6 +24,7 @@
 
 #include "astore.h"
 #include "imaging.h"
+#include "inbox.h"
 #include "ml_channel.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
@@ -70,16 +72,6 @@ typedef struct {
     char *reason;
 } s_answer_t;
 
-/* A delivery waiting for the iteration's transaction. */
-typedef struct {
-    char *id;
-    char *case_id;
-    char *sender;
-    int kind;
-    uint8_t *blob;
-    size_t len;
-} s_rx_t;
-
 struct ml_agent {
     uv_loop_t *loop;
     char *node_id;
@@ -126,8 +118,8 @@ struct ml_agent {
 
     s_answer_t *answers;
     size_t n_answers, cap_answers;
-    s_rx_t *rx;
-    size_t n_rx, cap_rx;
+    /* Deliveries of this iteration, stored at its end (inbox.h). */
+    ml_inbox_t *inbox;
 };
 
 static uint64_t s_hash(const char *s)
@@ -292,14 +284,6 @@ static void s_flush_answers(ml_agent_t *a)
     a->n_answers = 0;
 }
 
-static void s_rx_clear(s_rx_t *r)
-{
-    free(r->id);
-    free(r->case_id);
-    free(r->sender);
-    free(r->blob);
-}
-
 /* Sends a control record to the broker: env has its payload set; id,
  * from, to, kind and created_at are filled here. Returns as
  * ml_channel_send. */
@@ -319,8 +303,9 @@ static int s_send_control(ml_agent_t *a, ml_envelope_t *env)
 /* Tells the broker that delivery id cannot be taken (Nack REFUSED): it
  * becomes a dead letter there, with why, instead of being delivered again
  * for ever. */
-static void s_send_refusal(ml_agent_t *a, const char *id, const char *why)
+static void s_send_refusal(void *arg, const char *id, const char *why)
 {
+    ml_agent_t *a = arg;
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     Medlink__V1__Nack nack = MEDLINK__V1__NACK__INIT;
     nack.message_id = (char *)id;
@@ -333,71 +318,14 @@ static void s_send_refusal(ml_agent_t *a, const char *id, const char *why)
                id);
 }
 
-/* 0 when a delivery can be spooled: its strings are UTF-8 (the inbox file
- * is JSON) and its ids are ids (they name files and rows). Else -1 with why
- * naming the field, never quoting its value. A broker checks all of this
- * before it accepts a message; this is for one that did not (F6). */
-static int s_spoolable(const ml_envelope_t *env, char *why, size_t len)
+/* Acknowledges n stored deliveries with one cumulative Ack (the inbox's
+ * send_ack). Nothing goes out while the channel is down: the broker
+ * delivers them again in the next session and they are acked then. */
+static void s_send_ack(void *arg, char **message_ids, size_t n)
 {
-    if (ml_env_check_text(&env->base, why, len) < 0)
-        return -1;
-    if (!ml_ulid_valid(env->id)) {
-        snprintf(why, len, "id is not a ULID");
-        return -1;
-    }
-    if (env->case_id && *env->case_id && !ml_text_id_valid(env->case_id, 0)) {
-        snprintf(why, len, "case_id is not an id of [A-Za-z0-9._:@-], 1 to %d characters",
-                 ML_TEXT_ID_MAX);
-        return -1;
-    }
-    return 0;
-}
-
-static void s_push_rx(ml_agent_t *a, const ml_envelope_t *env)
-{
-    if (!env->id || !*env->id) {
-        ml_log(ML_LOG_WARN, S_LOG, "dropped a delivered %s without a message id",
-               ml_kind_name(env->kind));
+    ml_agent_t *a = arg;
+    if (!ml_channel_is_up(a->ch))
         return;
-    }
-    char why[512];
-    if (s_spoolable(env, why, sizeof why) < 0) {
-        /* Never acknowledged: an Ack would lose it, and a delivery that
-         * cannot be written would come back for ever. */
-        ml_log(ML_LOG_ERROR, S_LOG,
-               "refused delivered %s %s from %s: %s (it becomes a dead letter at the broker)",
-               ml_kind_name(env->kind), env->id, env->from ? env->from : "-", why);
-        s_send_refusal(a, env->id, why);
-        return;
-    }
-    if (a->n_rx == a->cap_rx) {
-        size_t cap = a->cap_rx ? a->cap_rx * 2 : 64;
-        s_rx_t *n = realloc(a->rx, cap * sizeof *n);
-        if (!n)
-            goto nomem;
-        a->rx = n;
-        a->cap_rx = cap;
-    }
-    s_rx_t *r = &a->rx[a->n_rx];
-    memset(r, 0, sizeof *r);
-    r->id = strdup(env->id);
-    r->case_id = strdup(env->case_id ? env->case_id : "");
-    r->sender = strdup(env->from ? env->from : "");
-    r->kind = env->kind;
-    if (!r->id || !r->case_id || !r->sender || ml_env_pack(env, &r->blob, &r->len) < 0) {
-        s_rx_clear(r);
-        goto nomem;
-    }
-    a->n_rx++;
-    return;
-nomem:
-    /* Not stored, so not acked: the broker delivers it again. */
-    ml_log(ML_LOG_ERROR, S_LOG, "out of memory receiving %s; it will be delivered again", env->id);
-}
-
-/* Acknowledges n stored deliveries with one cumulative Ack. */
-static void s_send_ack(ml_agent_t *a, char **message_ids, size_t n)
-{
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     Medlink__V1__Ack ack = MEDLINK__V1__ACK__INIT;
     ack.n_message_ids = n;
@@ -411,53 +339,14 @@ static void s_send_ack(ml_agent_t *a, char **message_ids, size_t n)
                n, ml_strerror(rc));
 }
 
+/* Stores this iteration's deliveries in one transaction and acks them. */
 static void s_flush_rx(ml_agent_t *a)
 {
-    if (a->n_rx == 0)
+    if (ml_inbox_pending(a->inbox) == 0)
         return;
-    ml_spool_msg_t *m = calloc(a->n_rx, sizeof *m);
-    char **ids = malloc(a->n_rx * sizeof *ids);
-    if (m && ids) {
-        /* Chunks go to the imaging module's .part files, everything else
-         * through the spool; both in one transaction. */
-        size_t n = 0, nc = a->n_rx;
-        for (size_t i = 0; i < a->n_rx; i++) {
-            s_rx_t *r = &a->rx[i];
-            int chunk = r->kind == MEDLINK__V1__KIND__KIND_IMAGING_CHUNK;
-            ml_spool_msg_t *x = chunk ? &m[--nc] : &m[n++];
-            x->id = r->id;
-            x->case_id = r->case_id;
-            x->sender = r->sender;
-            x->kind = r->kind;
-            x->envelope = r->blob;
-            x->envelope_len = r->len;
-        }
-        /* The chunks were filled from the end: put them back in arrival
-         * order. */
-        for (size_t i = nc, j = a->n_rx - 1; i < j; i++, j--) {
-            ml_spool_msg_t t = m[i];
-            m[i] = m[j];
-            m[j] = t;
-        }
-        /* Ack only what is durably stored, duplicates included (the broker
-         * needs the Ack to stop resending). */
-        if (ml_aimg_receive(a->img, m, n, m + nc, a->n_rx - nc) == 0 && ml_channel_is_up(a->ch)) {
-            size_t k = 0;
-            for (size_t i = 0; i < a->n_rx; i++)
-                if (i < n || m[i].ack)
-                    ids[k++] = (char *)m[i].id;
-            /* One Ack per 4096 ids keeps the record well under max_record. */
-            for (size_t i = 0; i < k; i += 4096)
-                s_send_ack(a, ids + i, k - i < 4096 ? k - i : 4096);
-        }
-        /* Resend requests and updates may have queued messages. */
+    /* Resend requests and updates may have queued messages. */
+    if (ml_inbox_flush(a->inbox) != ML_ENOMEM)
         a->pump_due = 1;
-    }
-    free(ids);
-    free(m);
-    for (size_t i = 0; i < a->n_rx; i++)
-        s_rx_clear(&a->rx[i]);
-    a->n_rx = 0;
 }
 
 /* ---- sending ---- */
@@ -671,7 +560,7 @@ static void s_on_envelope(ml_channel_t *ch, ml_envelope_t *env, void *arg)
         break;
     }
     if (ml_env_kind_is_routed(env->kind)) {
-        s_push_rx(a, env);
+        (void)ml_inbox_push(a->inbox, env);
         return;
     }
     ml_log(ML_LOG_DEBUG, S_LOG, "ignored a %s record from the broker", ml_kind_name(env->kind));
@@ -899,9 +788,7 @@ void ml_agent_destroy(ml_agent_t **self_p)
         free(a->answers[i].reason);
     }
     free(a->answers);
-    for (size_t i = 0; i < a->n_rx; i++)
-        s_rx_clear(&a->rx[i]);
-    free(a->rx);
+    ml_inbox_destroy(&a->inbox);
     s_idset_clear(&a->inflight);
     /* Before the store: its statements live on the store's connection. */
     ml_aimg_destroy(&a->img);
@@ -977,6 +864,15 @@ int ml_agent_new(uv_loop_t *loop, const ml_aconfig_t *cfg, ml_agent_t **out, cha
                              .incoming_expire_s = cfg->incoming_expire_s};
     if ((rc = ml_aimg_new(&icfg, &a->img, err, errlen)) < 0)
         goto out;
+    ml_inbox_config_t bcfg = {.store = a->store,
+                              .spool = a->spool,
+                              .send_ack = s_send_ack,
+                              .send_refusal = s_send_refusal,
+                              .arg = a};
+    ml_inbox_plugin_t plugin;
+    ml_aimg_inbox_plugin(a->img, &plugin);
+    if (ml_inbox_new(&bcfg, &a->inbox) < 0 || ml_inbox_add_plugin(a->inbox, &plugin) < 0)
+        goto nomem;
     /* Imaging first: it clears leftovers in blobs/ that a consult staged
      * again by the spool's recovery must not find. */
     if ((rc = ml_aimg_recover(a->img)) < 0) {

@@ -21,7 +21,14 @@
  * Every step is restart-safe: what is recorded is on disk, what is not is
  * redone (redelivered by the broker, re-staged from pending/, re-verified
  * and re-published by ml_aimg_recover). Loop thread only, except the
- * staging work it runs on the libuv thread pool itself. */
+ * staging work it runs on the libuv thread pool itself.
+ *
+ * The module is three files: imaging.c (this header: the module's life,
+ * recovery, the timer and what both sides share), img_send.[ch] (the
+ * clinic's side: staging, chunk envelopes, answers, resends) and
+ * img_recv.[ch] (the reading centre's side, a plug-in of the agent's
+ * receive batch, inbox.h). This header includes the other two, so a user
+ * of the module includes imaging.h only. */
 #ifndef ML_AGENT_IMAGING_H
 #define ML_AGENT_IMAGING_H
 
@@ -53,19 +60,6 @@ typedef struct {
     uint32_t incoming_expire_s;
 } ml_aimg_config_t;
 
-/* Sending progress of one case (ml_aimg_progress). */
-typedef struct {
-    int64_t chunks;          /* chunk rows, resends included */
-    int64_t accepted;        /* of them Accepted by the broker */
-    int64_t refused;         /* refused or dropped */
-    uint64_t bytes;          /* data bytes of all chunk rows */
-    uint64_t accepted_bytes; /* of the Accepted ones */
-    int consult_accepted;    /* 1 once the consult itself is Accepted */
-    int has_next;            /* a chunk row is still pending: */
-    uint32_t next_object;    /* its object index */
-    uint32_t next_chunk;     /* and chunk index */
-} ml_aimg_progress_t;
-
 /* Opens the imaging tables (ml_istore_open) and installs the spool hooks.
  * Returns 0, ML_ESTORE, ML_ECONFIG or ML_ENOMEM with a sentence in err. */
 int ml_aimg_new(const ml_aimg_config_t *cfg, ml_aimg_t **out, char *err, size_t errlen);
@@ -83,50 +77,7 @@ int ml_aimg_recover(ml_aimg_t *img);
  * are deleted and IMAGING_REJECTED (incoming_expired) goes to the clinic.
  * Call from a timer. */
 void ml_aimg_tick(ml_aimg_t *img);
-/* Lets staging work run on the loop's thread pool (consults found until
- * now wait in a queue): call once nothing can fail any more, because a
- * module with work running cannot be destroyed before the loop runs. */
-void ml_aimg_start(ml_aimg_t *img);
-/* Stops staging: queued consults stay in pending/ for the next start, the
- * one being copied is abandoned at its next block. */
-void ml_aimg_stop(ml_aimg_t *img);
-/* Runs every queued staging job on the calling thread (no loop: tests).
- * Returns the number of jobs run. */
-size_t ml_aimg_run_jobs(ml_aimg_t *img);
-
-/* ---- sending ---- */
-
-/* Builds the envelope of a chunk row (row->blob_path not ""): reads
- * blob_len bytes at blob_off of data_dir/blob_path, puts them and their
- * SHA-256 into the stored ImagingChunk. *out is malloc'd, the caller's.
- * Returns 0, ML_EIO (blob unreadable or short; err says why; the row can
- * never be sent), ML_EPROTO (stored template unreadable) or ML_ENOMEM.
- * O(blob_len). */
-int ml_aimg_chunk_envelope(ml_aimg_t *img, const ml_outbox_row_t *row, uint8_t **out, size_t *len,
-                           char *err, size_t errlen);
-/* Applies broker answers already settled by ml_spool_settle: logs chunk
- * progress, and ends the case of a refused consult. Returns 1 when a
- * consult was Accepted (its chunks are released: restart the chunk stream
- * from its start), else 0. O(n log N). */
-int ml_aimg_settled(ml_aimg_t *img, const ml_spool_result_t *res, size_t n);
-/* Logs, for every case with chunks still to send, where sending resumes
- * ("resuming case X at chunk k of n (B bytes already accepted)"). Call when
- * the channel comes up. */
-void ml_aimg_log_resume(ml_aimg_t *img);
-/* Progress of the case this node sent. Returns 0, ML_ENOTFOUND or
- * ML_ESTORE. */
-int ml_aimg_progress(ml_aimg_t *img, const char *case_id, ml_aimg_progress_t *p);
-
-/* ---- receiving ---- */
-
-/* Stores one loop iteration's deliveries in one transaction: msgs (every
- * routed kind but ImagingChunk) through the spool, chunks into their
- * .part files and records; then writes inbox files, verifies completed
- * objects and publishes completed studies. On 0 every msgs[i] may be
- * acknowledged, and chunks[i] when chunks[i].ack is 1 (a chunk that could
- * not be written is left for the broker to deliver again). Returns 0 or
- * ML_ESTORE (acknowledge nothing). */
-int ml_aimg_receive(ml_aimg_t *img, ml_spool_msg_t *msgs, size_t n, ml_spool_msg_t *chunks,
-                    size_t nc);
+#include "img_recv.h"
+#include "img_send.h"
 
 #endif

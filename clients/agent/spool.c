@@ -25,6 +25,7 @@
 
 #include "ml_common.h"
 #include "ml_json.h"
+#include "ml_fs.h"
 #include "ml_text.h"
 
 #define S_LOG "spool"
@@ -205,9 +206,10 @@ static int s_wanted(const char *name)
     return strcmp(name + n - 5, ".json") == 0;
 }
 
-static int s_cmp_str(const void *a, const void *b)
+static int s_want_cb(const char *name, void *arg)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
+    (void)arg;
+    return s_wanted(name);
 }
 
 static void s_free_names(char **names, size_t n)
@@ -218,46 +220,19 @@ static void s_free_names(char **names, size_t n)
 }
 
 /* A wanted name in outbox/ that is not a regular file. */
-typedef struct {
-    char *name;
-    unsigned mode;
-} s_odd_t;
-
-static void s_free_odd(s_odd_t *odd, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        free(odd[i].name);
-    free(odd);
-}
-
-static int s_push_name(char ***names, size_t *n, size_t *cap, const char *name)
-{
-    if (*n == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 64;
-        char **nn = realloc(*names, ncap * sizeof *nn);
-        if (!nn)
-            return ML_ENOMEM;
-        *names = nn;
-        *cap = ncap;
-    }
-    if (!((*names)[*n] = strdup(name)))
-        return ML_ENOMEM;
-    (*n)++;
-    return 0;
-}
+typedef ml_fs_entry_t s_odd_t;
 
 /* Lists the wanted regular files of a folder in name order, at most max.
  * When odd is not NULL, wanted names that are something else (a link, a
- * FIFO, a folder: never opened here) are listed there with their type.
- * O(N log N) in the folder size. */
+ * FIFO, a folder: never opened here, ml_fs_list only names them) are
+ * listed there with their type. O(N log N) in the folder size. */
 static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, size_t *count,
                   s_odd_t **odd, size_t *nodd)
 {
-    int rc = ML_EIO;
+    ml_fs_entry_t *e = NULL;
+    size_t ne = 0, n = 0, no = 0;
     char **names = NULL;
-    size_t n = 0, cap = 0, no = 0, ocap = 0;
     s_odd_t *os = NULL;
-    DIR *d = NULL;
 
     *out = NULL;
     *count = 0;
@@ -265,76 +240,34 @@ static int s_list(const ml_spool_t *sp, int folder, size_t max, char ***out, siz
         *odd = NULL;
         *nodd = 0;
     }
-    /* A fresh open file description of the held folder, so the listing has
-     * its own position (fdopendir takes the fd). */
-    int fd = openat(sp->dfd[folder], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        goto out;
-    if (!(d = fdopendir(fd))) {
-        close(fd);
-        goto out;
+    int rc = ml_fs_list(sp->dfd[folder], s_want_cb, NULL, &e, &ne);
+    if (rc < 0)
+        return rc;
+    if (ne > 0 &&
+        (!(names = malloc(ne * sizeof *names)) || (odd && !(os = malloc(ne * sizeof *os))))) {
+        free(names);
+        ml_fs_list_free(e, ne);
+        return ML_ENOMEM;
     }
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL) {
-        if (!s_wanted(de->d_name))
-            continue;
-        unsigned mode = 0;
-        if (de->d_type == DT_REG) {
-            mode = S_IFREG;
-        } else {
-            struct stat st;
-            if (fstatat(sp->dfd[folder], de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
-                continue; /* gone since readdir */
-            mode = (unsigned)st.st_mode;
-        }
-        if (!S_ISREG(mode)) {
-            if (!odd)
-                continue;
-            if (no == ocap) {
-                size_t ncap = ocap ? ocap * 2 : 8;
-                s_odd_t *nn = realloc(os, ncap * sizeof *nn);
-                if (!nn) {
-                    rc = ML_ENOMEM;
-                    goto out;
-                }
-                os = nn;
-                ocap = ncap;
-            }
-            if (!(os[no].name = strdup(de->d_name))) {
-                rc = ML_ENOMEM;
-                goto out;
-            }
-            os[no++].mode = mode;
-            continue;
-        }
-        if ((rc = s_push_name(&names, &n, &cap, de->d_name)) < 0)
-            goto out;
-        rc = ML_EIO;
+    /* The names move from the listing into the two arrays. */
+    for (size_t i = 0; i < ne; i++) {
+        if (S_ISREG((mode_t)e[i].mode) && n < max)
+            names[n++] = e[i].name;
+        else if (!S_ISREG((mode_t)e[i].mode) && odd)
+            os[no++] = e[i];
+        else
+            free(e[i].name);
     }
-    if (n > 0)
-        qsort(names, n, sizeof *names, s_cmp_str);
-    if (n > max) {
-        for (size_t i = max; i < n; i++)
-            free(names[i]);
-        n = max;
-    }
+    free(e);
     *out = names;
     *count = n;
-    names = NULL;
-    n = 0;
     if (odd) {
         *odd = os;
         *nodd = no;
-        os = NULL;
-        no = 0;
+    } else {
+        free(os);
     }
-    rc = 0;
-out:
-    s_free_names(names, n);
-    s_free_odd(os, no);
-    if (d)
-        closedir(d);
-    return rc;
+    return 0;
 }
 
 int ml_spool_set_str(char **field, const char *value)
@@ -1320,7 +1253,7 @@ int ml_spool_scan(ml_spool_t *sp, size_t max_files, ml_spool_scan_stats_t *stats
         s_fsync_dir(sp, S_OUTBOX);
         s_fsync_dir(sp, S_REJECTED);
     }
-    s_free_odd(odd, nodd);
+    ml_fs_list_free(odd, nodd);
     rc = n ? s_ingest(sp, S_OUTBOX, names, n, stats) : 0;
     s_free_names(names, n);
     return rc;
@@ -1484,39 +1417,6 @@ void ml_spool_staged_retry(ml_spool_t *sp, const char *name)
 
 /* ---- retention of sent/ --------------------------------------------------- */
 
-/* Removes name under dirfd: a file or link with unlinkat, a folder with
- * what it holds (depth-limited: the agent's own folders are flat), all
- * relative to descriptors and without following a link. */
-static int s_remove_at(int at, const char *name, int depth)
-{
-    struct stat sb;
-    if (fstatat(at, name, &sb, AT_SYMLINK_NOFOLLOW) != 0)
-        return errno == ENOENT ? 0 : ML_EIO;
-    if (!S_ISDIR(sb.st_mode))
-        return unlinkat(at, name, 0) == 0 || errno == ENOENT ? 0 : ML_EIO;
-    if (depth > 8)
-        return ML_EIO;
-    int fd = openat(at, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0)
-        return ML_EIO;
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        close(fd);
-        return ML_EIO;
-    }
-    int rc = 0;
-    struct dirent *de;
-    while (rc == 0 && (de = readdir(d)) != NULL) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-            continue;
-        rc = s_remove_at(dirfd(d), de->d_name, depth + 1);
-    }
-    closedir(d);
-    if (rc == 0 && unlinkat(at, name, AT_REMOVEDIR) != 0 && errno != ENOENT)
-        rc = ML_EIO;
-    return rc;
-}
-
 int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *removed)
 {
     size_t n = 0;
@@ -1530,6 +1430,8 @@ int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *r
         ml_log(ML_LOG_WARN, S_LOG, "retention: cannot open sent/: %s", strerror(errno));
         return ML_EIO;
     }
+    /* readdir, not ml_fs_list: sent/ may hold many files, and one call
+     * looks at no more than it may remove. */
     DIR *d = fdopendir(fd);
     if (!d) {
         close(fd);
@@ -1547,7 +1449,9 @@ int ml_spool_prune_sent(ml_spool_t *sp, int64_t before_ms, size_t max, size_t *r
         int64_t at = (int64_t)sb.st_ctim.tv_sec * 1000 + sb.st_ctim.tv_nsec / 1000000;
         if (at > before_ms)
             continue;
-        if (s_remove_at(fd, de->d_name, 0) == 0)
+        /* A file, a link or a consult folder: removed through directory fds,
+         * never followed (ml_rmtree_at). */
+        if (ml_rmtree_at(fd, de->d_name) == 0)
             n++;
         else
             ml_log(ML_LOG_WARN, S_LOG, "retention: cannot remove sent/%s: %s", de->d_name,

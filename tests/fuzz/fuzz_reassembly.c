@@ -1,8 +1,9 @@
 /* Fuzz target: the reading centre's reassembly of an imaging study
  * (clients/agent/imaging.c and istore.c on the agent's real SQLite store
  * and spool folder), driven the way clients/agent/agent.c drives it:
- * deliveries are collected into batches and handed to ml_aimg_receive,
- * chunks apart from the other messages. Nothing of the network is needed:
+ * deliveries are collected by the agent's own receive batch (inbox.c,
+ * with the imaging receiver as its plug-in) and stored at the end of each
+ * batch, chunks apart from the other messages. Nothing of the network is needed:
  * the harness plays the broker, as tests/unit/test_agent_imaging.c does.
  *
  * Every input runs on a fresh reading centre (its own temp folder, store,
@@ -15,7 +16,7 @@
  * per step: deliver the consult, a good chunk, a damaged one (bad data,
  * wrong offset, short data, out-of-range indexes, another sender), an
  * update or report, a raw envelope made of input bytes, the same message
- * again, end of batch (ml_aimg_receive), a restart of the agent
+ * again, end of batch (ml_inbox_flush), a restart of the agent
  * (ml_aimg_recover + ml_spool_recover on the same folders), a tick.
  *
  * Checked at the end, aborting on a difference: every published study
@@ -35,6 +36,7 @@
 #include "astore.h"
 #include "fuzz_common.h"
 #include "imaging.h"
+#include "inbox.h"
 #include "ml_common.h"
 #include "ml_env.h"
 #include "ml_imaging.h"
@@ -53,13 +55,8 @@
 #define K_(x) MEDLINK__V1__KIND__KIND_##x
 #define P_(x) MEDLINK__V1__ENVELOPE__PAYLOAD_##x
 
-/* One delivery waiting for the end of its batch: what agent.c keeps in its
- * s_rx_t (id, case id, sender, kind, the packed envelope). */
+/* The latest delivery, packed, for "the same message again". */
 typedef struct {
-    char *id;
-    char *case_id;
-    char *sender;
-    int kind;
     uint8_t *blob;
     size_t len;
 } s_rx_t;
@@ -71,6 +68,7 @@ typedef struct {
     ml_astore_t *st;
     ml_spool_t *sp;
     ml_aimg_t *img;
+    ml_inbox_t *ib;
 
     /* The study the clinic sends. */
     char case_id[300];
@@ -86,8 +84,6 @@ typedef struct {
     uint8_t *consult; /* packed */
     size_t consult_len;
 
-    s_rx_t rx[S_BATCH];
-    size_t n_rx;
     s_rx_t last; /* the latest delivery, for "the same message again" */
     uint64_t next_id;
 } s_run_t;
@@ -111,6 +107,11 @@ static void s_node_open(s_run_t *r)
                              .spool = r->sp};
     if (ml_aimg_new(&icfg, &r->img, err, sizeof err) != 0)
         S_FAIL("aimg: %s", err);
+    ml_inbox_config_t bcfg = {.store = r->st, .spool = r->sp};
+    ml_inbox_plugin_t plugin;
+    ml_aimg_inbox_plugin(r->img, &plugin);
+    if (ml_inbox_new(&bcfg, &r->ib) != 0 || ml_inbox_add_plugin(r->ib, &plugin) != 0)
+        S_FAIL("inbox");
     /* Start-up order of agent.c. Failures are the module's to report. */
     (void)ml_aimg_recover(r->img);
     (void)ml_spool_recover(r->sp);
@@ -118,6 +119,9 @@ static void s_node_open(s_run_t *r)
 
 static void s_node_close(s_run_t *r)
 {
+    /* A batch not flushed is lost, as in a restart of the agent (the
+     * broker would deliver it again). */
+    ml_inbox_destroy(&r->ib);
     ml_aimg_destroy(&r->img);
     ml_spool_destroy(&r->sp);
     ml_astore_destroy(&r->st);
@@ -125,84 +129,39 @@ static void s_node_close(s_run_t *r)
 
 static void s_rx_free(s_rx_t *x)
 {
-    free(x->id);
-    free(x->case_id);
-    free(x->sender);
     free(x->blob);
     memset(x, 0, sizeof *x);
 }
 
-static int s_rx_copy(s_rx_t *dst, const s_rx_t *src)
-{
-    memset(dst, 0, sizeof *dst);
-    dst->id = strdup(src->id);
-    dst->case_id = strdup(src->case_id);
-    dst->sender = strdup(src->sender);
-    dst->kind = src->kind;
-    dst->blob = malloc(src->len ? src->len : 1);
-    dst->len = src->len;
-    if (!dst->id || !dst->case_id || !dst->sender || !dst->blob)
-        return -1;
-    memcpy(dst->blob, src->blob, src->len);
-    return 0;
-}
-
-/* ml_aimg_receive over the batch, split as agent.c splits it. */
+/* The end of a batch, as agent.c ends each loop iteration. */
 static void s_flush(s_run_t *r)
 {
-    if (r->n_rx == 0)
-        return;
-    ml_spool_msg_t m[S_BATCH], c[S_BATCH];
-    size_t nm = 0, nc = 0;
-    memset(m, 0, sizeof m);
-    memset(c, 0, sizeof c);
-    for (size_t i = 0; i < r->n_rx; i++) {
-        s_rx_t *x = &r->rx[i];
-        ml_spool_msg_t *d = x->kind == K_(IMAGING_CHUNK) ? &c[nc++] : &m[nm++];
-        d->id = x->id;
-        d->case_id = x->case_id;
-        d->sender = x->sender;
-        d->kind = x->kind;
-        d->envelope = x->blob;
-        d->envelope_len = x->len;
-    }
-    (void)ml_aimg_receive(r->img, m, nm, c, nc);
-    for (size_t i = 0; i < r->n_rx; i++)
-        s_rx_free(&r->rx[i]);
-    r->n_rx = 0;
+    (void)ml_inbox_flush(r->ib);
 }
 
-/* Queues an envelope as agent.c's s_push_rx does (which drops one without
- * an id) and keeps a copy as "the latest". */
+/* Queues an envelope as agent.c does (ml_inbox_push, which drops one
+ * without an id and refuses one that cannot be spooled) and keeps a copy
+ * as "the latest". */
 static void s_deliver(s_run_t *r, const ml_envelope_t *e)
 {
-    if (!e->id || !*e->id)
-        return;
-    if (r->n_rx == S_BATCH)
+    if (ml_inbox_pending(r->ib) == S_BATCH)
         s_flush(r);
-    s_rx_t *x = &r->rx[r->n_rx];
-    memset(x, 0, sizeof *x);
-    x->id = strdup(e->id);
-    x->case_id = strdup(e->case_id ? e->case_id : "");
-    x->sender = strdup(e->from ? e->from : "");
-    x->kind = (int)e->kind;
-    if (!x->id || !x->case_id || !x->sender || ml_env_pack(e, &x->blob, &x->len) != 0)
-        S_FAIL("out of memory");
-    r->n_rx++;
+    if (ml_inbox_push(r->ib, e) != 0)
+        return;
     s_rx_free(&r->last);
-    if (s_rx_copy(&r->last, x) != 0)
+    if (ml_env_pack(e, &r->last.blob, &r->last.len) != 0)
         S_FAIL("out of memory");
 }
 
 static void s_deliver_again(s_run_t *r)
 {
-    if (!r->last.id)
+    ml_envelope_t *e = NULL;
+    if (!r->last.blob || ml_env_unpack(r->last.blob, r->last.len, &e) != 0)
         return;
-    if (r->n_rx == S_BATCH)
+    if (ml_inbox_pending(r->ib) == S_BATCH)
         s_flush(r);
-    if (s_rx_copy(&r->rx[r->n_rx], &r->last) != 0)
-        S_FAIL("out of memory");
-    r->n_rx++;
+    (void)ml_inbox_push(r->ib, e);
+    ml_env_free(&e);
 }
 
 static void s_env_base(s_run_t *r, ml_envelope_t *e, char id[27], const char *from)
@@ -607,9 +566,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 14:
             /* A restart: what is committed stays, the batch is lost (the
              * broker would deliver it again). */
-            for (size_t i = 0; i < r.n_rx; i++)
-                s_rx_free(&r.rx[i]);
-            r.n_rx = 0;
             s_node_close(&r);
             s_node_open(&r);
             break;

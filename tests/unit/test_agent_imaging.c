@@ -28,6 +28,7 @@
 
 #include "astore.h"
 #include "imaging.h"
+#include "inbox.h"
 #include "istore.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
@@ -49,6 +50,7 @@ typedef struct {
     ml_astore_t *st;
     ml_spool_t *sp;
     ml_aimg_t *img;
+    ml_inbox_t *ib;           /* the receive batch, with the imaging plug-in */
     const ml_keyring_t *keys; /* NULL: in clear */
 } node_t;
 
@@ -70,12 +72,18 @@ static void node_open(node_t *n)
                              .store = n->st,
                              .spool = n->sp};
     cr_assert_eq(ml_aimg_new(&icfg, &n->img, err, sizeof err), 0, "%s", err);
+    ml_inbox_config_t bcfg = {.store = n->st, .spool = n->sp};
+    ml_inbox_plugin_t plugin;
+    ml_aimg_inbox_plugin(n->img, &plugin);
+    cr_assert_eq(ml_inbox_new(&bcfg, &n->ib), 0);
+    cr_assert_eq(ml_inbox_add_plugin(n->ib, &plugin), 0);
     cr_assert_eq(ml_aimg_recover(n->img), 0);
     cr_assert_eq(ml_spool_recover(n->sp), 0);
 }
 
 static void node_close(node_t *n)
 {
+    ml_inbox_destroy(&n->ib);
     ml_aimg_destroy(&n->img);
     ml_spool_destroy(&n->sp);
     ml_astore_destroy(&n->st);
@@ -409,8 +417,8 @@ static packed_t pack(const ml_envelope_t *e)
     return p;
 }
 
-/* Delivers d[0..n) in one batch; returns ml_aimg_receive's result and sets
- * each ack. */
+/* Delivers d[0..n) in one batch, through the inbox's transaction as the
+ * agent does it; returns ml_inbox_receive's result and sets each ack. */
 static int deliver(node_t *to, dlv_t *d, size_t n)
 {
     ml_spool_msg_t m[MAXROWS], c[MAXROWS];
@@ -427,7 +435,7 @@ static int deliver(node_t *to, dlv_t *d, size_t n)
             m[nm++] = x;
         }
     }
-    int rc = ml_aimg_receive(to->img, m, nm, c, nc);
+    int rc = ml_inbox_receive(to->ib, m, nm, c, nc);
     for (size_t i = 0; i < nm; i++)
         d[idx_m[i]].ack = rc == 0;
     for (size_t i = 0; i < nc; i++)
