@@ -23,8 +23,10 @@
 typedef struct {
     char dir[512]; /* temp folder of this community */
     char pki[600];
-    int port;
-    char endpoint[64];
+    int port;            /* the broker's port: 0 until h_broker_start read it */
+    char endpoint[64];   /* "tcp://127.0.0.1:PORT" (":0" until then) */
+    char listen[64];     /* what the config's [broker] listen line says */
+    char port_file[600]; /* where medlinkd writes the ports it bound */
     pid_t broker;
     pid_t agents[8];
     char agent_ids[8][64];
@@ -40,9 +42,8 @@ typedef struct {
  * after it is set (e.g. "tls = yes\nmax_connections = 3"). Without a listen
  * line of its own the section has "listen = 127.0.0.1:0", a port the
  * system picks, so that tests in parallel never collide; h_broker_start
- * reads the port from the broker's "http: listening on" log line into
- * w->http_port. "listen =" turns the endpoint off. A test sets it before
- * h_world_init and clears it (NULL: nothing but the listen line). An
+ * reads the port from the port file's http= line into w->http_port. "listen =" turns the endpoint
+ * off. A test sets it before h_world_init and clears it (NULL: nothing but the listen line). An
  * extra_broker_ini of h_world_init that has an [http] section of its own
  * replaces all of this. */
 extern const char *h_http_ini;
@@ -54,8 +55,23 @@ void h_world_init(h_world_t *w, const char *extra_broker_ini);
 /* Kills (SIGKILL) whatever is still running; keeps the folder for logs. */
 void h_world_fini(h_world_t *w);
 
-/* Starts medlinkd and waits until it listens. */
+/* Starts medlinkd and waits until it has written its port file
+ * ([broker] port_file, after the bind and before READY=1), then reads the
+ * ports into w->port, w->endpoint and w->http_port. The config asks for
+ * port 0, so the first start gets a port the system picks, race-free; the
+ * config's listen line is then pinned to that port, so that a restart
+ * binds it again and the agents find their broker where they were told it
+ * is (see harness.c). A test that rewrites the line itself (sed on
+ * "listen = " w->listen) keeps its own. */
 void h_broker_start(h_world_t *w);
+/* For a test that must configure agents before the broker ever runs:
+ * starts and stops medlinkd once, so that w->port and w->endpoint are
+ * known (and pinned as above). Nothing when they already are. */
+void h_broker_pin_port(h_world_t *w);
+/* Reads w->port_file: *port the broker's, *http_port (may be NULL) the
+ * HTTP endpoint's (0 when the file has no http= line). Returns 0, or -1
+ * when there is no file (yet) or no broker= line in it. */
+int h_port_file_read(const h_world_t *w, int *port, int *http_port);
 /* SIGTERM and wait; asserts exit status 0. */
 void h_broker_stop(h_world_t *w);
 void h_broker_kill(h_world_t *w);

@@ -349,7 +349,10 @@ Test(flow, forbidden_route_is_nacked_into_rejected)
 Test(flow, agent_queues_while_broker_is_down_and_sends_when_it_is_back)
 {
     h_world_init(&W, NULL);
-    /* No broker yet: the agents start anyway and the clinic keeps taking
+    /* The agents need the broker's endpoint before it runs: one start and
+     * stop learns the port the system gives it, which later starts keep. */
+    h_broker_pin_port(&W);
+    /* No broker now: the agents start anyway and the clinic keeps taking
      * files from its hospital system. */
     h_agent_start(&W, H_COUNTY);
     h_agent_start(&W, H_XINZHAN);
