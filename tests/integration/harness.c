@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 
 #include "ml_crypt.h"
 
@@ -745,6 +746,120 @@ void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len)
              "key = pki/%s.key\n",
              node, w->endpoint, node, node);
     s_write(out, buf);
+}
+
+char *h_ctl_run(int *status, const char *env, const char *cfg, const char *args)
+{
+    char bin[600];
+    h_bin("medlinkctl", bin, sizeof bin);
+    return h_run(status, "%s%s%s'%s' --config '%s' %s 2>&1", env ? "env " : "", env ? env : "",
+                 env ? " " : "", bin, cfg, args);
+}
+
+char *h_ctl(int want, const char *cfg, const char *args)
+{
+    int st = -1;
+    char *out = h_ctl_run(&st, NULL, cfg, args);
+    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
+    return out;
+}
+
+char *h_ctl_env(int want, const char *env, const char *cfg, const char *args)
+{
+    int st = -1;
+    char *out = h_ctl_run(&st, env, cfg, args);
+    cr_assert_eq(st, want, "env %s medlinkctl %s: exit %d, want %d:\n%s", env ? env : "", args, st,
+                 want, out);
+    return out;
+}
+
+json_t *h_ctl_json(const char *cfg, const char *args)
+{
+    char full[2048];
+    snprintf(full, sizeof full, "--json %s", args);
+    /* stdout only: a warning on stderr must not spoil the document. */
+    char bin[600];
+    h_bin("medlinkctl", bin, sizeof bin);
+    int st = -1;
+    char *out = h_run(&st, "'%s' --config '%s' %s", bin, cfg, full);
+    cr_assert_eq(st, 0, "medlinkctl %s: exit %d:\n%s", full, st, out);
+    json_error_t jerr;
+    json_t *j = json_loads(out, 0, &jerr);
+    cr_assert(j, "medlinkctl %s printed no JSON (%s): %s", full, jerr.text, out);
+    free(out);
+    return j;
+}
+
+json_t *h_ctl_wait_list(const char *cfg, const char *args, const char *key, size_t n,
+                        int timeout_ms)
+{
+    long deadline = s_now_ms() + timeout_ms;
+    for (;;) {
+        json_t *j = h_ctl_json(cfg, args);
+        if (json_array_size(json_object_get(j, key)) >= n)
+            return j;
+        json_decref(j);
+        if (s_now_ms() >= deadline)
+            return NULL;
+        h_sleep_ms(200);
+    }
+}
+
+json_t *h_wait_dead_letters(const char *cfg, size_t n, int timeout_ms)
+{
+    return h_ctl_wait_list(cfg, "dlq list", "deadLetter", n, timeout_ms);
+}
+
+json_t *h_wait_overdue(const char *cfg, const char *filter, size_t n, int timeout_ms)
+{
+    char args[512];
+    snprintf(args, sizeof args, "cases --overdue %s", filter ? filter : "");
+    return h_ctl_wait_list(cfg, args, "cases", n, timeout_ms);
+}
+
+long long h_json_u64(json_t *j, const char *key)
+{
+    json_t *v = json_object_get(j, key);
+    if (json_is_string(v))
+        return atoll(json_string_value(v));
+    return json_is_integer(v) ? (long long)json_integer_value(v) : -1;
+}
+
+/* node's counts in a status --json document (proto3 JSON omits zeros: a
+ * missing count is 0). Returns 0, or -1 when node is not listed. */
+static int s_node_counts(json_t *status, const char *node, h_node_counts_t *out)
+{
+    json_t *nodes = json_object_get(status, "node");
+    for (size_t i = 0; i < json_array_size(nodes); i++) {
+        json_t *n = json_array_get(nodes, i);
+        const char *id = json_string_value(json_object_get(n, "nodeId"));
+        if (!id || strcmp(id, node) != 0)
+            continue;
+        long long q = h_json_u64(n, "queueDepth"), f = h_json_u64(n, "inFlight"),
+                  d = h_json_u64(n, "delivered");
+        out->queued = q < 0 ? 0 : q;
+        out->in_flight = f < 0 ? 0 : f;
+        out->delivered = d < 0 ? 0 : d;
+        return 0;
+    }
+    return -1;
+}
+
+h_node_counts_t h_wait_quiet(h_world_t *w, const char *node, long long delivered, int timeout_ms)
+{
+    char cfg[700];
+    h_ctl_config(w, H_OPS, cfg, sizeof cfg);
+    h_node_counts_t c = {-1, -1, -1};
+    long deadline = s_now_ms() + timeout_ms;
+    for (;;) {
+        json_t *j = h_ctl_json(cfg, "status");
+        cr_assert_eq(s_node_counts(j, node, &c), 0, "status --json does not list %s", node);
+        json_decref(j);
+        if ((c.queued == 0 && c.in_flight == 0 && c.delivered >= delivered) ||
+            s_now_ms() >= deadline)
+            return c;
+        h_sleep_ms(100);
+    }
 }
 
 char *h_referral_json(const char *to, const char *patient, const char *priority)

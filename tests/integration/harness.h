@@ -121,6 +121,55 @@ char *h_run(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 
 const char *h_bin(const char *name, char *out, size_t len);
 /* Writes a medlinkctl config for node (cert of that node) to out path. */
 void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len);
+
+/* ---- medlinkctl, and questions to the broker ---------------------------- */
+
+struct json_t;
+/* Runs medlinkctl --config cfg args (args: the rest of its command line,
+ * shell words) with stderr folded into stdout and env (may be NULL: none)
+ * in front as "env ENV ..." (e.g. "TZ=Asia/Shanghai", "-u TZ"); *status
+ * gets the exit status. Returns the output (malloc'd, the caller's). */
+char *h_ctl_run(int *status, const char *env, const char *cfg, const char *args);
+/* h_ctl_run without env, asserting that the exit status is want. */
+char *h_ctl(int want, const char *cfg, const char *args);
+/* h_ctl with env, as for h_ctl_run. */
+char *h_ctl_env(int want, const char *env, const char *cfg, const char *args);
+/* medlinkctl --json args (stdout only): asserts exit status 0 and one JSON
+ * document, and returns it (the caller's json_decref). */
+struct json_t *h_ctl_json(const char *cfg, const char *args);
+/* Repeats h_ctl_json(cfg, args) until the array under key has at least n
+ * entries (every 200 ms, up to timeout_ms); returns that document, or NULL
+ * on the timeout. */
+struct json_t *h_ctl_wait_list(const char *cfg, const char *args, const char *key, size_t n,
+                               int timeout_ms);
+/* h_ctl_wait_list for the dead-letter queue ("dlq list", "deadLetter") and
+ * for the overdue cases ("cases --overdue" followed by filter, which may be
+ * NULL or e.g. "--kind down_transfer"). */
+struct json_t *h_wait_dead_letters(const char *cfg, size_t n, int timeout_ms);
+struct json_t *h_wait_overdue(const char *cfg, const char *filter, size_t n, int timeout_ms);
+/* A uint64 of proto3 JSON (a string, or a number) as a number; -1 when key
+ * is missing. */
+long long h_json_u64(struct json_t *j, const char *key);
+
+/* The broker's own counts for node, from its admin status (OP_STATUS via
+ * medlinkctl --json status with the OPS certificate). */
+typedef struct {
+    long long queued;    /* messages waiting for node */
+    long long in_flight; /* sent to node, not yet acknowledged */
+    long long delivered; /* acknowledged by node since the broker started */
+} h_node_counts_t;
+/* Waits up to timeout_ms until the broker has nothing left for node
+ * (queued = 0, in_flight = 0) and has delivered at least `delivered`
+ * messages to it since it started, and returns the counts it saw last.
+ * This is the question to ask instead of sleeping a while to show that
+ * something did not happen: once the broker says it holds nothing more
+ * for node, whatever node's inbox holds is all it will ever get, and the
+ * test counts it. The caller asserts the counts (delivered == n when a
+ * duplicate must not have been delivered). Asserts the status could be
+ * asked. Send first and wait for the sender's Accepted (or its sent/
+ * folder), so that the message is in the broker before the question. */
+h_node_counts_t h_wait_quiet(h_world_t *w, const char *node, long long delivered, int timeout_ms);
+
 /* A referral JSON (Envelope form) to `to`, with a given patient name. */
 char *h_referral_json(const char *to, const char *patient, const char *priority);
 /* The keyring a store of the world seals with (h_world_init and
