@@ -345,6 +345,8 @@ void h_broker_stop(h_world_t *w)
     s_check_log(w, "broker.log");
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "medlinkd did not exit cleanly (status %d)",
               st);
+    /* A clean stop removes the port file (its ports are no longer ours). */
+    cr_assert(access(w->port_file, F_OK) != 0, "medlinkd left %s after a clean stop", w->port_file);
 }
 
 void h_broker_kill(h_world_t *w)

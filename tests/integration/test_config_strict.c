@@ -324,6 +324,21 @@ Test(security, f12_broker_refuses_world_readable_key)
     free(out);
 }
 
+/* A port file that cannot be written stops the start-up (status 1, naming
+ * it) instead of leaving whoever waits for it waiting: here its folder does
+ * not exist. */
+Test(config, port_file_unwritable_refuses_start)
+{
+    char ini[800], cmd[4096];
+    s_broker_ini("port_file = medlinkd.port", "port_file = no/such/folder/medlinkd.port", NULL, ini,
+                 sizeof ini);
+    snprintf(cmd, sizeof cmd, "'%s' --config '%s'", s_medlinkd, ini);
+    char *out = s_expect(1, cmd);
+    s_has(out, "cannot write port_file");
+    s_has(out, "no/such/folder/medlinkd.port");
+    free(out);
+}
+
 Test(config, endpoint_without_tcp_scheme)
 {
     char ini[800], cmd[4096], bare[64], want[1024];
