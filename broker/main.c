@@ -297,10 +297,10 @@ int main(int argc, char **argv)
     if (port_file) {
         /* Before READY=1, so that whoever waits for either finds the ports. */
         if (s_port_file_write(port_file, s_broker) != 0) {
-            fprintf(stderr, "medlinkd: cannot write port_file %s: %s\n", port_file,
-                    strerror(errno));
+            const char *why = strerror(errno);
+            fprintf(stderr, "medlinkd: cannot write port_file %s: %s\n", port_file, why);
             ml_log(ML_LOG_ERROR, "broker", "cannot start: cannot write port_file %s: %s", port_file,
-                   strerror(errno));
+                   why);
             ml_broker_destroy(&s_broker);
             uv_walk(&loop, s_close_walk, NULL);
             uv_run(&loop, UV_RUN_DEFAULT);
