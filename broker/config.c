@@ -128,6 +128,7 @@ static int s_get_str(struct s_load *ld, const char *key, int required, int is_pa
 static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "id"},
     {S_BROKER, "listen"},
+    {S_BROKER, "port_file"},
     {S_BROKER, "data_dir"},
     {S_BROKER, "ca"},
     {S_BROKER, "cert"},
@@ -287,6 +288,7 @@ static int s_load_broker(struct s_load *ld)
         (rc = s_get_str(ld, "cert", 1, 1, NULL, &c->cert)) != 0 ||
         (rc = s_get_str(ld, "key", 1, 1, NULL, &c->key)) != 0 ||
         (rc = s_get_str(ld, "crl", 0, 1, NULL, &c->crl)) != 0 ||
+        (rc = s_get_str(ld, "port_file", 0, 1, NULL, &c->port_file)) != 0 ||
         (rc = s_get_str(ld, "store_key", 0, 1, NULL, &c->store_key)) != 0)
         return rc;
     char why[256];
@@ -831,6 +833,7 @@ void ml_broker_config_destroy(ml_broker_config_t **self_p)
     free(c->cert);
     free(c->key);
     free(c->crl);
+    free(c->port_file);
     free(c->store_key);
     s_words_free(c->store_old_keys, c->n_store_old_keys);
     free(c);

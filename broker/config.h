@@ -5,7 +5,8 @@
  *
  *   [broker]
  *   id = medlinkd.zhaozhou
- *   listen = tcp://127.0.0.1:7400
+ *   listen = tcp://127.0.0.1:7400   ; port 0: one the system picks
+ *   port_file = run/medlinkd.port   ; optional: the ports it got (see below)
  *   data_dir = data/broker
  *   ca = pki/ca.crt
  *   cert = pki/medlinkd.zhaozhou.crt
@@ -66,6 +67,15 @@
  *   store_alert_percent = 90    ; of max_store_bytes
  *   dlq_alert_threshold = 1     ; dead letters waiting
  * and per node, [node ID] offline_alert_after = 30m.
+ *
+ * The port file ([broker] port_file, read at start only): once the ZeroMQ
+ * endpoint and the HTTP endpoint are bound, and before systemd hears
+ * READY=1, medlinkd writes there (temp file + rename, mode 0644) what it
+ * actually got, one key=value a line:
+ *   broker=tcp://127.0.0.1:41873
+ *   http=127.0.0.1:39211          ; absent when [http] is off
+ * so that "listen = tcp://127.0.0.1:0" (a port the system picks) can be
+ * found by whoever started it; it is removed at a clean stop.
  */
 #ifndef ML_BROKER_CONFIG_H
 #define ML_BROKER_CONFIG_H
@@ -120,6 +130,7 @@ typedef struct {
     char *path; /* the file it was loaded from */
     char *broker_id;
     char *listen;
+    char *port_file; /* where main.c writes the bound endpoints, or NULL */
     char *data_dir;
     char *ca;
     char *cert;

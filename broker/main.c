@@ -11,16 +11,19 @@
  * around a reload and STOPPING=1 at shutdown, and pings the watchdog from
  * its loop (lib/ml_sdnotify.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <uv.h>
 
 #include "broker.h"
 #include "config.h"
+#include "http.h"
 #include "ml_common.h"
 #include "ml_lock.h"
 #include "ml_sdnotify.h"
@@ -102,6 +105,45 @@ static void s_reload_cb(uv_signal_t *h, int signum)
                  err);
         ml_sdnotify_ready(status);
     }
+}
+
+/* Writes the endpoints medlinkd actually bound to [broker] port_file, one
+ * key=value a line ("broker=tcp://127.0.0.1:41873", then "http=ADDR:PORT"
+ * when the HTTP endpoint is on), so that whoever started it with port 0
+ * can find them. Atomic (a temp file in the same folder, renamed over
+ * path): a reader never sees half a file. Mode 0644: ports are not secret,
+ * and a monitoring user may read them. Returns 0, or ML_EIO with errno
+ * kept. */
+static int s_port_file_write(const char *path, const ml_broker_t *b)
+{
+    char text[512], dir[4096];
+    const char *http = ml_bk_http_address(b);
+    int n = snprintf(text, sizeof text, "broker=%s\n%s%s%s", ml_broker_endpoint(b),
+                     http && *http ? "http=" : "", http && *http ? http : "",
+                     http && *http ? "\n" : "");
+    if (n < 0 || (size_t)n >= sizeof text ||
+        snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir) {
+        errno = ENAMETOOLONG;
+        return ML_EINVAL;
+    }
+    char *slash = strrchr(dir, '/');
+    const char *name = slash ? slash + 1 : path;
+    if (!slash)
+        strcpy(dir, ".");
+    else if (slash == dir)
+        slash[1] = '\0';
+    else
+        *slash = '\0';
+    /* The folder is the operator's choice (it may be a link they made); the
+     * file inside is created without following links (ml_write_file_at). */
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return ML_EIO;
+    int rc = ml_write_file_at(dfd, name, text, (size_t)n, 0644);
+    int saved = errno;
+    close(dfd);
+    errno = saved;
+    return rc;
 }
 
 static void s_usage(FILE *f)
@@ -229,11 +271,18 @@ int main(int argc, char **argv)
     uv_signal_start(&sigterm, s_stop_cb, SIGTERM);
     uv_signal_start(&sighup, s_reload_cb, SIGHUP);
     char status[600];
-    snprintf(status, sizeof status, "listening on %s, %zu node(s) registered", cfg->listen,
-             n_nodes);
+    /* The port file is written at start only (a reload does not move the
+     * listening sockets); ml_broker_new takes cfg, so keep its path. */
+    char *port_file = cfg->port_file ? strdup(cfg->port_file) : NULL;
+    if (cfg->port_file && !port_file) {
+        fprintf(stderr, "medlinkd: out of memory\n");
+        ml_broker_config_destroy(&cfg);
+        return 1;
+    }
     if (ml_broker_new(&loop, &cfg, &s_broker, err, sizeof err) != 0) {
         fprintf(stderr, "medlinkd: %s\n", err);
         ml_log(ML_LOG_ERROR, "broker", "cannot start: %s", err);
+        free(port_file);
         ml_broker_config_destroy(&cfg);
         uv_walk(&loop, s_close_walk, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
@@ -241,12 +290,38 @@ int main(int argc, char **argv)
         return 1;
     }
     /* ml_broker_new has bound the listening socket, opened the store and
-     * scanned the queues: peers can be served from now on. */
+     * scanned the queues: peers can be served from now on. The status names
+     * the endpoint bound (a port the system picked for port 0). */
+    snprintf(status, sizeof status, "listening on %s, %zu node(s) registered",
+             ml_broker_endpoint(s_broker), n_nodes);
+    if (port_file) {
+        /* Before READY=1, so that whoever waits for either finds the ports. */
+        if (s_port_file_write(port_file, s_broker) != 0) {
+            const char *why = strerror(errno);
+            fprintf(stderr, "medlinkd: cannot write port_file %s: %s\n", port_file, why);
+            ml_log(ML_LOG_ERROR, "broker", "cannot start: cannot write port_file %s: %s", port_file,
+                   why);
+            ml_broker_destroy(&s_broker);
+            uv_walk(&loop, s_close_walk, NULL);
+            uv_run(&loop, UV_RUN_DEFAULT);
+            uv_loop_close(&loop);
+            free(port_file);
+            return 1;
+        }
+        const char *http = ml_bk_http_address(s_broker);
+        ml_log(ML_LOG_INFO, "broker", "port file %s: broker=%s%s%s", port_file,
+               ml_broker_endpoint(s_broker), http && *http ? " http=" : "", http ? http : "");
+    }
     ml_sdnotify_ready(status);
     ml_sdnotify_watchdog_init(&loop, &s_watchdog);
     uv_run(&loop, UV_RUN_DEFAULT);
     ml_sdnotify_watchdog_close(&s_watchdog);
     ml_broker_destroy(&s_broker);
+    /* After a clean stop the ports are no longer ours: a stale file would
+     * point a reader at whatever binds them next. */
+    if (port_file && unlink(port_file) != 0 && errno != ENOENT)
+        ml_log(ML_LOG_WARN, "broker", "cannot remove port_file %s: %s", port_file, strerror(errno));
+    free(port_file);
     uv_run(&loop, UV_RUN_DEFAULT);
     int rc = uv_loop_close(&loop);
     if (rc != 0)

@@ -268,3 +268,62 @@ const Medlink__V1__AdminReply *cli_admin(cli_t *c, Medlink__V1__AdminRequest *rq
                  "expected an AdminReply, got payload %d", r->payload_case);
     return r->admin_reply;
 }
+
+const Medlink__V1__AdminReply *cli_wait_dead_letters(cli_t *ops, const char *id, size_t n,
+                                                     int timeout_ms)
+{
+    int64_t deadline = ml_mono_ms() + timeout_ms;
+    for (;;) {
+        Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+        rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_DLQ_LIST;
+        const Medlink__V1__AdminReply *rep = cli_admin(ops, &rq);
+        if (!id && rep->n_dead_letter >= n)
+            return rep;
+        for (size_t i = 0; id && i < rep->n_dead_letter; i++)
+            if (strcmp(rep->dead_letter[i]->message_id, id) == 0)
+                return rep;
+        if (ml_mono_ms() >= deadline)
+            return NULL;
+        /* Not a sleep: the loops of every open client turn meanwhile, so
+         * that the one refusing or ignoring deliveries does its part. */
+        cli_run_until(ops, cli_got_n, (int[]){CLI_MAX + 1}, 100);
+    }
+}
+
+const Medlink__V1__DeadLetter *cli_dead_letter(const Medlink__V1__AdminReply *rep, const char *id)
+{
+    for (size_t i = 0; rep && i < rep->n_dead_letter; i++)
+        if (strcmp(rep->dead_letter[i]->message_id, id) == 0)
+            return rep->dead_letter[i];
+    return NULL;
+}
+
+h_node_counts_t cli_wait_quiet(cli_t *ops, const char *node, long long delivered, int timeout_ms)
+{
+    h_node_counts_t c = {-1, -1, -1};
+    int64_t deadline = ml_mono_ms() + timeout_ms;
+    for (;;) {
+        Medlink__V1__AdminRequest rq = MEDLINK__V1__ADMIN_REQUEST__INIT;
+        rq.op = MEDLINK__V1__ADMIN_REQUEST__OP__OP_STATUS;
+        const Medlink__V1__AdminReply *rep = cli_admin(ops, &rq);
+        const Medlink__V1__BrokerStatus *bs = rep->broker_status;
+        cr_assert(bs, "OP_STATUS without a status: %s", rep->error);
+        int found = 0;
+        for (size_t i = 0; i < bs->n_node && !found; i++) {
+            const Medlink__V1__NodeStatus *n = bs->node[i];
+            if (strcmp(n->node_id, node) != 0)
+                continue;
+            c.queued = (long long)n->queue_depth;
+            c.in_flight = (long long)n->in_flight;
+            c.delivered = (long long)n->delivered;
+            found = 1;
+        }
+        cr_assert(found, "OP_STATUS does not list %s", node);
+        if ((c.queued == 0 && c.in_flight == 0 && c.delivered >= delivered) ||
+            ml_mono_ms() >= deadline)
+            return c;
+        /* The loops of every open client turn meanwhile: an in-process
+         * recipient receives and acknowledges what is in flight. */
+        cli_run_until(ops, cli_got_n, (int[]){CLI_MAX + 1}, 100);
+    }
+}

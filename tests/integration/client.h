@@ -84,4 +84,21 @@ void cli_referral(cli_referral_t *r, const char *from, const char *to, const cha
  * from and to filled here) and returns the AdminReply (asserted). */
 const Medlink__V1__AdminReply *cli_admin(cli_t *c, Medlink__V1__AdminRequest *rq);
 
+/* Asks the broker's dead-letter queue (OP_DLQ_LIST; ops is an OPS node's
+ * client) every 100 ms, up to timeout_ms, until it lists message id (id
+ * NULL: until it holds at least n letters); the loops of every open client
+ * turn in between (a recipient that refuses or ignores its deliveries keeps
+ * doing so). Returns that reply (valid as cli_send_wait's), or NULL on the
+ * timeout. */
+const Medlink__V1__AdminReply *cli_wait_dead_letters(cli_t *ops, const char *id, size_t n,
+                                                     int timeout_ms);
+/* The letter of message id in a DLQ reply, or NULL. */
+const Medlink__V1__DeadLetter *cli_dead_letter(const Medlink__V1__AdminReply *rep, const char *id);
+
+/* h_wait_quiet asked over ops (an OPS node's client, OP_STATUS) instead of
+ * medlinkctl, with every open client's loop turning between the questions:
+ * the form for a test whose recipient is an in-process client, which only
+ * acknowledges while its loop runs. */
+h_node_counts_t cli_wait_quiet(cli_t *ops, const char *node, long long delivered, int timeout_ms);
+
 #endif

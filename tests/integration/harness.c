@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 
 #include "ml_crypt.h"
 
@@ -62,18 +63,6 @@ static int s_sh(const char *fmt, ...)
     return st == -1 ? -1 : WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
-static int s_free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    cr_assert(bind(fd, (struct sockaddr *)&a, sizeof a) == 0, "bind: %s", strerror(errno));
-    socklen_t l = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &l);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void s_write(const char *path, const char *content)
 {
     FILE *f = fopen(path, "w");
@@ -99,8 +88,15 @@ void h_world_init(h_world_t *w, const char *extra)
     /* Every store of the test community seals patient data at rest. */
     rc = s_sh("umask 077 && openssl rand -hex 32 >'%s/broker-store.key'", w->pki);
     cr_assert_eq(rc, 0, "cannot make the broker's store key");
-    w->port = s_free_port();
-    snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", w->port);
+    /* Port 0: the broker binds a port the system picks and writes it to
+     * its port file, which h_broker_start reads (no free port is guessed
+     * here: one found free and closed again could be taken by anyone
+     * before medlinkd binds it). Until then endpoint is what the config
+     * says. */
+    w->port = 0;
+    snprintf(w->listen, sizeof w->listen, "tcp://127.0.0.1:0");
+    snprintf(w->endpoint, sizeof w->endpoint, "%s", w->listen);
+    snprintf(w->port_file, sizeof w->port_file, "%s/medlinkd.port", w->dir);
     char path[700], buf[8192];
     snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
     /* The [http] listen line is written without spaces: tests rewrite the
@@ -121,6 +117,7 @@ void h_world_init(h_world_t *w, const char *extra)
              "cert = pki/%s.crt\n"
              "key = pki/%s.key\n"
              "store_key = pki/broker-store.key\n"
+             "port_file = medlinkd.port\n"
              "log_level = info\n"
              "heartbeat_ms = 1000\n"
              "session_timeout_ms = 5000\n"
@@ -154,7 +151,7 @@ void h_world_init(h_world_t *w, const char *extra)
              "IMAGING_REPORT = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "IMAGING_RESEND = TOWNSHIP_CLINIC VILLAGE_CLINIC\n"
              "\n%s%s%s\n",
-             H_BROKER, w->endpoint, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
+             H_BROKER, w->listen, H_BROKER, H_BROKER, extra ? extra : "", H_COUNTY, H_XINZHAN,
              H_FENGLE, H_OPS, H_CITY, H_READ_A, H_SERVICE_CT, H_READ_B, H_SERVICE_CT, H_CITY,
              own ? "" : "[http]\n", own || hl ? "" : "listen=127.0.0.1:0\n",
              own || !h_http_ini ? "" : h_http_ini);
@@ -185,38 +182,33 @@ static pid_t s_spawn(const char *log, char *const argv[])
     return pid;
 }
 
-/* The broker's "http: listening on ADDR:PORT (...)" lines in broker.log
- * (in the text log format, or a JSON line of component "http" saying
- * "listening on ADDR:PORT"): returns how many there are, and the port of
- * the last one in *port (0 when none). */
-static int s_http_lines(const h_world_t *w, int *port)
+int h_port_file_read(const h_world_t *w, int *port, int *http_port)
 {
-    char path[700];
-    snprintf(path, sizeof path, "%s/broker.log", w->dir);
-    char *s = h_slurp(path);
+    char *s = h_slurp(w->port_file);
     *port = 0;
+    if (http_port)
+        *http_port = 0;
     if (!s)
-        return 0;
-    int n = 0;
+        return -1;
+    /* "broker=tcp://HOST:PORT\nhttp=HOST:PORT\n"; the port is what follows
+     * the last ':' of each line ([::1]:8080 included). */
+    int rc = -1;
     for (char *line = s; line && *line;) {
         char *nl = strchr(line, '\n');
-        if (nl)
-            *nl = '\0';
-        char *at = strstr(line, "listening on ");
-        if (at && (strstr(line, " http: ") || strstr(line, "\"http\""))) {
-            char *end = at + strlen("listening on ");
-            while (*end && *end != ' ' && *end != '"')
-                end++;
-            char *colon = end;
-            while (colon > at && *colon != ':')
-                colon--;
+        if (!nl)
+            break; /* written atomically: a line without its end is not ours */
+        *nl = '\0';
+        char *colon = strrchr(line, ':');
+        if (strncmp(line, "broker=", 7) == 0 && colon) {
             *port = atoi(colon + 1);
-            n++;
+            rc = *port > 0 ? 0 : -1;
+        } else if (strncmp(line, "http=", 5) == 0 && colon && http_port) {
+            *http_port = atoi(colon + 1);
         }
-        line = nl ? nl + 1 : NULL;
+        line = nl + 1;
     }
     free(s);
-    return n;
+    return rc;
 }
 
 static int s_port_open(int port)
@@ -229,6 +221,34 @@ static int s_port_open(int port)
     return ok;
 }
 
+/* Replaces the [broker] "listen = from" line of the world's config with
+ * "listen = to"; 0, or -1 when the config has no such line (a test
+ * rewrote it). */
+static int s_listen_rewrite(const h_world_t *w, const char *from, const char *to)
+{
+    char path[700], line[128];
+    snprintf(path, sizeof path, "%s/medlinkd.ini", w->dir);
+    char *text = h_slurp(path);
+    cr_assert_not_null(text, "cannot read %s", path);
+    snprintf(line, sizeof line, "\nlisten = %s\n", from);
+    char *at = strstr(text, line);
+    if (!at) {
+        free(text);
+        return -1;
+    }
+    size_t cap = strlen(text) + strlen(to) + 32;
+    char *out = malloc(cap);
+    cr_assert_not_null(out);
+    snprintf(out, cap, "%.*s\nlisten = %s\n%s", (int)(at - text), text, to, at + strlen(line));
+    char tmp[720];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    s_write(tmp, out);
+    cr_assert(rename(tmp, path) == 0, "rename %s: %s", tmp, strerror(errno));
+    free(out);
+    free(text);
+    return 0;
+}
+
 void h_broker_start(h_world_t *w)
 {
     char bin[600], cfg[700], log[700];
@@ -236,8 +256,23 @@ void h_broker_start(h_world_t *w)
     snprintf(cfg, sizeof cfg, "%s/medlinkd.ini", w->dir);
     snprintf(log, sizeof log, "%s/broker.log", w->dir);
     char *argv[] = {bin, "--config", cfg, NULL};
-    int port = 0;
-    int http_lines = s_http_lines(w, &port);
+    /* A restart binds the port the first start got. Agents, medlinkctl
+     * configs and the slow link were given that endpoint and reconnect to
+     * it, as they would to a real broker's fixed port, so the port must
+     * not change under them. Asking for it by number is the kind of reuse
+     * port 0 avoids at the first start, but here it is safe enough: the
+     * port was held by this test's own broker until the moment it stopped
+     * (nobody else could have been given it), only the few seconds the
+     * broker is down are open to a clash (which would fail loudly as
+     * "cannot listen", not silently), and ZeroMQ binds with SO_REUSEADDR,
+     * so the connections the last run left in TIME_WAIT do not stand in
+     * the way. */
+    if (w->port > 0 && strcmp(w->listen, "tcp://127.0.0.1:0") == 0 &&
+        s_listen_rewrite(w, w->listen, w->endpoint) == 0)
+        snprintf(w->listen, sizeof w->listen, "%s", w->endpoint);
+    /* The file is written after the bind and before READY=1 and removed at
+     * a clean stop; one left by a killed broker must not be read as new. */
+    unlink(w->port_file);
     w->broker = s_spawn(log, argv);
     w->broker_starts++;
     w->http_port = 0;
@@ -248,23 +283,29 @@ void h_broker_start(h_world_t *w)
             w->broker = 0;
             cr_assert_fail("medlinkd exited at start-up, see %s", log);
         }
-        if (s_port_open(w->port)) {
-            if (!w->http_on)
-                return;
-            /* The HTTP endpoint starts right after the agents' port. */
-            while (s_now_ms() < deadline) {
-                if (s_http_lines(w, &port) > http_lines) {
-                    w->http_port = port;
-                    cr_assert(w->http_port > 0, "no HTTP port in %s", log);
-                    return;
-                }
-                h_sleep_ms(20);
+        int port = 0, http_port = 0;
+        if (h_port_file_read(w, &port, &http_port) == 0) {
+            cr_assert(s_port_open(port), "medlinkd wrote port %d to %s but does not listen there",
+                      port, w->port_file);
+            w->port = port;
+            snprintf(w->endpoint, sizeof w->endpoint, "tcp://127.0.0.1:%d", port);
+            if (w->http_on) {
+                cr_assert(http_port > 0, "no http= line in %s, see %s", w->port_file, log);
+                w->http_port = http_port;
             }
-            break;
+            return;
         }
         h_sleep_ms(20);
     }
-    cr_assert_fail("medlinkd did not listen within 15 s, see %s", log);
+    cr_assert_fail("medlinkd did not write %s within 15 s, see %s", w->port_file, log);
+}
+
+void h_broker_pin_port(h_world_t *w)
+{
+    if (w->port > 0)
+        return;
+    h_broker_start(w);
+    h_broker_stop(w);
 }
 
 static int s_stop(pid_t *pid, int sig)
@@ -304,6 +345,8 @@ void h_broker_stop(h_world_t *w)
     s_check_log(w, "broker.log");
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "medlinkd did not exit cleanly (status %d)",
               st);
+    /* A clean stop removes the port file (its ports are no longer ours). */
+    cr_assert(access(w->port_file, F_OK) != 0, "medlinkd left %s after a clean stop", w->port_file);
 }
 
 void h_broker_kill(h_world_t *w)
@@ -336,8 +379,20 @@ int h_agent_start_ini(h_world_t *w, const char *node, const char *extra_ini)
     return i;
 }
 
+/* An endpoint ending in ":0" is the config's, before the broker ever ran:
+ * nobody can connect there. */
+static void s_assert_known(const char *endpoint, const char *who)
+{
+    size_t n = strlen(endpoint);
+    cr_assert(n < 2 || strcmp(endpoint + n - 2, ":0") != 0,
+              "%s: the broker's port is not known yet (%s): h_broker_start first, or "
+              "h_broker_pin_port",
+              who, endpoint);
+}
+
 int h_agent_start_at(h_world_t *w, const char *node, const char *endpoint)
 {
+    s_assert_known(endpoint, node);
     char bin[600], cfg[700], log[700], buf[4096];
     h_bin("medlink-agent", bin, sizeof bin);
     snprintf(cfg, sizeof cfg, "%s/agent-%s.ini", w->dir, node);
@@ -561,6 +616,7 @@ void h_link_start(h_world_t *w, long up_bytes_per_s)
 {
     cr_assert_null(w->link, "one slow link per world");
     cr_assert_gt(up_bytes_per_s, 0);
+    cr_assert_gt(w->port, 0, "h_link_start: start the broker first (its port is not known)");
     struct h_link *l = calloc(1, sizeof *l);
     cr_assert_not_null(l);
     for (int i = 0; i < S_LINK_PAIRS; i++)
@@ -683,6 +739,7 @@ char *h_run(int *status, const char *fmt, ...)
 
 void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len)
 {
+    s_assert_known(w->endpoint, "h_ctl_config");
     snprintf(out, len, "%s/ctl-%s.ini", w->dir, node);
     char buf[2048];
     snprintf(buf, sizeof buf,
@@ -691,6 +748,120 @@ void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len)
              "key = pki/%s.key\n",
              node, w->endpoint, node, node);
     s_write(out, buf);
+}
+
+char *h_ctl_run(int *status, const char *env, const char *cfg, const char *args)
+{
+    char bin[600];
+    h_bin("medlinkctl", bin, sizeof bin);
+    return h_run(status, "%s%s%s'%s' --config '%s' %s 2>&1", env ? "env " : "", env ? env : "",
+                 env ? " " : "", bin, cfg, args);
+}
+
+char *h_ctl(int want, const char *cfg, const char *args)
+{
+    int st = -1;
+    char *out = h_ctl_run(&st, NULL, cfg, args);
+    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
+    return out;
+}
+
+char *h_ctl_env(int want, const char *env, const char *cfg, const char *args)
+{
+    int st = -1;
+    char *out = h_ctl_run(&st, env, cfg, args);
+    cr_assert_eq(st, want, "env %s medlinkctl %s: exit %d, want %d:\n%s", env ? env : "", args, st,
+                 want, out);
+    return out;
+}
+
+json_t *h_ctl_json(const char *cfg, const char *args)
+{
+    char full[2048];
+    snprintf(full, sizeof full, "--json %s", args);
+    /* stdout only: a warning on stderr must not spoil the document. */
+    char bin[600];
+    h_bin("medlinkctl", bin, sizeof bin);
+    int st = -1;
+    char *out = h_run(&st, "'%s' --config '%s' %s", bin, cfg, full);
+    cr_assert_eq(st, 0, "medlinkctl %s: exit %d:\n%s", full, st, out);
+    json_error_t jerr;
+    json_t *j = json_loads(out, 0, &jerr);
+    cr_assert(j, "medlinkctl %s printed no JSON (%s): %s", full, jerr.text, out);
+    free(out);
+    return j;
+}
+
+json_t *h_ctl_wait_list(const char *cfg, const char *args, const char *key, size_t n,
+                        int timeout_ms)
+{
+    long deadline = s_now_ms() + timeout_ms;
+    for (;;) {
+        json_t *j = h_ctl_json(cfg, args);
+        if (json_array_size(json_object_get(j, key)) >= n)
+            return j;
+        json_decref(j);
+        if (s_now_ms() >= deadline)
+            return NULL;
+        h_sleep_ms(200);
+    }
+}
+
+json_t *h_wait_dead_letters(const char *cfg, size_t n, int timeout_ms)
+{
+    return h_ctl_wait_list(cfg, "dlq list", "deadLetter", n, timeout_ms);
+}
+
+json_t *h_wait_overdue(const char *cfg, const char *filter, size_t n, int timeout_ms)
+{
+    char args[512];
+    snprintf(args, sizeof args, "cases --overdue %s", filter ? filter : "");
+    return h_ctl_wait_list(cfg, args, "cases", n, timeout_ms);
+}
+
+long long h_json_u64(json_t *j, const char *key)
+{
+    json_t *v = json_object_get(j, key);
+    if (json_is_string(v))
+        return atoll(json_string_value(v));
+    return json_is_integer(v) ? (long long)json_integer_value(v) : -1;
+}
+
+/* node's counts in a status --json document (proto3 JSON omits zeros: a
+ * missing count is 0). Returns 0, or -1 when node is not listed. */
+static int s_node_counts(json_t *status, const char *node, h_node_counts_t *out)
+{
+    json_t *nodes = json_object_get(status, "node");
+    for (size_t i = 0; i < json_array_size(nodes); i++) {
+        json_t *n = json_array_get(nodes, i);
+        const char *id = json_string_value(json_object_get(n, "nodeId"));
+        if (!id || strcmp(id, node) != 0)
+            continue;
+        long long q = h_json_u64(n, "queueDepth"), f = h_json_u64(n, "inFlight"),
+                  d = h_json_u64(n, "delivered");
+        out->queued = q < 0 ? 0 : q;
+        out->in_flight = f < 0 ? 0 : f;
+        out->delivered = d < 0 ? 0 : d;
+        return 0;
+    }
+    return -1;
+}
+
+h_node_counts_t h_wait_quiet(h_world_t *w, const char *node, long long delivered, int timeout_ms)
+{
+    char cfg[700];
+    h_ctl_config(w, H_OPS, cfg, sizeof cfg);
+    h_node_counts_t c = {-1, -1, -1};
+    long deadline = s_now_ms() + timeout_ms;
+    for (;;) {
+        json_t *j = h_ctl_json(cfg, "status");
+        cr_assert_eq(s_node_counts(j, node, &c), 0, "status --json does not list %s", node);
+        json_decref(j);
+        if ((c.queued == 0 && c.in_flight == 0 && c.delivered >= delivered) ||
+            s_now_ms() >= deadline)
+            return c;
+        h_sleep_ms(100);
+    }
 }
 
 char *h_referral_json(const char *to, const char *patient, const char *priority)

@@ -23,8 +23,10 @@
 typedef struct {
     char dir[512]; /* temp folder of this community */
     char pki[600];
-    int port;
-    char endpoint[64];
+    int port;            /* the broker's port: 0 until h_broker_start read it */
+    char endpoint[64];   /* "tcp://127.0.0.1:PORT" (":0" until then) */
+    char listen[64];     /* what the config's [broker] listen line says */
+    char port_file[600]; /* where medlinkd writes the ports it bound */
     pid_t broker;
     pid_t agents[8];
     char agent_ids[8][64];
@@ -40,9 +42,8 @@ typedef struct {
  * after it is set (e.g. "tls = yes\nmax_connections = 3"). Without a listen
  * line of its own the section has "listen = 127.0.0.1:0", a port the
  * system picks, so that tests in parallel never collide; h_broker_start
- * reads the port from the broker's "http: listening on" log line into
- * w->http_port. "listen =" turns the endpoint off. A test sets it before
- * h_world_init and clears it (NULL: nothing but the listen line). An
+ * reads the port from the port file's http= line into w->http_port. "listen =" turns the endpoint
+ * off. A test sets it before h_world_init and clears it (NULL: nothing but the listen line). An
  * extra_broker_ini of h_world_init that has an [http] section of its own
  * replaces all of this. */
 extern const char *h_http_ini;
@@ -54,8 +55,23 @@ void h_world_init(h_world_t *w, const char *extra_broker_ini);
 /* Kills (SIGKILL) whatever is still running; keeps the folder for logs. */
 void h_world_fini(h_world_t *w);
 
-/* Starts medlinkd and waits until it listens. */
+/* Starts medlinkd and waits until it has written its port file
+ * ([broker] port_file, after the bind and before READY=1), then reads the
+ * ports into w->port, w->endpoint and w->http_port. The config asks for
+ * port 0, so the first start gets a port the system picks, race-free; the
+ * config's listen line is then pinned to that port, so that a restart
+ * binds it again and the agents find their broker where they were told it
+ * is (see harness.c). A test that rewrites the line itself (sed on
+ * "listen = " w->listen) keeps its own. */
 void h_broker_start(h_world_t *w);
+/* For a test that must configure agents before the broker ever runs:
+ * starts and stops medlinkd once, so that w->port and w->endpoint are
+ * known (and pinned as above). Nothing when they already are. */
+void h_broker_pin_port(h_world_t *w);
+/* Reads w->port_file: *port the broker's, *http_port (may be NULL) the
+ * HTTP endpoint's (0 when the file has no http= line). Returns 0, or -1
+ * when there is no file (yet) or no broker= line in it. */
+int h_port_file_read(const h_world_t *w, int *port, int *http_port);
 /* SIGTERM and wait; asserts exit status 0. */
 void h_broker_stop(h_world_t *w);
 void h_broker_kill(h_world_t *w);
@@ -105,6 +121,55 @@ char *h_run(int *status, const char *fmt, ...) __attribute__((format(printf, 2, 
 const char *h_bin(const char *name, char *out, size_t len);
 /* Writes a medlinkctl config for node (cert of that node) to out path. */
 void h_ctl_config(const h_world_t *w, const char *node, char *out, size_t len);
+
+/* ---- medlinkctl, and questions to the broker ---------------------------- */
+
+struct json_t;
+/* Runs medlinkctl --config cfg args (args: the rest of its command line,
+ * shell words) with stderr folded into stdout and env (may be NULL: none)
+ * in front as "env ENV ..." (e.g. "TZ=Asia/Shanghai", "-u TZ"); *status
+ * gets the exit status. Returns the output (malloc'd, the caller's). */
+char *h_ctl_run(int *status, const char *env, const char *cfg, const char *args);
+/* h_ctl_run without env, asserting that the exit status is want. */
+char *h_ctl(int want, const char *cfg, const char *args);
+/* h_ctl with env, as for h_ctl_run. */
+char *h_ctl_env(int want, const char *env, const char *cfg, const char *args);
+/* medlinkctl --json args (stdout only): asserts exit status 0 and one JSON
+ * document, and returns it (the caller's json_decref). */
+struct json_t *h_ctl_json(const char *cfg, const char *args);
+/* Repeats h_ctl_json(cfg, args) until the array under key has at least n
+ * entries (every 200 ms, up to timeout_ms); returns that document, or NULL
+ * on the timeout. */
+struct json_t *h_ctl_wait_list(const char *cfg, const char *args, const char *key, size_t n,
+                               int timeout_ms);
+/* h_ctl_wait_list for the dead-letter queue ("dlq list", "deadLetter") and
+ * for the overdue cases ("cases --overdue" followed by filter, which may be
+ * NULL or e.g. "--kind down_transfer"). */
+struct json_t *h_wait_dead_letters(const char *cfg, size_t n, int timeout_ms);
+struct json_t *h_wait_overdue(const char *cfg, const char *filter, size_t n, int timeout_ms);
+/* A uint64 of proto3 JSON (a string, or a number) as a number; -1 when key
+ * is missing. */
+long long h_json_u64(struct json_t *j, const char *key);
+
+/* The broker's own counts for node, from its admin status (OP_STATUS via
+ * medlinkctl --json status with the OPS certificate). */
+typedef struct {
+    long long queued;    /* messages waiting for node */
+    long long in_flight; /* sent to node, not yet acknowledged */
+    long long delivered; /* acknowledged by node since the broker started */
+} h_node_counts_t;
+/* Waits up to timeout_ms until the broker has nothing left for node
+ * (queued = 0, in_flight = 0) and has delivered at least `delivered`
+ * messages to it since it started, and returns the counts it saw last.
+ * This is the question to ask instead of sleeping a while to show that
+ * something did not happen: once the broker says it holds nothing more
+ * for node, whatever node's inbox holds is all it will ever get, and the
+ * test counts it. The caller asserts the counts (delivered == n when a
+ * duplicate must not have been delivered). Asserts the status could be
+ * asked. Send first and wait for the sender's Accepted (or its sent/
+ * folder), so that the message is in the broker before the question. */
+h_node_counts_t h_wait_quiet(h_world_t *w, const char *node, long long delivered, int timeout_ms);
+
 /* A referral JSON (Envelope form) to `to`, with a given patient name. */
 char *h_referral_json(const char *to, const char *patient, const char *priority);
 /* The keyring a store of the world seals with (h_world_init and

@@ -13,7 +13,7 @@
 #include "harness.h"
 
 static h_world_t W;
-static char s_bin[4096], s_ops[4096], s_clinic[4096];
+static char s_ops[4096], s_clinic[4096];
 
 static void s_teardown(void)
 {
@@ -22,29 +22,11 @@ static void s_teardown(void)
 
 TestSuite(api, .fini = s_teardown, .timeout = 300);
 
-static char *s_ctl(int want, const char *cfg, const char *args)
-{
-    int st = -1;
-    char *out = h_run(&st, "'%s' --config '%s' %s 2>&1", s_bin, cfg, args);
-    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
-    return out;
-}
-
 static json_t *s_parse(const char *what, const char *text)
 {
     json_error_t jerr;
     json_t *j = json_loads(text, 0, &jerr);
     cr_assert(j, "%s is not JSON (%s): %s", what, jerr.text, text);
-    return j;
-}
-
-static json_t *s_ctl_json(const char *args)
-{
-    char full[512];
-    snprintf(full, sizeof full, "--json %s", args);
-    char *out = s_ctl(0, s_ops, full);
-    json_t *j = s_parse(args, out);
-    free(out);
     return j;
 }
 
@@ -90,35 +72,27 @@ Test(api, same_json_as_medlinkctl_and_filters)
     h_world_init(&W, "timer_ms = 100\n");
     h_broker_start(&W);
     cr_assert_gt(W.http_port, 0, "the broker has no HTTP endpoint");
-    h_bin("medlinkctl", s_bin, sizeof s_bin);
     h_ctl_config(&W, H_OPS, s_ops, sizeof s_ops);
     h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
     cr_assert_eq(h_agent_start(&W, H_COUNTY), 0);
 
     /* One referral delivered to the county hospital, and one for the
      * offline city hospital that expires into the dead-letter queue. */
-    free(s_ctl(0, s_clinic,
+    free(h_ctl(0, s_clinic,
                "send referral --to " H_COUNTY " --patient-name 'Wang Fang' --health-card "
                "130102196505051234 --reason 'chest pain'"));
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1, 20000), 1);
-    free(s_ctl(0, s_clinic,
+    free(h_ctl(0, s_clinic,
                "send referral --to " H_CITY " --deadline +1s --patient-name 'Li Lei' "
                "--health-card 130102197001011111 --reason 'review'"));
-    json_t *dlq = NULL;
-    for (int waited = 0; waited < 20000; waited += 200) {
-        dlq = s_ctl_json("dlq list");
-        if (json_array_size(json_object_get(dlq, "deadLetter")) == 1)
-            break;
-        json_decref(dlq);
-        dlq = NULL;
-        h_sleep_ms(200);
-    }
+    json_t *dlq = h_wait_dead_letters(s_ops, 1, 20000);
     cr_assert(dlq, "the expired referral never became a dead letter");
+    cr_assert_eq(json_array_size(json_object_get(dlq, "deadLetter")), 1);
 
     /* Dead letters and cases: the same documents. */
     json_t *adlq = s_api("/api/v1/dlq");
     cr_assert(json_equal(dlq, adlq), "/api/v1/dlq differs from medlinkctl --json dlq list");
-    json_t *cases = s_ctl_json("cases");
+    json_t *cases = h_ctl_json(s_ops, "cases");
     json_t *acases = s_api("/api/v1/cases");
     cr_assert(json_equal(cases, acases), "/api/v1/cases differs from medlinkctl --json cases");
     cr_assert_eq(json_array_size(json_object_get(acases, "cases")), 2);
@@ -126,7 +100,7 @@ Test(api, same_json_as_medlinkctl_and_filters)
     json_decref(acases);
 
     /* Filters: a state, a kind, a limit, like medlinkctl's options. */
-    cases = s_ctl_json("cases --state DELIVERED");
+    cases = h_ctl_json(s_ops, "cases --state DELIVERED");
     acases = s_api("/api/v1/cases?state=DELIVERED");
     cr_assert(json_equal(cases, acases));
     cr_assert_eq(json_array_size(json_object_get(acases, "cases")), 1);
@@ -146,7 +120,7 @@ Test(api, same_json_as_medlinkctl_and_filters)
     char args[256], path[256];
     snprintf(args, sizeof args, "case show %s", cid);
     snprintf(path, sizeof path, "/api/v1/cases/%s", cid);
-    json_t *one = s_ctl_json(args);
+    json_t *one = h_ctl_json(s_ops, args);
     json_t *aone = s_api(path);
     cr_assert(json_equal(one, aone), "%s differs from medlinkctl --json %s", path, args);
     cr_assert_gt(json_array_size(json_object_get(aone, "timeline")), 0);
@@ -154,7 +128,7 @@ Test(api, same_json_as_medlinkctl_and_filters)
     json_decref(aone);
 
     /* Status and nodes: the same fields; the node entries agree. */
-    json_t *st = s_ctl_json("status");
+    json_t *st = h_ctl_json(s_ops, "status");
     json_t *ast = s_api("/api/v1/status");
     json_t *anodes = s_api("/api/v1/nodes");
     cr_assert_eq(json_object_size(st), json_object_size(ast));

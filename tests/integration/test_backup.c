@@ -137,9 +137,12 @@ Test(backup, sqlite_backup_while_running_restores_queued_messages)
         cr_assert(p, "referral of %s missing after the restore", patient);
         free(p);
     }
-    /* Nothing accepted after the backup is in the copy: give the broker
-     * time to deliver anything else it might hold. */
-    h_sleep_ms(3000);
+    /* Nothing accepted after the backup is in the copy: the restored broker
+     * holds nothing more for the hospital and delivered exactly those. */
+    h_node_counts_t q = h_wait_quiet(&W, H_COUNTY, S_BEFORE, 30000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == S_BEFORE,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_COUNTY);
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), S_BEFORE, "more than the copy held arrived");
     char *after = h_find_json(&W, H_COUNTY, "inbox", "After Backup");
     cr_assert_null(after, "a referral accepted after the backup came from the copy: %s", after);

@@ -134,7 +134,11 @@ Test(broker, duplicate_id_accepted_twice_delivered_once)
     cli_open(&c, &W, H_XINZHAN, 0);
     ml_envelope_t *d = cli_send_wait(&c, &r.env);
     cr_assert_eq(d->accepted->n_duplicate_ids, 1);
-    h_sleep_ms(1500);
+    /* The restarted broker queued nothing for the hospital. */
+    h_node_counts_t q = h_wait_quiet(&W, H_COUNTY, 0, 10000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == 0,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_COUNTY);
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 1, "a duplicate reached the inbox");
     cli_close(&c);
     h_agent_stop(&W, H_COUNTY);
@@ -219,7 +223,11 @@ Test(broker, emergency_overtakes_and_order_is_kept_within_priority)
     cr_assert_eq(total, 28);
     h_agent_start(&W, H_COUNTY);
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 28, 20000), 28);
-    h_sleep_ms(500);
+    /* Nothing more to come: the broker delivered the 28 and holds none. */
+    h_node_counts_t q = h_wait_quiet(&W, H_COUNTY, 28, 20000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == 28,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_COUNTY);
     char names[64][32];
     int n = s_inbox_order(names, 64);
     cr_assert_eq(n, 28);

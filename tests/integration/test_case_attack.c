@@ -26,10 +26,7 @@
 #include "harness.h"
 #include "ml_common.h"
 
-#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
-#define REF_(x) MEDLINK__V1__REFERRAL_STATUS__REFERRAL_##x
-#define OP_(x) MEDLINK__V1__ADMIN_REQUEST__OP__OP_##x
-#define ESC_(x) MEDLINK__V1__ESCALATION_REASON__ESCALATION_##x
+#include "short.h"
 
 static h_world_t W;
 
@@ -178,14 +175,8 @@ static void s_make_dead(cli_t *clinic, cli_t *city, cli_t *ops, const char *name
 {
     city->answer = CLI_REFUSE;
     s_open(clinic, H_CITY, name, 0, id_out);
-    for (int waited = 0; waited < 20000; waited += 100) {
-        const Medlink__V1__AdminReply *rep = s_dlq(ops, OP_(DLQ_LIST), NULL);
-        for (size_t i = 0; i < rep->n_dead_letter; i++)
-            if (strcmp(rep->dead_letter[i]->message_id, id_out) == 0)
-                return;
-        cli_run_until(city, cli_got_n, (int[]){1000000}, 100);
-    }
-    cr_assert_fail("%s never became a dead letter", id_out);
+    cr_assert(cli_wait_dead_letters(ops, id_out, 0, 20000), "%s never became a dead letter",
+              id_out);
 }
 
 static int s_listed(const Medlink__V1__AdminReply *rep, const char *id)

@@ -17,9 +17,7 @@
 #include "harness.h"
 #include "ml_common.h"
 
-#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
-#define REF_(x) MEDLINK__V1__REFERRAL_STATUS__REFERRAL_##x
-#define OP_(x) MEDLINK__V1__ADMIN_REQUEST__OP__OP_##x
+#include "short.h"
 
 static h_world_t W;
 

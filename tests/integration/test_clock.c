@@ -26,7 +26,6 @@
 #include "ml_common.h"
 
 static h_world_t W;
-static char s_bin[600];
 
 static void s_teardown(void)
 {
@@ -53,18 +52,14 @@ static const char *s_src(void)
     return src ? src : ".";
 }
 
-/* Runs medlinkctl with cfg and args, stdout and stderr together; returns
- * the output (the caller's), the exit status in *st and the time it took
- * in *ms. */
-static char *s_ctl(int *st, int64_t *ms, const char *cfg, const char *args)
+/* h_ctl_run, timed: the time it took in *ms (may be NULL). */
+static char *s_ctl_timed(int *st, int64_t *ms, const char *cfg, const char *args)
 {
-    if (!s_bin[0])
-        h_bin("medlinkctl", s_bin, sizeof s_bin);
     int64_t t0 = ml_mono_ms();
-    char *out = h_run(st, "'%s' --config '%s' %s 2>&1", s_bin, cfg, args);
+    char *out = h_ctl_run(st, NULL, cfg, args);
     if (ms)
         *ms = ml_mono_ms() - t0;
-    return out ? out : strdup("");
+    return out;
 }
 
 /* 1 when a line of the log has every one of the (NULL-terminated)
@@ -130,7 +125,7 @@ Test(clock, clock_crl_expiring_warns)
     char cfg[800];
     h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
     int st = -1;
-    char *out = s_ctl(&st, NULL, cfg, "status");
+    char *out = s_ctl_timed(&st, NULL, cfg, "status");
     cr_assert_eq(st, 0, "medlinkctl status: exit %d:\n%s", st, out);
     char *w = strstr(out, "WARNING");
     cr_assert(w, "no WARNING line in medlinkctl status:\n%s", out);
@@ -144,7 +139,7 @@ Test(clock, clock_crl_expiring_warns)
     cr_assert_eq(strstr(w + 1, "WARNING"), NULL, "more than one WARNING line:\n%s", out);
     free(out);
 
-    out = s_ctl(&st, NULL, cfg, "--json status");
+    out = s_ctl_timed(&st, NULL, cfg, "--json status");
     cr_assert_eq(st, 0, "medlinkctl --json status: exit %d:\n%s", st, out);
     json_error_t jerr;
     json_t *j = json_loads(out, 0, &jerr);
@@ -196,7 +191,7 @@ Test(clock, clock_crl_expired_clear_log)
     h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
     int st = -1;
     int64_t ms = 0;
-    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    char *out = s_ctl_timed(&st, &ms, cfg, "--timeout 30 status");
     cr_assert_eq(st, 3, "medlinkctl status with the broker's CRL expired: exit %d, want 3:\n%s", st,
                  out);
     cr_assert(strstr(out, "CRL"), "medlinkctl does not point at the CRL:\n%s", out);
@@ -225,7 +220,7 @@ Test(clock, clock_crl_expired_clear_log)
     s_sh("'%s/deploy/pki.sh' --dir '%s' --crl >>'%s/pki.log' 2>&1", s_src(), W.pki, W.dir);
     cr_assert_eq(kill(W.broker, SIGHUP), 0);
     cr_assert(S_WAIT_LINE("broker.log", 10000, "reloaded"), "no reload in %s/broker.log", W.dir);
-    out = s_ctl(&st, NULL, cfg, "--timeout 30 status");
+    out = s_ctl_timed(&st, NULL, cfg, "--timeout 30 status");
     cr_assert_eq(st, 0, "medlinkctl status after the CRL was renewed: exit %d:\n%s", st, out);
     cr_assert_eq(strstr(out, "WARNING"), NULL, "a warning remains after renewal:\n%s", out);
     free(out);
@@ -244,7 +239,7 @@ Test(clock, clock_ctl_expired_cert_fails_fast)
     h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
     int st = -1;
     int64_t ms = 0;
-    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    char *out = s_ctl_timed(&st, &ms, cfg, "--timeout 30 status");
     cr_assert_eq(st, 3, "medlinkctl with an expired certificate: exit %d, want 3:\n%s", st, out);
     cr_assert(strstr(out, "own certificate expired"), "the reason is not named:\n%s", out);
     cr_assert_eq(strstr(out, "no answer"), NULL, "medlinkctl waited for an answer:\n%s", out);
@@ -267,7 +262,7 @@ Test(clock, clock_ctl_wrong_broker_id_fails_fast)
     s_sh("sed -i 's/^broker_id = .*/broker_id = medlinkd.elsewhere/' '%s'", cfg);
     int st = -1;
     int64_t ms = 0;
-    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    char *out = s_ctl_timed(&st, &ms, cfg, "--timeout 30 status");
     cr_assert_eq(st, 3, "medlinkctl with a wrong broker_id: exit %d, want 3:\n%s", st, out);
     cr_assert(strstr(out, "broker CN mismatch") && strstr(out, "medlinkd.elsewhere") &&
                   strstr(out, H_BROKER),
@@ -312,7 +307,7 @@ Test(clock, clock_ctl_revoked_cert_fails_fast)
     h_ctl_config(&W, H_OPS, cfg, sizeof cfg);
     int st = -1;
     int64_t ms = 0;
-    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    char *out = s_ctl_timed(&st, &ms, cfg, "--timeout 30 status");
     cr_assert_eq(st, 3, "medlinkctl with a revoked certificate: exit %d, want 3:\n%s", st, out);
     cr_assert(strstr(out, "own certificate revoked"), "the reason is not named:\n%s", out);
     cr_assert_lt(ms, 10000, "medlinkctl took %lld ms (--timeout 30)", (long long)ms);
@@ -337,7 +332,7 @@ Test(clock, clock_ctl_unknown_ca_fails_fast)
          H_OPS, H_OPS, cfg);
     int st = -1;
     int64_t ms = 0;
-    char *out = s_ctl(&st, &ms, cfg, "--timeout 30 status");
+    char *out = s_ctl_timed(&st, &ms, cfg, "--timeout 30 status");
     cr_assert_eq(st, 3, "medlinkctl with a certificate of another CA: exit %d, want 3:\n%s", st,
                  out);
     cr_assert(strstr(out, "unknown CA"), "the reason is not named:\n%s", out);

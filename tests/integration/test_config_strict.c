@@ -18,6 +18,11 @@
 #include "harness.h"
 
 static h_world_t W;
+/* The endpoint the agent and medlinkctl configs of these tests name: no
+ * broker runs here and nothing connects (each config is refused, or only
+ * checked), so any well-formed endpoint does; the world's own is
+ * "tcp://127.0.0.1:0" until a broker ran, which clients refuse. */
+static const char s_nowhere[] = "tcp://127.0.0.1:7400";
 static char s_medlinkd[600], s_agent[600], s_ctl[600];
 
 static void s_teardown(void)
@@ -125,7 +130,7 @@ static void s_ctl_ini(const char *broker, const char *extra, char *out, size_t l
 Test(config, unknown_key_agent_file_line)
 {
     char ini[800], cmd[4096], want[1024];
-    s_agent_ini(H_XINZHAN, W.endpoint, H_XINZHAN, "heartbeat_ms = 1000\n", ini, sizeof ini);
+    s_agent_ini(H_XINZHAN, s_nowhere, H_XINZHAN, "heartbeat_ms = 1000\n", ini, sizeof ini);
     int line = s_lines(ini) + 1;
     FILE *f = fopen(ini, "a");
     cr_assert_not_null(f);
@@ -148,7 +153,7 @@ Test(config, unknown_key_agent_file_line)
 Test(config, unknown_key_ctl)
 {
     char ini[800], cmd[4096], want[1024];
-    s_ctl_ini(W.endpoint, "brokr_id = medlinkd.other\n", ini, sizeof ini);
+    s_ctl_ini(s_nowhere, "brokr_id = medlinkd.other\n", ini, sizeof ini);
     int line = s_lines(ini);
     /* No broker is running: a medlinkctl that took the file would try to
      * connect and fail on the timeout instead (exit 1). */
@@ -197,14 +202,14 @@ Test(config, check_missing_cert_file)
     cr_assert_null(strstr(out, "is valid"), "%s", out);
     free(out);
 
-    s_agent_ini(H_XINZHAN, W.endpoint, "gone", NULL, ini, sizeof ini);
+    s_agent_ini(H_XINZHAN, s_nowhere, "gone", NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --check-config '%s'", s_agent, ini);
     out = s_expect(1, cmd);
     s_has(out, "[agent] cert = ");
     s_has(out, missing);
     free(out);
 
-    s_ctl_ini(W.endpoint, NULL, ini, sizeof ini);
+    s_ctl_ini(s_nowhere, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --check-config '%s' --cert '%s'", s_ctl, ini, missing);
     out = s_expect(1, cmd);
     s_has(out, missing);
@@ -216,8 +221,8 @@ Test(config, check_config_file_arg)
 {
     char bini[800], aini[800], cini[800], cmd[4096];
     snprintf(bini, sizeof bini, "%s/medlinkd.ini", W.dir);
-    s_agent_ini(H_XINZHAN, W.endpoint, H_XINZHAN, NULL, aini, sizeof aini);
-    s_ctl_ini(W.endpoint, NULL, cini, sizeof cini);
+    s_agent_ini(H_XINZHAN, s_nowhere, H_XINZHAN, NULL, aini, sizeof aini);
+    s_ctl_ini(s_nowhere, NULL, cini, sizeof cini);
     const char *bins[] = {s_medlinkd, s_agent, s_ctl};
     const char *inis[] = {bini, aini, cini};
     for (int i = 0; i < 3; i++) {
@@ -250,7 +255,7 @@ Test(config, check_key_cert_mismatch)
     s_has(out, H_COUNTY ".crt");
     free(out);
 
-    s_agent_ini(H_XINZHAN, W.endpoint, H_FENGLE, NULL, ini, sizeof ini);
+    s_agent_ini(H_XINZHAN, s_nowhere, H_FENGLE, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --check-config '%s'", s_agent, ini);
     out = s_expect(1, cmd);
     s_has(out, "does not match certificate file");
@@ -270,7 +275,7 @@ Test(config, check_key_cert_mismatch)
     s_has(out, "is for " H_FENGLE);
     free(out);
 
-    s_ctl_ini(W.endpoint, NULL, ini, sizeof ini);
+    s_ctl_ini(s_nowhere, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --check-config --cert '%s/pki/%s.crt'", s_ctl,
              ini, W.dir, H_COUNTY);
     out = s_expect(1, cmd);
@@ -301,7 +306,7 @@ Test(security, f12_broker_refuses_world_readable_key)
     char akey[800];
     snprintf(akey, sizeof akey, "%s/pki/%s.key", W.dir, H_XINZHAN);
     cr_assert_eq(chmod(akey, 0640), 0);
-    s_agent_ini(H_XINZHAN, W.endpoint, H_XINZHAN, NULL, ini, sizeof ini);
+    s_agent_ini(H_XINZHAN, s_nowhere, H_XINZHAN, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s'", s_agent, ini);
     out = s_expect(1, cmd);
     s_has(out, "readable by group or others (mode 0640)");
@@ -311,7 +316,7 @@ Test(security, f12_broker_refuses_world_readable_key)
     char ckey[800];
     snprintf(ckey, sizeof ckey, "%s/pki/%s.key", W.dir, H_OPS);
     cr_assert_eq(chmod(ckey, 0604), 0);
-    s_ctl_ini(W.endpoint, NULL, ini, sizeof ini);
+    s_ctl_ini(s_nowhere, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --timeout 2 status", s_ctl, ini);
     out = s_expect(1, cmd);
     s_has(out, "readable by group or others (mode 0604)");
@@ -319,13 +324,28 @@ Test(security, f12_broker_refuses_world_readable_key)
     free(out);
 }
 
+/* A port file that cannot be written stops the start-up (status 1, naming
+ * it) instead of leaving whoever waits for it waiting: here its folder does
+ * not exist. */
+Test(config, port_file_unwritable_refuses_start)
+{
+    char ini[800], cmd[4096];
+    s_broker_ini("port_file = medlinkd.port", "port_file = no/such/folder/medlinkd.port", NULL, ini,
+                 sizeof ini);
+    snprintf(cmd, sizeof cmd, "'%s' --config '%s'", s_medlinkd, ini);
+    char *out = s_expect(1, cmd);
+    s_has(out, "cannot write port_file");
+    s_has(out, "no/such/folder/medlinkd.port");
+    free(out);
+}
+
 Test(config, endpoint_without_tcp_scheme)
 {
     char ini[800], cmd[4096], bare[64], want[1024];
-    snprintf(bare, sizeof bare, "127.0.0.1:%d", W.port);
+    snprintf(bare, sizeof bare, "%s", s_nowhere + strlen("tcp://"));
 
     char from[128], to[128];
-    snprintf(from, sizeof from, "listen = %s", W.endpoint);
+    snprintf(from, sizeof from, "listen = %s", W.listen);
     snprintf(to, sizeof to, "listen = %s", bare);
     s_broker_ini(from, to, NULL, ini, sizeof ini);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s'", s_medlinkd, ini);

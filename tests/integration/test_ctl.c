@@ -14,7 +14,7 @@
 #include "ml_common.h"
 
 static h_world_t W;
-static char s_bin[600], s_ops[800], s_county[800], s_clinic[800];
+static char s_ops[800], s_county[800], s_clinic[800];
 
 static void s_teardown(void)
 {
@@ -27,32 +27,9 @@ static void s_setup(const char *extra)
 {
     h_world_init(&W, extra);
     h_broker_start(&W);
-    h_bin("medlinkctl", s_bin, sizeof s_bin);
     h_ctl_config(&W, H_OPS, s_ops, sizeof s_ops);
     h_ctl_config(&W, H_COUNTY, s_county, sizeof s_county);
     h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
-}
-
-/* Runs medlinkctl with cfg and args; asserts the exit status; returns the
- * output (the caller's). */
-static char *s_ctl(int want, const char *cfg, const char *args)
-{
-    int st = -1;
-    char *out = h_run(&st, "'%s' --config '%s' %s 2>&1", s_bin, cfg, args);
-    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
-    return out;
-}
-
-static json_t *s_ctl_json(const char *cfg, const char *args)
-{
-    char full[1024];
-    snprintf(full, sizeof full, "--json %s", args);
-    char *out = s_ctl(0, cfg, full);
-    json_error_t jerr;
-    json_t *j = json_loads(out, 0, &jerr);
-    cr_assert(j, "medlinkctl %s printed no JSON: %s", args, out);
-    free(out);
-    return j;
 }
 
 static const char *s_str(json_t *j, const char *key)
@@ -67,7 +44,7 @@ Test(ctl, down_transfer_from_flags_case_show_and_cases)
     h_agent_start(&W, H_XINZHAN);
     h_agent_start(&W, H_COUNTY);
 
-    json_t *j = s_ctl_json(
+    json_t *j = h_ctl_json(
         s_county, "send down-transfer --to " H_XINZHAN
                   " --priority URGENT --patient-name 'Sun Li' --health-card 130102195501012222"
                   " --sex female --phase ACUTE_RECOVERY --summary 'Pneumonia, treated'"
@@ -87,16 +64,8 @@ Test(ctl, down_transfer_from_flags_case_show_and_cases)
     snprintf(args, sizeof args,
              "send update --kind down_transfer --to %s --case %s --status ACCEPTED", H_COUNTY,
              case_id);
-    free(s_ctl(0, s_clinic, args));
-    json_t *overdue = NULL;
-    for (int waited = 0; waited < 15000; waited += 200) {
-        overdue = s_ctl_json(s_ops, "cases --overdue --kind down_transfer");
-        if (json_array_size(json_object_get(overdue, "cases")) > 0)
-            break;
-        json_decref(overdue);
-        overdue = NULL;
-        h_sleep_ms(200);
-    }
+    free(h_ctl(0, s_clinic, args));
+    json_t *overdue = h_wait_overdue(s_ops, "--kind down_transfer", 1, 15000);
     cr_assert(overdue, "cases --overdue never listed the down-transfer");
     json_t *c = json_array_get(json_object_get(overdue, "cases"), 0);
     cr_assert_str_eq(s_str(c, "caseId"), case_id);
@@ -111,11 +80,11 @@ Test(ctl, down_transfer_from_flags_case_show_and_cases)
     snprintf(args, sizeof args,
              "send update --kind down_transfer --to %s --case %s --status ARRIVED --notes 'home'",
              H_COUNTY, case_id);
-    free(s_ctl(0, s_clinic, args));
+    free(h_ctl(0, s_clinic, args));
     json_t *state = NULL;
     for (int waited = 0; waited < 10000; waited += 200) {
         snprintf(args, sizeof args, "case show %s", case_id);
-        state = s_ctl_json(s_ops, args);
+        state = h_ctl_json(s_ops, args);
         if (strcmp(s_str(state, "state"), "DOWN_TRANSFER_ARRIVED") == 0)
             break;
         json_decref(state);
@@ -128,27 +97,27 @@ Test(ctl, down_transfer_from_flags_case_show_and_cases)
     cr_assert_str_eq(s_str(ci, "openedBy"), H_COUNTY);
     cr_assert_geq(json_array_size(json_object_get(ci, "timeline")), 4);
     json_decref(state);
-    json_t *none = s_ctl_json(s_ops, "cases --overdue");
+    json_t *none = h_ctl_json(s_ops, "cases --overdue");
     cr_assert_eq(json_array_size(json_object_get(none, "cases")), 0);
     json_decref(none);
 
     /* Human output: the timeline, one line per entry. */
     snprintf(args, sizeof args, "case show %s", case_id);
-    char *human = s_ctl(0, s_ops, args);
+    char *human = h_ctl(0, s_ops, args);
     cr_assert(strstr(human, "DOWN_TRANSFER_ACCEPTED") && strstr(human, "deadline missed") &&
                   strstr(human, "DOWN_TRANSFER_ARRIVED"),
               "case show:\n%s", human);
     free(human);
     /* Filters: by state (short names with a kind), and refusals. */
-    j = s_ctl_json(s_ops, "cases --kind down_transfer --state ARRIVED");
+    j = h_ctl_json(s_ops, "cases --kind down_transfer --state ARRIVED");
     cr_assert_eq(json_array_size(json_object_get(j, "cases")), 1);
     json_decref(j);
-    j = s_ctl_json(s_ops, "cases --kind referral");
+    j = h_ctl_json(s_ops, "cases --kind referral");
     cr_assert_eq(json_array_size(json_object_get(j, "cases")), 0);
     json_decref(j);
-    free(s_ctl(1, s_ops, "case show 01NOSUCHCASE0000000000000000"));
+    free(h_ctl(1, s_ops, "case show 01NOSUCHCASE0000000000000000"));
     /* Only an OPS certificate may look. */
-    free(s_ctl(1, s_clinic, "cases"));
+    free(h_ctl(1, s_clinic, "cases"));
     h_agent_stop(&W, H_COUNTY);
     h_agent_stop(&W, H_XINZHAN);
     h_broker_stop(&W);
@@ -164,18 +133,11 @@ Test(ctl, dead_letter_queue_list_show_replay_purge)
                  "send referral --to %s --deadline +1s --patient-name 'Late Patient %d'"
                  " --health-card 13010219800101%04d --reason 'review'",
                  H_CITY, i, i);
-        free(s_ctl(0, s_clinic, args));
+        free(h_ctl(0, s_clinic, args));
     }
-    json_t *list = NULL;
-    for (int waited = 0; waited < 15000; waited += 200) {
-        list = s_ctl_json(s_ops, "dlq list");
-        if (json_array_size(json_object_get(list, "deadLetter")) == 2)
-            break;
-        json_decref(list);
-        list = NULL;
-        h_sleep_ms(200);
-    }
+    json_t *list = h_wait_dead_letters(s_ops, 2, 15000);
     cr_assert(list, "dlq list never showed the two expired referrals");
+    cr_assert_eq(json_array_size(json_object_get(list, "deadLetter")), 2);
     json_t *d = json_array_get(json_object_get(list, "deadLetter"), 0);
     char id[64];
     snprintf(id, sizeof id, "%s", s_str(d, "messageId"));
@@ -184,7 +146,7 @@ Test(ctl, dead_letter_queue_list_show_replay_purge)
 
     char args[300];
     snprintf(args, sizeof args, "dlq show %s", id);
-    char *out = s_ctl(0, s_ops, args);
+    char *out = h_ctl(0, s_ops, args);
     cr_assert(strstr(out, "Late Patient"), "dlq show should print the stored envelope:\n%s", out);
     free(out);
 
@@ -192,17 +154,22 @@ Test(ctl, dead_letter_queue_list_show_replay_purge)
      * the other. */
     h_agent_start(&W, H_CITY);
     snprintf(args, sizeof args, "dlq replay %s", id);
-    free(s_ctl(0, s_ops, args));
+    free(h_ctl(0, s_ops, args));
     cr_assert_eq(h_wait_count(&W, H_CITY, "inbox", 1, 20000), 1);
-    json_t *purged = s_ctl_json(s_ops, "dlq purge --all");
+    json_t *purged = h_ctl_json(s_ops, "dlq purge --all");
     cr_assert_eq(json_integer_value(json_object_get(purged, "affected")), 1);
     json_decref(purged);
-    json_t *empty = s_ctl_json(s_ops, "dlq list");
+    json_t *empty = h_ctl_json(s_ops, "dlq list");
     cr_assert_eq(json_array_size(json_object_get(empty, "deadLetter")), 0);
     json_decref(empty);
-    h_sleep_ms(500);
+    /* The broker holds nothing more for the city hospital: the one message
+     * it delivered (the replayed letter) is all its inbox gets. */
+    h_node_counts_t q = h_wait_quiet(&W, H_CITY, 1, 10000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == 1,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_CITY);
     cr_assert_eq(h_count(&W, H_CITY, "inbox"), 1, "the purged letter must not be delivered");
-    free(s_ctl(1, s_ops, "dlq replay 01NOSUCHMESSAGE000000000000"));
+    free(h_ctl(1, s_ops, "dlq replay 01NOSUCHMESSAGE000000000000"));
     h_agent_stop(&W, H_CITY);
     h_broker_stop(&W);
 }

@@ -48,37 +48,6 @@ static void s_setup(const char *extra)
     h_ctl_config(&W, H_OPS, s_ops, sizeof s_ops);
 }
 
-/* Runs medlinkctl (env: words before it, e.g. "TZ=UTC") with the ops
- * config; asserts the exit status; returns stdout (the caller's). */
-static char *s_ctl(int want, const char *env, const char *args)
-{
-    int st = -1;
-    char *out = h_run(&st, "env %s '%s' --config '%s' %s", env ? env : "", s_bin, s_ops, args);
-    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
-    return out;
-}
-
-static json_t *s_ctl_json(const char *args)
-{
-    char full[1024];
-    snprintf(full, sizeof full, "--json %s", args);
-    char *out = s_ctl(0, NULL, full);
-    json_error_t jerr;
-    json_t *j = json_loads(out, 0, &jerr);
-    cr_assert(j, "medlinkctl %s printed no JSON: %s", args, out);
-    free(out);
-    return j;
-}
-
-/* A uint64 of proto3 JSON (a string) as a number. */
-static long long s_u64(json_t *j, const char *key)
-{
-    json_t *v = json_object_get(j, key);
-    if (json_is_string(v))
-        return atoll(json_string_value(v));
-    return json_is_integer(v) ? (long long)json_integer_value(v) : -1;
-}
-
 /* The line of out that contains needle, copied into line. */
 static int s_line_with(const char *out, const char *needle, char *line, size_t len)
 {
@@ -121,8 +90,8 @@ Test(ctl_ops, status_shows_counts_and_warnings)
 
     json_t *j = NULL;
     for (int waited = 0; waited < 10000; waited += 200) {
-        j = s_ctl_json("status");
-        if (s_u64(j, "openCases") >= 1)
+        j = h_ctl_json(s_ops, "status");
+        if (h_json_u64(j, "openCases") >= 1)
             break;
         json_decref(j);
         j = NULL;
@@ -131,11 +100,11 @@ Test(ctl_ops, status_shows_counts_and_warnings)
     cr_assert(j, "status --json never counted the open referral");
     char want[200];
     snprintf(want, sizeof want, "cases     open %lld, overdue %lld (in memory ",
-             s_u64(j, "openCases"), s_u64(j, "overdueCases"));
-    long long dead = s_u64(j, "deadLetters");
+             h_json_u64(j, "openCases"), h_json_u64(j, "overdueCases"));
+    long long dead = h_json_u64(j, "deadLetters");
     json_decref(j);
 
-    char *out = s_ctl(0, NULL, "status");
+    char *out = h_ctl(0, s_ops, "status");
     cr_assert(strstr(out, want), "status lacks \"%s\":\n%s", want, out);
     snprintf(want, sizeof want, "dlq       %lld dead letter", dead);
     cr_assert(strstr(out, want), "status lacks \"%s\":\n%s", want, out);
@@ -158,7 +127,7 @@ Test(ctl_ops, nodes_human_and_json_match_status)
     h_agent_start(&W, H_XINZHAN);
     char *out = NULL;
     for (int waited = 0; waited < 15000; waited += 200) {
-        out = s_ctl(0, NULL, "nodes");
+        out = h_ctl(0, s_ops, "nodes");
         char line[1024];
         if (s_line_with(out, H_XINZHAN, line, sizeof line) && strstr(line, " online "))
             break;
@@ -184,8 +153,8 @@ Test(ctl_ops, nodes_human_and_json_match_status)
 
     /* --json: {"node": [...]}, the very list status --json has. */
     h_agent_stop(&W, H_XINZHAN); /* nothing changes between the two calls */
-    json_t *n = s_ctl_json("nodes");
-    json_t *s = s_ctl_json("status");
+    json_t *n = h_ctl_json(s_ops, "nodes");
+    json_t *s = h_ctl_json(s_ops, "status");
     json_t *a = json_object_get(n, "node"), *b = json_object_get(s, "node");
     cr_assert(json_is_array(a) && json_array_size(a) == 7, "nodes --json has no 7-node list");
     cr_assert_eq(json_object_size(n), 1, "nodes --json has more than the list");
@@ -220,7 +189,7 @@ Test(ctl_ops, chinese_display_names_align)
     s_setup("\n[node " S_ZH_NODE
             "]\nrole = COUNTY_HOSPITAL\ncommunity = zhaozhou\nname = " S_ZH_NAME "\n");
     /* LANG=C: medlinkctl must measure UTF-8 widths even so. */
-    char *out = s_ctl(0, "LANG=C LC_ALL=", "nodes");
+    char *out = h_ctl_env(0, "LANG=C LC_ALL=", s_ops, "nodes");
     char zh[1024], en[1024];
     cr_assert(s_line_with(out, S_ZH_NAME, zh, sizeof zh), "no Chinese name:\n%s", out);
     cr_assert(s_line_with(out, "Zhaozhou County People's Hospital", en, sizeof en),
@@ -242,13 +211,13 @@ Test(ctl_ops, chinese_display_names_align)
 Test(ctl_ops, local_time_with_tz_shows_offset)
 {
     s_setup(NULL);
-    char *out = s_ctl(0, "-u TZ", "status");
+    char *out = h_ctl_env(0, "-u TZ", s_ops, "status");
     char line[1024];
     cr_assert(s_line_with(out, "uptime", line, sizeof line));
     cr_assert(strstr(line, "Z)"), "UTC is not the default: %s", line);
     free(out);
 
-    out = s_ctl(0, "TZ=Asia/Shanghai", "status");
+    out = h_ctl_env(0, "TZ=Asia/Shanghai", s_ops, "status");
     cr_assert(s_line_with(out, "uptime", line, sizeof line));
     cr_assert(strstr(line, " +08:00)"), "TZ=Asia/Shanghai gives no +08:00: %s", line);
     /* "(since 2026-12-07 23:50:01 +08:00)" */
@@ -258,13 +227,13 @@ Test(ctl_ops, local_time_with_tz_shows_offset)
     free(out);
 
     /* --local-time with the system's zone named by TZ's file. */
-    out = s_ctl(0, "TZ=:Asia/Shanghai", "--local-time status");
+    out = h_ctl_env(0, "TZ=:Asia/Shanghai", s_ops, "--local-time status");
     cr_assert(s_line_with(out, "uptime", line, sizeof line));
     cr_assert(strstr(line, " +08:00)"), "--local-time gives no +08:00: %s", line);
     free(out);
 
     /* JSON stays epoch milliseconds whatever TZ says. */
-    out = s_ctl(0, "TZ=Asia/Shanghai", "--local-time --json status");
+    out = h_ctl_env(0, "TZ=Asia/Shanghai", s_ops, "--local-time --json status");
     cr_assert(strstr(out, "\"startedAt\": \"") && !strstr(out, "+08:00"),
               "JSON changed with TZ:\n%s", out);
     free(out);
@@ -274,7 +243,7 @@ Test(ctl_ops, local_time_with_tz_shows_offset)
 static void s_wait_online(const char *node)
 {
     for (int waited = 0; waited < 20000; waited += 200) {
-        char *out = s_ctl(0, NULL, "nodes"), line[1024];
+        char *out = h_ctl(0, s_ops, "nodes"), line[1024];
         int on = s_line_with(out, node, line, sizeof line) && strstr(line, " online ");
         free(out);
         if (on)
@@ -291,7 +260,7 @@ Test(ctl_ops, top_count_prints_snapshots_without_escapes)
     s_wait_online(H_XINZHAN);
     int sessions = h_log_contains(&W, "broker.log", "up (medlinkctl/");
     int asked = h_log_contains(&W, "broker.log", "asked for OP_STATUS");
-    char *out = s_ctl(0, NULL, "top --count 2 --interval 0.5");
+    char *out = h_ctl(0, s_ops, "top --count 2 --interval 0.5");
     /* One session for both refreshes. */
     for (int waited = 0; waited < 5000; waited += 100) {
         if (h_log_contains(&W, "broker.log", "asked for OP_STATUS") >= asked + 2)

@@ -175,7 +175,11 @@ Test(flow, thousand_referrals_to_offline_hospital_arrive_once)
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 0);
     h_agent_start(&W, H_COUNTY);
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 1000, 120000), 1000);
-    h_sleep_ms(1500);
+    /* No duplicate can still come: the broker delivered 1000 and holds none. */
+    h_node_counts_t q = h_wait_quiet(&W, H_COUNTY, 1000, 60000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == 1000,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_COUNTY);
     cr_assert_eq(s_inbox_unique_patients(H_COUNTY, 1000), 1000);
     h_agent_stop(&W, H_XINZHAN);
     h_agent_stop(&W, H_COUNTY);
@@ -232,7 +236,13 @@ Test(flow, broker_sigkill_mid_stream_loses_nothing_accepted)
     cr_assert_eq(h_wait_count(&W, H_XINZHAN, "sent", total, 300000), total,
                  "not every message was accepted after the restart");
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", total, 300000), total);
-    h_sleep_ms(2000);
+    /* No duplicate can still come: the broker holds nothing for the
+     * hospital (its delivered count began again at the restart, so only
+     * the queue and the window are asked). */
+    h_node_counts_t q = h_wait_quiet(&W, H_COUNTY, 0, 60000);
+    cr_assert(q.queued == 0 && q.in_flight == 0,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_COUNTY);
     cr_assert_eq(s_inbox_unique_patients(H_COUNTY, total), total);
     char **ids;
     int n = s_accepted_ids(H_XINZHAN, &ids);
@@ -339,7 +349,11 @@ Test(flow, forbidden_route_is_nacked_into_rejected)
     cr_assert(strstr(why, "FORBIDDEN") || strstr(why, "forbidden"), "reason: %s", why);
     cr_assert(strstr(why, "TOWNSHIP_CLINIC"), "reason should name the roles: %s", why);
     free(why);
-    h_sleep_ms(500);
+    /* Refused, so never queued: the broker holds nothing for fengle. */
+    h_node_counts_t q = h_wait_quiet(&W, H_FENGLE, 0, 10000);
+    cr_assert(q.queued == 0 && q.in_flight == 0 && q.delivered == 0,
+              "broker: %lld queued, %lld in flight, %lld delivered to %s", q.queued, q.in_flight,
+              q.delivered, H_FENGLE);
     cr_assert_eq(h_count(&W, H_FENGLE, "inbox"), 0, "forbidden message was delivered");
     h_agent_stop(&W, H_XINZHAN);
     h_agent_stop(&W, H_FENGLE);
@@ -349,7 +363,10 @@ Test(flow, forbidden_route_is_nacked_into_rejected)
 Test(flow, agent_queues_while_broker_is_down_and_sends_when_it_is_back)
 {
     h_world_init(&W, NULL);
-    /* No broker yet: the agents start anyway and the clinic keeps taking
+    /* The agents need the broker's endpoint before it runs: one start and
+     * stop learns the port the system gives it, which later starts keep. */
+    h_broker_pin_port(&W);
+    /* No broker now: the agents start anyway and the clinic keeps taking
      * files from its hospital system. */
     h_agent_start(&W, H_COUNTY);
     h_agent_start(&W, H_XINZHAN);

@@ -16,7 +16,7 @@
 #include "harness.h"
 #include "ml_common.h"
 
-#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
+#include "short.h"
 
 static h_world_t W;
 

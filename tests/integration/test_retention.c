@@ -28,9 +28,7 @@
 #include "ml_imaging.h"
 #include "store.h"
 
-#define REF_(x) MEDLINK__V1__REFERRAL_STATUS__REFERRAL_##x
-#define IMG_(x) MEDLINK__V1__IMAGING_STATUS__IMAGING_##x
-#define NACK_(x) MEDLINK__V1__NACK_CODE__NACK_##x
+#include "short.h"
 
 static h_world_t W;
 /* A client of the test: waiting turns its loop (and every other open
@@ -155,30 +153,6 @@ static void s_referral(cli_t *clinic, char *id_out, size_t notes_len)
     cli_expect_accepted(cli_send_wait(clinic, &r.env), r.id);
     snprintf(id_out, ML_ULID_LEN + 1, "%s", r.id);
     free(notes);
-}
-
-/* medlinkctl with cfg and args; asserts the exit status; the output is the
- * caller's. */
-static char *s_ctl(int want, const char *cfg, const char *args)
-{
-    char bin[600];
-    h_bin("medlinkctl", bin, sizeof bin);
-    int st = -1;
-    char *out = h_run(&st, "'%s' --config '%s' --timeout 60 %s 2>&1", bin, cfg, args);
-    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
-    return out;
-}
-
-static json_t *s_ctl_json(const char *cfg, const char *args)
-{
-    char full[512];
-    snprintf(full, sizeof full, "--json %s", args);
-    char *out = s_ctl(0, cfg, full);
-    json_error_t jerr;
-    json_t *j = json_loads(out, 0, &jerr);
-    cr_assert(j, "medlinkctl %s printed no JSON: %s", args, out);
-    free(out);
-    return j;
 }
 
 /* A number of the JSON form of a message: 64-bit values are strings there,
@@ -401,7 +375,7 @@ Test(retention, retention_file_shrinks)
         s_accepted(s_update(&hosp, H_XINZHAN, ids[i], REF_(REJECTED)));
     cr_assert(cli_run_until(&clinic, cli_got_n, (int[]){N}, 60000), "updates not delivered (%d)",
               clinic.n_got);
-    json_t *st = s_ctl_json(ops_cfg, "store stats");
+    json_t *st = h_ctl_json(ops_cfg, "--timeout 60 store stats");
     cr_assert_str_eq(json_string_value(json_object_get(st, "autoVacuum")), "incremental");
     long long pages_before = s_num(st, "pageCount");
     long long page_size = s_num(st, "pageSize");
@@ -412,7 +386,7 @@ Test(retention, retention_file_shrinks)
     strcat(seg, "-seg/00000001.seg");
     cr_assert_gt(s_file_size(seg), (long long)N * 30000, "the segment holds the payloads");
 
-    json_t *pr = s_ctl_json(ops_cfg, "store prune");
+    json_t *pr = h_ctl_json(ops_cfg, "--timeout 60 store prune");
     cr_assert_geq(s_num(pr, "messages"), 2 * N, "prune removed %lld messages",
                   s_num(pr, "messages"));
     json_decref(pr);
@@ -422,7 +396,7 @@ Test(retention, retention_file_shrinks)
     /* The free pages went back to the file system: few are left inside the
      * file, and broker.db itself (once the checkpointer has copied the
      * vacuum into it) is smaller by about the payloads. */
-    st = s_ctl_json(ops_cfg, "store stats");
+    st = h_ctl_json(ops_cfg, "--timeout 60 store stats");
     long long pages_after = s_num(st, "pageCount");
     cr_assert_lt(s_num(st, "freePages"), 64, "%lld free pages left", s_num(st, "freePages"));
     json_decref(st);
@@ -521,6 +495,10 @@ Test(retention, retention_agent_sent_folder)
             h_sleep_ms(200);
     }
     cr_assert_eq(h_count(&W, H_COUNTY, "inbox"), 1, "the inbox/ file must stay");
+    /* A sleep on purpose: what must not happen is the county agent's own
+     * retention pass (every second here) emptying its sent/, which it
+     * neither logs when it removes nothing nor tells the broker; 4 s is
+     * past sent_retention_seconds' 3 s of the clinic plus a pass. */
     h_sleep_ms(4000);
     cr_assert_eq(h_count(&W, H_COUNTY, "sent"), 1, "sent_retention_days = 0 keeps sent/");
     cr_assert(h_log_contains(&W, "agent-" H_XINZHAN ".log", "retention:") > 0);
@@ -553,7 +531,7 @@ Test(retention, store_stats_and_prune_ctl)
     /* Delivered marks reach the store in the next group. */
     s_wait_q("SELECT count(*) FROM messages WHERE state = 1", NULL, 3, 10000);
 
-    json_t *st = s_ctl_json(ops_cfg, "store stats");
+    json_t *st = h_ctl_json(ops_cfg, "--timeout 60 store stats");
     cr_assert_gt(s_num(st, "fileBytes"), 0);
     cr_assert_gt(s_num(st, "pageCount"), 0);
     cr_assert_eq(s_num(st, "retentionMs"), 0);
@@ -568,23 +546,23 @@ Test(retention, store_stats_and_prune_ctl)
     json_decref(st);
 
     /* The table form names every table. */
-    char *out = s_ctl(0, ops_cfg, "store stats");
+    char *out = h_ctl(0, ops_cfg, "--timeout 60 store stats");
     cr_assert(strstr(out, "broker.db") && strstr(out, "case_events") && strstr(out, "delivered") &&
                   strstr(out, "incremental"),
               "%s", out);
     free(out);
 
     /* Not for a clinic: admin requests need an OPS node. */
-    out = s_ctl(1, clinic_cfg, "store prune");
+    out = h_ctl(1, clinic_cfg, "--timeout 60 store prune");
     cr_assert(strstr(out, "OPS"), "%s", out);
     free(out);
-    out = s_ctl(1, clinic_cfg, "store stats");
+    out = h_ctl(1, clinic_cfg, "--timeout 60 store stats");
     free(out);
     cr_assert_eq(s_q(s_msgs_of_case, closed), 2, "a refused prune must not remove anything");
 
     /* Ops runs retention now: the final case's two messages go, the open
      * case's referral stays, and the reply says so. */
-    json_t *pr = s_ctl_json(ops_cfg, "store prune");
+    json_t *pr = h_ctl_json(ops_cfg, "--timeout 60 store prune");
     cr_assert_eq(s_num(pr, "messages"), 2);
     cr_assert_eq(s_num(pr, "bodies"), 2);
     cr_assert_gt(s_num(pr, "payloadBytes"), 0);
@@ -593,13 +571,13 @@ Test(retention, store_stats_and_prune_ctl)
     cr_assert_eq(s_q(s_msgs_of_case, closed), 0);
     cr_assert_eq(s_q(s_msgs_of_case, open), 1);
 
-    st = s_ctl_json(ops_cfg, "store stats");
+    st = h_ctl_json(ops_cfg, "--timeout 60 store stats");
     cr_assert_eq(s_rows(st, "messages", "delivered"), 1);
     cr_assert_eq(s_rows(st, "cases", "final"), 1, "the final case's timeline stays");
     json_t *last = json_object_get(st, "lastPrune");
     cr_assert_eq(s_num(last, "messages"), 2, "stats show the last prune");
     json_decref(st);
-    out = s_ctl(0, ops_cfg, "store prune");
+    out = h_ctl(0, ops_cfg, "--timeout 60 store prune");
     cr_assert(strstr(out, "removed") && strstr(out, "freed"), "%s", out);
     free(out);
 

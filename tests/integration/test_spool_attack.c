@@ -28,6 +28,7 @@
 #include <poll.h>
 
 #include "harness.h"
+#include "study.h"
 #include "ml_common.h"
 #include "ml_imaging.h"
 
@@ -144,82 +145,16 @@ static char *s_referral_with_id(const char *to, const char *id)
     return out;
 }
 
-/* ---- DICOM files (as in test_study.c) ----------------------------------- */
-
-typedef struct {
-    uint8_t *b;
-    size_t n, cap;
-} buf_t;
-
-static void s_put(buf_t *b, const void *p, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2;
-        b->b = realloc(b->b, b->cap);
-        cr_assert_not_null(b->b);
-    }
-    memcpy(b->b + b->n, p, n);
-    b->n += n;
-}
-
-static void s_el(buf_t *b, uint16_t g, uint16_t e, const char *vr, const void *v, uint32_t len)
-{
-    uint8_t h[12] = {(uint8_t)g,        (uint8_t)(g >> 8), (uint8_t)e,
-                     (uint8_t)(e >> 8), (uint8_t)vr[0],    (uint8_t)vr[1]};
-    if (strcmp(vr, "OB") == 0 || strcmp(vr, "OW") == 0) {
-        h[8] = (uint8_t)len;
-        h[9] = (uint8_t)(len >> 8);
-        h[10] = (uint8_t)(len >> 16);
-        h[11] = (uint8_t)(len >> 24);
-        s_put(b, h, 12);
-    } else {
-        h[6] = (uint8_t)len;
-        h[7] = (uint8_t)(len >> 8);
-        s_put(b, h, 8);
-    }
-    s_put(b, v, len);
-}
-
-static void s_el_str(buf_t *b, uint16_t g, uint16_t e, const char *vr, const char *s)
-{
-    char tmp[128];
-    size_t n = strlen(s);
-    memcpy(tmp, s, n);
-    if (n % 2)
-        tmp[n++] = strcmp(vr, "UI") == 0 ? '\0' : ' ';
-    s_el(b, g, e, vr, tmp, (uint32_t)n);
-}
-
+/* The study's image number index, with about `pixels` bytes of
+ * pseudo-random pixel data (tests/common/study.h); its SHA-256 into sha (may be NULL). */
 static void s_write_dicom(const char *path, int index, size_t pixels, char sha[65])
 {
-    char sop[80];
-    snprintf(sop, sizeof sop, "1.2.826.0.1.3680043.8.498.91%04d", index);
-    buf_t b = {0};
-    uint8_t zero[128] = {0};
-    s_put(&b, zero, 128);
-    s_put(&b, "DICM", 4);
-    s_el_str(&b, 0x0002, 0x0002, "UI", "1.2.840.10008.5.1.4.1.1.2");
-    s_el_str(&b, 0x0002, 0x0003, "UI", sop);
-    s_el_str(&b, 0x0002, 0x0010, "UI", "1.2.840.10008.1.2.1");
-    s_el_str(&b, 0x0008, 0x0016, "UI", "1.2.840.10008.5.1.4.1.1.2");
-    s_el_str(&b, 0x0008, 0x0018, "UI", sop);
-    s_el_str(&b, 0x0008, 0x0060, "CS", "CT");
-    s_el_str(&b, 0x0020, 0x000D, "UI", STUDY_UID);
-    s_el_str(&b, 0x0020, 0x000E, "UI", "1.2.826.0.1.3680043.8.498.9102");
-    uint8_t *px = malloc(pixels);
-    cr_assert_not_null(px);
-    unsigned seed = (unsigned)index * 2654435761u;
-    for (size_t i = 0; i < pixels; i++)
-        px[i] = (uint8_t)(rand_r(&seed) >> 5);
-    s_el(&b, 0x7FE0, 0x0010, "OW", px, (uint32_t)pixels);
-    free(px);
-    FILE *f = fopen(path, "wb");
-    cr_assert(f, "cannot write %s", path);
-    cr_assert_eq(fwrite(b.b, 1, b.n, f), b.n);
-    fclose(f);
-    if (sha)
-        ml_sha256_hex(b.b, b.n, sha);
-    free(b.b);
+    static const tc_dicom_t study = {.study_uid = STUDY_UID,
+                                     .series_uid = "1.2.826.0.1.3680043.8.498.9102",
+                                     .sop_prefix = "1.2.826.0.1.3680043.8.498.91",
+                                     .patient = NULL};
+    cr_assert_eq(tc_dicom_write(&study, path, index, pixels, sha), 0, "cannot write %s: %s", path,
+                 strerror(errno));
 }
 
 static void s_consult_json(char *out, size_t len)
@@ -319,9 +254,17 @@ Test(security, f1_temp_file_symlink_not_followed)
     cr_assert(v && strcmp(v, "nobody may write this file\n") == 0, "victim.txt was written");
     free(v);
     /* And it starts again on its agent.db. */
+    int ups = h_log_contains(&W, "agent-" H_XINZHAN ".log", "session up");
     h_agent_stop(&W, H_XINZHAN);
     h_agent_start(&W, H_XINZHAN);
-    h_sleep_ms(500);
+    /* Up means past opening agent.db and the spool: wait for its session
+     * rather than for a while. */
+    for (int waited = 0;
+         waited < 20000 && h_log_contains(&W, "agent-" H_XINZHAN ".log", "session up") <= ups;
+         waited += 50)
+        h_sleep_ms(50);
+    cr_assert_gt(h_log_contains(&W, "agent-" H_XINZHAN ".log", "session up"), ups,
+                 "the clinic's agent did not come up again");
     cr_assert_eq(kill(s_agent_pid(H_XINZHAN), 0), 0, "the clinic's agent does not start again");
     h_agent_stop(&W, H_XINZHAN);
     h_agent_stop(&W, H_COUNTY);
@@ -711,8 +654,11 @@ Test(security, ctl_study_link_and_swap_refused)
     cr_assert_neq(status, 0, "medlinkctl sent a study whose file was swapped:\n%s", text);
     cr_assert(strstr(text, "IM0002.dcm"), "the refusal does not name the file:\n%s", text);
 
-    /* Whatever reached the reading centre, the key is not in it. */
-    h_sleep_ms(1000);
+    /* Whatever reached the reading centre, the key is not in it: once the
+     * broker holds nothing more for the centre, nothing more can come. */
+    h_node_counts_t q = h_wait_quiet(&W, H_READ_A, 0, 20000);
+    cr_assert(q.queued == 0 && q.in_flight == 0, "broker: %lld queued, %lld in flight for %s",
+              q.queued, q.in_flight, H_READ_A);
     char inbox[700], parts[700];
     h_spool(&W, H_READ_A, "inbox", inbox, sizeof inbox);
     cr_assert(!s_tree_contains(inbox, keybytes, klen), "the secret reached the reading centre");

@@ -10,6 +10,7 @@
  *   - a chunk damaged before the broker sealed it into its store is caught
  *     by the reading centre's SHA-256 check, asked for again, and the study
  *     still arrives intact. */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@
 #include "client.h"
 #include "harness.h"
 #include "store.h"
+#include "study.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
 #include "ml_imaging.h"
@@ -38,86 +40,16 @@ static void s_teardown(void)
 
 TestSuite(study, .fini = s_teardown, .timeout = 600);
 
-/* ---- DICOM files -------------------------------------------------------- */
-
-typedef struct {
-    uint8_t *b;
-    size_t n, cap;
-} buf_t;
-
-static void s_put(buf_t *b, const void *p, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2;
-        b->b = realloc(b->b, b->cap);
-        cr_assert_not_null(b->b);
-    }
-    memcpy(b->b + b->n, p, n);
-    b->n += n;
-}
-
-/* One explicit-VR little-endian element. */
-static void s_el(buf_t *b, uint16_t g, uint16_t e, const char *vr, const void *v, uint32_t len)
-{
-    uint8_t h[12] = {(uint8_t)g,        (uint8_t)(g >> 8), (uint8_t)e,
-                     (uint8_t)(e >> 8), (uint8_t)vr[0],    (uint8_t)vr[1]};
-    int long_vr = strcmp(vr, "OB") == 0 || strcmp(vr, "OW") == 0;
-    if (long_vr) {
-        h[8] = (uint8_t)len;
-        h[9] = (uint8_t)(len >> 8);
-        h[10] = (uint8_t)(len >> 16);
-        h[11] = (uint8_t)(len >> 24);
-        s_put(b, h, 12);
-    } else {
-        h[6] = (uint8_t)len;
-        h[7] = (uint8_t)(len >> 8);
-        s_put(b, h, 8);
-    }
-    s_put(b, v, len);
-}
-
-static void s_el_str(buf_t *b, uint16_t g, uint16_t e, const char *vr, const char *s)
-{
-    char tmp[128];
-    size_t n = strlen(s);
-    memcpy(tmp, s, n);
-    if (n % 2)
-        tmp[n++] = strcmp(vr, "UI") == 0 ? '\0' : ' ';
-    s_el(b, g, e, vr, tmp, (uint32_t)n);
-}
-
-/* Writes a CT image with about `pixels` bytes of pseudo-random pixel data
- * (the header: the UIDs medlink reads) and returns its SHA-256. */
+/* The study's image number index, with about `pixels` bytes of
+ * pseudo-random pixel data (tests/common/study.h); its SHA-256 into sha (may be NULL). */
 static void s_write_dicom(const char *path, int index, size_t pixels, char sha[65])
 {
-    char sop[80];
-    snprintf(sop, sizeof sop, "1.2.826.0.1.3680043.8.498.71%04d", index);
-    buf_t b = {0};
-    uint8_t zero[128] = {0};
-    s_put(&b, zero, 128);
-    s_put(&b, "DICM", 4);
-    s_el_str(&b, 0x0002, 0x0002, "UI", "1.2.840.10008.5.1.4.1.1.2");
-    s_el_str(&b, 0x0002, 0x0003, "UI", sop);
-    s_el_str(&b, 0x0002, 0x0010, "UI", "1.2.840.10008.1.2.1");
-    s_el_str(&b, 0x0008, 0x0016, "UI", "1.2.840.10008.5.1.4.1.1.2");
-    s_el_str(&b, 0x0008, 0x0018, "UI", sop);
-    s_el_str(&b, 0x0008, 0x0060, "CS", "CT");
-    s_el_str(&b, 0x0010, 0x0010, "PN", "ZHANG^WEI");
-    s_el_str(&b, 0x0020, 0x000D, "UI", STUDY_UID);
-    s_el_str(&b, 0x0020, 0x000E, "UI", "1.2.826.0.1.3680043.8.498.7002");
-    uint8_t *px = malloc(pixels);
-    cr_assert_not_null(px);
-    unsigned seed = (unsigned)index * 2654435761u;
-    for (size_t i = 0; i < pixels; i++)
-        px[i] = (uint8_t)(rand_r(&seed) >> 5);
-    s_el(&b, 0x7FE0, 0x0010, "OW", px, (uint32_t)pixels);
-    free(px);
-    FILE *f = fopen(path, "wb");
-    cr_assert(f, "cannot write %s", path);
-    cr_assert_eq(fwrite(b.b, 1, b.n, f), b.n);
-    fclose(f);
-    ml_sha256_hex(b.b, b.n, sha);
-    free(b.b);
+    static const tc_dicom_t study = {.study_uid = STUDY_UID,
+                                     .series_uid = "1.2.826.0.1.3680043.8.498.7002",
+                                     .sop_prefix = "1.2.826.0.1.3680043.8.498.71",
+                                     .patient = "ZHANG^WEI"};
+    cr_assert_eq(tc_dicom_write(&study, path, index, pixels, sha), 0, "cannot write %s: %s", path,
+                 strerror(errno));
 }
 
 /* Drops a study of n files of `pixels` bytes each into the clinic's

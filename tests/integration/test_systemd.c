@@ -37,7 +37,7 @@ static h_world_t W;
 /* What arrived on the notify socket, in order, stamped on arrival. */
 typedef struct {
     int fd;
-    int port; /* when > 0: checked for a listener as READY=1 arrives */
+    int broker; /* medlinkd: at READY=1 its port file must name a port that listens */
     pthread_t th;
     pthread_mutex_t mu;
     int stop;
@@ -86,7 +86,11 @@ static void *s_notify_main(void *arg)
             continue;
         buf[r] = '\0';
         long at = s_now_ms();
-        int open = strncmp(buf, "READY=1", 7) == 0 && n->port > 0 ? s_port_open(n->port) : 0;
+        /* The broker writes its port file before READY=1: at READY the
+         * port it names must take connections. */
+        int port = 0, open = 0;
+        if (strncmp(buf, "READY=1", 7) == 0 && n->broker && h_port_file_read(&W, &port, NULL) == 0)
+            open = s_port_open(port);
         pthread_mutex_lock(&n->mu);
         if (n->n < S_MAX_MSGS) {
             snprintf(n->msg[n->n].text, sizeof n->msg[n->n].text, "%s", buf);
@@ -101,12 +105,12 @@ static void *s_notify_main(void *arg)
 
 /* Binds W.dir/<name>, starts the listener and sets NOTIFY_SOCKET and
  * WATCHDOG_USEC for the next process the harness starts. */
-static s_notify_t *s_notify_start(const char *name, int port)
+static s_notify_t *s_notify_start(const char *name, int broker)
 {
     s_notify_t *n = calloc(1, sizeof *n);
     cr_assert_not_null(n);
     pthread_mutex_init(&n->mu, NULL);
-    n->port = port;
+    n->broker = broker;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     int len = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/%s", W.dir, name);
     cr_assert(len > 0 && (size_t)len < sizeof sa.sun_path, "socket path too long");
@@ -319,14 +323,15 @@ static int s_check_lines(const char *log, int journal, int json, int seen[8])
 Test(systemd, broker_ready_watchdog_reload_stopping)
 {
     h_world_init(&W, NULL);
-    s_notify_t *n = s_notify_start("notify-broker", W.port);
+    s_notify_t *n = s_notify_start("notify-broker", 1);
     h_broker_start(&W);
     s_unset_env();
 
     int ready = s_wait_msg(n, 0, "READY=1", 10000);
     cr_assert(ready >= 0, "no READY=1 from medlinkd");
     cr_assert_eq(ready, 0, "READY=1 was not the first notification: %s", n->msg[0].text);
-    cr_assert(n->msg[ready].port_open, "READY=1 came before the broker listened");
+    cr_assert(n->msg[ready].port_open,
+              "READY=1 came before the broker listened or wrote its port file");
     cr_assert(strstr(n->msg[ready].text, "\nSTATUS=listening on tcp://127.0.0.1:"), "%s",
               n->msg[ready].text);
 
@@ -409,7 +414,7 @@ Test(systemd, broker_journal_priorities)
     char ini[700], from[128], to[128];
     snprintf(ini, sizeof ini, "%s/medlinkd.ini", W.dir);
     /* A new listen address applies only after a restart: a warning. */
-    snprintf(from, sizeof from, "listen = %s\n", W.endpoint);
+    snprintf(from, sizeof from, "listen = %s\n", W.listen);
     snprintf(to, sizeof to, "listen = tcp://127.0.0.1:%d\n", W.port + 1);
     s_edit(ini, from, to);
     kill(W.broker, SIGHUP);
@@ -481,7 +486,7 @@ Test(systemd, broker_sighup_log_format_and_level)
      * are not logged; its warning is (a start-up key changed). */
     int reloaded = h_log_contains(&W, "broker.log", "reloaded ");
     char from[128], to[128];
-    snprintf(from, sizeof from, "listen = %s\n", W.endpoint);
+    snprintf(from, sizeof from, "listen = %s\n", W.listen);
     snprintf(to, sizeof to, "listen = tcp://127.0.0.1:%d\n", W.port + 1);
     s_edit(ini, from, to);
     kill(W.broker, SIGHUP);

@@ -19,7 +19,7 @@
 
 static h_world_t W;
 static int s_http_port;
-static char s_ctl_bin[600], s_ops[800], s_county[800], s_clinic[800];
+static char s_ops[800], s_county[800], s_clinic[800];
 
 static void s_teardown(void)
 {
@@ -113,44 +113,10 @@ static json_int_t s_sum(json_t *tp, const char *series)
     return sum;
 }
 
-static char *s_ctl(int want, const char *cfg, const char *args)
-{
-    int st = -1;
-    char *out = h_run(&st, "'%s' --config '%s' %s 2>&1", s_ctl_bin, cfg, args);
-    cr_assert_eq(st, want, "medlinkctl %s: exit %d, want %d:\n%s", args, st, want, out);
-    return out;
-}
-
-static json_t *s_ctl_json(const char *cfg, const char *args)
-{
-    char full[1024];
-    snprintf(full, sizeof full, "--json %s", args);
-    char *out = s_ctl(0, cfg, full);
-    json_error_t jerr;
-    json_t *j = json_loads(out, 0, &jerr);
-    cr_assert(j, "medlinkctl %s printed no JSON: %s", args, out);
-    free(out);
-    return j;
-}
-
 static const char *s_str(json_t *j, const char *key)
 {
     const char *v = json_string_value(json_object_get(j, key));
     return v ? v : "";
-}
-
-/* Polls medlinkctl --json args until json_array_size(.key) >= n; the
- * last answer (the caller's), or NULL after timeout_ms. */
-static json_t *s_wait_list(const char *args, const char *key, size_t n, int timeout_ms)
-{
-    for (int waited = 0; waited < timeout_ms; waited += 200) {
-        json_t *j = s_ctl_json(s_ops, args);
-        if (json_array_size(json_object_get(j, key)) >= n)
-            return j;
-        json_decref(j);
-        h_sleep_ms(200);
-    }
-    return NULL;
 }
 
 /* Runs headless Chromium with its own profile in the world's folder.
@@ -199,7 +165,6 @@ Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_let
     h_broker_start(&W);
     s_http_port = W.http_port;
     cr_assert_gt(s_http_port, 0, "the broker's HTTP endpoint is off");
-    h_bin("medlinkctl", s_ctl_bin, sizeof s_ctl_bin);
     h_ctl_config(&W, H_OPS, s_ops, sizeof s_ops);
     h_ctl_config(&W, H_COUNTY, s_county, sizeof s_county);
     h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
@@ -208,13 +173,13 @@ Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_let
 
     /* A dead letter: a referral for the city hospital, which is offline,
      * that expires in 1 s. */
-    free(s_ctl(0, s_clinic,
+    free(h_ctl(0, s_clinic,
                "send referral --to " H_CITY " --deadline +1s --patient-name 'Late Patient'"
                " --health-card 130102198001010001 --reason 'review'"));
 
     /* An overdue case: a down-transfer the clinic accepts, whose patient
      * does not arrive within the 1 s of [deadlines]. */
-    json_t *j = s_ctl_json(s_county, "send down-transfer --to " H_XINZHAN
+    json_t *j = h_ctl_json(s_county, "send down-transfer --to " H_XINZHAN
                                      " --priority URGENT --patient-name 'Sun Li'"
                                      " --health-card 130102195501012222 --sex female"
                                      " --phase ACUTE_RECOVERY --summary 'Pneumonia, treated'"
@@ -231,15 +196,15 @@ Test(web, status_page_in_headless_chromium_shows_nodes_overdue_case_and_dead_let
     snprintf(args, sizeof args,
              "send update --kind down_transfer --to %s --case %s --status ACCEPTED", H_COUNTY,
              case_id);
-    free(s_ctl(0, s_clinic, args));
+    free(h_ctl(0, s_clinic, args));
 
     /* The broker's state first, so the page is loaded once it has it. */
-    json_t *overdue = s_wait_list("cases --overdue", "cases", 1, 20000);
+    json_t *overdue = h_wait_overdue(s_ops, NULL, 1, 20000);
     cr_assert(overdue, "cases --overdue never listed the down-transfer");
     cr_assert_str_eq(s_str(json_array_get(json_object_get(overdue, "cases"), 0), "caseId"),
                      case_id);
     json_decref(overdue);
-    json_t *dlq = s_wait_list("dlq list", "deadLetter", 1, 20000);
+    json_t *dlq = h_wait_dead_letters(s_ops, 1, 20000);
     cr_assert(dlq, "dlq list never showed the expired referral");
     char dead_id[64];
     snprintf(dead_id, sizeof dead_id, "%s",
@@ -297,7 +262,6 @@ Test(web, language_assets_and_throughput_over_http)
     h_broker_start(&W);
     s_http_port = W.http_port;
     cr_assert_gt(s_http_port, 0, "the broker's HTTP endpoint is off");
-    h_bin("medlinkctl", s_ctl_bin, sizeof s_ctl_bin);
     h_ctl_config(&W, H_XINZHAN, s_clinic, sizeof s_clinic);
     h_agent_start(&W, H_COUNTY);
     h_agent_start(&W, H_XINZHAN);
@@ -355,7 +319,7 @@ Test(web, language_assets_and_throughput_over_http)
                  "send referral --to %s --patient-name 'Patient %d'"
                  " --health-card 13010219800101%04d --reason 'review'",
                  H_COUNTY, i, i);
-        free(s_ctl(0, s_clinic, args));
+        free(h_ctl(0, s_clinic, args));
     }
     cr_assert_eq(h_wait_count(&W, H_COUNTY, "inbox", 3, 20000), 3);
     json_int_t acc = -1, del = -1, st_acc = -2, st_del = -2;

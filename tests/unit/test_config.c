@@ -142,6 +142,33 @@ Test(config, explicit_values_override_defaults)
     ml_broker_config_destroy(&cfg);
 }
 
+/* [broker] port_file: optional (NULL when absent), a path resolved like the
+ * others; listen may ask for port 0 (the system picks one, which medlinkd
+ * then writes to the port file). */
+Test(config, port_file_and_listen_port_zero)
+{
+    ml_broker_config_t *cfg = s_load_ok(S_BROKER_OK S_NODES_OK S_ACL_OK);
+    cr_assert_null(cfg->port_file);
+    ml_broker_config_destroy(&cfg);
+    cfg = s_load_ok("[broker]\nlisten = tcp://127.0.0.1:0\nport_file = run/medlinkd.port\n"
+                    "data_dir = d\nca = /c\ncert = /d\nkey = /e\n");
+    cr_assert_str_eq(cfg->listen, "tcp://127.0.0.1:0");
+    char real[512], want[700];
+    cr_assert_not_null(realpath(s_dir, real));
+    snprintf(want, sizeof want, "%s/run/medlinkd.port", real);
+    cr_assert_str_eq(cfg->port_file, want);
+    ml_broker_config_destroy(&cfg);
+    cfg = s_load_ok("[broker]\nlisten = tcp://127.0.0.1:0\nport_file = /run/medlink/port\n"
+                    "data_dir = d\nca = /c\ncert = /d\nkey = /e\n");
+    cr_assert_str_eq(cfg->port_file, "/run/medlink/port");
+    ml_broker_config_destroy(&cfg);
+    /* Empty means none, as for crl. */
+    cfg = s_load_ok("[broker]\nlisten = tcp://127.0.0.1:0\nport_file =\n"
+                    "data_dir = d\nca = /c\ncert = /d\nkey = /e\n");
+    cr_assert_null(cfg->port_file);
+    ml_broker_config_destroy(&cfg);
+}
+
 Test(config, node_lookup)
 {
     ml_broker_config_t *cfg = s_load_ok(S_BROKER_OK S_NODES_OK S_ACL_OK);
