@@ -174,6 +174,11 @@ struct s_load {
     uint64_t t_done, t_window;
     long win_ref, win_upd;
     uint64_t win_bytes;
+
+    /* --rate: referrals built so far, and when pacing began. */
+    uv_timer_t pace;
+    long paced;
+    uint64_t t_pace;
 };
 
 /* ---------------------------------------------------------------- util */
@@ -439,6 +444,18 @@ static int s_build_study_update(s_load_t *L, s_node_t *n, const s_owed_t *w, s_o
     return s_pack(&e, out, C_STUDY_UPDATE, w->idx, 0);
 }
 
+/* With --rate: whether the referrals built so far are all the schedule
+ * allows by now (the first one goes at once). */
+static int s_paced_out(s_load_t *L)
+{
+    if (L->o.rate <= 0)
+        return 0;
+    uint64_t now = bench_ns();
+    if (L->t_pace == 0)
+        L->t_pace = now;
+    return (double)L->paced >= (double)(now - L->t_pace) / 1e9 * L->o.rate + 1.0;
+}
+
 /* Builds n's next message into out. Returns 1, 0 when n has nothing more
  * to send now, or -1 (out of memory). Referrals go before imaging, as the
  * agent sends its message stream ahead of its chunk stream. */
@@ -446,8 +463,9 @@ static int s_next(s_load_t *L, s_node_t *n, s_out_t *out)
 {
     int rc;
     if (n->role == R_CLINIC) {
-        if (n->ref_stride && n->next_ref < L->o.referrals) {
+        if (n->ref_stride && n->next_ref < L->o.referrals && !s_paced_out(L)) {
             rc = s_build_referral(L, n, n->next_ref, out);
+            L->paced++;
             n->next_ref += n->ref_stride;
         } else if (n->study_stride && n->next_study < L->o.studies) {
             if (n->obj < 0) {
@@ -994,6 +1012,16 @@ static void s_tick(uv_timer_t *t)
     }
 }
 
+/* With --rate, once a millisecond: the clinics send what the schedule
+ * now allows (their windows are rarely the limit at a paced load). */
+static void s_pace_cb(uv_timer_t *t)
+{
+    s_load_t *L = t->data;
+    for (int i = 0; i < L->n_nodes; i++)
+        if (L->nodes[i].role == R_CLINIC)
+            s_pump(&L->nodes[i]);
+}
+
 static void s_walk_close(uv_handle_t *h, void *arg)
 {
     if (!uv_is_closing(h))
@@ -1187,6 +1215,11 @@ int bench_load(const bench_load_opts_t *opts)
     uv_timer_init(&L->loop, &L->tick);
     L->tick.data = L;
     uv_timer_start(&L->tick, s_tick, 100, 100);
+    if (o->rate > 0) {
+        uv_timer_init(&L->loop, &L->pace);
+        L->pace.data = L;
+        uv_timer_start(&L->pace, s_pace_cb, 1, 1);
+    }
     uv_run(&L->loop, UV_RUN_DEFAULT);
 
     s_report(L);
@@ -1201,6 +1234,8 @@ int bench_load(const bench_load_opts_t *opts)
         uv_timer_stop(&n->retry);
     }
     uv_timer_stop(&L->tick);
+    if (o->rate > 0)
+        uv_timer_stop(&L->pace);
     uv_check_stop(&L->ack_check);
     uv_walk(&L->loop, s_walk_close, NULL);
     uv_run(&L->loop, UV_RUN_DEFAULT);
