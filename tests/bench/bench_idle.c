@@ -15,9 +15,11 @@
  * them), at a fixed rate, and holds them all open for a while. Loop thread
  * only. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -49,9 +51,15 @@ static int s_add_ext(X509 *crt, X509 *ca, int nid, const char *value)
 
 static int s_write_pem(const char *path, EVP_PKEY *key, X509 *crt)
 {
-    FILE *f = fopen(path, "w");
-    if (!f)
+    /* A key readable by others is refused by ml_tls, as pki.sh's umask 077
+     * keeps it. */
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, key ? 0600 : 0644);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f) {
+        if (fd >= 0)
+            close(fd);
         return -1;
+    }
     int ok = key ? PEM_write_PrivateKey(f, key, NULL, NULL, 0, NULL, NULL) : PEM_write_X509(f, crt);
     return fclose(f) == 0 && ok ? 0 : -1;
 }
@@ -274,9 +282,10 @@ int bench_idle(const bench_idle_opts_t *o)
     }
     uv_loop_init(&I->loop);
     I->zctx = zmq_ctx_new();
-    /* Each channel has a DEALER and a monitor PAIR: room for all of them
-     * (ZeroMQ's default is 1,023 sockets per context). */
-    zmq_ctx_set(I->zctx, ZMQ_MAX_SOCKETS, (int)(o->count * 2 + 64));
+    /* Each channel has a DEALER, a monitor PAIR and the monitor's own
+     * socket inside ZeroMQ: room for all of them (ZeroMQ's default is 1,023
+     * sockets per context). */
+    zmq_ctx_set(I->zctx, ZMQ_MAX_SOCKETS, (int)(o->count * 3 + 64));
     uv_timer_init(&I->loop, &I->tick);
     I->tick.data = I;
     I->t_start = bench_ns();

@@ -217,8 +217,8 @@ if want 5; then
     sleep 1
     RSS0=$(rss_kib "$BROKER_PID" VmRSS)
     # Several load generator processes, each at most 2,500 sessions: a
-    # channel holds three file descriptors (its TCP socket and two ZeroMQ
-    # mailboxes), and a process may have 20,000.
+    # channel holds four file descriptors (its TCP socket and the mailboxes
+    # of its three ZeroMQ sockets), and a process may have 20,000.
     NP=$(((IDLE + 2499) / 2500))
     PER=$(((IDLE + NP - 1) / NP))
     RATE_P=$(awk -v r="$IDLE_RATE" -v n="$NP" 'BEGIN {printf "%.3f", r / n}')
@@ -254,7 +254,7 @@ if want 5; then
     done
     for p in "${BENCH_PIDS[@]}"; do wait "$p" || FAILS=$((FAILS + 1)); done
     BENCH_PIDS=()
-    cat "$W"/idle-*.txt >"$W/idle.all"
+    cat "$W"/idle-*.txt | tee "$W/idle.all"
     # Without all up, the memory is taken at the most that were.
     [ -z "$RSS1" ] && RSS1=$(rss_kib "$BROKER_PID" VmHWM)
     HWM=$(rss_kib "$BROKER_PID" VmHWM)
