@@ -28,7 +28,7 @@
 #                          [--studies S] [--queued Q]
 #
 # The default is a quick form (a few minutes on 2 cores): N = 50,000
-# referrals per throughput run, 10 s paced, 1,000 idle sessions held 10 s,
+# referrals per throughput run, 10 s paced, 1,000 idle sessions held 30 s,
 # 8 studies, Q = 200,000. --full uses the counts: N = 200,000, 30 s
 # paced (3 runs), 10,000 sessions held 30 s, 32 studies, Q = 1,000,000.
 # Throughput targets run R rounds (default 3) round-robin (raw, 1 clinic,
@@ -53,7 +53,7 @@ PACE_ROUNDS=1
 MANY=64
 IDLE=1000
 IDLE_RATE=400
-HOLD=10
+HOLD=30
 STUDIES=8
 DISK_COUNT=2048
 QUEUED=200000
@@ -234,7 +234,7 @@ if want 5; then
     done
     T0=$(date +%s.%N)
     UP_MAX=0 T_UP="" RSS1="" MIN_HOLD=""
-    # Sample the broker's ready sessions every 0.5 s until the generators
+    # Sample the broker's ready sessions every second until the generators
     # are done: the most that were up, the moment all were, and the fewest
     # up during the hold that follows.
     while :; do
@@ -250,7 +250,7 @@ if want 5; then
         if [ -n "$T_UP" ] && awk -v t="$T_UP" -v h="$HOLD" -v now="$(date +%s.%N)" 'BEGIN {exit !(now < t + h - 1)}'; then
             { [ -z "$MIN_HOLD" ] || [ "$UP" -lt "$MIN_HOLD" ]; } && MIN_HOLD=$UP
         fi
-        sleep 0.5
+        sleep 1
     done
     for p in "${BENCH_PIDS[@]}"; do wait "$p" || FAILS=$((FAILS + 1)); done
     BENCH_PIDS=()
