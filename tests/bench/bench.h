@@ -42,6 +42,7 @@ typedef struct {
     int close_cases;     /* with updates: the hospital answers REJECTED (final), not ACCEPTED */
     int timeout_s;       /* give up after this long */
     double rate;         /* > 0: referrals paced to this many per second in all (latency) */
+    int start_when_up;   /* clinics send nothing until every node's channel is up */
 } bench_load_opts_t;
 
 /* Runs the workload of o through the broker and prints what it measured.

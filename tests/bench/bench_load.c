@@ -109,6 +109,7 @@ typedef struct {
     /* Hospital (updates) and reading centre (study reports). */
     s_owed_t *owed;
     size_t owed_head, owed_len, owed_cap;
+    int was_up; /* its channel has been up at least once */
 } s_node_t;
 
 typedef struct {
@@ -179,6 +180,8 @@ struct s_load {
     uv_timer_t pace;
     long paced;
     uint64_t t_pace;
+    /* --start-when-up: nodes whose channel has been up at least once. */
+    int n_up_once;
 };
 
 /* ---------------------------------------------------------------- util */
@@ -599,6 +602,10 @@ static void s_mark_sent(s_load_t *L, const s_out_t *e)
 static void s_pump(s_node_t *n)
 {
     s_load_t *L = n->L;
+    /* With --start-when-up the run starts once every channel is up, so
+     * that many clinics' handshakes are not counted as time of the run. */
+    if (n->role == R_CLINIC && L->o.start_when_up && L->n_up_once < L->n_nodes)
+        return;
     while (ml_channel_is_up(n->ch) && n->inflight < L->o.window) {
         if (!n->has_pend) {
             int rc = s_next(L, n, &n->pend);
@@ -912,6 +919,14 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
         if (!n->L->closing)
             fprintf(stderr, "%s: down: %s\n", n->id, reason);
         return;
+    }
+    if (!n->was_up) {
+        n->was_up = 1;
+        if (++n->L->n_up_once == n->L->n_nodes && n->L->o.start_when_up) {
+            for (int i = 0; i < n->L->n_nodes; i++)
+                if (&n->L->nodes[i] != n)
+                    s_pump(&n->L->nodes[i]);
+        }
     }
     /* After a reconnect, everything unanswered goes again (the broker
      * answers a message it already has as a duplicate). */

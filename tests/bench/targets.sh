@@ -144,14 +144,19 @@ if want 1 || want 3 || want 4; then
     : >"$W/raw.all"
     : >"$W/one.all"
     : >"$W/many.all"
+    : >"$W/oneup.all"
     for r in $(seq 1 "$ROUNDS"); do
         echo "== round $r of $ROUNDS: raw ZeroMQ 1 KiB; 1 clinic e2e, $COUNT x 1 KiB"
         want 1 && "$BENCH" raw --size 1024 --count "$RAW_COUNT" | tee -a "$W/raw.all"
         e2e_run "$W/one-$r.txt" 1 "$COUNT"
         cat "$W/one-$r.txt" >>"$W/one.all"
         if want 4; then
-            echo "== round $r of $ROUNDS: $MANY clinics e2e, $COUNT x 1 KiB"
-            e2e_run "$W/many-$r.txt" "$MANY" "$COUNT"
+            # Both sides of target 4 start sending once every channel is
+            # up: 64 clinics' handshakes are not time of the run.
+            echo "== round $r of $ROUNDS: 1 and $MANY clinics e2e, $COUNT x 1 KiB, --start-when-up"
+            e2e_run "$W/oneup-$r.txt" 1 "$COUNT" --start-when-up
+            cat "$W/oneup-$r.txt" >>"$W/oneup.all"
+            e2e_run "$W/many-$r.txt" "$MANY" "$COUNT" --start-when-up
             cat "$W/many-$r.txt" >>"$W/many.all"
         fi
     done
@@ -171,12 +176,14 @@ if want 1 || want 3 || want 4; then
     fi
     if want 4; then
         MANYR=$(med delivered_per_s "$W/many.all")
-        row 4 "$MANY clinics / 1 clinic, msg/s" \
-            "$MANYR (runs: $(runs delivered_per_s "$W/many.all"))" "1 clinic $ONE" \
-            "$(ratio "$MANYR" "$ONE")" ">=" 0.90
+        ONEUP=$(med delivered_per_s "$W/oneup.all")
+        row 4 "$MANY clinics / 1 clinic, msg/s (both --start-when-up)" \
+            "$MANYR (runs: $(runs delivered_per_s "$W/many.all"))" \
+            "1 clinic $ONEUP (runs: $(runs delivered_per_s "$W/oneup.all"))" \
+            "$(ratio "$MANYR" "$ONEUP")" ">=" 0.90
         row 4b "refusals (Nacks) per $MANY-clinic run, load generator resends" \
             "refused $(runs broker_refused_total "$W/many.all"); resends $(runs retries "$W/many.all")" \
-            "1 clinic: refused $(runs broker_refused_total "$W/one.all")" \
+            "1 clinic: refused $(runs broker_refused_total "$W/oneup.all"); resends $(runs retries "$W/oneup.all")" \
             "$(med broker_refused_total "$W/many.all")" "<=" 0
     fi
 fi
