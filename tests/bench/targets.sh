@@ -110,6 +110,20 @@ verdict() {
         if (m == "" || m == "n/a") { print "n/a"; exit }
         ok = (op == ">=") ? (m + 0 >= g + 0) : (m + 0 <= g + 0); print ok ? "PASS" : "MISS" }'
 }
+# settled_wbytes PID: proc_net_wbytes once it has not moved for a second
+# (at most 15 s): a checkpoint of the WAL into broker.db that is under way
+# when a load ends is the load's cost too.
+settled_wbytes() {
+    local a b
+    b=$(proc_net_wbytes "$1")
+    for _ in $(seq 15); do
+        a=$b
+        sleep 1
+        b=$(proc_net_wbytes "$1")
+        [ "$a" = "$b" ] && break
+    done
+    echo "$b"
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
 
 ROWS="$W/rows"
@@ -126,7 +140,7 @@ e2e_run() {
     start_broker
     w0=$(proc_net_wbytes "$BROKER_PID")
     CLINICS=$n load "$out" e2e --clinics "$n" --count "$count" --size 1024 --window 1000 "$@"
-    w1=$(proc_net_wbytes "$BROKER_PID")
+    w1=$(settled_wbytes "$BROKER_PID")
     ref=$(refused_by_code)
     {
         echo "broker_net_write_bytes $((w1 - w0))"
@@ -134,6 +148,7 @@ e2e_run() {
         echo "broker_refused_total $(refused_total "$ref")"
         echo "broker_refused_by_code ${ref:-none}"
         echo "broker_threads_cpu_s $(thread_cpu "$BROKER_PID")"
+        echo "broker_threads_write_bytes $(thread_wbytes "$BROKER_PID")"
     } | tee -a "$out"
     stop_broker
     rm -rf "$W/data-e2e"
@@ -298,7 +313,7 @@ if want 6; then
         start_broker
         w0=$(proc_net_wbytes "$BROKER_PID")
         CLINICS=4 load "$W/img-$r.txt" imaging --clinics 4 --readers "$READERS" --studies "$STUDIES"
-        w1=$(proc_net_wbytes "$BROKER_PID")
+        w1=$(settled_wbytes "$BROKER_PID")
         cat "$W/img-$r.txt" >>"$W/img.all"
         B=$(vals imaging_chunk_bytes "$W/img-$r.txt" | tail -1)
         echo "broker_bytes_per_payload_byte $(awk -v w="$((w1 - w0))" -v b="${B:-0}" 'BEGIN { if (b > 0) printf "%.3f", w / b; else print "n/a" }')" |
