@@ -30,7 +30,8 @@
 # The default is a quick form (a few minutes on 2 cores): N = 50,000
 # referrals per throughput run, 10 s paced, 1,000 idle sessions held 30 s,
 # 8 studies, Q = 200,000. --full uses the counts: N = 200,000, 30 s
-# paced (3 runs), 10,000 sessions held 30 s, 32 studies, Q = 1,000,000.
+# paced (3 runs), 10,000 sessions held 30 s, 32 studies, Q = 1,000,000;
+# options after --full override its counts.
 # Throughput targets run R rounds (default 3) round-robin (raw, 1 clinic,
 # 64 clinics; disk, imaging) so that the machine's noise hits each side
 # alike; medians are compared. Every broker run has a fresh broker and data
