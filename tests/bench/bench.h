@@ -41,10 +41,33 @@ typedef struct {
     int no_notices;      /* the broker is configured with notify_delivered = no */
     int close_cases;     /* with updates: the hospital answers REJECTED (final), not ACCEPTED */
     int timeout_s;       /* give up after this long */
+    double rate;         /* > 0: referrals paced to this many per second in all (latency) */
+    int start_when_up;   /* clinics send nothing until every node's channel is up */
 } bench_load_opts_t;
 
 /* Runs the workload of o through the broker and prints what it measured.
  * Returns 0 when everything was accepted, delivered and verified. */
 int bench_load(const bench_load_opts_t *o);
+
+/* Issues count node certificates (PREFIXnnnnn.clinic for nnnnn from first)
+ * from pki's ca.crt and ca.key, one fresh EC P-256 key each, with the
+ * extensions deploy/pki.sh gives a node. */
+int bench_certs(const char *pki, const char *prefix, long first, long count);
+
+typedef struct {
+    const char *broker;
+    const char *pki;
+    const char *prefix;    /* nodes PREFIXnnnnn.clinic */
+    long first, count;     /* nnnnn from first, count of them */
+    double rate;           /* sessions opened per second */
+    int hold_s;            /* seconds all must stay up once all are up */
+    uint32_t heartbeat_ms; /* the channel's idle heartbeat (the agent's default: 2000) */
+    int timeout_s;         /* give up when not all are up by then */
+} bench_idle_opts_t;
+
+/* Opens count channels at rate per second that send nothing, and holds them
+ * all up for hold_s. Prints "all_up_s" (flushed) the moment all are up.
+ * Returns 0 when all came up and none went down. */
+int bench_idle(const bench_idle_opts_t *o);
 
 #endif

@@ -38,7 +38,8 @@
 # if any run failed (a refusal, a lost message, a chunk failing its SHA-256).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=tests/bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CLINICS=4
 COUNT=200000
 SIZE=1024
@@ -66,102 +67,9 @@ while [ $# -gt 0 ]; do
 done
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-# Only what the bench runs is built: a test file someone is in the middle of
-# writing must not stop a benchmark of the broker.
-BUILD="$ROOT/build-bench"
-"$ROOT/deploy/setup.sh" --no-build >/dev/null
-cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DML_BUILD_TESTS=ON >/dev/null
-cmake --build "$BUILD" -j "$(nproc)" --target medlinkd medlink-bench >/dev/null
-BENCH="$BUILD/tests/bench/medlink-bench"
-MEDLINKD="$BUILD/broker/medlinkd"
-
-W=$(mktemp -d "${TMPDIR:-/tmp}/mlbench.XXXXXX")
-BROKER_PID=""
-cleanup() { [ -n "$BROKER_PID" ] && kill -TERM "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null; rm -rf "$W"; }
-trap cleanup EXIT
-FAILS=0
-
-nodes=(medlinkd.bench county.bench.hospital)
-for i in $(seq 1 "$CLINICS"); do nodes+=("$(printf 'township.bench%02d.clinic' "$i")"); done
-for i in $(seq 1 "$READERS"); do nodes+=("$(printf 'reading.bench%02d.imaging' "$i")"); done
-"$ROOT/deploy/pki.sh" --dir "$W/pki" "${nodes[@]}" >/dev/null
-
-PORT=$((20000 + RANDOM % 20000))
-while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
-# The ops endpoint ([http]) of every run's broker: a free port found here
-# rather than the default 9474, which another broker on the machine may
-# hold, and not port 0 either, since the scrape section must know it (the
-# bench's broker logs at warn, so the line naming the port is not logged).
-HTTP_PORT=$((PORT + 1))
-while (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null; do HTTP_PORT=$((HTTP_PORT + 1)); done
-# write_config DATA_DIR [NOTIFY_DELIVERED]
-write_config() {
-    {
-        printf '[broker]\nid = medlinkd.bench\nlisten = tcp://127.0.0.1:%s\ndata_dir = %s\n' "$PORT" "$1"
-        printf 'ca = %s/pki/ca.crt\ncert = %s/pki/medlinkd.bench.crt\nkey = %s/pki/medlinkd.bench.key\n' "$W" "$W" "$W"
-        # node_rate: the per-node limit (5,000 messages/s by default) would
-        # cap 4 clinics at ~22,000/s; the bench measures the broker's capacity.
-        printf 'log_level = warn\ndelivery_window = 1024\nnode_rate = 10000000\n'
-        # open_cases_per_node: the bench's cases are never closed, and the
-        # default (5,000 per clinic) would refuse most of them.
-        printf 'open_cases_per_node = 100000000\n'
-        printf 'notify_delivered = %s\n\n' "${2:-yes}"
-        printf '[node county.bench.hospital]\nrole = COUNTY_HOSPITAL\n\n'
-        for i in $(seq 1 "$CLINICS"); do printf '[node township.bench%02d.clinic]\nrole = TOWNSHIP_CLINIC\n\n' "$i"; done
-        for i in $(seq 1 "$READERS"); do
-            printf '[node reading.bench%02d.imaging]\nrole = IMAGING_CENTRE\nservices = imaging.ct\n\n' "$i"
-        done
-        printf '[acl TOWNSHIP_CLINIC]\nREFERRAL = COUNTY_HOSPITAL\nIMAGING_CONSULT = IMAGING_CENTRE\n'
-        printf 'IMAGING_CHUNK = IMAGING_CENTRE\n\n'
-        printf '[acl COUNTY_HOSPITAL]\nREFERRAL_UPDATE = TOWNSHIP_CLINIC\n\n'
-        printf '[acl IMAGING_CENTRE]\nIMAGING_UPDATE = TOWNSHIP_CLINIC\n\n'
-        printf '[http]\nlisten = 127.0.0.1:%s\n' "$HTTP_PORT"
-    } >"$W/medlinkd.ini"
-}
-start_broker() {
-    "$MEDLINKD" --config "$W/medlinkd.ini" 2>>"$W/broker.log" &
-    BROKER_PID=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0; sleep 0.1; done
-    echo "medlinkd did not start" >&2; cat "$W/broker.log" >&2; exit 1
-}
-stop_broker() { kill -TERM "$BROKER_PID"; wait "$BROKER_PID" || true; BROKER_PID=""; }
-rss_kib() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
-# CPU seconds of each thread of a process ("medlinkd=0.81 ml-store=1.62 ...");
-# a fresh broker per run, so this is that run's work.
-thread_cpu() {
-    local hz t
-    hz=$(getconf CLK_TCK)
-    for t in /proc/"$1"/task/*; do
-        printf '%s=%s ' "$(cat "$t/comm")" "$(sed 's/^.*) //' "$t/stat" | awk -v hz="$hz" '{printf "%.2f", ($12 + $13) / hz}')"
-    done
-}
-# Bytes each thread caused to be written to storage ("ml-store=1234 ...").
-thread_wbytes() {
-    local t
-    for t in /proc/"$1"/task/*; do
-        printf '%s=%s ' "$(cat "$t/comm")" "$(awk '$1=="write_bytes:" {print $2}' "$t/io")"
-    done
-}
-proc_wbytes() { awk '$1=="write_bytes:" {print $2}' "/proc/$1/io"; }
-
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-vals() { grep "^$1 " "$2" | awk '{print $2}'; }
-med() { vals "$1" "$2" | median; }
-runs() { vals "$1" "$2" | awk '{printf "%s ", $1}'; }
-sum() { vals "$1" "$2" | awk '{s+=$1} END {print s+0}'; }
-pct() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.1f", 100*a/b; else print "n/a" }'; }
-# Runs one medlink-bench workload against the running broker; its output goes
-# to $1 (and stdout), a failure is counted rather than stopping the script.
-load() {
-    local out=$1
-    shift
-    if ! "$BENCH" "$@" --broker "tcp://127.0.0.1:$PORT" --pki "$W/pki" --clinics "$CLINICS" \
-        2>"$out.err" | tee "$out"; then
-        FAILS=$((FAILS + 1))
-        echo "FAILED: medlink-bench $* (stderr:)" >&2
-        grep -v '^progress' "$out.err" | tail -5 >&2
-    fi
-}
+bench_build
+bench_setup
+bench_ports
 
 if want raw; then
     echo "== raw ZeroMQ ceiling ($SIZE-byte frames), 3 runs"

@@ -109,6 +109,7 @@ typedef struct {
     /* Hospital (updates) and reading centre (study reports). */
     s_owed_t *owed;
     size_t owed_head, owed_len, owed_cap;
+    int was_up; /* its channel has been up at least once */
 } s_node_t;
 
 typedef struct {
@@ -174,6 +175,13 @@ struct s_load {
     uint64_t t_done, t_window;
     long win_ref, win_upd;
     uint64_t win_bytes;
+
+    /* --rate: referrals built so far, and when pacing began. */
+    uv_timer_t pace;
+    long paced;
+    uint64_t t_pace;
+    /* --start-when-up: nodes whose channel has been up at least once. */
+    int n_up_once;
 };
 
 /* ---------------------------------------------------------------- util */
@@ -439,6 +447,18 @@ static int s_build_study_update(s_load_t *L, s_node_t *n, const s_owed_t *w, s_o
     return s_pack(&e, out, C_STUDY_UPDATE, w->idx, 0);
 }
 
+/* With --rate: whether the referrals built so far are all the schedule
+ * allows by now (the first one goes at once). */
+static int s_paced_out(s_load_t *L)
+{
+    if (L->o.rate <= 0)
+        return 0;
+    uint64_t now = bench_ns();
+    if (L->t_pace == 0)
+        L->t_pace = now;
+    return (double)L->paced >= (double)(now - L->t_pace) / 1e9 * L->o.rate + 1.0;
+}
+
 /* Builds n's next message into out. Returns 1, 0 when n has nothing more
  * to send now, or -1 (out of memory). Referrals go before imaging, as the
  * agent sends its message stream ahead of its chunk stream. */
@@ -446,8 +466,9 @@ static int s_next(s_load_t *L, s_node_t *n, s_out_t *out)
 {
     int rc;
     if (n->role == R_CLINIC) {
-        if (n->ref_stride && n->next_ref < L->o.referrals) {
+        if (n->ref_stride && n->next_ref < L->o.referrals && !s_paced_out(L)) {
             rc = s_build_referral(L, n, n->next_ref, out);
+            L->paced++;
             n->next_ref += n->ref_stride;
         } else if (n->study_stride && n->next_study < L->o.studies) {
             if (n->obj < 0) {
@@ -581,6 +602,10 @@ static void s_mark_sent(s_load_t *L, const s_out_t *e)
 static void s_pump(s_node_t *n)
 {
     s_load_t *L = n->L;
+    /* With --start-when-up the run starts once every channel is up, so
+     * that many clinics' handshakes are not counted as time of the run. */
+    if (n->role == R_CLINIC && L->o.start_when_up && L->n_up_once < L->n_nodes)
+        return;
     while (ml_channel_is_up(n->ch) && n->inflight < L->o.window) {
         if (!n->has_pend) {
             int rc = s_next(L, n, &n->pend);
@@ -895,6 +920,14 @@ static void s_on_state(ml_channel_t *ch, int up, const char *reason, void *arg)
             fprintf(stderr, "%s: down: %s\n", n->id, reason);
         return;
     }
+    if (!n->was_up) {
+        n->was_up = 1;
+        if (++n->L->n_up_once == n->L->n_nodes && n->L->o.start_when_up) {
+            for (int i = 0; i < n->L->n_nodes; i++)
+                if (&n->L->nodes[i] != n)
+                    s_pump(&n->L->nodes[i]);
+        }
+    }
     /* After a reconnect, everything unanswered goes again (the broker
      * answers a message it already has as a duplicate). */
     for (size_t i = 0; i < n->len; i++) {
@@ -992,6 +1025,16 @@ static void s_tick(uv_timer_t *t)
         L->failed = 1;
         uv_stop(&L->loop);
     }
+}
+
+/* With --rate, once a millisecond: the clinics send what the schedule
+ * now allows (their windows are rarely the limit at a paced load). */
+static void s_pace_cb(uv_timer_t *t)
+{
+    s_load_t *L = t->data;
+    for (int i = 0; i < L->n_nodes; i++)
+        if (L->nodes[i].role == R_CLINIC)
+            s_pump(&L->nodes[i]);
 }
 
 static void s_walk_close(uv_handle_t *h, void *arg)
@@ -1187,6 +1230,11 @@ int bench_load(const bench_load_opts_t *opts)
     uv_timer_init(&L->loop, &L->tick);
     L->tick.data = L;
     uv_timer_start(&L->tick, s_tick, 100, 100);
+    if (o->rate > 0) {
+        uv_timer_init(&L->loop, &L->pace);
+        L->pace.data = L;
+        uv_timer_start(&L->pace, s_pace_cb, 1, 1);
+    }
     uv_run(&L->loop, UV_RUN_DEFAULT);
 
     s_report(L);
@@ -1201,6 +1249,8 @@ int bench_load(const bench_load_opts_t *opts)
         uv_timer_stop(&n->retry);
     }
     uv_timer_stop(&L->tick);
+    if (o->rate > 0)
+        uv_timer_stop(&L->pace);
     uv_check_stop(&L->ack_check);
     uv_walk(&L->loop, s_walk_close, NULL);
     uv_run(&L->loop, UV_RUN_DEFAULT);

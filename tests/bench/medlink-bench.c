@@ -12,7 +12,8 @@
  *
  *   medlink-bench e2e     --broker EP --pki DIR --clinics N --count M
  *                         --size BYTES [--window W] [--offline] [--no-notices]
- *                         [--close] [--broker-pid PID]
+ *                         [--close] [--rate R] [--start-when-up]
+ *                         [--broker-pid PID]
  *       N clinics (township.benchNN.clinic, each its own mutual-TLS channel)
  *       send M referrals in all, padded to BYTES, to county.bench.hospital,
  *       which acknowledges each delivery (an agent with an instant disk).
@@ -39,6 +40,29 @@
  *       and answer each complete study with STUDY_RECEIVED. Imaging MB/s is
  *       chunk payload bytes delivered per second.
  *
+ *       --rate R: the clinics send R referrals per second in all, paced
+ *       (a tick per millisecond), instead of as fast as the window allows:
+ *       latency at a given load rather than at saturation.
+ *       --start-when-up: the clinics send nothing until every node's
+ *       channel is up, so that 64 clinics' handshakes are not counted as
+ *       time of the run.
+ *
+ *   medlink-bench certs   --pki DIR --count N [--first F] [--prefix P]
+ *       Issues N node certificates Pnnnnn.clinic (nnnnn from F, default 1;
+ *       P default "township.idle") from DIR/ca.crt and DIR/ca.key (made by
+ *       deploy/pki.sh), in-process: a fresh EC P-256 key each, the
+ *       extensions pki.sh gives a node. 10,000 take seconds, not minutes.
+ *
+ *   medlink-bench idle    --broker EP --pki DIR --count N [--first F]
+ *                         [--prefix P] [--rate R] [--hold S]
+ *                         [--heartbeat-ms H] [--timeout T]
+ *       Opens N sessions (one channel per node Pnnnnn.clinic, its own
+ *       certificate, Hello with deliveries) at R per second (default 400)
+ *       that send nothing but heartbeats (every H ms, default 2000 as the
+ *       agent), and holds them all up for S seconds (default 30) once all
+ *       are up. Prints all_up_s when the last came up, then how many were
+ *       up at the end and how many went down after being up.
+ *
  *   medlink-bench mixed   (the options of e2e and imaging)
  *       Referrals, the hospital's ACCEPTED update for each one, and imaging
  *       studies at the same time: half the clinics send referrals, the
@@ -57,7 +81,7 @@
 
 static void s_usage(void)
 {
-    fprintf(stderr, "usage: medlink-bench raw|disk|e2e|imaging|mixed [options]\n"
+    fprintf(stderr, "usage: medlink-bench raw|disk|e2e|imaging|mixed|certs|idle [options]\n"
                     "(see the comment at the top of tests/bench/medlink-bench.c)\n");
 }
 
@@ -100,11 +124,23 @@ int main(int argc, char **argv)
         .window_bytes = 8u * 1024 * 1024,
         .timeout_s = 300,
     };
+    bench_idle_opts_t io = {
+        .prefix = "township.idle",
+        .first = 1,
+        .rate = 400,
+        .hold_s = 30,
+        .heartbeat_ms = 2000,
+    };
+    int timeout_set = 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--offline")) {
             o.offline = 1;
+            continue;
+        }
+        if (!strcmp(a, "--start-when-up")) {
+            o.start_when_up = 1;
             continue;
         }
         if (!strcmp(a, "--no-notices")) {
@@ -149,10 +185,21 @@ int main(int argc, char **argv)
             o.object_size = strtoul(v, NULL, 10);
         else if (!strcmp(a, "--chunk-size"))
             o.chunk_size = (uint32_t)strtoul(v, NULL, 10);
-        else if (!strcmp(a, "--timeout"))
+        else if (!strcmp(a, "--timeout")) {
             o.timeout_s = atoi(v);
-        else if (!strcmp(a, "--broker-pid"))
+            timeout_set = 1;
+        } else if (!strcmp(a, "--broker-pid"))
             broker_pid = atol(v);
+        else if (!strcmp(a, "--rate"))
+            o.rate = io.rate = strtod(v, NULL);
+        else if (!strcmp(a, "--first"))
+            io.first = strtol(v, NULL, 10);
+        else if (!strcmp(a, "--prefix"))
+            io.prefix = v;
+        else if (!strcmp(a, "--hold"))
+            io.hold_s = atoi(v);
+        else if (!strcmp(a, "--heartbeat-ms"))
+            io.heartbeat_ms = (uint32_t)strtoul(v, NULL, 10);
         else {
             fprintf(stderr, "unknown option %s\n", a);
             return 2;
@@ -167,6 +214,25 @@ int main(int argc, char **argv)
             return 2;
         }
         return bench_disk(dir, size, count, sync_bytes);
+    }
+    if (!strcmp(mode, "certs")) {
+        if (!o.pki || count < 1) {
+            fprintf(stderr, "certs needs --pki and --count\n");
+            return 2;
+        }
+        return bench_certs(o.pki, io.prefix, io.first, count);
+    }
+    if (!strcmp(mode, "idle")) {
+        io.broker = o.broker;
+        io.pki = o.pki;
+        io.count = count;
+        /* Time to come up at the rate, plus the hold, plus a margin. */
+        io.timeout_s = timeout_set ? o.timeout_s : (int)(count / io.rate) + io.hold_s + 60;
+        if (!io.broker || !io.pki || io.count < 1 || io.rate <= 0 || io.hold_s < 0) {
+            fprintf(stderr, "idle needs --broker, --pki, --count and a positive --rate\n");
+            return 2;
+        }
+        return bench_idle(&io);
     }
     int e2e = !strcmp(mode, "e2e"), imaging = !strcmp(mode, "imaging"),
         mixed = !strcmp(mode, "mixed");
