@@ -372,9 +372,15 @@ static void s_route_open(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env, co
         return;
     }
     /* Addressed to a service, it joins the sender's stream to the node it
-     * goes to: a message to that node refused for now holds it too. */
-    if (service && ml_wire_held(b, s, rs->node->id, env->id))
+     * goes to: a message to that node refused for now holds it too. Held,
+     * it is itself refused for now, so it holds its own address as well:
+     * otherwise the next message to the service, assigned to another node
+     * (or to this one once the hold is gone), would overtake it. */
+    if (service && ml_wire_held(b, s, rs->node->id, env->id)) {
+        char k[300];
+        ml_wire_hold_also(s, ml_wire_hold_key(env, k, sizeof k), env->id);
         return;
+    }
     if (s_quota_refuse(b, s, env, rs)) {
         if (service)
             ml_wire_hold_also(s, rs->node->id, env->id);
