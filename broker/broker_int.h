@@ -16,6 +16,7 @@
 #include "ml_common.h"
 #include "ml_env.h"
 #include "ml_frame.h"
+#include "ml_loglimit.h"
 #include "ml_tls.h"
 #include "ml_zloop.h"
 #include "queue.h"
@@ -71,18 +72,6 @@ typedef struct {
     int acked;
 } ml_inflight_t;
 
-/* At most ML_BK_LOG_BURST lines per ML_BK_LOG_WINDOW_MS for one source
- * (a node's refused messages): a registered node refused at its rate limit
- * for ever must not fill the disk with log lines (about 600 bytes each).
- * What is left out is counted and said on the next line logged. */
-#define ML_BK_LOG_BURST 10
-#define ML_BK_LOG_WINDOW_MS 60000
-typedef struct {
-    int64_t window_at; /* monotonic ms the window began */
-    uint32_t logged;   /* lines in this window */
-    uint64_t dropped;  /* lines left out since the last one logged */
-} ml_bk_loglimit_t;
-
 typedef struct {
     const ml_node_t *node;
     ml_queue_t queue;
@@ -101,14 +90,14 @@ typedef struct {
     uint64_t delivered;
     /* Both count open cases whether they are in memory or only in the
      * store (caseref.c, ml_caseref_count). */
-    uint32_t open_cases;       /* open cases this node is the target of */
-    uint32_t opened;           /* open cases this node opened (open_cases_per_node) */
-    uint32_t index;            /* in b->nodes, for ever (cases refer to nodes by it) */
-    double rate_tokens;        /* node_rate token bucket */
-    int64_t rate_at;           /* its last refill, monotonic ms */
-    ml_bk_loglimit_t refusals; /* log lines for this node's refused messages */
-    int removed;               /* taken out of the registry by a reload */
-    ml_node_t own;             /* a removed node's registry entry (node points here) */
+    uint32_t open_cases;    /* open cases this node is the target of */
+    uint32_t opened;        /* open cases this node opened (open_cases_per_node) */
+    uint32_t index;         /* in b->nodes, for ever (cases refer to nodes by it) */
+    double rate_tokens;     /* node_rate token bucket */
+    int64_t rate_at;        /* its last refill, monotonic ms */
+    ml_loglimit_t refusals; /* log lines for this node's refused messages (ml_loglimit.h) */
+    int removed;            /* taken out of the registry by a reload */
+    ml_node_t own;          /* a removed node's registry entry (node points here) */
 } ml_nodestate_t;
 
 struct ml_session {
@@ -212,10 +201,10 @@ struct ml_broker {
     size_t n_preauth;      /* sessions in the TLS handshake: max_preauth_sessions */
     ml_session_t *pa_head; /* oldest unauthenticated session */
     ml_session_t *pa_tail;
-    uint64_t preauth_evicted;          /* evictions not yet logged */
-    ml_bk_loglimit_t preauth_refusals; /* refusals before a node is known */
-    int64_t preauth_logged;            /* last eviction log line, monotonic ms */
-    ml_session_t *blocked;             /* sessions libzmq would not take more from */
+    uint64_t preauth_evicted;       /* evictions not yet logged */
+    ml_loglimit_t preauth_refusals; /* refusals before a node is known */
+    int64_t preauth_logged;         /* last eviction log line, monotonic ms */
+    ml_session_t *blocked;          /* sessions libzmq would not take more from */
     uv_timer_t blocked_timer;
     uint64_t next_serial;
 
@@ -304,7 +293,6 @@ void ml_bk_admin_free(ml_broker_t *b);
  * needs no module header above it. */
 #define ml_bk_reply ml_wire_reply
 #define ml_bk_refuse ml_wire_refuse
-#define ml_bk_loglimit ml_wire_loglimit
 #define ml_bk_node ml_delivery_node
 #define ml_bk_pump ml_delivery_pump
 #define ml_bk_case_release ml_caseref_release
@@ -316,7 +304,6 @@ void ml_bk_admin_free(ml_broker_t *b);
 int ml_wire_reply(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env);
 void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                     const char *reason);
-int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
 ml_nodestate_t *ml_delivery_node(ml_broker_t *b, const char *id);
 void ml_delivery_pump(ml_broker_t *b, ml_nodestate_t *ns);
 void ml_caseref_release(ml_broker_t *b, ml_case_t *c);

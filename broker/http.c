@@ -38,6 +38,7 @@
 #include "config.h"
 #include "prom.h"
 #include "ml_common.h"
+#include "ml_loglimit.h"
 #include "ml_tls.h"
 #include "query.h"
 #include "web.h"
@@ -102,9 +103,9 @@ struct s_server {
     s_conn_t *conns;
     char addr[80];
     ml_bk_http_stats_t stats;
-    ml_query_loglimit_t refusals; /* log lines for connections refused or failed */
-    char rbuf[S_READ_BUF];        /* one read at a time on this thread: shared */
-    char pbuf[S_READ_BUF];        /* plaintext out of TLS */
+    ml_loglimit_t refusals; /* log lines for connections refused or failed */
+    char rbuf[S_READ_BUF];  /* one read at a time on this thread: shared */
+    char pbuf[S_READ_BUF];  /* plaintext out of TLS */
 };
 
 static void s_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
@@ -901,7 +902,7 @@ static void s_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (rc == ML_ETLS) {
         uint64_t dropped = 0;
         s_server_t *h = c->h;
-        if (ml_query_loglimit(&h->refusals, ml_mono_ms(), &dropped))
+        if (ml_loglimit_take(&h->refusals, ml_mono_ms(), &dropped))
             ml_log(ML_LOG_WARN, S_COMPONENT, "TLS handshake from %s (%s) refused: %s%s", c->addr,
                    ml_tls_session_peer_cn(c->tls)[0] ? ml_tls_session_peer_cn(c->tls)
                                                      : "no certificate",
@@ -951,7 +952,7 @@ static void s_connection_cb(uv_stream_t *server, int status)
         h->open_handles++;
         h->stats.refused++;
         uint64_t dropped = 0;
-        if (ml_query_loglimit(&h->refusals, ml_mono_ms(), &dropped))
+        if (ml_loglimit_take(&h->refusals, ml_mono_ms(), &dropped))
             ml_log(ML_LOG_WARN, S_COMPONENT,
                    "connection refused: %ld open already ([http] max_connections)%s", h->max_conn,
                    dropped ? " (and earlier refusals not logged)" : "");

@@ -315,17 +315,3 @@ int ml_query_store_health(ml_broker_t *b, char *why, size_t len)
 {
     return ml_store_health(b->store, why, len);
 }
-
-/* ---- log lines ---------------------------------------------------------- */
-
-/* The broker's own limiter, so that an ops source is budgeted as a node's
- * refusals are (the same burst, window and "not logged" count). */
-int ml_query_loglimit(ml_query_loglimit_t *l, int64_t now, uint64_t *dropped)
-{
-    ml_bk_loglimit_t k = {l->window_at, l->logged, l->dropped};
-    int rc = ml_bk_loglimit(&k, now, dropped);
-    l->window_at = k.window_at;
-    l->logged = k.logged;
-    l->dropped = k.dropped;
-    return rc;
-}

@@ -198,18 +198,4 @@ void ml_query_store_files(ml_broker_t *b, uint64_t *db_bytes, uint64_t *wal_byte
 /* 0 when the store can write, else ML_E* with a sentence in why. */
 int ml_query_store_health(ml_broker_t *b, char *why, size_t len);
 
-/* ---- log lines ---------------------------------------------------------- */
-
-/* The broker's per-source log budget (ML_BK_LOG_BURST lines a minute, the
- * rest counted), for an ops module's own noisy source. Zeroed is ready. */
-typedef struct {
-    int64_t window_at; /* monotonic ms the window began */
-    uint32_t logged;   /* lines in this window */
-    uint64_t dropped;  /* lines left out since the last one logged */
-} ml_query_loglimit_t;
-/* 1 when a line may be logged now (now: monotonic ms); then *dropped is
- * how many were left out before it (and the count starts again). 0
- * otherwise. O(1). */
-int ml_query_loglimit(ml_query_loglimit_t *l, int64_t now, uint64_t *dropped);
-
 #endif

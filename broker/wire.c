@@ -16,6 +16,7 @@
 #include "wire.h"
 #include "metrics.h"
 #include "ml_frame.h"
+#include "ml_loglimit.h"
 
 const char *ml_wire_who(const ml_session_t *s)
 {
@@ -353,22 +354,6 @@ int ml_wire_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *ms
     return 1;
 }
 
-int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped)
-{
-    if (now - l->window_at >= ML_BK_LOG_WINDOW_MS) {
-        l->window_at = now;
-        l->logged = 0;
-    }
-    if (l->logged >= ML_BK_LOG_BURST) {
-        l->dropped++;
-        return 0;
-    }
-    l->logged++;
-    *dropped = l->dropped;
-    l->dropped = 0;
-    return 1;
-}
-
 void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                     const char *reason)
 {
@@ -376,9 +361,9 @@ void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int cod
     ml_bk_metrics_refused(b, s->rx_kind, code);
     /* Per node (sessions before Hello share the broker's own budget): the
      * Nack always goes out, the log line only within the budget. */
-    ml_bk_loglimit_t *lim = s->ns ? &s->ns->refusals : &b->preauth_refusals;
+    ml_loglimit_t *lim = s->ns ? &s->ns->refusals : &b->preauth_refusals;
     uint64_t dropped = 0;
-    if (ml_wire_loglimit(lim, ml_mono_ms(), &dropped)) {
+    if (ml_loglimit_take(lim, ml_mono_ms(), &dropped)) {
         char more[96] = "";
         if (dropped)
             snprintf(more, sizeof more, " (%llu earlier refusal(s) of %s not logged)",

@@ -74,11 +74,8 @@ void ml_wire_refuse_for_now(ml_broker_t *b, ml_session_t *s, const char *msg_id,
  * msg_id: the peer has been told (a transient Nack). 0 otherwise. */
 int ml_wire_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *msg_id);
 
-/* 1 when a line may be logged now; then *dropped is how many were left
- * out before it (and the count starts again). */
-int ml_wire_loglimit(ml_bk_loglimit_t *l, int64_t now, uint64_t *dropped);
-
-/* Logs a refusal (within the node's log budget), counts it and answers the
+/* Logs a refusal (within the node's log budget, ml_loglimit.h; sessions
+ * before Hello share the broker's own), counts it and answers the
  * peer with a Nack. */
 void ml_wire_refuse(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
                     const char *reason);

@@ -430,7 +430,7 @@ Test(security, f10_ctl_escapes_peer_text_and_json_survives_invalid_utf8)
 
 /* A registered node refused at its rate for ever must not fill the disk
  * with log lines: every record gets its Nack, the log at most
- * ML_BK_LOG_BURST lines a minute for that node, and another node's refusal
+ * ML_LOGLIMIT_BURST lines a minute for that node, and another node's refusal
  * is still logged. */
 Test(security, refusals_of_one_node_logged_within_a_budget)
 {

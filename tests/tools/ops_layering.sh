@@ -24,7 +24,7 @@ show_only="http.c prom.c web.c"
 [ -f "$dir/broker_int.h" ] || { echo "ops_layering: no $dir/broker_int.h" >&2; exit 1; }
 int_fns=$(grep -oE '\bml_bk_[a-z_]+[[:space:]]*\(' "$dir/broker_int.h" | tr -d ' (' | sort -u |
     grep -vxE 'ml_bk_admin|ml_bk_admin_free')
-int_types='ml_nodestate_t|ml_qitem_t|ml_put_t|ml_bk_msg_t|ml_inflight_t|ml_bk_loglimit_t'
+int_types='ml_nodestate_t|ml_qitem_t|ml_put_t|ml_bk_msg_t|ml_inflight_t'
 
 for f in $ops; do
     p="$dir/$f"

@@ -148,18 +148,3 @@ Test(query, session_views_and_find_by_serial)
     free(ns);
     free(b);
 }
-
-Test(query, loglimit_budget_is_the_brokers)
-{
-    ml_query_loglimit_t l;
-    memset(&l, 0, sizeof l);
-    uint64_t dropped = 99;
-    int64_t t = ML_BK_LOG_WINDOW_MS; /* a window starts */
-    for (int i = 0; i < ML_BK_LOG_BURST; i++)
-        cr_assert_eq(ml_query_loglimit(&l, t, &dropped), 1);
-    cr_assert_eq(dropped, 0);
-    cr_assert_eq(ml_query_loglimit(&l, t + 1, &dropped), 0);
-    cr_assert_eq(ml_query_loglimit(&l, t + 2, &dropped), 0);
-    cr_assert_eq(ml_query_loglimit(&l, t + ML_BK_LOG_WINDOW_MS, &dropped), 1);
-    cr_assert_eq(dropped, 2, "the lines left out are said on the next one");
-}
