@@ -50,6 +50,7 @@
 #include "cases.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
+#include "ml_hash.h"
 #include "medlink/v1/envelope.pb-c.h"
 #include "medlink/v1/imaging.pb-c.h"
 
@@ -178,6 +179,13 @@ struct ml_store {
     sqlite3_stmt *pend_add; /* schema 6: queued and delivered as rows of */
     sqlite3_stmt *pend_del; /* their own (see s_schema) */
     sqlite3_stmt *dlv_del;
+    /* Node names as integers (schema 6, table "names"): name -> id of
+     * the names committed or written in the open transaction. Store
+     * thread. Emptied when a transaction rolls back, which may take the
+     * rows of names it added with it. */
+    ml_hash_t *names;
+    sqlite3_stmt *name_add;
+    sqlite3_stmt *name_get;
     sqlite3_stmt *dead_delivered;
     sqlite3_stmt *page_count;
     sqlite3_stmt *case_insert;
@@ -246,8 +254,9 @@ static const char s_schema[] =
     " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " id TEXT NOT NULL UNIQUE,"
     " case_id TEXT,"
-    " sender TEXT,"
-    " recipient TEXT,"
+    /* Ids in "names": a node's name is written once, not in every row. */
+    " sender INTEGER,"
+    " recipient INTEGER,"
     " kind INTEGER,"
     " priority INTEGER,"
     " created_at INTEGER,"
@@ -286,16 +295,18 @@ static const char s_schema[] =
      * queued, 1 delivered, 2 dead, and delivered_at). "pending" keeps the
      * start-up scan proportional to the queue, as the partial index of
      * schema 5 did. */
+    "CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
     "CREATE TABLE IF NOT EXISTS pending (seq INTEGER PRIMARY KEY);"
     "CREATE TABLE IF NOT EXISTS delivered (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL);"
     "CREATE VIEW IF NOT EXISTS messages AS SELECT m.seq AS seq, m.id AS id,"
-    " m.case_id AS case_id, m.sender AS sender, m.recipient AS recipient, m.kind AS kind,"
+    " m.case_id AS case_id, sn.name AS sender, rn.name AS recipient, m.kind AS kind,"
     " m.priority AS priority, m.created_at AS created_at, m.deadline AS deadline,"
     " m.accepted_at AS accepted_at,"
     " CASE WHEN m.state = 2 THEN 2 WHEN d.seq IS NOT NULL THEN 1 ELSE 0 END AS state,"
     " d.at AS delivered_at, m.attempts AS attempts, m.dead_reason AS dead_reason,"
     " m.size AS size, m.dead_at AS dead_at, m.digest AS digest, m.seg AS seg, m.off AS off,"
-    " m.blen AS blen FROM msgs m LEFT JOIN delivered d ON d.seq = m.seq;"
+    " m.blen AS blen FROM msgs m LEFT JOIN delivered d ON d.seq = m.seq"
+    " LEFT JOIN names sn ON sn.id = m.sender LEFT JOIN names rn ON rn.id = m.recipient;"
     /* No index on messages.case_id: maintaining it cost ~20% of the
      * broker's CPU per message under load. Cases have a table of their own,
      * and their timelines one more, indexed by case. */
@@ -1019,7 +1030,9 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          " ON CONFLICT (seg) DO UPDATE SET live = live + excluded.live,"
          " end_off = excluded.end_off"},
         {st->wr, &st->seg_drop, "UPDATE segments SET live = live - 1 WHERE seg = ?1"},
-        {st->wr, &st->lookup, "SELECT seq, sender, digest FROM msgs WHERE id = ?1"},
+        {st->wr, &st->lookup,
+         "SELECT m.seq, n.name, m.digest FROM msgs m LEFT JOIN names n ON n.id = m.sender"
+         " WHERE m.id = ?1"},
         /* The pending row guards: a message settles once (the mark that
          * deletes it goes on, see s_mark); a late or repeated mark does not
          * turn a delivered message into a dead one or back. */
@@ -1027,6 +1040,8 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->dead,
          "UPDATE msgs SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
          " WHERE seq = ?1 AND state = 0"},
+        {st->wr, &st->name_add, "INSERT INTO names (name) VALUES (?1)"},
+        {st->wr, &st->name_get, "SELECT id FROM names WHERE name = ?1"},
         {st->wr, &st->pend_add, "INSERT OR IGNORE INTO pending (seq) VALUES (?1)"},
         {st->wr, &st->pend_del, "DELETE FROM pending WHERE seq = ?1"},
         {st->wr, &st->dlv_del, "DELETE FROM delivered WHERE seq = ?1"},
@@ -1083,9 +1098,10 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
         {st->wr, &st->prune_del_events, "DELETE FROM case_events WHERE case_id = ?1"},
         {st->wr, &st->prune_del_case, "DELETE FROM cases WHERE case_id = ?1 AND closed = 1"},
         {st->rd, &st->scan,
-         "SELECT seq, id, case_id, sender, recipient, kind, priority, accepted_at,"
-         " size, deadline, attempts FROM msgs WHERE seq IN (SELECT seq FROM pending)"
-         " ORDER BY priority DESC, seq ASC"},
+         "SELECT m.seq, m.id, m.case_id, sn.name, rn.name, m.kind, m.priority, m.accepted_at,"
+         " m.size, m.deadline, m.attempts FROM msgs m LEFT JOIN names sn ON sn.id = m.sender"
+         " LEFT JOIN names rn ON rn.id = m.recipient WHERE m.seq IN (SELECT seq FROM pending)"
+         " ORDER BY m.priority DESC, m.seq ASC"},
         {st->rd, &st->fetch,
          "SELECT seg, off, blen, id FROM msgs WHERE seq = ?1 AND seg IS NOT NULL"},
         {st->rd, &st->rd_lookup, "SELECT seq, state FROM messages WHERE id = ?1"},
@@ -1129,7 +1145,7 @@ static void s_release(ml_store_t *st)
         &st->sp_release,     &st->rd_lookup,      &st->rd_case,      &st->prune_scan,
         &st->prune_del_msg,  &st->prune_del_body, &st->prune_cases,  &st->prune_del_events,
         &st->prune_del_case, &st->dead_delivered, &st->seg_drop,     &st->pend_add,
-        &st->pend_del,       &st->dlv_del};
+        &st->pend_del,       &st->dlv_del,        &st->name_add,     &st->name_get};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
         sqlite3_stmt **slot = stmts[i];
         sqlite3_finalize(*slot);
@@ -1156,6 +1172,7 @@ static void s_release(ml_store_t *st)
         st->rd_fd[i] = -1;
     free(st->sbuf);
     st->sbuf = NULL;
+    ml_hash_destroy(&st->names);
     s_free_list(st->head);
     s_free_list(st->done_head);
     s_free_list(st->prune_wait);
@@ -1440,6 +1457,42 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
     return s_insert_msg(st, r, now);
 }
 
+/* The id of name in "names" (*id; NULL names are left alone), added in
+ * the open transaction if it is new. Must not be called inside a
+ * savepoint that may be rolled back: the cache would keep an id whose row
+ * is gone (a whole transaction's rollback empties the cache, see
+ * s_exec_batch). Returns an SQLite code, SQLITE_DONE on success. Store
+ * thread. */
+static int s_name_id(ml_store_t *st, const char *name, int64_t *id)
+{
+    if (!name)
+        return SQLITE_DONE;
+    size_t len = strlen(name);
+    void *v = ml_hash_get(st->names, name, len);
+    if (v) {
+        *id = (int64_t)(intptr_t)v;
+        return SQLITE_DONE;
+    }
+    sqlite3_stmt *q = st->name_get;
+    sqlite3_bind_text(q, 1, name, (int)len, SQLITE_STATIC);
+    int src = sqlite3_step(q);
+    if (src == SQLITE_ROW)
+        *id = sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (src == SQLITE_DONE) {
+        sqlite3_bind_text(st->name_add, 1, name, (int)len, SQLITE_STATIC);
+        if ((src = s_run(st->name_add)) != SQLITE_DONE)
+            return src;
+        *id = sqlite3_last_insert_rowid(st->wr);
+    } else if (src != SQLITE_ROW) {
+        return src;
+    }
+    /* Out of memory only costs the next lookup a query. */
+    (void)ml_hash_put(st->names, name, len, (void *)(intptr_t)*id);
+    return SQLITE_DONE;
+}
+
 /* Inserts the message of a put (OR IGNORE: a duplicate id is reported,
  * not an error). Store thread. */
 static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
@@ -1448,8 +1501,14 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
     sqlite3_stmt *s = st->insert;
     sqlite3_bind_text(s, 1, r->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 2, r->case_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 3, r->sender, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 4, r->recipient, -1, SQLITE_STATIC);
+    int64_t sender = 0, recipient = 0;
+    if ((src = s_name_id(st, r->sender, &sender)) != SQLITE_DONE ||
+        (src = s_name_id(st, r->recipient, &recipient)) != SQLITE_DONE)
+        return src;
+    if (r->sender)
+        sqlite3_bind_int64(s, 3, sender);
+    if (r->recipient)
+        sqlite3_bind_int64(s, 4, recipient);
     sqlite3_bind_int(s, 5, r->kind);
     sqlite3_bind_int(s, 6, r->priority);
     sqlite3_bind_int64(s, 7, r->created_at);
@@ -1609,6 +1668,16 @@ static void s_health_update(ml_store_t *st)
     }
 }
 
+/* After a rollback: names the transaction added are gone with it. */
+static void s_names_forget(ml_store_t *st)
+{
+    ml_hash_iter_t it = {0};
+    const void *key;
+    size_t len;
+    while (ml_hash_next(st->names, &it, &key, &len, NULL) == 1)
+        ml_hash_del(st->names, key, len, NULL);
+}
+
 /* Runs the batch as one write transaction. With with_puts = 0 the puts are
  * skipped (a retry of the marks alone after the puts broke the first try).
  * Returns 0 once committed, or ML_EFULL / ML_ESTORE after rolling back, in
@@ -1654,6 +1723,7 @@ out:
          * them); after the others the transaction is still open. */
         if (!sqlite3_get_autocommit(st->wr))
             s_run(st->rollback);
+        s_names_forget(st);
     } else if (st->disk_full) {
         ml_log(ML_LOG_INFO, S_COMPONENT, "%s: disk has room again", st->path);
         st->disk_full = 0;
@@ -2360,6 +2430,10 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     if (src != SQLITE_OK) {
         ml_seterr(err, errlen, "cannot open %s for reading: %s", path,
                   st->rd ? sqlite3_errmsg(st->rd) : sqlite3_errstr(src));
+        goto out;
+    }
+    if ((rc = ml_hash_new(64, 0, &st->names)) != 0) {
+        ml_seterr(err, errlen, "%s: out of memory", path);
         goto out;
     }
     if ((rc = s_prepare_all(st, err, errlen)) != 0)
@@ -3136,8 +3210,9 @@ int ml_store_lookup(ml_store_t *st, const char *id, int64_t *seq, int *state)
 }
 
 #define S_DEAD_COLS                                                                                \
-    "seq, id, case_id, sender, recipient, kind, priority, accepted_at, dead_at, attempts, size,"   \
-    " dead_reason, deadline"
+    "m.seq, m.id, m.case_id, sn.name, rn.name, m.kind, m.priority, m.accepted_at, m.dead_at,"      \
+    " m.attempts, m.size, m.dead_reason, m.deadline FROM msgs m"                                   \
+    " LEFT JOIN names sn ON sn.id = m.sender LEFT JOIN names rn ON rn.id = m.recipient"
 
 typedef struct {
     ml_store_dead_cb cb;
@@ -3173,8 +3248,8 @@ int ml_store_dead_list(ml_store_t *st, int limit, ml_store_dead_cb cb, void *arg
     if (!st || !cb)
         return ML_EINVAL;
     if (s_prepare_rd(st,
-                     "SELECT " S_DEAD_COLS " FROM msgs WHERE state = 2"
-                     " ORDER BY dead_at DESC, seq DESC LIMIT ?1",
+                     "SELECT " S_DEAD_COLS " WHERE m.state = 2"
+                     " ORDER BY m.dead_at DESC, m.seq DESC LIMIT ?1",
                      &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_int(s, 1, limit > 0 ? limit : -1);
@@ -3187,7 +3262,7 @@ int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void 
     sqlite3_stmt *s = NULL;
     if (!st || !id || !cb)
         return ML_EINVAL;
-    if (s_prepare_rd(st, "SELECT " S_DEAD_COLS " FROM msgs WHERE state = 2 AND id = ?1", &s) != 0)
+    if (s_prepare_rd(st, "SELECT " S_DEAD_COLS " WHERE m.state = 2 AND m.id = ?1", &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     s_dead_walk_t w = {cb, arg, 0};

@@ -2,7 +2,8 @@
  * once. Queued and delivered are rows of two narrow tables ("pending",
  * "delivered") rather than a state column rewritten in place, and the view
  * "messages" gives ops, tests and the soak's checker the columns of
- * schema 5 (state 0 queued, 1 delivered, 2 dead; delivered_at). A file of
+ * schema 5 (state 0 queued, 1 delivered, 2 dead; delivered_at; sender and
+ * recipient as names, which the rows hold as ids of "names"). A file of
  * schema 5 is refused, as schema 5 refused schema 4. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -161,6 +162,14 @@ Test(store_v6, delivered_mark_leaves_the_message_row_as_inserted)
     cr_assert_eq(ml_store_mark_delivered(st, recs[2].seq), 0);
     s_barrier(&loop, st);
 
+    /* Node names once, in "names"; rows hold their ids; the view names them. */
+    cr_assert_eq(s_q(path, "SELECT count(*) FROM names", 0), 2);
+    cr_assert_eq(s_q(path, "SELECT count(*) FROM msgs WHERE typeof(sender) = 'integer'", 0), 4);
+    cr_assert_eq(s_q(path,
+                     "SELECT count(*) FROM messages WHERE sender = 'clinic-a'"
+                     " AND recipient = 'hospital-b'",
+                     0),
+                 4);
     cr_assert_eq(s_q(path, s_view_state, recs[0].seq), 1);
     cr_assert_eq(s_q(path, s_view_state, recs[2].seq), 2);
     cr_assert_eq(s_q(path, s_view_state, recs[3].seq), 0);
