@@ -50,11 +50,12 @@
 #include "cases.h"
 #include "ml_common.h"
 #include "ml_crypt.h"
+#include "ml_hash.h"
 #include "medlink/v1/envelope.pb-c.h"
 #include "medlink/v1/imaging.pb-c.h"
 
 #define S_COMPONENT "store"
-#define S_SCHEMA_VERSION 5
+#define S_SCHEMA_VERSION 6
 #define S_BATCH_MAX_DEFAULT 4096
 /* Page cache per connection, in KiB (negative cache_size means KiB). Two
  * connections, so at most ~16 MiB of cache whatever the queue length. */
@@ -175,6 +176,16 @@ struct ml_store {
     sqlite3_stmt *insert_body;
     sqlite3_stmt *delivered;
     sqlite3_stmt *dead;
+    sqlite3_stmt *pend_add; /* schema 6: queued and delivered as rows of */
+    sqlite3_stmt *pend_del; /* their own (see s_schema) */
+    sqlite3_stmt *dlv_del;
+    /* Node names as integers (schema 6, table "names"): name -> id of
+     * the names committed or written in the open transaction. Store
+     * thread. Emptied when a transaction rolls back, which may take the
+     * rows of names it added with it. */
+    ml_hash_t *names;
+    sqlite3_stmt *name_add;
+    sqlite3_stmt *name_get;
     sqlite3_stmt *dead_delivered;
     sqlite3_stmt *page_count;
     sqlite3_stmt *case_insert;
@@ -239,19 +250,19 @@ struct ml_store {
 };
 
 static const char s_schema[] =
-    "CREATE TABLE IF NOT EXISTS messages ("
+    "CREATE TABLE IF NOT EXISTS msgs ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " id TEXT NOT NULL UNIQUE,"
     " case_id TEXT,"
-    " sender TEXT,"
-    " recipient TEXT,"
+    /* Ids in "names": a node's name is written once, not in every row. */
+    " sender INTEGER,"
+    " recipient INTEGER,"
     " kind INTEGER,"
     " priority INTEGER,"
     " created_at INTEGER,"
     " deadline INTEGER,"
     " accepted_at INTEGER,"
     " state INTEGER,"
-    " delivered_at INTEGER,"
     " attempts INTEGER DEFAULT 0,"
     " dead_reason TEXT,"
     " size INTEGER NOT NULL DEFAULT 0,"
@@ -266,17 +277,36 @@ static const char s_schema[] =
     " seg INTEGER, off INTEGER, blen INTEGER);"
     /* Which rows still have a body, for ops and tests: the bodies table of
      * schema 4 as a view (no write costs anything). */
-    "CREATE VIEW IF NOT EXISTS bodies AS SELECT seq, blen AS size FROM messages"
+    "CREATE VIEW IF NOT EXISTS bodies AS SELECT seq, blen AS size FROM msgs"
     " WHERE seg IS NOT NULL;"
     /* Live bodies per segment file: a segment goes when its count is 0. */
     /* end_off: where the last committed group's records in it end. */
     "CREATE TABLE IF NOT EXISTS segments (seg INTEGER PRIMARY KEY, live INTEGER NOT NULL,"
     " end_off INTEGER NOT NULL DEFAULT 0);"
-    /* Partial: a delivered or dead row leaves the index, so the start-up
-     * scan and the index itself stay proportional to the queue, not to the
-     * history. The order matches ml_store_scan_pending's. */
-    "CREATE INDEX IF NOT EXISTS messages_pending ON messages(priority DESC, seq)"
-    " WHERE state = 0;"
+    /* Schema 6: a message row is written once. Whether it is still queued
+     * or was delivered is not a column rewritten in place (that rewrote
+     * the row's 4 KiB page, in a later group than the one that wrote it,
+     * for every message) but membership in two narrow tables: "pending"
+     * holds the seq of every queued message (msgs.state = 0 and no
+     * delivered row), "delivered" the seq and time of every delivered one.
+     * Their rows are a few bytes, so a group's inserts and deletes touch a
+     * handful of pages. msgs.state is only 0 or 2 (dead); the view
+     * "messages" gives ops and tests the columns of schema 5 (state 0
+     * queued, 1 delivered, 2 dead, and delivered_at). "pending" keeps the
+     * start-up scan proportional to the queue, as the partial index of
+     * schema 5 did. */
+    "CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+    "CREATE TABLE IF NOT EXISTS pending (seq INTEGER PRIMARY KEY);"
+    "CREATE TABLE IF NOT EXISTS delivered (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL);"
+    "CREATE VIEW IF NOT EXISTS messages AS SELECT m.seq AS seq, m.id AS id,"
+    " m.case_id AS case_id, sn.name AS sender, rn.name AS recipient, m.kind AS kind,"
+    " m.priority AS priority, m.created_at AS created_at, m.deadline AS deadline,"
+    " m.accepted_at AS accepted_at,"
+    " CASE WHEN m.state = 2 THEN 2 WHEN d.seq IS NOT NULL THEN 1 ELSE 0 END AS state,"
+    " d.at AS delivered_at, m.attempts AS attempts, m.dead_reason AS dead_reason,"
+    " m.size AS size, m.dead_at AS dead_at, m.digest AS digest, m.seg AS seg, m.off AS off,"
+    " m.blen AS blen FROM msgs m LEFT JOIN delivered d ON d.seq = m.seq"
+    " LEFT JOIN names sn ON sn.id = m.sender LEFT JOIN names rn ON rn.id = m.recipient;"
     /* No index on messages.case_id: maintaining it cost ~20% of the
      * broker's CPU per message under load. Cases have a table of their own,
      * and their timelines one more, indexed by case. */
@@ -296,7 +326,7 @@ static const char s_schema[] =
     " at INTEGER, node TEXT, event TEXT, from_state TEXT,"
     " to_state TEXT, message_id TEXT, kind TEXT, detail TEXT,"
     " PRIMARY KEY (case_id, version, n)) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS messages_dead ON messages(dead_at) WHERE state = 2;"
+    "CREATE INDEX IF NOT EXISTS messages_dead ON msgs(dead_at) WHERE state = 2;"
     /* Final cases by their last change, for timeline retention: partial,
      * so open cases (every change of which rewrites updated_at) never
      * touch it; a case enters it once, when it becomes final. */
@@ -327,6 +357,13 @@ static int s_run(sqlite3_stmt *stmt)
     sqlite3_reset(stmt);
     sqlite3_clear_bindings(stmt);
     return src;
+}
+
+/* Binds seq as ?1 of s and runs it (s_run). */
+static int s_bind_seq_run(sqlite3_stmt *s, int64_t seq)
+{
+    sqlite3_bind_int64(s, 1, seq);
+    return s_run(s);
 }
 
 /* Applies the pragmas both connections share. */
@@ -908,13 +945,14 @@ static int s_open_writer(ml_store_t *st, char *err, size_t errlen)
                  (long long)version, S_SCHEMA_VERSION);
         goto out;
     }
-    /* Schema 5 keeps bodies in segment files (nothing was deployed with
-     * an older one, so there is no migration): a file of an older broker
-     * is named, not converted. */
+    /* Schema 5 keeps bodies in segment files and schema 6 the delivered
+     * state in tables of its own (nothing was deployed with an older one,
+     * so there is no migration): a file of an older broker is named, not
+     * converted. Its "messages" is a table; schema 6's is a view. */
     int64_t tables = 0;
     if ((src = s_query_int(st->wr,
                            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND"
-                           " name = 'messages'",
+                           " name IN ('messages', 'msgs')",
                            &tables)) != SQLITE_OK)
         goto out;
     if (tables > 0 && version < S_SCHEMA_VERSION) {
@@ -984,7 +1022,7 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          * can detect with sqlite3_changes(), inside the same transaction
          * (a duplicate within one group sees the earlier insert). */
         {st->wr, &st->insert,
-         "INSERT OR IGNORE INTO messages (id, case_id, sender, recipient, kind, priority,"
+         "INSERT OR IGNORE INTO msgs (id, case_id, sender, recipient, kind, priority,"
          " created_at, deadline, accepted_at, state, attempts, size, digest, seg, off, blen)"
          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11, ?12, ?13, ?14)"},
         {st->wr, &st->seg_count,
@@ -992,20 +1030,27 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          " ON CONFLICT (seg) DO UPDATE SET live = live + excluded.live,"
          " end_off = excluded.end_off"},
         {st->wr, &st->seg_drop, "UPDATE segments SET live = live - 1 WHERE seg = ?1"},
-        {st->wr, &st->lookup, "SELECT seq, sender, digest FROM messages WHERE id = ?1"},
-        /* state = 0 guards: a message settles once; a late or repeated mark
-         * does not turn a delivered message into a dead one or back. */
-        {st->wr, &st->delivered,
-         "UPDATE messages SET state = 1, delivered_at = ?2 WHERE seq = ?1 AND state = 0"},
+        {st->wr, &st->lookup,
+         "SELECT m.seq, n.name, m.digest FROM msgs m LEFT JOIN names n ON n.id = m.sender"
+         " WHERE m.id = ?1"},
+        /* The pending row guards: a message settles once (the mark that
+         * deletes it goes on, see s_mark); a late or repeated mark does not
+         * turn a delivered message into a dead one or back. */
+        {st->wr, &st->delivered, "INSERT OR IGNORE INTO delivered (seq, at) VALUES (?1, ?2)"},
         {st->wr, &st->dead,
-         "UPDATE messages SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
+         "UPDATE msgs SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
          " WHERE seq = ?1 AND state = 0"},
+        {st->wr, &st->name_add, "INSERT INTO names (name) VALUES (?1)"},
+        {st->wr, &st->name_get, "SELECT id FROM names WHERE name = ?1"},
+        {st->wr, &st->pend_add, "INSERT OR IGNORE INTO pending (seq) VALUES (?1)"},
+        {st->wr, &st->pend_del, "DELETE FROM pending WHERE seq = ?1"},
+        {st->wr, &st->dlv_del, "DELETE FROM delivered WHERE seq = ?1"},
         /* An imaging consult whose study never arrived whole (F9): it was
          * delivered, but what it stands for was not. Asked for explicitly
          * (ml_store_mark_dead_delivered), never by a late mark. */
         {st->wr, &st->dead_delivered,
-         "UPDATE messages SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
-         " WHERE seq = ?1 AND state IN (0, 1)"},
+         "UPDATE msgs SET state = 2, dead_reason = ?2, attempts = ?3, dead_at = ?4"
+         " WHERE seq = ?1 AND state = 0"},
         {st->wr, &st->page_count, "PRAGMA page_count"},
         {st->wr, &st->case_insert,
          "INSERT OR IGNORE INTO cases (" S_CASE_COLS ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,"
@@ -1023,36 +1068,42 @@ static int s_prepare_all(ml_store_t *st, char *err, size_t errlen)
          "INSERT INTO case_events (case_id, at, node, event, from_state, to_state, message_id,"
          " kind, detail, version, n) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"},
         {st->wr, &st->replay,
-         "UPDATE messages SET state = 0, attempts = 0, deadline = 0, dead_reason = NULL,"
+         "UPDATE msgs SET state = 0, attempts = 0, deadline = 0, dead_reason = NULL,"
          " dead_at = NULL WHERE seq = ?1 AND state = 2"},
         {st->wr, &st->purge_seg,
          "UPDATE segments SET live = live - 1 WHERE seg ="
-         " (SELECT seg FROM messages WHERE seq = ?1 AND state = 2)"},
-        {st->wr, &st->purge_msg, "DELETE FROM messages WHERE seq = ?1 AND state = 2"},
+         " (SELECT seg FROM msgs WHERE seq = ?1 AND state = 2)"},
+        {st->wr, &st->purge_msg, "DELETE FROM msgs WHERE seq = ?1 AND state = 2"},
         {st->wr, &st->sp_begin, "SAVEPOINT ml_req"},
         {st->wr, &st->sp_rollback, "ROLLBACK TO ml_req"},
         {st->wr, &st->sp_release, "RELEASE ml_req"},
         /* Retention. length() of a blob reads its size from the record
          * header, not the blob. */
         {st->wr, &st->prune_scan,
-         "SELECT m.seq, m.kind, m.state, m.delivered_at, c.case_id IS NOT NULL, c.closed,"
+         "SELECT m.seq, m.kind,"
+         " CASE WHEN m.state = 2 THEN 2 WHEN d.seq IS NOT NULL THEN 1 ELSE 0 END, d.at,"
+         " c.case_id IS NOT NULL, c.closed,"
          " c.updated_at, c.kind, c.state, m.seg IS NOT NULL, m.blen, m.seg"
-         " FROM messages m LEFT JOIN cases c ON c.case_id = m.case_id"
+         " FROM msgs m LEFT JOIN delivered d ON d.seq = m.seq"
+         " LEFT JOIN cases c ON c.case_id = m.case_id"
          " WHERE m.seq > ?1 ORDER BY m.seq LIMIT ?2"},
-        {st->wr, &st->prune_del_msg, "DELETE FROM messages WHERE seq = ?1 AND state = 1"},
+        {st->wr, &st->prune_del_msg,
+         "DELETE FROM msgs WHERE seq = ?1 AND state = 0"
+         " AND EXISTS (SELECT 1 FROM delivered WHERE seq = ?1)"},
         {st->wr, &st->prune_del_body,
-         "UPDATE messages SET seg = NULL WHERE seq = ?1 AND seg IS NOT NULL"},
+         "UPDATE msgs SET seg = NULL WHERE seq = ?1 AND seg IS NOT NULL"},
         {st->wr, &st->prune_cases,
          "SELECT case_id FROM cases WHERE closed = 1 AND updated_at <= ?1"
          " ORDER BY updated_at LIMIT ?2"},
         {st->wr, &st->prune_del_events, "DELETE FROM case_events WHERE case_id = ?1"},
         {st->wr, &st->prune_del_case, "DELETE FROM cases WHERE case_id = ?1 AND closed = 1"},
         {st->rd, &st->scan,
-         "SELECT seq, id, case_id, sender, recipient, kind, priority, accepted_at,"
-         " size, deadline, attempts FROM messages WHERE state = 0"
-         " ORDER BY priority DESC, seq ASC"},
+         "SELECT m.seq, m.id, m.case_id, sn.name, rn.name, m.kind, m.priority, m.accepted_at,"
+         " m.size, m.deadline, m.attempts FROM msgs m LEFT JOIN names sn ON sn.id = m.sender"
+         " LEFT JOIN names rn ON rn.id = m.recipient WHERE m.seq IN (SELECT seq FROM pending)"
+         " ORDER BY m.priority DESC, m.seq ASC"},
         {st->rd, &st->fetch,
-         "SELECT seg, off, blen, id FROM messages WHERE seq = ?1 AND seg IS NOT NULL"},
+         "SELECT seg, off, blen, id FROM msgs WHERE seq = ?1 AND seg IS NOT NULL"},
         {st->rd, &st->rd_lookup, "SELECT seq, state FROM messages WHERE id = ?1"},
         {st->rd, &st->rd_case, "SELECT " S_CASE_COLS " FROM cases WHERE case_id = ?1"},
     };
@@ -1093,7 +1144,8 @@ static void s_release(ml_store_t *st)
         &st->purge_seg,      &st->purge_msg,      &st->sp_begin,     &st->sp_rollback,
         &st->sp_release,     &st->rd_lookup,      &st->rd_case,      &st->prune_scan,
         &st->prune_del_msg,  &st->prune_del_body, &st->prune_cases,  &st->prune_del_events,
-        &st->prune_del_case, &st->dead_delivered, &st->seg_drop};
+        &st->prune_del_case, &st->dead_delivered, &st->seg_drop,     &st->pend_add,
+        &st->pend_del,       &st->dlv_del,        &st->name_add,     &st->name_get};
     for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
         sqlite3_stmt **slot = stmts[i];
         sqlite3_finalize(*slot);
@@ -1120,6 +1172,7 @@ static void s_release(ml_store_t *st)
         st->rd_fd[i] = -1;
     free(st->sbuf);
     st->sbuf = NULL;
+    ml_hash_destroy(&st->names);
     s_free_list(st->head);
     s_free_list(st->done_head);
     s_free_list(st->prune_wait);
@@ -1404,6 +1457,42 @@ static int s_insert(ml_store_t *st, ml_store_req_t *r, int64_t now)
     return s_insert_msg(st, r, now);
 }
 
+/* The id of name in "names" (*id; NULL names are left alone), added in
+ * the open transaction if it is new. Must not be called inside a
+ * savepoint that may be rolled back: the cache would keep an id whose row
+ * is gone (a whole transaction's rollback empties the cache, see
+ * s_exec_batch). Returns an SQLite code, SQLITE_DONE on success. Store
+ * thread. */
+static int s_name_id(ml_store_t *st, const char *name, int64_t *id)
+{
+    if (!name)
+        return SQLITE_DONE;
+    size_t len = strlen(name);
+    void *v = ml_hash_get(st->names, name, len);
+    if (v) {
+        *id = (int64_t)(intptr_t)v;
+        return SQLITE_DONE;
+    }
+    sqlite3_stmt *q = st->name_get;
+    sqlite3_bind_text(q, 1, name, (int)len, SQLITE_STATIC);
+    int src = sqlite3_step(q);
+    if (src == SQLITE_ROW)
+        *id = sqlite3_column_int64(q, 0);
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    if (src == SQLITE_DONE) {
+        sqlite3_bind_text(st->name_add, 1, name, (int)len, SQLITE_STATIC);
+        if ((src = s_run(st->name_add)) != SQLITE_DONE)
+            return src;
+        *id = sqlite3_last_insert_rowid(st->wr);
+    } else if (src != SQLITE_ROW) {
+        return src;
+    }
+    /* Out of memory only costs the next lookup a query. */
+    (void)ml_hash_put(st->names, name, len, (void *)(intptr_t)*id);
+    return SQLITE_DONE;
+}
+
 /* Inserts the message of a put (OR IGNORE: a duplicate id is reported,
  * not an error). Store thread. */
 static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
@@ -1412,8 +1501,14 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
     sqlite3_stmt *s = st->insert;
     sqlite3_bind_text(s, 1, r->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 2, r->case_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 3, r->sender, -1, SQLITE_STATIC);
-    sqlite3_bind_text(s, 4, r->recipient, -1, SQLITE_STATIC);
+    int64_t sender = 0, recipient = 0;
+    if ((src = s_name_id(st, r->sender, &sender)) != SQLITE_DONE ||
+        (src = s_name_id(st, r->recipient, &recipient)) != SQLITE_DONE)
+        return src;
+    if (r->sender)
+        sqlite3_bind_int64(s, 3, sender);
+    if (r->recipient)
+        sqlite3_bind_int64(s, 4, recipient);
     sqlite3_bind_int(s, 5, r->kind);
     sqlite3_bind_int(s, 6, r->priority);
     sqlite3_bind_int64(s, 7, r->created_at);
@@ -1437,6 +1532,8 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
         return src;
     if (sqlite3_changes(st->wr) == 1) {
         r->seq = sqlite3_last_insert_rowid(st->wr);
+        if ((src = s_bind_seq_run(st->pend_add, r->seq)) != SQLITE_DONE)
+            return src;
         if ((src = s_seg_stage(st, r->seq, r->envelope, r->envelope_len, r->crc)) != SQLITE_DONE)
             return src;
         r->rc = 0;
@@ -1455,17 +1552,34 @@ static int s_insert_msg(ml_store_t *st, ml_store_req_t *r, int64_t now)
     return SQLITE_DONE;
 }
 
+/* A message's state lives in three places (see s_schema): msgs.state 2
+ * for dead, a "delivered" row, a "pending" row while queued. Each mark
+ * keeps them consistent: a message is in "pending" exactly when it is
+ * neither dead nor delivered. Store thread, inside the group's
+ * transaction. */
 static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
 {
     sqlite3_stmt *s;
+    int src;
     switch (r->op) {
     case S_OP_DELIVERED:
+        /* Only a queued message becomes delivered: its pending row is the
+         * guard, and the message row itself is not written. */
+        if ((src = s_bind_seq_run(st->pend_del, r->seq)) != SQLITE_DONE ||
+            sqlite3_changes(st->wr) == 0)
+            return src;
         s = st->delivered;
         sqlite3_bind_int64(s, 1, r->seq);
         sqlite3_bind_int64(s, 2, now);
         return s_run(s);
     case S_OP_DEAD:
     case S_OP_DEAD_DELIVERED:
+        if ((src = s_bind_seq_run(st->pend_del, r->seq)) != SQLITE_DONE)
+            return src;
+        /* A plain dead mark applies to a queued message only; the
+         * explicit one (F9) to a delivered one too. */
+        if (r->op == S_OP_DEAD && sqlite3_changes(st->wr) == 0)
+            return SQLITE_DONE;
         s = r->op == S_OP_DEAD ? st->dead : st->dead_delivered;
         sqlite3_bind_int64(s, 1, r->seq);
         sqlite3_bind_text(s, 2, r->reason, -1, SQLITE_STATIC);
@@ -1473,15 +1587,20 @@ static int s_mark(ml_store_t *st, ml_store_req_t *r, int64_t now)
         sqlite3_bind_int64(s, 4, now);
         return s_run(s);
     case S_OP_REPLAY:
-        sqlite3_bind_int64(st->replay, 1, r->seq);
-        return s_run(st->replay);
-    default: { /* S_OP_PURGE */
-        sqlite3_bind_int64(st->purge_seg, 1, r->seq);
-        int src = s_run(st->purge_seg);
-        if (src != SQLITE_DONE)
+        /* Queued again: no longer delivered (F9's dead consult was). */
+        if ((src = s_bind_seq_run(st->replay, r->seq)) != SQLITE_DONE ||
+            sqlite3_changes(st->wr) == 0)
             return src;
-        sqlite3_bind_int64(st->purge_msg, 1, r->seq);
-        return s_run(st->purge_msg);
+        if ((src = s_bind_seq_run(st->dlv_del, r->seq)) != SQLITE_DONE)
+            return src;
+        return s_bind_seq_run(st->pend_add, r->seq);
+    default: { /* S_OP_PURGE */
+        if ((src = s_bind_seq_run(st->purge_seg, r->seq)) != SQLITE_DONE)
+            return src;
+        if ((src = s_bind_seq_run(st->purge_msg, r->seq)) != SQLITE_DONE ||
+            sqlite3_changes(st->wr) == 0)
+            return src;
+        return s_bind_seq_run(st->dlv_del, r->seq);
     }
     }
 }
@@ -1549,6 +1668,16 @@ static void s_health_update(ml_store_t *st)
     }
 }
 
+/* After a rollback: names the transaction added are gone with it. */
+static void s_names_forget(ml_store_t *st)
+{
+    ml_hash_iter_t it = {0};
+    const void *key;
+    size_t len;
+    while (ml_hash_next(st->names, &it, &key, &len, NULL) == 1)
+        ml_hash_del(st->names, key, len, NULL);
+}
+
 /* Runs the batch as one write transaction. With with_puts = 0 the puts are
  * skipped (a retry of the marks alone after the puts broke the first try).
  * Returns 0 once committed, or ML_EFULL / ML_ESTORE after rolling back, in
@@ -1594,6 +1723,7 @@ out:
          * them); after the others the transaction is still open. */
         if (!sqlite3_get_autocommit(st->wr))
             s_run(st->rollback);
+        s_names_forget(st);
     } else if (st->disk_full) {
         ml_log(ML_LOG_INFO, S_COMPONENT, "%s: disk has room again", st->path);
         st->disk_full = 0;
@@ -1816,6 +1946,8 @@ static int s_prune_messages(ml_store_t *st, int64_t now, int *end)
             if ((src = s_run(st->prune_del_msg)) != SQLITE_DONE)
                 break;
             int n_del = sqlite3_changes(st->wr);
+            if (n_del > 0 && (src = s_bind_seq_run(st->dlv_del, r->seq)) != SQLITE_DONE)
+                break;
             msgs += (uint64_t)n_del;
             dropped = n_del > 0 && r->had_body;
         } else if (r->had_body) {
@@ -2298,6 +2430,10 @@ int ml_store_open(uv_loop_t *loop, const char *path, const ml_store_opts_t *opts
     if (src != SQLITE_OK) {
         ml_seterr(err, errlen, "cannot open %s for reading: %s", path,
                   st->rd ? sqlite3_errmsg(st->rd) : sqlite3_errstr(src));
+        goto out;
+    }
+    if ((rc = ml_hash_new(64, 0, &st->names)) != 0) {
+        ml_seterr(err, errlen, "%s: out of memory", path);
         goto out;
     }
     if ((rc = s_prepare_all(st, err, errlen)) != 0)
@@ -3074,8 +3210,9 @@ int ml_store_lookup(ml_store_t *st, const char *id, int64_t *seq, int *state)
 }
 
 #define S_DEAD_COLS                                                                                \
-    "seq, id, case_id, sender, recipient, kind, priority, accepted_at, dead_at, attempts, size,"   \
-    " dead_reason, deadline"
+    "m.seq, m.id, m.case_id, sn.name, rn.name, m.kind, m.priority, m.accepted_at, m.dead_at,"      \
+    " m.attempts, m.size, m.dead_reason, m.deadline FROM msgs m"                                   \
+    " LEFT JOIN names sn ON sn.id = m.sender LEFT JOIN names rn ON rn.id = m.recipient"
 
 typedef struct {
     ml_store_dead_cb cb;
@@ -3111,8 +3248,8 @@ int ml_store_dead_list(ml_store_t *st, int limit, ml_store_dead_cb cb, void *arg
     if (!st || !cb)
         return ML_EINVAL;
     if (s_prepare_rd(st,
-                     "SELECT " S_DEAD_COLS " FROM messages WHERE state = 2"
-                     " ORDER BY dead_at DESC, seq DESC LIMIT ?1",
+                     "SELECT " S_DEAD_COLS " WHERE m.state = 2"
+                     " ORDER BY m.dead_at DESC, m.seq DESC LIMIT ?1",
                      &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_int(s, 1, limit > 0 ? limit : -1);
@@ -3125,8 +3262,7 @@ int ml_store_dead_get(ml_store_t *st, const char *id, ml_store_dead_cb cb, void 
     sqlite3_stmt *s = NULL;
     if (!st || !id || !cb)
         return ML_EINVAL;
-    if (s_prepare_rd(st, "SELECT " S_DEAD_COLS " FROM messages WHERE state = 2 AND id = ?1", &s) !=
-        0)
+    if (s_prepare_rd(st, "SELECT " S_DEAD_COLS " WHERE m.state = 2 AND m.id = ?1", &s) != 0)
         return ML_ESTORE;
     sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
     s_dead_walk_t w = {cb, arg, 0};
@@ -3138,7 +3274,7 @@ int ml_store_dead_count(ml_store_t *st, int64_t *n)
 {
     if (!st || !n)
         return ML_EINVAL;
-    int src = s_query_int(st->rd, "SELECT count(*) FROM messages WHERE state = 2", n);
+    int src = s_query_int(st->rd, "SELECT count(*) FROM msgs WHERE state = 2", n);
     if (src != SQLITE_OK) {
         ml_log(ML_LOG_ERROR, S_COMPONENT, "%s: counting dead letters: %s", st->path,
                sqlite3_errmsg(st->rd));
@@ -3205,16 +3341,21 @@ int ml_store_info(ml_store_t *st, ml_store_info_t *out)
         goto fail;
     out->auto_vacuum = (int)v;
     /* Every count below reads one partial index or table once; the
-     * messages ones use the state indexes where they exist. */
+     * messages ones the table of their state (see s_schema). */
+    static const char *const by_state[3] = {
+        "SELECT count(*), coalesce(min(m.accepted_at), 0) FROM pending p"
+        " JOIN msgs m ON m.seq = p.seq",
+        "SELECT count(*), coalesce(min(m.accepted_at), 0) FROM delivered d"
+        " JOIN msgs m ON m.seq = d.seq WHERE m.state = 0",
+        "SELECT count(*), coalesce(min(accepted_at), 0) FROM msgs WHERE state = 2",
+    };
     for (int state = 0; state < 3; state++)
-        if (s_count_oldest(st,
-                           "SELECT count(*), coalesce(min(accepted_at), 0) FROM messages"
-                           " WHERE state = ?1",
-                           state, &out->msg_rows[state], &out->msg_oldest[state]) != 0)
+        if (s_count_oldest(st, by_state[state], -1, &out->msg_rows[state],
+                           &out->msg_oldest[state]) != 0)
             return ML_ESTORE;
     if (s_count_oldest(st,
                        "SELECT (SELECT count(*) FROM bodies), coalesce((SELECT m.accepted_at"
-                       " FROM bodies b JOIN messages m ON m.seq = b.seq ORDER BY b.seq LIMIT 1),"
+                       " FROM bodies b JOIN msgs m ON m.seq = b.seq ORDER BY b.seq LIMIT 1),"
                        " 0)",
                        -1, &out->body_rows, &out->body_oldest) != 0 ||
         s_count_oldest(st,
@@ -3255,7 +3396,7 @@ static int s_offline_loc(sqlite3 *db, const char *id, int64_t *seq, int64_t *seg
     sqlite3_stmt *q = NULL;
     int rc = ML_ESTORE;
     if (sqlite3_prepare_v2(db,
-                           "SELECT seq, seg, off, blen FROM messages WHERE id = ?1 AND seg IS NOT"
+                           "SELECT seq, seg, off, blen FROM msgs WHERE id = ?1 AND seg IS NOT"
                            " NULL",
                            -1, &q, NULL) != SQLITE_OK)
         goto out;
@@ -3336,7 +3477,7 @@ int ml_store_offline_replace_body(const char *path, const char *id, const uint8_
     if (rc == 0) {
         char upd[400];
         snprintf(upd, sizeof upd,
-                 "BEGIN; UPDATE messages SET seg = %lld, off = %lld, blen = %zu WHERE seq = %lld;"
+                 "BEGIN; UPDATE msgs SET seg = %lld, off = %lld, blen = %zu WHERE seq = %lld;"
                  " UPDATE segments SET live = live - 1 WHERE seg = %lld;"
                  " UPDATE segments SET live = live + 1, end_off = %lld WHERE seg = %lld; COMMIT;",
                  (long long)newest, (long long)end, len, (long long)seq, (long long)seg,
