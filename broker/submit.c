@@ -126,7 +126,7 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             uint32_t cm;
             uint64_t cb;
             ml_submit_credit(b, s, &cm, &cb);
-            ml_wire_credit(s, cm, cb);
+            ml_wire_credit(s, ml_submit_credit_grow(s->credit_msgs, cm), cb);
             ml_wire_accepted(b, s, p->id, duplicate);
         }
     } else if (s && s->state == S_READY) {
@@ -457,6 +457,12 @@ void ml_submit_credit_share(uint64_t budget_msgs, uint64_t budget_bytes, uint64_
     *msgs = m ? (uint32_t)m : 1;
     uint64_t by = budget_bytes / a;
     *bytes = by < max_record ? max_record : by;
+}
+
+uint32_t ml_submit_credit_grow(uint32_t prev, uint32_t share)
+{
+    uint64_t cap = 2 * (uint64_t)(prev ? prev : ML_SUBMIT_CREDIT_WELCOME);
+    return share > cap ? (uint32_t)cap : share;
 }
 
 void ml_submit_credit_note(ml_broker_t *b, ml_session_t *s, int64_t now_ms)

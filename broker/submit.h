@@ -90,6 +90,14 @@ void ml_submit_credit_share(uint64_t budget_msgs, uint64_t budget_bytes, uint64_
                             uint64_t max_credit, uint64_t max_record, uint32_t *msgs,
                             uint64_t *bytes);
 
+/* The window to state next, from the one stated before (prev, 0 for the
+ * Welcome's) and the share: a shrink at once, a growth at most doubling
+ * per Accepted. Senders that came up together and were each counted
+ * before the others had sent would otherwise all jump to a large share on
+ * their first Accepted and overrun the backlog together (measured: 354 to
+ * 7,858 refusals per 64-clinic run without it). Pure, O(1). */
+uint32_t ml_submit_credit_grow(uint32_t prev, uint32_t share);
+
 /* s sent a routed record at now_ms (monotonic, the loop's uv_now): it is
  * one of the active senders for the next 1-2 s. ml_submit_put calls it.
  * O(1). */

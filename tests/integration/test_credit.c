@@ -57,11 +57,16 @@ Test(credit, welcome_and_accepted_carry_a_window)
     cr_assert_eq(cb, wl->credit_bytes);
 
     /* The only active sender: its share is the whole backlog, clamped to
-     * max_credit; the channel takes the window from the Accepted. */
+     * max_credit, reached by doubling from the Welcome's window on each
+     * Accepted (64 -> 128 -> 256 -> 500); the channel takes the window
+     * from the Accepted. */
     uint64_t bytes;
     ml_envelope_t *reply = s_send_referral(&c, H_XINZHAN);
-    cr_assert_eq(s_accepted_window(reply, &bytes), 500);
+    cr_assert_eq(s_accepted_window(reply, &bytes), 2 * wl->credit_msgs);
     cr_assert_eq(bytes, 32u * 1024 * 1024);
+    cr_assert_eq(s_accepted_window(s_send_referral(&c, H_XINZHAN), NULL), 4 * wl->credit_msgs);
+    cr_assert_eq(s_accepted_window(s_send_referral(&c, H_XINZHAN), NULL), 500);
+    cr_assert_eq(s_accepted_window(s_send_referral(&c, H_XINZHAN), NULL), 500);
     cr_assert_eq(ml_channel_credit(c.ch, &cm, &cb), 0);
     cr_assert_eq(cm, 500);
     cr_assert_eq(cb, 32u * 1024 * 1024);

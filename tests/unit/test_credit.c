@@ -151,3 +151,13 @@ Test(credit, hard_limit_is_twice_the_backlog, .init = s_setup)
     s_b.puts_pending_bytes = 64 * (uint64_t)MIB;
     cr_assert(ml_submit_backlog_full(&s_b));
 }
+
+Test(credit, window_grows_at_most_doubling_and_shrinks_at_once)
+{
+    /* The first Accepted after the Welcome's 64: at most 128. */
+    cr_assert_eq(ml_submit_credit_grow(0, 4096), 2 * ML_SUBMIT_CREDIT_WELCOME);
+    cr_assert_eq(ml_submit_credit_grow(128, 4096), 256);
+    cr_assert_eq(ml_submit_credit_grow(256, 300), 300);
+    cr_assert_eq(ml_submit_credit_grow(1000, 256), 256);
+    cr_assert_eq(ml_submit_credit_grow(3000000000u, 4000000000u), 4000000000u);
+}
