@@ -247,6 +247,9 @@ struct ml_broker {
         int64_t epoch;
         uint32_t n_cur;
         uint32_t n_prev;
+        /* Sessions with puts waiting for the store: active too, however
+         * long the store takes (a sender with a full window sends nothing). */
+        uint32_t n_waiting;
     } credit;
     ml_put_t *orphans;   /* puts whose session closed before the commit */
     ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */

@@ -67,6 +67,8 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     b->puts_pending--;
     b->puts_pending_bytes -= p->size;
     s_put_unlink(p);
+    if (s && !s->puts && p->head == &s->puts && b->credit.n_waiting > 0)
+        b->credit.n_waiting--;
     if (rc == 0) {
         if (!duplicate && p->opened[0])
             ml_log(ML_LOG_INFO, "cases", "%s", p->opened);
@@ -240,6 +242,8 @@ int ml_submit_put(ml_broker_t *b, const ml_bk_msg_t *m)
     b->puts_pending++;
     b->puts_pending_bytes += p->size;
     ml_put_t **head = m->session ? &m->session->puts : &b->orphans;
+    if (m->session && !*head)
+        b->credit.n_waiting++;
     p->head = head;
     p->next = *head;
     if (*head)
@@ -390,6 +394,8 @@ int ml_submit_load_pending(ml_broker_t *b)
 void ml_submit_orphan(ml_broker_t *b, ml_session_t *s)
 {
     ml_submit_credit_forget(b, s, b->loop ? (int64_t)uv_now(b->loop) : 0);
+    if (s->puts && b->credit.n_waiting > 0)
+        b->credit.n_waiting--;
     while (s->puts) {
         ml_put_t *p = s->puts;
         s->puts = p->next;
@@ -491,7 +497,8 @@ void ml_submit_credit_forget(ml_broker_t *b, ml_session_t *s, int64_t now_ms)
 uint64_t ml_submit_credit_active(ml_broker_t *b, int64_t now_ms)
 {
     s_credit_roll(b, s_epoch(now_ms));
-    return (uint64_t)b->credit.n_cur + b->credit.n_prev;
+    uint64_t recent = (uint64_t)b->credit.n_cur + b->credit.n_prev;
+    return recent > b->credit.n_waiting ? recent : b->credit.n_waiting;
 }
 
 void ml_submit_credit_at(ml_broker_t *b, const ml_session_t *s, int64_t now_ms, uint32_t *msgs,

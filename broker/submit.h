@@ -107,7 +107,9 @@ void ml_submit_credit_note(ml_broker_t *b, ml_session_t *s, int64_t now_ms);
  * O(1). */
 void ml_submit_credit_forget(ml_broker_t *b, ml_session_t *s, int64_t now_ms);
 
-/* The sessions that sent a routed record in the last 1-2 s at now_ms. O(1). */
+/* The active senders at now_ms: the sessions that sent a routed record in
+ * the last 1-2 s, or, if more, those with puts waiting for the store (a
+ * stalled store must not age its waiting senders out). O(1). */
 uint64_t ml_submit_credit_active(ml_broker_t *b, int64_t now_ms);
 
 /* The send window of s at now_ms: its share of [broker] store_backlog /

@@ -161,3 +161,15 @@ Test(credit, window_grows_at_most_doubling_and_shrinks_at_once)
     cr_assert_eq(ml_submit_credit_grow(1000, 256), 256);
     cr_assert_eq(ml_submit_credit_grow(3000000000u, 4000000000u), 4000000000u);
 }
+
+Test(credit, senders_waiting_for_the_store_stay_active, .init = s_setup)
+{
+    ml_session_t a;
+    memset(&a, 0, sizeof a);
+    ml_submit_credit_note(&s_b, &a, 1000);
+    /* Long after its last record, its puts still wait (a stalled store). */
+    s_b.credit.n_waiting = 3;
+    cr_assert_eq(ml_submit_credit_active(&s_b, 60000), 3);
+    s_b.credit.n_waiting = 0;
+    cr_assert_eq(ml_submit_credit_active(&s_b, 60000), 0);
+}
