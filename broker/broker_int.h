@@ -250,6 +250,10 @@ struct ml_broker {
         /* Sessions with puts waiting for the store: active too, however
          * long the store takes (a sender with a full window sends nothing). */
         uint32_t n_waiting;
+        /* Puts of sessions waiting for the store (puts_pending less the
+         * broker's own notices): what the windows bound and the hard limit
+         * checks. */
+        uint64_t session_puts;
     } credit;
     ml_put_t *orphans;   /* puts whose session closed before the commit */
     ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */

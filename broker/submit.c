@@ -66,6 +66,8 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     ml_session_t *s = p->session;
     b->puts_pending--;
     b->puts_pending_bytes -= p->size;
+    if (!p->own && b->credit.session_puts > 0)
+        b->credit.session_puts--;
     s_put_unlink(p);
     if (s && !s->puts && p->head == &s->puts && b->credit.n_waiting > 0)
         b->credit.n_waiting--;
@@ -244,6 +246,8 @@ int ml_submit_put(ml_broker_t *b, const ml_bk_msg_t *m)
     ml_put_t **head = m->session ? &m->session->puts : &b->orphans;
     if (m->session && !*head)
         b->credit.n_waiting++;
+    if (m->session)
+        b->credit.session_puts++;
     p->head = head;
     p->next = *head;
     if (*head)
@@ -521,6 +525,8 @@ void ml_submit_credit(ml_broker_t *b, const ml_session_t *s, uint32_t *msgs, uin
 
 int ml_submit_backlog_full(const ml_broker_t *b)
 {
-    return b->puts_pending >= 2 * (uint64_t)b->cfg->store_backlog ||
+    /* The broker's own notices (DELIVERED, forwards) are not refused and
+     * no window bounds them, so they do not count against the senders. */
+    return b->credit.session_puts >= 2 * (uint64_t)b->cfg->store_backlog ||
            b->puts_pending_bytes >= 2 * (uint64_t)b->cfg->store_backlog_bytes;
 }

@@ -122,8 +122,10 @@ void ml_submit_credit_at(ml_broker_t *b, const ml_session_t *s, int64_t now_ms, 
  * ML_SUBMIT_CREDIT_WELCOME messages) and every Accepted tell s. */
 void ml_submit_credit(ml_broker_t *b, const ml_session_t *s, uint32_t *msgs, uint64_t *bytes);
 
-/* 1 when the store backlog is past its hard limit, twice [broker]
- * store_backlog (or store_backlog_bytes): only a peer ignoring its window
+/* 1 when the store backlog is past its hard limit: the sessions' puts
+ * waiting for the store (the broker's own notices not counted) at twice
+ * [broker] store_backlog, or all puts' bytes at twice store_backlog_bytes.
+ * Only a peer ignoring its window
  * gets there, and its messages are refused (RATE_LIMITED). O(1). */
 int ml_submit_backlog_full(const ml_broker_t *b);
 
