@@ -28,7 +28,10 @@
 #define S_FLUSH_THRESHOLD (64 * 1024)
 #define S_RID_MAX 255
 /* Puts waiting for the store hold a copy of their envelope: bound them so
- * a burst cannot grow the broker past its memory budget. */
+ * a burst cannot grow the broker past its memory budget. These are the
+ * defaults of [broker] store_backlog / store_backlog_bytes, the budget the
+ * senders' credit windows share (submit.c, ml_submit_credit); a session's
+ * message is refused only past twice that (a peer ignoring its window). */
 #define S_STORE_BACKLOG_MAX 16384
 #define S_STORE_BACKLOG_BYTES (32u * 1024 * 1024)
 /* Envelopes for connected recipients are kept in memory up to this many
@@ -145,6 +148,13 @@ struct ml_session {
     size_t out_len;
     size_t out_cap;
     ml_put_t *puts;
+    /* Credit (submit.c): the window stamped on the next Accepted (wire.c,
+     * ml_wire_credit), and the second (uv_now / 1000) this session last
+     * sent a routed record plus one, which makes it one of the active
+     * senders the backlog is divided among (0: never). */
+    uint32_t credit_msgs;
+    uint64_t credit_bytes;
+    int64_t credit_seen;
     /* Accepted answers not yet sent: one cumulative Accepted per flush. */
     ml_accid_t *acc;
     size_t n_acc;
@@ -219,6 +229,21 @@ struct ml_broker {
     int open_handles;
     uint64_t puts_pending;
     uint64_t puts_pending_bytes;
+    /* Sessions that sent a routed record in second `epoch` (n_cur) and in
+     * the second before (n_prev): the active senders of the last 1-2 s
+     * (submit.c, ml_submit_credit). */
+    struct {
+        int64_t epoch;
+        uint32_t n_cur;
+        uint32_t n_prev;
+        /* Sessions with puts waiting for the store: active too, however
+         * long the store takes (a sender with a full window sends nothing). */
+        uint32_t n_waiting;
+        /* Puts of sessions waiting for the store (puts_pending less the
+         * broker's own notices): what the windows bound and the hard limit
+         * checks. */
+        uint64_t session_puts;
+    } credit;
     ml_put_t *orphans;   /* puts whose session closed before the commit */
     ml_put_t *retry_own; /* the broker's own messages a full store refused: sent again */
     struct s_change

@@ -163,6 +163,9 @@ static const ml_ini_key_t s_schema[] = {
     {S_BROKER, "session_output_bytes"},
     {S_BROKER, "open_cases_per_node"},
     {S_BROKER, "log_format"},
+    {S_BROKER, "max_credit"},
+    {S_BROKER, "store_backlog"},
+    {S_BROKER, "store_backlog_bytes"},
     {"http", "listen"},
     {"http", "tls"},
     {"http", "max_connections"},
@@ -355,6 +358,12 @@ static int s_load_broker(struct s_load *ld)
          offsetof(ml_broker_config_t, session_output_bytes)},
         {"open_cases_per_node", 5000, 1, 100000000,
          offsetof(ml_broker_config_t, open_cases_per_node)},
+        /* Credit (docs/protocol.md): the store backlog shared among the
+         * senders, and the most one session is granted. */
+        {"max_credit", 4096, 1, 1000000, offsetof(ml_broker_config_t, max_credit)},
+        {"store_backlog", 16384, 1, 1000000, offsetof(ml_broker_config_t, store_backlog)},
+        {"store_backlog_bytes", 32L * 1024 * 1024, 4096, 1L << 34,
+         offsetof(ml_broker_config_t, store_backlog_bytes)},
     };
     for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
         long *dst = (long *)((char *)c + nums[i].off);

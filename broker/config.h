@@ -170,6 +170,13 @@ typedef struct {
     long max_preauth_sessions; /* sessions still in the TLS handshake (oldest evicted) */
     long session_output_bytes; /* output queued for one session before deliveries pause */
     int log_format;            /* ML_LOG_FORMAT_TEXT or ML_LOG_FORMAT_JSON ([broker] log_format) */
+    /* Credit (submit.c, ml_submit_credit): the store backlog (messages,
+     * bytes) divided among the active senders as their send windows, at
+     * most max_credit messages each; twice the backlog is the hard limit
+     * past which a session's messages are refused (RATE_LIMITED). */
+    long max_credit;
+    long store_backlog;
+    long store_backlog_bytes;
 
     /* [http]: the ops endpoint (http.h). listen NULL: off. */
     char *http_listen;         /* "127.0.0.1:9474" by default; "" in the file turns it off */

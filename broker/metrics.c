@@ -36,6 +36,13 @@ void ml_bk_metrics_refused(ml_broker_t *b, int kind, int code)
         m->refused[s_clamp(kind, ML_BK_M_KINDS)][s_clamp(code, ML_BK_M_CODES)]++;
 }
 
+void ml_bk_metrics_refused_reason(ml_broker_t *b, int reason)
+{
+    ml_bk_metrics_t *m = b->metrics;
+    if (m)
+        m->refused_reason[s_clamp(reason, ML_BK_M_REFUSED_REASONS)]++;
+}
+
 void ml_bk_metrics_escalation(ml_broker_t *b, int reason)
 {
     ml_bk_metrics_t *m = b->metrics;

@@ -31,11 +31,18 @@ typedef struct ml_bk_metrics ml_bk_metrics_t;
 /* States of a case kind: the largest status enum has 12 values. */
 #define ML_BK_M_STATES 16
 
+/* Why a message was refused for now, where the Nack code alone does not
+ * say (medlink_refusals_total{code,reason}): the store backlog past its
+ * hard limit (a sender ignoring its credit window, docs/protocol.md
+ * "Credit"), or held behind an earlier refusal to the same recipient. */
+enum { ML_BK_REFUSED_BACKLOG = 0, ML_BK_REFUSED_HELD = 1, ML_BK_M_REFUSED_REASONS = 2 };
+
 /* The counters; prom.c reads them (loop thread). */
 struct ml_bk_metrics {
     uint64_t accepted[ML_BK_M_KINDS];
     uint64_t delivered[ML_BK_M_KINDS];
     uint64_t refused[ML_BK_M_KINDS][ML_BK_M_CODES];
+    uint64_t refused_reason[ML_BK_M_REFUSED_REASONS]; /* ML_BK_REFUSED_*, all RATE_LIMITED */
     uint64_t escalations[ML_BK_M_REASONS];
     uint64_t tls_fail[ML_BK_M_TLS_REASONS];
     int64_t cases_open[ML_CASE_KIND_COUNT][ML_BK_M_STATES];
@@ -63,6 +70,9 @@ void ml_bk_metrics_accepted(ml_broker_t *b, int kind);
 void ml_bk_metrics_delivered(ml_broker_t *b, int kind);
 /* A message of kind was refused with a Nack of code (NackCode enum). */
 void ml_bk_metrics_refused(ml_broker_t *b, int kind, int code);
+/* A message was refused for reason (ML_BK_REFUSED_*); counted besides
+ * ml_bk_metrics_refused, which counts every Nack by code. */
+void ml_bk_metrics_refused_reason(ml_broker_t *b, int reason);
 /* An Escalation was raised for reason (EscalationReason enum): one per
  * case or alert, whoever was told. */
 void ml_bk_metrics_escalation(ml_broker_t *b, int reason);

@@ -222,6 +222,20 @@ static void s_render_messages(ml_broker_t *b, ml_sbuf_t *o)
                     s_kind_label(k, kl, sizeof kl),
                     s_enum_label(&medlink__v1__nack_code__descriptor, c, "NACK_", cl, sizeof cl),
                     m->refused[k][c]);
+    /* Always both lines: the 64-clinic benchmark asserts the backlog one
+     * stays 0 under credit (docs/protocol.md, "Credit"). */
+    static const char *const reasons[ML_BK_M_REFUSED_REASONS] = {
+        [ML_BK_REFUSED_BACKLOG] = "backlog",
+        [ML_BK_REFUSED_HELD] = "held",
+    };
+    s_family(o, "medlink_refusals_total", "counter",
+             "Messages refused for now (RATE_LIMITED), by reason: backlog = the store backlog "
+             "past its hard limit (a sender ignoring its credit window), held = behind an "
+             "earlier refusal to the same recipient.");
+    for (int r = 0; r < ML_BK_M_REFUSED_REASONS; r++)
+        ml_sbuf_printf(o,
+                       "medlink_refusals_total{code=\"RATE_LIMITED\",reason=\"%s\"} %" PRIu64 "\n",
+                       reasons[r], m->refused_reason[r]);
 }
 
 /* One histogram from per-bucket counts; bounds in units of scale. */

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "broker_int.h"
+#include "submit.h"
 
 uv_loop_t *ml_query_loop(const ml_broker_t *b)
 {
@@ -104,8 +105,7 @@ void ml_query_ready(const ml_broker_t *b, ml_query_ready_t *out)
     out->listening = b->router && b->endpoint[0];
     out->store_open = b->store != NULL;
     out->puts_pending = b->puts_pending;
-    out->backlog_full =
-        b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES;
+    out->backlog_full = ml_submit_backlog_full(b);
 }
 
 size_t ml_query_expiry(const ml_broker_t *b, int64_t now, ml_bk_expiry_t *out, size_t cap)

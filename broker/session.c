@@ -221,6 +221,11 @@ static void s_hello(ml_broker_t *b, ml_session_t *s, ml_envelope_t *env)
     w.heartbeat_ms = (uint32_t)b->cfg->heartbeat_ms;
     w.max_record = (uint32_t)b->cfg->max_record;
     w.broker = b->cfg->broker_id;
+    /* Its first window (docs/protocol.md, "Credit"); the first Accepted
+     * restates it at the full share. */
+    ml_submit_credit(b, s, &w.credit_msgs, &w.credit_bytes);
+    if (w.credit_msgs > ML_SUBMIT_CREDIT_WELCOME)
+        w.credit_msgs = ML_SUBMIT_CREDIT_WELCOME;
     ml_envelope_t out = MEDLINK__V1__ENVELOPE__INIT;
     out.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_WELCOME;
     out.welcome = &w;

@@ -66,7 +66,11 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
     ml_session_t *s = p->session;
     b->puts_pending--;
     b->puts_pending_bytes -= p->size;
+    if (!p->own && b->credit.session_puts > 0)
+        b->credit.session_puts--;
     s_put_unlink(p);
+    if (s && !s->puts && p->head == &s->puts && b->credit.n_waiting > 0)
+        b->credit.n_waiting--;
     if (rc == 0) {
         if (!duplicate && p->opened[0])
             ml_log(ML_LOG_INFO, "cases", "%s", p->opened);
@@ -121,8 +125,14 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
             ml_delivery_pump(b, p->recipient);
         }
     answered:
-        if (s && s->state == S_READY)
+        if (s && s->state == S_READY) {
+            /* Every Accepted restates the sender's window (ml_wire_credit). */
+            uint32_t cm;
+            uint64_t cb;
+            ml_submit_credit(b, s, &cm, &cb);
+            ml_wire_credit(s, ml_submit_credit_grow(s->credit_msgs, cm), cb);
             ml_wire_accepted(b, s, p->id, duplicate);
+        }
     } else if (s && s->state == S_READY) {
         /* The refusal is of this put's message (the kind it counts
          * under); the session reads no record meanwhile (session.c, s_record). */
@@ -159,9 +169,14 @@ static void s_put_done(void *arg, int rc, int64_t seq, int duplicate)
 
 int ml_submit_put(ml_broker_t *b, const ml_bk_msg_t *m)
 {
-    if (m->session &&
-        (b->puts_pending >= S_STORE_BACKLOG_MAX || b->puts_pending_bytes >= S_STORE_BACKLOG_BYTES))
-        return ML_EAGAIN;
+    if (m->session) {
+        /* A refused sender is an active one too: its share stays counted. */
+        ml_submit_credit_note(b, m->session, (int64_t)uv_now(b->loop));
+        if (ml_submit_backlog_full(b)) {
+            ml_bk_metrics_refused_reason(b, ML_BK_REFUSED_BACKLOG);
+            return ML_EAGAIN;
+        }
+    }
     ml_put_t *p = calloc(1, sizeof *p);
     if (!p)
         return ML_ENOMEM;
@@ -229,6 +244,10 @@ int ml_submit_put(ml_broker_t *b, const ml_bk_msg_t *m)
     b->puts_pending++;
     b->puts_pending_bytes += p->size;
     ml_put_t **head = m->session ? &m->session->puts : &b->orphans;
+    if (m->session && !*head)
+        b->credit.n_waiting++;
+    if (m->session)
+        b->credit.session_puts++;
     p->head = head;
     p->next = *head;
     if (*head)
@@ -378,6 +397,9 @@ int ml_submit_load_pending(ml_broker_t *b)
 
 void ml_submit_orphan(ml_broker_t *b, ml_session_t *s)
 {
+    ml_submit_credit_forget(b, s, b->loop ? (int64_t)uv_now(b->loop) : 0);
+    if (s->puts && b->credit.n_waiting > 0)
+        b->credit.n_waiting--;
     while (s->puts) {
         ml_put_t *p = s->puts;
         s->puts = p->next;
@@ -405,4 +427,106 @@ void ml_submit_free(ml_broker_t *b)
         free(p->blob);
         free(p);
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* Credit                                                              */
+
+/* The active senders are counted per second (uv_now / 1000): n_cur
+ * sessions last sent in the current second, n_prev in the one before; a
+ * session's credit_seen (second + 1) says which count holds it, so that
+ * moving it or taking it out is O(1) and no list is scanned. */
+static void s_credit_roll(ml_broker_t *b, int64_t epoch)
+{
+    if (epoch <= b->credit.epoch)
+        return; /* uv_now is monotonic; an earlier time changes nothing */
+    if (epoch == b->credit.epoch + 1) {
+        b->credit.n_prev = b->credit.n_cur;
+    } else {
+        b->credit.n_prev = 0;
+    }
+    b->credit.n_cur = 0;
+    b->credit.epoch = epoch;
+}
+
+static int64_t s_epoch(int64_t now_ms)
+{
+    return now_ms / 1000;
+}
+
+void ml_submit_credit_share(uint64_t budget_msgs, uint64_t budget_bytes, uint64_t active,
+                            uint64_t max_credit, uint64_t max_record, uint32_t *msgs,
+                            uint64_t *bytes)
+{
+    uint64_t a = active ? active : 1;
+    uint64_t m = budget_msgs / a;
+    if (m > max_credit)
+        m = max_credit;
+    if (m > UINT32_MAX)
+        m = UINT32_MAX;
+    *msgs = m ? (uint32_t)m : 1;
+    uint64_t by = budget_bytes / a;
+    *bytes = by < max_record ? max_record : by;
+}
+
+uint32_t ml_submit_credit_grow(uint32_t prev, uint32_t share)
+{
+    uint64_t cap = 2 * (uint64_t)(prev ? prev : ML_SUBMIT_CREDIT_WELCOME);
+    return share > cap ? (uint32_t)cap : share;
+}
+
+void ml_submit_credit_note(ml_broker_t *b, ml_session_t *s, int64_t now_ms)
+{
+    int64_t e = s_epoch(now_ms);
+    s_credit_roll(b, e);
+    if (s->credit_seen == e + 1)
+        return;
+    if (s->credit_seen == e && b->credit.n_prev > 0)
+        b->credit.n_prev--; /* it was counted in the second before (seen = e - 1) */
+    b->credit.n_cur++;
+    s->credit_seen = e + 1;
+}
+
+void ml_submit_credit_forget(ml_broker_t *b, ml_session_t *s, int64_t now_ms)
+{
+    int64_t e = s_epoch(now_ms);
+    s_credit_roll(b, e);
+    if (s->credit_seen == e + 1 && b->credit.n_cur > 0)
+        b->credit.n_cur--;
+    else if (s->credit_seen == e && b->credit.n_prev > 0)
+        b->credit.n_prev--;
+    s->credit_seen = 0;
+}
+
+uint64_t ml_submit_credit_active(ml_broker_t *b, int64_t now_ms)
+{
+    s_credit_roll(b, s_epoch(now_ms));
+    uint64_t recent = (uint64_t)b->credit.n_cur + b->credit.n_prev;
+    return recent > b->credit.n_waiting ? recent : b->credit.n_waiting;
+}
+
+void ml_submit_credit_at(ml_broker_t *b, const ml_session_t *s, int64_t now_ms, uint32_t *msgs,
+                         uint64_t *bytes)
+{
+    int64_t e = s_epoch(now_ms);
+    uint64_t a = ml_submit_credit_active(b, now_ms);
+    /* A session about to send (its Welcome, say) takes a share as well. */
+    if (!s || (s->credit_seen != e + 1 && s->credit_seen != e))
+        a++;
+    ml_submit_credit_share((uint64_t)b->cfg->store_backlog, (uint64_t)b->cfg->store_backlog_bytes,
+                           a, (uint64_t)b->cfg->max_credit, (uint64_t)b->cfg->max_record, msgs,
+                           bytes);
+}
+
+void ml_submit_credit(ml_broker_t *b, const ml_session_t *s, uint32_t *msgs, uint64_t *bytes)
+{
+    ml_submit_credit_at(b, s, (int64_t)uv_now(b->loop), msgs, bytes);
+}
+
+int ml_submit_backlog_full(const ml_broker_t *b)
+{
+    /* The broker's own notices (DELIVERED, forwards) are not refused and
+     * no window bounds them, so they do not count against the senders. */
+    return b->credit.session_puts >= 2 * (uint64_t)b->cfg->store_backlog ||
+           b->puts_pending_bytes >= 2 * (uint64_t)b->cfg->store_backlog_bytes;
 }

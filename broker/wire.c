@@ -255,12 +255,20 @@ static void s_emit_accepted(ml_broker_t *b, ml_session_t *s)
     acc.message_ids = ids;
     acc.n_duplicate_ids = nd;
     acc.duplicate_ids = dups;
+    acc.credit_msgs = s->credit_msgs;
+    acc.credit_bytes = s->credit_bytes;
     ml_envelope_t env = MEDLINK__V1__ENVELOPE__INIT;
     env.payload_case = MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED;
     env.accepted = &acc;
     ml_wire_reply(b, s, &env);
     free(ids);
     free(dups);
+}
+
+void ml_wire_credit(ml_session_t *s, uint32_t msgs, uint64_t bytes)
+{
+    s->credit_msgs = msgs;
+    s->credit_bytes = bytes;
 }
 
 /* Collects an Accepted answer; it goes out with the session's next flush
@@ -350,6 +358,7 @@ int ml_wire_held(ml_broker_t *b, ml_session_t *s, const char *to, const char *ms
              h->id, h->to);
     b->refused_total++;
     ml_bk_metrics_refused(b, s->rx_kind, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED);
+    ml_bk_metrics_refused_reason(b, ML_BK_REFUSED_HELD);
     ml_wire_nack(b, s, msg_id, MEDLINK__V1__NACK_CODE__NACK_RATE_LIMITED, err);
     return 1;
 }

@@ -53,6 +53,11 @@ void ml_wire_nack(ml_broker_t *b, ml_session_t *s, const char *msg_id, int code,
  * same group. O(1) amortised. */
 void ml_wire_accepted(ml_broker_t *b, ml_session_t *s, const char *msg_id, int dup);
 
+/* The send window (docs/protocol.md, "Credit") stamped on s's next
+ * Accepted; submit.c sizes it (ml_submit_credit) as it collects an answer.
+ * A window replaces the one before, so only the latest counts. O(1). */
+void ml_wire_credit(ml_session_t *s, uint32_t msgs, uint64_t bytes);
+
 /* What a hold is kept under for env: its `to`, with imaging chunks apart
  * (agents send chunks as a stream of their own, behind their other
  * messages, so a held chunk must not hold a referral, nor the reverse).

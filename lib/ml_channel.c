@@ -50,6 +50,10 @@ struct ml_channel {
     ml_tls_session_t *tls;
     ml_frame_reader_t *reader;
     ml_envelope_t *welcome_env;
+    /* The send window the broker stated last (Welcome, then each Accepted):
+     * 0 until it states one. */
+    uint32_t credit_msgs;
+    uint64_t credit_bytes;
     int state;
     unsigned conn_no;
 
@@ -207,6 +211,8 @@ static int s_handle_record(ml_channel_t *ch, const uint8_t *rec, size_t len)
     case MEDLINK__V1__ENVELOPE__PAYLOAD_WELCOME:
         ml_env_free(&ch->welcome_env);
         ch->welcome_env = env;
+        ch->credit_msgs = env->welcome->credit_msgs;
+        ch->credit_bytes = env->welcome->credit_bytes;
         ch->state = S_UP;
         ch->backoff = ch->cfg.reconnect_ms;
         ml_log(ML_LOG_INFO, "channel", "%s: session up with broker %s (role %s)", ch->node_id,
@@ -215,6 +221,17 @@ static int s_handle_record(ml_channel_t *ch, const uint8_t *rec, size_t len)
             ch->cfg.on_state(ch, 1, "welcome", ch->cfg.arg);
         return 0;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_HEARTBEAT:
+        break;
+    case MEDLINK__V1__ENVELOPE__PAYLOAD_ACCEPTED:
+        /* A window, not an increment: the latest one replaces the last
+         * (docs/protocol.md, "Credit"). Taken before on_envelope, which
+         * then sends within it. */
+        if (env->accepted->credit_msgs) {
+            ch->credit_msgs = env->accepted->credit_msgs;
+            ch->credit_bytes = env->accepted->credit_bytes;
+        }
+        if (ch->state == S_UP && ch->cfg.on_envelope)
+            ch->cfg.on_envelope(ch, env, ch->cfg.arg);
         break;
     case MEDLINK__V1__ENVELOPE__PAYLOAD_NACK:
         if (ch->state != S_UP) {
@@ -475,6 +492,8 @@ static void s_teardown(ml_channel_t *ch, const char *reason)
     ml_tls_session_destroy(&ch->tls);
     ml_frame_reader_destroy(&ch->reader);
     ml_env_free(&ch->welcome_env);
+    ch->credit_msgs = 0;
+    ch->credit_bytes = 0;
     ch->out_len = 0;
     ch->state = S_DOWN;
     if (was_up && ch->cfg.on_state)
@@ -700,6 +719,24 @@ int ml_channel_send_raw(ml_channel_t *ch, const uint8_t *data, size_t len)
 int ml_channel_is_up(const ml_channel_t *ch)
 {
     return ch && ch->state == S_UP;
+}
+
+int ml_channel_credit(const ml_channel_t *ch, uint32_t *msgs, uint64_t *bytes)
+{
+    if (!ch || ch->state != S_UP) {
+        *msgs = 0;
+        *bytes = 0;
+        return ML_ECLOSED;
+    }
+    if (ch->credit_msgs == 0) {
+        /* A broker that states no window: the caller's own binds. */
+        *msgs = UINT32_MAX;
+        *bytes = UINT64_MAX;
+        return 0;
+    }
+    *msgs = ch->credit_msgs;
+    *bytes = ch->credit_bytes ? ch->credit_bytes : UINT64_MAX;
+    return 0;
 }
 
 const Medlink__V1__Welcome *ml_channel_welcome(const ml_channel_t *ch)

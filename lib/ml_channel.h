@@ -83,6 +83,13 @@ int ml_channel_send(ml_channel_t *ch, const ml_envelope_t *env);
 /* Sends a serialised envelope as is (same return codes). */
 int ml_channel_send_raw(ml_channel_t *ch, const uint8_t *data, size_t len);
 int ml_channel_is_up(const ml_channel_t *ch);
+/* The send window the broker granted the current session (Welcome, then
+ * restated by every Accepted; docs/protocol.md, "Credit"): at most *msgs
+ * messages and *bytes bytes sent and not yet answered (Accepted or Nack).
+ * A caller sends within min(its own window, this), and always at least one
+ * record when nothing is unanswered. UINT32_MAX / UINT64_MAX when the
+ * broker states no window. Returns 0, or ML_ECLOSED (not up; both 0). O(1). */
+int ml_channel_credit(const ml_channel_t *ch, uint32_t *msgs, uint64_t *bytes);
 /* The Welcome the broker sent for the current session, or NULL. */
 const Medlink__V1__Welcome *ml_channel_welcome(const ml_channel_t *ch);
 /* Drops the current connection and reconnects (tests, SIGHUP). */

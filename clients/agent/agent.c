@@ -359,6 +359,18 @@ typedef struct {
     size_t rows;
 } s_pump_t;
 
+/* The window the agent sends within: its own (send_window,
+ * send_window_bytes) or the broker's credit, the smaller (docs/protocol.md,
+ * "Credit"). O(1). */
+static void s_window(const ml_agent_t *a, size_t *msgs, size_t *bytes)
+{
+    uint32_t cm = UINT32_MAX;
+    uint64_t cb = UINT64_MAX;
+    ml_channel_credit(a->ch, &cm, &cb);
+    *msgs = a->window < cm ? a->window : cm;
+    *bytes = (uint64_t)a->window_bytes < cb ? a->window_bytes : (size_t)cb;
+}
+
 static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
 {
     s_pump_t *p = arg;
@@ -372,8 +384,10 @@ static int s_send_row_cb(const ml_outbox_row_t *row, void *arg)
     }
     /* At least one message is always let through, however large. */
     size_t est = row->envelope_len + row->blob_len + (chunk ? S_CHUNK_FRAMING : 0);
-    if (a->inflight.count >= a->window ||
-        (a->inflight.bytes > 0 && a->inflight.bytes + est > a->window_bytes)) {
+    size_t win, win_bytes;
+    s_window(a, &win, &win_bytes);
+    if ((a->inflight.count > 0 && a->inflight.count >= win) ||
+        (a->inflight.bytes > 0 && a->inflight.bytes + est > win_bytes)) {
         p->full = 1;
         return 1;
     }
@@ -452,10 +466,14 @@ static void s_pump(ml_agent_t *a)
         return;
     for (int stream = ML_OUTBOX_MESSAGES; stream <= ML_OUTBOX_CHUNKS; stream++) {
         for (;;) {
-            if (a->inflight.count >= a->window)
+            size_t win, win_bytes;
+            s_window(a, &win, &win_bytes);
+            if (win == 0)
+                win = 1; /* at least one record always (not up: the send fails) */
+            if (a->inflight.count >= win)
                 return;
             s_pump_t p = {a, stream, 0, 0, 0};
-            int64_t limit = (int64_t)(a->window - a->inflight.count);
+            int64_t limit = (int64_t)(win - a->inflight.count);
             if (stream == ML_OUTBOX_CHUNKS && limit > S_CHUNK_BATCH)
                 limit = S_CHUNK_BATCH;
             int rc = ml_astore_outbox_next(a->store, stream, a->cursor[stream], limit,

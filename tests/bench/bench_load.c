@@ -606,7 +606,17 @@ static void s_pump(s_node_t *n)
      * that many clinics' handshakes are not counted as time of the run. */
     if (n->role == R_CLINIC && L->o.start_when_up && L->n_up_once < L->n_nodes)
         return;
-    while (ml_channel_is_up(n->ch) && n->inflight < L->o.window) {
+    for (;;) {
+        /* Within min(--window, the broker's credit), as the agent sends
+         * (docs/protocol.md, "Credit"); at least one record always. */
+        uint32_t cm;
+        uint64_t cb;
+        if (ml_channel_credit(n->ch, &cm, &cb) != 0)
+            return;
+        size_t win = (uint64_t)L->o.window < cm ? (size_t)L->o.window : cm;
+        size_t win_bytes = (uint64_t)L->o.window_bytes < cb ? L->o.window_bytes : (size_t)cb;
+        if (n->inflight > 0 && (size_t)n->inflight >= win)
+            return;
         if (!n->has_pend) {
             int rc = s_next(L, n, &n->pend);
             if (rc < 0) {
@@ -617,7 +627,7 @@ static void s_pump(s_node_t *n)
                 return;
             n->has_pend = 1;
         }
-        if (n->inflight > 0 && n->inflight_bytes + n->pend.len > L->o.window_bytes)
+        if (n->inflight > 0 && n->inflight_bytes + n->pend.len > win_bytes)
             return;
         s_out_t *e = s_ring_push(n);
         if (!e) {

@@ -131,7 +131,9 @@ proc_wbytes() { awk '$1=="write_bytes:" {print $2}' "/proc/$1/io"; }
 proc_net_wbytes() { awk '$1=="write_bytes:" {w=$2} $1=="cancelled_write_bytes:" {c=$2} END {print w-c}' "/proc/$1/io"; }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-vals() { grep "^$1 " "$2" | awk '{print $2}'; }
+# awk, not grep: a file without the key (a target not run) yields nothing
+# rather than a failed pipe that set -e -o pipefail would stop on.
+vals() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
 med() { vals "$1" "$2" | median; }
 runs() { vals "$1" "$2" | awk '{printf "%s ", $1}'; }
 sum() { vals "$1" "$2" | awk '{s+=$1} END {print s+0}'; }
